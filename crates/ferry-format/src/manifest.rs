@@ -158,7 +158,9 @@ mod tests {
         m.next_seq = 2;
         let j = m.to_json();
         assert_eq!(Manifest::from_json(&j).unwrap(), m);
-        let bumped = String::from_utf8(j).unwrap().replace("\"version\": 1", "\"version\": 9");
+        let bumped = String::from_utf8(j)
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 9");
         assert!(matches!(
             Manifest::from_json(bumped.as_bytes()),
             Err(FormatError::Version { found: 9, .. })

@@ -88,8 +88,13 @@ pub struct PointTag {
 /// One journal record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
-    /// A new run starts: changes applied since the last tag and not tagged are void.
-    Begin { run: [u8; 16], time_ns: u64 },
+    /// A new run starts: changes applied since the last tag and not tagged are void. `size` is the
+    /// disk's size in bytes.
+    Begin {
+        run: [u8; 16],
+        time_ns: u64,
+        size: u64,
+    },
     /// `len` bytes at `offset` are the chunk with `digest`, stored at `loc`.
     Write {
         offset: u64,
@@ -241,7 +246,14 @@ pub struct SegmentBuilder {
 }
 
 impl SegmentBuilder {
-    pub fn new(key: &MasterKey, salt: [u8; 16], vm: &str, disk: &str, seq: u64, path: String) -> Self {
+    pub fn new(
+        key: &MasterKey,
+        salt: [u8; 16],
+        vm: &str,
+        disk: &str,
+        seq: u64,
+        path: String,
+    ) -> Self {
         let header = SegmentHeader {
             key_id: key.id(),
             salt,
@@ -340,10 +352,11 @@ impl SegmentBuilder {
 
 fn encode_record(b: &mut Vec<u8>, r: &Record) {
     match r {
-        Record::Begin { run, time_ns } => {
+        Record::Begin { run, time_ns, size } => {
             b.put_u8(1);
             b.put_bytes(run);
             b.put_u64(*time_ns);
+            b.put_u64(*size);
         }
         Record::Write {
             offset,
@@ -420,6 +433,7 @@ fn decode_record(r: &mut Reader<'_>) -> Result<Record, FormatError> {
         1 => Record::Begin {
             run: r.array()?,
             time_ns: r.u64()?,
+            size: r.u64()?,
         },
         2 => {
             let offset = r.u64()?;
@@ -430,8 +444,8 @@ fn decode_record(r: &mut Reader<'_>) -> Result<Record, FormatError> {
             let sealed_len = r.u32()?;
             let blob = r.u32()?;
             let cat = r.offset();
-            let codec = Codec::from_u8(r.u8()?)
-                .ok_or_else(|| r.corrupt_at(cat, "unknown chunk codec"))?;
+            let codec =
+                Codec::from_u8(r.u8()?).ok_or_else(|| r.corrupt_at(cat, "unknown chunk codec"))?;
             let raw_len = r.u32()?;
             if sealed_len < TAG_LEN as u32 || len == 0 || len as usize > crate::CHUNK_SIZE {
                 return Err(r.corrupt_at(at, "write record with impossible lengths"));
@@ -523,7 +537,11 @@ pub fn open_blob(
     let prefix = header.aad();
     let n = key
         .segment_sealer(&header.salt)
-        .open(loc.blob as u64 + 1, &blob_aad(&prefix, loc.blob), &mut sealed)
+        .open(
+            loc.blob as u64 + 1,
+            &blob_aad(&prefix, loc.blob),
+            &mut sealed,
+        )
         .map_err(|_| FormatError::Auth {
             what: "segment chunk",
             offset: loc.offset,
@@ -601,6 +619,7 @@ mod tests {
         b.push_record(Record::Begin {
             run: [1; 16],
             time_ns: 5,
+            size: 65546,
         });
         let n = b.reserve_blob();
         let sealed = b.sealer().seal(n, b"chunk data".to_vec());

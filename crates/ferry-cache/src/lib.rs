@@ -1,0 +1,589 @@
+//! The cache: where data becomes durable before Ferry counts it as shipped.
+//!
+//! Job: an append-only log of sealed [`CacheEntry`] records in files `CACHE/SEQ.log` (64 MiB each by
+//! default). A [`CacheWriter`] appends and group-commits (`fdatasync`); only records covered by a sync
+//! are *durable*, and only durable records are visible to the [`CacheReader`] that drains the log into
+//! the pipeline. When the drained data is safely in the store, [`Cache::consume_through`] records the
+//! new start of the log (`consumed`, written durably) and deletes whole files below it.
+//!
+//! Invariants:
+//! - A record is returned by `sync` as durable only after `fdatasync` of its file.
+//! - Quota: appends block (after syncing, so the drainer can progress) while the files on disk exceed
+//!   the quota. A full cache means backpressure, never dropped data or unbounded memory.
+//! - Recovery ([`Cache::open`]) scans every file from the consumed position; at the first torn or
+//!   corrupt record it truncates the log there (and drops later files), logging what was dropped.
+//!   Records after a gap are never replayed, so a tag can never commit a point with missing data; the
+//!   tracker re-ships whatever was not committed.
+//!
+//! Must not: interpret records. It stores and returns them in order.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use ferry_crypto::{MasterKey, Sealer};
+use ferry_format::cache::{
+    decode_record, encode_record, CacheEntry, CacheFileHeader, Decoded, CACHE_HEADER_LEN,
+    RECORD_HEADER_LEN,
+};
+use ferry_store::durable;
+
+/// Errors of the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// cannot {op} {path}: {source}
+    #[error("cache: cannot {op} {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    /// {path}: {source}
+    #[error("cache file {}: {source}", path.display())]
+    Format {
+        path: PathBuf,
+        source: ferry_format::FormatError,
+    },
+    /// the cache was closed
+    #[error("the cache was closed")]
+    Closed,
+    /// quota too small
+    #[error("cache quota {quota} bytes is smaller than two cache files ({file_size} bytes each); raise --cache-size")]
+    QuotaTooSmall { quota: u64, file_size: u64 },
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io {
+        path: path.to_owned(),
+        op,
+        source,
+    }
+}
+
+/// Sizing of the cache.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Bytes of cache files allowed on disk before appends wait.
+    pub quota: u64,
+    /// Size at which a new cache file is started.
+    pub file_size: u64,
+}
+
+#[derive(Debug)]
+struct FileInfo {
+    first_seq: u64,
+    path: PathBuf,
+    salt: [u8; 16],
+    /// Bytes known durable (readers never read past this).
+    len: u64,
+}
+
+struct State {
+    files: VecDeque<FileInfo>,
+    /// Every record with seq < durable is durable.
+    durable: u64,
+    /// Every record with seq < consumed has been drained into the store.
+    consumed: u64,
+    closed: bool,
+}
+
+struct Shared {
+    cfg: CacheConfig,
+    key: MasterKey,
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+/// What recovery found.
+#[derive(Debug, Default, Clone)]
+pub struct Recovery {
+    /// Durable records not yet drained.
+    pub pending_records: u64,
+    /// Bytes dropped from a torn or corrupt tail.
+    pub dropped_bytes: u64,
+}
+
+/// A cache directory.
+#[derive(Clone)]
+pub struct Cache {
+    shared: Arc<Shared>,
+}
+
+fn file_name(first_seq: u64) -> String {
+    format!("{first_seq:016}.log")
+}
+
+impl Cache {
+    /// Opens (creating if needed) and recovers the cache.
+    pub fn open(cfg: CacheConfig, key: MasterKey) -> Result<(Cache, Recovery), CacheError> {
+        if cfg.quota < 2 * cfg.file_size {
+            return Err(CacheError::QuotaTooSmall {
+                quota: cfg.quota,
+                file_size: cfg.file_size,
+            });
+        }
+        durable::create_dir_durable(&cfg.dir).map_err(io(&cfg.dir, "create"))?;
+        let cp = cfg.dir.join("consumed");
+        let consumed = match fs::read_to_string(&cp) {
+            Ok(s) => s.trim().parse::<u64>().unwrap_or(1).max(1),
+            Err(_) => 1,
+        };
+        let mut names: Vec<(u64, PathBuf)> = Vec::new();
+        for e in fs::read_dir(&cfg.dir).map_err(io(&cfg.dir, "list"))? {
+            let e = e.map_err(io(&cfg.dir, "list"))?;
+            if let Some(s) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                names.push((s, e.path()));
+            }
+        }
+        names.sort();
+        let mut rec = Recovery::default();
+        let mut files = VecDeque::new();
+        let mut next = consumed;
+        let mut broken = false;
+        for (i, (first, path)) in names.iter().enumerate() {
+            let last_file = i + 1 == names.len();
+            let later_first = names.get(i + 1).map(|n| n.0);
+            if broken {
+                let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                rec.dropped_bytes += len;
+                tracing::error!(file = %path.display(), "dropping cache file after a corrupt record");
+                fs::remove_file(path).map_err(io(path, "remove"))?;
+                continue;
+            }
+            if later_first.is_some_and(|l| l <= consumed) {
+                // Entirely drained.
+                fs::remove_file(path).map_err(io(path, "remove"))?;
+                continue;
+            }
+            let bytes = fs::read(path).map_err(io(path, "read"))?;
+            let header = match CacheFileHeader::decode(&bytes, key.id()) {
+                Ok(h) if h.first_seq == *first => h,
+                Ok(_) | Err(ferry_format::FormatError::Truncated { .. }) if last_file => {
+                    // A file whose header never became durable: nothing in it was acknowledged.
+                    tracing::warn!(file = %path.display(), "removing a cache file with a torn header");
+                    rec.dropped_bytes += bytes.len() as u64;
+                    fs::remove_file(path).map_err(io(path, "remove"))?;
+                    continue;
+                }
+                Ok(_) => {
+                    return Err(CacheError::Format {
+                        path: path.clone(),
+                        source: ferry_format::FormatError::Corrupt {
+                            what: "cache file",
+                            offset: 40,
+                            detail: "first sequence number differs from the file name".into(),
+                        },
+                    })
+                }
+                Err(source) => {
+                    return Err(CacheError::Format {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            };
+            let sealer = key.cache_sealer(&header.salt);
+            let mut pos = CACHE_HEADER_LEN;
+            let mut seq = *first;
+            loop {
+                if pos == bytes.len() {
+                    break;
+                }
+                match decode_record(&sealer, &bytes[pos..], pos as u64) {
+                    Ok(Decoded::Record(s, _, n)) if s == seq => {
+                        pos += n;
+                        seq += 1;
+                    }
+                    other => {
+                        let why = match other {
+                            Ok(Decoded::Incomplete) => "torn record".to_string(),
+                            Ok(Decoded::Record(s, ..)) => format!("sequence {s}, expected {seq}"),
+                            Err(e) => e.to_string(),
+                        };
+                        let dropped = bytes.len() - pos;
+                        rec.dropped_bytes += dropped as u64;
+                        if last_file {
+                            tracing::warn!(file = %path.display(), offset = pos, dropped, %why, "truncating the cache's torn tail");
+                        } else {
+                            tracing::error!(file = %path.display(), offset = pos, dropped, %why, "corrupt cache record; dropping the log from here (uncommitted data will be re-shipped)");
+                            broken = true;
+                        }
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .map_err(io(path, "open"))?;
+                        f.set_len(pos as u64).map_err(io(path, "truncate"))?;
+                        f.sync_all().map_err(io(path, "sync"))?;
+                        break;
+                    }
+                }
+            }
+            if seq > consumed {
+                rec.pending_records += seq - consumed.max(*first);
+            }
+            next = next.max(seq);
+            files.push_back(FileInfo {
+                first_seq: *first,
+                path: path.clone(),
+                salt: header.salt,
+                len: pos as u64,
+            });
+            if broken {
+                continue;
+            }
+        }
+        let consumed = consumed.min(next);
+        let shared = Arc::new(Shared {
+            cfg,
+            key,
+            state: Mutex::new(State {
+                files,
+                durable: next,
+                consumed,
+                closed: false,
+            }),
+            cond: Condvar::new(),
+        });
+        Ok((Cache { shared }, rec))
+    }
+
+    /// Starts appending (one writer at a time).
+    pub fn writer(&self) -> Result<CacheWriter, CacheError> {
+        let next = self.shared.state.lock().expect("poisoned").durable;
+        let mut w = CacheWriter {
+            shared: self.shared.clone(),
+            file: None,
+            sealer: None,
+            buf: Vec::with_capacity(8 << 20),
+            next_seq: next,
+            file_len: 0,
+        };
+        w.start_file()?;
+        Ok(w)
+    }
+
+    /// Reads durable records from the consumed position on.
+    pub fn reader(&self) -> CacheReader {
+        let consumed = self.shared.state.lock().expect("poisoned").consumed;
+        CacheReader {
+            shared: self.shared.clone(),
+            next_seq: consumed,
+            cur: None,
+            buf: Vec::new(),
+            buf_pos: 0,
+            file_pos: 0,
+        }
+    }
+
+    /// Records that every record with seq < `seq` is safely in the store; frees their files.
+    pub fn consume_through(&self, seq: u64) -> Result<(), CacheError> {
+        let cp = self.shared.cfg.dir.join("consumed");
+        durable::durable_write(&cp, format!("{seq}\n").as_bytes()).map_err(io(&cp, "write"))?;
+        let mut st = self.shared.state.lock().expect("poisoned");
+        st.consumed = st.consumed.max(seq);
+        while st.files.len() > 1 && st.files[1].first_seq <= st.consumed {
+            let f = st.files.pop_front().expect("len > 1");
+            if let Err(e) = fs::remove_file(&f.path) {
+                tracing::warn!(file = %f.path.display(), error = %e, "cannot remove drained cache file");
+            }
+        }
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Bytes of cache files on disk.
+    pub fn used_bytes(&self) -> u64 {
+        let st = self.shared.state.lock().expect("poisoned");
+        st.files.iter().map(|f| f.len).sum()
+    }
+
+    /// Number of durable records not yet consumed.
+    pub fn backlog(&self) -> u64 {
+        let st = self.shared.state.lock().expect("poisoned");
+        st.durable - st.consumed
+    }
+
+    /// Wakes readers waiting for records: no more will come.
+    pub fn close(&self) {
+        self.shared.state.lock().expect("poisoned").closed = true;
+        self.shared.cond.notify_all();
+    }
+}
+
+/// Appends records; see [`CacheWriter::sync`].
+pub struct CacheWriter {
+    shared: Arc<Shared>,
+    file: Option<(File, PathBuf)>,
+    sealer: Option<Sealer>,
+    buf: Vec<u8>,
+    next_seq: u64,
+    file_len: u64,
+}
+
+impl CacheWriter {
+    fn start_file(&mut self) -> Result<(), CacheError> {
+        let dir = self.shared.cfg.dir.clone();
+        // Reuse the last file if it still has room.
+        {
+            let st = self.shared.state.lock().expect("poisoned");
+            if let Some(last) = st.files.back() {
+                if last.len < self.shared.cfg.file_size && self.file.is_none() {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&last.path)
+                        .map_err(io(&last.path, "open"))?;
+                    self.sealer = Some(self.shared.key.cache_sealer(&last.salt));
+                    self.file_len = last.len;
+                    self.file = Some((f, last.path.clone()));
+                    return Ok(());
+                }
+            }
+        }
+        let salt = ferry_crypto::random_salt().map_err(|e| CacheError::Io {
+            path: dir.clone(),
+            op: "seed",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let path = dir.join(file_name(self.next_seq));
+        let h = CacheFileHeader {
+            key_id: self.shared.key.id(),
+            salt,
+            first_seq: self.next_seq,
+        }
+        .encode();
+        let mut f = File::create(&path).map_err(io(&path, "create"))?;
+        f.write_all(&h).map_err(io(&path, "write"))?;
+        f.sync_all().map_err(io(&path, "sync"))?;
+        durable::fsync_dir(&dir).map_err(io(&dir, "sync"))?;
+        self.sealer = Some(self.shared.key.cache_sealer(&salt));
+        self.file_len = CACHE_HEADER_LEN as u64;
+        self.file = Some((f, path.clone()));
+        let mut st = self.shared.state.lock().expect("poisoned");
+        st.files.push_back(FileInfo {
+            first_seq: self.next_seq,
+            path,
+            salt,
+            len: CACHE_HEADER_LEN as u64,
+        });
+        Ok(())
+    }
+
+    /// Appends a record (buffered: durable only after [`Self::sync`]). Returns its sequence number.
+    /// Waits while the cache is over quota.
+    pub fn append(&mut self, e: &CacheEntry) -> Result<u64, CacheError> {
+        if self.file_len + self.buf.len() as u64 >= self.shared.cfg.file_size {
+            self.sync()?;
+            self.file = None;
+            self.start_file()?;
+            self.wait_for_room()?;
+        }
+        let seq = self.next_seq;
+        encode_record(
+            self.sealer.as_ref().expect("a file is open"),
+            seq,
+            e,
+            &mut self.buf,
+        );
+        self.next_seq += 1;
+        if self.buf.len() >= 8 << 20 {
+            self.write_buf()?;
+        }
+        Ok(seq)
+    }
+
+    fn wait_for_room(&mut self) -> Result<(), CacheError> {
+        let mut st = self.shared.state.lock().expect("poisoned");
+        let mut warned = false;
+        loop {
+            let used: u64 = st.files.iter().map(|f| f.len).sum();
+            if used + self.shared.cfg.file_size <= self.shared.cfg.quota || st.files.len() <= 2 {
+                return Ok(());
+            }
+            if st.closed {
+                return Err(CacheError::Closed);
+            }
+            if !warned {
+                tracing::info!(used, quota = self.shared.cfg.quota, "cache full: waiting for the pipeline to drain (backpressure)");
+                warned = true;
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, Duration::from_millis(200))
+                .expect("poisoned")
+                .0;
+        }
+    }
+
+    fn write_buf(&mut self) -> Result<(), CacheError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let (f, p) = self.file.as_mut().expect("a file is open");
+        f.write_all_at(&self.buf, self.file_len)
+            .map_err(io(p, "write"))?;
+        self.file_len += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Makes every appended record durable and visible to readers. Returns the first sequence number
+    /// not yet appended.
+    pub fn sync(&mut self) -> Result<u64, CacheError> {
+        self.write_buf()?;
+        let (f, p) = self.file.as_ref().expect("a file is open");
+        f.sync_data().map_err(io(p, "sync"))?;
+        let mut st = self.shared.state.lock().expect("poisoned");
+        if let Some(last) = st.files.back_mut() {
+            last.len = self.file_len;
+        }
+        st.durable = self.next_seq;
+        self.shared.cond.notify_all();
+        Ok(self.next_seq)
+    }
+
+    /// Sequence number the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+/// Returns durable records in order.
+pub struct CacheReader {
+    shared: Arc<Shared>,
+    next_seq: u64,
+    /// The file being read: first seq, path, sealer.
+    cur: Option<(u64, PathBuf, Sealer)>,
+    buf: Vec<u8>,
+    buf_pos: usize,
+    /// File offset of buf[0].
+    file_pos: u64,
+}
+
+/// What [`CacheReader::next`] found.
+pub enum Next {
+    Record(u64, CacheEntry),
+    /// Nothing durable right now (only with `wait == false`).
+    Idle,
+    /// The cache was closed and everything was read.
+    Closed,
+}
+
+impl CacheReader {
+    /// The next durable record. With `wait`, blocks until one is durable or the cache is closed.
+    pub fn next(&mut self, wait: bool) -> Result<Next, CacheError> {
+        self.next_within(if wait { None } else { Some(Duration::ZERO) })
+    }
+
+    /// The next durable record, waiting at most `timeout` (None: forever) for one.
+    pub fn next_within(&mut self, timeout: Option<Duration>) -> Result<Next, CacheError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let Some((_, path, sealer)) = &self.cur {
+                if self.buf_pos < self.buf.len() {
+                    let at = self.file_pos + self.buf_pos as u64;
+                    match decode_record(sealer, &self.buf[self.buf_pos..], at) {
+                        Ok(Decoded::Record(seq, e, n)) => {
+                            self.buf_pos += n;
+                            if seq < self.next_seq {
+                                continue;
+                            }
+                            if seq != self.next_seq {
+                                return Err(CacheError::Format {
+                                    path: path.clone(),
+                                    source: ferry_format::FormatError::Corrupt {
+                                        what: "cache record",
+                                        offset: at,
+                                        detail: format!(
+                                            "sequence {seq}, expected {}",
+                                            self.next_seq
+                                        ),
+                                    },
+                                });
+                            }
+                            self.next_seq += 1;
+                            return Ok(Next::Record(seq, e));
+                        }
+                        Ok(Decoded::Incomplete) => {}
+                        Err(source) => {
+                            return Err(CacheError::Format {
+                                path: path.clone(),
+                                source,
+                            })
+                        }
+                    }
+                }
+            }
+            let st = self.shared.state.lock().expect("poisoned");
+            if self.next_seq >= st.durable {
+                if st.closed {
+                    return Ok(Next::Closed);
+                }
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Ok(Next::Idle);
+                }
+                let _unused = self
+                    .shared
+                    .cond
+                    .wait_timeout(st, Duration::from_millis(100))
+                    .expect("poisoned");
+                continue;
+            }
+            let fi = st
+                .files
+                .iter()
+                .rev()
+                .find(|f| f.first_seq <= self.next_seq)
+                .ok_or(CacheError::Closed)?;
+            let (first, path, salt, len) = (fi.first_seq, fi.path.clone(), fi.salt, fi.len);
+            drop(st);
+            if self.cur.as_ref().map(|c| c.0) != Some(first) {
+                self.cur = Some((first, path.clone(), self.shared.key.cache_sealer(&salt)));
+                self.buf.clear();
+                self.buf_pos = 0;
+                self.file_pos = CACHE_HEADER_LEN as u64;
+            }
+            // Drop decoded bytes, then read more of the durable part.
+            self.buf.drain(..self.buf_pos);
+            self.file_pos += self.buf_pos as u64;
+            self.buf_pos = 0;
+            let start = self.file_pos + self.buf.len() as u64;
+            if start >= len {
+                return Err(CacheError::Format {
+                    path,
+                    source: ferry_format::FormatError::Truncated {
+                        what: "cache file",
+                        offset: start,
+                    },
+                });
+            }
+            let want = ((len - start) as usize).min(16 << 20);
+            let old = self.buf.len();
+            self.buf.resize(old + want, 0);
+            let f = File::open(&path).map_err(io(&path, "open"))?;
+            f.read_exact_at(&mut self.buf[old..], start)
+                .map_err(io(&path, "read"))?;
+        }
+    }
+
+    /// Sequence number of the next record this reader returns.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+/// Size of the fixed record header, for callers estimating space.
+pub const RECORD_OVERHEAD: usize = RECORD_HEADER_LEN + ferry_crypto::TAG_LEN;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,589 @@
+//! A local replica: the embedded store's equivalent of an Azure page blob.
+//!
+//! Laid out as the page blob is: a virtual size rounded up to 1 MiB with a 512-byte fixed-VHD footer
+//! (`footer.vhd`), pages that were never written cost nothing. Page contents are kept by reference —
+//! `current.map` holds one keyed digest per 64 KiB page, and the dedupe index says where the chunk with
+//! that digest is stored — so identical content across disks and VMs is stored once.
+//!
+//! Points are copy-on-write: committing point N+1 writes `redo/N+1.delta` (the new digests of the pages
+//! changed since point N) and `undo/N.delta` (their digests at point N), then the manifest commit, then
+//! the redo is applied in place to `current.map`. Cost: O(pages changed), never a copy of the disk.
+//! The digest of a page at point S is found in the oldest undo with seq >= S that has it, else in
+//! `current.map`.
+//!
+//! Crash safety: `current.map`'s header carries the generation (point seq) it reflects; a redo newer than
+//! that generation and listed in the manifest is re-applied on open (idempotent); one not listed is
+//! discarded.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ferry_crypto::{Digest, ZERO_DIGEST};
+use ferry_format::delta::{
+    decode_entry, encode_entry, DeltaHeader, MapHeader, DELTA_ENTRY_LEN, DELTA_HEADER_LEN,
+    MAP_HEADER_LEN,
+};
+use ferry_format::vhd;
+use ferry_format::CHUNK_SIZE;
+
+use crate::durable::{create_dir_durable, durable_rename, durable_write, fsync_dir};
+use crate::StoreError;
+
+const DIGEST: u64 = 32;
+
+/// Number of 64 KiB pages covering `size` bytes.
+pub fn pages_for(size: u64) -> u64 {
+    size.div_ceil(CHUNK_SIZE as u64)
+}
+
+/// An open local replica.
+pub struct Replica {
+    dir: PathBuf,
+    map: File,
+    header: MapHeader,
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    w: BufWriter<File>,
+    count: u64,
+    last: Option<u64>,
+    sorted: bool,
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        op,
+        source,
+    }
+}
+
+impl Replica {
+    /// Opens the replica at `dir`, creating it for a disk of `size` bytes if it does not exist.
+    pub fn open_or_create(dir: &Path, size: u64) -> Result<Self, StoreError> {
+        let map_path = dir.join("current.map");
+        if !map_path.exists() {
+            create_dir_durable(&dir.join("undo")).map_err(io(dir, "create"))?;
+            create_dir_durable(&dir.join("redo")).map_err(io(dir, "create"))?;
+            let mut uid = [0u8; 16];
+            ferry_crypto::random_bytes(&mut uid).map_err(|e| StoreError::Index(e.to_string()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let footer = vhd::encode(vhd::vhd_size(size), uid, now);
+            let fp = dir.join("footer.vhd");
+            durable_write(&fp, &footer).map_err(io(&fp, "write"))?;
+            let pages = pages_for(size);
+            let tmp = dir.join(".current.map.tmp");
+            let f = File::create(&tmp).map_err(io(&tmp, "create"))?;
+            f.write_all_at(
+                &MapHeader {
+                    pages,
+                    generation: 0,
+                }
+                .encode(),
+                0,
+            )
+            .map_err(io(&tmp, "write"))?;
+            // Sparse: unwritten digests read as zero, which means "zero page".
+            f.set_len(MAP_HEADER_LEN as u64 + pages * DIGEST)
+                .map_err(io(&tmp, "extend"))?;
+            drop(f);
+            durable_rename(&tmp, &map_path).map_err(io(&map_path, "rename"))?;
+        }
+        Self::open(dir)
+    }
+
+    /// Opens an existing replica.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let map_path = dir.join("current.map");
+        let map = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&map_path)
+            .map_err(io(&map_path, "open"))?;
+        let mut hb = [0u8; MAP_HEADER_LEN];
+        map.read_exact_at(&mut hb, 0).map_err(io(&map_path, "read"))?;
+        let header = MapHeader::decode(&hb).map_err(|source| StoreError::Format {
+            path: map_path.clone(),
+            source,
+        })?;
+        let len = map.metadata().map_err(io(&map_path, "stat"))?.len();
+        if len != MAP_HEADER_LEN as u64 + header.pages * DIGEST {
+            return Err(StoreError::Format {
+                path: map_path,
+                source: ferry_format::FormatError::Truncated {
+                    what: "page map",
+                    offset: len,
+                },
+            });
+        }
+        Ok(Replica {
+            dir: dir.to_owned(),
+            map,
+            header,
+            pending: None,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.header.pages
+    }
+
+    /// The point sequence number `current.map` reflects.
+    pub fn generation(&self) -> u64 {
+        self.header.generation
+    }
+
+    /// The fixed-VHD footer of this replica.
+    pub fn footer(&self) -> Result<[u8; vhd::FOOTER_LEN], StoreError> {
+        let p = self.dir.join("footer.vhd");
+        let b = fs::read(&p).map_err(io(&p, "read"))?;
+        vhd::decode(&b).map_err(|source| StoreError::Format {
+            path: p.clone(),
+            source,
+        })?;
+        Ok(b.try_into().expect("decode checked the length"))
+    }
+
+    /// Reads the current digests of pages `first..first + out.len()`.
+    pub fn read_map(&self, first: u64, out: &mut [Digest]) -> Result<(), StoreError> {
+        let p = self.dir.join("current.map");
+        if first + out.len() as u64 > self.header.pages {
+            return Err(StoreError::Index(format!(
+                "page {} beyond the end of {}",
+                first + out.len() as u64,
+                p.display()
+            )));
+        }
+        // SAFETY: [u8; 32] has no padding and any byte pattern is valid, so viewing the digest array as
+        // bytes is sound; the length is exactly out.len() * 32.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, out.len() * DIGEST as usize)
+        };
+        self.map
+            .read_exact_at(bytes, MAP_HEADER_LEN as u64 + first * DIGEST)
+            .map_err(io(&p, "read"))
+    }
+
+    fn pending_path(&self) -> PathBuf {
+        self.dir.join("pending.tmp")
+    }
+
+    /// Forgets changes recorded since the last commit (a new run began).
+    pub fn reset_pending(&mut self) -> Result<(), StoreError> {
+        let p = self.pending_path();
+        let f = File::create(&p).map_err(io(&p, "create"))?;
+        self.pending = Some(Pending {
+            w: BufWriter::with_capacity(1 << 20, f),
+            count: 0,
+            last: None,
+            sorted: true,
+        });
+        Ok(())
+    }
+
+    /// Records that page `page` now holds the chunk `digest` (ZERO_DIGEST: zeros). Takes effect at the
+    /// next commit. Not durable by itself: the journal is.
+    pub fn record(&mut self, page: u64, digest: &Digest) -> Result<(), StoreError> {
+        if page >= self.header.pages {
+            return Err(StoreError::Index(format!(
+                "write to page {page} beyond the end of the replica ({} pages)",
+                self.header.pages
+            )));
+        }
+        if self.pending.is_none() {
+            self.reset_pending()?;
+        }
+        let p = self.pending_path();
+        let pend = self.pending.as_mut().expect("just set");
+        if pend.last.is_some_and(|l| page <= l) {
+            pend.sorted = false;
+        }
+        pend.last = Some(page);
+        pend.count += 1;
+        pend.w
+            .write_all(&encode_entry(page, digest))
+            .map_err(io(&p, "write"))
+    }
+
+    /// Number of page updates recorded since the last commit.
+    pub fn pending_count(&self) -> u64 {
+        self.pending.as_ref().map_or(0, |p| p.count)
+    }
+
+    /// First half of a commit: makes `redo/SEQ.delta` and `undo/GEN.delta` durable. The caller then
+    /// commits the manifest, then calls [`Self::apply_redo`].
+    pub fn prepare(&mut self, seq: u64) -> Result<(), StoreError> {
+        let redo_path = self.dir.join("redo").join(format!("{seq}.delta"));
+        let pp = self.pending_path();
+        // Sorted, unique entries of this run.
+        let entries: Box<dyn Iterator<Item = Result<(u64, Digest), StoreError>>> =
+            match self.pending.take() {
+                None => Box::new(std::iter::empty()),
+                Some(mut p) => {
+                    p.w.flush().map_err(io(&pp, "write"))?;
+                    drop(p.w);
+                    let r = BufReader::with_capacity(
+                        1 << 20,
+                        File::open(&pp).map_err(io(&pp, "open"))?,
+                    );
+                    if p.sorted {
+                        Box::new(EntryIter {
+                            r,
+                            left: p.count,
+                            path: pp.clone(),
+                        })
+                    } else {
+                        // Out-of-order runs (trackers other than the scan) are small: sort in memory.
+                        let mut m = std::collections::BTreeMap::new();
+                        for e in (EntryIter {
+                            r,
+                            left: p.count,
+                            path: pp.clone(),
+                        }) {
+                            let (pg, d) = e?;
+                            m.insert(pg, d);
+                        }
+                        Box::new(m.into_iter().map(Ok))
+                    }
+                }
+            };
+        let undo_path = self
+            .dir
+            .join("undo")
+            .join(format!("{}.delta", self.header.generation));
+        let mut redo = DeltaWriter::create(&redo_path)?;
+        let mut undo = if self.header.generation > 0 {
+            Some(DeltaWriter::create(&undo_path)?)
+        } else {
+            None
+        };
+        let mut old = [ZERO_DIGEST; 1];
+        for e in entries {
+            let (page, d) = e?;
+            self.read_map(page, &mut old)?;
+            if old[0] == d {
+                continue;
+            }
+            redo.push(page, &d)?;
+            if let Some(u) = undo.as_mut() {
+                u.push(page, &old[0])?;
+            }
+        }
+        redo.finish()?;
+        if let Some(u) = undo {
+            u.finish()?;
+        }
+        let _ = fs::remove_file(&pp);
+        Ok(())
+    }
+
+    /// Second half of a commit (also run by recovery): writes `redo/SEQ.delta` into `current.map`,
+    /// records generation SEQ, syncs, removes the redo.
+    pub fn apply_redo(&mut self, seq: u64) -> Result<(), StoreError> {
+        let redo_path = self.dir.join("redo").join(format!("{seq}.delta"));
+        let mp = self.dir.join("current.map");
+        let mut run_start = 0u64;
+        let mut run: Vec<u8> = Vec::with_capacity(1 << 16);
+        for e in DeltaReader::open(&redo_path)? {
+            let (page, d) = e?;
+            if page >= self.header.pages {
+                return Err(StoreError::Index(format!(
+                    "{} names page {page} beyond the replica",
+                    redo_path.display()
+                )));
+            }
+            let next = run_start + (run.len() as u64 / DIGEST);
+            if run.is_empty() || page != next || run.len() >= 1 << 20 {
+                if !run.is_empty() {
+                    self.map
+                        .write_all_at(&run, MAP_HEADER_LEN as u64 + run_start * DIGEST)
+                        .map_err(io(&mp, "write"))?;
+                }
+                run.clear();
+                run_start = page;
+            }
+            run.extend_from_slice(&d);
+        }
+        if !run.is_empty() {
+            self.map
+                .write_all_at(&run, MAP_HEADER_LEN as u64 + run_start * DIGEST)
+                .map_err(io(&mp, "write"))?;
+        }
+        self.map.sync_data().map_err(io(&mp, "sync"))?;
+        self.header.generation = seq;
+        self.map
+            .write_all_at(&self.header.encode(), 0)
+            .map_err(io(&mp, "write"))?;
+        self.map.sync_data().map_err(io(&mp, "sync"))?;
+        fs::remove_file(&redo_path).map_err(io(&redo_path, "remove"))?;
+        Ok(())
+    }
+
+    /// Brings the replica to the newest committed point `latest` (0: none) after a crash.
+    pub fn recover(&mut self, latest: u64) -> Result<(), StoreError> {
+        if self.header.generation < latest {
+            let redo = self.dir.join("redo").join(format!("{latest}.delta"));
+            if !redo.exists() {
+                return Err(StoreError::Index(format!(
+                    "replica {} is at point {} but the manifest's newest point is {latest} and {} is missing",
+                    self.dir.display(),
+                    self.header.generation,
+                    redo.display()
+                )));
+            }
+            tracing::info!(replica = %self.dir.display(), seq = latest, "finishing an interrupted commit");
+            self.apply_redo(latest)?;
+        } else if self.header.generation > latest {
+            return Err(StoreError::Index(format!(
+                "replica {} is at point {} but the manifest's newest point is {latest}",
+                self.dir.display(),
+                self.header.generation
+            )));
+        }
+        // Leftovers of a commit that never reached the manifest.
+        for sub in ["redo", "undo"] {
+            let d = self.dir.join(sub);
+            for e in fs::read_dir(&d).map_err(io(&d, "list"))? {
+                let e = e.map_err(io(&d, "list"))?;
+                let name = e.file_name();
+                let seq = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".delta"))
+                    .and_then(|n| n.parse::<u64>().ok());
+                let stale = match (sub, seq) {
+                    ("redo", Some(s)) => s > latest || s <= self.header.generation,
+                    ("undo", Some(s)) => s >= latest,
+                    _ => true,
+                };
+                if stale {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A reader of the page map as it was at point `seq`.
+    pub fn point_reader(&self, seq: u64) -> Result<PointReader<'_>, StoreError> {
+        let d = self.dir.join("undo");
+        let mut seqs = Vec::new();
+        for e in fs::read_dir(&d).map_err(io(&d, "list"))? {
+            let e = e.map_err(io(&d, "list"))?;
+            if let Some(s) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".delta"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                if s >= seq && s < self.header.generation {
+                    seqs.push(s);
+                }
+            }
+        }
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        let mut undos = Vec::new();
+        for s in seqs {
+            let mut r = DeltaReader::open(&d.join(format!("{s}.delta")))?;
+            let head = r.next().transpose()?;
+            undos.push((r, head));
+        }
+        Ok(PointReader {
+            replica: self,
+            undos,
+        })
+    }
+
+    /// Removes the undo of point `seq` (retention): older points lose nothing they need only if the
+    /// caller merged it first; used when `seq` is the oldest retained point being dropped.
+    pub fn drop_undo(&self, seq: u64) -> Result<(), StoreError> {
+        let p = self.dir.join("undo").join(format!("{seq}.delta"));
+        match fs::remove_file(&p) {
+            Ok(()) => fsync_dir(&self.dir.join("undo")).map_err(io(&p, "sync")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&p, "remove")(e)),
+        }
+    }
+}
+
+/// Streams the page map at a point, window by window, in ascending page order.
+pub struct PointReader<'a> {
+    replica: &'a Replica,
+    /// Newest first, each with its next unread entry.
+    undos: Vec<(DeltaReader, Option<(u64, Digest)>)>,
+}
+
+impl PointReader<'_> {
+    /// Fills `out` with the digests of pages `first..first + out.len()`. Windows must be read in
+    /// ascending order.
+    pub fn read(&mut self, first: u64, out: &mut [Digest]) -> Result<(), StoreError> {
+        self.replica.read_map(first, out)?;
+        let end = first + out.len() as u64;
+        for (r, head) in self.undos.iter_mut() {
+            while let Some((page, d)) = *head {
+                if page >= end {
+                    break;
+                }
+                if page >= first {
+                    out[(page - first) as usize] = d;
+                }
+                *head = r.next().transpose()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a delta file: header, sorted entries, blake3 trailer; durable on finish.
+struct DeltaWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    w: BufWriter<File>,
+    hasher: blake3::Hasher,
+    count: u64,
+}
+
+impl DeltaWriter {
+    fn create(path: &Path) -> Result<Self, StoreError> {
+        let tmp = path.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
+        f.write_all(&[0u8; DELTA_HEADER_LEN])
+            .map_err(io(&tmp, "write"))?;
+        Ok(DeltaWriter {
+            path: path.to_owned(),
+            tmp,
+            w: BufWriter::with_capacity(1 << 20, f),
+            hasher: blake3::Hasher::new(),
+            count: 0,
+        })
+    }
+
+    fn push(&mut self, page: u64, d: &Digest) -> Result<(), StoreError> {
+        let e = encode_entry(page, d);
+        self.hasher.update(&e);
+        self.count += 1;
+        self.w.write_all(&e).map_err(io(&self.tmp, "write"))
+    }
+
+    fn finish(mut self) -> Result<(), StoreError> {
+        self.w
+            .write_all(self.hasher.finalize().as_bytes())
+            .map_err(io(&self.tmp, "write"))?;
+        let f = self.w.into_inner().map_err(|e| StoreError::Io {
+            path: self.tmp.clone(),
+            op: "write",
+            source: e.into_error(),
+        })?;
+        f.write_all_at(&DeltaHeader { count: self.count }.encode(), 0)
+            .map_err(io(&self.tmp, "write"))?;
+        drop(f);
+        durable_rename(&self.tmp, &self.path).map_err(io(&self.path, "rename"))
+    }
+}
+
+/// Streams a delta file, checking order and the trailer checksum.
+pub struct DeltaReader {
+    path: PathBuf,
+    r: BufReader<File>,
+    left: u64,
+    last: Option<u64>,
+    hasher: blake3::Hasher,
+    offset: u64,
+}
+
+impl DeltaReader {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let f = File::open(path).map_err(io(path, "open"))?;
+        let mut r = BufReader::with_capacity(1 << 20, f);
+        let mut h = [0u8; DELTA_HEADER_LEN];
+        r.read_exact(&mut h).map_err(io(path, "read"))?;
+        let header = DeltaHeader::decode(&h).map_err(|source| StoreError::Format {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(DeltaReader {
+            path: path.to_owned(),
+            r,
+            left: header.count,
+            last: None,
+            hasher: blake3::Hasher::new(),
+            offset: DELTA_HEADER_LEN as u64,
+        })
+    }
+
+    fn corrupt(&self, detail: &str) -> StoreError {
+        StoreError::Format {
+            path: self.path.clone(),
+            source: ferry_format::FormatError::Corrupt {
+                what: "page delta",
+                offset: self.offset,
+                detail: detail.into(),
+            },
+        }
+    }
+}
+
+impl Iterator for DeltaReader {
+    type Item = Result<(u64, Digest), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            let mut t = [0u8; 32];
+            if self.r.read_exact(&mut t).is_err() || t != *self.hasher.finalize().as_bytes() {
+                self.left = u64::MAX; // report once
+                return Some(Err(self.corrupt("entry checksum mismatch or missing trailer")));
+            }
+            return None;
+        }
+        if self.left == u64::MAX {
+            return None;
+        }
+        let mut e = [0u8; DELTA_ENTRY_LEN];
+        if let Err(err) = self.r.read_exact(&mut e) {
+            self.left = u64::MAX;
+            return Some(Err(io(&self.path, "read")(err)));
+        }
+        self.hasher.update(&e);
+        let (page, d) = decode_entry(&e);
+        if self.last.is_some_and(|l| page <= l) {
+            self.left = u64::MAX;
+            return Some(Err(self.corrupt("pages out of order")));
+        }
+        self.last = Some(page);
+        self.left -= 1;
+        self.offset += DELTA_ENTRY_LEN as u64;
+        Some(Ok((page, d)))
+    }
+}
+
+struct EntryIter {
+    r: BufReader<File>,
+    left: u64,
+    path: PathBuf,
+}
+
+impl Iterator for EntryIter {
+    type Item = Result<(u64, Digest), StoreError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut e = [0u8; DELTA_ENTRY_LEN];
+        Some(
+            self.r
+                .read_exact(&mut e)
+                .map(|_| decode_entry(&e))
+                .map_err(io(&self.path, "read")),
+        )
+    }
+}
