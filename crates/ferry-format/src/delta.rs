@@ -146,7 +146,9 @@ pub fn parse_delta(bytes: &[u8]) -> Result<Vec<(u64, Digest)>, FormatError> {
     let body = h
         .count
         .checked_mul(DELTA_ENTRY_LEN as u64)
-        .filter(|b| (DELTA_HEADER_LEN + DELTA_TRAILER_LEN) as u64 + b == bytes.len() as u64)
+        .filter(|b| {
+            b.checked_add((DELTA_HEADER_LEN + DELTA_TRAILER_LEN) as u64) == Some(bytes.len() as u64)
+        })
         .ok_or(FormatError::Truncated {
             what,
             offset: bytes.len() as u64,
@@ -209,6 +211,22 @@ mod tests {
         }
         let bad = encode_delta(&[(3, [1; 32]), (2, [1; 32])]);
         assert!(parse_delta(&bad).is_err());
+    }
+
+    #[test]
+    fn huge_count_is_an_error_not_an_overflow() {
+        // Found by the `delta` fuzz target: count * 40 fits in a u64, but adding the header and
+        // trailer lengths overflowed.
+        let b = DeltaHeader {
+            count: u64::MAX / DELTA_ENTRY_LEN as u64,
+        }
+        .encode();
+        let mut d = b.to_vec();
+        d.extend_from_slice(blake3::hash(&[]).as_bytes());
+        assert!(matches!(
+            parse_delta(&d),
+            Err(FormatError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -550,12 +550,25 @@ pub fn open_blob(
     let data = match loc.codec {
         Codec::Raw => sealed,
         Codec::Zstd => {
+            // Found by the `segment` fuzz target: trusting `raw_len` for the allocation (up to
+            // 4 GiB) or letting a frame decode without bound aborts the process. A chunk is at
+            // most CHUNK_SIZE, and decoding stops one byte past `raw_len` (caught below).
+            if loc.raw_len as usize > crate::CHUNK_SIZE {
+                return Err(FormatError::Corrupt {
+                    what: "segment chunk",
+                    offset: loc.offset,
+                    detail: format!("raw length {} exceeds the chunk size", loc.raw_len),
+                });
+            }
+            use std::io::Read;
             let mut out = Vec::with_capacity(loc.raw_len as usize);
-            zstd::stream::copy_decode(&sealed[..], &mut out).map_err(|e| FormatError::Corrupt {
-                what: "segment chunk",
-                offset: loc.offset,
-                detail: format!("zstd: {e}"),
-            })?;
+            zstd::stream::read::Decoder::new(&sealed[..])
+                .and_then(|d| d.take(loc.raw_len as u64 + 1).read_to_end(&mut out))
+                .map_err(|e| FormatError::Corrupt {
+                    what: "segment chunk",
+                    offset: loc.offset,
+                    detail: format!("zstd: {e}"),
+                })?;
             out
         }
     };
@@ -692,6 +705,31 @@ mod tests {
             verify(&key(), "x", &file),
             Err(FormatError::Version { found: 2, .. })
         ));
+    }
+
+    #[test]
+    fn zstd_blob_is_bounded_by_raw_len() {
+        let k = key();
+        let chunk = vec![5u8; 1000];
+        let z = zstd::bulk::compress(&chunk, 3).unwrap();
+        let mut b = SegmentBuilder::new(&k, [3u8; 16], "vm", "d0", 1, "p".into());
+        let n = b.reserve_blob();
+        let sealed = b.sealer().seal(n, z);
+        let loc = b.push_blob(n, &sealed, Codec::Zstd, chunk.len() as u32);
+        let (file, _) = b.finish();
+        let h = SegmentHeader::decode(&file[..64], None).unwrap();
+        let open = |raw_len: u32| {
+            let l = ChunkLoc {
+                raw_len,
+                ..loc.clone()
+            };
+            open_blob(&h, &k, &l, sealed.clone())
+        };
+        assert_eq!(open(1000).unwrap(), chunk);
+        // Found by the `segment` fuzz target: a huge raw_len must not be trusted for allocation,
+        // and a frame that decodes to more than raw_len is corrupt.
+        assert!(matches!(open(u32::MAX), Err(FormatError::Corrupt { .. })));
+        assert!(matches!(open(999), Err(FormatError::Corrupt { .. })));
     }
 
     #[test]

@@ -1,0 +1,421 @@
+//! Applying the journal to replicas, making recovery points, and restoring them.
+//!
+//! Job: [`Applier`] takes each disk's segments in order and applies their records to the disk's
+//! replica; at a tag that every disk of the cut has reached, it commits a recovery point (replica
+//! deltas durable → manifest replaced → deltas applied). [`restore`] materializes any listed point as a
+//! raw image or fixed VHD, with an optional read-back verification.
+//!
+//! Invariants:
+//! - A disk never applies records past a tag that is not yet committed (tag barrier), so a point holds
+//!   exactly the records of its run and nothing after.
+//! - Applying is idempotent: records before a disk's `applied` position are skipped, and a tag whose
+//!   run is already a point is skipped. After a crash, [`Applier::recover`] replays the journal from
+//!   the last committed position.
+//! - A `Begin` voids a run's uncommitted changes (a run that died before its tag leaves nothing behind).
+//!
+//! Must not: read sources or decide when points are taken.
+
+mod restore;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs;
+use std::time::{Duration, UNIX_EPOCH};
+
+use ferry_crypto::ZERO_DIGEST;
+use ferry_format::manifest::{point_id, DiskState, JournalPos, Manifest, Point, PointDisk};
+use ferry_format::segment::{PointTag, Record};
+use ferry_format::CHUNK_SIZE;
+use ferry_store::replica::pages_for;
+use ferry_store::{LocalStore, Replica, StoreError};
+
+pub use restore::{restore, verify_file, OutputFormat, RestoreError, RestoreOptions, RestoreReport};
+
+/// Errors of the applier.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// the journal is inconsistent
+    #[error("journal of {vm}/{disk} segment {segment}: {detail}")]
+    Journal {
+        vm: String,
+        disk: String,
+        segment: u64,
+        detail: String,
+    },
+}
+
+/// A point the applier committed.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub vm: String,
+    pub point: Point,
+}
+
+struct DiskCursor {
+    replica: Option<Replica>,
+    queue: VecDeque<(u64, Vec<Record>, usize)>,
+    /// Waiting for this run's tag to commit.
+    blocked_on: Option<[u8; 16]>,
+}
+
+struct VmState {
+    manifest: Manifest,
+    disks: BTreeMap<String, DiskCursor>,
+    reached: HashMap<[u8; 16], (PointTag, BTreeMap<String, JournalPos>)>,
+}
+
+/// Applies segments to replicas and commits points.
+pub struct Applier<'s> {
+    store: &'s LocalStore,
+    vms: HashMap<String, VmState>,
+}
+
+impl<'s> Applier<'s> {
+    pub fn new(store: &'s LocalStore) -> Self {
+        Applier {
+            store,
+            vms: HashMap::new(),
+        }
+    }
+
+    fn vm(&mut self, vm: &str) -> Result<&mut VmState, ApplyError> {
+        if !self.vms.contains_key(vm) {
+            let manifest = match self.store.load_manifest(vm)? {
+                Some(m) => m,
+                None => Manifest::new(vm, &self.store.key().id().to_string()),
+            };
+            if manifest.key_id != self.store.key().id().to_string() {
+                return Err(ApplyError::Store(StoreError::WrongKey {
+                    store: self.store.root().into(),
+                    store_key: manifest.key_id.clone(),
+                    key: self.store.key().id().to_string(),
+                    key_path: self.store.key().path().into(),
+                }));
+            }
+            self.vms.insert(
+                vm.to_owned(),
+                VmState {
+                    manifest,
+                    disks: BTreeMap::new(),
+                    reached: HashMap::new(),
+                },
+            );
+        }
+        Ok(self.vms.get_mut(vm).expect("inserted"))
+    }
+
+    /// The manifest of `vm` as the applier sees it (committed state).
+    pub fn manifest(&mut self, vm: &str) -> Result<&Manifest, ApplyError> {
+        Ok(&self.vm(vm)?.manifest)
+    }
+
+    /// Finishes interrupted commits and replays every VM's journal from its last committed position.
+    /// Returns points committed by the replay.
+    pub fn recover(&mut self) -> Result<Vec<Committed>, ApplyError> {
+        let root = self.store.root().to_owned();
+        let mut vms: Vec<String> = ferry_store::list_vms_at(&root)?;
+        for v in list_dirs(&root.join("journal"))? {
+            if !vms.contains(&v) {
+                vms.push(v);
+            }
+        }
+        let mut out = Vec::new();
+        for vm in vms {
+            let manifest = self.vm(&vm)?.manifest.clone();
+            for disk in manifest.disks.keys() {
+                let latest = manifest
+                    .points
+                    .iter()
+                    .filter(|p| p.disks.iter().any(|d| &d.name == disk))
+                    .map(|p| p.seq)
+                    .max()
+                    .unwrap_or(0);
+                let dir = self.store.replica_dir(&vm, disk);
+                if dir.join("current.map").exists() {
+                    let mut r = Replica::open(&dir)?;
+                    r.recover(latest)?;
+                }
+            }
+            let disks = list_dirs(&root.join("journal").join(&vm))?;
+            for disk in disks {
+                let from = manifest
+                    .disks
+                    .get(&disk)
+                    .map(|d| d.applied)
+                    .unwrap_or_default();
+                for seq in self.store.list_segments(&vm, &disk)? {
+                    if seq < from.segment {
+                        continue;
+                    }
+                    let idx = self.store.read_segment_index(&vm, &disk, seq)?;
+                    out.extend(self.push_segment(&vm, &disk, seq, idx.records)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queues one stored segment of `vm`/`disk` and applies whatever can be applied. Returns the
+    /// points committed as a result.
+    pub fn push_segment(
+        &mut self,
+        vm: &str,
+        disk: &str,
+        seq: u64,
+        records: Vec<Record>,
+    ) -> Result<Vec<Committed>, ApplyError> {
+        let store = self.store;
+        let st = self.vm(vm)?;
+        let cur = st
+            .disks
+            .entry(disk.to_owned())
+            .or_insert_with(|| DiskCursor {
+                replica: None,
+                queue: VecDeque::new(),
+                blocked_on: None,
+            });
+        cur.queue.push_back((seq, records, 0));
+        advance(store, vm, st)
+    }
+
+    /// Disks with a tag reached but not committed (waiting for other disks of the cut).
+    pub fn waiting(&self) -> usize {
+        self.vms
+            .values()
+            .flat_map(|v| v.disks.values())
+            .filter(|d| d.blocked_on.is_some())
+            .count()
+    }
+}
+
+fn list_dirs(p: &std::path::Path) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    match fs::read_dir(p) {
+        Ok(it) => {
+            for e in it {
+                let e = e.map_err(|source| StoreError::Io {
+                    path: p.into(),
+                    op: "list",
+                    source,
+                })?;
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    if let Some(n) = e.file_name().to_str() {
+                        out.push(n.to_owned());
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: p.into(),
+                op: "list",
+                source,
+            })
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn advance(store: &LocalStore, vm: &str, st: &mut VmState) -> Result<Vec<Committed>, ApplyError> {
+    let mut committed = Vec::new();
+    loop {
+        let mut progress = false;
+        for (name, cur) in st.disks.iter_mut() {
+            if cur.blocked_on.is_some() {
+                continue;
+            }
+            let applied = st
+                .manifest
+                .disks
+                .get(name)
+                .map(|d| d.applied)
+                .unwrap_or_default();
+            while let Some((seg, records, idx)) = cur.queue.front_mut() {
+                if *idx >= records.len() {
+                    cur.queue.pop_front();
+                    continue;
+                }
+                let pos = JournalPos {
+                    segment: *seg,
+                    record: *idx as u32,
+                };
+                let seg = *seg;
+                let rec = &records[*idx];
+                *idx += 1;
+                progress = true;
+                if pos < applied {
+                    continue;
+                }
+                let jerr = |detail: String| ApplyError::Journal {
+                    vm: vm.into(),
+                    disk: name.clone(),
+                    segment: seg,
+                    detail,
+                };
+                match rec {
+                    Record::Begin { size, .. } => {
+                        let dir = store.replica_dir(vm, name);
+                        let r = Replica::open_or_create(&dir, *size)?;
+                        if r.pages() != pages_for(*size) {
+                            return Err(jerr(format!(
+                                "disk is now {size} bytes but its replica has {} pages; Ferry does not follow a resize",
+                                r.pages()
+                            )));
+                        }
+                        let r = cur.replica.insert(r);
+                        r.reset_pending()?;
+                    }
+                    Record::Write { offset, .. } | Record::Zero { offset, .. }
+                        if offset % CHUNK_SIZE as u64 != 0 =>
+                    {
+                        return Err(jerr(format!("unaligned record at offset {offset}")));
+                    }
+                    Record::Write { offset, digest, .. } => {
+                        let r = open_replica(store, vm, name, &mut cur.replica)
+                            .ok_or_else(|| jerr("write before any begin".into()))??;
+                        r.record(offset / CHUNK_SIZE as u64, digest)?;
+                    }
+                    Record::Zero { offset, len } => {
+                        let r = open_replica(store, vm, name, &mut cur.replica)
+                            .ok_or_else(|| jerr("zero before any begin".into()))??;
+                        let first = offset / CHUNK_SIZE as u64;
+                        for p in first..first + len.div_ceil(CHUNK_SIZE as u64) {
+                            r.record(p, &ZERO_DIGEST)?;
+                        }
+                    }
+                    Record::Tag(t) => {
+                        let run = hex::encode(t.run);
+                        if st.manifest.points.iter().any(|p| p.run == run) {
+                            continue;
+                        }
+                        let e = st
+                            .reached
+                            .entry(t.run)
+                            .or_insert_with(|| (t.clone(), BTreeMap::new()));
+                        e.1.insert(
+                            name.clone(),
+                            JournalPos {
+                                segment: seg,
+                                record: pos.record + 1,
+                            },
+                        );
+                        cur.blocked_on = Some(t.run);
+                        break;
+                    }
+                }
+            }
+        }
+        // Commit every tag all of whose disks arrived.
+        let ready: Vec<[u8; 16]> = st
+            .reached
+            .iter()
+            .filter(|(_, (t, r))| t.disks.iter().all(|d| r.contains_key(&d.name)))
+            .map(|(k, _)| *k)
+            .collect();
+        for run in ready {
+            let (tag, reached) = st.reached.remove(&run).expect("listed");
+            committed.push(commit(store, vm, st, &tag, &reached)?);
+            for cur in st.disks.values_mut() {
+                if cur.blocked_on == Some(run) {
+                    cur.blocked_on = None;
+                }
+            }
+            progress = true;
+        }
+        if !progress {
+            return Ok(committed);
+        }
+    }
+}
+
+fn open_replica<'a>(
+    store: &LocalStore,
+    vm: &str,
+    disk: &str,
+    slot: &'a mut Option<Replica>,
+) -> Option<Result<&'a mut Replica, StoreError>> {
+    if slot.is_none() {
+        let dir = store.replica_dir(vm, disk);
+        if !dir.join("current.map").exists() {
+            return None;
+        }
+        match Replica::open(&dir) {
+            Ok(r) => *slot = Some(r),
+            Err(e) => return Some(Err(e)),
+        }
+    }
+    slot.as_mut().map(Ok)
+}
+
+fn commit(
+    store: &LocalStore,
+    vm: &str,
+    st: &mut VmState,
+    tag: &PointTag,
+    reached: &BTreeMap<String, JournalPos>,
+) -> Result<Committed, ApplyError> {
+    let seq = st.manifest.next_seq;
+    for d in &tag.disks {
+        let cur = st.disks.get_mut(&d.name).expect("reached implies a cursor");
+        let r = open_replica(store, vm, &d.name, &mut cur.replica).ok_or_else(|| {
+            ApplyError::Journal {
+                vm: vm.into(),
+                disk: d.name.clone(),
+                segment: reached[&d.name].segment,
+                detail: "tag for a disk that has no replica".into(),
+            }
+        })??;
+        if r.pages() != pages_for(d.size) {
+            return Err(ApplyError::Journal {
+                vm: vm.into(),
+                disk: d.name.clone(),
+                segment: reached[&d.name].segment,
+                detail: format!("cut says {} bytes, replica has {} pages", d.size, r.pages()),
+            });
+        }
+        r.prepare(seq)?;
+    }
+    let time = UNIX_EPOCH + Duration::from_nanos(tag.time_ns);
+    let point = Point {
+        id: point_id(seq, time),
+        seq,
+        run: hex::encode(tag.run),
+        time: humantime::format_rfc3339_seconds(time).to_string(),
+        kind: tag.kind.as_str().into(),
+        disks: tag
+            .disks
+            .iter()
+            .map(|d| PointDisk {
+                name: d.name.clone(),
+                size: d.size,
+                blake3: hex::encode(d.blake3),
+            })
+            .collect(),
+    };
+    let mut m = st.manifest.clone();
+    m.points.push(point.clone());
+    m.next_seq = seq + 1;
+    for d in &tag.disks {
+        m.disks.insert(
+            d.name.clone(),
+            DiskState {
+                size: d.size,
+                applied: reached[&d.name],
+            },
+        );
+    }
+    store.commit_manifest(&m)?;
+    st.manifest = m;
+    for d in &tag.disks {
+        let cur = st.disks.get_mut(&d.name).expect("checked");
+        cur.replica.as_mut().expect("opened above").apply_redo(seq)?;
+    }
+    tracing::info!(vm, point = %point.id, kind = %point.kind, "recovery point committed");
+    Ok(Committed {
+        vm: vm.into(),
+        point,
+    })
+}

@@ -1,0 +1,396 @@
+//! `ferry`: the operator's command. Thin: parse arguments, call `ferry-job`, print, map errors to exit
+//! codes (0 ok, 1 error, 2 usage).
+
+mod progress;
+mod units;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_format::segment::PointKind;
+use ferry_job::{JobError, PointSelector, ReplicateOptions, RestoreRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Block replication to a local store or Azure: replicate disks, keep recovery points, restore them.",
+    long_about = "Ferry replicates Linux disks (raw images or block devices) into a store, keeps \
+crash- and app-consistent recovery points, and restores any of them byte-for-byte.\n\n\
+Quick tour:\n  \
+ferry replicate disk.img --store ./store --once     # first run copies, later runs ship changes\n  \
+ferry points list --store ./store                   # what can be restored\n  \
+ferry restore --store ./store --point latest --out restored.img --verify\n\n\
+Everything in a store is encrypted with a master key (--key-file; created on first use, mode 0600). \
+Keep a copy of it: without it nothing can be restored.",
+    after_help = "Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage."
+)]
+struct Cli {
+    /// Log as JSON lines (for journald / log shippers) instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replicate disks into a store and cut recovery points.
+    ///
+    /// Each run reads every SOURCE, ships only the 64 KiB chunks whose content differs from the
+    /// replica (zero chunks as zero ranges, known content as references), and cuts one point for all
+    /// SOURCEs together. Without --once it repeats every --interval until SIGINT/SIGTERM.
+    Replicate(ReplicateArgs),
+    /// Recovery points.
+    Points {
+        #[command(subcommand)]
+        cmd: PointsCmd,
+    },
+    /// Restore a recovery point to a raw image or a fixed VHD (`.vhd`).
+    ///
+    /// Examples:
+    ///   ferry restore --store ./store --point latest --out web01.img --verify
+    ///   ferry restore --store ./store --point 0003 --vm web01 --disk os --out os.vhd
+    Restore(RestoreArgs),
+}
+
+#[derive(Subcommand)]
+enum PointsCmd {
+    /// List recovery points, oldest first.
+    List {
+        /// The store (a directory).
+        #[arg(long, env = "FERRY_STORE")]
+        store: PathBuf,
+        /// Only this VM's points.
+        #[arg(long)]
+        vm: Option<String>,
+        /// JSON array: id, vm, time (RFC 3339), kind, disks (name, size, blake3).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct KeyArgs {
+    /// Master key file (32 bytes or 64 hex digits, mode 0600). Created on first use.
+    /// Default: /etc/ferry/master.key as root, else ~/.config/ferry/master.key.
+    #[arg(long, env = "FERRY_KEY_FILE")]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    /// Crash-consistent: the disks as a power cut would leave them.
+    Crash,
+    /// App-consistent: taken with applications quiesced (needs the agent's freeze and hooks).
+    App,
+}
+
+#[derive(Args)]
+struct ReplicateArgs {
+    /// Disks of one VM: raw image files or block devices. All share each point.
+    #[arg(required = true)]
+    sources: Vec<PathBuf>,
+    /// The store: a directory (created if missing or empty).
+    #[arg(long, env = "FERRY_STORE")]
+    store: PathBuf,
+    /// Run once (sync + one point) and exit.
+    #[arg(long)]
+    once: bool,
+    /// Kind of point to cut.
+    #[arg(long, value_enum, default_value = "crash")]
+    point: Kind,
+    /// Time between points without --once (at least 1s).
+    #[arg(long, default_value = "30s", value_parser = units::parse_interval)]
+    interval: Duration,
+    /// Name of the protected machine. Default: the first SOURCE's file name without extension.
+    #[arg(long)]
+    vm: Option<String>,
+    /// Name of each disk, once per SOURCE in order. Default: each SOURCE's file name without extension.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Cache directory (durable staging). Default: /var/lib/ferry/cache/STORE-ID as root, else
+    /// ~/.local/state/ferry/cache/STORE-ID.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Cache quota; above it, scanning waits for the pipeline (e.g. 4GiB, 512MiB).
+    #[arg(long, default_value = "4GiB", value_parser = units::parse_size)]
+    cache_size: u64,
+    /// Worker threads for hashing, compression and encryption. Default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// zstd level for stored chunks (1 = fastest).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    zstd_level: i32,
+    /// Print a JSON summary of each run on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The store (a directory).
+    #[arg(long, env = "FERRY_STORE")]
+    store: PathBuf,
+    /// Point id (or a unique prefix), `latest`, or `latest-app`.
+    #[arg(long)]
+    point: PointSelector,
+    /// VM to restore (needed when the store holds several).
+    #[arg(long)]
+    vm: Option<String>,
+    /// Disk to restore (needed when the point has several).
+    #[arg(long)]
+    disk: Option<String>,
+    /// Output file: raw image, or fixed VHD if it ends in `.vhd`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Re-read the output and check it against the point's blake3.
+    #[arg(long)]
+    verify: bool,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Worker threads. Default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn threads(t: Option<usize>) -> usize {
+    t.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let r = match cli.cmd {
+        Cmd::Replicate(a) => replicate(a),
+        Cmd::Points {
+            cmd: PointsCmd::List { store, vm, json },
+        } => points_list(store, vm, json),
+        Cmd::Restore(a) => restore(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
+    let vm = a
+        .vm
+        .clone()
+        .unwrap_or_else(|| ferry_job::disk_name_from_path(&a.sources[0]));
+    let disks = if a.disks.is_empty() {
+        a.sources
+            .iter()
+            .map(|s| ferry_job::disk_name_from_path(s))
+            .collect()
+    } else if a.disks.len() == a.sources.len() {
+        a.disks.clone()
+    } else {
+        return Err(JobError::Usage(format!(
+            "{} --disk names for {} SOURCEs; give one --disk per SOURCE, in order",
+            a.disks.len(),
+            a.sources.len()
+        )));
+    };
+    let key_file = a.key.key_file.clone().unwrap_or_else(ferry_job::default_key_file);
+    let cache_dir = match &a.cache_dir {
+        Some(d) => d.clone(),
+        None => {
+            // The cache belongs to one store: name it by the store id (after creating the store).
+            let store = ferry_job::open_store(&a.store, &key_file, true)?;
+            ferry_job::default_cache_root().join(store.store_id())
+        }
+    };
+    let threads = threads(a.threads);
+    let o = ReplicateOptions {
+        sources: a.sources.clone(),
+        vm,
+        disks,
+        store: a.store.clone(),
+        key_file,
+        cache_dir,
+        cache_size: a.cache_size,
+        kind: match a.point {
+            Kind::Crash => PointKind::Crash,
+            Kind::App => PointKind::App,
+        },
+        pipeline: ferry_pipeline::PipelineConfig {
+            threads,
+            zstd_level: a.zstd_level,
+            ..Default::default()
+        },
+        group_commit: 64 << 20,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| {
+            JobError::Usage(format!("cannot install signal handler: {e}"))
+        })?;
+    }
+    let progress = progress::Bars::new();
+    loop {
+        let started = Instant::now();
+        match ferry_job::replicate_once(&o, &progress, &stop) {
+            Ok(r) => print_run(&o, &r, a.json),
+            Err(JobError::Stopped) => {
+                tracing::info!("stopped by signal before the cut; the next run picks up from here");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        if a.once || stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let next = started + a.interval;
+        while Instant::now() < next {
+            if stop.load(Ordering::Relaxed) {
+                tracing::info!("stopping: signal received");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn print_run(o: &ReplicateOptions, r: &ferry_job::RunReport, json: bool) {
+    let changed: u64 = r.scans.iter().map(|s| s.1.changed_bytes).sum();
+    let read: u64 = r.scans.iter().map(|s| s.1.bytes_read).sum();
+    if json {
+        let v = serde_json::json!({
+            "vm": o.vm,
+            "point": r.point,
+            "committed": r.committed.iter().map(|c| serde_json::json!({"vm": c.vm, "point": c.point})).collect::<Vec<_>>(),
+            "disks": r.scans.iter().map(|(d, s)| serde_json::json!({
+                "name": d, "bytes_read": s.bytes_read, "changed_chunks": s.changed_chunks,
+                "changed_bytes": s.changed_bytes, "zeroed_chunks": s.zeroed_chunks,
+                "blake3": s.blake3.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            })).collect::<Vec<_>>(),
+            "stored": {
+                "data_bytes": r.pipeline.data_bytes, "zero_bytes": r.pipeline.zero_bytes,
+                "dedupe_bytes": r.pipeline.dedupe_bytes, "unique_bytes": r.pipeline.unique_bytes,
+                "sealed_bytes": r.pipeline.sealed_bytes, "segments": r.pipeline.segments,
+                "segment_bytes": r.pipeline.segment_bytes,
+            },
+            "seconds": r.seconds,
+        });
+        println!("{v}");
+        return;
+    }
+    match &r.point {
+        Some(p) => println!(
+            "point {} ({}) of VM {}: read {}, changed {}, stored {} in {} segment(s), {:.1}s",
+            p.id,
+            p.kind,
+            o.vm,
+            units::human(read),
+            units::human(changed),
+            units::human(r.pipeline.segment_bytes),
+            r.pipeline.segments,
+            r.seconds
+        ),
+        None => println!("no point was cut"),
+    }
+}
+
+fn points_list(store: PathBuf, vm: Option<String>, json: bool) -> Result<(), JobError> {
+    let pts = ferry_job::list_points(&store, vm.as_deref())?;
+    if json {
+        let v: Vec<_> = pts
+            .iter()
+            .map(|(vm, p)| {
+                serde_json::json!({
+                    "id": p.id, "vm": vm, "time": p.time, "kind": p.kind,
+                    "disks": p.disks,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    if pts.is_empty() {
+        println!("no recovery points yet");
+        return Ok(());
+    }
+    println!("{:<24} {:<16} {:<22} {:<6} DISKS", "ID", "VM", "TIME", "KIND");
+    for (vm, p) in pts {
+        let disks: Vec<String> = p
+            .disks
+            .iter()
+            .map(|d| format!("{} ({})", d.name, units::human(d.size)))
+            .collect();
+        println!(
+            "{:<24} {:<16} {:<22} {:<6} {}",
+            p.id,
+            vm,
+            p.time,
+            p.kind,
+            disks.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn restore(a: RestoreArgs) -> Result<(), JobError> {
+    let req = RestoreRequest {
+        store: a.store,
+        key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
+        vm: a.vm,
+        disk: a.disk,
+        point: a.point,
+        out: a.out.clone(),
+        verify: a.verify,
+        force: a.force,
+        threads: threads(a.threads),
+    };
+    let progress = progress::Bars::new();
+    let (vm, disk, point, rep) = ferry_job::restore_point(&req, &progress)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "vm": vm, "disk": disk, "point": point.id, "out": a.out,
+                "bytes": rep.bytes, "verified": a.verify,
+            })
+        );
+    } else {
+        println!(
+            "restored point {} of {vm}/{disk} to {} ({}){}",
+            point.id,
+            a.out.display(),
+            units::human(rep.bytes),
+            if a.verify { ", verified" } else { "" }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! Ferry's jobs, as the `ferry` command runs them on one host.
+//!
+//! Job: wire the tracker, cache, pipeline, store and applier into `replicate` (one run = one
+//! consistent point for all disks of a VM), and resolve what `points list` and `restore` ask for.
+//!
+//! A replicate run: take the store lock → finish whatever a crash left (journal replay, then drain
+//! the cache: a run whose tag reached the cache becomes its point) → write `Begin` to the cache →
+//! scan every source against its replica's page map, appending changes to the cache (group commit)
+//! while the pipeline drains it concurrently → write the `Tag` with each disk's size and blake3 →
+//! sync → the pipeline stores the last segments and the applier commits the point.
+//!
+//! Must not: print. Progress goes through [`Progress`]; the binary decides how to show it.
+
+mod paths;
+mod points;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_apply::Committed;
+use ferry_cache::{Cache, CacheConfig, CacheError};
+use ferry_crypto::{MasterKey, ZERO_DIGEST};
+use ferry_format::cache::CacheEntry;
+use ferry_format::manifest::Point;
+use ferry_format::segment::{DiskCut, PointKind, PointTag};
+use ferry_pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
+use ferry_scan::{Change, ScanError, ScanReport, Source};
+use ferry_store::{LocalStore, Replica, StoreError};
+
+pub use paths::{default_cache_root, default_key_file, disk_name_from_path, validate_name};
+pub use points::{list_points, resolve_point, restore_point, PointSelector, RestoreRequest};
+
+/// Errors of jobs. Each says what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error(transparent)]
+    Key(#[from] ferry_crypto::CryptoError),
+    #[error(transparent)]
+    Restore(#[from] ferry_apply::RestoreError),
+    #[error(transparent)]
+    Apply(#[from] ferry_apply::ApplyError),
+    /// the request is ambiguous or names something that does not exist (exit code 2)
+    #[error("{0}")]
+    Usage(String),
+    /// key file missing for an existing store
+    #[error("store {} was created with key {store_key}, and the key file {} does not exist; pass the store's key with --key-file (or FERRY_KEY_FILE)", store.display(), key.display())]
+    MissingKey {
+        store: PathBuf,
+        store_key: String,
+        key: PathBuf,
+    },
+    /// the run was stopped by a signal before its cut
+    #[error("stopped before the point was cut; nothing was lost, the next run continues")]
+    Stopped,
+}
+
+impl JobError {
+    /// 2 for usage errors, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            JobError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Receives progress of long work.
+pub trait Progress: Sync {
+    /// A phase starts (`total` bytes, if known).
+    fn start(&self, what: &str, total: u64);
+    /// Bytes done so far in the current phase.
+    fn update(&self, done: u64);
+    /// The phase ended.
+    fn finish(&self);
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn start(&self, _: &str, _: u64) {}
+    fn update(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+/// Opens a store, creating it (and a key, if the key file does not exist) when `create`.
+pub fn open_store(store: &Path, key_file: &Path, create: bool) -> Result<LocalStore, JobError> {
+    let existing = ferry_store::peek(store)?;
+    let key = if key_file.exists() {
+        MasterKey::load(key_file)?
+    } else if let Some((_, store_key)) = existing {
+        return Err(JobError::MissingKey {
+            store: store.into(),
+            store_key,
+            key: key_file.into(),
+        });
+    } else if create {
+        let k = MasterKey::create(key_file)?;
+        tracing::warn!(key = %key_file.display(), id = %k.id(), "created a new master key; back it up — without it nothing in the store can be restored");
+        k
+    } else {
+        return Err(StoreError::NotAStore { path: store.into() }.into());
+    };
+    Ok(LocalStore::open(store, key, create)?)
+}
+
+/// What `replicate` replicates and how.
+#[derive(Clone, Debug)]
+pub struct ReplicateOptions {
+    pub sources: Vec<PathBuf>,
+    pub vm: String,
+    /// One name per source.
+    pub disks: Vec<String>,
+    pub store: PathBuf,
+    pub key_file: PathBuf,
+    /// The cache directory (one per store).
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub kind: PointKind,
+    pub pipeline: PipelineConfig,
+    /// Bytes appended to the cache between group commits.
+    pub group_commit: u64,
+}
+
+/// What one run did.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// Points committed by this run (crash leftovers first, then this run's point).
+    pub committed: Vec<Committed>,
+    /// The point this run cut, if it reached its tag.
+    pub point: Option<Point>,
+    pub scans: Vec<(String, ScanReport)>,
+    pub pipeline: PipelineStats,
+    pub seconds: f64,
+}
+
+/// Runs one replication cycle: recovery, scan of every source, one point for all of them.
+pub fn replicate_once(
+    o: &ReplicateOptions,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+) -> Result<RunReport, JobError> {
+    let t0 = Instant::now();
+    validate_name("VM", &o.vm)?;
+    if o.sources.is_empty() || o.sources.len() != o.disks.len() {
+        return Err(JobError::Usage(
+            "give at least one SOURCE, and one --disk name per SOURCE".into(),
+        ));
+    }
+    for (i, d) in o.disks.iter().enumerate() {
+        validate_name("disk", d)?;
+        if o.disks[..i].contains(d) {
+            return Err(JobError::Usage(format!(
+                "two sources are both named disk '{d}'; name them with --disk NAME (once per SOURCE)"
+            )));
+        }
+    }
+    // Open sources first: a bad path should fail before anything is written.
+    let sources = o
+        .sources
+        .iter()
+        .map(|p| Source::open(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let store = open_store(&o.store, &o.key_file, true)?;
+    let _lock = store.lock()?;
+    let (cache, rec) = Cache::open(
+        CacheConfig {
+            dir: o.cache_dir.clone(),
+            quota: o.cache_size,
+            file_size: (o.cache_size / 8).clamp(1 << 20, 64 << 20),
+        },
+        store.key().clone(),
+    )?;
+    if rec.pending_records > 0 || rec.dropped_bytes > 0 {
+        tracing::info!(
+            pending = rec.pending_records,
+            dropped_bytes = rec.dropped_bytes,
+            "cache recovered after an interrupted run; finishing its work"
+        );
+    }
+    let mut pipeline = Pipeline::new(&store, o.pipeline.clone())?;
+    // Finish what a crashed run made durable.
+    let mut reader = cache.reader();
+    pipeline.drain(&cache, &mut reader, true)?;
+
+    // Refuse resizes before shipping anything.
+    let manifest = pipeline.applier().manifest(&o.vm)?.clone();
+    for (s, d) in sources.iter().zip(&o.disks) {
+        if let Some(ds) = manifest.disks.get(d) {
+            if ds.size != s.size {
+                return Err(JobError::Usage(format!(
+                    "disk '{d}' of VM '{}' was {} bytes and {} is now {} bytes; Ferry does not follow a resize yet — replicate it under a new --disk name",
+                    o.vm,
+                    ds.size,
+                    s.path.display(),
+                    s.size
+                )));
+            }
+        }
+    }
+
+    let mut run = [0u8; 16];
+    ferry_crypto::random_bytes(&mut run)?;
+    let now_ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut writer = cache.writer()?;
+    writer.append(&CacheEntry::Begin {
+        vm: o.vm.clone(),
+        run,
+        time_ns: now_ns(SystemTime::now()),
+        disks: o
+            .disks
+            .iter()
+            .zip(&sources)
+            .map(|(d, s)| (d.clone(), s.size))
+            .collect(),
+    })?;
+
+    let (scans, pipeline_result) = std::thread::scope(|s| {
+        let cache2 = cache.clone();
+        let drainer = s.spawn(move || {
+            let r = pipeline.drain(&cache2, &mut reader, false);
+            (pipeline, r)
+        });
+        let scans = scan_all(o, &store, &sources, &mut writer, run, progress, stop);
+        // Whatever happened, make what was appended durable and let the drainer finish.
+        let synced = writer.sync();
+        cache.close();
+        let (pipeline, r) = drainer.join().expect("pipeline thread panicked");
+        (scans.and_then(|s| synced.map(|_| s).map_err(JobError::from)), (pipeline, r))
+    });
+    let (mut pipeline, drained) = pipeline_result;
+    drained?;
+    let scans = scans?;
+    let committed = pipeline.take_committed();
+    let run_hex = hex::encode(run);
+    let point = committed
+        .iter()
+        .find(|c| c.vm == o.vm && c.point.run == run_hex)
+        .map(|c| c.point.clone());
+    if scans.is_none() {
+        return Err(JobError::Stopped);
+    }
+    Ok(RunReport {
+        committed,
+        point,
+        scans: scans.unwrap_or_default(),
+        pipeline: pipeline.stats.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Scans every source into the cache and appends the tag. `Ok(None)`: stopped before the tag.
+fn scan_all(
+    o: &ReplicateOptions,
+    store: &LocalStore,
+    sources: &[Source],
+    writer: &mut ferry_cache::CacheWriter,
+    run: [u8; 16],
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+) -> Result<Option<Vec<(String, ScanReport)>>, JobError> {
+    let mut reports = Vec::new();
+    let mut cuts = Vec::new();
+    for (src, disk) in sources.iter().zip(&o.disks) {
+        let dir = store.replica_dir(&o.vm, disk);
+        let replica = if dir.join("current.map").exists() {
+            Some(Replica::open(&dir)?)
+        } else {
+            None
+        };
+        let mut since_sync = 0u64;
+        let mut sink_err: Option<CacheError> = None;
+        progress.start(&format!("scanning {}", src.path.display()), src.size);
+        let r = ferry_scan::scan(
+            src,
+            store.key(),
+            o.pipeline.threads,
+            |first, out| match &replica {
+                Some(r) => r.read_map(first, out).map_err(|e| e.to_string()),
+                None => {
+                    out.fill(ZERO_DIGEST);
+                    Ok(())
+                }
+            },
+            |c| {
+                let e = match c {
+                    Change::Write {
+                        offset,
+                        digest,
+                        data,
+                    } => {
+                        since_sync += data.len() as u64;
+                        CacheEntry::Write {
+                            vm: o.vm.clone(),
+                            disk: disk.clone(),
+                            offset,
+                            digest,
+                            data,
+                        }
+                    }
+                    Change::Zero { offset, len } => CacheEntry::Zero {
+                        vm: o.vm.clone(),
+                        disk: disk.clone(),
+                        offset,
+                        len,
+                    },
+                };
+                let r = writer.append(&e).and_then(|_| {
+                    if since_sync >= o.group_commit {
+                        since_sync = 0;
+                        writer.sync().map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                });
+                r.map_err(|e| {
+                    let s = e.to_string();
+                    sink_err = Some(e);
+                    s
+                })
+            },
+            |done| progress.update(done),
+            stop,
+        );
+        progress.finish();
+        if let Some(e) = sink_err {
+            return Err(e.into());
+        }
+        let r = match r {
+            Err(ScanError::Stopped { .. }) => return Ok(None),
+            r => r?,
+        };
+        tracing::info!(
+            disk = %disk,
+            read = r.bytes_read,
+            changed_chunks = r.changed_chunks,
+            "scan finished"
+        );
+        cuts.push(DiskCut {
+            name: disk.clone(),
+            size: src.size,
+            blake3: r.blake3,
+        });
+        reports.push((disk.clone(), r));
+    }
+    writer.append(&CacheEntry::Tag {
+        vm: o.vm.clone(),
+        tag: PointTag {
+            run,
+            time_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            kind: o.kind,
+            disks: cuts,
+        },
+    })?;
+    Ok(Some(reports))
+}

@@ -1,0 +1,455 @@
+//! The pipeline: turns durable cache records into sealed segments in the store.
+//!
+//! Job: per disk, in order: dedupe each chunk (zero chunks are zero records; a chunk whose keyed
+//! digest is already stored — in this segment or in the store's dedupe index, any disk, any VM —
+//! becomes a reference), compress the rest with zstd (kept raw unless smaller), seal them with
+//! AES-256-GCM, and write segments (≈32 MiB) to the store. Each stored segment goes to the
+//! [`Applier`], and only then is the cache told the records are consumed.
+//!
+//! Invariants:
+//! - Order: a disk's records keep their cache order inside and across its segments.
+//! - Durability chain: cache record → durable segment → dedupe-index entry → cache consumed. A crash
+//!   anywhere replays from the cache or the journal; nothing acknowledged is lost.
+//! - Memory: at most one open segment per disk (≈ target size) plus the bounded worker queue.
+//! - Compression and encryption run on `threads` crossbeam workers.
+//!
+//! Must not: decide what changed (the tracker does) or what a point is (the applier does).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ferry_apply::{Applier, ApplyError, Committed};
+use ferry_cache::{Cache, CacheError, CacheReader, Next};
+use ferry_crypto::Digest;
+use ferry_format::cache::CacheEntry;
+use ferry_format::segment::{BlobSealer, ChunkLoc, Codec, Record, SegmentBuilder};
+use ferry_format::CHUNK_SIZE;
+use ferry_store::{ChunkIndex, LocalStore, StoreError};
+
+/// Errors of the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// a cached record is malformed
+    #[error("cached record for {vm}/{disk} at offset {offset}: {detail}")]
+    BadRecord {
+        vm: String,
+        disk: String,
+        offset: u64,
+        detail: String,
+    },
+}
+
+/// Tuning of the pipeline.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Compression/encryption workers.
+    pub threads: usize,
+    /// zstd level (1 is fast; 3 is zstd's default).
+    pub zstd_level: i32,
+    /// Segment size at which segments are sealed and stored.
+    pub segment_target: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            zstd_level: 1,
+            segment_target: 32 << 20,
+        }
+    }
+}
+
+/// Counters of what the pipeline did.
+#[derive(Clone, Debug, Default)]
+pub struct PipelineStats {
+    pub records: u64,
+    /// Bytes of chunk data received (non-zero writes).
+    pub data_bytes: u64,
+    /// Bytes covered by zero records.
+    pub zero_bytes: u64,
+    /// Bytes of chunks that were already stored (references).
+    pub dedupe_bytes: u64,
+    /// Bytes of chunks stored (before compression).
+    pub unique_bytes: u64,
+    /// Sealed bytes of stored chunks (after compression and encryption).
+    pub sealed_bytes: u64,
+    pub segments: u64,
+    /// Total bytes of segment files written.
+    pub segment_bytes: u64,
+}
+
+struct Job {
+    data: Vec<u8>,
+    blob: u32,
+    sealer: Arc<BlobSealer>,
+    reply: Sender<Done>,
+}
+
+struct Done {
+    blob: u32,
+    sealed: Vec<u8>,
+    codec: Codec,
+    raw_len: u32,
+}
+
+enum Item {
+    Rec(Record),
+    /// A write whose chunk is blob `blob` of this segment.
+    Local {
+        offset: u64,
+        len: u32,
+        digest: Digest,
+        blob: u32,
+    },
+}
+
+struct OpenSegment {
+    builder: SegmentBuilder,
+    items: Vec<Item>,
+    reply_tx: Sender<Done>,
+    reply_rx: Receiver<Done>,
+    outstanding: usize,
+    bytes: usize,
+    local: HashMap<Digest, u32>,
+}
+
+/// Drains a cache into the store.
+pub struct Pipeline<'s> {
+    store: &'s LocalStore,
+    index: ChunkIndex,
+    applier: Applier<'s>,
+    cfg: PipelineConfig,
+    open: BTreeMap<(String, String), OpenSegment>,
+    next_seq: HashMap<(String, String), u64>,
+    jobs: Option<Sender<Job>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    open_bytes: usize,
+    pub stats: PipelineStats,
+    committed: Vec<Committed>,
+}
+
+impl<'s> Pipeline<'s> {
+    /// Opens the dedupe index, starts the workers and lets the applier finish anything a crash
+    /// interrupted. Hold the store lock for the pipeline's lifetime.
+    pub fn new(store: &'s LocalStore, cfg: PipelineConfig) -> Result<Self, PipelineError> {
+        let index = store.open_index()?;
+        let mut applier = Applier::new(store);
+        let committed = applier.recover()?;
+        let (tx, rx) = bounded::<Job>(cfg.threads * 8);
+        let workers = (0..cfg.threads.max(1))
+            .map(|_| {
+                let rx = rx.clone();
+                let level = cfg.zstd_level;
+                std::thread::spawn(move || worker(rx, level))
+            })
+            .collect();
+        Ok(Pipeline {
+            store,
+            index,
+            applier,
+            cfg,
+            open: BTreeMap::new(),
+            next_seq: HashMap::new(),
+            jobs: Some(tx),
+            workers,
+            open_bytes: 0,
+            stats: PipelineStats::default(),
+            committed,
+        })
+    }
+
+    /// Points committed so far (including by crash recovery at start).
+    pub fn take_committed(&mut self) -> Vec<Committed> {
+        std::mem::take(&mut self.committed)
+    }
+
+    /// The applier (for manifests).
+    pub fn applier(&mut self) -> &mut Applier<'s> {
+        &mut self.applier
+    }
+
+    /// Drains `reader` until the cache is closed (or, with `until_idle`, until nothing is durable
+    /// and unread). Stores segments as they fill, at every tag, and whenever input pauses.
+    pub fn drain(
+        &mut self,
+        cache: &Cache,
+        reader: &mut CacheReader,
+        until_idle: bool,
+    ) -> Result<(), PipelineError> {
+        loop {
+            match reader.next_within(Some(Duration::from_millis(50)))? {
+                Next::Record(_, e) => {
+                    let is_tag = matches!(e, CacheEntry::Tag { .. });
+                    self.dispatch(e)?;
+                    if is_tag || self.open_bytes >= self.cfg.segment_target {
+                        self.flush_all()?;
+                        cache.consume_through(reader.next_seq())?;
+                    }
+                }
+                Next::Idle => {
+                    if !self.open.is_empty() {
+                        self.flush_all()?;
+                        cache.consume_through(reader.next_seq())?;
+                    }
+                    if until_idle {
+                        return Ok(());
+                    }
+                }
+                Next::Closed => {
+                    self.flush_all()?;
+                    cache.consume_through(reader.next_seq())?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn segment(&mut self, vm: &str, disk: &str) -> Result<&mut OpenSegment, PipelineError> {
+        let k = (vm.to_owned(), disk.to_owned());
+        if !self.open.contains_key(&k) {
+            let seq = match self.next_seq.get(&k) {
+                Some(s) => *s,
+                None => self.store.list_segments(vm, disk)?.last().map_or(1, |s| s + 1),
+            };
+            self.next_seq.insert(k.clone(), seq + 1);
+            let salt = ferry_crypto::random_salt().map_err(|e| StoreError::Index(e.to_string()))?;
+            let builder = SegmentBuilder::new(
+                self.store.key(),
+                salt,
+                vm,
+                disk,
+                seq,
+                LocalStore::segment_path(vm, disk, seq),
+            );
+            let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+            self.open.insert(
+                k.clone(),
+                OpenSegment {
+                    builder,
+                    items: Vec::new(),
+                    reply_tx,
+                    reply_rx,
+                    outstanding: 0,
+                    bytes: 0,
+                    local: HashMap::new(),
+                },
+            );
+        }
+        Ok(self.open.get_mut(&k).expect("inserted"))
+    }
+
+    fn dispatch(&mut self, e: CacheEntry) -> Result<(), PipelineError> {
+        self.stats.records += 1;
+        match e {
+            CacheEntry::Begin {
+                vm,
+                run,
+                time_ns,
+                disks,
+            } => {
+                for (disk, size) in disks {
+                    self.segment(&vm, &disk)?
+                        .items
+                        .push(Item::Rec(Record::Begin { run, time_ns, size }));
+                }
+            }
+            CacheEntry::Zero {
+                vm,
+                disk,
+                offset,
+                len,
+            } => {
+                self.stats.zero_bytes += len;
+                self.segment(&vm, &disk)?
+                    .items
+                    .push(Item::Rec(Record::Zero { offset, len }));
+            }
+            CacheEntry::Tag { vm, tag } => {
+                for d in &tag.disks {
+                    self.segment(&vm, &d.name)?
+                        .items
+                        .push(Item::Rec(Record::Tag(tag.clone())));
+                }
+            }
+            CacheEntry::Write {
+                vm,
+                disk,
+                offset,
+                digest,
+                data,
+            } => {
+                if offset % CHUNK_SIZE as u64 != 0 || data.is_empty() || data.len() > CHUNK_SIZE {
+                    return Err(PipelineError::BadRecord {
+                        vm,
+                        disk,
+                        offset,
+                        detail: format!("{} bytes, not one aligned chunk", data.len()),
+                    });
+                }
+                let len = data.len() as u32;
+                self.stats.data_bytes += len as u64;
+                // Dedupe: this segment first, then the store.
+                let in_segment = self
+                    .open
+                    .get(&(vm.clone(), disk.clone()))
+                    .and_then(|s| s.local.get(&digest).copied());
+                if let Some(blob) = in_segment {
+                    self.stats.dedupe_bytes += len as u64;
+                    self.segment(&vm, &disk)?.items.push(Item::Local {
+                        offset,
+                        len,
+                        digest,
+                        blob,
+                    });
+                    return Ok(());
+                }
+                if let Some(loc) = self.index.lookup(&digest)? {
+                    self.stats.dedupe_bytes += len as u64;
+                    self.segment(&vm, &disk)?
+                        .items
+                        .push(Item::Rec(Record::Write {
+                            offset,
+                            len,
+                            digest,
+                            loc,
+                        }));
+                    return Ok(());
+                }
+                self.stats.unique_bytes += len as u64;
+                let jobs = self.jobs.clone().expect("workers running");
+                let seg = self.segment(&vm, &disk)?;
+                let blob = seg.builder.reserve_blob();
+                seg.local.insert(digest, blob);
+                seg.items.push(Item::Local {
+                    offset,
+                    len,
+                    digest,
+                    blob,
+                });
+                seg.outstanding += 1;
+                seg.bytes += len as usize;
+                let job = Job {
+                    data,
+                    blob,
+                    sealer: seg.builder.sealer(),
+                    reply: seg.reply_tx.clone(),
+                };
+                self.open_bytes += len as usize;
+                jobs.send(job).expect("workers outlive the pipeline");
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals and stores every open segment, indexes new chunks and applies the segments.
+    pub fn flush_all(&mut self) -> Result<(), PipelineError> {
+        let open = std::mem::take(&mut self.open);
+        self.open_bytes = 0;
+        for ((vm, disk), seg) in open {
+            let seq = seg.builder.seq();
+            let (bytes, records, new) = finish_segment(seg)?;
+            self.store.put_segment(&LocalStore::segment_path(&vm, &disk, seq), &bytes)?;
+            self.stats.segments += 1;
+            self.stats.segment_bytes += bytes.len() as u64;
+            self.stats.sealed_bytes += new.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();
+            self.index.insert_many(&new)?;
+            let c = self.applier.push_segment(&vm, &disk, seq, records)?;
+            self.committed.extend(c);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pipeline<'_> {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Waits for the segment's blobs, lays them out in blob order and builds the final records.
+#[allow(clippy::type_complexity)]
+fn finish_segment(
+    mut seg: OpenSegment,
+) -> Result<(Vec<u8>, Vec<Record>, Vec<(Digest, ChunkLoc)>), PipelineError> {
+    let mut done: Vec<Option<Done>> = (0..seg.outstanding).map(|_| None).collect();
+    drop(seg.reply_tx);
+    for _ in 0..seg.outstanding {
+        let d = seg
+            .reply_rx
+            .recv()
+            .expect("a worker replies to every job it takes");
+        let i = d.blob as usize;
+        done[i] = Some(d);
+    }
+    let mut locs: Vec<Option<ChunkLoc>> = vec![None; done.len()];
+    for d in done.into_iter().flatten() {
+        let loc = seg.builder.push_blob(d.blob, &d.sealed, d.codec, d.raw_len);
+        locs[d.blob as usize] = Some(loc);
+    }
+    let mut new = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for it in seg.items {
+        let r = match it {
+            Item::Rec(r) => r,
+            Item::Local {
+                offset,
+                len,
+                digest,
+                blob,
+            } => {
+                let loc = locs[blob as usize].clone().expect("every blob was sealed");
+                if seen.insert(blob) {
+                    new.push((digest, loc.clone()));
+                }
+                Record::Write {
+                    offset,
+                    len,
+                    digest,
+                    loc,
+                }
+            }
+        };
+        seg.builder.push_record(r);
+    }
+    let (bytes, records) = seg.builder.finish();
+    Ok((bytes, records, new))
+}
+
+fn worker(rx: Receiver<Job>, level: i32) {
+    let mut z = zstd::bulk::Compressor::new(level).expect("valid zstd level");
+    for job in rx {
+        let raw_len = job.data.len() as u32;
+        let (codec, bytes) = match z.compress(&job.data) {
+            Ok(c) if c.len() < job.data.len() => (Codec::Zstd, c),
+            _ => (Codec::Raw, job.data),
+        };
+        let sealed = job.sealer.seal(job.blob, bytes);
+        let _ = job.reply.send(Done {
+            blob: job.blob,
+            sealed,
+            codec,
+            raw_len,
+        });
+    }
+}
+
+/// Compresses and seals one chunk the way the workers do (for benchmarks).
+pub fn encode_chunk(z: &mut zstd::bulk::Compressor<'_>, sealer: &BlobSealer, blob: u32, data: Vec<u8>) -> usize {
+    let bytes = match z.compress(&data) {
+        Ok(c) if c.len() < data.len() => c,
+        _ => data,
+    };
+    sealer.seal(blob, bytes).len()
+}

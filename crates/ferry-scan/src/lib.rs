@@ -1,0 +1,360 @@
+//! The scan tracker: the portable way to find what changed on a disk.
+//!
+//! Job: read a source (raw image file or block device) sequentially in large blocks, hash each 64 KiB
+//! chunk with the keyed digest, compare with the digests the replica holds (its page map) and hand
+//! every differing chunk to a sink — all-zero chunks as zero ranges, never as data. In the same pass it
+//! computes the plain blake3 of the whole source, which becomes the point's digest.
+//!
+//! Invariants:
+//! - The data handed to the sink and the whole-source digest come from the same bytes read, so a point
+//!   built from them restores to exactly the digest it records, even if the source changed during the
+//!   scan (a live source needs a freeze for the point to be *consistent*; that is the cutter's job).
+//! - Memory is bounded by `threads * 2 + 4` blocks in flight, whatever the source size.
+//! - Hashing runs on `threads` workers; the whole-source digest on its own thread.
+//!
+//! Must not: write anything. It reads the source and reports.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::bounded;
+use ferry_crypto::{is_zero, Digest, MasterKey, ZERO_DIGEST};
+use ferry_format::CHUNK_SIZE;
+
+/// Bytes read per I/O: 64 chunks.
+pub const BLOCK_SIZE: usize = 64 * CHUNK_SIZE;
+const CHUNKS_PER_BLOCK: usize = BLOCK_SIZE / CHUNK_SIZE;
+
+/// Errors of the scan.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// cannot {op} source {path}: {source}
+    #[error("cannot {op} source {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    /// source is empty
+    #[error("source {} is empty (0 bytes); nothing to replicate — check the path", path.display())]
+    Empty { path: PathBuf },
+    /// not a file or block device
+    #[error("source {} is neither a regular file nor a block device", path.display())]
+    NotADisk { path: PathBuf },
+    /// the sink failed
+    #[error("{0}")]
+    Sink(String),
+    /// the page map could not be read
+    #[error("reading the replica's page map: {0}")]
+    Map(String),
+    /// stopped
+    #[error("scan stopped before the end of {}", path.display())]
+    Stopped { path: PathBuf },
+}
+
+/// An opened source disk.
+pub struct Source {
+    pub path: PathBuf,
+    file: File,
+    pub size: u64,
+}
+
+impl Source {
+    /// Opens a regular file or block device read-only and finds its size.
+    pub fn open(path: &Path) -> Result<Source, ScanError> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileTypeExt;
+        let err = |op| {
+            move |source| ScanError::Io {
+                path: path.to_owned(),
+                op,
+                source,
+            }
+        };
+        let mut file = File::open(path).map_err(err("open"))?;
+        let ft = file.metadata().map_err(err("stat"))?.file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(ScanError::NotADisk { path: path.into() });
+        }
+        let size = file.seek(SeekFrom::End(0)).map_err(err("size"))?;
+        if size == 0 {
+            return Err(ScanError::Empty { path: path.into() });
+        }
+        // SAFETY: posix_fadvise only takes a valid fd and plain integers.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+        Ok(Source {
+            path: path.to_owned(),
+            file,
+            size,
+        })
+    }
+
+    fn read_block(&self, offset: u64, buf: &mut [u8]) -> Result<(), ScanError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| ScanError::Io {
+                path: self.path.clone(),
+                op: "read",
+                source,
+            })
+    }
+}
+
+/// One change found by the scan.
+pub enum Change {
+    /// The chunk at `offset` now holds `data` (digest `digest`).
+    Write {
+        offset: u64,
+        digest: Digest,
+        data: Vec<u8>,
+    },
+    /// `len` bytes at `offset` are now zero.
+    Zero { offset: u64, len: u64 },
+}
+
+/// What a scan found.
+#[derive(Debug, Default, Clone)]
+pub struct ScanReport {
+    pub bytes_read: u64,
+    pub chunks: u64,
+    pub changed_chunks: u64,
+    pub changed_bytes: u64,
+    pub zeroed_chunks: u64,
+    /// Plain blake3 of the whole source.
+    pub blake3: [u8; 32],
+}
+
+/// Scans `src` against `old_map` (fills digests of pages `first..first+n` as the replica holds them),
+/// sending changes to `sink` in ascending offset order. `progress` gets bytes read so far. `stop`
+/// aborts between blocks.
+pub fn scan(
+    src: &Source,
+    key: &MasterKey,
+    threads: usize,
+    mut old_map: impl FnMut(u64, &mut [Digest]) -> Result<(), String>,
+    mut sink: impl FnMut(Change) -> Result<(), String>,
+    mut progress: impl FnMut(u64),
+    stop: &AtomicBool,
+) -> Result<ScanReport, ScanError> {
+    let threads = threads.max(1);
+    let blocks = src.size.div_ceil(BLOCK_SIZE as u64);
+    let (job_tx, job_rx) = bounded::<(u64, Arc<Vec<u8>>)>(threads * 2);
+    let (done_tx, done_rx) = bounded::<(u64, Arc<Vec<u8>>, Vec<Digest>)>(threads * 2);
+    let (whole_tx, whole_rx) = bounded::<Arc<Vec<u8>>>(threads * 2 + 2);
+    let mut report = ScanReport::default();
+    std::thread::scope(|s| -> Result<(), ScanError> {
+        // Reader.
+        let reader = s.spawn(move || -> Result<(), ScanError> {
+            for b in 0..blocks {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(ScanError::Stopped {
+                        path: src.path.clone(),
+                    });
+                }
+                let off = b * BLOCK_SIZE as u64;
+                let len = (src.size - off).min(BLOCK_SIZE as u64) as usize;
+                let mut buf = vec![0u8; len];
+                src.read_block(off, &mut buf)?;
+                let buf = Arc::new(buf);
+                if whole_tx.send(buf.clone()).is_err() || job_tx.send((b, buf)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        // Whole-source digest, in order.
+        let whole = s.spawn(move || {
+            let mut h = blake3::Hasher::new();
+            for b in whole_rx {
+                h.update(&b);
+            }
+            *h.finalize().as_bytes()
+        });
+        // Hash workers.
+        for _ in 0..threads {
+            let job_rx = job_rx.clone();
+            let done_tx = done_tx.clone();
+            s.spawn(move || {
+                for (b, buf) in job_rx {
+                    let d = buf
+                        .chunks(CHUNK_SIZE)
+                        .map(|c| if is_zero(c) { ZERO_DIGEST } else { key.digest(c) })
+                        .collect();
+                    if done_tx.send((b, buf, d)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(job_rx);
+        drop(done_tx);
+        // Collector: reorder, compare, emit.
+        let mut pending = std::collections::BTreeMap::new();
+        let mut next = 0u64;
+        let mut old = vec![ZERO_DIGEST; CHUNKS_PER_BLOCK];
+        let mut result = Ok(());
+        for item in done_rx.iter() {
+            pending.insert(item.0, item);
+            while let Some((b, buf, digests)) = pending.remove(&next) {
+                if result.is_ok() {
+                    result = emit(
+                        b,
+                        &buf,
+                        &digests,
+                        &mut old,
+                        &mut old_map,
+                        &mut sink,
+                        &mut report,
+                    );
+                    report.bytes_read += buf.len() as u64;
+                    progress(report.bytes_read);
+                }
+                next += 1;
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        drop(done_rx);
+        let read = reader.join().expect("reader thread panicked");
+        report.blake3 = whole.join().expect("digest thread panicked");
+        result?;
+        read
+    })?;
+    if report.bytes_read != src.size {
+        return Err(ScanError::Stopped {
+            path: src.path.clone(),
+        });
+    }
+    Ok(report)
+}
+
+fn emit(
+    b: u64,
+    buf: &[u8],
+    digests: &[Digest],
+    old: &mut [Digest],
+    old_map: &mut impl FnMut(u64, &mut [Digest]) -> Result<(), String>,
+    sink: &mut impl FnMut(Change) -> Result<(), String>,
+    report: &mut ScanReport,
+) -> Result<(), ScanError> {
+    let first = b * CHUNKS_PER_BLOCK as u64;
+    let old = &mut old[..digests.len()];
+    old_map(first, old).map_err(ScanError::Map)?;
+    for (i, (d, o)) in digests.iter().zip(old.iter()).enumerate() {
+        report.chunks += 1;
+        if d == o {
+            continue;
+        }
+        let offset = (first + i as u64) * CHUNK_SIZE as u64;
+        let data = &buf[i * CHUNK_SIZE..((i + 1) * CHUNK_SIZE).min(buf.len())];
+        report.changed_chunks += 1;
+        report.changed_bytes += data.len() as u64;
+        let c = if *d == ZERO_DIGEST {
+            report.zeroed_chunks += 1;
+            Change::Zero {
+                offset,
+                len: data.len() as u64,
+            }
+        } else {
+            Change::Write {
+                offset,
+                digest: *d,
+                data: data.to_vec(),
+            }
+        };
+        sink(c).map_err(ScanError::Sink)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_exactly_the_changed_chunks_and_the_whole_digest() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk.img");
+        let size = 5 * BLOCK_SIZE + 3 * CHUNK_SIZE + 1234;
+        let mut data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        data[CHUNK_SIZE * 2..CHUNK_SIZE * 3].fill(0);
+        std::fs::write(&p, &data).unwrap();
+        let key = MasterKey::from_bytes(&[1; 32], "k");
+        let src = Source::open(&p).unwrap();
+        let stop = AtomicBool::new(false);
+        let mut map: Vec<Digest> = vec![ZERO_DIGEST; size.div_ceil(CHUNK_SIZE)];
+        let mut changes = Vec::new();
+        let r = scan(
+            &src,
+            &key,
+            2,
+            |f, out| {
+                out.copy_from_slice(&map[f as usize..f as usize + out.len()]);
+                Ok(())
+            },
+            |c| {
+                changes.push(c);
+                Ok(())
+            },
+            |_| {},
+            &stop,
+        )
+        .unwrap();
+        assert_eq!(r.blake3, *blake3::hash(&data).as_bytes());
+        // Against an empty replica: every non-zero chunk, the zero one not at all.
+        assert_eq!(changes.len(), map.len() - 1);
+        for c in &changes {
+            if let Change::Write {
+                offset,
+                digest,
+                data: d,
+            } = c
+            {
+                let o = *offset as usize;
+                assert_eq!(&data[o..o + d.len()], &d[..]);
+                map[o / CHUNK_SIZE] = *digest;
+            }
+        }
+        // Change one byte and zero one chunk: exactly two changes.
+        data[CHUNK_SIZE * 40 + 5] ^= 1;
+        data[CHUNK_SIZE * 7..CHUNK_SIZE * 8].fill(0);
+        std::fs::write(&p, &data).unwrap();
+        let src = Source::open(&p).unwrap();
+        let mut changes = Vec::new();
+        scan(
+            &src,
+            &key,
+            1,
+            |f, out| {
+                out.copy_from_slice(&map[f as usize..f as usize + out.len()]);
+                Ok(())
+            },
+            |c| {
+                changes.push(c);
+                Ok(())
+            },
+            |_| {},
+            &stop,
+        )
+        .unwrap();
+        assert_eq!(changes.len(), 2);
+        assert!(matches!(changes[0], Change::Zero { offset, .. } if offset == 7 * CHUNK_SIZE as u64));
+        assert!(matches!(changes[1], Change::Write { offset, .. } if offset == 40 * CHUNK_SIZE as u64));
+    }
+
+    #[test]
+    fn empty_source_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("e.img");
+        std::fs::write(&p, b"").unwrap();
+        let e = Source::open(&p).err().unwrap().to_string();
+        assert!(e.contains("is empty"), "{e}");
+    }
+}
