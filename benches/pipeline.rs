@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{
-    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput,
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode,
+    Throughput,
 };
 use ferry_benches::{mixed_dataset, write_image, CHUNK, DEFAULT_SEED};
 use ferry_crypto::{is_zero, Digest, MasterKey};
@@ -81,7 +82,8 @@ fn per_chunk_work(data: &[u8], key: &MasterKey, sealer: &BlobSealer, threads: us
                             continue;
                         }
                         t.stored += 1;
-                        t.sealed_bytes += encode_chunk(&mut z, sealer, i as u32, chunk.to_vec()) as u64;
+                        t.sealed_bytes +=
+                            encode_chunk(&mut z, sealer, i as u32, chunk.to_vec()) as u64;
                     }
                     t
                 })
@@ -101,7 +103,11 @@ fn per_chunk_work(data: &[u8], key: &MasterKey, sealer: &BlobSealer, threads: us
 }
 
 /// Long iterations: one iteration per sample, ten samples, a short warm-up.
-fn slow_group<'c>(c: &'c mut Criterion, name: &str, bytes: u64) -> BenchmarkGroup<'c, criterion::measurement::WallTime> {
+fn slow_group<'c>(
+    c: &'c mut Criterion,
+    name: &str,
+    bytes: u64,
+) -> BenchmarkGroup<'c, criterion::measurement::WallTime> {
     let mut g = c.benchmark_group(name);
     g.throughput(Throughput::Bytes(bytes))
         .sample_size(10)
@@ -114,7 +120,11 @@ fn slow_group<'c>(c: &'c mut Criterion, name: &str, bytes: u64) -> BenchmarkGrou
 fn pipeline(c: &mut Criterion) {
     let t = Instant::now();
     let data = mixed_dataset(DEFAULT_SEED, PIPELINE_BYTES);
-    eprintln!("generated {} MiB of mixed data in {:.1}s", data.len() >> 20, t.elapsed().as_secs_f64());
+    eprintln!(
+        "generated {} MiB of mixed data in {:.1}s",
+        data.len() >> 20,
+        t.elapsed().as_secs_f64()
+    );
     let key = MasterKey::from_bytes(&SECRET, "bench");
     let sealer = sealer(&key);
     let one = per_chunk_work(&data, &key, &sealer, 1);
@@ -127,7 +137,11 @@ fn pipeline(c: &mut Criterion) {
         one.sealed_bytes >> 20,
         (one.stored * CHUNK as u64) as f64 / one.sealed_bytes as f64
     );
-    assert_eq!(per_chunk_work(&data, &key, &sealer, 2), one, "work must not depend on threads");
+    assert_eq!(
+        per_chunk_work(&data, &key, &sealer, 2),
+        one,
+        "work must not depend on threads"
+    );
 
     let mut g = slow_group(c, "pipeline", data.len() as u64);
     for threads in [1usize, 2] {
@@ -140,21 +154,40 @@ fn pipeline(c: &mut Criterion) {
     let part = &data[..STAGE_BYTES];
     let chunks = || part.chunks_exact(CHUNK);
     let mut g = c.benchmark_group("stages");
-    g.throughput(Throughput::Bytes(part.len() as u64)).sample_size(10);
-    g.bench_function("is_zero", |b| b.iter(|| chunks().filter(|c| is_zero(c)).count()));
-    g.bench_function("digest", |b| b.iter(|| chunks().map(|c| key.digest(c)[0]).fold(0u8, |a, x| a ^ x)));
-    g.bench_function("copy", |b| b.iter(|| chunks().map(|c| black_box(c.to_vec()).len()).sum::<usize>()));
+    g.throughput(Throughput::Bytes(part.len() as u64))
+        .sample_size(10);
+    g.bench_function("is_zero", |b| {
+        b.iter(|| chunks().filter(|c| is_zero(c)).count())
+    });
+    g.bench_function("digest", |b| {
+        b.iter(|| chunks().map(|c| key.digest(c)[0]).fold(0u8, |a, x| a ^ x))
+    });
+    g.bench_function("copy", |b| {
+        b.iter(|| chunks().map(|c| black_box(c.to_vec()).len()).sum::<usize>())
+    });
     g.bench_function("zstd1", |b| {
         let mut z = zstd::bulk::Compressor::new(1).expect("zstd level 1");
-        b.iter(|| chunks().map(|c| z.compress(c).map_or(0, |v| v.len())).sum::<usize>())
+        b.iter(|| {
+            chunks()
+                .map(|c| z.compress(c).map_or(0, |v| v.len()))
+                .sum::<usize>()
+        })
     });
     g.bench_function("seal_raw", |b| {
-        b.iter(|| chunks().enumerate().map(|(i, c)| sealer.seal(i as u32, c.to_vec()).len()).sum::<usize>())
+        b.iter(|| {
+            chunks()
+                .enumerate()
+                .map(|(i, c)| sealer.seal(i as u32, c.to_vec()).len())
+                .sum::<usize>()
+        })
     });
     g.bench_function("encode_chunk", |b| {
         let mut z = zstd::bulk::Compressor::new(1).expect("zstd level 1");
         b.iter(|| {
-            chunks().enumerate().map(|(i, c)| encode_chunk(&mut z, &sealer, i as u32, c.to_vec())).sum::<usize>()
+            chunks()
+                .enumerate()
+                .map(|(i, c)| encode_chunk(&mut z, &sealer, i as u32, c.to_vec()))
+                .sum::<usize>()
         })
     });
     g.finish();
@@ -173,7 +206,10 @@ fn write_key(path: &Path) {
 }
 
 fn replicate(c: &mut Criterion) {
-    let dir = tempfile::Builder::new().prefix("ferry-bench-").tempdir().expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-bench-")
+        .tempdir()
+        .expect("tempdir");
     let image = dir.path().join("disk.img");
     write_image(&image, DEFAULT_SEED, IMAGE_BYTES).expect("write image");
     let key_file = dir.path().join("key");

@@ -74,7 +74,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// An independent stream for `(seed, stream, index)`.
 fn stream(seed: u64, stream: u64, index: u64) -> SplitMix64 {
-    SplitMix64::new(mix(seed ^ mix(stream.wrapping_add(1)) ^ mix(index.wrapping_mul(0xd6e8_feb8_6659_fd93))))
+    SplitMix64::new(mix(seed
+        ^ mix(stream.wrapping_add(1))
+        ^ mix(index.wrapping_mul(0xd6e8_feb8_6659_fd93))))
 }
 
 const KIND_STREAM: u64 = 1;
@@ -112,11 +114,12 @@ pub fn source_of(seed: u64, i: u64) -> u64 {
 }
 
 const WORDS: [&str; 64] = [
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on",
-    "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they",
-    "you", "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more",
-    "when", "will", "would", "who", "so", "no", "block", "disk", "replica", "segment", "journal",
-    "cache", "point", "store", "chunk", "digest", "kernel", "page", "write", "error", "info", "debug",
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
+    "been", "if", "more", "when", "will", "would", "who", "so", "no", "block", "disk", "replica",
+    "segment", "journal", "cache", "point", "store", "chunk", "digest", "kernel", "page", "write",
+    "error", "info", "debug",
 ];
 
 fn fill_text(rng: &mut SplitMix64, out: &mut [u8]) {
@@ -156,7 +159,9 @@ pub fn fill_chunk(seed: u64, i: u64, out: &mut [u8]) {
 /// Fills `buf` (whose first byte is chunk `first`) with the mixed data set, on all cores.
 pub fn fill_mixed(seed: u64, first: u64, buf: &mut [u8]) {
     let chunks = buf.len().div_ceil(CHUNK);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(chunks.max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(chunks.max(1));
     let per = chunks.div_ceil(threads) * CHUNK;
     std::thread::scope(|s| {
         for (t, part) in buf.chunks_mut(per.max(CHUNK)).enumerate() {

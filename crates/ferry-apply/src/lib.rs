@@ -28,7 +28,9 @@ use ferry_format::CHUNK_SIZE;
 use ferry_store::replica::pages_for;
 use ferry_store::{LocalStore, Replica, StoreError};
 
-pub use restore::{restore, verify_file, OutputFormat, RestoreError, RestoreOptions, RestoreReport};
+pub use restore::{
+    restore, verify_file, OutputFormat, RestoreError, RestoreOptions, RestoreReport,
+};
 
 /// Errors of the applier.
 #[derive(Debug, thiserror::Error)]
@@ -411,7 +413,10 @@ fn commit(
     st.manifest = m;
     for d in &tag.disks {
         let cur = st.disks.get_mut(&d.name).expect("checked");
-        cur.replica.as_mut().expect("opened above").apply_redo(seq)?;
+        cur.replica
+            .as_mut()
+            .expect("opened above")
+            .apply_redo(seq)?;
     }
     tracing::info!(vm, point = %point.id, kind = %point.kind, "recovery point committed");
     Ok(Committed {

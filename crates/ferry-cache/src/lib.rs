@@ -413,7 +413,11 @@ impl CacheWriter {
                 return Err(CacheError::Closed);
             }
             if !warned {
-                tracing::info!(used, quota = self.shared.cfg.quota, "cache full: waiting for the pipeline to drain (backpressure)");
+                tracing::info!(
+                    used,
+                    quota = self.shared.cfg.quota,
+                    "cache full: waiting for the pipeline to drain (backpressure)"
+                );
                 warned = true;
             }
             st = self

@@ -205,10 +205,9 @@ fn init_logging(json: bool) {
 }
 
 fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
-    let vm = a
-        .vm
-        .clone()
-        .unwrap_or_else(|| ferry_job::disk_name_from_path(&a.sources[0]));
+    let vm =
+        a.vm.clone()
+            .unwrap_or_else(|| ferry_job::disk_name_from_path(&a.sources[0]));
     let disks = if a.disks.is_empty() {
         a.sources
             .iter()
@@ -223,7 +222,11 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
             a.sources.len()
         )));
     };
-    let key_file = a.key.key_file.clone().unwrap_or_else(ferry_job::default_key_file);
+    let key_file = a
+        .key
+        .key_file
+        .clone()
+        .unwrap_or_else(ferry_job::default_key_file);
     let cache_dir = match &a.cache_dir {
         Some(d) => d.clone(),
         None => {
@@ -254,9 +257,8 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| {
-            JobError::Usage(format!("cannot install signal handler: {e}"))
-        })?;
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| JobError::Usage(format!("cannot install signal handler: {e}")))?;
     }
     let progress = progress::Bars::new();
     loop {
@@ -342,7 +344,10 @@ fn points_list(store: PathBuf, vm: Option<String>, json: bool) -> Result<(), Job
         println!("no recovery points yet");
         return Ok(());
     }
-    println!("{:<24} {:<16} {:<22} {:<6} DISKS", "ID", "VM", "TIME", "KIND");
+    println!(
+        "{:<24} {:<16} {:<22} {:<6} DISKS",
+        "ID", "VM", "TIME", "KIND"
+    );
     for (vm, p) in pts {
         let disks: Vec<String> = p
             .disks

@@ -18,14 +18,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit '{u}' in '{s}'; use KiB, MiB, GiB or TiB")),
+        u => {
+            return Err(format!(
+                "unknown size unit '{u}' in '{s}'; use KiB, MiB, GiB or TiB"
+            ))
+        }
     };
     Ok((n * mult as f64) as u64)
 }
 
 /// Parses an interval of at least one second: `30s`, `5m`, `1h`.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("'{s}': {e}; write e.g. 30s or 5m"))?;
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("'{s}': {e}; write e.g. 30s or 5m"))?;
     if d < Duration::from_secs(1) {
         return Err("the interval must be at least 1s".into());
     }

@@ -22,8 +22,15 @@ fn check_points(env: &Env, saved: &[(String, std::path::PathBuf)]) {
     for (id, copy) in saved {
         let out = env.path("check.img");
         let o = env.restore(id, &out, &["--verify"]);
-        assert!(o.status.success(), "restore {id}: {}", String::from_utf8_lossy(&o.stderr));
-        assert!(same_bytes(&out, copy), "point {id} differs from the source at its cut");
+        assert!(
+            o.status.success(),
+            "restore {id}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            same_bytes(&out, copy),
+            "point {id} differs from the source at its cut"
+        );
         assert_eq!(
             fs::metadata(&out).unwrap().len(),
             fs::metadata(copy).unwrap().len(),
@@ -102,7 +109,10 @@ fn unchanged_disk_ships_nothing_and_changes_ship_only_their_chunks() {
     write_random(&disk, &mut rng, 0, 16 << 20);
     let first = env.replicate_ok(&[&disk], &[]);
     assert_eq!(first["vm"], "web01");
-    assert_eq!(first["disks"][0]["changed_chunks"], 256, "16 MiB of data, zeros not shipped");
+    assert_eq!(
+        first["disks"][0]["changed_chunks"], 256,
+        "16 MiB of data, zeros not shipped"
+    );
     let again = env.replicate_ok(&[&disk], &[]);
     assert_eq!(again["disks"][0]["changed_chunks"], 0);
     assert_eq!(again["stored"]["unique_bytes"], 0);
@@ -147,11 +157,17 @@ fn several_disks_share_one_point_and_ambiguity_is_refused_with_choices() {
     let o = env.restore("latest", &out, &[]);
     assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("--vm") && e.contains("web01") && e.contains("db"), "{e}");
+    assert!(
+        e.contains("--vm") && e.contains("web01") && e.contains("db"),
+        "{e}"
+    );
     let o = env.restore("latest", &out, &["--vm", "web01"]);
     assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("--disk") && e.contains("os") && e.contains("data"), "{e}");
+    assert!(
+        e.contains("--disk") && e.contains("os") && e.contains("data"),
+        "{e}"
+    );
     for (d, src) in [("os", &a), ("data", &b)] {
         let o = env.restore("latest", &out, &["--vm", "web01", "--disk", d, "--verify"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -171,7 +187,11 @@ fn vhd_restore_is_a_valid_fixed_vhd() {
     let o = env.restore("latest", &out, &["--verify"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let b = fs::read(&out).unwrap();
-    assert_eq!(b.len() as u64, (4 << 20) + 512, "rounded up to 1 MiB plus the footer");
+    assert_eq!(
+        b.len() as u64,
+        (4 << 20) + 512,
+        "rounded up to 1 MiB plus the footer"
+    );
     let f = ferry_format::vhd::decode(&b[b.len() - 512..]).unwrap();
     assert_eq!(f.current_size, 4 << 20);
     assert_eq!(f.disk_type, 2);
@@ -187,10 +207,15 @@ fn vhd_restore_is_a_valid_fixed_vhd() {
             let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
             assert_eq!(j["virtual-size"].as_u64().unwrap(), 4 << 20, "{j}");
         } else {
-            panic!("qemu-img rejects the VHD: {}", String::from_utf8_lossy(&o.stderr));
+            panic!(
+                "qemu-img rejects the VHD: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     } else {
-        eprintln!("SKIP (partial): qemu-img not installed; VHD footer checked by Ferry's own parser only");
+        eprintln!(
+            "SKIP (partial): qemu-img not installed; VHD footer checked by Ferry's own parser only"
+        );
     }
 }
 
@@ -225,10 +250,16 @@ fn corrupt_segment_and_wrong_key_fail_clearly_and_other_points_still_restore() {
     write_random(&disk, &mut rng, 0, 4 << 20);
     let v1 = env.path("v1.img");
     fs::copy(&disk, &v1).unwrap();
-    let p1 = env.replicate_ok(&[&disk], &[])["point"]["id"].as_str().unwrap().to_owned();
+    let p1 = env.replicate_ok(&[&disk], &[])["point"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // Point 2 changes chunks 80..90 (previously zero): its data lives only in the newest segment.
     write_random(&disk, &mut rng, 80 * CHUNK, 10 * CHUNK as usize);
-    let p2 = env.replicate_ok(&[&disk], &[])["point"]["id"].as_str().unwrap().to_owned();
+    let p2 = env.replicate_ok(&[&disk], &[])["point"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let seg = newest_segment(&env.store());
     let mut b = fs::read(&seg).unwrap();
     b[64 + 1000] ^= 0x01; // one byte inside the first chunk blob
@@ -238,10 +269,17 @@ fn corrupt_segment_and_wrong_key_fail_clearly_and_other_points_still_restore() {
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains(&p2), "names the point: {e}");
-    assert!(e.contains(seg.file_name().unwrap().to_str().unwrap()), "names the file: {e}");
+    assert!(
+        e.contains(seg.file_name().unwrap().to_str().unwrap()),
+        "names the file: {e}"
+    );
     assert!(e.contains("offset"), "names the offset: {e}");
     let o = env.restore(&p1, &out, &["--verify"]);
-    assert!(o.status.success(), "older point still restores: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "older point still restores: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(same_bytes(&out, &v1));
 
     // A wrong key is refused up front, naming the key file.
@@ -308,5 +346,8 @@ fn identical_second_disk_grows_the_store_by_under_two_percent() {
 /// Allocated bytes under a directory (what the store really costs on disk).
 fn du(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    walk(p).iter().map(|f| fs::metadata(f).unwrap().blocks() * 512).sum()
+    walk(p)
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().blocks() * 512)
+        .sum()
 }

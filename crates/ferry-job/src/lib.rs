@@ -209,7 +209,10 @@ pub fn replicate_once(
 
     let mut run = [0u8; 16];
     ferry_crypto::random_bytes(&mut run)?;
-    let now_ns = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let now_ns = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
     let mut writer = cache.writer()?;
     writer.append(&CacheEntry::Begin {
         vm: o.vm.clone(),
@@ -234,7 +237,10 @@ pub fn replicate_once(
         let synced = writer.sync();
         cache.close();
         let (pipeline, r) = drainer.join().expect("pipeline thread panicked");
-        (scans.and_then(|s| synced.map(|_| s).map_err(JobError::from)), (pipeline, r))
+        (
+            scans.and_then(|s| synced.map(|_| s).map_err(JobError::from)),
+            (pipeline, r),
+        )
     });
     let (mut pipeline, drained) = pipeline_result;
     drained?;

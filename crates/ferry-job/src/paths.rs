@@ -60,8 +60,7 @@ pub fn validate_name(what: &str, n: &str) -> Result<(), JobError> {
     let ok = !n.is_empty()
         && n.len() <= 64
         && !n.starts_with('.')
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if ok {
         Ok(())

@@ -79,7 +79,10 @@ pub fn resolve_point(
                 return Err(JobError::Usage(format!(
                     "store {} holds several VMs ({}); choose one with --vm",
                     store.display(),
-                    vms.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    vms.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             let app = *sel == PointSelector::LatestApp;
@@ -88,18 +91,16 @@ pub fn resolve_point(
                 .find(|(_, p)| !app || p.kind == "app")
                 .ok_or_else(|| {
                     JobError::Usage(if app {
-                        "no app-consistent point exists; list points with `ferry points list`".into()
+                        "no app-consistent point exists; list points with `ferry points list`"
+                            .into()
                     } else {
                         "no recovery point exists yet; run `ferry replicate` first".into()
                     })
                 })
         }
         PointSelector::Id(id) => {
-            let hits: Vec<(String, Point)> = all
-                .iter()
-                .filter(|(_, p)| p.id == *id)
-                .cloned()
-                .collect();
+            let hits: Vec<(String, Point)> =
+                all.iter().filter(|(_, p)| p.id == *id).cloned().collect();
             let hits = if hits.is_empty() {
                 all.iter()
                     .filter(|(_, p)| p.id.starts_with(id.as_str()))

@@ -218,7 +218,11 @@ impl<'s> Pipeline<'s> {
         if !self.open.contains_key(&k) {
             let seq = match self.next_seq.get(&k) {
                 Some(s) => *s,
-                None => self.store.list_segments(vm, disk)?.last().map_or(1, |s| s + 1),
+                None => self
+                    .store
+                    .list_segments(vm, disk)?
+                    .last()
+                    .map_or(1, |s| s + 1),
             };
             self.next_seq.insert(k.clone(), seq + 1);
             let salt = ferry_crypto::random_salt().map_err(|e| StoreError::Index(e.to_string()))?;
@@ -357,7 +361,8 @@ impl<'s> Pipeline<'s> {
         for ((vm, disk), seg) in open {
             let seq = seg.builder.seq();
             let (bytes, records, new) = finish_segment(seg)?;
-            self.store.put_segment(&LocalStore::segment_path(&vm, &disk, seq), &bytes)?;
+            self.store
+                .put_segment(&LocalStore::segment_path(&vm, &disk, seq), &bytes)?;
             self.stats.segments += 1;
             self.stats.segment_bytes += bytes.len() as u64;
             self.stats.sealed_bytes += new.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();
@@ -446,7 +451,12 @@ fn worker(rx: Receiver<Job>, level: i32) {
 }
 
 /// Compresses and seals one chunk the way the workers do (for benchmarks).
-pub fn encode_chunk(z: &mut zstd::bulk::Compressor<'_>, sealer: &BlobSealer, blob: u32, data: Vec<u8>) -> usize {
+pub fn encode_chunk(
+    z: &mut zstd::bulk::Compressor<'_>,
+    sealer: &BlobSealer,
+    blob: u32,
+    data: Vec<u8>,
+) -> usize {
     let bytes = match z.compress(&data) {
         Ok(c) if c.len() < data.len() => c,
         _ => data,

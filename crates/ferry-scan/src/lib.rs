@@ -184,7 +184,13 @@ pub fn scan(
                 for (b, buf) in job_rx {
                     let d = buf
                         .chunks(CHUNK_SIZE)
-                        .map(|c| if is_zero(c) { ZERO_DIGEST } else { key.digest(c) })
+                        .map(|c| {
+                            if is_zero(c) {
+                                ZERO_DIGEST
+                            } else {
+                                key.digest(c)
+                            }
+                        })
                         .collect();
                     if done_tx.send((b, buf, d)).is_err() {
                         break;
@@ -345,8 +351,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(changes.len(), 2);
-        assert!(matches!(changes[0], Change::Zero { offset, .. } if offset == 7 * CHUNK_SIZE as u64));
-        assert!(matches!(changes[1], Change::Write { offset, .. } if offset == 40 * CHUNK_SIZE as u64));
+        assert!(
+            matches!(changes[0], Change::Zero { offset, .. } if offset == 7 * CHUNK_SIZE as u64)
+        );
+        assert!(
+            matches!(changes[1], Change::Write { offset, .. } if offset == 40 * CHUNK_SIZE as u64)
+        );
     }
 
     #[test]

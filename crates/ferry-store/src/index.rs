@@ -44,7 +44,11 @@ pub(crate) fn decode_loc(b: &[u8]) -> Result<ChunkLoc, StoreError> {
     let codec = match r.u8().map_err(f)? {
         0 => Codec::Raw,
         1 => Codec::Zstd,
-        c => return Err(StoreError::Index(format!("unknown codec {c} in index entry"))),
+        c => {
+            return Err(StoreError::Index(format!(
+                "unknown codec {c} in index entry"
+            )))
+        }
     };
     let raw_len = r.u32().map_err(f)?;
     Ok(ChunkLoc {

@@ -162,7 +162,8 @@ impl LocalStore {
                 }
                 durable::create_dir_durable(root).map_err(StoreError::io(root, "create"))?;
                 let mut id = [0u8; 16];
-                ferry_crypto::random_bytes(&mut id).map_err(|e| StoreError::Index(e.to_string()))?;
+                ferry_crypto::random_bytes(&mut id)
+                    .map_err(|e| StoreError::Index(e.to_string()))?;
                 let m = Marker {
                     format: MARKER_FORMAT.into(),
                     version: MARKER_VERSION,
@@ -289,8 +290,8 @@ impl LocalStore {
                 offset: bytes.len() as u64,
             }));
         }
-        let h = SegmentHeader::decode(&bytes[..SEGMENT_HEADER_LEN], Some(self.key.id()))
-            .map_err(fe)?;
+        let h =
+            SegmentHeader::decode(&bytes[..SEGMENT_HEADER_LEN], Some(self.key.id())).map_err(fe)?;
         let idx = segment::open_index(&h, &self.key, &bytes).map_err(fe)?;
         if idx.vm != vm || idx.disk != disk || idx.seq != seq {
             return Err(fe(FormatError::Corrupt {
@@ -312,7 +313,8 @@ impl LocalStore {
         let p = self.root.join(rel);
         let f = File::open(&p).map_err(StoreError::io(&p, "open"))?;
         let mut hb = [0u8; SEGMENT_HEADER_LEN];
-        f.read_exact_at(&mut hb, 0).map_err(StoreError::io(&p, "read"))?;
+        f.read_exact_at(&mut hb, 0)
+            .map_err(StoreError::io(&p, "read"))?;
         let h = SegmentHeader::decode(&hb, Some(self.key.id())).map_err(|source| {
             StoreError::Format {
                 path: p.clone(),
@@ -333,24 +335,21 @@ impl LocalStore {
         let h = self.segment_handle(&loc.segment)?;
         let p = self.root.join(&loc.segment);
         let mut sealed = vec![0u8; loc.sealed_len as usize];
-        h.0.read_exact_at(&mut sealed, loc.offset)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    StoreError::Format {
-                        path: p.clone(),
-                        source: FormatError::Truncated {
-                            what: "segment",
-                            offset: loc.offset,
-                        },
-                    }
-                } else {
-                    StoreError::io(&p, "read")(e)
+        h.0.read_exact_at(&mut sealed, loc.offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                StoreError::Format {
+                    path: p.clone(),
+                    source: FormatError::Truncated {
+                        what: "segment",
+                        offset: loc.offset,
+                    },
                 }
-            })?;
-        segment::open_blob(&h.1, &self.key, loc, sealed).map_err(|source| StoreError::Format {
-            path: p,
-            source,
-        })
+            } else {
+                StoreError::io(&p, "read")(e)
+            }
+        })?;
+        segment::open_blob(&h.1, &self.key, loc, sealed)
+            .map_err(|source| StoreError::Format { path: p, source })
     }
 
     // ---- manifests ----

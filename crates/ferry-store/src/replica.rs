@@ -107,7 +107,8 @@ impl Replica {
             .open(&map_path)
             .map_err(io(&map_path, "open"))?;
         let mut hb = [0u8; MAP_HEADER_LEN];
-        map.read_exact_at(&mut hb, 0).map_err(io(&map_path, "read"))?;
+        map.read_exact_at(&mut hb, 0)
+            .map_err(io(&map_path, "read"))?;
         let header = MapHeader::decode(&hb).map_err(|source| StoreError::Format {
             path: map_path.clone(),
             source,
@@ -226,37 +227,37 @@ impl Replica {
         let redo_path = self.dir.join("redo").join(format!("{seq}.delta"));
         let pp = self.pending_path();
         // Sorted, unique entries of this run.
-        let entries: Box<dyn Iterator<Item = Result<(u64, Digest), StoreError>>> =
-            match self.pending.take() {
-                None => Box::new(std::iter::empty()),
-                Some(mut p) => {
-                    p.w.flush().map_err(io(&pp, "write"))?;
-                    drop(p.w);
-                    let r = BufReader::with_capacity(
-                        1 << 20,
-                        File::open(&pp).map_err(io(&pp, "open"))?,
-                    );
-                    if p.sorted {
-                        Box::new(EntryIter {
-                            r,
-                            left: p.count,
-                            path: pp.clone(),
-                        })
-                    } else {
-                        // Out-of-order runs (trackers other than the scan) are small: sort in memory.
-                        let mut m = std::collections::BTreeMap::new();
-                        for e in (EntryIter {
-                            r,
-                            left: p.count,
-                            path: pp.clone(),
-                        }) {
-                            let (pg, d) = e?;
-                            m.insert(pg, d);
-                        }
-                        Box::new(m.into_iter().map(Ok))
+        let entries: Box<dyn Iterator<Item = Result<(u64, Digest), StoreError>>> = match self
+            .pending
+            .take()
+        {
+            None => Box::new(std::iter::empty()),
+            Some(mut p) => {
+                p.w.flush().map_err(io(&pp, "write"))?;
+                drop(p.w);
+                let r =
+                    BufReader::with_capacity(1 << 20, File::open(&pp).map_err(io(&pp, "open"))?);
+                if p.sorted {
+                    Box::new(EntryIter {
+                        r,
+                        left: p.count,
+                        path: pp.clone(),
+                    })
+                } else {
+                    // Out-of-order runs (trackers other than the scan) are small: sort in memory.
+                    let mut m = std::collections::BTreeMap::new();
+                    for e in (EntryIter {
+                        r,
+                        left: p.count,
+                        path: pp.clone(),
+                    }) {
+                        let (pg, d) = e?;
+                        m.insert(pg, d);
                     }
+                    Box::new(m.into_iter().map(Ok))
                 }
-            };
+            }
+        };
         let undo_path = self
             .dir
             .join("undo")
@@ -540,7 +541,9 @@ impl Iterator for DeltaReader {
             let mut t = [0u8; 32];
             if self.r.read_exact(&mut t).is_err() || t != *self.hasher.finalize().as_bytes() {
                 self.left = u64::MAX; // report once
-                return Some(Err(self.corrupt("entry checksum mismatch or missing trailer")));
+                return Some(Err(
+                    self.corrupt("entry checksum mismatch or missing trailer")
+                ));
             }
             return None;
         }

@@ -49,7 +49,11 @@ impl Env {
         let mut args = vec!["--json"];
         args.extend_from_slice(extra);
         let o = self.replicate(sources, &args);
-        assert!(o.status.success(), "replicate failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "replicate failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice(&o.stdout).unwrap()
     }
     pub fn restore(&self, point: &str, out: &Path, extra: &[&str]) -> Output {

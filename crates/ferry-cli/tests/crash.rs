@@ -1,0 +1,97 @@
+//! kill -9 of `ferry replicate` at random moments: nothing acknowledged is lost, the store stays
+//! consistent, and every listed point restores exactly.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CHUNK: u64 = 65536;
+
+#[test]
+fn kill_9_at_random_moments_then_rerun_every_point_exact() {
+    let iterations: u64 = std::env::var("FERRY_KILL_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let env = Env::new();
+    let disk = env.path("crashy.img");
+    let size: u64 = 40 << 20;
+    let mut rng = Rng(0x5eed_f00d ^ iterations);
+    fs::File::create(&disk).unwrap().set_len(size).unwrap();
+    write_random(&disk, &mut rng, 0, (size / 2) as usize);
+    let mut versions: HashMap<String, std::path::PathBuf> = HashMap::new();
+    // How long an undisturbed initial run takes, to aim kills inside runs.
+    let mut max_ms = 400;
+    let mut killed_mid_run = 0;
+    for i in 0..iterations {
+        if i > 0 {
+            // Change 2-10% of the chunks: random data, some zero ranges.
+            let chunks = size / CHUNK;
+            for _ in 0..rng.below(chunks / 10).max(chunks / 50) {
+                let c = rng.below(chunks);
+                if rng.below(5) == 0 {
+                    write_zeros(&disk, c * CHUNK, CHUNK as usize);
+                } else {
+                    let at = c * CHUNK + rng.below(CHUNK - 4096);
+                    write_random(&disk, &mut rng, at, 4096);
+                }
+            }
+        }
+        let copy = env.path(&format!("v{i}.img"));
+        fs::copy(&disk, &copy).unwrap();
+        versions.insert(b3(&copy), copy);
+        let mut c = ferry();
+        c.arg("replicate").arg(&disk).arg("--once");
+        c.arg("--store").arg(env.store());
+        c.arg("--key-file").arg(env.key());
+        c.arg("--cache-dir").arg(env.path("cache"));
+        c.arg("--cache-size").arg("16MiB");
+        let t0 = Instant::now();
+        let mut child = c.spawn().unwrap();
+        let wait = Duration::from_millis(rng.below(max_ms));
+        std::thread::sleep(wait);
+        let finished = child.try_wait().unwrap().is_some();
+        child.kill().ok(); // SIGKILL
+        let status = child.wait().unwrap();
+        if !finished && !status.success() {
+            killed_mid_run += 1;
+        } else if i == 0 {
+            max_ms = (t0.elapsed().as_millis() as u64 * 3 / 2).max(50);
+        }
+        // Sometimes let a whole run finish between kills.
+        if rng.below(4) == 0 {
+            env.replicate_ok(&[&disk], &["--cache-size", "16MiB"]);
+        }
+    }
+    // A clean run after the last kill finishes whatever was left.
+    let last = env.replicate_ok(&[&disk], &["--cache-size", "16MiB"]);
+    let pts = env.points();
+    eprintln!(
+        "{iterations} iterations, {killed_mid_run} killed mid-run, {} points",
+        pts.len()
+    );
+    assert!(
+        killed_mid_run >= iterations / 4,
+        "kills should land inside runs"
+    );
+    assert_eq!(pts.last().unwrap()["id"], last["point"]["id"]);
+    let out = env.path("restored.img");
+    for p in &pts {
+        let id = p["id"].as_str().unwrap();
+        let digest = p["disks"][0]["blake3"].as_str().unwrap();
+        let copy = versions
+            .get(digest)
+            .unwrap_or_else(|| panic!("point {id} holds a state the disk never had"));
+        let o = env.restore(id, &out, &["--verify"]);
+        assert!(
+            o.status.success(),
+            "restore {id}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(same_bytes(&out, copy), "point {id} is not byte-identical");
+    }
+}
