@@ -177,6 +177,13 @@ pub fn restore_point(
         )));
     }
     if let Ok(m) = std::fs::metadata(&r.out) {
+        use std::os::unix::fs::FileTypeExt;
+        if m.file_type().is_block_device() && !r.force {
+            return Err(JobError::Usage(format!(
+                "{} is a block device; restoring overwrites all of it — pass --force if that is what you want",
+                r.out.display()
+            )));
+        }
         if m.is_file() && m.len() > 0 && !r.force {
             return Err(JobError::Usage(format!(
                 "{} already exists; remove it or pass --force to overwrite it",

@@ -19,7 +19,6 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use crossbeam_channel::bounded;
 use ferry_crypto::{is_zero, Digest, MasterKey, ZERO_DIGEST};
@@ -144,10 +143,18 @@ pub fn scan(
 ) -> Result<ScanReport, ScanError> {
     let threads = threads.max(1);
     let blocks = src.size.div_ceil(BLOCK_SIZE as u64);
-    let (job_tx, job_rx) = bounded::<(u64, Arc<Vec<u8>>)>(threads * 2);
-    let (done_tx, done_rx) = bounded::<(u64, Arc<Vec<u8>>, Vec<Digest>)>(threads * 2);
-    let (whole_tx, whole_rx) = bounded::<Arc<Vec<u8>>>(threads * 2 + 2);
+    let (job_tx, job_rx) = bounded::<(u64, Buf)>(threads * 2);
+    let (done_tx, done_rx) = bounded::<(u64, Buf, Vec<Digest>, BlockHash)>(threads * 2);
+    // Recycled read buffers: no allocation (or page faults) per block.
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(threads * 4 + 4);
+    for _ in 0..threads * 4 + 4 {
+        free_tx
+            .send(vec![0u8; BLOCK_SIZE])
+            .expect("room for every buffer");
+    }
+    let single_block = src.size <= BLOCK_SIZE as u64;
     let mut report = ScanReport::default();
+    let mut cvs: Vec<blake3::hazmat::ChainingValue> = Vec::new();
     std::thread::scope(|s| -> Result<(), ScanError> {
         // Reader.
         let reader = s.spawn(move || -> Result<(), ScanError> {
@@ -159,22 +166,18 @@ pub fn scan(
                 }
                 let off = b * BLOCK_SIZE as u64;
                 let len = (src.size - off).min(BLOCK_SIZE as u64) as usize;
-                let mut buf = vec![0u8; len];
+                let Ok(mut buf) = free_rx.recv() else { break };
+                buf.resize(len, 0);
                 src.read_block(off, &mut buf)?;
-                let buf = Arc::new(buf);
-                if whole_tx.send(buf.clone()).is_err() || job_tx.send((b, buf)).is_err() {
+                let buf = Buf {
+                    data: Some(buf),
+                    home: free_tx.clone(),
+                };
+                if job_tx.send((b, buf)).is_err() {
                     break;
                 }
             }
             Ok(())
-        });
-        // Whole-source digest, in order.
-        let whole = s.spawn(move || {
-            let mut h = blake3::Hasher::new();
-            for b in whole_rx {
-                h.update(&b);
-            }
-            *h.finalize().as_bytes()
         });
         // Hash workers.
         for _ in 0..threads {
@@ -192,7 +195,8 @@ pub fn scan(
                             }
                         })
                         .collect();
-                    if done_tx.send((b, buf, d)).is_err() {
+                    let h = block_hash(b, &buf, single_block);
+                    if done_tx.send((b, buf, d, h)).is_err() {
                         break;
                     }
                 }
@@ -207,7 +211,11 @@ pub fn scan(
         let mut result = Ok(());
         for item in done_rx.iter() {
             pending.insert(item.0, item);
-            while let Some((b, buf, digests)) = pending.remove(&next) {
+            while let Some((b, buf, digests, h)) = pending.remove(&next) {
+                match h {
+                    BlockHash::Root(r) => report.blake3 = r,
+                    BlockHash::Cv(cv) => cvs.push(cv),
+                }
                 if result.is_ok() {
                     result = emit(
                         b,
@@ -229,7 +237,6 @@ pub fn scan(
         }
         drop(done_rx);
         let read = reader.join().expect("reader thread panicked");
-        report.blake3 = whole.join().expect("digest thread panicked");
         result?;
         read
     })?;
@@ -238,7 +245,76 @@ pub fn scan(
             path: src.path.clone(),
         });
     }
+    if !single_block {
+        report.blake3 = merge_root(&cvs, src.size);
+    }
     Ok(report)
+}
+
+/// A read buffer that goes back to the pool when the last user drops it.
+struct Buf {
+    data: Option<Vec<u8>>,
+    home: crossbeam_channel::Sender<Vec<u8>>,
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.data.as_deref().expect("present until drop")
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(d) = self.data.take() {
+            let _ = self.home.try_send(d);
+        }
+    }
+}
+
+/// The whole-source blake3 is computed in parallel: each worker hashes its block as a BLAKE3
+/// subtree (blocks are 4 MiB, a power of two, at aligned offsets), and the collector merges the
+/// chaining values in tree order. The result equals `b3sum` of the source.
+enum BlockHash {
+    /// The source is a single block: its plain hash.
+    Root([u8; 32]),
+    Cv(blake3::hazmat::ChainingValue),
+}
+
+fn block_hash(b: u64, data: &[u8], single: bool) -> BlockHash {
+    use blake3::hazmat::HasherExt;
+    if single {
+        return BlockHash::Root(*blake3::hash(data).as_bytes());
+    }
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(b * BLOCK_SIZE as u64);
+    h.update(data);
+    BlockHash::Cv(h.finalize_non_root())
+}
+
+/// Merges block chaining values into the root hash of an input of `len` bytes (more than one block).
+fn merge_root(cvs: &[blake3::hazmat::ChainingValue], len: u64) -> [u8; 32] {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, Mode};
+    fn sub(cvs: &[blake3::hazmat::ChainingValue], len: u64) -> blake3::hazmat::ChainingValue {
+        if cvs.len() == 1 {
+            return cvs[0];
+        }
+        let left = left_subtree_len(len);
+        let n = (left / BLOCK_SIZE as u64) as usize;
+        merge_subtrees_non_root(
+            &sub(&cvs[..n], left),
+            &sub(&cvs[n..], len - left),
+            Mode::Hash,
+        )
+    }
+    let left = left_subtree_len(len);
+    let n = (left / BLOCK_SIZE as u64) as usize;
+    *merge_subtrees_root(
+        &sub(&cvs[..n], left),
+        &sub(&cvs[n..], len - left),
+        Mode::Hash,
+    )
+    .as_bytes()
 }
 
 fn emit(
@@ -357,6 +433,47 @@ mod tests {
         assert!(
             matches!(changes[1], Change::Write { offset, .. } if offset == 40 * CHUNK_SIZE as u64)
         );
+    }
+
+    #[test]
+    fn whole_digest_equals_plain_blake3_for_every_shape() {
+        let d = tempfile::tempdir().unwrap();
+        let key = MasterKey::from_bytes(&[1; 32], "k");
+        let stop = AtomicBool::new(false);
+        for size in [
+            1,
+            1023,
+            CHUNK_SIZE,
+            BLOCK_SIZE - 1,
+            BLOCK_SIZE,
+            BLOCK_SIZE + 1,
+            2 * BLOCK_SIZE,
+            3 * BLOCK_SIZE + 5,
+            4 * BLOCK_SIZE,
+            7 * BLOCK_SIZE - 3,
+            9 * BLOCK_SIZE,
+        ] {
+            let p = d.path().join("x.img");
+            let data: Vec<u8> = (0..size)
+                .map(|i| (i % 253) as u8 ^ (i >> 16) as u8)
+                .collect();
+            std::fs::write(&p, &data).unwrap();
+            let src = Source::open(&p).unwrap();
+            let r = scan(
+                &src,
+                &key,
+                2,
+                |_, o| {
+                    o.fill(ZERO_DIGEST);
+                    Ok(())
+                },
+                |_| Ok(()),
+                |_| {},
+                &stop,
+            )
+            .unwrap();
+            assert_eq!(r.blake3, *blake3::hash(&data).as_bytes(), "size {size}");
+        }
     }
 
     #[test]

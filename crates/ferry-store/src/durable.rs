@@ -7,6 +7,11 @@ use std::path::Path;
 
 /// Syncs a directory so a rename or create inside it survives a crash.
 pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)?.sync_all()
 }
 
@@ -37,7 +42,7 @@ pub fn durable_rename(tmp: &Path, path: &Path) -> std::io::Result<()> {
 
 /// Creates `dir` and its parents and makes the new entries durable.
 pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
     }
     if let Some(p) = dir.parent() {
