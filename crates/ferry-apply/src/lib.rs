@@ -16,6 +16,10 @@
 //! Must not: read sources or decide when points are taken.
 
 mod restore;
+pub mod retention;
+mod target;
+
+pub use target::{run_ops, ReplicaTarget, RunOp, RunSpan, TargetError};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
@@ -45,6 +49,9 @@ pub enum ApplyError {
         segment: u64,
         detail: String,
     },
+    /// the replica target (e.g. Azure) failed
+    #[error(transparent)]
+    Target(#[from] TargetError),
 }
 
 /// A point the applier committed.
@@ -56,6 +63,8 @@ pub struct Committed {
 
 struct DiskCursor {
     replica: Option<Replica>,
+    /// Where the current run began (its Begin record).
+    run_start: Option<JournalPos>,
     queue: VecDeque<(u64, Vec<Record>, usize)>,
     /// Waiting for this run's tag to commit.
     blocked_on: Option<[u8; 16]>,
@@ -71,6 +80,7 @@ struct VmState {
 pub struct Applier<'s> {
     store: &'s LocalStore,
     vms: HashMap<String, VmState>,
+    target: Option<Box<dyn ReplicaTarget + 's>>,
 }
 
 impl<'s> Applier<'s> {
@@ -78,7 +88,14 @@ impl<'s> Applier<'s> {
         Applier {
             store,
             vms: HashMap::new(),
+            target: None,
         }
+    }
+
+    /// Also applies every committed run to `target` (e.g. Azure page blobs) before the point is
+    /// committed locally.
+    pub fn set_target(&mut self, target: Box<dyn ReplicaTarget + 's>) {
+        self.target = Some(target);
     }
 
     fn vm(&mut self, vm: &str) -> Result<&mut VmState, ApplyError> {
@@ -168,17 +185,20 @@ impl<'s> Applier<'s> {
         records: Vec<Record>,
     ) -> Result<Vec<Committed>, ApplyError> {
         let store = self.store;
-        let st = self.vm(vm)?;
+        self.vm(vm)?;
+        let target = self.target.as_deref_mut();
+        let st = self.vms.get_mut(vm).expect("loaded");
         let cur = st
             .disks
             .entry(disk.to_owned())
             .or_insert_with(|| DiskCursor {
                 replica: None,
+                run_start: None,
                 queue: VecDeque::new(),
                 blocked_on: None,
             });
         cur.queue.push_back((seq, records, 0));
-        advance(store, vm, st)
+        advance(store, vm, st, target)
     }
 
     /// Disks with a tag reached but not committed (waiting for other disks of the cut).
@@ -191,7 +211,7 @@ impl<'s> Applier<'s> {
     }
 }
 
-fn list_dirs(p: &std::path::Path) -> Result<Vec<String>, StoreError> {
+pub(crate) fn list_dirs(p: &std::path::Path) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
     match fs::read_dir(p) {
         Ok(it) => {
@@ -221,7 +241,12 @@ fn list_dirs(p: &std::path::Path) -> Result<Vec<String>, StoreError> {
     Ok(out)
 }
 
-fn advance(store: &LocalStore, vm: &str, st: &mut VmState) -> Result<Vec<Committed>, ApplyError> {
+fn advance(
+    store: &LocalStore,
+    vm: &str,
+    st: &mut VmState,
+    mut target: Option<&mut (dyn ReplicaTarget + '_)>,
+) -> Result<Vec<Committed>, ApplyError> {
     let mut committed = Vec::new();
     loop {
         let mut progress = false;
@@ -269,6 +294,7 @@ fn advance(store: &LocalStore, vm: &str, st: &mut VmState) -> Result<Vec<Committ
                         }
                         let r = cur.replica.insert(r);
                         r.reset_pending()?;
+                        cur.run_start = Some(pos);
                     }
                     Record::Write { offset, .. } | Record::Zero { offset, .. }
                         if offset % CHUNK_SIZE as u64 != 0 =>
@@ -319,7 +345,14 @@ fn advance(store: &LocalStore, vm: &str, st: &mut VmState) -> Result<Vec<Committ
             .collect();
         for run in ready {
             let (tag, reached) = st.reached.remove(&run).expect("listed");
-            committed.push(commit(store, vm, st, &tag, &reached)?);
+            committed.push(commit(
+                store,
+                vm,
+                st,
+                &tag,
+                &reached,
+                target.as_deref_mut(),
+            )?);
             for cur in st.disks.values_mut() {
                 if cur.blocked_on == Some(run) {
                     cur.blocked_on = None;
@@ -358,6 +391,7 @@ fn commit(
     st: &mut VmState,
     tag: &PointTag,
     reached: &BTreeMap<String, JournalPos>,
+    target: Option<&mut (dyn ReplicaTarget + '_)>,
 ) -> Result<Committed, ApplyError> {
     let seq = st.manifest.next_seq;
     for d in &tag.disks {
@@ -381,7 +415,7 @@ fn commit(
         r.prepare(seq)?;
     }
     let time = UNIX_EPOCH + Duration::from_nanos(tag.time_ns);
-    let point = Point {
+    let mut point = Point {
         id: point_id(seq, time),
         seq,
         run: hex::encode(tag.run),
@@ -394,9 +428,28 @@ fn commit(
                 name: d.name.clone(),
                 size: d.size,
                 blake3: hex::encode(d.blake3),
+                snapshot: None,
             })
             .collect(),
     };
+    if let Some(t) = target {
+        // The remote replica first: its manifest is the remote commit point. Re-applying after a
+        // crash is idempotent (same bytes), and a point the target already has is not cut again.
+        let spans: Vec<RunSpan> = tag
+            .disks
+            .iter()
+            .map(|d| {
+                let cur = &st.disks[&d.name];
+                RunSpan {
+                    disk: d.name.clone(),
+                    size: d.size,
+                    from: cur.run_start.unwrap_or_default(),
+                    to: reached[&d.name],
+                }
+            })
+            .collect();
+        point = t.commit_run(store, vm, &spans, point)?;
+    }
     let mut m = st.manifest.clone();
     m.points.push(point.clone());
     m.next_seq = seq + 1;

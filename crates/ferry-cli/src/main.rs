@@ -128,6 +128,10 @@ struct ReplicateArgs {
     /// zstd level for stored chunks (1 = fastest).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=19))]
     zstd_level: i32,
+    /// Keep recovery points this long (e.g. 24h, 7d); older ones and the data only they need are
+    /// deleted after each run. The newest point is never deleted. `0` keeps everything.
+    #[arg(long, default_value = "24h", value_parser = units::parse_retention)]
+    retention: Duration,
     /// Print a JSON summary of each run on stdout.
     #[arg(long)]
     json: bool,
@@ -254,6 +258,7 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
             ..Default::default()
         },
         group_commit: 64 << 20,
+        retention: (!a.retention.is_zero()).then_some(a.retention),
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -303,6 +308,10 @@ fn print_run(o: &ReplicateOptions, r: &ferry_job::RunReport, json: bool) {
                 "dedupe_bytes": r.pipeline.dedupe_bytes, "unique_bytes": r.pipeline.unique_bytes,
                 "sealed_bytes": r.pipeline.sealed_bytes, "segments": r.pipeline.segments,
                 "segment_bytes": r.pipeline.segment_bytes,
+            },
+            "pruned": {
+                "points": r.pruned.points.iter().map(|(vm, id)| serde_json::json!({"vm": vm, "id": id})).collect::<Vec<_>>(),
+                "segments": r.pruned.segments, "segment_bytes": r.pruned.segment_bytes,
             },
             "seconds": r.seconds,
         });

@@ -37,6 +37,15 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Parses a retention window: `0` (keep everything), `90s`, `24h`, `7d`.
+pub fn parse_retention(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}': {e}; write e.g. 24h or 7d, or 0 to keep everything"))
+}
+
 /// `1.5 GiB`.
 pub fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

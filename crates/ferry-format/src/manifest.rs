@@ -38,6 +38,9 @@ pub struct PointDisk {
     pub size: u64,
     /// blake3 of the whole disk at the cut, hex.
     pub blake3: String,
+    /// Remote stores: the snapshot of the replica page blob that holds this point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// A recovery point.

@@ -128,6 +128,8 @@ pub struct ReplicateOptions {
     pub pipeline: PipelineConfig,
     /// Bytes appended to the cache between group commits.
     pub group_commit: u64,
+    /// Points older than this are pruned (the newest never is); None keeps everything.
+    pub retention: Option<std::time::Duration>,
 }
 
 /// What one run did.
@@ -139,6 +141,8 @@ pub struct RunReport {
     pub point: Option<Point>,
     pub scans: Vec<(String, ScanReport)>,
     pub pipeline: PipelineStats,
+    /// What retention removed after the run.
+    pub pruned: ferry_apply::retention::Pruned,
     pub seconds: f64,
 }
 
@@ -246,6 +250,12 @@ pub fn replicate_once(
     drained?;
     let scans = scans?;
     let committed = pipeline.take_committed();
+    let stats = pipeline.stats.clone();
+    drop(pipeline);
+    let pruned = match o.retention {
+        Some(r) => ferry_apply::retention::prune(&store, r)?,
+        None => Default::default(),
+    };
     let run_hex = hex::encode(run);
     let point = committed
         .iter()
@@ -258,7 +268,8 @@ pub fn replicate_once(
         committed,
         point,
         scans: scans.unwrap_or_default(),
-        pipeline: pipeline.stats.clone(),
+        pipeline: stats,
+        pruned,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -109,6 +109,28 @@ impl ChunkIndex {
         w.commit().map_err(idx_err)
     }
 
+    /// Removes the entries of `digests` that point into segment `segment` (entries pointing at another
+    /// copy stay). Called before a segment is deleted, so no new reference can name it.
+    pub fn remove_for_segment(&self, segment: &str, digests: &[Digest]) -> Result<u64, StoreError> {
+        let w = self.db.begin_write().map_err(idx_err)?;
+        let mut n = 0;
+        {
+            let mut t = w.open_table(CHUNKS).map_err(idx_err)?;
+            for d in digests {
+                let here = match t.get(d).map_err(idx_err)? {
+                    Some(v) => decode_loc(v.value())?.segment == segment,
+                    None => false,
+                };
+                if here {
+                    t.remove(d).map_err(idx_err)?;
+                    n += 1;
+                }
+            }
+        }
+        w.commit().map_err(idx_err)?;
+        Ok(n)
+    }
+
     /// Number of distinct chunks indexed.
     pub fn len(&self) -> Result<u64, StoreError> {
         let r = self.db.begin_read().map_err(idx_err)?;

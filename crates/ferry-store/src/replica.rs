@@ -404,6 +404,54 @@ impl Replica {
         })
     }
 
+    /// Every digest this replica can still restore: the current map and all undo deltas.
+    pub fn live_digests(
+        &self,
+        out: &mut std::collections::HashSet<Digest>,
+    ) -> Result<(), StoreError> {
+        let mut buf = vec![ZERO_DIGEST; 4096];
+        let mut first = 0;
+        while first < self.header.pages {
+            let n = (self.header.pages - first).min(4096) as usize;
+            self.read_map(first, &mut buf[..n])?;
+            out.extend(buf[..n].iter().filter(|d| **d != ZERO_DIGEST));
+            first += n as u64;
+        }
+        let d = self.dir.join("undo");
+        for e in fs::read_dir(&d).map_err(io(&d, "list"))? {
+            let p = e.map_err(io(&d, "list"))?.path();
+            if p.extension().is_some_and(|x| x == "delta") {
+                for e in DeltaReader::open(&p)? {
+                    let (_, dg) = e?;
+                    if dg != ZERO_DIGEST {
+                        out.insert(dg);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes undo deltas of points that no longer exist (`keep`: the point seqs that include this
+    /// disk). Pruning is oldest-first, so no retained point ever needs a removed delta.
+    pub fn gc_undo(&self, keep: &[u64]) -> Result<(), StoreError> {
+        let d = self.dir.join("undo");
+        for e in fs::read_dir(&d).map_err(io(&d, "list"))? {
+            let e = e.map_err(io(&d, "list"))?;
+            let seq = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".delta"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(s) = seq {
+                if !keep.contains(&s) && s < self.header.generation {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the undo of point `seq` (retention): older points lose nothing they need only if the
     /// caller merged it first; used when `seq` is the oldest retained point being dropped.
     pub fn drop_undo(&self, seq: u64) -> Result<(), StoreError> {

@@ -1,0 +1,154 @@
+//! Retention: expired recovery points and the data only they needed are deleted.
+//!
+//! Points expire oldest first (the newest point is never pruned), so pruning a point only drops its
+//! undo delta. Then a mark-and-sweep over every replica of the store (current maps, undo deltas) and
+//! every unapplied journal record finds the live chunks; a segment none of whose chunks is live, and
+//! that lies before its disk's applied position, is deleted — after its dedupe-index entries, so no
+//! new reference can name it.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use ferry_format::manifest::Manifest;
+use ferry_format::segment::Record;
+use ferry_store::{LocalStore, Replica};
+
+use crate::ApplyError;
+
+/// What retention removed.
+#[derive(Clone, Debug, Default)]
+pub struct Pruned {
+    pub points: Vec<(String, String)>,
+    pub segments: u64,
+    pub segment_bytes: u64,
+}
+
+/// The points of `m` that `retention` expires at `now` (never the newest).
+pub fn expired(m: &Manifest, retention: Duration, now: SystemTime) -> Vec<u64> {
+    let Some(newest) = m.points.last().map(|p| p.seq) else {
+        return Vec::new();
+    };
+    m.points
+        .iter()
+        .filter(|p| p.seq != newest)
+        .filter(|p| {
+            humantime::parse_rfc3339(&p.time)
+                .map(|t| now.duration_since(t).unwrap_or_default() > retention)
+                .unwrap_or(false)
+        })
+        .map(|p| p.seq)
+        .collect()
+}
+
+/// Applies retention to every VM of a local store, then collects garbage. Hold the store lock.
+pub fn prune(store: &LocalStore, retention: Duration) -> Result<Pruned, ApplyError> {
+    let mut out = Pruned::default();
+    let now = SystemTime::now();
+    let vms = ferry_store::list_vms_at(store.root())?;
+    for vm in &vms {
+        let Some(mut m) = store.load_manifest(vm)? else {
+            continue;
+        };
+        let gone = expired(&m, retention, now);
+        if gone.is_empty() {
+            continue;
+        }
+        for p in m.points.iter().filter(|p| gone.contains(&p.seq)) {
+            out.points.push((vm.clone(), p.id.clone()));
+        }
+        m.points.retain(|p| !gone.contains(&p.seq));
+        store.commit_manifest(&m)?;
+        for disk in m.disks.keys() {
+            let dir = store.replica_dir(vm, disk);
+            if dir.join("current.map").exists() {
+                let keep: Vec<u64> = m
+                    .points
+                    .iter()
+                    .filter(|p| p.disks.iter().any(|d| &d.name == disk))
+                    .map(|p| p.seq)
+                    .collect();
+                Replica::open(&dir)?.gc_undo(&keep)?;
+            }
+        }
+        tracing::info!(vm = %vm, pruned = gone.len(), "retention pruned expired points");
+    }
+    if !out.points.is_empty() {
+        let (n, b) = collect_garbage(store)?;
+        out.segments = n;
+        out.segment_bytes = b;
+    }
+    Ok(out)
+}
+
+/// Deletes segments whose chunks no replica, point or unapplied record needs.
+pub fn collect_garbage(store: &LocalStore) -> Result<(u64, u64), ApplyError> {
+    let root = store.root().to_owned();
+    let mut live = HashSet::new();
+    let mut candidates = Vec::new();
+    let mut vms = ferry_store::list_vms_at(&root)?;
+    for v in crate::list_dirs(&root.join("journal"))? {
+        if !vms.contains(&v) {
+            vms.push(v);
+        }
+    }
+    for vm in &vms {
+        let m = store.load_manifest(vm)?;
+        for disk in crate::list_dirs(&root.join("journal").join(vm))? {
+            let dir = store.replica_dir(vm, &disk);
+            if dir.join("current.map").exists() {
+                Replica::open(&dir)?.live_digests(&mut live)?;
+            }
+            let applied = m
+                .as_ref()
+                .and_then(|m| m.disks.get(&disk))
+                .map(|d| d.applied.segment)
+                .unwrap_or(0);
+            for seq in store.list_segments(vm, &disk)? {
+                if seq >= applied {
+                    // Not yet committed: everything it writes or references stays.
+                    for r in store.read_segment_index(vm, &disk, seq)?.records {
+                        if let Record::Write { digest, .. } = r {
+                            live.insert(digest);
+                        }
+                    }
+                } else {
+                    candidates.push((vm.clone(), disk.clone(), seq));
+                }
+            }
+        }
+    }
+    let index = store.open_index()?;
+    let (mut n, mut bytes) = (0, 0);
+    for (vm, disk, seq) in candidates {
+        let path = LocalStore::segment_path(&vm, &disk, seq);
+        let idx = store.read_segment_index(&vm, &disk, seq)?;
+        let own: Vec<_> = idx
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Write { digest, loc, .. } if loc.segment == path => Some(*digest),
+                _ => None,
+            })
+            .collect();
+        if own.iter().any(|d| live.contains(d)) {
+            continue;
+        }
+        index.remove_for_segment(&path, &own)?;
+        let p = root.join(&path);
+        bytes += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(&p).map_err(|source| ferry_store::StoreError::Io {
+            path: p.clone(),
+            op: "remove",
+            source,
+        })?;
+        n += 1;
+    }
+    if n > 0 {
+        tracing::info!(
+            segments = n,
+            bytes,
+            "garbage collection removed unneeded segments"
+        );
+    }
+    Ok((n, bytes))
+}
