@@ -3,17 +3,18 @@
 //! ```text
 //! ferry-mkimage create PATH BYTES [SEED]            write a mixed image (see ferry_benches)
 //! ferry-mkimage rewrite PATH ROUND FRACTION [SEED]  overwrite FRACTION of its chunks with random data
+//! ferry-mkimage restore PATH ROUND FRACTION [SEED]  undo that rewrite (original content back)
 //! ```
 //! Both print one JSON object on stdout describing what they did.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferry_benches::{census, rewrite_chunks, write_image, CHUNK, DEFAULT_SEED};
+use ferry_benches::{census, restore_chunks, rewrite_chunks, write_image, CHUNK, DEFAULT_SEED};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ferry-mkimage create PATH BYTES [SEED]\n       ferry-mkimage rewrite PATH ROUND FRACTION [SEED]"
+        "usage: ferry-mkimage create PATH BYTES [SEED]\n       ferry-mkimage rewrite|restore PATH ROUND FRACTION [SEED]"
     );
     ExitCode::from(2)
 }
@@ -37,15 +38,20 @@ fn main() -> ExitCode {
                 )
             })
         }
-        Some("rewrite") if (4..=5).contains(&args.len()) => {
+        Some(cmd @ ("rewrite" | "restore")) if (4..=5).contains(&args.len()) => {
             let (Ok(round), Ok(fraction), Ok(seed)) =
                 (args[2].parse::<u64>(), args[3].parse::<f64>(), seed(4))
             else {
                 return usage();
             };
-            rewrite_chunks(&PathBuf::from(&args[1]), seed, round, fraction).map(|picks| {
+            let f = if cmd == "rewrite" {
+                rewrite_chunks
+            } else {
+                restore_chunks
+            };
+            f(&PathBuf::from(&args[1]), seed, round, fraction).map(|picks| {
                 format!(
-                    r#"{{"round":{round},"chunks":{},"bytes":{}}}"#,
+                    r#"{{"action":"{cmd}","round":{round},"chunks":{},"bytes":{}}}"#,
                     picks.len(),
                     picks.len() * CHUNK
                 )

@@ -237,6 +237,7 @@ fn replicate(c: &mut Criterion) {
                             ..PipelineConfig::default()
                         },
                         group_commit: 64 << 20,
+                        retention: Some(Duration::from_secs(24 * 3600)),
                     };
                     let t = Instant::now();
                     let r = ferry_job::replicate_once(&o, &NoProgress, &AtomicBool::new(false))

@@ -224,13 +224,33 @@ pub fn rewrite_picks(seed: u64, round: u64, chunks: u64, count: u64) -> Vec<u64>
 /// Overwrites `fraction` of the image's whole chunks with fresh random content (deterministic per
 /// `(seed, round)`, different each round), syncs, and returns the indexes of the chunks written.
 pub fn rewrite_chunks(path: &Path, seed: u64, round: u64, fraction: f64) -> io::Result<Vec<u64>> {
+    rewrite_with(path, seed, round, fraction, |i, buf| {
+        stream(seed ^ mix(round), REWRITE_DATA_STREAM, i).fill(buf)
+    })
+}
+
+/// Undoes [`rewrite_chunks`] of the same `(seed, round, fraction)` on an image made by
+/// [`write_image`] with `seed`: puts the original mixed content back into the rewritten chunks.
+pub fn restore_chunks(path: &Path, seed: u64, round: u64, fraction: f64) -> io::Result<Vec<u64>> {
+    rewrite_with(path, seed, round, fraction, |i, buf| {
+        fill_chunk(seed, i, buf)
+    })
+}
+
+fn rewrite_with(
+    path: &Path,
+    seed: u64,
+    round: u64,
+    fraction: f64,
+    content: impl Fn(u64, &mut [u8]),
+) -> io::Result<Vec<u64>> {
     let f = OpenOptions::new().write(true).open(path)?;
     let chunks = f.metadata()?.len() / CHUNK as u64;
     let count = (chunks as f64 * fraction).round() as u64;
     let picks = rewrite_picks(seed, round, chunks, count);
     let mut buf = vec![0u8; CHUNK];
     for &i in &picks {
-        stream(seed ^ mix(round), REWRITE_DATA_STREAM, i).fill(&mut buf);
+        content(i, &mut buf);
         f.write_all_at(&buf, i * CHUNK as u64)?;
     }
     f.sync_all()?;
@@ -268,6 +288,27 @@ mod tests {
         assert!(repeats > n / 8, "{repeats}");
         let shares = census(3, n);
         assert!(shares.iter().all(|&k| k > n / 6 && k < n / 3), "{shares:?}");
+    }
+
+    #[test]
+    fn restore_undoes_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        write_image(&p, 5, 100 * CHUNK as u64).unwrap();
+        let orig = std::fs::read(&p).unwrap();
+        let picks = rewrite_chunks(&p, 5, 2, 0.1).unwrap();
+        assert_eq!(picks.len(), 10);
+        let changed = std::fs::read(&p).unwrap();
+        for i in 0..100 {
+            let r = i * CHUNK..(i + 1) * CHUNK;
+            assert_eq!(
+                orig[r.clone()] != changed[r],
+                picks.contains(&(i as u64)),
+                "chunk {i}"
+            );
+        }
+        assert_eq!(restore_chunks(&p, 5, 2, 0.1).unwrap(), picks);
+        assert_eq!(std::fs::read(&p).unwrap(), orig);
     }
 
     #[test]

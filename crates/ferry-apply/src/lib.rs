@@ -366,6 +366,28 @@ fn advance(
     }
 }
 
+/// The manifest entry for a cut: numbered `seq`, at the tag's time.
+pub fn point_from_tag(seq: u64, tag: &PointTag) -> Point {
+    let time = UNIX_EPOCH + Duration::from_nanos(tag.time_ns);
+    Point {
+        id: point_id(seq, time),
+        seq,
+        run: hex::encode(tag.run),
+        time: humantime::format_rfc3339_seconds(time).to_string(),
+        kind: tag.kind.as_str().into(),
+        disks: tag
+            .disks
+            .iter()
+            .map(|d| PointDisk {
+                name: d.name.clone(),
+                size: d.size,
+                blake3: hex::encode(d.blake3),
+                snapshot: None,
+            })
+            .collect(),
+    }
+}
+
 fn open_replica<'a>(
     store: &LocalStore,
     vm: &str,
@@ -414,24 +436,7 @@ fn commit(
         }
         r.prepare(seq)?;
     }
-    let time = UNIX_EPOCH + Duration::from_nanos(tag.time_ns);
-    let mut point = Point {
-        id: point_id(seq, time),
-        seq,
-        run: hex::encode(tag.run),
-        time: humantime::format_rfc3339_seconds(time).to_string(),
-        kind: tag.kind.as_str().into(),
-        disks: tag
-            .disks
-            .iter()
-            .map(|d| PointDisk {
-                name: d.name.clone(),
-                size: d.size,
-                blake3: hex::encode(d.blake3),
-                snapshot: None,
-            })
-            .collect(),
-    };
+    let mut point = point_from_tag(seq, tag);
     if let Some(t) = target {
         // The remote replica first: its manifest is the remote commit point. Re-applying after a
         // crash is idempotent (same bytes), and a point the target already has is not cut again.

@@ -42,6 +42,16 @@ pub fn expired(m: &Manifest, retention: Duration, now: SystemTime) -> Vec<u64> {
 
 /// Applies retention to every VM of a local store, then collects garbage. Hold the store lock.
 pub fn prune(store: &LocalStore, retention: Duration) -> Result<Pruned, ApplyError> {
+    prune_with(store, retention, &mut |_, _, _| Ok(true))
+}
+
+/// [`prune`], where `may_delete(vm, disk, seq)` can veto deleting a segment and is told about every
+/// deletion it allows (split mode deletes the store's copy there, once `ferry apply` is past it).
+pub fn prune_with(
+    store: &LocalStore,
+    retention: Duration,
+    may_delete: &mut dyn FnMut(&str, &str, u64) -> Result<bool, ApplyError>,
+) -> Result<Pruned, ApplyError> {
     let mut out = Pruned::default();
     let now = SystemTime::now();
     let vms = ferry_store::list_vms_at(store.root())?;
@@ -73,7 +83,7 @@ pub fn prune(store: &LocalStore, retention: Duration) -> Result<Pruned, ApplyErr
         tracing::info!(vm = %vm, pruned = gone.len(), "retention pruned expired points");
     }
     if !out.points.is_empty() {
-        let (n, b) = collect_garbage(store)?;
+        let (n, b) = collect_garbage(store, may_delete)?;
         out.segments = n;
         out.segment_bytes = b;
     }
@@ -81,7 +91,10 @@ pub fn prune(store: &LocalStore, retention: Duration) -> Result<Pruned, ApplyErr
 }
 
 /// Deletes segments whose chunks no replica, point or unapplied record needs.
-pub fn collect_garbage(store: &LocalStore) -> Result<(u64, u64), ApplyError> {
+pub fn collect_garbage(
+    store: &LocalStore,
+    may_delete: &mut dyn FnMut(&str, &str, u64) -> Result<bool, ApplyError>,
+) -> Result<(u64, u64), ApplyError> {
     let root = store.root().to_owned();
     let mut live = HashSet::new();
     let mut candidates = Vec::new();
@@ -130,7 +143,7 @@ pub fn collect_garbage(store: &LocalStore) -> Result<(u64, u64), ApplyError> {
                 _ => None,
             })
             .collect();
-        if own.iter().any(|d| live.contains(d)) {
+        if own.iter().any(|d| live.contains(d)) || !may_delete(&vm, &disk, seq)? {
             continue;
         }
         index.remove_for_segment(&path, &own)?;

@@ -132,7 +132,11 @@ impl Policy for SasPolicy {
     }
 }
 
-async fn forward(ctx: &Context<'_>, request: &mut Request, next: &[Arc<dyn Policy>]) -> PolicyResult {
+async fn forward(
+    ctx: &Context<'_>,
+    request: &mut Request,
+    next: &[Arc<dyn Policy>],
+) -> PolicyResult {
     match next.split_first() {
         Some((first, rest)) => first.send(ctx, request, rest).await,
         None => Err(azure_core::Error::with_message(

@@ -82,6 +82,9 @@ pub struct ClientTuning {
     pub runtime_threads: usize,
     /// Longest wait for a server-side copy to finish. Default 6 h.
     pub copy_timeout: Duration,
+    /// Results per List Blobs / Get Page Ranges request; `None` = the service's default (5000
+    /// blobs). Small values are for tests of paging.
+    pub list_page_size: Option<u32>,
 }
 
 impl Default for ClientTuning {
@@ -95,6 +98,7 @@ impl Default for ClientTuning {
             rate_limit: None,
             runtime_threads: 2,
             copy_timeout: Duration::from_secs(6 * 3600),
+            list_page_size: None,
         }
     }
 }
@@ -160,7 +164,10 @@ impl AzureConfig {
         check_account(&self.account)?;
         check_container(&self.container)?;
         let url = azure_core::http::Url::parse(&self.endpoint).map_err(|e| {
-            AzureError::Config(format!("blob endpoint {:?} is not a URL: {e}", self.endpoint))
+            AzureError::Config(format!(
+                "blob endpoint {:?} is not a URL: {e}",
+                self.endpoint
+            ))
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
             return Err(AzureError::Config(format!(
@@ -214,7 +221,9 @@ pub fn parse_store_url(url: &str) -> Result<(String, String)> {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     let mut parts = rest.split('/');
     let account = parts.next().unwrap_or("");
-    let container = parts.next().ok_or_else(|| bad("the container is missing"))?;
+    let container = parts
+        .next()
+        .ok_or_else(|| bad("the container is missing"))?;
     if parts.next().is_some() {
         return Err(bad("only ACCOUNT/CONTAINER is allowed after azure://"));
     }
@@ -342,9 +351,9 @@ fn from_connection_string(account: &str, cs: &str) -> Result<Resolved> {
     let mut dev = false;
     for part in cs.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         // Values (keys, SAS) may contain '=': split at the first one only.
-        let (k, v) = part.split_once('=').ok_or_else(|| {
-            AzureError::Config(format!("{SRC}: {part:?} is not Name=Value"))
-        })?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| AzureError::Config(format!("{SRC}: {part:?} is not Name=Value")))?;
         let v = v.trim().to_string();
         match k.trim().to_ascii_lowercase().as_str() {
             "accountname" => name = Some(v),
@@ -480,7 +489,10 @@ mod tests {
     fn development_storage_shortcut() {
         let c = AzureConfig::from_url_with_env(
             "azure://devstoreaccount1/cont",
-            env(&[("AZURE_STORAGE_CONNECTION_STRING", "UseDevelopmentStorage=true")]),
+            env(&[(
+                "AZURE_STORAGE_CONNECTION_STRING",
+                "UseDevelopmentStorage=true",
+            )]),
         )
         .expect("ok");
         assert_eq!(c.endpoint, "http://127.0.0.1:10000/devstoreaccount1");
@@ -490,7 +502,10 @@ mod tests {
     fn account_mismatch_is_clear() {
         let e = AzureConfig::from_url_with_env(
             "azure://acct1/cont",
-            env(&[("AZURE_STORAGE_ACCOUNT", "acct2"), ("AZURE_STORAGE_KEY", AZURITE_KEY)]),
+            env(&[
+                ("AZURE_STORAGE_ACCOUNT", "acct2"),
+                ("AZURE_STORAGE_KEY", AZURITE_KEY),
+            ]),
         )
         .expect_err("mismatch");
         let msg = e.to_string();
@@ -518,7 +533,12 @@ mod tests {
 
         let sas = env(&[("AZURE_STORAGE_SAS_TOKEN", "?sv=1&sig=2")]);
         let c = AzureConfig::from_url_with_env("azure://acct1/cont", sas).expect("ok");
-        assert_eq!(c.credential, Credential::Sas { token: "sv=1&sig=2".into() });
+        assert_eq!(
+            c.credential,
+            Credential::Sas {
+                token: "sv=1&sig=2".into()
+            }
+        );
 
         let c = AzureConfig::from_url_with_env("azure://acct1/cont", env(&[])).expect("ok");
         assert_eq!(c.credential, Credential::Entra(EntraSource::DeveloperTools));
@@ -552,7 +572,8 @@ mod tests {
         assert_eq!(c.endpoint, "http://127.0.0.1:1/devstoreaccount1");
         c.credential = Credential::Entra(EntraSource::DeveloperTools);
         assert!(c.validate().unwrap_err().to_string().contains("https"));
-        let e = AzureConfig::shared_key("http://h", AZURITE_ACCOUNT, "%%%", "cont").expect_err("bad");
+        let e =
+            AzureConfig::shared_key("http://h", AZURITE_ACCOUNT, "%%%", "cont").expect_err("bad");
         assert!(e.to_string().contains("base64"), "{e}");
     }
 }

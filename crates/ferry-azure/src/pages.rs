@@ -62,9 +62,9 @@ pub(crate) fn coalesce(
         let mut off = off;
         let mut rest: &[u8] = &data;
         while !rest.is_empty() {
-            let can_extend = out.last().is_some_and(|(o, d)| {
-                o + d.len() as u64 == off && (d.len() as u64) < max
-            });
+            let can_extend = out
+                .last()
+                .is_some_and(|(o, d)| o + d.len() as u64 == off && (d.len() as u64) < max);
             if can_extend {
                 if let Some((_, d)) = out.last_mut() {
                     let room = (max - d.len() as u64) as usize;
@@ -112,8 +112,13 @@ mod tests {
     #[test]
     fn rejects_unaligned_and_empty() {
         for (off, len) in [(1u64, 512usize), (0, 100), (512, 513)] {
-            let e = coalesce("put_pages_many", "b", vec![(off, vec![0; len])], MAX_PUT_PAGES)
-                .expect_err("unaligned");
+            let e = coalesce(
+                "put_pages_many",
+                "b",
+                vec![(off, vec![0; len])],
+                MAX_PUT_PAGES,
+            )
+            .expect_err("unaligned");
             assert!(e.to_string().contains("not 512-byte aligned"), "{e}");
             assert!(e.is_permanent());
         }
@@ -122,8 +127,13 @@ mod tests {
 
     #[test]
     fn rejects_overlap() {
-        let e = coalesce("p", "b", vec![(512, page(2, 1)), (0, page(2, 2))], MAX_PUT_PAGES)
-            .expect_err("overlap");
+        let e = coalesce(
+            "p",
+            "b",
+            vec![(512, page(2, 1)), (0, page(2, 2))],
+            MAX_PUT_PAGES,
+        )
+        .expect_err("overlap");
         assert!(e.to_string().contains("overlap"), "{e}");
     }
 
@@ -138,10 +148,7 @@ mod tests {
         ];
         let out = coalesce("p", "b", input, max).expect("ok");
         let shape: Vec<(u64, usize)> = out.iter().map(|(o, d)| (*o, d.len())).collect();
-        assert_eq!(
-            shape,
-            vec![(0, 2048), (4 * PAGE, 1024), (10 * PAGE, 512)]
-        );
+        assert_eq!(shape, vec![(0, 2048), (4 * PAGE, 1024), (10 * PAGE, 512)]);
         let mut want0 = page(2, 1);
         want0.extend(page(1, 3));
         want0.extend(page(1, 4));

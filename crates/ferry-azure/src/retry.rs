@@ -235,10 +235,11 @@ mod tests {
     #[test]
     fn permanent_fails_at_once() {
         let calls = AtomicU32::new(0);
-        let out: Result<()> = rt().block_on(retry(WHAT, &fast(), &CancelToken::new(), None, |_| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(AzureError::invalid("t", "b", "nope")) }
-        }));
+        let out: Result<()> =
+            rt().block_on(retry(WHAT, &fast(), &CancelToken::new(), None, |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(AzureError::invalid("t", "b", "nope")) }
+            }));
         assert!(matches!(out, Err(AzureError::InvalidArgument { .. })));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
@@ -249,9 +250,10 @@ mod tests {
             max_elapsed: Duration::from_millis(50),
             ..fast()
         };
-        let out: Result<()> = rt().block_on(retry(WHAT, &policy, &CancelToken::new(), None, |_| {
-            async { Err(transient()) }
-        }));
+        let out: Result<()> =
+            rt().block_on(retry(WHAT, &policy, &CancelToken::new(), None, |_| async {
+                Err(transient())
+            }));
         match out {
             Err(AzureError::RetriesExhausted { attempts, last, .. }) => {
                 assert!(attempts > 1);

@@ -68,8 +68,7 @@ impl Policy for CountingPolicy {
         request: &mut Request,
         next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
-        self.counters
-            .add_request(request.body().len().unwrap_or(0));
+        self.counters.add_request(request.body().len().unwrap_or(0));
         match next.split_first() {
             Some((first, rest)) => first.send(ctx, request, rest).await,
             None => Err(azure_core::Error::with_message(

@@ -24,7 +24,12 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket. `None` when `size` or `refill_time` is zero (that means "no limit").
-    pub fn new(size: u64, one_time_burst: u64, refill_time: Duration, now: Instant) -> Option<Self> {
+    pub fn new(
+        size: u64,
+        one_time_burst: u64,
+        refill_time: Duration,
+        now: Instant,
+    ) -> Option<Self> {
         if size == 0 || refill_time.is_zero() {
             return None;
         }
@@ -73,7 +78,9 @@ impl TokenBucket {
         let wait_ns = (deficit * refill_ns).div_ceil(size);
         let accrued_ns = now.saturating_duration_since(self.last_update).as_nanos();
         let wait = wait_ns.saturating_sub(accrued_ns).max(1);
-        Err(Duration::from_nanos(u64::try_from(wait).unwrap_or(u64::MAX)))
+        Err(Duration::from_nanos(
+            u64::try_from(wait).unwrap_or(u64::MAX),
+        ))
     }
 
     fn refill(&mut self, now: Instant) {
@@ -84,7 +91,9 @@ impl TokenBucket {
         if new_tokens == 0 {
             return;
         }
-        let budget = self.budget.saturating_add(new_tokens.min(i128::MAX as u128) as i128);
+        let budget = self
+            .budget
+            .saturating_add(new_tokens.min(i128::MAX as u128) as i128);
         if budget >= i128::from(self.size) {
             self.budget = i128::from(self.size);
             self.last_update = now;
@@ -289,7 +298,10 @@ mod tests {
         let start = Instant::now();
         assert!(t.consume_blocking(200, &cancel));
         let waited = start.elapsed();
-        assert!(waited >= 150 * MS && waited < Duration::from_secs(2), "{waited:?}");
+        assert!(
+            waited >= 150 * MS && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
         cancel.cancel();
         assert!(!t.consume_blocking(1_000_000, &cancel));
     }

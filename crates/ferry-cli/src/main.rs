@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_format::segment::PointKind;
-use ferry_job::{JobError, PointSelector, ReplicateOptions, RestoreRequest};
+use ferry_job::{JobError, PointSelector, ReplicateOptions, RestoreRequest, StoreLocation};
 
 #[derive(Parser)]
 #[command(
@@ -56,15 +56,44 @@ enum Cmd {
     ///   ferry restore --store ./store --point latest --out web01.img --verify
     ///   ferry restore --store ./store --point 0003 --vm web01 --disk os --out os.vhd
     Restore(RestoreArgs),
+    /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them
+    /// at each cut and publish recovery points. Idempotent and resumable: run it again after any
+    /// interruption. Without --once it keeps polling every --interval.
+    Apply(ApplyArgs),
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    /// The store: azure://ACCOUNT/CONTAINER.
+    #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+    store: StoreLocation,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Apply what is there and exit.
+    #[arg(long)]
+    once: bool,
+    /// Time between polls without --once.
+    #[arg(long, default_value = "30s", value_parser = units::parse_interval)]
+    interval: Duration,
+    /// Keep points this long; older ones' snapshots are deleted (newest never). `0` keeps all.
+    #[arg(long, default_value = "24h", value_parser = units::parse_retention)]
+    retention: Duration,
+    /// Print a JSON summary of each pass on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_store(s: &str) -> Result<StoreLocation, String> {
+    StoreLocation::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
 enum PointsCmd {
     /// List recovery points, oldest first.
     List {
-        /// The store (a directory).
-        #[arg(long, env = "FERRY_STORE")]
-        store: PathBuf,
+        /// The store: a directory, or azure://ACCOUNT/CONTAINER.
+        #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+        store: StoreLocation,
         /// Only this VM's points.
         #[arg(long)]
         vm: Option<String>,
@@ -95,9 +124,16 @@ struct ReplicateArgs {
     /// Disks of one VM: raw image files or block devices. All share each point.
     #[arg(required = true)]
     sources: Vec<PathBuf>,
-    /// The store: a directory (created if missing or empty).
-    #[arg(long, env = "FERRY_STORE")]
-    store: PathBuf,
+    /// The store: a directory (created if missing or empty), or azure://ACCOUNT/CONTAINER
+    /// (credentials from AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT + AZURE_STORAGE_KEY,
+    /// or AZURE_STORAGE_SAS_TOKEN).
+    #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+    store: StoreLocation,
+    /// Azure only: upload only sealed segments (deduped, compressed, encrypted — the WAN bytes);
+    /// `ferry apply` near the store writes the replicas. Without it (direct mode) this process
+    /// writes the page blobs itself.
+    #[arg(long)]
+    split: bool,
     /// Run once (sync + one point) and exit.
     #[arg(long)]
     once: bool,
@@ -139,9 +175,9 @@ struct ReplicateArgs {
 
 #[derive(Args)]
 struct RestoreArgs {
-    /// The store (a directory).
-    #[arg(long, env = "FERRY_STORE")]
-    store: PathBuf,
+    /// The store: a directory, or azure://ACCOUNT/CONTAINER.
+    #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+    store: StoreLocation,
     /// Point id (or a unique prefix), `latest`, or `latest-app`.
     #[arg(long)]
     point: PointSelector,
@@ -151,9 +187,10 @@ struct RestoreArgs {
     /// Disk to restore (needed when the point has several).
     #[arg(long)]
     disk: Option<String>,
-    /// Output file: raw image, or fixed VHD if it ends in `.vhd`.
+    /// Output: a file (raw image, or fixed VHD if it ends in `.vhd`), or, with an Azure store,
+    /// azure://ACCOUNT/CONTAINER/PATH.vhd — a new page blob made by server-side copy of the point.
     #[arg(long)]
-    out: PathBuf,
+    out: String,
     /// Re-read the output and check it against the point's blake3.
     #[arg(long)]
     verify: bool,
@@ -184,6 +221,7 @@ fn main() -> ExitCode {
             cmd: PointsCmd::List { store, vm, json },
         } => points_list(store, vm, json),
         Cmd::Restore(a) => restore(a),
+        Cmd::Apply(a) => apply(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,7 +273,7 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
         Some(d) => d.clone(),
         None => {
             // The cache belongs to one store: name it by the store id (after creating the store).
-            let store = ferry_job::open_store(&a.store, &key_file, true)?;
+            let store = ferry_job::open_store(&a.store.local_dir(), &key_file, true)?;
             ferry_job::default_cache_root().join(store.store_id())
         }
     };
@@ -245,6 +283,7 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
         vm,
         disks,
         store: a.store.clone(),
+        split: a.split,
         key_file,
         cache_dir,
         cache_size: a.cache_size,
@@ -313,6 +352,7 @@ fn print_run(o: &ReplicateOptions, r: &ferry_job::RunReport, json: bool) {
                 "points": r.pruned.points.iter().map(|(vm, id)| serde_json::json!({"vm": vm, "id": id})).collect::<Vec<_>>(),
                 "segments": r.pruned.segments, "segment_bytes": r.pruned.segment_bytes,
             },
+            "wan_bytes": r.wan_bytes,
             "seconds": r.seconds,
         });
         println!("{v}");
@@ -334,7 +374,7 @@ fn print_run(o: &ReplicateOptions, r: &ferry_job::RunReport, json: bool) {
     }
 }
 
-fn points_list(store: PathBuf, vm: Option<String>, json: bool) -> Result<(), JobError> {
+fn points_list(store: StoreLocation, vm: Option<String>, json: bool) -> Result<(), JobError> {
     let pts = ferry_job::list_points(&store, vm.as_deref())?;
     if json {
         let v: Vec<_> = pts
@@ -401,10 +441,64 @@ fn restore(a: RestoreArgs) -> Result<(), JobError> {
         println!(
             "restored point {} of {vm}/{disk} to {} ({}){}",
             point.id,
-            a.out.display(),
+            a.out,
             units::human(rep.bytes),
             if a.verify { ", verified" } else { "" }
         );
     }
     Ok(())
+}
+
+fn apply(a: ApplyArgs) -> Result<(), JobError> {
+    let StoreLocation::Azure { url, .. } = &a.store else {
+        return Err(JobError::Usage(
+            "ferry apply works on azure:// stores (split mode); a local store is applied as it is written".into(),
+        ));
+    };
+    let key_file = a
+        .key
+        .key_file
+        .clone()
+        .unwrap_or_else(ferry_job::default_key_file);
+    let key = ferry_job::load_key(&key_file)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| JobError::Usage(format!("cannot install signal handler: {e}")))?;
+    }
+    let blobs = ferry_job::azure::connect(url)?;
+    loop {
+        let started = Instant::now();
+        let r = ferry_job::remote::apply_all(&blobs, &key, &stop)?;
+        if !a.retention.is_zero() {
+            ferry_job::remote::prune(&blobs, a.retention)?;
+        }
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "points": r.points.iter().map(|(vm, p)| serde_json::json!({"vm": vm, "point": p})).collect::<Vec<_>>(),
+                    "segments_read": r.segments_read,
+                    "bytes_read": r.bytes_read,
+                })
+            );
+        } else {
+            for (vm, p) in &r.points {
+                println!("applied point {} ({}) of VM {vm}", p.id, p.kind);
+            }
+            if r.points.is_empty() {
+                println!("nothing new to apply");
+            }
+        }
+        if a.once || stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let next = started + a.interval;
+        while Instant::now() < next {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -63,6 +63,8 @@ fn continuous_mode_cuts_points_on_interval_and_stops_cleanly_on_sigterm() {
 }
 
 /// Peak RSS (KiB) of a `ferry replicate --once` run on `disk`.
+// The child is reaped by wait4 (for its rusage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
 fn peak_rss_kib(env: &Env, disk: &std::path::Path) -> i64 {
     let mut c = ferry();
     c.arg("replicate").arg(disk).arg("--once");

@@ -11,8 +11,10 @@
 //!
 //! Must not: print. Progress goes through [`Progress`]; the binary decides how to show it.
 
+pub mod azure;
 mod paths;
 mod points;
+pub mod remote;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -28,7 +30,10 @@ use ferry_pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
 use ferry_scan::{Change, ScanError, ScanReport, Source};
 use ferry_store::{LocalStore, Replica, StoreError};
 
-pub use paths::{default_cache_root, default_key_file, disk_name_from_path, validate_name};
+pub use azure::StoreLocation;
+pub use paths::{
+    default_cache_root, default_key_file, default_state_root, disk_name_from_path, validate_name,
+};
 pub use points::{list_points, resolve_point, restore_point, PointSelector, RestoreRequest};
 
 /// Errors of jobs. Each says what failed and what to do.
@@ -58,6 +63,9 @@ pub enum JobError {
         store_key: String,
         key: PathBuf,
     },
+    /// Azure store error
+    #[error("Azure: {0}")]
+    Azure(String),
     /// the run was stopped by a signal before its cut
     #[error("stopped before the point was cut; nothing was lost, the next run continues")]
     Stopped,
@@ -91,6 +99,11 @@ impl Progress for NoProgress {
     fn finish(&self) {}
 }
 
+/// Loads an existing key file.
+pub fn load_key(key_file: &Path) -> Result<MasterKey, JobError> {
+    Ok(MasterKey::load(key_file)?)
+}
+
 /// Opens a store, creating it (and a key, if the key file does not exist) when `create`.
 pub fn open_store(store: &Path, key_file: &Path, create: bool) -> Result<LocalStore, JobError> {
     let existing = ferry_store::peek(store)?;
@@ -119,7 +132,9 @@ pub struct ReplicateOptions {
     pub vm: String,
     /// One name per source.
     pub disks: Vec<String>,
-    pub store: PathBuf,
+    pub store: StoreLocation,
+    /// Azure only: upload sealed segments and let `ferry apply` write the replicas near the store.
+    pub split: bool,
     pub key_file: PathBuf,
     /// The cache directory (one per store).
     pub cache_dir: PathBuf,
@@ -143,6 +158,8 @@ pub struct RunReport {
     pub pipeline: PipelineStats,
     /// What retention removed after the run.
     pub pruned: ferry_apply::retention::Pruned,
+    /// Bytes sent to a remote store (request bodies): the WAN bytes.
+    pub wan_bytes: u64,
     pub seconds: f64,
 }
 
@@ -173,7 +190,17 @@ pub fn replicate_once(
         .iter()
         .map(|p| Source::open(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let store = open_store(&o.store, &o.key_file, true)?;
+    let blobs = match &o.store {
+        StoreLocation::Azure { url, .. } => Some(azure::connect(url)?),
+        StoreLocation::Local(_) if o.split => {
+            return Err(JobError::Usage(
+                "--split needs an azure:// store (it uploads segments for `ferry apply`)".into(),
+            ))
+        }
+        StoreLocation::Local(_) => None,
+    };
+    let wan0 = blobs.as_ref().map_or(0, |b| b.stats().bytes_sent);
+    let store = open_store(&o.store.local_dir(), &o.key_file, true)?;
     let _lock = store.lock()?;
     let (cache, rec) = Cache::open(
         CacheConfig {
@@ -190,7 +217,30 @@ pub fn replicate_once(
             "cache recovered after an interrupted run; finishing its work"
         );
     }
-    let mut pipeline = Pipeline::new(&store, o.pipeline.clone())?;
+    let (target, sink): (
+        Option<Box<dyn ferry_apply::ReplicaTarget>>,
+        Option<ferry_pipeline::SegmentSink>,
+    ) = match &blobs {
+        Some(b) if o.split => {
+            let b = b.clone();
+            (
+                None,
+                Some(Box::new(move |path: &str, bytes: &[u8]| {
+                    b.put_block_blob(path, bytes.to_vec())
+                        .map_err(|e| e.to_string())
+                })),
+            )
+        }
+        Some(b) => (
+            Some(Box::new(azure::AzureTarget::new(
+                b.clone(),
+                store.key().id().to_string(),
+            ))),
+            None,
+        ),
+        None => (None, None),
+    };
+    let mut pipeline = Pipeline::with(&store, o.pipeline.clone(), target, sink)?;
     // Finish what a crashed run made durable.
     let mut reader = cache.reader();
     pipeline.drain(&cache, &mut reader, true)?;
@@ -252,9 +302,10 @@ pub fn replicate_once(
     let committed = pipeline.take_committed();
     let stats = pipeline.stats.clone();
     drop(pipeline);
-    let pruned = match o.retention {
-        Some(r) => ferry_apply::retention::prune(&store, r)?,
-        None => Default::default(),
+    let pruned = match (o.retention, &blobs) {
+        (None, _) => Default::default(),
+        (Some(r), None) => ferry_apply::retention::prune(&store, r)?,
+        (Some(r), Some(b)) => azure::prune(&store, b, r, o.split)?,
     };
     let run_hex = hex::encode(run);
     let point = committed
@@ -270,6 +321,7 @@ pub fn replicate_once(
         scans: scans.unwrap_or_default(),
         pipeline: stats,
         pruned,
+        wan_bytes: blobs.as_ref().map_or(0, |b| b.stats().bytes_sent) - wan0,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

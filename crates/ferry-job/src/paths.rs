@@ -25,17 +25,21 @@ pub fn default_key_file() -> PathBuf {
     }
 }
 
-/// `$FERRY_STATE_DIR/cache`, else `/var/lib/ferry/cache` for root, else `~/.local/state/ferry/cache`.
-/// A store's cache lives in a subdirectory named by the store id.
-pub fn default_cache_root() -> PathBuf {
+/// `$FERRY_STATE_DIR`, else `/var/lib/ferry` for root, else `~/.local/state/ferry`.
+pub fn default_state_root() -> PathBuf {
     if let Some(p) = std::env::var_os("FERRY_STATE_DIR") {
-        return PathBuf::from(p).join("cache");
+        return PathBuf::from(p);
     }
     if is_root() {
-        PathBuf::from("/var/lib/ferry/cache")
+        PathBuf::from("/var/lib/ferry")
     } else {
-        home().join(".local/state/ferry/cache")
+        home().join(".local/state/ferry")
     }
+}
+
+/// The state root's `cache/`. A store's cache lives in a subdirectory named by the store id.
+pub fn default_cache_root() -> PathBuf {
+    default_state_root().join("cache")
 }
 
 /// The default name of a disk: the file name without its extension (`disk.img` → `disk`).

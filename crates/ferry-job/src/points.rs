@@ -6,6 +6,7 @@ use ferry_apply::{OutputFormat, RestoreOptions, RestoreReport};
 use ferry_format::manifest::Point;
 use ferry_store::Replica;
 
+use crate::azure::{self, StoreLocation};
 use crate::{open_store, JobError, Progress};
 
 /// Which point to restore.
@@ -30,7 +31,33 @@ impl std::str::FromStr for PointSelector {
 }
 
 /// Every point in the store (of one VM, or all), oldest first. Needs no key.
-pub fn list_points(store: &Path, vm: Option<&str>) -> Result<Vec<(String, Point)>, JobError> {
+pub fn list_points(
+    store: &StoreLocation,
+    vm: Option<&str>,
+) -> Result<Vec<(String, Point)>, JobError> {
+    match store {
+        StoreLocation::Local(p) => list_local_points(p, vm),
+        StoreLocation::Azure { url, .. } => {
+            let blobs = azure::connect(url)?;
+            let vms = azure::list_vms(&blobs)?;
+            let chosen: Vec<String> = match vm {
+                Some(v) if vms.iter().any(|x| x == v) => vec![v.to_owned()],
+                Some(v) => return Err(no_vm(Path::new(url), v, &vms)),
+                None => vms,
+            };
+            let mut out = Vec::new();
+            for v in chosen {
+                if let Some(m) = azure::load_manifest(&blobs, &v)? {
+                    out.extend(m.points.into_iter().map(|p| (v.clone(), p)));
+                }
+            }
+            out.sort_by(|a, b| (&a.1.time, a.1.seq, &a.0).cmp(&(&b.1.time, b.1.seq, &b.0)));
+            Ok(out)
+        }
+    }
+}
+
+fn list_local_points(store: &Path, vm: Option<&str>) -> Result<Vec<(String, Point)>, JobError> {
     let vms = ferry_store::list_vms_at(store)?;
     let chosen: Vec<String> = match vm {
         Some(v) if vms.iter().any(|x| x == v) => vec![v.to_owned()],
@@ -61,7 +88,7 @@ fn no_vm(store: &Path, v: &str, vms: &[String]) -> JobError {
 
 /// Finds the point a selector names; refuses ambiguity with the list of choices.
 pub fn resolve_point(
-    store: &Path,
+    store: &StoreLocation,
     vm: Option<&str>,
     sel: &PointSelector,
 ) -> Result<(String, Point), JobError> {
@@ -78,7 +105,7 @@ pub fn resolve_point(
             if vms.len() > 1 {
                 return Err(JobError::Usage(format!(
                     "store {} holds several VMs ({}); choose one with --vm",
-                    store.display(),
+                    store,
                     vms.iter()
                         .map(|s| s.as_str())
                         .collect::<Vec<_>>()
@@ -112,9 +139,7 @@ pub fn resolve_point(
             match hits.len() {
                 1 => Ok(hits.into_iter().next().expect("one")),
                 0 => Err(JobError::Usage(format!(
-                    "no point '{id}' in {}; list them with `ferry points list --store {}`",
-                    store.display(),
-                    store.display()
+                    "no point '{id}' in {store}; list them with `ferry points list --store {store}`"
                 ))),
                 _ => Err(JobError::Usage(format!(
                     "point '{id}' is ambiguous: {}; give the full id and --vm",
@@ -131,12 +156,13 @@ pub fn resolve_point(
 /// What to restore.
 #[derive(Clone, Debug)]
 pub struct RestoreRequest {
-    pub store: PathBuf,
+    pub store: StoreLocation,
     pub key_file: PathBuf,
     pub vm: Option<String>,
     pub disk: Option<String>,
     pub point: PointSelector,
-    pub out: PathBuf,
+    /// A local file, or `azure://ACCOUNT/CONTAINER/PATH` (a new page blob in the same store).
+    pub out: String,
     pub verify: bool,
     pub force: bool,
     pub threads: usize,
@@ -176,22 +202,100 @@ pub fn restore_point(
                 .join(", ")
         )));
     }
-    if let Ok(m) = std::fs::metadata(&r.out) {
+    if let Some(rest) = r.out.strip_prefix("azure://") {
+        let StoreLocation::Azure {
+            url,
+            account,
+            container,
+        } = &r.store
+        else {
+            return Err(JobError::Usage(
+                "restoring into Azure needs an azure:// --store (server-side copy of the point's snapshot)".into(),
+            ));
+        };
+        let mut it = rest.splitn(3, '/');
+        let (a, c, path) = (
+            it.next().unwrap_or(""),
+            it.next().unwrap_or(""),
+            it.next().unwrap_or(""),
+        );
+        if a != account || c != container || path.is_empty() {
+            return Err(JobError::Usage(format!(
+                "--out {} must be a blob path in the store's own container: azure://{account}/{container}/PATH",
+                r.out
+            )));
+        }
+        let blobs = azure::connect(url)?;
+        if !r.force && blobs.blob_size(path).map_err(azure::az)?.is_some() {
+            return Err(JobError::Usage(format!(
+                "{} already exists; delete it or pass --force",
+                r.out
+            )));
+        }
+        let size = azure::restore_to_blob(&blobs, &vm, &point, &disk, path, r.verify)?;
+        return Ok((
+            vm,
+            disk,
+            point,
+            RestoreReport {
+                bytes: size,
+                chunks_read: 0,
+            },
+        ));
+    }
+    let out = PathBuf::from(&r.out);
+    if let Ok(m) = std::fs::metadata(&out) {
         use std::os::unix::fs::FileTypeExt;
         if m.file_type().is_block_device() && !r.force {
             return Err(JobError::Usage(format!(
                 "{} is a block device; restoring overwrites all of it — pass --force if that is what you want",
-                r.out.display()
+                out.display()
             )));
         }
         if m.is_file() && m.len() > 0 && !r.force {
             return Err(JobError::Usage(format!(
                 "{} already exists; remove it or pass --force to overwrite it",
-                r.out.display()
+                out.display()
             )));
         }
     }
-    let store = open_store(&r.store, &r.key_file, false)?;
+    let format = OutputFormat::from_path(&out);
+    let size = point
+        .disks
+        .iter()
+        .find(|d| d.name == disk)
+        .map_or(0, |d| d.size);
+    let root = match &r.store {
+        StoreLocation::Local(p) => p.clone(),
+        StoreLocation::Azure { url, .. } => {
+            // Page-blob snapshots hold plain bytes: no key needed.
+            let blobs = azure::connect(url)?;
+            progress.start(&format!("restoring {} of {vm}/{disk}", point.id), size);
+            let rep =
+                azure::restore_to_file(&blobs, &vm, &point, &disk, &out, format, r.threads, &|d| {
+                    progress.update(d)
+                });
+            progress.finish();
+            let bytes = rep?;
+            if r.verify {
+                progress.start(&format!("verifying {}", out.display()), size);
+                let v =
+                    ferry_apply::verify_file(&out, &point, &disk, format, &|d| progress.update(d));
+                progress.finish();
+                v?;
+            }
+            return Ok((
+                vm,
+                disk,
+                point,
+                RestoreReport {
+                    bytes,
+                    chunks_read: 0,
+                },
+            ));
+        }
+    };
+    let store = open_store(&root, &r.key_file, false)?;
     let _lock = store.lock()?;
     // Finish a commit a crash may have interrupted before reading the replica.
     let manifest = store
@@ -205,12 +309,6 @@ pub fn restore_point(
         .max()
         .unwrap_or(0);
     Replica::open(&store.replica_dir(&vm, &disk))?.recover(latest)?;
-    let format = OutputFormat::from_path(&r.out);
-    let size = point
-        .disks
-        .iter()
-        .find(|d| d.name == disk)
-        .map_or(0, |d| d.size);
     progress.start(&format!("restoring {} of {vm}/{disk}", point.id), size);
     let rep = ferry_apply::restore(
         &store,
@@ -218,7 +316,7 @@ pub fn restore_point(
             vm: &vm,
             disk: &disk,
             point: &point,
-            out: &r.out,
+            out: &out,
             format,
             threads: r.threads,
             progress: &|d| progress.update(d),
@@ -227,8 +325,8 @@ pub fn restore_point(
     progress.finish();
     let rep = rep?;
     if r.verify {
-        progress.start(&format!("verifying {}", r.out.display()), size);
-        let v = ferry_apply::verify_file(&r.out, &point, &disk, format, &|d| progress.update(d));
+        progress.start(&format!("verifying {}", out.display()), size);
+        let v = ferry_apply::verify_file(&out, &point, &disk, format, &|d| progress.update(d));
         progress.finish();
         v?;
     }

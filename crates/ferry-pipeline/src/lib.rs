@@ -37,6 +37,9 @@ pub enum PipelineError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// the segment upload failed
+    #[error("uploading segment {path}: {detail}")]
+    Upload { path: String, detail: String },
     /// a cached record is malformed
     #[error("cached record for {vm}/{disk} at offset {offset}: {detail}")]
     BadRecord {
@@ -135,14 +138,32 @@ pub struct Pipeline<'s> {
     open_bytes: usize,
     pub stats: PipelineStats,
     committed: Vec<Committed>,
+    sink: Option<SegmentSink<'s>>,
 }
+
+/// Receives every sealed segment before it is stored locally (split mode uploads it).
+pub type SegmentSink<'s> = Box<dyn FnMut(&str, &[u8]) -> Result<(), String> + Send + 's>;
 
 impl<'s> Pipeline<'s> {
     /// Opens the dedupe index, starts the workers and lets the applier finish anything a crash
     /// interrupted. Hold the store lock for the pipeline's lifetime.
     pub fn new(store: &'s LocalStore, cfg: PipelineConfig) -> Result<Self, PipelineError> {
+        Self::with(store, cfg, None, None)
+    }
+
+    /// Like [`Self::new`], with a remote replica target for the applier (direct mode) and/or a sink
+    /// every segment goes to before it is stored (split mode).
+    pub fn with(
+        store: &'s LocalStore,
+        cfg: PipelineConfig,
+        target: Option<Box<dyn ferry_apply::ReplicaTarget + 's>>,
+        sink: Option<SegmentSink<'s>>,
+    ) -> Result<Self, PipelineError> {
         let index = store.open_index()?;
         let mut applier = Applier::new(store);
+        if let Some(t) = target {
+            applier.set_target(t);
+        }
         let committed = applier.recover()?;
         let (tx, rx) = bounded::<Job>(cfg.threads * 8);
         let workers = (0..cfg.threads.max(1))
@@ -164,6 +185,7 @@ impl<'s> Pipeline<'s> {
             open_bytes: 0,
             stats: PipelineStats::default(),
             committed,
+            sink,
         })
     }
 
@@ -361,8 +383,15 @@ impl<'s> Pipeline<'s> {
         for ((vm, disk), seg) in open {
             let seq = seg.builder.seq();
             let (bytes, records, new) = finish_segment(seg)?;
-            self.store
-                .put_segment(&LocalStore::segment_path(&vm, &disk, seq), &bytes)?;
+            let path = LocalStore::segment_path(&vm, &disk, seq);
+            // Split mode: the store's copy first, so a local segment always exists remotely too.
+            if let Some(sink) = self.sink.as_mut() {
+                sink(&path, &bytes).map_err(|detail| PipelineError::Upload {
+                    path: path.clone(),
+                    detail,
+                })?;
+            }
+            self.store.put_segment(&path, &bytes)?;
             self.stats.segments += 1;
             self.stats.segment_bytes += bytes.len() as u64;
             self.stats.sealed_bytes += new.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();

@@ -1,0 +1,498 @@
+//! Azure stores (`azure://ACCOUNT/CONTAINER`): replicas are page blobs (`replicas/VM/DISK.vhd`, fixed
+//! VHD: data rounded up to 1 MiB + footer), points are blob snapshots, manifests are block blobs
+//! (`manifests/VM.json`, written last: the commit point), and in split mode segments are block blobs
+//! (`journal/VM/DISK/SEQ.seg`).
+//!
+//! The process side keeps a local staging store (journal, digest maps, dedupe index) under the state
+//! directory: the scan compares against its digest maps, and in direct mode the applier reads chunk
+//! data from its journal to write page blobs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ferry_apply::{ApplyError, ReplicaTarget, RunOp, RunSpan, TargetError};
+use ferry_azure::AzureBlobs;
+use ferry_format::manifest::{DiskState, Manifest, Point};
+use ferry_format::vhd;
+use ferry_store::LocalStore;
+
+use crate::JobError;
+
+/// Where a store lives.
+#[derive(Clone, Debug)]
+pub enum StoreLocation {
+    Local(PathBuf),
+    Azure {
+        url: String,
+        account: String,
+        container: String,
+    },
+}
+
+impl StoreLocation {
+    /// `azure://ACCOUNT/CONTAINER` or a path.
+    pub fn parse(s: &str) -> Result<Self, JobError> {
+        if let Some(rest) = s.strip_prefix("azure://") {
+            let mut it = rest.trim_end_matches('/').splitn(2, '/');
+            let account = it.next().unwrap_or_default().to_owned();
+            let container = it.next().unwrap_or_default().to_owned();
+            if account.is_empty() || container.is_empty() || container.contains('/') {
+                return Err(JobError::Usage(format!(
+                    "'{s}' is not a store URL; write azure://ACCOUNT/CONTAINER"
+                )));
+            }
+            return Ok(StoreLocation::Azure {
+                url: format!("azure://{account}/{container}"),
+                account,
+                container,
+            });
+        }
+        Ok(StoreLocation::Local(PathBuf::from(s)))
+    }
+
+    /// The local directory that holds the store (local) or its staging store (Azure).
+    pub fn local_dir(&self) -> PathBuf {
+        match self {
+            StoreLocation::Local(p) => p.clone(),
+            StoreLocation::Azure {
+                account, container, ..
+            } => crate::default_state_root()
+                .join("stage")
+                .join(account)
+                .join(container),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Local(p) => write!(f, "{}", p.display()),
+            StoreLocation::Azure { url, .. } => f.write_str(url),
+        }
+    }
+}
+
+/// Connects to an Azure store (credentials from the environment), creating the container if needed.
+pub fn connect(url: &str) -> Result<AzureBlobs, JobError> {
+    let cfg = ferry_azure::AzureConfig::from_url(url).map_err(az)?;
+    let blobs = AzureBlobs::new(cfg).map_err(az)?;
+    blobs.ensure_container().map_err(az)?;
+    Ok(blobs)
+}
+
+pub(crate) fn az(e: ferry_azure::AzureError) -> JobError {
+    JobError::Azure(e.to_string())
+}
+
+fn az_apply(e: ferry_azure::AzureError) -> ApplyError {
+    ApplyError::Target(TargetError(e.to_string()))
+}
+
+pub fn replica_blob(vm: &str, disk: &str) -> String {
+    format!("replicas/{vm}/{disk}.vhd")
+}
+
+pub fn manifest_blob(vm: &str) -> String {
+    format!("manifests/{vm}.json")
+}
+
+/// Loads a VM's manifest from the store, if it has one.
+pub fn load_manifest(blobs: &AzureBlobs, vm: &str) -> Result<Option<Manifest>, ApplyError> {
+    match blobs.get_blob(&manifest_blob(vm)).map_err(az_apply)? {
+        None => Ok(None),
+        Some(b) => Manifest::from_json(&b)
+            .map(Some)
+            .map_err(|e| TargetError(format!("{}: {e}", manifest_blob(vm))).into()),
+    }
+}
+
+/// VMs with a manifest in the store.
+pub fn list_vms(blobs: &AzureBlobs) -> Result<Vec<String>, JobError> {
+    let mut v: Vec<String> = blobs
+        .list("manifests/")
+        .map_err(az)?
+        .into_iter()
+        .filter_map(|(n, _)| {
+            n.strip_prefix("manifests/")
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_owned)
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Makes sure the replica page blob of a disk exists with the right size and a fixed-VHD footer.
+pub fn ensure_replica(
+    blobs: &AzureBlobs,
+    vm: &str,
+    disk: &str,
+    size: u64,
+) -> Result<(), ApplyError> {
+    let name = replica_blob(vm, disk);
+    let vsize = vhd::vhd_size(size);
+    match blobs.blob_size(&name).map_err(az_apply)? {
+        Some(s) if s == vsize + vhd::FOOTER_LEN as u64 => Ok(()),
+        Some(s) => Err(TargetError(format!(
+            "{name} is {s} bytes but disk {disk} needs {}; Ferry does not follow a resize",
+            vsize + vhd::FOOTER_LEN as u64
+        ))
+        .into()),
+        None => {
+            blobs
+                .create_page_blob(&name, vsize + vhd::FOOTER_LEN as u64)
+                .map_err(az_apply)?;
+            let mut uid = [0u8; 16];
+            ferry_crypto::random_bytes(&mut uid).map_err(|e| TargetError(e.to_string()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            blobs
+                .put_pages(&name, vsize, vhd::encode(vsize, uid, now).to_vec())
+                .map_err(az_apply)?;
+            Ok(())
+        }
+    }
+}
+
+/// Bytes of page writes batched before one parallel upload.
+const BATCH: usize = 64 << 20;
+
+/// Writes one disk's run to its page blob: Put Page for data (512-aligned, adjacent writes coalesced
+/// and uploaded in parallel), Clear Pages for zero ranges. Order is kept wherever it matters: a batch
+/// is flushed before a clear, before a second write to the same offset, and at the end.
+pub fn write_run(
+    blobs: &AzureBlobs,
+    name: &str,
+    ops: impl Iterator<Item = Result<RunOp, ApplyError>>,
+) -> Result<(), ApplyError> {
+    let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut offsets = std::collections::HashSet::new();
+    let mut bytes = 0usize;
+    let mut clear: Option<(u64, u64)> = None;
+    let flush_writes =
+        |w: &mut Vec<(u64, Vec<u8>)>, o: &mut std::collections::HashSet<u64>, b: &mut usize| {
+            if w.is_empty() {
+                return Ok(());
+            }
+            o.clear();
+            *b = 0;
+            blobs
+                .put_pages_many(name, std::mem::take(w))
+                .map_err(az_apply)
+        };
+    for op in ops {
+        match op? {
+            RunOp::Write { offset, mut data } => {
+                if let Some((s, e)) = clear.take() {
+                    blobs.clear_pages(name, s, e - s).map_err(az_apply)?;
+                }
+                if offsets.contains(&offset) {
+                    flush_writes(&mut writes, &mut offsets, &mut bytes)?;
+                }
+                data.resize(data.len().div_ceil(512) * 512, 0);
+                bytes += data.len();
+                offsets.insert(offset);
+                writes.push((offset, data));
+                if bytes >= BATCH {
+                    flush_writes(&mut writes, &mut offsets, &mut bytes)?;
+                }
+            }
+            RunOp::Zero { offset, len } => {
+                flush_writes(&mut writes, &mut offsets, &mut bytes)?;
+                let end = offset + len.div_ceil(512) * 512;
+                clear = match clear {
+                    Some((s, e)) if e == offset => Some((s, end)),
+                    Some((s, e)) => {
+                        blobs.clear_pages(name, s, e - s).map_err(az_apply)?;
+                        Some((offset, end))
+                    }
+                    None => Some((offset, end)),
+                };
+            }
+        }
+    }
+    flush_writes(&mut writes, &mut offsets, &mut bytes)?;
+    if let Some((s, e)) = clear {
+        blobs.clear_pages(name, s, e - s).map_err(az_apply)?;
+    }
+    Ok(())
+}
+
+/// Direct mode: committed runs are written from the local journal to the Azure page blobs, then
+/// snapshotted, then the Azure manifest is replaced.
+pub struct AzureTarget {
+    blobs: AzureBlobs,
+    key_id: String,
+    manifests: HashMap<String, Manifest>,
+}
+
+impl AzureTarget {
+    pub fn new(blobs: AzureBlobs, key_id: String) -> Self {
+        AzureTarget {
+            blobs,
+            key_id,
+            manifests: HashMap::new(),
+        }
+    }
+}
+
+/// Cuts a point on the store: snapshots every disk's page blob and publishes the manifest. Shared by
+/// direct mode and `ferry apply`.
+pub fn publish_point(
+    blobs: &AzureBlobs,
+    m: &mut Manifest,
+    mut point: Point,
+    spans: &[RunSpan],
+) -> Result<Point, ApplyError> {
+    for d in point.disks.iter_mut() {
+        d.snapshot = Some(
+            blobs
+                .snapshot(&replica_blob(&m.vm, &d.name))
+                .map_err(az_apply)?,
+        );
+    }
+    // The caller numbers the point (direct mode: the local manifest's sequence, so both agree).
+    m.next_seq = m.next_seq.max(point.seq + 1);
+    m.points.push(point.clone());
+    for s in spans {
+        m.disks.insert(
+            s.disk.clone(),
+            DiskState {
+                size: s.size,
+                applied: s.to,
+            },
+        );
+    }
+    blobs
+        .put_block_blob(&manifest_blob(&m.vm), m.to_json())
+        .map_err(az_apply)?;
+    Ok(point)
+}
+
+impl ReplicaTarget for AzureTarget {
+    fn commit_run(
+        &mut self,
+        store: &LocalStore,
+        vm: &str,
+        spans: &[RunSpan],
+        point: Point,
+    ) -> Result<Point, ApplyError> {
+        if !self.manifests.contains_key(vm) {
+            let m =
+                load_manifest(&self.blobs, vm)?.unwrap_or_else(|| Manifest::new(vm, &self.key_id));
+            self.manifests.insert(vm.to_owned(), m);
+        }
+        let m = self.manifests.get_mut(vm).expect("loaded");
+        if let Some(p) = m.points.iter().find(|p| p.run == point.run) {
+            return Ok(p.clone());
+        }
+        for span in spans {
+            ensure_replica(&self.blobs, vm, &span.disk, span.size)?;
+            write_run(
+                &self.blobs,
+                &replica_blob(vm, &span.disk),
+                ferry_apply::run_ops(store, vm, span),
+            )?;
+        }
+        publish_point(&self.blobs, m, point, spans)
+    }
+}
+
+/// Retention for an Azure store: the local staging store is pruned as a local store is; expired
+/// points leave the Azure manifests (the commit), then their snapshots are deleted. In split mode a
+/// journal segment is deleted from the store only once `ferry apply` has applied past it.
+pub fn prune(
+    store: &LocalStore,
+    blobs: &AzureBlobs,
+    retention: std::time::Duration,
+    split: bool,
+) -> Result<ferry_apply::retention::Pruned, JobError> {
+    let now = std::time::SystemTime::now();
+    for vm in list_vms(blobs)? {
+        let Some(mut m) = load_manifest(blobs, &vm)? else {
+            continue;
+        };
+        let gone = ferry_apply::retention::expired(&m, retention, now);
+        if gone.is_empty() {
+            continue;
+        }
+        let dead: Vec<Point> = m
+            .points
+            .iter()
+            .filter(|p| gone.contains(&p.seq))
+            .cloned()
+            .collect();
+        m.points.retain(|p| !gone.contains(&p.seq));
+        blobs
+            .put_block_blob(&manifest_blob(&vm), m.to_json())
+            .map_err(az)?;
+        for p in dead {
+            for d in p.disks {
+                if let Some(s) = d.snapshot {
+                    if let Err(e) = blobs.delete_snapshot(&replica_blob(&vm, &d.name), &s) {
+                        tracing::warn!(vm = %vm, point = %p.id, error = %e, "cannot delete an expired snapshot; it will be retried");
+                    }
+                }
+            }
+        }
+    }
+    let mut remote: HashMap<String, Option<Manifest>> = HashMap::new();
+    let mut veto = |vm: &str, disk: &str, seq: u64| -> Result<bool, ApplyError> {
+        if !split {
+            return Ok(true);
+        }
+        if !remote.contains_key(vm) {
+            remote.insert(vm.to_owned(), load_manifest(blobs, vm)?);
+        }
+        let applied = remote[vm]
+            .as_ref()
+            .and_then(|m| m.disks.get(disk))
+            .map_or(0, |d| d.applied.segment);
+        if seq >= applied {
+            return Ok(false);
+        }
+        blobs
+            .delete_blob(&ferry_store::LocalStore::segment_path(vm, disk, seq))
+            .map_err(az_apply)?;
+        Ok(true)
+    };
+    Ok(ferry_apply::retention::prune_with(
+        store, retention, &mut veto,
+    )?)
+}
+
+/// Restores one disk of a point from its page-blob snapshot to a local raw image or fixed VHD.
+/// Only the snapshot's written page ranges are downloaded (in parallel); the rest stays sparse.
+pub fn restore_to_file(
+    blobs: &AzureBlobs,
+    vm: &str,
+    point: &Point,
+    disk: &str,
+    out: &std::path::Path,
+    format: ferry_apply::OutputFormat,
+    threads: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64, JobError> {
+    use std::os::unix::fs::FileExt;
+    let pd = point
+        .disks
+        .iter()
+        .find(|d| d.name == disk)
+        .ok_or_else(|| JobError::Usage(format!("point {} has no disk {disk}", point.id)))?;
+    let snap = pd.snapshot.clone().ok_or_else(|| {
+        JobError::Azure(format!(
+            "point {} of {vm}/{disk} has no snapshot recorded; the manifest is damaged",
+            point.id
+        ))
+    })?;
+    let name = replica_blob(vm, disk);
+    let size = pd.size;
+    let oerr = |e: std::io::Error| JobError::Usage(format!("cannot write {}: {e}", out.display()));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out)
+        .map_err(oerr)?;
+    f.set_len(size).map_err(oerr)?;
+    let mut pieces = Vec::new();
+    for (s, e) in blobs.list_page_ranges(&name, Some(&snap)).map_err(az)? {
+        let (s, e) = (s.min(size), e.min(size));
+        let mut o = s;
+        while o < e {
+            let n = (e - o).min(4 << 20);
+            pieces.push((o, n));
+            o += n;
+        }
+    }
+    let total: u64 = pieces.iter().map(|p| p.1).sum();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let next = std::sync::Mutex::new(pieces.into_iter());
+    let first_err = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let Some((o, n)) = next.lock().expect("poisoned").next() else {
+                    return;
+                };
+                let r = blobs
+                    .get_range(&name, Some(&snap), o, n)
+                    .map_err(az)
+                    .and_then(|b| {
+                        if b.len() as u64 != n {
+                            return Err(JobError::Azure(format!(
+                                "{name}@{snap}: short read at {o} ({} of {n} bytes)",
+                                b.len()
+                            )));
+                        }
+                        f.write_all_at(&b, o).map_err(oerr)
+                    });
+                match r {
+                    Ok(()) => {
+                        let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                        progress(d * size / total.max(1));
+                    }
+                    Err(e) => {
+                        first_err.lock().expect("poisoned").get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().expect("poisoned") {
+        return Err(e);
+    }
+    if format == ferry_apply::OutputFormat::Vhd {
+        let vsize = vhd::vhd_size(size);
+        f.set_len(vsize).map_err(oerr)?;
+        let footer = blobs
+            .get_range(&name, Some(&snap), vsize, vhd::FOOTER_LEN as u64)
+            .map_err(az)?;
+        f.write_all_at(&footer, vsize).map_err(oerr)?;
+    }
+    f.sync_all().map_err(oerr)?;
+    Ok(size)
+}
+
+/// Restores a point into a new page blob of the same store by server-side copy of its snapshot.
+pub fn restore_to_blob(
+    blobs: &AzureBlobs,
+    vm: &str,
+    point: &Point,
+    disk: &str,
+    dst: &str,
+    verify: bool,
+) -> Result<u64, JobError> {
+    let pd = point
+        .disks
+        .iter()
+        .find(|d| d.name == disk)
+        .ok_or_else(|| JobError::Usage(format!("point {} has no disk {disk}", point.id)))?;
+    let snap = pd
+        .snapshot
+        .clone()
+        .ok_or_else(|| JobError::Azure(format!("point {} has no snapshot recorded", point.id)))?;
+    blobs
+        .copy_from_snapshot(&replica_blob(vm, disk), &snap, dst)
+        .map_err(az)?;
+    if verify {
+        let mut h = blake3::Hasher::new();
+        let mut o = 0;
+        while o < pd.size {
+            let n = (pd.size - o).min(4 << 20);
+            h.update(&blobs.get_range(dst, None, o, n).map_err(az)?);
+            o += n;
+        }
+        let found = h.finalize().to_hex().to_string();
+        if found != pd.blake3 {
+            return Err(JobError::Azure(format!(
+                "verification failed: {dst} has blake3 {found}, point {} recorded {}",
+                point.id, pd.blake3
+            )));
+        }
+    }
+    Ok(pd.size)
+}
