@@ -25,7 +25,7 @@ use criterion::{
 use ferry_benches::{mixed_dataset, write_image, CHUNK, DEFAULT_SEED};
 use ferry_crypto::{is_zero, Digest, MasterKey};
 use ferry_format::segment::{BlobSealer, PointKind, SegmentBuilder};
-use ferry_job::{NoProgress, ReplicateOptions};
+use ferry_job::{NoProgress, ReplicateOptions, StoreLocation};
 use ferry_pipeline::{encode_chunk, PipelineConfig};
 
 const PIPELINE_BYTES: usize = 1 << 30;
@@ -227,7 +227,8 @@ fn replicate(c: &mut Criterion) {
                         sources: vec![image.clone()],
                         vm: "vm".into(),
                         disks: vec!["disk".into()],
-                        store: run.path().join("store"),
+                        store: StoreLocation::Local(run.path().join("store")),
+                        split: false,
                         key_file: key_file.clone(),
                         cache_dir: run.path().join("cache"),
                         cache_size: 4 << 30,

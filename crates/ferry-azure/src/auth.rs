@@ -132,7 +132,8 @@ impl Policy for SasPolicy {
     }
 }
 
-async fn forward(
+/// Pass the request to the next policy (the transport is always last, so there is one).
+pub(crate) async fn forward(
     ctx: &Context<'_>,
     request: &mut Request,
     next: &[Arc<dyn Policy>],
@@ -141,7 +142,7 @@ async fn forward(
         Some((first, rest)) => first.send(ctx, request, rest).await,
         None => Err(azure_core::Error::with_message(
             azure_core::error::ErrorKind::Other,
-            "an authorization policy must not be the last policy in the pipeline",
+            "a Ferry policy must not be the last policy in the pipeline",
         )),
     }
 }

@@ -324,7 +324,6 @@ fn entra_credential(
                     transport: Some(transport.clone()),
                     ..Default::default()
                 },
-                ..Default::default()
             }))
             .map_err(cred_err)?
         }

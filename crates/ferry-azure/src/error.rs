@@ -349,8 +349,9 @@ impl AzureError {
     }
 }
 
+/// First line of a service message, without the trailing period (messages are embedded).
 fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("").trim()
+    s.lines().next().unwrap_or("").trim().trim_end_matches('.')
 }
 
 /// The error and its sources on one line, so "connection refused" is not hidden behind

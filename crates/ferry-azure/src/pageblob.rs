@@ -22,7 +22,7 @@ impl AzureBlobs {
     /// already exists with that size; an error if it exists with another size or type.
     pub fn create_page_blob(&self, name: &str, size: u64) -> Result<()> {
         const OP: &str = "create_page_blob";
-        if size % PAGE != 0 {
+        if !size.is_multiple_of(PAGE) {
             return Err(AzureError::invalid(
                 OP,
                 name,
@@ -138,8 +138,8 @@ impl AzureBlobs {
         })
     }
 
-    /// Written ranges of page blob `name` (or of its `snapshot`) as `(offset, length)`, sorted,
-    /// touching ranges merged.
+    /// Written ranges of page blob `name` (or of its `snapshot`) as `(start, end)` byte
+    /// offsets, end exclusive, sorted, touching ranges merged.
     pub fn list_page_ranges(&self, name: &str, snapshot: Option<&str>) -> Result<Vec<(u64, u64)>> {
         const OP: &str = "list_page_ranges";
         let name = name.to_string();
@@ -185,7 +185,10 @@ impl AzureBlobs {
                     break;
                 }
             }
-            Ok(merge_ranges(out))
+            Ok(merge_ranges(out)
+                .into_iter()
+                .map(|(off, len)| (off, off + len))
+                .collect())
         })
     }
 

@@ -13,7 +13,7 @@ pub(crate) fn check_aligned(op: &'static str, blob: &str, offset: u64, len: u64)
     if len == 0 {
         return Err(AzureError::invalid(op, blob, "empty range"));
     }
-    if offset % PAGE != 0 || len % PAGE != 0 {
+    if !offset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         return Err(AzureError::invalid(
             op,
             blob,
@@ -38,7 +38,7 @@ pub(crate) fn coalesce(
     mut ranges: Vec<(u64, Vec<u8>)>,
     max: u64,
 ) -> Result<Vec<(u64, Vec<u8>)>> {
-    debug_assert!(max >= PAGE && max % PAGE == 0);
+    debug_assert!(max >= PAGE && max.is_multiple_of(PAGE));
     for (off, data) in &ranges {
         check_aligned(op, blob, *off, data.len() as u64)?;
     }

@@ -19,11 +19,12 @@ pub struct Counters {
 /// A point-in-time copy of [`Counters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Request body bytes handed to the transport, retries included (what crossed the WAN).
+    /// Request body bytes sent, retries included (what crossed the WAN); bodies of requests
+    /// whose connection was refused are not counted.
     pub bytes_sent: u64,
     /// Blob bytes read by `get_blob` and `get_range`.
     pub bytes_received: u64,
-    /// HTTP requests sent, retries included.
+    /// HTTP requests attempted, retries included.
     pub requests: u64,
     /// Retries made by [`crate::retry::retry`] (not counting first attempts).
     pub retries: u64,
@@ -47,11 +48,6 @@ impl Counters {
     pub(crate) fn add_received(&self, n: u64) {
         self.bytes_received.fetch_add(n, Ordering::Relaxed);
     }
-
-    fn add_request(&self, body: u64) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.bytes_sent.fetch_add(body, Ordering::Relaxed);
-    }
 }
 
 /// Per-try pipeline policy that counts each request and its body size.
@@ -68,13 +64,17 @@ impl Policy for CountingPolicy {
         request: &mut Request,
         next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
-        self.counters.add_request(request.body().len().unwrap_or(0));
-        match next.split_first() {
-            Some((first, rest)) => first.send(ctx, request, rest).await,
-            None => Err(azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Other,
-                "CountingPolicy must not be the last policy in the pipeline",
-            )),
+        let body = request.body().len().unwrap_or(0);
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let result = crate::auth::forward(ctx, request, next).await;
+        // A refused connection sent nothing; anything else may have put the body on the wire.
+        let sent = match &result {
+            Ok(_) => true,
+            Err(e) => !matches!(e.kind(), azure_core::error::ErrorKind::Connection),
+        };
+        if sent {
+            self.counters.bytes_sent.fetch_add(body, Ordering::Relaxed);
         }
+        result
     }
 }

@@ -48,7 +48,7 @@ fn outage_during_put_pages_many_is_ridden_out() {
     });
     let blobs = AzureBlobs::new(cfg).expect("client");
     let name = "replicas/vm/disk.vhd";
-    let size = 64 * MIB;
+    let size = 72 * MIB;
     blobs.create_page_blob(name, size).expect("create");
 
     // 48 MiB in 1 MiB pieces with 1 MiB gaps and some adjacent runs.

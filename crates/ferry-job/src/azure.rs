@@ -365,17 +365,30 @@ pub fn prune(
 
 /// Restores one disk of a point from its page-blob snapshot to a local raw image or fixed VHD.
 /// Only the snapshot's written page ranges are downloaded (in parallel); the rest stays sparse.
+/// Which disk of which point goes to which file.
+pub struct FileRestore<'a> {
+    pub vm: &'a str,
+    pub point: &'a Point,
+    pub disk: &'a str,
+    pub out: &'a std::path::Path,
+    pub format: ferry_apply::OutputFormat,
+    pub threads: usize,
+}
+
 pub fn restore_to_file(
     blobs: &AzureBlobs,
-    vm: &str,
-    point: &Point,
-    disk: &str,
-    out: &std::path::Path,
-    format: ferry_apply::OutputFormat,
-    threads: usize,
+    r: &FileRestore<'_>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, JobError> {
     use std::os::unix::fs::FileExt;
+    let FileRestore {
+        vm,
+        point,
+        disk,
+        out,
+        format,
+        threads,
+    } = *r;
     let pd = point
         .disks
         .iter()

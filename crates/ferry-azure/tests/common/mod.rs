@@ -37,3 +37,33 @@ pub fn setup(container: &str) -> Option<(Azurite, AzureBlobs)> {
     blobs.ensure_container().expect("ensure_container");
     Some((az, blobs))
 }
+
+/// An account SAS (blob service; container and object; read, write, delete, list, add, create)
+/// signed with `key`, per "Create an account SAS" (signed version 2020-12-06 and later).
+pub fn account_sas(account: &str, key_b64: &str) -> String {
+    let (sv, ss, srt, sp, se, spr) = (
+        "2021-08-06",
+        "b",
+        "sco",
+        "rwdlac",
+        "2099-01-01T00:00:00Z",
+        "https,http",
+    );
+    // account, sp, ss, srt, st, se, sip, spr, sv, ses, then a trailing newline.
+    let to_sign = format!("{account}\n{sp}\n{ss}\n{srt}\n\n{se}\n\n{spr}\n{sv}\n\n");
+    let key = azure_core::base64::decode(key_b64).expect("key");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let sig = azure_core::base64::encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref());
+    let sig: String = sig
+        .bytes()
+        .map(|b| match b {
+            b'+' => "%2B".to_string(),
+            b'/' => "%2F".to_string(),
+            b'=' => "%3D".to_string(),
+            _ => char::from(b).to_string(),
+        })
+        .collect();
+    let se = se.replace(':', "%3A");
+    let spr = spr.replace(',', "%2C");
+    format!("sv={sv}&ss={ss}&srt={srt}&sp={sp}&se={se}&spr={spr}&sig={sig}")
+}
