@@ -271,10 +271,15 @@ pub fn restore_point(
             // Page-blob snapshots hold plain bytes: no key needed.
             let blobs = azure::connect(url)?;
             progress.start(&format!("restoring {} of {vm}/{disk}", point.id), size);
-            let rep =
-                azure::restore_to_file(&blobs, &vm, &point, &disk, &out, format, r.threads, &|d| {
-                    progress.update(d)
-                });
+            let job = azure::FileRestore {
+                vm: &vm,
+                point: &point,
+                disk: &disk,
+                out: &out,
+                format,
+                threads: r.threads,
+            };
+            let rep = azure::restore_to_file(&blobs, &job, &|d| progress.update(d));
             progress.finish();
             let bytes = rep?;
             if r.verify {
