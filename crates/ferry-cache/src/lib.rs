@@ -291,11 +291,20 @@ impl Cache {
         durable::durable_write(&cp, format!("{seq}\n").as_bytes()).map_err(io(&cp, "write"))?;
         let mut st = self.shared.state.lock().expect("poisoned");
         st.consumed = st.consumed.max(seq);
+        let mut drained = Vec::new();
         while st.files.len() > 1 && st.files[1].first_seq <= st.consumed {
-            let f = st.files.pop_front().expect("len > 1");
-            if let Err(e) = fs::remove_file(&f.path) {
-                tracing::warn!(file = %f.path.display(), error = %e, "cannot remove drained cache file");
-            }
+            drained.push(st.files.pop_front().expect("len > 1").path);
+        }
+        if !drained.is_empty() {
+            // Unlinking a 64 MiB file can take tens of milliseconds (discard on ext4); the files are
+            // already out of the log (consumed is durable), so do it off the drain path.
+            std::thread::spawn(move || {
+                for p in drained {
+                    if let Err(e) = fs::remove_file(&p) {
+                        tracing::warn!(file = %p.display(), error = %e, "cannot remove drained cache file");
+                    }
+                }
+            });
         }
         self.shared.cond.notify_all();
         Ok(())
