@@ -309,35 +309,7 @@ pub fn prune(
     retention: std::time::Duration,
     split: bool,
 ) -> Result<ferry_apply::retention::Pruned, JobError> {
-    let now = std::time::SystemTime::now();
-    for vm in list_vms(blobs)? {
-        let Some(mut m) = load_manifest(blobs, &vm)? else {
-            continue;
-        };
-        let gone = ferry_apply::retention::expired(&m, retention, now);
-        if gone.is_empty() {
-            continue;
-        }
-        let dead: Vec<Point> = m
-            .points
-            .iter()
-            .filter(|p| gone.contains(&p.seq))
-            .cloned()
-            .collect();
-        m.points.retain(|p| !gone.contains(&p.seq));
-        blobs
-            .put_block_blob(&manifest_blob(&vm), m.to_json())
-            .map_err(az)?;
-        for p in dead {
-            for d in p.disks {
-                if let Some(s) = d.snapshot {
-                    if let Err(e) = blobs.delete_snapshot(&replica_blob(&vm, &d.name), &s) {
-                        tracing::warn!(vm = %vm, point = %p.id, error = %e, "cannot delete an expired snapshot; it will be retried");
-                    }
-                }
-            }
-        }
-    }
+    prune_manifests(blobs, retention)?;
     let mut remote: HashMap<String, Option<Manifest>> = HashMap::new();
     let mut veto = |vm: &str, disk: &str, seq: u64| -> Result<bool, ApplyError> {
         if !split {
@@ -508,4 +480,40 @@ pub fn restore_to_blob(
         }
     }
     Ok(pd.size)
+}
+
+/// Drops expired points from every manifest of the store (the commit), then deletes their snapshots.
+/// Returns how many points were pruned.
+pub fn prune_manifests(
+    blobs: &AzureBlobs,
+    retention: std::time::Duration,
+) -> Result<usize, JobError> {
+    let now = std::time::SystemTime::now();
+    let mut n = 0;
+    for vm in list_vms(blobs)? {
+        let Some(mut m) = load_manifest(blobs, &vm)? else {
+            continue;
+        };
+        let gone = ferry_apply::retention::expired(&m, retention, now);
+        if gone.is_empty() {
+            continue;
+        }
+        let (dead, keep): (Vec<Point>, Vec<Point>) =
+            m.points.drain(..).partition(|p| gone.contains(&p.seq));
+        m.points = keep;
+        blobs
+            .put_block_blob(&manifest_blob(&vm), m.to_json())
+            .map_err(az)?;
+        for p in dead {
+            n += 1;
+            for d in p.disks {
+                if let Some(s) = d.snapshot {
+                    if let Err(e) = blobs.delete_snapshot(&replica_blob(&vm, &d.name), &s) {
+                        tracing::warn!(vm = %vm, point = %p.id, error = %e, "cannot delete an expired snapshot; it is left behind");
+                    }
+                }
+            }
+        }
+    }
+    Ok(n)
 }

@@ -290,36 +290,5 @@ fn span_ops<'c, 'a: 'c>(
 /// Retention in split mode, near the store: expired points leave the manifests, then their
 /// snapshots are deleted. (Journal segments are deleted by the process side once applied.)
 pub fn prune(blobs: &AzureBlobs, retention: std::time::Duration) -> Result<usize, JobError> {
-    let now = std::time::SystemTime::now();
-    let mut n = 0;
-    for vm in crate::azure::list_vms(blobs)? {
-        let Some(mut m) = load_manifest(blobs, &vm)? else {
-            continue;
-        };
-        let gone = ferry_apply::retention::expired(&m, retention, now);
-        if gone.is_empty() {
-            continue;
-        }
-        let dead: Vec<Point> = m
-            .points
-            .iter()
-            .filter(|p| gone.contains(&p.seq))
-            .cloned()
-            .collect();
-        m.points.retain(|p| !gone.contains(&p.seq));
-        blobs
-            .put_block_blob(&crate::azure::manifest_blob(&vm), m.to_json())
-            .map_err(az)?;
-        for p in dead {
-            n += 1;
-            for d in p.disks {
-                if let Some(s) = d.snapshot {
-                    if let Err(e) = blobs.delete_snapshot(&replica_blob(&vm, &d.name), &s) {
-                        tracing::warn!(vm = %vm, point = %p.id, error = %e, "cannot delete an expired snapshot");
-                    }
-                }
-            }
-        }
-    }
-    Ok(n)
+    crate::azure::prune_manifests(blobs, retention)
 }
