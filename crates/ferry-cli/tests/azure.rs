@@ -309,3 +309,32 @@ fn a_wrong_account_key_fails_fast_with_a_clear_error() {
     );
     assert!(e.to_lowercase().contains("key"), "says what to check: {e}");
 }
+
+#[test]
+fn retention_prunes_expired_points_and_their_snapshots_but_never_the_newest() {
+    let Some(az) = Az::start() else { return };
+    let (disk, mut rng) = make_disk(&az.env, "ret.img", 8 << 20, 4);
+    let first = az.replicate(&disk, &["--retention", "0"]);
+    write_random(&disk, &mut rng, 0, 1 << 20);
+    az.replicate(&disk, &["--retention", "0"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    write_random(&disk, &mut rng, 2 << 20, 1 << 20);
+    let last = az.replicate(&disk, &["--retention", "2s"]);
+    let pts = az.points();
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    assert_eq!(pts[0]["id"], last["point"]["id"]);
+    az.restore_exact("latest", &disk);
+    // The expired point's snapshot is gone from the store.
+    let blobs = ferry_azure::AzureBlobs::new(az.azurite.config(CONTAINER)).unwrap();
+    let snap = first["point"]["disks"][0]["snapshot"].as_str().unwrap();
+    let r = blobs.get_range("replicas/ret/ret.vhd", Some(snap), 0, 512);
+    assert!(
+        r.is_err(),
+        "snapshot {snap} of an expired point still exists"
+    );
+    // Retention alone, with nothing new, never removes the newest point.
+    std::thread::sleep(Duration::from_millis(2100));
+    let again = az.replicate(&disk, &["--retention", "1s"]);
+    assert_eq!(az.points().len(), 1);
+    assert_eq!(az.points()[0]["id"], again["point"]["id"]);
+}
