@@ -450,10 +450,24 @@ fn commit(
                     size: d.size,
                     from: cur.run_start.unwrap_or_default(),
                     to: reached[&d.name],
+                    fresh: !st
+                        .manifest
+                        .points
+                        .iter()
+                        .any(|p| p.disks.iter().any(|x| x.name == d.name)),
                 }
             })
             .collect();
-        point = t.commit_run(store, vm, &spans, point)?;
+        // The remote side numbers its own points (its manifest may hold points this staging store
+        // never saw); locally only the snapshot ids are kept.
+        let remote = t.commit_run(store, vm, &spans, point.clone())?;
+        for d in point.disks.iter_mut() {
+            d.snapshot = remote
+                .disks
+                .iter()
+                .find(|r| r.name == d.name)
+                .and_then(|r| r.snapshot.clone());
+        }
     }
     let mut m = st.manifest.clone();
     m.points.push(point.clone());

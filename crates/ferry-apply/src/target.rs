@@ -19,6 +19,9 @@ pub struct RunSpan {
     pub size: u64,
     pub from: JournalPos,
     pub to: JournalPos,
+    /// The local replica had no point before this run: the run holds every non-zero chunk, so a
+    /// target must start from an all-zero replica (a pre-existing remote blob is cleared first).
+    pub fresh: bool,
 }
 
 /// A page operation of a run, in journal order.

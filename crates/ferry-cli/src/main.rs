@@ -105,7 +105,8 @@ enum PointsCmd {
 
 #[derive(Args)]
 struct KeyArgs {
-    /// Master key file (32 bytes or 64 hex digits, mode 0600). Created on first use.
+    /// Master key file (32 bytes or 64 hex digits, mode 0600). `replicate` creates it when it
+    /// makes a new store; other commands need the existing one.
     /// Default: /etc/ferry/master.key as root, else ~/.config/ferry/master.key.
     #[arg(long, env = "FERRY_KEY_FILE")]
     key_file: Option<PathBuf>,
@@ -164,6 +165,9 @@ struct ReplicateArgs {
     /// zstd level for stored chunks (1 = fastest).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=19))]
     zstd_level: i32,
+    /// Azure: cap on upload bandwidth, e.g. 50MiB/s or 400Mbit/s (token bucket). Default: unlimited.
+    #[arg(long, value_parser = units::parse_rate)]
+    rate_limit: Option<u64>,
     /// Keep recovery points this long (e.g. 24h, 7d); older ones and the data only they need are
     /// deleted after each run. The newest point is never deleted. `0` keeps everything.
     #[arg(long, default_value = "24h", value_parser = units::parse_retention)]
@@ -298,6 +302,7 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
         },
         group_commit: 64 << 20,
         retention: (!a.retention.is_zero()).then_some(a.retention),
+        rate_limit: a.rate_limit,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -375,7 +380,9 @@ fn print_run(o: &ReplicateOptions, r: &ferry_job::RunReport, json: bool) {
 }
 
 fn points_list(store: StoreLocation, vm: Option<String>, json: bool) -> Result<(), JobError> {
-    let pts = ferry_job::list_points(&store, vm.as_deref())?;
+    // Listing reads manifests only: no key is needed.
+    let store = ferry_job::open_recovery(&store, None)?;
+    let pts = ferry_job::list_points(store.as_ref(), vm.as_deref())?;
     if json {
         let v: Vec<_> = pts
             .iter()

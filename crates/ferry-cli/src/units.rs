@@ -46,6 +46,43 @@ pub fn parse_retention(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{s}': {e}; write e.g. 24h or 7d, or 0 to keep everything"))
 }
 
+/// Parses a rate in bytes per second: `50MiB/s`, `400Mbit/s`, `1Gbit/s`, `10MB/s` (MB = 10^6).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let body = t
+        .strip_suffix("/s")
+        .ok_or_else(|| format!("'{s}' is not a rate; write e.g. 50MiB/s or 400Mbit/s"))?;
+    let split = body
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(body.len());
+    let (num, unit) = body.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a rate; write e.g. 50MiB/s or 400Mbit/s"))?;
+    let bytes = match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1048576.0,
+        "GiB" => 1073741824.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "Kbit" => 1e3 / 8.0,
+        "Mbit" => 1e6 / 8.0,
+        "Gbit" => 1e9 / 8.0,
+        u => {
+            return Err(format!(
+                "unknown rate unit '{u}' in '{s}'; use B, KiB, MiB, GiB, KB, MB, GB, Kbit, Mbit or Gbit, then /s"
+            ))
+        }
+    };
+    let r = (n * bytes) as u64;
+    if r == 0 {
+        return Err("a rate must be more than 0".into());
+    }
+    Ok(r)
+}
+
 /// `1.5 GiB`.
 pub fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -73,6 +110,14 @@ mod tests {
         assert_eq!(parse_size("100").unwrap(), 100);
         assert!(parse_size("4XB").is_err());
         assert_eq!(human(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("50MiB/s").unwrap(), 50 << 20);
+        assert_eq!(parse_rate("400Mbit/s").unwrap(), 50_000_000);
+        assert!(parse_rate("50MiB").is_err());
+        assert!(parse_rate("0MB/s").is_err());
     }
 
     #[test]

@@ -338,3 +338,39 @@ fn retention_prunes_expired_points_and_their_snapshots_but_never_the_newest() {
     assert_eq!(az.points().len(), 1);
     assert_eq!(az.points()[0]["id"], again["point"]["id"]);
 }
+
+#[test]
+fn a_rebuilt_appliance_with_fresh_local_state_keeps_the_store_consistent() {
+    let Some(az) = Az::start() else { return };
+    let (disk, mut rng) = make_disk(&az.env, "app01.img", 8 << 20, 6);
+    az.replicate(&disk, &[]);
+    write_random(&disk, &mut rng, 1 << 20, 1 << 20);
+    az.replicate(&disk, &[]);
+    // The process server's state directory is lost (a rebuilt appliance): a fresh staging store
+    // ships the disk again into the same container. Data that became zero meanwhile must not
+    // survive in the replica.
+    write_random(&disk, &mut rng, 3 << 20, 1 << 20);
+    write_zeros(&disk, 0, 1 << 20);
+    let url = az.url();
+    let o = az
+        .cmd(&[
+            "replicate",
+            disk.to_str().unwrap(),
+            "--store",
+            &url,
+            "--once",
+            "--json",
+        ])
+        .env("FERRY_STATE_DIR", az.env.path("state-rebuilt"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pts = az.points();
+    assert_eq!(pts.len(), 3, "{pts:?}");
+    let seqs: Vec<&str> = pts.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert!(
+        seqs[2].starts_with("0003-"),
+        "the store numbers its own points: {seqs:?}"
+    );
+    az.restore_exact("latest", &disk);
+}

@@ -75,9 +75,25 @@ impl std::fmt::Display for StoreLocation {
 
 /// Connects to an Azure store (credentials from the environment), creating the container if needed.
 pub fn connect(url: &str) -> Result<AzureBlobs, JobError> {
-    let cfg = ferry_azure::AzureConfig::from_url(url).map_err(az)?;
+    connect_limited(url, None)
+}
+
+/// [`connect`], with uploads held to `bytes_per_sec` (token bucket; one second of burst).
+pub fn connect_limited(url: &str, bytes_per_sec: Option<u64>) -> Result<AzureBlobs, JobError> {
+    let mut cfg = ferry_azure::AzureConfig::from_url(url).map_err(az)?;
+    cfg.tuning.rate_limit = bytes_per_sec.map(|b| ferry_azure::RateLimit {
+        bytes_per_sec: b,
+        one_time_burst: b,
+    });
     let blobs = AzureBlobs::new(cfg).map_err(az)?;
-    blobs.ensure_container().map_err(az)?;
+    if let Err(e) = blobs.ensure_container() {
+        // A SAS scoped to one container may not create containers; the container then has to
+        // exist, and the first real request says so clearly if it does not.
+        if !e.is_auth() {
+            return Err(az(e));
+        }
+        tracing::debug!(error = %e, "cannot create the container with these credentials; assuming it exists");
+    }
     Ok(blobs)
 }
 
@@ -124,16 +140,25 @@ pub fn list_vms(blobs: &AzureBlobs) -> Result<Vec<String>, JobError> {
 }
 
 /// Makes sure the replica page blob of a disk exists with the right size and a fixed-VHD footer.
+/// With `fresh` (the writer's first run of this disk holds every non-zero chunk), an existing blob's
+/// data pages are cleared first so nothing stale survives under the new run.
 pub fn ensure_replica(
     blobs: &AzureBlobs,
     vm: &str,
     disk: &str,
     size: u64,
+    fresh: bool,
 ) -> Result<(), ApplyError> {
     let name = replica_blob(vm, disk);
     let vsize = vhd::vhd_size(size);
     match blobs.blob_size(&name).map_err(az_apply)? {
-        Some(s) if s == vsize + vhd::FOOTER_LEN as u64 => Ok(()),
+        Some(s) if s == vsize + vhd::FOOTER_LEN as u64 => {
+            if fresh {
+                tracing::info!(blob = %name, "first run of this disk from this process: clearing the existing replica's data pages");
+                blobs.clear_pages(&name, 0, vsize).map_err(az_apply)?;
+            }
+            Ok(())
+        }
         Some(s) => Err(TargetError(format!(
             "{name} is {s} bytes but disk {disk} needs {}; Ferry does not follow a resize",
             vsize + vhd::FOOTER_LEN as u64
@@ -253,8 +278,17 @@ pub fn publish_point(
                 .map_err(az_apply)?,
         );
     }
-    // The caller numbers the point (direct mode: the local manifest's sequence, so both agree).
-    m.next_seq = m.next_seq.max(point.seq + 1);
+    // The store's manifest numbers its own points: another staging store (a rebuilt appliance,
+    // another host) may have published points this one never saw.
+    let seq = m.next_seq.max(m.points.last().map_or(0, |p| p.seq + 1));
+    if point.seq != seq {
+        point.id = ferry_format::manifest::point_id(
+            seq,
+            humantime::parse_rfc3339(&point.time).unwrap_or(std::time::UNIX_EPOCH),
+        );
+        point.seq = seq;
+    }
+    m.next_seq = seq + 1;
     m.points.push(point.clone());
     for s in spans {
         m.disks.insert(
@@ -289,7 +323,7 @@ impl ReplicaTarget for AzureTarget {
             return Ok(p.clone());
         }
         for span in spans {
-            ensure_replica(&self.blobs, vm, &span.disk, span.size)?;
+            ensure_replica(&self.blobs, vm, &span.disk, span.size, span.fresh)?;
             write_run(
                 &self.blobs,
                 &replica_blob(vm, &span.disk),
@@ -309,11 +343,25 @@ pub fn prune(
     retention: std::time::Duration,
     split: bool,
 ) -> Result<ferry_apply::retention::Pruned, JobError> {
-    prune_manifests(blobs, retention)?;
+    if !split {
+        prune_manifests(blobs, retention)?;
+    }
+    // In split mode `ferry apply` owns the store's manifests (and prunes them with its own
+    // --retention). Here a segment may go only once apply is past every segment this side has
+    // committed: until then an unapplied run may still reference it through dedupe.
+    let lagging = split && apply_lags(store, blobs)?;
+    if lagging {
+        tracing::info!(
+            "ferry apply is behind this process; keeping journal segments until it catches up"
+        );
+    }
     let mut remote: HashMap<String, Option<Manifest>> = HashMap::new();
     let mut veto = |vm: &str, disk: &str, seq: u64| -> Result<bool, ApplyError> {
         if !split {
             return Ok(true);
+        }
+        if lagging {
+            return Ok(false);
         }
         if !remote.contains_key(vm) {
             remote.insert(vm.to_owned(), load_manifest(blobs, vm)?);
@@ -337,23 +385,15 @@ pub fn prune(
 
 /// Restores one disk of a point from its page-blob snapshot to a local raw image or fixed VHD.
 /// Only the snapshot's written page ranges are downloaded (in parallel); the rest stays sparse.
-/// Which disk of which point goes to which file.
-pub struct FileRestore<'a> {
-    pub vm: &'a str,
-    pub point: &'a Point,
-    pub disk: &'a str,
-    pub out: &'a std::path::Path,
-    pub format: ferry_apply::OutputFormat,
-    pub threads: usize,
-}
-
+/// Restores one disk of a point from its page-blob snapshot to a local raw image or fixed VHD.
+/// Only the snapshot's written page ranges are downloaded (in parallel); the rest stays sparse.
 pub fn restore_to_file(
     blobs: &AzureBlobs,
-    r: &FileRestore<'_>,
+    r: &crate::stores::FileJob<'_>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, JobError> {
     use std::os::unix::fs::FileExt;
-    let FileRestore {
+    let crate::stores::FileJob {
         vm,
         point,
         disk,
@@ -480,6 +520,27 @@ pub fn restore_to_blob(
         }
     }
     Ok(pd.size)
+}
+
+/// True if, for any disk, `ferry apply` has not reached the journal position this side committed.
+fn apply_lags(store: &LocalStore, blobs: &AzureBlobs) -> Result<bool, JobError> {
+    for vm in ferry_store::list_vms_at(store.root())? {
+        let Some(local) = store.load_manifest(&vm)? else {
+            continue;
+        };
+        let remote = load_manifest(blobs, &vm)?;
+        for (disk, st) in &local.disks {
+            let r = remote
+                .as_ref()
+                .and_then(|m| m.disks.get(disk))
+                .map(|d| d.applied)
+                .unwrap_or_default();
+            if r < st.applied {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Drops expired points from every manifest of the store (the commit), then deletes their snapshots.

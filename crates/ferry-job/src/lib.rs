@@ -15,6 +15,7 @@ pub mod azure;
 mod paths;
 mod points;
 pub mod remote;
+pub mod stores;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -35,6 +36,7 @@ pub use paths::{
     default_cache_root, default_key_file, default_state_root, disk_name_from_path, validate_name,
 };
 pub use points::{list_points, resolve_point, restore_point, PointSelector, RestoreRequest};
+pub use stores::{open_recovery, RecoveryStore};
 
 /// Errors of jobs. Each says what failed and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +147,8 @@ pub struct ReplicateOptions {
     pub group_commit: u64,
     /// Points older than this are pruned (the newest never is); None keeps everything.
     pub retention: Option<std::time::Duration>,
+    /// Azure: cap on upload bytes per second (None: unlimited).
+    pub rate_limit: Option<u64>,
 }
 
 /// What one run did.
@@ -191,7 +195,7 @@ pub fn replicate_once(
         .map(|p| Source::open(p))
         .collect::<Result<Vec<_>, _>>()?;
     let blobs = match &o.store {
-        StoreLocation::Azure { url, .. } => Some(azure::connect(url)?),
+        StoreLocation::Azure { url, .. } => Some(azure::connect_limited(url, o.rate_limit)?),
         StoreLocation::Local(_) if o.split => {
             return Err(JobError::Usage(
                 "--split needs an azure:// store (it uploads segments for `ferry apply`)".into(),
@@ -245,6 +249,32 @@ pub fn replicate_once(
     let mut reader = cache.reader();
     pipeline.drain(&cache, &mut reader, true)?;
 
+    // Split mode: the store's journal must be this process's journal. Segments this side never
+    // wrote (a lost state directory, another appliance) would be overwritten by name.
+    if let (Some(b), true) = (&blobs, o.split) {
+        for d in &o.disks {
+            let local = store.list_segments(&o.vm, d)?.last().copied().unwrap_or(0);
+            let remote = b
+                .list(&format!("journal/{}/{d}/", o.vm))
+                .map_err(azure::az)?
+                .iter()
+                .filter_map(|(n, _)| {
+                    n.rsplit('/')
+                        .next()?
+                        .strip_suffix(".seg")?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0);
+            if remote > local {
+                return Err(JobError::Usage(format!(
+                    "the store's journal for {}/{d} has segments up to {remote}, but this process's staging store only knows {local} (lost state directory, or another appliance?); let `ferry apply` catch up, then delete journal/{}/{d}/ from the container (everything in it is applied), or use a new container",
+                    o.vm, o.vm
+                )));
+            }
+        }
+    }
     // Refuse resizes before shipping anything.
     let manifest = pipeline.applier().manifest(&o.vm)?.clone();
     for (s, d) in sources.iter().zip(&o.disks) {

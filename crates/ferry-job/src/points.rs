@@ -1,13 +1,13 @@
 //! Listing and resolving recovery points, and restoring them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use ferry_apply::{OutputFormat, RestoreOptions, RestoreReport};
+use ferry_apply::{OutputFormat, RestoreReport};
 use ferry_format::manifest::Point;
-use ferry_store::Replica;
 
-use crate::azure::{self, StoreLocation};
-use crate::{open_store, JobError, Progress};
+use crate::azure::StoreLocation;
+use crate::stores::{open_recovery, FileJob, RecoveryStore};
+use crate::{JobError, Progress};
 
 /// Which point to restore.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,43 +30,20 @@ impl std::str::FromStr for PointSelector {
     }
 }
 
-/// Every point in the store (of one VM, or all), oldest first. Needs no key.
+/// Every point in the store (of one VM, or all), oldest first.
 pub fn list_points(
-    store: &StoreLocation,
+    store: &dyn RecoveryStore,
     vm: Option<&str>,
 ) -> Result<Vec<(String, Point)>, JobError> {
-    match store {
-        StoreLocation::Local(p) => list_local_points(p, vm),
-        StoreLocation::Azure { url, .. } => {
-            let blobs = azure::connect(url)?;
-            let vms = azure::list_vms(&blobs)?;
-            let chosen: Vec<String> = match vm {
-                Some(v) if vms.iter().any(|x| x == v) => vec![v.to_owned()],
-                Some(v) => return Err(no_vm(Path::new(url), v, &vms)),
-                None => vms,
-            };
-            let mut out = Vec::new();
-            for v in chosen {
-                if let Some(m) = azure::load_manifest(&blobs, &v)? {
-                    out.extend(m.points.into_iter().map(|p| (v.clone(), p)));
-                }
-            }
-            out.sort_by(|a, b| (&a.1.time, a.1.seq, &a.0).cmp(&(&b.1.time, b.1.seq, &b.0)));
-            Ok(out)
-        }
-    }
-}
-
-fn list_local_points(store: &Path, vm: Option<&str>) -> Result<Vec<(String, Point)>, JobError> {
-    let vms = ferry_store::list_vms_at(store)?;
+    let vms = store.vms()?;
     let chosen: Vec<String> = match vm {
         Some(v) if vms.iter().any(|x| x == v) => vec![v.to_owned()],
-        Some(v) => return Err(no_vm(store, v, &vms)),
+        Some(v) => return Err(no_vm(&store.name(), v, &vms)),
         None => vms,
     };
     let mut out = Vec::new();
     for v in chosen {
-        if let Some(m) = ferry_store::load_manifest_at(store, &v)? {
+        if let Some(m) = store.manifest(&v)? {
             out.extend(m.points.into_iter().map(|p| (v.clone(), p)));
         }
     }
@@ -74,10 +51,9 @@ fn list_local_points(store: &Path, vm: Option<&str>) -> Result<Vec<(String, Poin
     Ok(out)
 }
 
-fn no_vm(store: &Path, v: &str, vms: &[String]) -> JobError {
+fn no_vm(store: &str, v: &str, vms: &[String]) -> JobError {
     JobError::Usage(format!(
-        "store {} has no VM '{v}'; it has: {}",
-        store.display(),
+        "store {store} has no VM '{v}'; it has: {}",
         if vms.is_empty() {
             "none yet (run `ferry replicate` first)".to_string()
         } else {
@@ -88,7 +64,7 @@ fn no_vm(store: &Path, v: &str, vms: &[String]) -> JobError {
 
 /// Finds the point a selector names; refuses ambiguity with the list of choices.
 pub fn resolve_point(
-    store: &StoreLocation,
+    store: &dyn RecoveryStore,
     vm: Option<&str>,
     sel: &PointSelector,
 ) -> Result<(String, Point), JobError> {
@@ -105,7 +81,7 @@ pub fn resolve_point(
             if vms.len() > 1 {
                 return Err(JobError::Usage(format!(
                     "store {} holds several VMs ({}); choose one with --vm",
-                    store,
+                    store.name(),
                     vms.iter()
                         .map(|s| s.as_str())
                         .collect::<Vec<_>>()
@@ -139,7 +115,8 @@ pub fn resolve_point(
             match hits.len() {
                 1 => Ok(hits.into_iter().next().expect("one")),
                 0 => Err(JobError::Usage(format!(
-                    "no point '{id}' in {store}; list them with `ferry points list --store {store}`"
+                    "no point '{id}' in {0}; list them with `ferry points list --store {0}`",
+                    store.name()
                 ))),
                 _ => Err(JobError::Usage(format!(
                     "point '{id}' is ambiguous: {}; give the full id and --vm",
@@ -173,72 +150,17 @@ pub fn restore_point(
     r: &RestoreRequest,
     progress: &dyn Progress,
 ) -> Result<(String, String, Point, RestoreReport), JobError> {
-    let (vm, point) = resolve_point(&r.store, r.vm.as_deref(), &r.point)?;
-    let disk = match &r.disk {
-        Some(d) => d.clone(),
-        None if point.disks.len() == 1 => point.disks[0].name.clone(),
-        None => {
-            return Err(JobError::Usage(format!(
-                "point {} of VM '{vm}' has several disks ({}); choose one with --disk",
-                point.id,
-                point
-                    .disks
-                    .iter()
-                    .map(|d| d.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )))
-        }
-    };
-    if !point.disks.iter().any(|d| d.name == disk) {
-        return Err(JobError::Usage(format!(
-            "point {} of VM '{vm}' has no disk '{disk}'; it has: {}",
-            point.id,
-            point
-                .disks
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    if let Some(rest) = r.out.strip_prefix("azure://") {
-        let StoreLocation::Azure {
-            url,
-            account,
-            container,
-        } = &r.store
-        else {
-            return Err(JobError::Usage(
-                "restoring into Azure needs an azure:// --store (server-side copy of the point's snapshot)".into(),
-            ));
-        };
-        let mut it = rest.splitn(3, '/');
-        let (a, c, path) = (
-            it.next().unwrap_or(""),
-            it.next().unwrap_or(""),
-            it.next().unwrap_or(""),
-        );
-        if a != account || c != container || path.is_empty() {
-            return Err(JobError::Usage(format!(
-                "--out {} must be a blob path in the store's own container: azure://{account}/{container}/PATH",
-                r.out
-            )));
-        }
-        let blobs = azure::connect(url)?;
-        if !r.force && blobs.blob_size(path).map_err(azure::az)?.is_some() {
-            return Err(JobError::Usage(format!(
-                "{} already exists; delete it or pass --force",
-                r.out
-            )));
-        }
-        let size = azure::restore_to_blob(&blobs, &vm, &point, &disk, path, r.verify)?;
+    let store = open_recovery(&r.store, Some(&r.key_file))?;
+    let (vm, point) = resolve_point(store.as_ref(), r.vm.as_deref(), &r.point)?;
+    let disk = choose_disk(&vm, &point, r.disk.as_deref())?;
+    if r.out.starts_with("azure://") {
+        let bytes = store.restore_in_store(&vm, &point, &disk, &r.out, r.force, r.verify)?;
         return Ok((
             vm,
             disk,
             point,
             RestoreReport {
-                bytes: size,
+                bytes,
                 chunks_read: 0,
             },
         ));
@@ -265,75 +187,59 @@ pub fn restore_point(
         .iter()
         .find(|d| d.name == disk)
         .map_or(0, |d| d.size);
-    let root = match &r.store {
-        StoreLocation::Local(p) => p.clone(),
-        StoreLocation::Azure { url, .. } => {
-            // Page-blob snapshots hold plain bytes: no key needed.
-            let blobs = azure::connect(url)?;
-            progress.start(&format!("restoring {} of {vm}/{disk}", point.id), size);
-            let job = azure::FileRestore {
-                vm: &vm,
-                point: &point,
-                disk: &disk,
-                out: &out,
-                format,
-                threads: r.threads,
-            };
-            let rep = azure::restore_to_file(&blobs, &job, &|d| progress.update(d));
-            progress.finish();
-            let bytes = rep?;
-            if r.verify {
-                progress.start(&format!("verifying {}", out.display()), size);
-                let v =
-                    ferry_apply::verify_file(&out, &point, &disk, format, &|d| progress.update(d));
-                progress.finish();
-                v?;
-            }
-            return Ok((
-                vm,
-                disk,
-                point,
-                RestoreReport {
-                    bytes,
-                    chunks_read: 0,
-                },
-            ));
-        }
-    };
-    let store = open_store(&root, &r.key_file, false)?;
-    let _lock = store.lock()?;
-    // Finish a commit a crash may have interrupted before reading the replica.
-    let manifest = store
-        .load_manifest(&vm)?
-        .ok_or_else(|| JobError::Usage(format!("VM '{vm}' has no manifest")))?;
-    let latest = manifest
-        .points
-        .iter()
-        .filter(|p| p.disks.iter().any(|d| d.name == disk))
-        .map(|p| p.seq)
-        .max()
-        .unwrap_or(0);
-    Replica::open(&store.replica_dir(&vm, &disk))?.recover(latest)?;
     progress.start(&format!("restoring {} of {vm}/{disk}", point.id), size);
-    let rep = ferry_apply::restore(
-        &store,
-        &RestoreOptions {
+    let rep = store.restore_to_file(
+        &FileJob {
             vm: &vm,
-            disk: &disk,
             point: &point,
+            disk: &disk,
             out: &out,
             format,
             threads: r.threads,
-            progress: &|d| progress.update(d),
         },
+        &|d| progress.update(d),
     );
     progress.finish();
-    let rep = rep?;
+    let bytes = rep?;
     if r.verify {
         progress.start(&format!("verifying {}", out.display()), size);
         let v = ferry_apply::verify_file(&out, &point, &disk, format, &|d| progress.update(d));
         progress.finish();
         v?;
     }
-    Ok((vm, disk, point, rep))
+    Ok((
+        vm,
+        disk,
+        point,
+        RestoreReport {
+            bytes,
+            chunks_read: 0,
+        },
+    ))
+}
+
+/// The disk to restore: the one asked for, or the only one; refuses ambiguity with the choices.
+fn choose_disk(vm: &str, point: &Point, asked: Option<&str>) -> Result<String, JobError> {
+    let names = || {
+        point
+            .disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match asked {
+        Some(d) if point.disks.iter().any(|x| x.name == d) => Ok(d.to_owned()),
+        Some(d) => Err(JobError::Usage(format!(
+            "point {} of VM '{vm}' has no disk '{d}'; it has: {}",
+            point.id,
+            names()
+        ))),
+        None if point.disks.len() == 1 => Ok(point.disks[0].name.clone()),
+        None => Err(JobError::Usage(format!(
+            "point {} of VM '{vm}' has several disks ({}); choose one with --disk",
+            point.id,
+            names()
+        ))),
+    }
 }

@@ -163,10 +163,14 @@ pub fn apply_all(
                     size: d.size,
                     from: first[&d.name].from,
                     to: first[&d.name].to,
+                    fresh: !m
+                        .points
+                        .iter()
+                        .any(|p| p.disks.iter().any(|x| x.name == d.name)),
                 })
                 .collect();
             for span in &spans {
-                ensure_replica(blobs, &vm, &span.disk, span.size)?;
+                ensure_replica(blobs, &vm, &span.disk, span.size, span.fresh)?;
                 let ops = span_ops(&mut cache, &vm, span, &disks[&span.disk]);
                 write_run(blobs, &replica_blob(&vm, &span.disk), ops)?;
             }

@@ -16,6 +16,7 @@
 //! Must not: decide what changed (the tracker does) or what a point is (the applier does).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,19 +128,28 @@ struct OpenSegment {
 
 /// Drains a cache into the store.
 pub struct Pipeline<'s> {
-    store: &'s LocalStore,
     index: ChunkIndex,
     applier: Applier<'s>,
-    cfg: PipelineConfig,
-    open: BTreeMap<(String, String), OpenSegment>,
-    next_seq: HashMap<(String, String), u64>,
-    jobs: Option<Sender<Job>>,
+    disp: Dispatch<'s>,
     workers: Vec<std::thread::JoinHandle<()>>,
-    open_bytes: usize,
     pub stats: PipelineStats,
     committed: Vec<Committed>,
     sink: Option<SegmentSink<'s>>,
 }
+
+/// The dispatching half: reads records in order, dedupes, hands chunks to the workers and fills
+/// segments. Sealed segments go to the committing half (its own thread) in order.
+struct Dispatch<'s> {
+    store: &'s LocalStore,
+    cfg: PipelineConfig,
+    open: BTreeMap<(String, String), OpenSegment>,
+    next_seq: HashMap<(String, String), u64>,
+    jobs: Option<Sender<Job>>,
+    open_bytes: usize,
+    stats: PipelineStats,
+}
+
+type Batch = Vec<((String, String), OpenSegment)>;
 
 /// Receives every sealed segment before it is stored locally (split mode uploads it).
 pub type SegmentSink<'s> = Box<dyn FnMut(&str, &[u8]) -> Result<(), String> + Send + 's>;
@@ -174,15 +184,18 @@ impl<'s> Pipeline<'s> {
             })
             .collect();
         Ok(Pipeline {
-            store,
             index,
             applier,
-            cfg,
-            open: BTreeMap::new(),
-            next_seq: HashMap::new(),
-            jobs: Some(tx),
+            disp: Dispatch {
+                store,
+                cfg,
+                open: BTreeMap::new(),
+                next_seq: HashMap::new(),
+                jobs: Some(tx),
+                open_bytes: 0,
+                stats: PipelineStats::default(),
+            },
             workers,
-            open_bytes: 0,
             stats: PipelineStats::default(),
             committed,
             sink,
@@ -200,41 +213,99 @@ impl<'s> Pipeline<'s> {
     }
 
     /// Drains `reader` until the cache is closed (or, with `until_idle`, until nothing is durable
-    /// and unread). Stores segments as they fill, at every tag, and whenever input pauses.
+    /// and unread). Segments are sealed as they fill, at every tag, and whenever input pauses; a
+    /// committer thread stores, indexes and applies them in order while dispatching goes on, and the
+    /// cache is told records are consumed only once the committer is past them.
     pub fn drain(
         &mut self,
         cache: &Cache,
         reader: &mut CacheReader,
         until_idle: bool,
     ) -> Result<(), PipelineError> {
-        loop {
-            match reader.next_within(Some(Duration::from_millis(50)))? {
-                Next::Record(_, e) => {
-                    let is_tag = matches!(e, CacheEntry::Tag { .. });
-                    self.dispatch(e)?;
-                    if is_tag || self.open_bytes >= self.cfg.segment_target {
-                        self.flush_all()?;
-                        cache.consume_through(reader.next_seq())?;
+        let Pipeline {
+            index,
+            applier,
+            disp,
+            committed,
+            sink,
+            stats,
+            ..
+        } = self;
+        let index: &ChunkIndex = index;
+        let store = disp.store;
+        let done = AtomicU64::new(0);
+        let mut cstats = PipelineStats::default();
+        let (tx, rx) = bounded::<(Batch, u64)>(2);
+        let r = std::thread::scope(|s| {
+            let (done_ref, cstats_ref) = (&done, &mut cstats);
+            let mut c = Committer {
+                store,
+                index,
+                applier,
+                sink,
+                stats: cstats_ref,
+                committed,
+            };
+            let committer = s.spawn(move || -> Result<(), PipelineError> {
+                for (batch, through) in rx {
+                    for ((vm, disk), seg) in batch {
+                        c.commit(&vm, &disk, seg)?;
+                    }
+                    done_ref.store(through, Ordering::Release);
+                }
+                Ok(())
+            });
+            let mut consumed = 0u64;
+            let flush = |disp: &mut Dispatch<'_>, through: u64| -> bool {
+                disp.open_bytes = 0;
+                let batch: Batch = std::mem::take(&mut disp.open).into_iter().collect();
+                batch.is_empty() || tx.send((batch, through)).is_ok()
+            };
+            let dispatched = (|| -> Result<(), PipelineError> {
+                loop {
+                    let d = done.load(Ordering::Acquire);
+                    if d > consumed {
+                        cache.consume_through(d)?;
+                        consumed = d;
+                    }
+                    match reader.next_within(Some(Duration::from_millis(50)))? {
+                        Next::Record(_, e) => {
+                            let is_tag = matches!(e, CacheEntry::Tag { .. });
+                            disp.dispatch(index, e)?;
+                            if (is_tag || disp.open_bytes >= disp.cfg.segment_target)
+                                && !flush(disp, reader.next_seq())
+                            {
+                                return Ok(()); // the committer failed; its error is reported
+                            }
+                        }
+                        Next::Idle => {
+                            if !flush(disp, reader.next_seq()) || until_idle {
+                                return Ok(());
+                            }
+                        }
+                        Next::Closed => {
+                            flush(disp, reader.next_seq());
+                            return Ok(());
+                        }
                     }
                 }
-                Next::Idle => {
-                    if !self.open.is_empty() {
-                        self.flush_all()?;
-                        cache.consume_through(reader.next_seq())?;
-                    }
-                    if until_idle {
-                        return Ok(());
-                    }
-                }
-                Next::Closed => {
-                    self.flush_all()?;
-                    cache.consume_through(reader.next_seq())?;
-                    return Ok(());
-                }
+            })();
+            drop(tx);
+            let committed_ok = committer.join().expect("committer thread panicked");
+            let d = done.load(Ordering::Acquire);
+            if committed_ok.is_ok() && d > consumed {
+                cache.consume_through(d)?;
             }
-        }
+            committed_ok.and(dispatched)
+        });
+        stats.add(&disp.stats);
+        stats.add(&cstats);
+        disp.stats = PipelineStats::default();
+        r
     }
+}
 
+impl<'s> Dispatch<'s> {
     fn segment(&mut self, vm: &str, disk: &str) -> Result<&mut OpenSegment, PipelineError> {
         let k = (vm.to_owned(), disk.to_owned());
         if !self.open.contains_key(&k) {
@@ -273,7 +344,7 @@ impl<'s> Pipeline<'s> {
         Ok(self.open.get_mut(&k).expect("inserted"))
     }
 
-    fn dispatch(&mut self, e: CacheEntry) -> Result<(), PipelineError> {
+    fn dispatch(&mut self, index: &ChunkIndex, e: CacheEntry) -> Result<(), PipelineError> {
         self.stats.records += 1;
         match e {
             CacheEntry::Begin {
@@ -338,7 +409,7 @@ impl<'s> Pipeline<'s> {
                     });
                     return Ok(());
                 }
-                if let Some(loc) = self.index.lookup(&digest)? {
+                if let Some(loc) = index.lookup(&digest)? {
                     self.stats.dedupe_bytes += len as u64;
                     self.segment(&vm, &disk)?
                         .items
@@ -375,37 +446,65 @@ impl<'s> Pipeline<'s> {
         }
         Ok(())
     }
+}
 
-    /// Seals and stores every open segment, indexes new chunks and applies the segments.
-    pub fn flush_all(&mut self) -> Result<(), PipelineError> {
-        let open = std::mem::take(&mut self.open);
-        self.open_bytes = 0;
-        for ((vm, disk), seg) in open {
-            let seq = seg.builder.seq();
-            let (bytes, records, new) = finish_segment(seg)?;
-            let path = LocalStore::segment_path(&vm, &disk, seq);
-            // Split mode: the store's copy first, so a local segment always exists remotely too.
-            if let Some(sink) = self.sink.as_mut() {
-                sink(&path, &bytes).map_err(|detail| PipelineError::Upload {
-                    path: path.clone(),
-                    detail,
-                })?;
-            }
-            self.store.put_segment(&path, &bytes)?;
-            self.stats.segments += 1;
-            self.stats.segment_bytes += bytes.len() as u64;
-            self.stats.sealed_bytes += new.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();
-            self.index.insert_many(&new)?;
-            let c = self.applier.push_segment(&vm, &disk, seq, records)?;
-            self.committed.extend(c);
+/// The committing half: everything a sealed segment needs, borrowed from the pipeline.
+struct Committer<'a, 's> {
+    store: &'s LocalStore,
+    index: &'a ChunkIndex,
+    applier: &'a mut Applier<'s>,
+    sink: &'a mut Option<SegmentSink<'s>>,
+    stats: &'a mut PipelineStats,
+    committed: &'a mut Vec<Committed>,
+}
+
+impl Committer<'_, '_> {
+    /// Stores one sealed segment (split mode: the store's copy first), indexes its new chunks and
+    /// applies it.
+    fn commit(&mut self, vm: &str, disk: &str, seg: OpenSegment) -> Result<(), PipelineError> {
+        let Committer {
+            store,
+            index,
+            applier,
+            sink,
+            stats,
+            committed,
+        } = self;
+        let seq = seg.builder.seq();
+        let (bytes, records, new) = finish_segment(seg)?;
+        let path = LocalStore::segment_path(vm, disk, seq);
+        if let Some(sink) = sink.as_mut() {
+            sink(&path, &bytes).map_err(|detail| PipelineError::Upload {
+                path: path.clone(),
+                detail,
+            })?;
         }
+        store.put_segment(&path, &bytes)?;
+        stats.segments += 1;
+        stats.segment_bytes += bytes.len() as u64;
+        stats.sealed_bytes += new.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();
+        index.insert_many(&new)?;
+        committed.extend(applier.push_segment(vm, disk, seq, records)?);
         Ok(())
+    }
+}
+
+impl PipelineStats {
+    fn add(&mut self, o: &PipelineStats) {
+        self.records += o.records;
+        self.data_bytes += o.data_bytes;
+        self.zero_bytes += o.zero_bytes;
+        self.dedupe_bytes += o.dedupe_bytes;
+        self.unique_bytes += o.unique_bytes;
+        self.sealed_bytes += o.sealed_bytes;
+        self.segments += o.segments;
+        self.segment_bytes += o.segment_bytes;
     }
 }
 
 impl Drop for Pipeline<'_> {
     fn drop(&mut self) {
-        self.jobs = None;
+        self.disp.jobs = None;
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
