@@ -44,35 +44,7 @@ impl CacheFileHeader {
     }
 
     pub fn decode(bytes: &[u8], key: KeyId) -> Result<Self, FormatError> {
-        let mut r = Reader::new(bytes, 0, WHAT);
-        if r.array::<8>()? != CACHE_MAGIC {
-            return Err(FormatError::Magic {
-                what: WHAT,
-                offset: 0,
-            });
-        }
-        let v = r.u16()?;
-        if v != CACHE_VERSION {
-            return Err(FormatError::Version {
-                what: WHAT,
-                found: v,
-                supported: CACHE_VERSION,
-            });
-        }
-        let hl = r.u16()?;
-        let _flags = r.u32()?;
-        if hl as usize != CACHE_HEADER_LEN || bytes.len() < CACHE_HEADER_LEN {
-            return Err(FormatError::Truncated {
-                what: WHAT,
-                offset: bytes.len() as u64,
-            });
-        }
-        if header_checksum(&bytes[..56]) != bytes[56..64] {
-            return Err(FormatError::HeaderChecksum {
-                what: WHAT,
-                offset: 0,
-            });
-        }
+        let mut r = crate::open_header(bytes, WHAT, &CACHE_MAGIC, CACHE_VERSION, CACHE_HEADER_LEN)?;
         let key_id = KeyId(r.array()?);
         if key_id != key {
             return Err(FormatError::WrongKey {

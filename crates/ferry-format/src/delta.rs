@@ -7,7 +7,7 @@
 
 use ferry_crypto::Digest;
 
-use crate::codec::{Put, Reader};
+use crate::codec::Put;
 use crate::{header_checksum, FormatError};
 
 pub const MAP_MAGIC: [u8; 8] = *b"FERRYMAP";
@@ -44,29 +44,7 @@ impl MapHeader {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
-        let what = "page map";
-        let mut r = Reader::new(bytes, 0, what);
-        if r.array::<8>()? != MAP_MAGIC {
-            return Err(FormatError::Magic { what, offset: 0 });
-        }
-        let v = r.u16()?;
-        if v != MAP_VERSION {
-            return Err(FormatError::Version {
-                what,
-                found: v,
-                supported: MAP_VERSION,
-            });
-        }
-        if r.u16()? as usize != MAP_HEADER_LEN || bytes.len() < MAP_HEADER_LEN {
-            return Err(FormatError::Truncated {
-                what,
-                offset: bytes.len() as u64,
-            });
-        }
-        if header_checksum(&bytes[..56]) != bytes[56..64] {
-            return Err(FormatError::HeaderChecksum { what, offset: 0 });
-        }
-        let _flags = r.u32()?;
+        let mut r = crate::open_header(bytes, "page map", &MAP_MAGIC, MAP_VERSION, MAP_HEADER_LEN)?;
         Ok(MapHeader {
             pages: r.u64()?,
             generation: r.u64()?,
@@ -94,29 +72,13 @@ impl DeltaHeader {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
-        let what = "page delta";
-        let mut r = Reader::new(bytes, 0, what);
-        if r.array::<8>()? != DELTA_MAGIC {
-            return Err(FormatError::Magic { what, offset: 0 });
-        }
-        let v = r.u16()?;
-        if v != DELTA_VERSION {
-            return Err(FormatError::Version {
-                what,
-                found: v,
-                supported: DELTA_VERSION,
-            });
-        }
-        if r.u16()? as usize != DELTA_HEADER_LEN || bytes.len() < DELTA_HEADER_LEN {
-            return Err(FormatError::Truncated {
-                what,
-                offset: bytes.len() as u64,
-            });
-        }
-        if header_checksum(&bytes[..24]) != bytes[24..32] {
-            return Err(FormatError::HeaderChecksum { what, offset: 0 });
-        }
-        let _flags = r.u32()?;
+        let mut r = crate::open_header(
+            bytes,
+            "page delta",
+            &DELTA_MAGIC,
+            DELTA_VERSION,
+            DELTA_HEADER_LEN,
+        )?;
         Ok(DeltaHeader { count: r.u64()? })
     }
 }

@@ -85,3 +85,40 @@ pub fn header_checksum(bytes: &[u8]) -> [u8; 8] {
     out.copy_from_slice(&h.as_bytes()[..8]);
     out
 }
+
+/// Opens a fixed-size header: checks magic, version, the declared header length, and the 8-byte
+/// checksum in the header's last 8 bytes (in that order, so an unknown version says "upgrade" rather
+/// than "corrupt"). Returns a reader positioned just after the common prefix (magic, version,
+/// length, flags).
+pub(crate) fn open_header<'a>(
+    bytes: &'a [u8],
+    what: &'static str,
+    magic: &[u8; 8],
+    version: u16,
+    len: usize,
+) -> Result<codec::Reader<'a>, FormatError> {
+    let mut r = codec::Reader::new(bytes, 0, what);
+    if r.array::<8>()? != *magic {
+        return Err(FormatError::Magic { what, offset: 0 });
+    }
+    let found = r.u16()?;
+    if found != version {
+        return Err(FormatError::Version {
+            what,
+            found,
+            supported: version,
+        });
+    }
+    let declared = r.u16()?;
+    let _flags = r.u32()?;
+    if declared as usize != len || bytes.len() < len {
+        return Err(FormatError::Truncated {
+            what,
+            offset: bytes.len() as u64,
+        });
+    }
+    if header_checksum(&bytes[..len - 8]) != bytes[len - 8..len] {
+        return Err(FormatError::HeaderChecksum { what, offset: 0 });
+    }
+    Ok(r)
+}

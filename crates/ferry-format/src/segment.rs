@@ -135,36 +135,13 @@ impl SegmentHeader {
 
     /// Decodes and checks the header; with `key`, also checks the key id.
     pub fn decode(bytes: &[u8], key: Option<KeyId>) -> Result<Self, FormatError> {
-        let mut r = Reader::new(bytes, 0, WHAT);
-        let magic = r.array::<8>()?;
-        if magic != SEGMENT_MAGIC {
-            return Err(FormatError::Magic {
-                what: WHAT,
-                offset: 0,
-            });
-        }
-        let version = r.u16()?;
-        if version != SEGMENT_VERSION {
-            return Err(FormatError::Version {
-                what: WHAT,
-                found: version,
-                supported: SEGMENT_VERSION,
-            });
-        }
-        let hlen = r.u16()?;
-        let _flags = r.u32()?;
-        if hlen as usize != SEGMENT_HEADER_LEN || bytes.len() < SEGMENT_HEADER_LEN {
-            return Err(FormatError::Truncated {
-                what: WHAT,
-                offset: bytes.len() as u64,
-            });
-        }
-        if header_checksum(&bytes[..56]) != bytes[56..64] {
-            return Err(FormatError::HeaderChecksum {
-                what: WHAT,
-                offset: 0,
-            });
-        }
+        let mut r = crate::open_header(
+            bytes,
+            WHAT,
+            &SEGMENT_MAGIC,
+            SEGMENT_VERSION,
+            SEGMENT_HEADER_LEN,
+        )?;
         let key_id = KeyId(r.array()?);
         let salt = r.array()?;
         let seq = r.u64()?;

@@ -1,0 +1,485 @@
+//! Messages and their payload encodings (little-endian; strings are `u16`-length-prefixed UTF-8,
+//! as in `ferry-format`'s codec). Byte layouts: `docs/WIRE.md`.
+
+use ferry_format::codec::{Put, Reader};
+use ferry_format::segment::{decode_tag, encode_tag, PointTag};
+
+use crate::fields::{
+    check_count, check_name, check_range, malformed, put_disks, put_name, put_text, unencodable,
+    Fields,
+};
+use crate::frame::{FrameHeader, MsgType, HEADER_LEN, MAX_DATA, MAX_PAYLOAD, WIRE_VERSION};
+use crate::registry::{AgentId, Credential};
+use crate::WireError;
+
+/// A 32-byte proof: `blake3::keyed_hash` of a nonce (see [`crate::prove`]).
+pub type Proof = [u8; 32];
+/// A 32-byte server nonce, fresh for every connection.
+pub type Nonce = [u8; 32];
+/// A run id (a new one each time an agent starts shipping a VM from a clean state).
+pub type RunId = [u8; 16];
+
+/// Longest name (disk, VM, hostname, point id, software string), in bytes.
+pub const MAX_NAME: usize = 255;
+/// Longest free text (refusal and cut error messages), in bytes.
+pub const MAX_TEXT: usize = 1024;
+/// Most disks in one list (inventory, begin, tag, resume).
+pub const MAX_DISKS: usize = 256;
+
+/// Refusal codes carried by [`Message::Refused`].
+pub mod refuse {
+    /// No wire version in common (the message names both ranges).
+    pub const VERSION: u16 = 1;
+    /// The registration proof does not match the appliance's passphrase.
+    pub const BAD_PASSPHRASE: u16 = 2;
+    /// The agent id is not registered: never registered, or revoked.
+    pub const UNKNOWN_AGENT: u16 = 3;
+    /// The credential proof does not match.
+    pub const BAD_CREDENTIAL: u16 = 4;
+    /// The peer broke the protocol (wrong message for the state, credit overrun, …).
+    pub const PROTOCOL: u16 = 5;
+    /// The process server cannot take the agent now; retry later.
+    pub const BUSY: u16 = 6;
+    /// The process server failed internally; see its log.
+    pub const INTERNAL: u16 = 7;
+}
+
+/// One protocol message. Records ([`MsgType::is_record`]) carry `seq`, a per-connection-stream
+/// sequence number that strictly increases; acks are cumulative.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello {
+        min_version: u8,
+        max_version: u8,
+        software: String,
+    },
+    HelloAck {
+        version: u8,
+        nonce: Nonce,
+    },
+    Register {
+        proof: Proof,
+        hostname: String,
+    },
+    Registered {
+        agent_id: AgentId,
+        credential: Credential,
+    },
+    Auth {
+        agent_id: AgentId,
+        proof: Proof,
+    },
+    Welcome {
+        credits: u64,
+        /// Per disk: the last sequence number the process server holds durably.
+        resume: Vec<(String, u64)>,
+    },
+    Refused {
+        code: u16,
+        message: String,
+    },
+    Inventory {
+        vm: String,
+        disks: Vec<(String, u64)>,
+    },
+    Begin {
+        seq: u64,
+        run: RunId,
+        time_ns: u64,
+        disks: Vec<(String, u64)>,
+    },
+    /// `digest` is the plain blake3 of `data`; the reader checks it.
+    Write {
+        seq: u64,
+        disk: String,
+        offset: u64,
+        digest: [u8; 32],
+        data: Vec<u8>,
+    },
+    Zero {
+        seq: u64,
+        disk: String,
+        offset: u64,
+        len: u64,
+    },
+    Discard {
+        seq: u64,
+        disk: String,
+        offset: u64,
+        len: u64,
+    },
+    Tag {
+        seq: u64,
+        tag: PointTag,
+    },
+    Ack {
+        seq: u64,
+    },
+    Credit {
+        bytes: u64,
+    },
+    CutRequest {
+        app: bool,
+    },
+    /// `Ok(point id)` or `Err(why the cut failed)`.
+    CutDone {
+        result: Result<String, String>,
+    },
+    Ping {
+        token: u64,
+    },
+    Pong {
+        token: u64,
+    },
+}
+
+impl Message {
+    /// A `Write` with its digest computed.
+    pub fn write(seq: u64, disk: impl Into<String>, offset: u64, data: Vec<u8>) -> Message {
+        Message::Write {
+            seq,
+            disk: disk.into(),
+            offset,
+            digest: *blake3::hash(&data).as_bytes(),
+            data,
+        }
+    }
+
+    pub fn ty(&self) -> MsgType {
+        match self {
+            Message::Hello { .. } => MsgType::Hello,
+            Message::HelloAck { .. } => MsgType::HelloAck,
+            Message::Register { .. } => MsgType::Register,
+            Message::Registered { .. } => MsgType::Registered,
+            Message::Auth { .. } => MsgType::Auth,
+            Message::Welcome { .. } => MsgType::Welcome,
+            Message::Refused { .. } => MsgType::Refused,
+            Message::Inventory { .. } => MsgType::Inventory,
+            Message::Begin { .. } => MsgType::Begin,
+            Message::Write { .. } => MsgType::Write,
+            Message::Zero { .. } => MsgType::Zero,
+            Message::Discard { .. } => MsgType::Discard,
+            Message::Tag { .. } => MsgType::Tag,
+            Message::Ack { .. } => MsgType::Ack,
+            Message::Credit { .. } => MsgType::Credit,
+            Message::CutRequest { .. } => MsgType::CutRequest,
+            Message::CutDone { .. } => MsgType::CutDone,
+            Message::Ping { .. } => MsgType::Ping,
+            Message::Pong { .. } => MsgType::Pong,
+        }
+    }
+
+    /// The sequence number of a record; `None` for other messages.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Message::Begin { seq, .. }
+            | Message::Write { seq, .. }
+            | Message::Zero { seq, .. }
+            | Message::Discard { seq, .. }
+            | Message::Tag { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// Bytes this message occupies on the wire, header included: what a record costs in credit.
+    pub fn frame_len(&self) -> Result<usize, WireError> {
+        let mut fixed = Vec::new();
+        let tail = self.encode_payload(&mut fixed)?;
+        Ok(HEADER_LEN + fixed.len() + tail.len())
+    }
+
+    /// The whole frame in one buffer (tests, golden vectors, small control messages).
+    pub fn encode_frame(&self, version: u8) -> Result<Vec<u8>, WireError> {
+        let mut payload = Vec::new();
+        let tail = self.encode_payload(&mut payload)?;
+        payload.extend_from_slice(tail);
+        let mut out = header_for(self.ty(), version, payload.len())?.to_vec();
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Appends the payload to `out`, except a `Write`'s data, which is returned so the writer can
+    /// send it without copying. Refuses what a reader would refuse (too-long names, too many disks,
+    /// empty or oversized data), so a frame that was sent is a frame that can be read.
+    pub fn encode_payload<'m>(&'m self, out: &mut Vec<u8>) -> Result<&'m [u8], WireError> {
+        let ty = self.ty();
+        match self {
+            Message::Hello {
+                min_version,
+                max_version,
+                software,
+            } => {
+                out.put_u8(*min_version);
+                out.put_u8(*max_version);
+                put_text(out, ty, "software", software, MAX_NAME)?;
+            }
+            Message::HelloAck { version, nonce } => {
+                out.put_u8(*version);
+                out.put_bytes(nonce);
+            }
+            Message::Register { proof, hostname } => {
+                out.put_bytes(proof);
+                put_name(out, ty, "hostname", hostname)?;
+            }
+            Message::Registered {
+                agent_id,
+                credential,
+            } => {
+                out.put_bytes(&agent_id.0);
+                out.put_bytes(credential.expose());
+            }
+            Message::Auth { agent_id, proof } => {
+                out.put_bytes(&agent_id.0);
+                out.put_bytes(proof);
+            }
+            Message::Welcome { credits, resume } => {
+                out.put_u64(*credits);
+                put_disks(out, ty, resume)?;
+            }
+            Message::Refused { code, message } => {
+                out.put_u16(*code);
+                put_text(out, ty, "message", message, MAX_TEXT)?;
+            }
+            Message::Inventory { vm, disks } => {
+                put_name(out, ty, "vm", vm)?;
+                put_disks(out, ty, disks)?;
+            }
+            Message::Begin {
+                seq,
+                run,
+                time_ns,
+                disks,
+            } => {
+                out.put_u64(*seq);
+                out.put_bytes(run);
+                out.put_u64(*time_ns);
+                put_disks(out, ty, disks)?;
+            }
+            Message::Write {
+                seq,
+                disk,
+                offset,
+                digest,
+                data,
+            } => {
+                if data.is_empty() || data.len() > MAX_DATA {
+                    return Err(unencodable(
+                        ty,
+                        format!("data of {} bytes (1 to {MAX_DATA} allowed)", data.len()),
+                    ));
+                }
+                check_range(ty, *offset, data.len() as u64).map_err(|d| unencodable(ty, d))?;
+                out.put_u64(*seq);
+                put_name(out, ty, "disk", disk)?;
+                out.put_u64(*offset);
+                out.put_bytes(digest);
+                return Ok(data);
+            }
+            Message::Zero {
+                seq,
+                disk,
+                offset,
+                len,
+            }
+            | Message::Discard {
+                seq,
+                disk,
+                offset,
+                len,
+            } => {
+                check_range(ty, *offset, *len).map_err(|d| unencodable(ty, d))?;
+                out.put_u64(*seq);
+                put_name(out, ty, "disk", disk)?;
+                out.put_u64(*offset);
+                out.put_u64(*len);
+            }
+            Message::Tag { seq, tag } => {
+                check_count(ty, tag.disks.len()).map_err(|d| unencodable(ty, d))?;
+                for d in &tag.disks {
+                    check_name("disk", &d.name).map_err(|e| unencodable(ty, e))?;
+                }
+                out.put_u64(*seq);
+                encode_tag(out, tag);
+            }
+            Message::Ack { seq } => out.put_u64(*seq),
+            Message::Credit { bytes } => out.put_u64(*bytes),
+            Message::CutRequest { app } => out.put_u8(u8::from(*app)),
+            Message::CutDone { result } => match result {
+                Ok(point) => {
+                    out.put_u8(0);
+                    put_name(out, ty, "point id", point)?;
+                }
+                Err(why) => {
+                    out.put_u8(1);
+                    put_text(out, ty, "error", why, MAX_TEXT)?;
+                }
+            },
+            Message::Ping { token } | Message::Pong { token } => out.put_u64(*token),
+        }
+        Ok(&[])
+    }
+
+    /// Decodes a payload of type `ty`. A `Write` takes `payload`'s buffer for its data (no copy);
+    /// other types leave it for reuse. `frame` numbers the frame in errors.
+    pub fn decode(ty: MsgType, payload: &mut Vec<u8>, frame: u64) -> Result<Message, WireError> {
+        let mut f = Fields {
+            r: Reader::new(payload, 0, "wire payload"),
+            ty,
+            frame,
+        };
+        let m = match ty {
+            MsgType::Hello => Message::Hello {
+                min_version: f.u8()?,
+                max_version: f.u8()?,
+                software: f.text("software", MAX_NAME)?,
+            },
+            MsgType::HelloAck => Message::HelloAck {
+                version: f.u8()?,
+                nonce: f.array()?,
+            },
+            MsgType::Register => Message::Register {
+                proof: f.array()?,
+                hostname: f.name("hostname")?,
+            },
+            MsgType::Registered => Message::Registered {
+                agent_id: AgentId(f.array()?),
+                credential: Credential::from_bytes(f.array()?),
+            },
+            MsgType::Auth => Message::Auth {
+                agent_id: AgentId(f.array()?),
+                proof: f.array()?,
+            },
+            MsgType::Welcome => Message::Welcome {
+                credits: f.u64()?,
+                resume: f.disks()?,
+            },
+            MsgType::Refused => Message::Refused {
+                code: f.u16()?,
+                message: f.text("message", MAX_TEXT)?,
+            },
+            MsgType::Inventory => Message::Inventory {
+                vm: f.name("vm")?,
+                disks: f.disks()?,
+            },
+            MsgType::Begin => Message::Begin {
+                seq: f.u64()?,
+                run: f.array()?,
+                time_ns: f.u64()?,
+                disks: f.disks()?,
+            },
+            MsgType::Write => {
+                let seq = f.u64()?;
+                let disk = f.name("disk")?;
+                let offset = f.u64()?;
+                let digest: [u8; 32] = f.array()?;
+                let n = f.r.remaining();
+                if n == 0 || n > MAX_DATA {
+                    return Err(f.malformed(format!("data of {n} bytes (1 to {MAX_DATA} allowed)")));
+                }
+                check_range(ty, offset, n as u64).map_err(|d| f.malformed(d))?;
+                let start = payload.len() - n;
+                if blake3::hash(&payload[start..]).as_bytes() != &digest {
+                    return Err(malformed(
+                        ty,
+                        frame,
+                        "data does not match its digest".into(),
+                    ));
+                }
+                // Shift the data to the front of the buffer and take it: no second 4 MiB buffer.
+                payload.drain(..start);
+                return Ok(Message::Write {
+                    seq,
+                    disk,
+                    offset,
+                    digest,
+                    data: std::mem::take(payload),
+                });
+            }
+            MsgType::Zero | MsgType::Discard => {
+                let (seq, disk, offset, len) = (f.u64()?, f.name("disk")?, f.u64()?, f.u64()?);
+                check_range(ty, offset, len).map_err(|d| f.malformed(d))?;
+                if ty == MsgType::Zero {
+                    Message::Zero {
+                        seq,
+                        disk,
+                        offset,
+                        len,
+                    }
+                } else {
+                    Message::Discard {
+                        seq,
+                        disk,
+                        offset,
+                        len,
+                    }
+                }
+            }
+            MsgType::Tag => {
+                let seq = f.u64()?;
+                let tag = decode_tag(&mut f.r).map_err(|e| f.format(e))?;
+                check_count(ty, tag.disks.len()).map_err(|d| f.malformed(d))?;
+                for d in &tag.disks {
+                    check_name("disk", &d.name).map_err(|e| f.malformed(e))?;
+                }
+                Message::Tag { seq, tag }
+            }
+            MsgType::Ack => Message::Ack { seq: f.u64()? },
+            MsgType::Credit => Message::Credit { bytes: f.u64()? },
+            MsgType::CutRequest => Message::CutRequest {
+                app: match f.u8()? {
+                    0 => false,
+                    1 => true,
+                    b => return Err(f.malformed(format!("app flag {b} is neither 0 nor 1"))),
+                },
+            },
+            MsgType::CutDone => Message::CutDone {
+                result: match f.u8()? {
+                    0 => Ok(f.name("point id")?),
+                    1 => Err(f.text("error", MAX_TEXT)?),
+                    b => return Err(f.malformed(format!("status {b} is neither 0 nor 1"))),
+                },
+            },
+            MsgType::Ping => Message::Ping { token: f.u64()? },
+            MsgType::Pong => Message::Pong { token: f.u64()? },
+        };
+        let extra = f.r.remaining();
+        if extra != 0 {
+            return Err(WireError::Trailing {
+                frame,
+                ty: ty.name(),
+                extra,
+            });
+        }
+        Ok(m)
+    }
+}
+
+/// The header of a frame of type `ty` carrying `payload_len` bytes.
+pub(crate) fn header_for(
+    ty: MsgType,
+    version: u8,
+    payload_len: usize,
+) -> Result<[u8; HEADER_LEN], WireError> {
+    if payload_len > MAX_PAYLOAD as usize {
+        return Err(unencodable(
+            ty,
+            format!("payload of {payload_len} bytes exceeds {MAX_PAYLOAD}"),
+        ));
+    }
+    Ok(FrameHeader {
+        version,
+        ty,
+        flags: 0,
+        len: payload_len as u32,
+    }
+    .encode())
+}
+
+/// The version a frame of type `ty` is sent with: `Hello` and `HelloAck` always go in version-1
+/// frames (every Ferry can read them); everything else in the negotiated version.
+pub(crate) fn frame_version(ty: MsgType, negotiated: u8) -> u8 {
+    match ty {
+        MsgType::Hello | MsgType::HelloAck => WIRE_VERSION,
+        _ => negotiated,
+    }
+}
