@@ -24,9 +24,9 @@ use criterion::{
 };
 use ferry_benches::{mixed_dataset, write_image, CHUNK, DEFAULT_SEED};
 use ferry_crypto::{is_zero, Digest, MasterKey};
-use ferry_format::segment::{BlobSealer, PointKind, SegmentBuilder};
+use ferry_format::segment::{BlobSealer, SegmentBuilder};
 use ferry_job::{NoProgress, ReplicateOptions, StoreLocation};
-use ferry_pipeline::{encode_chunk, PipelineConfig};
+use ferry_pipeline::encode_chunk;
 
 const PIPELINE_BYTES: usize = 1 << 30;
 const STAGE_BYTES: usize = 64 << 20;
@@ -223,23 +223,15 @@ fn replicate(c: &mut Criterion) {
                 for _ in 0..iters {
                     let run = tempfile::tempdir_in(dir.path()).expect("run dir");
                     // The options `ferry replicate --once` builds, with its defaults.
-                    let o = ReplicateOptions {
-                        sources: vec![image.clone()],
-                        vm: "vm".into(),
-                        disks: vec!["disk".into()],
-                        store: StoreLocation::Local(run.path().join("store")),
-                        split: false,
-                        key_file: key_file.clone(),
-                        cache_dir: run.path().join("cache"),
-                        cache_size: 4 << 30,
-                        kind: PointKind::Crash,
-                        pipeline: PipelineConfig {
-                            threads: n,
-                            ..PipelineConfig::default()
-                        },
-                        group_commit: 64 << 20,
-                        retention: Some(Duration::from_secs(24 * 3600)),
-                    };
+                    let mut o = ReplicateOptions::new(
+                        vec![image.clone()],
+                        "vm",
+                        vec!["disk".into()],
+                        StoreLocation::Local(run.path().join("store")),
+                        key_file.clone(),
+                        run.path().join("cache"),
+                    );
+                    o.pipeline.threads = n;
                     let t = Instant::now();
                     let r = ferry_job::replicate_once(&o, &NoProgress, &AtomicBool::new(false))
                         .expect("replicate_once");

@@ -151,6 +151,34 @@ pub struct ReplicateOptions {
     pub rate_limit: Option<u64>,
 }
 
+impl ReplicateOptions {
+    /// The options `ferry replicate --once` uses by default, for one VM on `store`.
+    pub fn new(
+        sources: Vec<PathBuf>,
+        vm: &str,
+        disks: Vec<String>,
+        store: StoreLocation,
+        key_file: PathBuf,
+        cache_dir: PathBuf,
+    ) -> Self {
+        ReplicateOptions {
+            sources,
+            vm: vm.to_owned(),
+            disks,
+            store,
+            split: false,
+            key_file,
+            cache_dir,
+            cache_size: 4 << 30,
+            kind: PointKind::Crash,
+            pipeline: PipelineConfig::default(),
+            group_commit: 64 << 20,
+            retention: Some(std::time::Duration::from_secs(24 * 3600)),
+            rate_limit: None,
+        }
+    }
+}
+
 /// What one run did.
 #[derive(Clone, Debug)]
 pub struct RunReport {
