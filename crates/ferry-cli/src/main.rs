@@ -60,6 +60,101 @@ enum Cmd {
     /// at each cut and publish recovery points. Idempotent and resumable: run it again after any
     /// interruption. Without --once it keeps polling every --interval.
     Apply(ApplyArgs),
+    /// Process server: accept agents over TLS 1.3, make their changes durable in the cache, and
+    /// turn each agent's cut into a recovery point in the store. Runs until SIGINT/SIGTERM.
+    ///
+    /// Example:
+    ///   ferry serve --listen 0.0.0.0:7443 --store ./store --cache-dir ./cache --state-dir ./ps
+    Serve(ServeArgs),
+    /// The registration passphrase agents need (`ferry-agent register --passphrase-file`).
+    Passphrase {
+        #[command(subcommand)]
+        cmd: PassphraseCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PassphraseCmd {
+    /// Print the passphrase (created with the server's TLS identity on first use).
+    Show {
+        /// The process server's state directory (as given to `ferry serve`).
+        #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on, HOST:PORT.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: String,
+    /// The store: a directory (created if missing or empty), or azure://ACCOUNT/CONTAINER (direct
+    /// mode; credentials as for `replicate`).
+    #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+    store: StoreLocation,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Cache directory (durable staging). Default: STATE_ROOT/server-cache.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Cache quota; above 80 % of it agents get no new credit until it drains below 60 %.
+    #[arg(long, default_value = "4GiB", value_parser = units::parse_size)]
+    cache_size: u64,
+    /// TLS identity, registration passphrase and agent registry. Default: STATE_ROOT/server.
+    #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Worker threads for the pipeline. Default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn server_state_dir(d: Option<PathBuf>) -> PathBuf {
+    d.unwrap_or_else(|| ferry_job::default_state_root().join("server"))
+}
+
+fn serve(a: ServeArgs) -> ExitCode {
+    let o = ferry_serve::ServeOptions {
+        listen: a.listen,
+        store: a.store,
+        key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
+        cache_dir: a
+            .cache_dir
+            .unwrap_or_else(|| ferry_job::default_state_root().join("server-cache")),
+        state_dir: server_state_dir(a.state_dir),
+        cache_size: a.cache_size,
+        pipeline: ferry_pipeline::PipelineConfig {
+            threads: threads(a.threads),
+            ..Default::default()
+        },
+        window: 32 << 20,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            eprintln!("error: cannot install signal handler: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    match ferry_serve::serve(&o, stop) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn passphrase_show(state_dir: Option<PathBuf>) -> ExitCode {
+    match ferry_serve::passphrase(&server_state_dir(state_dir)) {
+        Ok(p) => {
+            println!("{p}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -220,6 +315,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let r = match cli.cmd {
+        Cmd::Serve(a) => return serve(a),
+        Cmd::Passphrase {
+            cmd: PassphraseCmd::Show { state_dir },
+        } => return passphrase_show(state_dir),
         Cmd::Replicate(a) => replicate(a),
         Cmd::Points {
             cmd: PointsCmd::List { store, vm, json },

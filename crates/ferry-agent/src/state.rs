@@ -1,0 +1,171 @@
+//! The agent's state directory: its identity (`agent.json`, mode `0600`) and one digest map per
+//! disk (`maps/DISK.map`: the digest of every 64 KiB chunk as the process server last acknowledged
+//! it, 32 bytes each). Both are replaced durably: temp → fsync → rename → fsync directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ferry_crypto::Digest;
+use ferry_wire::{AgentId, Credential, Fingerprint};
+use serde::{Deserialize, Serialize};
+
+use crate::AgentError;
+
+/// The identity file in the state directory.
+pub const IDENTITY_FILE: &str = "agent.json";
+
+/// What registration gave this agent.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity {
+    pub server: String,
+    pub agent_id: AgentId,
+    pub credential: Credential,
+    pub fingerprint: Fingerprint,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    version: u32,
+    server: String,
+    agent_id: String,
+    credential: String,
+    fingerprint: String,
+}
+
+fn state_err(path: &Path, detail: impl ToString) -> AgentError {
+    AgentError::State {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+impl AgentIdentity {
+    pub fn save(&self, state_dir: &Path) -> Result<(), AgentError> {
+        fs::create_dir_all(state_dir).map_err(|e| state_err(state_dir, e))?;
+        let f = IdentityFile {
+            version: 1,
+            server: self.server.clone(),
+            agent_id: self.agent_id.to_string(),
+            credential: hex::encode(self.credential.expose()),
+            fingerprint: self.fingerprint.to_string(),
+        };
+        let path = state_dir.join(IDENTITY_FILE);
+        let bytes = serde_json::to_vec_pretty(&f).map_err(|e| state_err(&path, e))?;
+        write_durable(&path, &bytes).map_err(|e| state_err(&path, e))
+    }
+
+    pub fn load(state_dir: &Path) -> Result<Self, AgentError> {
+        let path = state_dir.join(IDENTITY_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AgentError::NotRegistered(path.display().to_string()))
+            }
+            Err(e) => return Err(state_err(&path, e)),
+        };
+        let f: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| state_err(&path, e))?;
+        if f.version != 1 {
+            return Err(state_err(&path, format!("unknown version {}", f.version)));
+        }
+        let agent_id = f.agent_id.parse().map_err(|e| state_err(&path, e))?;
+        let mut cred = [0u8; 32];
+        hex::decode_to_slice(&f.credential, &mut cred).map_err(|e| state_err(&path, e))?;
+        let fingerprint = f.fingerprint.parse().map_err(|e| state_err(&path, e))?;
+        Ok(AgentIdentity {
+            server: f.server,
+            agent_id,
+            credential: Credential::from_bytes(cred),
+            fingerprint,
+        })
+    }
+}
+
+/// Digest that matches no chunk: a disk with no map is sent whole (zero chunks as zero ranges).
+pub const UNKNOWN: Digest = [0xff; 32];
+
+pub fn map_path(state_dir: &Path, disk: &str) -> PathBuf {
+    state_dir.join("maps").join(format!("{disk}.map"))
+}
+
+/// The disk's acknowledged digests, or all [`UNKNOWN`] if there is no usable map.
+pub fn load_map(state_dir: &Path, disk: &str, chunks: usize) -> Vec<Digest> {
+    let p = map_path(state_dir, disk);
+    match fs::read(&p) {
+        Ok(b) if b.len() == chunks * 32 => b
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect(),
+        Ok(_) => {
+            tracing::warn!(map = %p.display(), "digest map has the wrong size (disk resized?); sending the whole disk");
+            vec![UNKNOWN; chunks]
+        }
+        Err(_) => vec![UNKNOWN; chunks],
+    }
+}
+
+pub fn save_map(state_dir: &Path, disk: &str, map: &[Digest]) -> Result<(), AgentError> {
+    let p = map_path(state_dir, disk);
+    let dir = p.parent().expect("maps/ parent");
+    fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+    write_durable(&p, map.as_flattened()).map_err(|e| state_err(&p, e))
+}
+
+/// temp (mode 0600) → fsync → rename → fsync directory.
+fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn identity_round_trips_privately_and_maps_check_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            AgentIdentity::load(dir.path()),
+            Err(AgentError::NotRegistered(_))
+        ));
+        let id = AgentIdentity {
+            server: "127.0.0.1:7443".into(),
+            agent_id: AgentId([3; 16]),
+            credential: Credential::from_bytes([5; 32]),
+            fingerprint: Fingerprint([9; 32]),
+        };
+        id.save(dir.path()).unwrap();
+        let mode = fs::metadata(dir.path().join(IDENTITY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let back = AgentIdentity::load(dir.path()).unwrap();
+        assert_eq!(back.agent_id, id.agent_id);
+        assert_eq!(back.credential.expose(), id.credential.expose());
+        assert_eq!(back.fingerprint, id.fingerprint);
+
+        assert_eq!(load_map(dir.path(), "sda", 3), vec![UNKNOWN; 3]);
+        let map = vec![[1u8; 32], [2u8; 32], [0u8; 32]];
+        save_map(dir.path(), "sda", &map).unwrap();
+        assert_eq!(load_map(dir.path(), "sda", 3), map);
+        // Another size (a resized disk): the map is not trusted.
+        assert_eq!(load_map(dir.path(), "sda", 4), vec![UNKNOWN; 4]);
+    }
+}

@@ -1,0 +1,474 @@
+//! The agent ↔ process-server split end to end: the real `ferry serve` and `ferry-agent` binaries
+//! on loopback, real TLS 1.3, a real local store; every point restored and compared byte for byte.
+//!
+//! `ferry-agent` is another package's binary: build it first (`cargo test -p ferry-agent -p
+//! ferry-cli` does, as does `cargo build -p ferry-agent` with the same profile).
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ferry, same_bytes, write_random, write_zeros, Env, Rng};
+
+fn agent_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build -p ferry-agent, same profile)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `ferry serve` process logging to a file.
+struct Server {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(env: &Env, addr: &str) -> Server {
+        Self::start_with(env, addr, env.store().to_str().unwrap(), &[])
+    }
+    fn start_with(env: &Env, addr: &str, store: &str, vars: &[(&str, String)]) -> Server {
+        Self::start_sized(env, addr, store, vars, "512MiB")
+    }
+    fn start_sized(
+        env: &Env,
+        addr: &str,
+        store: &str,
+        vars: &[(&str, String)],
+        cache_size: &str,
+    ) -> Server {
+        let log = env.path("serve.log");
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = ferry()
+            .env("FERRY_LOG", "info")
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .args(["serve", "--listen", addr, "--cache-size", cache_size])
+            .arg("--store")
+            .arg(store)
+            .arg("--key-file")
+            .arg(env.key())
+            .arg("--cache-dir")
+            .arg(env.path("ps-cache"))
+            .arg("--state-dir")
+            .arg(env.path("ps-state"))
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child: Some(child),
+            log,
+        };
+        let t0 = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "server did not listen: {}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// SIGTERM and wait: the server drains the cache into the store and exits 0.
+    fn stop(&mut self) {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: kill(2) with a pid we spawned and own.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let st = c.wait().unwrap();
+        assert!(st.success(), "serve exited {st}: {}", self.log_text());
+    }
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn passphrase_file(env: &Env, state: &Path, name: &str) -> PathBuf {
+    let o = ferry()
+        .args(["passphrase", "show", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = env.path(name);
+    fs::write(&p, &o.stdout).unwrap();
+    p
+}
+
+fn register(env: &Env, addr: &str, pass: &Path, state: &str) -> Output {
+    Command::new(agent_bin())
+        .args(["register", "--server", addr, "--passphrase-file"])
+        .arg(pass)
+        .arg("--state-dir")
+        .arg(env.path(state))
+        .output()
+        .unwrap()
+}
+
+fn agent_cmd(env: &Env, addr: &str, disk: &Path, state: &str) -> Command {
+    let mut c = Command::new(agent_bin());
+    c.env("FERRY_LOG", "info")
+        .args(["--server", addr, "--vm", "web01", "--once", "--disk"])
+        .arg(disk)
+        .arg("--state-dir")
+        .arg(env.path(state));
+    c
+}
+
+fn run_agent(env: &Env, addr: &str, disk: &Path, state: &str) -> Output {
+    agent_cmd(env, addr, disk, state).output().unwrap()
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}): {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn make_image(path: &Path, rng: &mut Rng, size: u64) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    drop(f);
+    // Mostly random data with some zero and some untouched (sparse) areas.
+    let mut off = 0;
+    while off < size {
+        let len = (1 << 20).min(size - off) as usize;
+        if rng.below(4) != 0 {
+            write_random(path, rng, off, len);
+        }
+        off += len as u64;
+    }
+}
+
+fn mutate(path: &Path, rng: &mut Rng, size: u64) {
+    for _ in 0..20 {
+        let off = rng.below(size / 4096 - 64) * 4096;
+        let len = 4096 * (1 + rng.below(32) as usize);
+        write_random(path, rng, off, len);
+    }
+    write_zeros(path, 4 << 20, 1 << 20);
+}
+
+/// Restores every listed point and compares it with the copy saved at its run.
+fn check_points(env: &Env, copies: &[PathBuf]) {
+    let pts = env.points();
+    assert_eq!(pts.len(), copies.len(), "{pts:?}");
+    for (p, copy) in pts.iter().zip(copies) {
+        let id = p["id"].as_str().unwrap();
+        let out = env.path(&format!("restored-{id}.img"));
+        let o = env.restore(id, &out, &["--vm", "web01", "--verify"]);
+        ok(&o, "restore");
+        assert!(same_bytes(&out, copy), "point {id} differs from its copy");
+    }
+}
+
+#[test]
+fn register_replicate_twice_and_restore_exactly() {
+    let env = Env::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut srv = Server::start(&env, &addr);
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let meta = fs::metadata(env.path("agent/agent.json")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let size = 32 << 20;
+    let disk = env.path("disk.img");
+    let mut rng = Rng(0x5eed);
+    make_image(&disk, &mut rng, size);
+    let mut copies = Vec::new();
+    for run in 0..2 {
+        if run > 0 {
+            mutate(&disk, &mut rng, size);
+        }
+        let o = run_agent(&env, &addr, &disk, "agent");
+        ok(&o, "agent run");
+        let copy = env.path(&format!("copy{run}.img"));
+        fs::copy(&disk, &copy).unwrap();
+        copies.push(copy);
+    }
+    srv.stop();
+    let o = ferry()
+        .args(["points", "list", "--store"])
+        .arg(env.store())
+        .output()
+        .unwrap();
+    ok(&o, "points list");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("web01")).count(),
+        2,
+        "{text}"
+    );
+    check_points(&env, &copies);
+}
+
+#[test]
+fn strangers_are_refused_and_the_server_keeps_serving() {
+    let env = Env::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut srv = Server::start(&env, &addr);
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let disk = env.path("disk.img");
+    let mut rng = Rng(7);
+    make_image(&disk, &mut rng, 8 << 20);
+
+    // A passphrase for the same certificate with another secret: refused as a wrong passphrase.
+    let other = env.path("other-state");
+    fs::create_dir_all(&other).unwrap();
+    fs::copy(
+        env.path("ps-state/tls-identity.pem"),
+        other.join("tls-identity.pem"),
+    )
+    .unwrap();
+    let wrong = passphrase_file(&env, &other, "wrong.txt");
+    let o = register(&env, &addr, &wrong, "wrong-agent");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("wrong registration passphrase"), "{err}");
+    assert!(!env.path("wrong-agent/agent.json").exists());
+
+    // A bogus credential, and an agent id never registered: refused, non-zero exit.
+    let id: serde_json::Value =
+        serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
+    for (field, value, expect) in [
+        ("credential", "ab".repeat(32), "bad credential"),
+        ("agent_id", "cd".repeat(16), "unknown agent"),
+    ] {
+        let mut forged = id.clone();
+        forged[field] = value.into();
+        let dir = env.path("forged");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("agent.json"), serde_json::to_vec(&forged).unwrap()).unwrap();
+        let o = run_agent(&env, &addr, &disk, "forged");
+        assert!(!o.status.success(), "forged {field} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        assert!(
+            err.contains("refused") && err.contains(expect),
+            "{field}: {err}"
+        );
+    }
+
+    // Random bytes on the port: refused in the log; the server goes on.
+    let mut junk = vec![0u8; 4096];
+    rng.fill(&mut junk);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(&junk);
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    drop(s);
+
+    // The registered agent still works.
+    ok(&run_agent(&env, &addr, &disk, "agent"), "registered agent");
+    let copy = env.path("copy.img");
+    fs::copy(&disk, &copy).unwrap();
+    let log = srv.log_text();
+    assert!(log.contains("TLS handshake failed"), "{log}");
+    assert!(log.contains("wrong registration passphrase"), "{log}");
+    srv.stop();
+    check_points(&env, &[copy]);
+}
+
+#[test]
+fn kill_9_of_the_server_mid_run_loses_nothing() {
+    let env = Env::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut srv = Server::start(&env, &addr);
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let size = 192 << 20;
+    let disk = env.path("disk.img");
+    let mut rng = Rng(99);
+    make_image(&disk, &mut rng, size);
+    let mut copies = Vec::new();
+    let mut reconnects = 0;
+    for run in 0..2 {
+        if run > 0 {
+            mutate(&disk, &mut rng, size);
+        }
+        let copy = env.path(&format!("copy{run}.img"));
+        fs::copy(&disk, &copy).unwrap();
+        let child = agent_cmd(&env, &addr, &disk, "agent")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if run == 0 {
+            // Mid-run: the first run ships ~150 MiB; kill the server while it does.
+            std::thread::sleep(Duration::from_millis(250));
+            srv.kill9();
+            std::thread::sleep(Duration::from_millis(300));
+            srv = Server::start(&env, &addr);
+        }
+        let o = child.wait_with_output().unwrap();
+        ok(&o, "agent run");
+        let out = String::from_utf8_lossy(&o.stdout);
+        if !out.contains(" 0 reconnect(s)") {
+            reconnects += 1;
+        }
+        copies.push(copy);
+    }
+    assert!(
+        reconnects > 0,
+        "the kill did not interrupt a run; make the image larger"
+    );
+    srv.stop();
+    check_points(&env, &copies);
+}
+
+#[test]
+fn azure_store_through_the_process_server() {
+    let Some(azurite) = ferry_azure::azurite::Azurite::start_or_skip() else {
+        return;
+    };
+    let env = Env::new();
+    let url = "azure://devstoreaccount1/ferry-serve";
+    let vars = [
+        (
+            "AZURE_STORAGE_CONNECTION_STRING",
+            azurite.connection_string(),
+        ),
+        ("FERRY_STATE_DIR", env.path("state").display().to_string()),
+    ];
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut srv = Server::start_with(&env, &addr, url, &vars);
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let size = 16 << 20;
+    let disk = env.path("disk.img");
+    let mut rng = Rng(42);
+    make_image(&disk, &mut rng, size);
+    let mut copies = Vec::new();
+    for run in 0..2 {
+        if run > 0 {
+            mutate(&disk, &mut rng, size);
+        }
+        ok(&run_agent(&env, &addr, &disk, "agent"), "agent run");
+        let copy = env.path(&format!("copy{run}.img"));
+        fs::copy(&disk, &copy).unwrap();
+        copies.push(copy);
+    }
+    srv.stop();
+    let o = ferry()
+        .envs(vars.iter().map(|(k, v)| (k, v)))
+        .args(["points", "list", "--json", "--store", url])
+        .output()
+        .unwrap();
+    ok(&o, "points list");
+    let pts: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(pts.len(), 2, "{pts:?}");
+    for (p, copy) in pts.iter().zip(&copies) {
+        let id = p["id"].as_str().unwrap();
+        let out = env.path(&format!("restored-{id}.img"));
+        let o = ferry()
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .args([
+                "restore", "--store", url, "--point", id, "--force", "--verify",
+            ])
+            .arg("--key-file")
+            .arg(env.key())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        ok(&o, "restore from azure");
+        assert!(same_bytes(&out, copy), "point {id} differs from its copy");
+    }
+}
+
+#[test]
+fn kill_9_of_the_agent_mid_run_then_a_clean_run_is_exact() {
+    let env = Env::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut srv = Server::start(&env, &addr);
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let size = 192 << 20;
+    let disk = env.path("disk.img");
+    let mut rng = Rng(1234);
+    make_image(&disk, &mut rng, size);
+    let mut child = agent_cmd(&env, &addr, &disk, "agent")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The killed run never reached its tag: no map was saved, the next run sends it all again.
+    assert!(!env.path("agent/maps/disk.map").exists());
+    mutate(&disk, &mut rng, size);
+    ok(
+        &run_agent(&env, &addr, &disk, "agent"),
+        "agent run after a kill",
+    );
+    let copy = env.path("copy.img");
+    fs::copy(&disk, &copy).unwrap();
+    srv.stop();
+    check_points(&env, &[copy]);
+}
+
+#[test]
+fn a_small_cache_turns_into_backpressure_not_loss() {
+    let env = Env::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let store = env.store().display().to_string();
+    let mut srv = Server::start_sized(&env, &addr, &store, &[], "16MiB");
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let size = 96 << 20;
+    let disk = env.path("disk.img");
+    let mut rng = Rng(77);
+    make_image(&disk, &mut rng, size);
+    ok(&run_agent(&env, &addr, &disk, "agent"), "agent run");
+    let copy = env.path("copy.img");
+    fs::copy(&disk, &copy).unwrap();
+    let log = srv.log_text();
+    assert!(
+        log.contains("high watermark") || log.contains("cache full"),
+        "the cache never filled: {log}"
+    );
+    srv.stop();
+    check_points(&env, &[copy]);
+}

@@ -1,0 +1,589 @@
+//! One agent connection: hello, registration or authentication, then records under credit. Records
+//! are turned into cache entries here and handed to the group committer; a writer task sends the
+//! acks it reports and the credit they free.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_crypto::{is_zero, MasterKey};
+use ferry_format::cache::CacheEntry;
+use ferry_format::CHUNK_SIZE;
+use ferry_wire::{
+    negotiate, new_nonce, refuse, AsyncFrameReader, AsyncFrameWriter, AuthError, Credits, Message,
+    WireError, WIRE_VERSION,
+};
+use tokio::io::{split, AsyncRead, AsyncWrite, WriteHalf};
+use tokio::sync::{mpsc, watch};
+
+use crate::commit::{Append, Durable};
+use crate::Shared;
+
+/// Why a connection ended early: the refusal sent to the agent.
+struct Refusal {
+    code: u16,
+    message: String,
+    /// The stream broke (I/O, truncated): nothing to refuse, the agent reconnects.
+    dropped: bool,
+}
+
+fn refusal(code: u16, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+        dropped: false,
+    }
+}
+
+impl From<WireError> for Refusal {
+    fn from(e: WireError) -> Self {
+        let dropped = !e.is_permanent();
+        Refusal {
+            dropped,
+            ..refusal(refuse::PROTOCOL, e.to_string())
+        }
+    }
+}
+
+type Writer<S> = AsyncFrameWriter<WriteHalf<S>>;
+
+async fn send_refusal<S: AsyncWrite>(w: &mut Writer<S>, r: &Refusal) {
+    let m = Message::Refused {
+        code: r.code,
+        message: r.message.chars().take(ferry_wire::MAX_TEXT / 4).collect(),
+    };
+    let _ = w.send(&m).await;
+    let _ = w.flush().await;
+}
+
+/// Serves one TLS stream until the agent leaves or is refused. Never panics on input.
+pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: String,
+) {
+    let (rd, wr) = split(stream);
+    let mut r = AsyncFrameReader::new(rd);
+    let mut w = AsyncFrameWriter::new(wr);
+    let agent = match handshake(&shared, &mut r, &mut w).await {
+        Ok(Some(agent)) => agent,
+        Ok(None) => return,
+        Err(why) if why.dropped => {
+            tracing::info!(%peer, reason = %why.message, "connection dropped during the handshake");
+            return;
+        }
+        Err(why) => {
+            tracing::warn!(%peer, code = why.code, reason = %why.message, "refused agent connection");
+            send_refusal(&mut w, &why).await;
+            return;
+        }
+    };
+    tracing::info!(%peer, agent = %agent, "agent authenticated");
+    let (tx, durable_rx) = watch::channel(Durable::default());
+    let conn = Arc::new(tx);
+    let credits = Arc::new(Mutex::new(Credits::new(shared.window)));
+    let (refuse_tx, refuse_rx) = mpsc::channel::<Refusal>(1);
+    let writer = tokio::spawn(write_loop(
+        shared.clone(),
+        w,
+        durable_rx,
+        credits.clone(),
+        refuse_rx,
+    ));
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let mut owner = VmOwner {
+        shared: &shared,
+        agent: agent.clone(),
+        id,
+        vm: None,
+    };
+    let result = read_loop(&mut owner, &mut r, &conn, &credits).await;
+    drop(owner);
+    match result {
+        Ok(()) => tracing::info!(%peer, agent = %agent, "agent disconnected"),
+        Err(why) if why.dropped => {
+            tracing::info!(%peer, agent = %agent, reason = %why.message, "agent connection dropped");
+        }
+        Err(why) => {
+            tracing::warn!(%peer, agent = %agent, code = why.code, reason = %why.message, "refused agent connection");
+            let _ = refuse_tx.send(why).await;
+        }
+    }
+    drop(refuse_tx);
+    drop(conn);
+    let _ = writer.await;
+}
+
+/// Hello, then Register (answered and closed: `Ok(None)`) or Auth (Welcome sent: the agent id).
+async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
+    shared: &Shared,
+    r: &mut AsyncFrameReader<R>,
+    w: &mut Writer<S>,
+) -> Result<Option<String>, Refusal> {
+    let first = tokio::time::timeout(Duration::from_secs(30), r.read())
+        .await
+        .map_err(|_| refusal(refuse::PROTOCOL, "no Hello within 30 s"))??;
+    let Some(Message::Hello {
+        min_version,
+        max_version,
+        software,
+    }) = first
+    else {
+        return Err(refusal(refuse::PROTOCOL, "expected Hello first"));
+    };
+    let Some(version) = negotiate(min_version, max_version) else {
+        return Err(refusal(
+            refuse::VERSION,
+            format!(
+                "agent speaks wire versions {min_version}..={max_version}, this process server {WIRE_VERSION}; upgrade the older side"
+            ),
+        ));
+    };
+    let nonce = new_nonce().map_err(|e| refusal(refuse::INTERNAL, e.to_string()))?;
+    w.send(&Message::HelloAck { version, nonce }).await?;
+    w.flush().await?;
+    r.set_version(version);
+    w.set_version(version);
+    let second = tokio::time::timeout(Duration::from_secs(30), r.read())
+        .await
+        .map_err(|_| refusal(refuse::PROTOCOL, "no Register or Auth within 30 s"))??;
+    match second {
+        Some(Message::Register { proof, hostname }) => {
+            if !shared.passphrase.verify(&nonce, &proof) {
+                return Err(refusal(
+                    refuse::BAD_PASSPHRASE,
+                    "wrong registration passphrase; get the current one with `ferry passphrase show` on the process server",
+                ));
+            }
+            let reg = shared
+                .registry
+                .lock()
+                .expect("registry lock")
+                .register(&hostname);
+            let (agent_id, credential) = reg.map_err(|e| {
+                tracing::error!(error = %e, "cannot save the agent registry");
+                refusal(
+                    refuse::INTERNAL,
+                    "cannot save the agent registry; see the process server log",
+                )
+            })?;
+            tracing::info!(agent = %agent_id, %hostname, %software, "agent registered");
+            w.send(&Message::Registered {
+                agent_id,
+                credential,
+            })
+            .await?;
+            w.flush().await?;
+            Ok(None)
+        }
+        Some(Message::Auth { agent_id, proof }) => {
+            let verdict = shared
+                .registry
+                .lock()
+                .expect("registry lock")
+                .verify(&agent_id, &proof, &nonce)
+                .map(|_| ());
+            if let Err(e) = verdict {
+                let code = match e {
+                    AuthError::UnknownAgent(_) => refuse::UNKNOWN_AGENT,
+                    AuthError::BadProof(_) => refuse::BAD_CREDENTIAL,
+                };
+                return Err(refusal(
+                    code,
+                    format!("{e}; register the agent again (ferry-agent register)"),
+                ));
+            }
+            w.send(&Message::Welcome {
+                credits: shared.window,
+                resume: vec![],
+            })
+            .await?;
+            w.flush().await?;
+            Ok(Some(agent_id.to_string()))
+        }
+        Some(m) => Err(refusal(
+            refuse::PROTOCOL,
+            format!("expected Register or Auth, got {}", m.ty().name()),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Reads Inventory, then records, until the agent closes the stream.
+/// Which connection replicates a VM: one at a time, or two agents' runs would interleave in the
+/// cache. A newer connection of the same agent replaces the older one (a reconnect after the old
+/// TCP connection died silently); another agent is refused as busy.
+pub(crate) struct VmSlot {
+    agent: String,
+    conn: u64,
+    cancel: watch::Sender<bool>,
+}
+
+struct VmOwner<'a> {
+    shared: &'a Shared,
+    agent: String,
+    id: u64,
+    vm: Option<String>,
+}
+
+impl VmOwner<'_> {
+    fn claim(&mut self, vm: &str) -> Result<watch::Receiver<bool>, Refusal> {
+        let mut vms = self.shared.vms.lock().expect("vms lock");
+        if let Some(slot) = vms.get(vm) {
+            if slot.agent != self.agent {
+                return Err(refusal(
+                    refuse::BUSY,
+                    format!("VM '{vm}' is being replicated by another agent ({}); give each machine its own --vm name", slot.agent),
+                ));
+            }
+            tracing::info!(vm, agent = %self.agent, "a newer connection of the agent replaces the older one");
+            let _ = slot.cancel.send(true);
+        }
+        let (tx, rx) = watch::channel(false);
+        vms.insert(
+            vm.to_string(),
+            VmSlot {
+                agent: self.agent.clone(),
+                conn: self.id,
+                cancel: tx,
+            },
+        );
+        self.vm = Some(vm.to_string());
+        Ok(rx)
+    }
+}
+
+impl Drop for VmOwner<'_> {
+    fn drop(&mut self) {
+        if let Some(vm) = &self.vm {
+            let mut vms = self.shared.vms.lock().expect("vms lock");
+            if vms.get(vm).is_some_and(|s| s.conn == self.id) {
+                vms.remove(vm);
+            }
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    owner: &mut VmOwner<'_>,
+    r: &mut AsyncFrameReader<R>,
+    conn: &Arc<watch::Sender<Durable>>,
+    credits: &Mutex<Credits>,
+) -> Result<(), Refusal> {
+    let shared = owner.shared;
+    let mut vm: Option<String> = None;
+    // Disk sizes of the current run (from Inventory, then each Begin).
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    let (_never, mut cancel) = watch::channel(false);
+    loop {
+        let m = tokio::select! {
+            m = r.read() => m?,
+            _ = cancel.changed() => {
+                return Err(Refusal {
+                    dropped: true,
+                    ..refusal(refuse::PROTOCOL, "replaced by a newer connection of the same agent")
+                });
+            }
+        };
+        let Some(m) = m else { break };
+        if let Some(seq) = m.seq() {
+            let cost = m.frame_len()? as u64;
+            if !credits.lock().expect("credits lock").try_take(cost) {
+                return Err(refusal(refuse::PROTOCOL, "credit overrun"));
+            }
+            let Some(vm) = vm.clone() else {
+                return Err(refusal(refuse::PROTOCOL, "a record before Inventory"));
+            };
+            check_record(shared, &vm, &mut sizes, &m)?;
+            let entries = to_entries(&shared.key, vm, m);
+            let a = Append {
+                conn: conn.clone(),
+                seq,
+                cost,
+                entries,
+            };
+            shared.inflight.fetch_add(cost, Ordering::Relaxed);
+            if shared.commits.send(a).is_err() {
+                return Err(refusal(
+                    refuse::INTERNAL,
+                    "the cache is closed (server stopping or failed)",
+                ));
+            }
+            continue;
+        }
+        match m {
+            Message::Inventory { vm: v, disks } => {
+                if let Err(e) = ferry_job::validate_name("VM", &v) {
+                    return Err(refusal(refuse::PROTOCOL, e.to_string()));
+                }
+                for (d, _) in &disks {
+                    if let Err(e) = ferry_job::validate_name("disk", d) {
+                        return Err(refusal(refuse::PROTOCOL, e.to_string()));
+                    }
+                }
+                match &vm {
+                    Some(old) if *old != v => {
+                        return Err(refusal(
+                            refuse::PROTOCOL,
+                            format!("a second Inventory for VM '{v}' on a connection for '{old}'"),
+                        ))
+                    }
+                    Some(_) => {}
+                    None => cancel = owner.claim(&v)?,
+                }
+                tracing::info!(vm = %v, disks = disks.len(), "inventory");
+                sizes = disks.into_iter().collect();
+                vm = Some(v);
+            }
+            Message::Ping { .. } | Message::Pong { .. } | Message::CutDone { .. } => {}
+            m => {
+                return Err(refusal(
+                    refuse::PROTOCOL,
+                    format!("unexpected {} from an agent", m.ty().name()),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses records the pipeline could not apply: a disk the run did not announce, a range past
+/// the disk's end, a disk whose size differs from its replica's (resizes are not followed yet).
+fn check_record(
+    shared: &Shared,
+    vm: &str,
+    sizes: &mut HashMap<String, u64>,
+    m: &Message,
+) -> Result<(), Refusal> {
+    let range =
+        |disk: &str, offset: u64, len: u64, sizes: &HashMap<String, u64>| match sizes.get(disk) {
+            None => Err(refusal(
+                refuse::PROTOCOL,
+                format!("record for disk '{disk}', which the run did not announce"),
+            )),
+            Some(&size) if offset.saturating_add(len) > size => Err(refusal(
+                refuse::PROTOCOL,
+                format!("record past the end of disk '{disk}' ({size} bytes)"),
+            )),
+            Some(_) => Ok(()),
+        };
+    match m {
+        Message::Begin { disks, .. } => {
+            let manifest = ferry_store::load_manifest_at(&shared.store_root, vm).map_err(|e| {
+                tracing::error!(error = %e, vm, "cannot read the manifest");
+                refusal(
+                    refuse::INTERNAL,
+                    "cannot read the VM's manifest; see the process server log",
+                )
+            })?;
+            for (d, size) in disks {
+                ferry_job::validate_name("disk", d)
+                    .map_err(|e| refusal(refuse::PROTOCOL, e.to_string()))?;
+                if let Some(ds) = manifest.as_ref().and_then(|m| m.disks.get(d)) {
+                    if ds.size != *size {
+                        return Err(refusal(
+                            refuse::PROTOCOL,
+                            format!(
+                                "disk '{d}' of VM '{vm}' was {} bytes and is now {size}; resizes are not followed yet — protect it under a new disk name",
+                                ds.size
+                            ),
+                        ));
+                    }
+                }
+            }
+            *sizes = disks.iter().cloned().collect();
+            Ok(())
+        }
+        Message::Write {
+            disk, offset, data, ..
+        } => range(disk, *offset, data.len() as u64, sizes),
+        Message::Zero {
+            disk, offset, len, ..
+        }
+        | Message::Discard {
+            disk, offset, len, ..
+        } => range(disk, *offset, *len, sizes),
+        Message::Tag { tag, .. } => {
+            for d in &tag.disks {
+                if sizes.get(&d.name) != Some(&d.size) {
+                    return Err(refusal(
+                        refuse::PROTOCOL,
+                        format!(
+                            "tag names disk '{}' with a size its run did not announce",
+                            d.name
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A record as cache entries; Writes split at 64 KiB boundaries, keyed-digested, zero pieces as
+/// zero ranges.
+fn to_entries(key: &MasterKey, vm: String, m: Message) -> Vec<CacheEntry> {
+    match m {
+        Message::Begin {
+            run,
+            time_ns,
+            disks,
+            ..
+        } => vec![CacheEntry::Begin {
+            vm,
+            run,
+            time_ns,
+            disks,
+        }],
+        Message::Write {
+            disk, offset, data, ..
+        } => {
+            let mut out = Vec::new();
+            let mut pos = 0usize;
+            while pos < data.len() {
+                let off = offset + pos as u64;
+                let room = CHUNK_SIZE - (off % CHUNK_SIZE as u64) as usize;
+                let piece = &data[pos..(pos + room).min(data.len())];
+                out.push(if is_zero(piece) {
+                    CacheEntry::Zero {
+                        vm: vm.clone(),
+                        disk: disk.clone(),
+                        offset: off,
+                        len: piece.len() as u64,
+                    }
+                } else {
+                    CacheEntry::Write {
+                        vm: vm.clone(),
+                        disk: disk.clone(),
+                        offset: off,
+                        digest: key.digest(piece),
+                        data: piece.to_vec(),
+                    }
+                });
+                pos += piece.len();
+            }
+            out
+        }
+        Message::Zero {
+            disk, offset, len, ..
+        }
+        | Message::Discard {
+            disk, offset, len, ..
+        } => vec![CacheEntry::Zero {
+            vm,
+            disk,
+            offset,
+            len,
+        }],
+        Message::Tag { tag, .. } => vec![CacheEntry::Tag { vm, tag }],
+        _ => Vec::new(),
+    }
+}
+
+/// Sends acks as records become durable, credit as acks free it (while the cache is under its
+/// high watermark), and a refusal if the reader hits one.
+async fn write_loop<S: AsyncWrite>(
+    shared: Arc<Shared>,
+    mut w: Writer<S>,
+    mut durable: watch::Receiver<Durable>,
+    credits: Arc<Mutex<Credits>>,
+    mut refusals: mpsc::Receiver<Refusal>,
+) {
+    let mut acked = Durable::default();
+    let mut owed = 0u64;
+    let mut paused = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            r = refusals.recv() => {
+                if let Some(why) = r {
+                    send_refusal(&mut w, &why).await;
+                }
+                let _ = w.flush().await;
+                return;
+            }
+            c = durable.changed() => {
+                if c.is_err() {
+                    // The connection's reader is gone; finish with what is durable.
+                    let d = *durable.borrow();
+                    if d.seq > acked.seq {
+                        let _ = w.send(&Message::Ack { seq: d.seq }).await;
+                        let _ = w.flush().await;
+                    }
+                    // Wait for a possible refusal, then close.
+                    if let Some(why) = refusals.recv().await {
+                        send_refusal(&mut w, &why).await;
+                    }
+                    let _ = w.flush().await;
+                    return;
+                }
+                let d = *durable.borrow_and_update();
+                if d.seq > acked.seq && w.send(&Message::Ack { seq: d.seq }).await.is_err() {
+                    return;
+                }
+                owed += d.bytes - acked.bytes;
+                acked = d;
+            }
+            _ = tick.tick() => {}
+        }
+        // Backpressure: above the high watermark, stop granting until under the low one.
+        let used = shared.cache.used_bytes();
+        if paused && used <= shared.low_watermark {
+            paused = false;
+            tracing::info!(used, "cache below its low watermark: granting credit again");
+        } else if !paused && used >= shared.high_watermark {
+            paused = true;
+            tracing::info!(
+                used,
+                "cache above its high watermark: pausing credit (backpressure)"
+            );
+        }
+        let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT;
+        if owed > 0 && !paused && !busy {
+            credits.lock().expect("credits lock").grant(owed);
+            if w.send(&Message::Credit { bytes: owed }).await.is_err() {
+                return;
+            }
+            owed = 0;
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_cut_at_chunk_boundaries_and_zero_pieces_become_ranges() {
+        let key = MasterKey::from_bytes(&[1; 32], std::path::Path::new("test"));
+        let c = CHUNK_SIZE as u64;
+        // 4 KiB before a boundary, a whole zero chunk, then 8 KiB of data.
+        let mut data = vec![7u8; 4096];
+        data.extend(vec![0u8; CHUNK_SIZE]);
+        data.extend(vec![9u8; 8192]);
+        let m = Message::write(1, "sda", c - 4096, data);
+        let e = to_entries(&key, "vm".into(), m);
+        assert_eq!(e.len(), 3);
+        match &e[0] {
+            CacheEntry::Write {
+                offset,
+                digest,
+                data,
+                ..
+            } => {
+                assert_eq!((*offset, data.len()), (c - 4096, 4096));
+                assert_eq!(*digest, key.digest(&[7u8; 4096]));
+            }
+            x => panic!("{x:?}"),
+        }
+        assert!(matches!(&e[1], CacheEntry::Zero { offset, len, .. } if *offset == c && *len == c));
+        assert!(
+            matches!(&e[2], CacheEntry::Write { offset, data, .. } if *offset == 2 * c && data.len() == 8192)
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! Ferry's process server (`ferry serve`): the network side of ingest.
+//!
+//! Job: accept agents over TLS 1.3 (the appliance's self-signed identity from the state directory),
+//! register them with the passphrase or authenticate them with their credential, turn their records
+//! into cache entries (Writes cut at 64 KiB boundaries, keyed-digested with the master key, zero
+//! pieces as zero ranges), make them durable through one group committer, acknowledge them, and
+//! drain the cache into the store through the pipeline so that every `Tag` becomes a point.
+//!
+//! Invariants:
+//! - **Acked means durable.** An `Ack{seq}` is sent only after the committer's `fdatasync` covered
+//!   every record of that connection up to `seq`. A failed sync stops the server; nothing after it
+//!   is acked.
+//! - **Bounded.** Each connection may have at most its window of credit in flight; credit is
+//!   returned only as acks free it, and not at all while the cache is above its high watermark
+//!   (until it drains below the low watermark): a full cache pauses agents, it never drops data.
+//! - **One bad peer hurts only itself.** Any malformed frame, bad version, wrong passphrase or
+//!   credential, or protocol violation gets `Refused` (when the stream still allows it), a warning
+//!   in the log, and the connection closed; the listener keeps serving everyone else.
+//!
+//! Must not: read sources or decide when points are cut (the agent does); hold the master key
+//! anywhere but in this process.
+
+mod commit;
+mod conn;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_cache::{Cache, CacheConfig, CacheError};
+use ferry_crypto::MasterKey;
+use ferry_pipeline::{Pipeline, PipelineConfig, PipelineError};
+use ferry_wire::{AgentRegistry, Passphrase, ServerIdentity, MAX_FRAME};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// The registry of agents in the state directory.
+pub const REGISTRY_FILE: &str = "agents.json";
+
+/// Errors of the process server. Each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] ferry_wire::TlsError),
+    #[error(transparent)]
+    Passphrase(#[from] ferry_wire::PassphraseError),
+    #[error(transparent)]
+    Registry(#[from] ferry_wire::RegistryError),
+    #[error(transparent)]
+    Job(#[from] ferry_job::JobError),
+    #[error(transparent)]
+    Store(#[from] ferry_store::StoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// cannot listen
+    #[error(
+        "cannot listen on {addr}: {source}; pick another --listen address or stop what uses it"
+    )]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// other I/O
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl ServeError {
+    /// 2 for usage errors, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServeError::Job(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+/// What `ferry serve` serves.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// `HOST:PORT` to listen on.
+    pub listen: String,
+    /// The store: a local directory (created if missing), or `azure://ACCOUNT/CONTAINER` (direct
+    /// mode: a local staging store, and each point written to the page blobs and published there).
+    pub store: ferry_job::StoreLocation,
+    pub key_file: PathBuf,
+    pub cache_dir: PathBuf,
+    /// TLS identity, registration passphrase, agent registry.
+    pub state_dir: PathBuf,
+    /// Cache quota in bytes.
+    pub cache_size: u64,
+    pub pipeline: PipelineConfig,
+    /// Credit window per connection, bytes (at least one maximum frame).
+    pub window: u64,
+}
+
+/// State the connection tasks share.
+pub(crate) struct Shared {
+    pub passphrase: Passphrase,
+    pub registry: Mutex<AgentRegistry>,
+    pub key: MasterKey,
+    pub store_root: PathBuf,
+    pub cache: Cache,
+    pub commits: crossbeam_channel::Sender<commit::Append>,
+    pub window: u64,
+    pub high_watermark: u64,
+    pub low_watermark: u64,
+    /// See [`commit::GroupCommit::inflight`]; no credit is granted while it exceeds
+    /// [`MAX_INFLIGHT`].
+    pub inflight: Arc<AtomicU64>,
+    /// VM name → the connection replicating it.
+    pub vms: Mutex<std::collections::HashMap<String, conn::VmSlot>>,
+    pub next_conn: AtomicU64,
+}
+
+/// Record bytes received but not yet durable, across all connections, above which no credit is
+/// granted (memory budget; the committer catches up within one sync).
+pub const MAX_INFLIGHT: u64 = 256 << 20;
+
+/// The appliance's registration passphrase (created with the TLS identity on first use).
+pub fn passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
+    let identity = ServerIdentity::load_or_create(state_dir)?;
+    Ok(Passphrase::load_or_generate(
+        state_dir,
+        identity.fingerprint(),
+    )?)
+}
+
+/// Runs the process server until `stop` is set (SIGINT/SIGTERM) or a fatal error.
+pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&o.state_dir).map_err(|source| ServeError::Io {
+        what: format!("cannot create state directory {}", o.state_dir.display()),
+        source,
+    })?;
+    let identity = ServerIdentity::load_or_create(&o.state_dir)?;
+    let passphrase = Passphrase::load_or_generate(&o.state_dir, identity.fingerprint())?;
+    let registry = AgentRegistry::load(&o.state_dir.join(REGISTRY_FILE))?;
+    let blobs = match &o.store {
+        ferry_job::StoreLocation::Azure { url, .. } => Some(ferry_job::azure::connect(url)?),
+        ferry_job::StoreLocation::Local(_) => None,
+    };
+    let store_root = o.store.local_dir();
+    let store = ferry_job::open_store(&store_root, &o.key_file, true)?;
+    let _lock = store.lock()?;
+    let (cache, rec) = Cache::open(
+        CacheConfig {
+            dir: o.cache_dir.clone(),
+            quota: o.cache_size,
+            file_size: (o.cache_size / 8).clamp(1 << 20, 64 << 20),
+        },
+        store.key().clone(),
+    )?;
+    if rec.pending_records > 0 || rec.dropped_bytes > 0 {
+        tracing::info!(
+            pending = rec.pending_records,
+            dropped_bytes = rec.dropped_bytes,
+            "cache recovered after a restart; draining it into the store"
+        );
+    }
+    let writer = cache.writer()?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared {
+        passphrase,
+        registry: Mutex::new(registry),
+        key: store.key().clone(),
+        store_root,
+        cache: cache.clone(),
+        commits: tx,
+        window: o.window.max(MAX_FRAME),
+        high_watermark: o.cache_size / 10 * 8,
+        low_watermark: o.cache_size / 10 * 6,
+        inflight: Arc::new(AtomicU64::new(0)),
+        vms: Mutex::new(Default::default()),
+        next_conn: AtomicU64::new(0),
+    });
+    let acceptor = TlsAcceptor::from(identity.server_config()?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServeError::Io {
+            what: "cannot start the async runtime".into(),
+            source,
+        })?;
+    let listener = rt
+        .block_on(TcpListener::bind(&o.listen))
+        .map_err(|source| ServeError::Listen {
+            addr: o.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        what: "cannot read the listening address".into(),
+        source,
+    })?;
+    tracing::info!(%addr, fingerprint = %identity.fingerprint(), "process server listening; `ferry passphrase show` prints the registration passphrase");
+
+    let failed: Mutex<Option<ServeError>> = Mutex::new(None);
+    let fail = |e: ServeError| {
+        tracing::error!(error = %e, "process server stopping");
+        failed.lock().expect("failed lock").get_or_insert(e);
+        stop.store(true, Ordering::Relaxed);
+    };
+    std::thread::scope(|s| {
+        let (store, cache, stop) = (&store, &cache, &stop);
+        let pipe = s.spawn(move || drain_loop(store, cache, o.pipeline.clone(), blobs, stop));
+        let group = commit::GroupCommit {
+            window: Duration::from_millis(3),
+            max_bytes: 16 << 20,
+            inflight: shared.inflight.clone(),
+        };
+        let committer = s.spawn(move || commit::run(writer, rx, group));
+        rt.block_on(accept_loop(listener, acceptor, shared, stop));
+        // Connections still open are dropped with the runtime; their unacked records are the
+        // agents' to send again.
+        rt.shutdown_timeout(Duration::from_secs(2));
+        if let Err(e) = committer.join().expect("committer thread panicked") {
+            fail(e.into());
+        }
+        cache.close();
+        if let Err(e) = pipe.join().expect("pipeline thread panicked") {
+            fail(e.into());
+        }
+    });
+    match failed.into_inner().expect("failed lock") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Drains the cache into the store until the cache is closed, logging each committed point.
+fn drain_loop(
+    store: &ferry_store::LocalStore,
+    cache: &Cache,
+    cfg: PipelineConfig,
+    blobs: Option<ferry_azure::AzureBlobs>,
+    stop: &AtomicBool,
+) -> Result<(), PipelineError> {
+    let r = (|| {
+        let target = blobs.map(|b| {
+            Box::new(ferry_job::azure::AzureTarget::new(
+                b,
+                store.key().id().to_string(),
+            )) as Box<dyn ferry_apply::ReplicaTarget>
+        });
+        let mut p = Pipeline::with(store, cfg, target, None)?;
+        let mut reader = cache.reader();
+        loop {
+            p.drain(cache, &mut reader, true)?;
+            // The applier logs each point it commits.
+            p.take_committed();
+            if stop.load(Ordering::Relaxed) {
+                // Take what the committer still makes durable, until it closes the cache.
+                p.drain(cache, &mut reader, false)?;
+                // The applier logs each point it commits.
+                p.take_committed();
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })();
+    if r.is_err() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    r
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    stop: &AtomicBool,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (tcp, peer) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, shared) = (acceptor.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let peer: SocketAddr = peer;
+                    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    match tls {
+                        Ok(Ok(tls)) => conn::serve(shared, tls, peer.to_string()).await,
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "refused connection: TLS handshake failed (not a Ferry agent, or not TLS 1.3)"),
+                        Err(_) => tracing::warn!(%peer, "refused connection: no TLS handshake within 10 s"),
+                    }
+                });
+            }
+            _ = tick.tick() => {
+                if stop.load(Ordering::Relaxed) {
+                    tracing::info!("stopping: no new connections");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Hostile peers against a real process server (in-process, real TLS 1.3 on loopback): an oversized
+//! frame, a frame of an unknown wire version and a record before authentication are each refused
+//! (code 5, or 1 for the version) and the connection closed, while the server keeps registering
+//! and serving others.
+
+use std::net::TcpListener as StdListener;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_wire::{
+    client_config, header_checksum, refuse, server_name, AsyncFrameReader, AsyncFrameWriter,
+    Message, Passphrase, MAX_PAYLOAD,
+};
+use tokio::io::{split, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+fn header(version: u8, ty: u8, len: u32) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(b"FWIR");
+    h[4] = version;
+    h[5] = ty;
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    let c = header_checksum(&h[..12]);
+    h[12..].copy_from_slice(&c);
+    h
+}
+
+async fn tls(addr: &str, pass: &Passphrase) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TlsConnector::from(client_config(pass.fingerprint).unwrap())
+        .connect(server_name(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends raw bytes first thing on a fresh connection; returns the server's answer.
+async fn raw_then_read(addr: &str, pass: &Passphrase, bytes: &[u8]) -> Option<Message> {
+    let (rd, mut wr) = split(tls(addr, pass).await);
+    wr.write_all(bytes).await.unwrap();
+    wr.flush().await.unwrap();
+    let mut r = AsyncFrameReader::new(rd);
+    let m = tokio::time::timeout(Duration::from_secs(10), r.read())
+        .await
+        .expect("the server answers")
+        .expect("a well-formed answer");
+    // Then the server closes.
+    let end = tokio::time::timeout(Duration::from_secs(10), r.read()).await;
+    assert!(matches!(end, Ok(Ok(None)) | Ok(Err(_))), "{end:?}");
+    m
+}
+
+#[test]
+fn hostile_frames_are_refused_and_others_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let o = ferry_serve::ServeOptions {
+        listen: addr.clone(),
+        store: ferry_job::StoreLocation::Local(dir.path().join("store")),
+        key_file: dir.path().join("master.key"),
+        cache_dir: dir.path().join("cache"),
+        state_dir: dir.path().join("state"),
+        cache_size: 64 << 20,
+        pipeline: ferry_pipeline::PipelineConfig {
+            threads: 2,
+            ..Default::default()
+        },
+        window: 8 << 20,
+    };
+    let pass = ferry_serve::passphrase(&o.state_dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (o, stop) = (o.clone(), stop.clone());
+        std::thread::spawn(move || ferry_serve::serve(&o, stop))
+    };
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "server not up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Oversized frame: refused before anything is allocated.
+        let m = raw_then_read(&addr, &pass, &header(1, 1, MAX_PAYLOAD + 1)).await;
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::PROTOCOL, message }) if message.contains("4198401")),
+            "{m:?}"
+        );
+        // A frame of wire version 9: refused, naming the versions.
+        let m = raw_then_read(&addr, &pass, &header(9, 1, 0)).await;
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::PROTOCOL, message }) if message.contains("version 9")),
+            "{m:?}"
+        );
+        // A record before Hello/Auth.
+        let (rd, wr) = split(tls(&addr, &pass).await);
+        let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
+        w.send(&Message::Zero {
+            seq: 1,
+            disk: "sda".into(),
+            offset: 0,
+            len: 4096,
+        })
+        .await
+        .unwrap();
+        w.flush().await.unwrap();
+        let m = r.read().await.unwrap();
+        assert!(
+            matches!(
+                &m,
+                Some(Message::Refused {
+                    code: refuse::PROTOCOL,
+                    ..
+                })
+            ),
+            "{m:?}"
+        );
+
+        // The server still registers agents.
+        let (rd, wr) = split(tls(&addr, &pass).await);
+        let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
+        w.send(&Message::Hello {
+            min_version: 1,
+            max_version: 1,
+            software: "test".into(),
+        })
+        .await
+        .unwrap();
+        w.flush().await.unwrap();
+        let Some(Message::HelloAck { nonce, .. }) = r.read().await.unwrap() else {
+            panic!("no HelloAck")
+        };
+        w.send(&Message::Register {
+            proof: pass.prove(&nonce),
+            hostname: "web01".into(),
+        })
+        .await
+        .unwrap();
+        w.flush().await.unwrap();
+        let m = r.read().await.unwrap();
+        assert!(matches!(m, Some(Message::Registered { .. })), "{m:?}");
+    });
+    rt.block_on(async {
+        // One VM, one connection: another agent is refused as busy; a newer connection of the
+        // same agent replaces the older one.
+        let a = register(&addr, &pass).await;
+        let b = register(&addr, &pass).await;
+        let (mut ra1, _wa1) = auth_inventory(&addr, &pass, &a, "web01").await;
+        let (mut rb, _wb) = auth_inventory(&addr, &pass, &b, "web01").await;
+        let m = rb.read().await.unwrap();
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::BUSY, message }) if message.contains("another agent")),
+            "{m:?}"
+        );
+        let (mut ra2, mut wa2) = auth_inventory(&addr, &pass, &a, "web01").await;
+        // The server closes the old connection...
+        let old = tokio::time::timeout(Duration::from_secs(5), ra1.read())
+            .await
+            .expect("the old connection is closed");
+        assert!(matches!(old, Ok(None) | Err(_)), "{old:?}");
+        // ...and the new one stays open.
+        wa2.send(&Message::Ping { token: 2 }).await.unwrap();
+        wa2.flush().await.unwrap();
+        let new = tokio::time::timeout(Duration::from_millis(500), ra2.read()).await;
+        assert!(new.is_err(), "the newer connection was closed: {new:?}");
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap().unwrap();
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+type R = AsyncFrameReader<tokio::io::ReadHalf<Tls>>;
+type W = AsyncFrameWriter<tokio::io::WriteHalf<Tls>>;
+
+async fn hello(addr: &str, pass: &Passphrase) -> (R, W, [u8; 32]) {
+    let (rd, wr) = split(tls(addr, pass).await);
+    let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
+    w.send(&Message::Hello {
+        min_version: 1,
+        max_version: 1,
+        software: "test".into(),
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    let Some(Message::HelloAck { nonce, .. }) = r.read().await.unwrap() else {
+        panic!("no HelloAck")
+    };
+    (r, w, nonce)
+}
+
+async fn register(addr: &str, pass: &Passphrase) -> (ferry_wire::AgentId, ferry_wire::Credential) {
+    let (mut r, mut w, nonce) = hello(addr, pass).await;
+    w.send(&Message::Register {
+        proof: pass.prove(&nonce),
+        hostname: "web01".into(),
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    match r.read().await.unwrap() {
+        Some(Message::Registered {
+            agent_id,
+            credential,
+        }) => (agent_id, credential),
+        m => panic!("{m:?}"),
+    }
+}
+
+async fn auth_inventory(
+    addr: &str,
+    pass: &Passphrase,
+    (id, cred): &(ferry_wire::AgentId, ferry_wire::Credential),
+    vm: &str,
+) -> (R, W) {
+    let (mut r, mut w, nonce) = hello(addr, pass).await;
+    w.send(&Message::Auth {
+        agent_id: *id,
+        proof: cred.prove(&nonce),
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    let m = r.read().await.unwrap();
+    assert!(matches!(m, Some(Message::Welcome { .. })), "{m:?}");
+    w.send(&Message::Inventory {
+        vm: vm.into(),
+        disks: vec![("sda".into(), 1 << 20)],
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    (r, w)
+}
