@@ -127,6 +127,26 @@ pub fn open_store(store: &Path, key_file: &Path, create: bool) -> Result<LocalSt
     Ok(LocalStore::open(store, key, create)?)
 }
 
+/// Opens (and recovers) the cache of `store` in `dir` with a quota of `quota` bytes.
+pub fn open_cache(store: &LocalStore, dir: &Path, quota: u64) -> Result<Cache, JobError> {
+    let (cache, rec) = Cache::open(
+        CacheConfig {
+            dir: dir.to_owned(),
+            quota,
+            file_size: (quota / 8).clamp(1 << 20, 64 << 20),
+        },
+        store.key().clone(),
+    )?;
+    if rec.pending_records > 0 || rec.dropped_bytes > 0 {
+        tracing::info!(
+            pending = rec.pending_records,
+            dropped_bytes = rec.dropped_bytes,
+            "cache recovered after an interruption; its durable records go into the store first"
+        );
+    }
+    Ok(cache)
+}
+
 /// What `replicate` replicates and how.
 #[derive(Clone, Debug)]
 pub struct ReplicateOptions {
@@ -234,21 +254,7 @@ pub fn replicate_once(
     let wan0 = blobs.as_ref().map_or(0, |b| b.stats().bytes_sent);
     let store = open_store(&o.store.local_dir(), &o.key_file, true)?;
     let _lock = store.lock()?;
-    let (cache, rec) = Cache::open(
-        CacheConfig {
-            dir: o.cache_dir.clone(),
-            quota: o.cache_size,
-            file_size: (o.cache_size / 8).clamp(1 << 20, 64 << 20),
-        },
-        store.key().clone(),
-    )?;
-    if rec.pending_records > 0 || rec.dropped_bytes > 0 {
-        tracing::info!(
-            pending = rec.pending_records,
-            dropped_bytes = rec.dropped_bytes,
-            "cache recovered after an interrupted run; finishing its work"
-        );
-    }
+    let cache = open_cache(&store, &o.cache_dir, o.cache_size)?;
     let (target, sink): (
         Option<Box<dyn ferry_apply::ReplicaTarget>>,
         Option<ferry_pipeline::SegmentSink>,

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_cache::{Cache, CacheConfig, CacheError};
+use ferry_cache::{Cache, CacheError};
 use ferry_crypto::MasterKey;
 use ferry_pipeline::{Pipeline, PipelineConfig, PipelineError};
 use ferry_wire::{AgentRegistry, Passphrase, ServerIdentity, MAX_FRAME};
@@ -149,21 +149,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     let store_root = o.store.local_dir();
     let store = ferry_job::open_store(&store_root, &o.key_file, true)?;
     let _lock = store.lock()?;
-    let (cache, rec) = Cache::open(
-        CacheConfig {
-            dir: o.cache_dir.clone(),
-            quota: o.cache_size,
-            file_size: (o.cache_size / 8).clamp(1 << 20, 64 << 20),
-        },
-        store.key().clone(),
-    )?;
-    if rec.pending_records > 0 || rec.dropped_bytes > 0 {
-        tracing::info!(
-            pending = rec.pending_records,
-            dropped_bytes = rec.dropped_bytes,
-            "cache recovered after a restart; draining it into the store"
-        );
-    }
+    let cache = ferry_job::open_cache(&store, &o.cache_dir, o.cache_size)?;
     let writer = cache.writer()?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
