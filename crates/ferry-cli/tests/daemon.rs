@@ -101,8 +101,15 @@ fn memory_does_not_grow_with_disk_size() {
     let s = peak_rss_kib(&env, &small);
     let b = peak_rss_kib(&env, &big);
     eprintln!("peak RSS: 1 GiB disk {s} KiB, 16 GiB disk {b} KiB");
+    // The pipeline's buffers (read blocks, one open segment per disk, up to two sealed batches in
+    // flight to the committer) vary with timing, not with the disk: allow that much slack, and hold
+    // both runs to an absolute budget.
     assert!(
-        (b as f64) < (s as f64) * 1.25 + 16.0 * 1024.0,
+        (b as f64) < (s as f64) * 1.5 + 64.0 * 1024.0,
         "16x the disk must not need more memory: {s} KiB vs {b} KiB"
+    );
+    assert!(
+        b < 320 * 1024,
+        "peak RSS {b} KiB is over the 320 MiB budget"
     );
 }
