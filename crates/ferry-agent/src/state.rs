@@ -2,9 +2,7 @@
 //! disk (`maps/DISK.map`: the digest of every 64 KiB chunk as the process server last acknowledged
 //! it, 32 bytes each). Both are replaced durably: temp → fsync → rename → fsync directory.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use ferry_crypto::Digest;
@@ -54,7 +52,7 @@ impl AgentIdentity {
         };
         let path = state_dir.join(IDENTITY_FILE);
         let bytes = serde_json::to_vec_pretty(&f).map_err(|e| state_err(&path, e))?;
-        write_durable(&path, &bytes).map_err(|e| state_err(&path, e))
+        ferry_wire::write_private(&path, &bytes).map_err(|e| state_err(&path, e))
     }
 
     pub fn load(state_dir: &Path) -> Result<Self, AgentError> {
@@ -110,26 +108,7 @@ pub fn save_map(state_dir: &Path, disk: &str, map: &[Digest]) -> Result<(), Agen
     let p = map_path(state_dir, disk);
     let dir = p.parent().expect("maps/ parent");
     fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-    write_durable(&p, map.as_flattened()).map_err(|e| state_err(&p, e))
-}
-
-/// temp (mode 0600) → fsync → rename → fsync directory.
-fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    ferry_wire::write_private(&p, map.as_flattened()).map_err(|e| state_err(&p, e))
 }
 
 #[cfg(test)]

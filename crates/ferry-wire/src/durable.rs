@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// Atomically replaces `path` with `bytes` (mode `0600`): after this returns, a crash leaves either
 /// the old or the new content, never a mix.
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -29,6 +29,7 @@
 
 mod async_stream;
 mod durable;
+pub use durable::write_private;
 mod error;
 mod fields;
 mod flow;
