@@ -457,13 +457,30 @@ pub fn open_index(
     file: &[u8],
 ) -> Result<SegmentIndex, FormatError> {
     let start = header.index_offset;
-    if start as usize > file.len() || file.len() - (start as usize) < TAG_LEN {
+    if start as usize > file.len() {
         return Err(FormatError::Truncated {
             what: WHAT,
             offset: file.len() as u64,
         });
     }
-    let mut idx = file[start as usize..].to_vec();
+    open_index_tail(header, key, &file[start as usize..])
+}
+
+/// Like [`open_index`], given only the file's bytes from `header.index_offset` to its end (so a
+/// reader need not load the chunk data to learn a segment's records).
+pub fn open_index_tail(
+    header: &SegmentHeader,
+    key: &MasterKey,
+    tail: &[u8],
+) -> Result<SegmentIndex, FormatError> {
+    let start = header.index_offset;
+    if tail.len() < TAG_LEN {
+        return Err(FormatError::Truncated {
+            what: WHAT,
+            offset: start + tail.len() as u64,
+        });
+    }
+    let mut idx = tail.to_vec();
     let mut aad = header.aad().to_vec();
     aad.extend_from_slice(b"index");
     let n = key

@@ -279,20 +279,33 @@ impl LocalStore {
     ) -> Result<SegmentIndex, StoreError> {
         let rel = Self::segment_path(vm, disk, seq);
         let p = self.root.join(&rel);
-        let bytes = fs::read(&p).map_err(StoreError::io(&p, "read"))?;
         let fe = |source| StoreError::Format {
             path: p.clone(),
             source,
         };
-        if bytes.len() < SEGMENT_HEADER_LEN {
+        // Only the header and the index are read, not the chunk data between them.
+        let f = File::open(&p).map_err(StoreError::io(&p, "open"))?;
+        let len = f.metadata().map_err(StoreError::io(&p, "stat"))?.len();
+        let mut hb = [0u8; SEGMENT_HEADER_LEN];
+        if len < SEGMENT_HEADER_LEN as u64 {
             return Err(fe(FormatError::Truncated {
                 what: "segment",
-                offset: bytes.len() as u64,
+                offset: len,
             }));
         }
-        let h =
-            SegmentHeader::decode(&bytes[..SEGMENT_HEADER_LEN], Some(self.key.id())).map_err(fe)?;
-        let idx = segment::open_index(&h, &self.key, &bytes).map_err(fe)?;
+        f.read_exact_at(&mut hb, 0)
+            .map_err(StoreError::io(&p, "read"))?;
+        let h = SegmentHeader::decode(&hb, Some(self.key.id())).map_err(fe)?;
+        if h.index_offset > len {
+            return Err(fe(FormatError::Truncated {
+                what: "segment",
+                offset: len,
+            }));
+        }
+        let mut tail = vec![0u8; (len - h.index_offset) as usize];
+        f.read_exact_at(&mut tail, h.index_offset)
+            .map_err(StoreError::io(&p, "read"))?;
+        let idx = segment::open_index_tail(&h, &self.key, &tail).map_err(fe)?;
         if idx.vm != vm || idx.disk != disk || idx.seq != seq {
             return Err(fe(FormatError::Corrupt {
                 what: "segment",
