@@ -476,7 +476,7 @@ pub struct CacheReader {
     shared: Arc<Shared>,
     next_seq: u64,
     /// The file being read: first seq, path, sealer.
-    cur: Option<(u64, PathBuf, Sealer)>,
+    cur: Option<(u64, PathBuf, Sealer, File)>,
     buf: Vec<u8>,
     buf_pos: usize,
     /// File offset of buf[0].
@@ -502,7 +502,7 @@ impl CacheReader {
     pub fn next_within(&mut self, timeout: Option<Duration>) -> Result<Next, CacheError> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            if let Some((_, path, sealer)) = &self.cur {
+            if let Some((_, path, sealer, _)) = &self.cur {
                 if self.buf_pos < self.buf.len() {
                     let at = self.file_pos + self.buf_pos as u64;
                     match decode_record(sealer, &self.buf[self.buf_pos..], at) {
@@ -561,7 +561,8 @@ impl CacheReader {
             let (first, path, salt, len) = (fi.first_seq, fi.path.clone(), fi.salt, fi.len);
             drop(st);
             if self.cur.as_ref().map(|c| c.0) != Some(first) {
-                self.cur = Some((first, path.clone(), self.shared.key.cache_sealer(&salt)));
+                let f = File::open(&path).map_err(io(&path, "open"))?;
+                self.cur = Some((first, path.clone(), self.shared.key.cache_sealer(&salt), f));
                 self.buf.clear();
                 self.buf_pos = 0;
                 self.file_pos = CACHE_HEADER_LEN as u64;
@@ -583,7 +584,7 @@ impl CacheReader {
             let want = ((len - start) as usize).min(16 << 20);
             let old = self.buf.len();
             self.buf.resize(old + want, 0);
-            let f = File::open(&path).map_err(io(&path, "open"))?;
+            let f = &self.cur.as_ref().expect("set above").3;
             f.read_exact_at(&mut self.buf[old..], start)
                 .map_err(io(&path, "read"))?;
         }
