@@ -1,33 +1,33 @@
-//! Ferry's mobility agent: finds what changed on the protected disks and ships it to a process
-//! server, one recovery point per run.
+//! Ferry's mobility agent: tracks what changes on the protected disks, ships it to a process
+//! server continuously, and cuts crash- and app-consistent points.
 //!
 //! Job: register once with the appliance's passphrase (keeping the agent id, credential and the
-//! server's pinned certificate fingerprint in `STATE_DIR/agent.json`, mode `0600`); then, per run,
-//! scan every disk against the digests of what the process server has acknowledged, send `Begin`,
-//! the changed chunks as `Write`/`Zero` records within the credit granted, and `Tag`, and wait for
-//! the tag's ack.
-//!
-//! Tracker: this version uses the **scan tracker** (read every disk, compare 64 KiB chunk digests)
-//! because it needs no kernel support and is always correct; the eBPF tracker (`ferry-ebpf`) will
-//! replace it for block devices.
+//! server's pinned certificate fingerprint in `STATE_DIR/agent.json`, mode `0600`); then run the
+//! engine (`engine.rs`: tracker → reader → shipper, cuts with fsfreeze), listen for on-demand cuts
+//! on `STATE_DIR/agent.sock` (`control.rs`), and keep the state that makes restarts cheap and
+//! crashes safe (`persist.rs`). docs/AGENT.md is the operator's view.
 //!
 //! Invariants:
-//! - **Dirty state is cleared only by acks.** The per-disk digest maps (`STATE_DIR/maps/DISK.map`)
-//!   are updated, durably, only once the run's `Tag` — and so every record before it — has been
-//!   acknowledged: a chunk's new digest is never recorded before the process server holds the
-//!   chunk durably *and* the run that carries it can become a point. After a crash or restart the
-//!   agent rescans against the last acknowledged state, so nothing is lost.
+//! - **Dirty state is cleared only by acks.** A chunk's CV reaches the committed map only once the
+//!   tag of its run — and so every record before it — is acknowledged; until then a crash makes
+//!   the chunk unknown and it is sent again.
 //! - **Unacked records are sent again.** Records sent but not acked when a connection drops are
-//!   re-sent, in order, on the next connection (new sequence numbers, same run), then the run
-//!   continues; re-sent writes, zero ranges and tags are idempotent on the process server.
-//! - The agent never holds the master key; its chunk digests are its own (a fixed local key).
+//!   re-sent, in order, on the next connection; re-sent records are idempotent on the server.
+//! - The agent never holds the master key; its chunk CVs are plain BLAKE3 subtree hashes.
 //!
 //! Must not: decide what a point is on the server, or skip a chunk it cannot prove acknowledged.
 
-mod run;
+mod bits;
+pub mod config;
+pub mod control;
+pub mod cv;
+mod engine;
+mod persist;
+mod ship;
 mod state;
 
-pub use run::{run_once, RunOptions, RunSummary};
+pub use control::{request_cut, request_resync, request_status, CutReply};
+pub use engine::{run_agent, AgentOptions, AgentSummary, MysqlOptions, TrackerChoice};
 pub use state::{AgentIdentity, IDENTITY_FILE};
 
 use std::path::Path;
@@ -58,7 +58,15 @@ pub enum AgentError {
     #[error(transparent)]
     Passphrase(#[from] ferry_wire::PassphraseError),
     #[error(transparent)]
-    Scan(#[from] ferry_scan::ScanError),
+    Read(#[from] ferry_read::ReadError),
+    #[error("eBPF tracker: {0}")]
+    Tracker(ferry_ebpf::TrackerError),
+    /// a cut failed
+    #[error("cut failed: {0}")]
+    Cut(String),
+    /// the configuration file is wrong
+    #[error("{0}")]
+    Config(String),
     /// not registered
     #[error("this agent is not registered (no {0}); run `ferry-agent register --server HOST:PORT --passphrase-file FILE --state-dir DIR` first")]
     NotRegistered(String),
@@ -106,7 +114,7 @@ impl AgentError {
     /// 2 for usage errors, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            AgentError::Usage(_) => 2,
+            AgentError::Usage(_) | AgentError::Config(_) => 2,
             _ => 1,
         }
     }

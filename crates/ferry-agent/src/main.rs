@@ -1,26 +1,37 @@
-//! `ferry-agent`: the mobility agent. Thin: parse arguments, call the library, map errors to exit
-//! codes (0 ok, 1 error, 2 usage).
+//! `ferry-agent`: the mobility agent. Thin: parse arguments and the configuration file, call the
+//! library, map errors to exit codes (0 ok, 1 error, 2 usage).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use ferry_agent::{AgentError, RunOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_agent::config::{default_disks, duration, AgentConfig, DEFAULT_CONFIG};
+use ferry_agent::{AgentError, AgentOptions, MysqlOptions, TrackerChoice};
 use ferry_wire::PointKind;
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/ferry-agent";
 
 #[derive(Parser)]
 #[command(
     name = "ferry-agent",
     version,
-    about = "Ferry's mobility agent: ships the changed blocks of protected disks to a process server.",
+    about = "Ferry's mobility agent: tracks the changed blocks of this machine's disks, ships them \
+to a process server continuously, and cuts crash- and app-consistent recovery points.",
     args_conflicts_with_subcommands = true,
-    after_help = "First `ferry-agent register --server HOST:PORT --passphrase-file FILE --state-dir DIR` \
-(the passphrase comes from `ferry passphrase show` on the process server), then \
-`ferry-agent --server HOST:PORT --disk /dev/sdX --state-dir DIR`.\n\
-Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage."
+    after_help = "Getting started:\n  \
+1. on the appliance: `ferry passphrase show` → save it to /root/ferry.pass (mode 600)\n  \
+2. `ferry-agent register --server ps.example:9443 --passphrase-file /root/ferry.pass`\n  \
+3. `ferry-agent --config /etc/ferry/agent.toml` (or the flags below; systemd: ferry-agent.service)\n  \
+4. `ferry-agent cut --app` for an application-consistent point now.\n\n\
+Tracker: eBPF on the block layer when the kernel has BTF and the disks are block devices (writes \
+are shipped as they happen); otherwise the scan tracker (each point reads every disk), chosen \
+automatically with a log line saying why. Points: crash-consistent every --crash-interval, \
+app-consistent every --app-interval (pre-freeze/post-thaw hooks from --hooks-dir, the MariaDB/MySQL \
+hook with --mysql-*), each with every filesystem on the disks frozen (at most --freeze-bound).\n\
+Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage. docs/AGENT.md."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,31 +51,113 @@ enum Cmd {
         #[arg(long)]
         passphrase_file: PathBuf,
         /// Where the agent keeps its credential and state (mode 0600 files).
-        #[arg(long, default_value = "/var/lib/ferry-agent")]
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Ask the running agent for a point now; prints its id once the process server has it.
+    Cut {
+        /// Application-consistent (hooks + MariaDB/MySQL lock + freeze); default crash-consistent.
+        #[arg(long)]
+        app: bool,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "10min", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the running agent read every chunk again and send what differs (a checksum resync);
+    /// points wait until it is done.
+    Resync {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// The running agent's state (tracker, dirty chunks, points waiting for acknowledgement) as JSON.
+    Status {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum TrackerArg {
+    Auto,
+    Ebpf,
+    Scan,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Crash,
+    App,
+}
+
 #[derive(Args)]
 struct RunArgs {
-    /// The process server, HOST:PORT.
+    /// Configuration file (TOML; every flag below has a key, flags win). Default
+    /// /etc/ferry/agent.toml if it exists.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The process server, HOST:PORT. Default: the one registered with.
     #[arg(long)]
     server: Option<String>,
-    /// A protected disk (block device or raw image file); repeat for several.
+    /// A protected disk (whole block device, or a raw image file); repeat for several.
+    /// Default: every non-removable disk.
     #[arg(long = "disk")]
     disks: Vec<PathBuf>,
-    /// Where the agent keeps its credential and state.
-    #[arg(long, default_value = "/var/lib/ferry-agent")]
-    state_dir: PathBuf,
+    /// Where the agent keeps its credential and state [default: /var/lib/ferry-agent].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Name of this machine in the store. Default: the host name.
     #[arg(long)]
     vm: Option<String>,
-    /// Cut one point and exit.
+    /// Which change tracker to use [default: auto].
+    #[arg(long, value_enum)]
+    tracker: Option<TrackerArg>,
+    /// Time between crash-consistent points (at least 10s) [default: 30s].
+    #[arg(long, alias = "interval")]
+    crash_interval: Option<String>,
+    /// Time between app-consistent points, or "off" [default: 60min].
+    #[arg(long)]
+    app_interval: Option<String>,
+    /// Longest a freeze may last; the watchdog thaws then and the cut is abandoned [default: 2s].
+    #[arg(long)]
+    freeze_bound: Option<String>,
+    /// Pre-freeze / post-thaw hook executables [default: /etc/ferry/hooks.d].
+    #[arg(long)]
+    hooks_dir: Option<PathBuf>,
+    /// Timeout of each hook [default: 30s].
+    #[arg(long)]
+    hook_timeout: Option<String>,
+    /// MariaDB/MySQL hook: the server's unix socket (enables the hook).
+    #[arg(long)]
+    mysql_socket: Option<PathBuf>,
+    /// MariaDB/MySQL hook: TCP host (enables the hook; --mysql-port, default 3306).
+    #[arg(long)]
+    mysql_host: Option<String>,
+    #[arg(long)]
+    mysql_port: Option<u16>,
+    /// MariaDB/MySQL hook user [default: root].
+    #[arg(long)]
+    mysql_user: Option<String>,
+    /// File holding the MariaDB/MySQL password (mode 600).
+    #[arg(long)]
+    mysql_password_file: Option<PathBuf>,
+    /// A program run while the filesystems are frozen (tests, diagnostics: e.g. copy the device);
+    /// gets FERRY_VM, FERRY_RUN, FERRY_CUT_TIME_NS; counts against --freeze-bound.
+    #[arg(long)]
+    frozen_hook: Option<PathBuf>,
+    /// Cut one point, wait until the process server has it, and exit.
     #[arg(long)]
     once: bool,
-    /// Time between points without --once.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    interval: Duration,
+    /// With --once: the kind of point [default: crash].
+    #[arg(long, value_enum, requires = "once")]
+    point: Option<KindArg>,
+    /// With --once: print the point as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +177,17 @@ fn main() -> ExitCode {
         }) => ferry_agent::register(&server, &passphrase_file, &state_dir).map(|id| {
             println!("registered as agent {} with {server}", id.agent_id);
         }),
+        Some(Cmd::Cut {
+            app,
+            state_dir,
+            timeout,
+            json,
+        }) => ferry_agent::request_cut(&state_dir, app, timeout).map(|p| print_point(&p, json)),
+        Some(Cmd::Resync { state_dir }) => ferry_agent::request_resync(&state_dir)
+            .map(|()| println!("resync started; `ferry-agent status` shows the chunks left")),
+        Some(Cmd::Status { state_dir }) => ferry_agent::request_status(&state_dir).map(|s| {
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        }),
         None => run(cli.run),
     };
     match r {
@@ -95,7 +199,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn disk_name(p: &std::path::Path) -> String {
+fn print_point(p: &ferry_agent::CutReply, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(p).unwrap_or_default());
+        return;
+    }
+    match &p.point {
+        Some(id) => println!("{id}"),
+        None => println!("run {} (the process server did not name the point)", p.run),
+    }
+    if let Some(n) = &p.note {
+        eprintln!("note: {n}");
+    }
+}
+
+fn disk_name(p: &Path) -> String {
     let n: String = p
         .file_stem()
         .and_then(|s| s.to_str())
@@ -112,52 +230,168 @@ fn disk_name(p: &std::path::Path) -> String {
     n.trim_start_matches('.').to_string()
 }
 
-fn run(a: RunArgs) -> Result<(), AgentError> {
-    let Some(server) = a.server else {
-        return Err(AgentError::Usage(
-            "give --server HOST:PORT and at least one --disk (or a subcommand; see --help)".into(),
-        ));
+fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
+    let cfg = match &a.config {
+        Some(p) => AgentConfig::load(p, true)?,
+        None => AgentConfig::load(Path::new(DEFAULT_CONFIG), false)?,
     };
-    if a.disks.is_empty() {
-        return Err(AgentError::Usage("give at least one --disk".into()));
+    let state_dir = a
+        .state_dir
+        .or(cfg.state_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let server = match a.server.or(cfg.server) {
+        Some(s) => s,
+        None => ferry_agent::AgentIdentity::load(&state_dir)?.server,
+    };
+    let mut disks = if a.disks.is_empty() {
+        cfg.disks.unwrap_or_default()
+    } else {
+        a.disks
+    };
+    if disks.is_empty() {
+        disks = default_disks();
+        if disks.is_empty() {
+            return Err(AgentError::Usage(
+                "no disks to protect: give --disk (or disks = [...] in the configuration)".into(),
+            ));
+        }
+        tracing::info!(?disks, "protecting every non-removable disk");
     }
-    let names: Vec<String> = a.disks.iter().map(|d| disk_name(d)).collect();
+    let names: Vec<String> = disks.iter().map(|d| disk_name(d)).collect();
     for (i, n) in names.iter().enumerate() {
         if n.is_empty() || names[..i].contains(n) {
             return Err(AgentError::Usage(format!(
                 "disk name '{n}' (from {}) is empty or used twice; rename the image files",
-                a.disks[i].display()
+                disks[i].display()
             )));
         }
     }
-    let o = RunOptions {
-        server,
-        disks: a.disks,
-        names,
-        vm: a.vm.unwrap_or_else(ferry_agent::hostname),
-        state_dir: a.state_dir,
-        kind: PointKind::Crash,
+    let tracker = match a.tracker {
+        Some(TrackerArg::Auto) => TrackerChoice::Auto,
+        Some(TrackerArg::Ebpf) => TrackerChoice::Ebpf,
+        Some(TrackerArg::Scan) => TrackerChoice::Scan,
+        None => match cfg.tracker.as_deref() {
+            None | Some("auto") => TrackerChoice::Auto,
+            Some("ebpf") => TrackerChoice::Ebpf,
+            Some("scan") => TrackerChoice::Scan,
+            Some(t) => {
+                return Err(AgentError::Config(format!(
+                    "tracker = \"{t}\": use \"auto\", \"ebpf\" or \"scan\""
+                )))
+            }
+        },
     };
+    let crash_interval = duration(
+        "crash_interval",
+        a.crash_interval
+            .as_deref()
+            .or(cfg.crash_interval.as_deref())
+            .unwrap_or("30s"),
+    )?;
+    let once = a.once;
+    if crash_interval < Duration::from_secs(10) && !once {
+        return Err(AgentError::Usage(format!(
+            "crash_interval {crash_interval:?} is below the 10 s minimum"
+        )));
+    }
+    let app_interval = match a
+        .app_interval
+        .as_deref()
+        .or(cfg.app_interval.as_deref())
+        .unwrap_or("60min")
+    {
+        "off" => None,
+        v => Some(duration("app_interval", v)?),
+    };
+    let freeze_bound = duration(
+        "freeze_bound",
+        a.freeze_bound
+            .as_deref()
+            .or(cfg.freeze_bound.as_deref())
+            .unwrap_or("2s"),
+    )?;
+    let hook_timeout = duration(
+        "hook_timeout",
+        a.hook_timeout
+            .as_deref()
+            .or(cfg.hook_timeout.as_deref())
+            .unwrap_or("30s"),
+    )?;
+    let mcfg = cfg.mysql.unwrap_or_default();
+    let mysql_on = a.mysql_socket.is_some()
+        || a.mysql_host.is_some()
+        || mcfg.socket.is_some()
+        || mcfg.host.is_some()
+        || mcfg.user.is_some();
+    let mysql = if mysql_on {
+        let host = a.mysql_host.or(mcfg.host);
+        let target = match (a.mysql_socket.or(mcfg.socket), host) {
+            (Some(s), _) => ferry_freeze::MysqlTarget::Socket(s),
+            (None, Some(host)) => ferry_freeze::MysqlTarget::Tcp {
+                host,
+                port: a.mysql_port.or(mcfg.port).unwrap_or(3306),
+            },
+            (None, None) => {
+                ferry_freeze::MysqlTarget::Socket(PathBuf::from("/run/mysqld/mysqld.sock"))
+            }
+        };
+        Some(MysqlOptions {
+            target,
+            user: a
+                .mysql_user
+                .or(mcfg.user)
+                .unwrap_or_else(|| "root".into()),
+            password_file: a.mysql_password_file.or(mcfg.password_file),
+            timeout: match mcfg.timeout {
+                Some(t) => duration("mysql.timeout", &t)?,
+                None => ferry_freeze::DEFAULT_DB_TIMEOUT,
+            },
+        })
+    } else {
+        None
+    };
+    let o = AgentOptions {
+        server,
+        disks,
+        names,
+        vm: a.vm.or(cfg.vm).unwrap_or_else(ferry_agent::hostname),
+        state_dir,
+        tracker,
+        crash_interval,
+        app_interval,
+        freeze_bound,
+        hooks_dir: a
+            .hooks_dir
+            .or(cfg.hooks_dir)
+            .unwrap_or_else(|| PathBuf::from(ferry_freeze::DEFAULT_HOOKS_DIR)),
+        hook_timeout,
+        mysql,
+        frozen_hook: a.frozen_hook,
+        once: once.then(|| match a.point {
+            Some(KindArg::App) => PointKind::App,
+            _ => PointKind::Crash,
+        }),
+        drain_every: Duration::from_millis(250),
+    };
+    Ok((o, a.json))
+}
+
+fn run(a: RunArgs) -> Result<(), AgentError> {
+    let (o, json) = options(a)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| AgentError::Usage(format!("cannot install signal handler: {e}")))?;
     }
-    loop {
-        let started = Instant::now();
-        let s = ferry_agent::run_once(&o, &stop)?;
-        println!(
-            "run {} acknowledged: {} records, {} data bytes, {} reconnect(s)",
-            s.run, s.records, s.data_bytes, s.reconnects
+    let s = ferry_agent::run_agent(&o, &stop)?;
+    if o.once.is_some() {
+        for p in &s.points {
+            print_point(p, json);
+        }
+        eprintln!(
+            "{} records, {} data bytes, {} reconnect(s), tracker {}",
+            s.records, s.data_bytes, s.reconnects, s.tracker
         );
-        if a.once {
-            return Ok(());
-        }
-        while started.elapsed() < a.interval {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
+    Ok(())
 }

@@ -1,11 +1,9 @@
-//! The agent's state directory: its identity (`agent.json`, mode `0600`) and one digest map per
-//! disk (`maps/DISK.map`: the digest of every 64 KiB chunk as the process server last acknowledged
-//! it, 32 bytes each). Both are replaced durably: temp → fsync → rename → fsync directory.
+//! The agent's identity (`STATE_DIR/agent.json`, mode `0600`), replaced durably: temp → fsync →
+//! rename → fsync directory. The rest of the state is in `persist.rs`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use ferry_crypto::Digest;
 use ferry_wire::{AgentId, Credential, Fingerprint};
 use serde::{Deserialize, Serialize};
 
@@ -81,43 +79,13 @@ impl AgentIdentity {
     }
 }
 
-/// Digest that matches no chunk: a disk with no map is sent whole (zero chunks as zero ranges).
-pub const UNKNOWN: Digest = [0xff; 32];
-
-pub fn map_path(state_dir: &Path, disk: &str) -> PathBuf {
-    state_dir.join("maps").join(format!("{disk}.map"))
-}
-
-/// The disk's acknowledged digests, or all [`UNKNOWN`] if there is no usable map.
-pub fn load_map(state_dir: &Path, disk: &str, chunks: usize) -> Vec<Digest> {
-    let p = map_path(state_dir, disk);
-    match fs::read(&p) {
-        Ok(b) if b.len() == chunks * 32 => b
-            .chunks_exact(32)
-            .map(|c| c.try_into().expect("32 bytes"))
-            .collect(),
-        Ok(_) => {
-            tracing::warn!(map = %p.display(), "digest map has the wrong size (disk resized?); sending the whole disk");
-            vec![UNKNOWN; chunks]
-        }
-        Err(_) => vec![UNKNOWN; chunks],
-    }
-}
-
-pub fn save_map(state_dir: &Path, disk: &str, map: &[Digest]) -> Result<(), AgentError> {
-    let p = map_path(state_dir, disk);
-    let dir = p.parent().expect("maps/ parent");
-    fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-    ferry_wire::write_private(&p, map.as_flattened()).map_err(|e| state_err(&p, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn identity_round_trips_privately_and_maps_check_their_size() {
+    fn identity_round_trips_privately() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             AgentIdentity::load(dir.path()),
@@ -140,11 +108,5 @@ mod tests {
         assert_eq!(back.credential.expose(), id.credential.expose());
         assert_eq!(back.fingerprint, id.fingerprint);
 
-        assert_eq!(load_map(dir.path(), "sda", 3), vec![UNKNOWN; 3]);
-        let map = vec![[1u8; 32], [2u8; 32], [0u8; 32]];
-        save_map(dir.path(), "sda", &map).unwrap();
-        assert_eq!(load_map(dir.path(), "sda", 3), map);
-        // Another size (a resized disk): the map is not trusted.
-        assert_eq!(load_map(dir.path(), "sda", 4), vec![UNKNOWN; 4]);
     }
 }

@@ -1,0 +1,344 @@
+//! The shipper: sends the engine's stream of records (Begin, Write, Zero, Tag, Begin, …) to the
+//! process server under credit, keeps the unacked ones for re-sending after a reconnect, and tells
+//! the engine when a tag — a point — is acknowledged.
+//!
+//! Invariants: records go out in the order the engine made them; after a reconnect the unacked
+//! ones go first, again in order (the server's handling of re-sent records is idempotent). An
+//! acknowledged tag means the server holds the whole run durably. The shipper never decides what
+//! is sent, only when.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_wire::{Credits, Message, PointTag, RunId};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::{hello, unexpected, AgentError, AgentIdentity};
+
+/// Where to ship, and what the disks are called.
+#[derive(Clone, Debug)]
+pub struct ShipTo {
+    pub server: String,
+    pub vm: String,
+    /// (name, size) per disk, in the engine's disk order.
+    pub disks: Vec<(String, u64)>,
+}
+
+/// What the shipper tells the engine.
+#[derive(Debug)]
+pub enum Event {
+    /// The tag of this run is acknowledged: the run is a point.
+    TagAcked(RunId),
+    /// The process server published the point of a tag (its id), or could not.
+    CutDone(Result<String, String>),
+    /// The connection dropped; the shipper reconnects by itself.
+    Disconnected(String),
+    /// The shipper stopped for good (a refusal, a local error).
+    Failed(AgentError),
+}
+
+/// Counters of the shipper, read by the engine for its log lines.
+#[derive(Debug, Default)]
+pub struct ShipStats {
+    pub records: AtomicU64,
+    pub data_bytes: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+/// One logical record (sequence numbers are given when it is sent).
+pub enum Rec {
+    Begin {
+        run: RunId,
+        time_ns: u64,
+    },
+    Write {
+        disk: usize,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+    Tag(PointTag),
+}
+
+impl Rec {
+    fn message(&self, seq: u64, to: &ShipTo) -> Message {
+        match self {
+            Rec::Begin { run, time_ns } => Message::Begin {
+                seq,
+                run: *run,
+                time_ns: *time_ns,
+                disks: to.disks.clone(),
+            },
+            Rec::Write { disk, offset, data } => {
+                Message::write(seq, to.disks[*disk].0.clone(), *offset, data.clone())
+            }
+            Rec::Zero { disk, offset, len } => Message::Zero {
+                seq,
+                disk: to.disks[*disk].0.clone(),
+                offset: *offset,
+                len: *len,
+            },
+            Rec::Tag(tag) => Message::Tag {
+                seq,
+                tag: tag.clone(),
+            },
+        }
+    }
+}
+
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Ships until the engine drops its sender and everything sent is acknowledged, or `abandon` is
+/// set (a clean stop: the engine keeps what was not acknowledged as dirty), or a permanent error
+/// (also reported as [`Event::Failed`]).
+pub async fn ship(
+    to: ShipTo,
+    id: AgentIdentity,
+    mut rx: mpsc::Receiver<Rec>,
+    events: crossbeam_channel::Sender<Event>,
+    stats: &ShipStats,
+    abandon: &AtomicBool,
+) -> Result<(), AgentError> {
+    let mut out = Outbox {
+        unacked: VecDeque::new(),
+        pending: VecDeque::new(),
+        producer_done: false,
+        seq: now_ns(),
+        events: events.clone(),
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&to, &id, &mut rx, &mut out, stats, &mut backoff, abandon).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_permanent() => {
+                let msg = e.to_string();
+                let _ = events.send(Event::Failed(e));
+                return Err(AgentError::Protocol(msg));
+            }
+            Err(e) => {
+                if abandon.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?backoff, unacked = out.unacked.len(), "connection to the process server lost; reconnecting and re-sending what was not acknowledged");
+                let _ = events.send(Event::Disconnected(e.to_string()));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+struct Outbox {
+    /// Sent on the current connection, not yet acked: (seq, record).
+    unacked: VecDeque<(u64, Rec)>,
+    /// To send (re-sends first, then fresh records from the engine).
+    pending: VecDeque<Rec>,
+    producer_done: bool,
+    seq: u64,
+    events: crossbeam_channel::Sender<Event>,
+}
+
+impl Outbox {
+    fn ack(&mut self, seq: u64) {
+        while self.unacked.front().is_some_and(|(s, _)| *s <= seq) {
+            let (_, rec) = self.unacked.pop_front().expect("front exists");
+            if let Rec::Tag(tag) = rec {
+                let _ = self.events.send(Event::TagAcked(tag.run));
+            }
+        }
+    }
+}
+
+async fn session(
+    to: &ShipTo,
+    id: &AgentIdentity,
+    rx: &mut mpsc::Receiver<Rec>,
+    out: &mut Outbox,
+    stats: &ShipStats,
+    backoff: &mut Duration,
+    abandon: &AtomicBool,
+) -> Result<(), AgentError> {
+    // Whatever the last connection did not get acked goes first, in order.
+    while let Some((_, rec)) = out.unacked.pop_back() {
+        out.pending.push_front(rec);
+    }
+    let (mut r, mut w, nonce) = hello(&to.server, id.fingerprint).await?;
+    w.send(&Message::Auth {
+        agent_id: id.agent_id,
+        proof: id.credential.prove(&nonce),
+    })
+    .await?;
+    w.flush().await?;
+    let credits = match r.read().await? {
+        Some(Message::Welcome { credits, .. }) => credits,
+        m => return Err(unexpected(m)),
+    };
+    *backoff = Duration::from_millis(100);
+    w.send(&Message::Inventory {
+        vm: to.vm.clone(),
+        disks: to.disks.clone(),
+    })
+    .await?;
+    let mut credit = Credits::new(credits);
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Result<Message, AgentError>>(256);
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = match r.read().await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(AgentError::Protocol(
+                    "the server closed the connection".into(),
+                )),
+                Err(e) => Err(AgentError::Wire(e)),
+            };
+            let end = m.is_err();
+            if ev_tx.send(m).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let _abort = AbortOnDrop(reader);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        // Events first: acks free the outbox, credit lets more go.
+        while let Ok(ev) = ev_rx.try_recv() {
+            handle(ev?, out, &mut credit, &mut w).await?;
+        }
+        let ended = out.producer_done && out.pending.is_empty() && out.unacked.is_empty();
+        if ended || abandon.load(Ordering::Relaxed) {
+            // A clean TLS close (close_notify), so the server logs a plain disconnect.
+            let _ = w.flush().await;
+            let _ = w.into_inner().shutdown().await;
+            return Ok(());
+        }
+        if out.pending.is_empty() && !out.producer_done {
+            match rx.try_recv() {
+                Ok(rec) => out.pending.push_back(rec),
+                Err(mpsc::error::TryRecvError::Disconnected) => out.producer_done = true,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+        }
+        if let Some(rec) = out.pending.front() {
+            let m = rec.message(out.seq + 1, to);
+            let cost = m.frame_len()? as u64;
+            if credit.try_take(cost) {
+                out.seq += 1;
+                let rec = out.pending.pop_front().expect("front exists");
+                if let Rec::Write { data, .. } = &rec {
+                    stats
+                        .data_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                stats.records.fetch_add(1, Ordering::Relaxed);
+                out.unacked.push_back((out.seq, rec));
+                w.send(&m).await?;
+                continue;
+            }
+        }
+        w.flush().await?;
+        let want_more = out.pending.is_empty() && !out.producer_done;
+        tokio::select! {
+            ev = ev_rx.recv() => {
+                let ev = ev.unwrap_or_else(|| Err(AgentError::Protocol("connection reader ended".into())));
+                handle(ev?, out, &mut credit, &mut w).await?;
+            }
+            rec = rx.recv(), if want_more => match rec {
+                Some(rec) => out.pending.push_back(rec),
+                None => out.producer_done = true,
+            },
+            // Notices `abandon` while idle.
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+async fn handle(
+    m: Message,
+    out: &mut Outbox,
+    credit: &mut Credits,
+    w: &mut crate::Writer,
+) -> Result<(), AgentError> {
+    match m {
+        Message::Ack { seq } => out.ack(seq),
+        Message::Credit { bytes } => credit.grant(bytes),
+        Message::Ping { token } => {
+            w.send(&Message::Pong { token }).await?;
+        }
+        Message::Pong { .. } => {}
+        Message::CutDone { result } => {
+            let _ = out.events.send(Event::CutDone(result));
+        }
+        Message::CutRequest { app } => {
+            tracing::info!(
+                app,
+                "the process server asked for a cut; cuts follow this agent's schedule and `ferry-agent cut`"
+            );
+        }
+        Message::Refused { code, message } => return Err(AgentError::Refused { code, message }),
+        m => {
+            return Err(AgentError::Protocol(format!(
+                "unexpected {} during a run",
+                m.ty().name()
+            )))
+        }
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_wire::PointKind;
+
+    #[test]
+    fn a_tag_counts_as_acked_only_when_its_seq_is() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut out = Outbox {
+            unacked: VecDeque::new(),
+            pending: VecDeque::new(),
+            producer_done: false,
+            seq: 10,
+            events: tx,
+        };
+        out.unacked.push_back((
+            11,
+            Rec::Write {
+                disk: 0,
+                offset: 0,
+                data: vec![1; 16],
+            },
+        ));
+        out.unacked.push_back((
+            12,
+            Rec::Tag(PointTag {
+                run: [5; 16],
+                time_ns: 0,
+                kind: PointKind::Crash,
+                disks: vec![],
+            }),
+        ));
+        out.ack(11);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(out.unacked.len(), 1);
+        out.ack(12);
+        assert!(matches!(rx.try_recv(), Ok(Event::TagAcked(r)) if r == [5; 16]));
+        assert!(out.unacked.is_empty());
+    }
+}

@@ -1,0 +1,788 @@
+//! The continuous agent on real parts: loop devices with ext4 and a partitioned xfs, the eBPF
+//! tracker, fsfreeze cuts, fio --verify + file churn + fstrim running, MariaDB, kill -9.
+//! The real `ferry serve` and `ferry-agent` binaries on loopback, a real local store.
+//!
+//! Needs root, loop devices, BTF (eBPF), e2fsprogs, xfsprogs, fio, mariadb-server; skips loudly
+//! otherwise, and fails instead of skipping when FERRY_REQUIRE_EBPF=1 (scripts/test as root).
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{b3, ferry, same_bytes, Env};
+
+fn agent_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build --release --bins)",
+        p.display()
+    );
+    p
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Why these tests cannot run here, if they cannot.
+fn skip_reason(extra: &[&str]) -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Some("no loop devices".into());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some("no kernel BTF (the eBPF tracker cannot run)".into());
+    }
+    for c in ["losetup", "mkfs.ext4", "e2fsck", "mount", "umount", "fstrim"]
+        .iter()
+        .chain(extra)
+    {
+        if !have(c) {
+            return Some(format!("{c} is not installed"));
+        }
+    }
+    None
+}
+
+fn skip(test: &str, extra: &[&str]) -> bool {
+    match skip_reason(extra) {
+        None => false,
+        Some(why) if std::env::var("FERRY_REQUIRE_EBPF").as_deref() == Ok("1") => {
+            panic!("{test} cannot run ({why}) but FERRY_REQUIRE_EBPF=1")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            true
+        }
+    }
+}
+
+fn sh(script: &str) -> String {
+    let o = Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}): {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A loop device (with partitions scanned), and what is mounted from it; torn down on drop.
+struct LoopDisk {
+    dev: String,
+    mounts: Vec<PathBuf>,
+}
+
+impl LoopDisk {
+    fn new(backing: &Path, size: u64) -> LoopDisk {
+        fs::File::create(backing).unwrap().set_len(size).unwrap();
+        let dev = sh(&format!("losetup --find --show -P {}", backing.display()));
+        LoopDisk {
+            dev,
+            mounts: Vec::new(),
+        }
+    }
+    fn mount(&mut self, part: &str, at: &Path) {
+        fs::create_dir_all(at).unwrap();
+        sh(&format!("mount {part} {}", at.display()));
+        self.mounts.push(at.to_path_buf());
+    }
+    fn umount_all(&mut self) {
+        for m in self.mounts.drain(..).rev() {
+            sh(&format!("umount {}", m.display()));
+        }
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn term(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) with a pid we spawned and own.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().unwrap();
+            assert!(st.success(), "exited {st}: {}", self.log_text());
+        }
+    }
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_logged(mut c: Command, log: PathBuf) -> Proc {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let child = c.stdout(Stdio::null()).stderr(f).spawn().unwrap();
+    Proc {
+        child: Some(child),
+        log,
+    }
+}
+
+/// `ferry serve` on loopback with a local store; an agent registered in `agent-state`.
+struct Site {
+    env: Env,
+    addr: String,
+    server: Proc,
+}
+
+impl Site {
+    fn new() -> Site {
+        let env = Env::new();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut c = ferry();
+        c.env("FERRY_LOG", "info")
+            .args(["serve", "--listen", &addr, "--cache-size", "1GiB", "--store"])
+            .arg(env.store())
+            .arg("--key-file")
+            .arg(env.key())
+            .arg("--cache-dir")
+            .arg(env.path("ps-cache"))
+            .arg("--state-dir")
+            .arg(env.path("ps-state"));
+        let server = spawn_logged(c, env.path("serve.log"));
+        let t0 = Instant::now();
+        while TcpStream::connect(&addr).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "server did not listen: {}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = ferry()
+            .args(["passphrase", "show", "--state-dir"])
+            .arg(env.path("ps-state"))
+            .output()
+            .unwrap();
+        ok(&o, "passphrase show");
+        let pass = env.path("pass");
+        fs::write(&pass, &o.stdout).unwrap();
+        let o = Command::new(agent_bin())
+            .args(["register", "--server", &addr, "--passphrase-file"])
+            .arg(&pass)
+            .arg("--state-dir")
+            .arg(env.path("agent-state"))
+            .output()
+            .unwrap();
+        ok(&o, "register");
+        Site { env, addr, server }
+    }
+
+    fn agent_cmd(&self, disks: &[&str], extra: &[&str]) -> Command {
+        let mut c = Command::new(agent_bin());
+        c.env("FERRY_LOG", "info")
+            .args(["--server", &self.addr, "--vm", "vm1", "--state-dir"])
+            .arg(self.env.path("agent-state"))
+            .args(["--hooks-dir"])
+            .arg(self.env.path("hooks.d"));
+        for d in disks {
+            c.args(["--disk", d]);
+        }
+        c.args(extra);
+        c
+    }
+
+    /// A running agent (continuous mode; cuts on demand only).
+    fn start_agent(&self, disks: &[&str], extra: &[&str]) -> Proc {
+        let mut c = self.agent_cmd(disks, extra);
+        c.args(["--crash-interval", "1h", "--app-interval", "off"]);
+        let p = spawn_logged(c, self.env.path("agent.log"));
+        let sock = self.env.path("agent-state/agent.sock");
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "agent did not start: {}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    /// `ferry-agent cut [--app] --json`: the point's reply.
+    fn cut(&self, app: bool) -> Result<serde_json::Value, String> {
+        let mut c = Command::new(agent_bin());
+        c.args(["cut", "--json", "--timeout", "5min", "--state-dir"])
+            .arg(self.env.path("agent-state"));
+        if app {
+            c.arg("--app");
+        }
+        let o = c.output().unwrap();
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    /// The store's points of vm1 (from its manifest, which also names each point's run).
+    fn manifest_points(&self) -> Vec<serde_json::Value> {
+        let m: serde_json::Value =
+            serde_json::from_slice(&fs::read(self.env.store().join("manifests/vm1.json")).unwrap())
+                .unwrap();
+        m["points"].as_array().unwrap().clone()
+    }
+
+    fn restore(&self, point: &str, disk: &str, out: &Path) {
+        let o = ferry()
+            .args(["restore", "--point", point, "--vm", "vm1", "--disk", disk, "--verify", "--store"])
+            .arg(self.env.store())
+            .arg("--key-file")
+            .arg(self.env.key())
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        ok(&o, &format!("restore {point} {disk}"));
+    }
+}
+
+fn disk_name(dev: &str) -> String {
+    Path::new(dev).file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// A hook run while frozen that copies every protected device to copies/RUN-NAME.img.
+fn copy_hook(env: &Env, devs: &[&str]) -> PathBuf {
+    let copies = env.path("copies");
+    fs::create_dir_all(&copies).unwrap();
+    let mut script = String::from("#!/bin/sh\nset -e\n");
+    for d in devs {
+        script.push_str(&format!(
+            "dd if={d} of={}/$FERRY_RUN-{}.img bs=4M conv=sparse status=none\n",
+            copies.display(),
+            disk_name(d)
+        ));
+    }
+    let hook = env.path("frozen-hook.sh");
+    fs::write(&hook, script).unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    hook
+}
+
+#[test]
+fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
+    if skip(
+        "ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact",
+        &["mkfs.xfs", "xfs_repair", "sfdisk", "fio"],
+    ) {
+        return;
+    }
+    let site = Site::new();
+    let env = &site.env;
+    // Disk A: ext4 on the whole disk. Disk B: a GPT partition at 1 MiB with xfs (the partition
+    // trap: the tracker sees whole-disk offsets).
+    let mut a = LoopDisk::new(&env.path("a.img"), 160 << 20);
+    let mut b = LoopDisk::new(&env.path("b.img"), 352 << 20);
+    sh(&format!("mkfs.ext4 -q -F {}", a.dev));
+    sh(&format!(
+        "printf 'label: gpt\\nstart=2048, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\\n' | sfdisk -q {} && partx -u {} || true",
+        b.dev, b.dev
+    ));
+    let b1 = format!("{}p1", b.dev);
+    let t0 = Instant::now();
+    while !Path::new(&b1).exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{b1} did not appear");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sh(&format!("mkfs.xfs -q -f {b1}"));
+    let (ma, mb) = (env.path("mnt-a"), env.path("mnt-b"));
+    a.mount(&a.dev.clone(), &ma);
+    b.mount(&b1, &mb);
+    let hook = copy_hook(env, &[&a.dev, &b.dev]);
+    let mut agent = site.start_agent(
+        &[&a.dev, &b.dev],
+        &["--freeze-bound", "20s", "--frozen-hook", hook.to_str().unwrap()],
+    );
+
+    // The workload: fio with verification on ext4, create/rename/delete/fsync churn on xfs,
+    // fstrim on both, all running through the cuts.
+    let fio_log = env.path("fio.log");
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=verify",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=24M",
+            "--numjobs=1",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--loops=6",
+            "--ioengine=psync",
+            "--fsync=64",
+        ])
+        .arg(format!("--directory={}", ma.display()))
+        .stdout(fs::File::create(&fio_log).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let churn = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "i=0; while [ ! -e {stop} ]; do i=$((i+1)); \
+             dd if=/dev/urandom of={m}/f$((i%40)).tmp bs=64k count=$((i%7+1)) conv=fsync status=none; \
+             mv {m}/f$((i%40)).tmp {m}/g$((i%40)); [ $((i%5)) -eq 0 ] && rm -f {m}/g$(((i+13)%40)); \
+             [ $((i%17)) -eq 0 ] && fstrim {m} && fstrim {a}; done",
+            stop = env.path("stop-churn").display(),
+            m = mb.display(),
+            a = ma.display()
+        ))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut churn = Proc {
+        child: Some(churn),
+        log: env.path("churn.log"),
+    };
+    let mut replies = Vec::new();
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let r = site
+            .cut(i % 2 == 1)
+            .unwrap_or_else(|e| panic!("cut {i}: {e}\nagent log:\n{}", agent.log_text()));
+        replies.push(r);
+    }
+    let fio_st = fio.wait().unwrap();
+    fs::write(env.path("stop-churn"), b"").unwrap();
+    churn.child.take().unwrap().wait().unwrap();
+    assert!(
+        fio_st.success(),
+        "fio --verify failed: {}",
+        fs::read_to_string(&fio_log).unwrap_or_default()
+    );
+    // One more, with the workload stopped, app-consistent.
+    replies.push(site.cut(true).unwrap());
+    agent.term();
+    a.umount_all();
+    b.umount_all();
+    site_stop(site, replies, &a.dev, &b.dev);
+}
+
+/// Stops the server (it drains into the store), then checks every point against its frozen copy
+/// and with the filesystem checkers.
+fn site_stop(mut site: Site, replies: Vec<serde_json::Value>, dev_a: &str, dev_b: &str) {
+    site.server.term();
+    let env = &site.env;
+    let points = site.manifest_points();
+    assert_eq!(points.len(), replies.len(), "{points:?}");
+    for (p, r) in points.iter().zip(&replies) {
+        let run = p["run"].as_str().unwrap();
+        assert_eq!(run, r["run"].as_str().unwrap());
+        assert_eq!(p["kind"], r["kind"]);
+        let id = p["id"].as_str().unwrap();
+        for (dev, fsck) in [(dev_a, "ext4"), (dev_b, "xfs")] {
+            let name = disk_name(dev);
+            let out = env.path(&format!("restored-{id}-{name}.img"));
+            site.restore(id, &name, &out);
+            let copy = env.path(&format!("copies/{run}-{name}.img"));
+            assert!(
+                same_bytes(&out, &copy),
+                "point {id} disk {name} differs from the copy taken while frozen"
+            );
+            assert_eq!(
+                p["disks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|d| d["name"] == name.as_str())
+                    .unwrap()["blake3"]
+                    .as_str()
+                    .unwrap(),
+                b3(&copy)
+            );
+            if fsck == "ext4" {
+                sh(&format!("e2fsck -fn {}", out.display()));
+            } else {
+                let lo = LoopDisk {
+                    dev: sh(&format!("losetup --find --show -P -r {}", out.display())),
+                    mounts: vec![],
+                };
+                let p1 = format!("{}p1", lo.dev);
+                let t0 = Instant::now();
+                while !Path::new(&p1).exists() {
+                    assert!(t0.elapsed() < Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                sh(&format!("xfs_repair -n {p1}"));
+            }
+            let _ = fs::remove_file(&out);
+        }
+    }
+}
+
+#[test]
+fn restarts_clean_unclean_and_a_forced_resync_move_only_what_differs() {
+    if skip(
+        "restarts_clean_unclean_and_a_forced_resync_move_only_what_differs",
+        &[],
+    ) {
+        return;
+    }
+    let site = Site::new();
+    let env = &site.env;
+    // A raw disk (no filesystem): the test writes to it directly.
+    let d = LoopDisk::new(&env.path("raw.img"), 64 << 20);
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=1M count=48 oflag=direct status=none",
+        d.dev
+    ));
+    let once = |what: &str| -> (serde_json::Value, String) {
+        let o = site
+            .agent_cmd(&[&d.dev], &["--once", "--json"])
+            .output()
+            .unwrap();
+        ok(&o, what);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(err.contains("tracker: eBPF"), "{what}: not the eBPF tracker: {err}");
+        (serde_json::from_slice(&o.stdout).unwrap(), err)
+    };
+    let save = |n: usize| {
+        let p = env.path(&format!("copy-{n}.img"));
+        sh(&format!("dd if={} of={} bs=4M status=none", d.dev, p.display()));
+        p
+    };
+    let mut copies = vec![];
+    let (_, err) = once("initial sync");
+    assert!(err.contains("initial sync"), "{err}");
+    copies.push(save(0));
+    // Clean restart: nothing written meanwhile → no resync, nothing to send.
+    let (_, err) = once("clean restart");
+    assert!(err.contains("clean restart"), "{err}");
+    assert!(err.contains(" 0 data bytes"), "a clean restart sent data: {err}");
+    copies.push(save(1));
+    // Writes while the agent is away: the counters show them → resync; only the 3 changed
+    // chunks (1 MiB apart) move.
+    for off in [1u64, 9, 33] {
+        sh(&format!(
+            "dd if=/dev/urandom of={} bs=64k count=1 seek={} oflag=direct conv=notrunc status=none",
+            d.dev,
+            off * 16
+        ));
+    }
+    let (_, err) = once("restart after writes while stopped");
+    assert!(err.contains("write(s) reached the disk while the agent was stopped"), "{err}");
+    assert!(err.contains(&format!(" {} data bytes", 3 * 65536)), "{err}");
+    copies.push(save(2));
+    // An unclean stop: kill -9 of a running agent while writes happen → resync at the next
+    // start; the point restores exactly.
+    let mut running = site.start_agent(&[&d.dev], &[]);
+    sh(&format!(
+        "dd if=/dev/urandom of={} bs=64k count=4 seek=100 oflag=direct conv=notrunc status=none",
+        d.dev
+    ));
+    std::thread::sleep(Duration::from_millis(800));
+    running.kill9();
+    let (_, err) = once("restart after kill -9");
+    assert!(err.contains("the last stop was not clean"), "{err}");
+    copies.push(save(3));
+    // A forced resync (`ferry-agent resync`) in a running agent: a cut asked for right after
+    // waits for it, and only differing chunks move.
+    let mut running = site.start_agent(&[&d.dev], &[]);
+    let o = Command::new(agent_bin())
+        .args(["resync", "--state-dir"])
+        .arg(env.path("agent-state"))
+        .output()
+        .unwrap();
+    ok(&o, "resync");
+    let r = site.cut(false).unwrap();
+    assert_eq!(r["kind"], "crash");
+    copies.push(save(4));
+    running.term();
+    let log = running.log_text();
+    assert!(log.contains("resync requested"), "{log}");
+
+    let mut site = site;
+    site.server.term();
+    let points = site.manifest_points();
+    assert_eq!(points.len(), copies.len());
+    for (p, copy) in points.iter().zip(&copies) {
+        let id = p["id"].as_str().unwrap();
+        let out = site.env.path(&format!("r-{id}.img"));
+        site.restore(id, &disk_name(&d.dev), &out);
+        assert!(same_bytes(&out, copy), "point {id} differs");
+    }
+}
+
+#[test]
+fn kill_9_of_the_agent_mid_cut_thaws_within_the_bound() {
+    if skip("kill_9_of_the_agent_mid_cut_thaws_within_the_bound", &[]) {
+        return;
+    }
+    let site = Site::new();
+    let env = &site.env;
+    let mut d = LoopDisk::new(&env.path("k.img"), 64 << 20);
+    sh(&format!("mkfs.ext4 -q -F {}", d.dev));
+    let mnt = env.path("mnt");
+    d.mount(&d.dev.clone(), &mnt);
+    // The frozen hook says "frozen" (outside the frozen filesystem) and then hangs.
+    let marker = env.path("frozen-now");
+    let hook = env.path("hang.sh");
+    fs::write(
+        &hook,
+        format!("#!/bin/sh\ntouch {}\nexec sleep 60\n", marker.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut agent = site.start_agent(&[&d.dev], &["--frozen-hook", hook.to_str().unwrap()]);
+    let s2 = env.path("agent-state");
+    let cutter = std::thread::spawn(move || {
+        Command::new(agent_bin())
+            .args(["cut", "--state-dir"])
+            .arg(s2)
+            .output()
+            .unwrap()
+    });
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never froze: {}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Frozen now: a write blocks. Kill the agent and time how long until a write gets through.
+    let writer = {
+        let p = mnt.join("after-kill");
+        std::thread::spawn(move || {
+            let mut f = fs::File::create(&p).unwrap();
+            f.write_all(b"x").unwrap();
+            f.sync_all().unwrap();
+            Instant::now()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let killed = Instant::now();
+    agent.kill9();
+    let done = writer.join().unwrap();
+    let waited = done.saturating_duration_since(killed);
+    eprintln!("filesystem writable {waited:?} after kill -9 of the agent");
+    assert!(
+        waited < Duration::from_secs(2),
+        "the filesystem stayed frozen {waited:?} after the agent died (bound 2 s)"
+    );
+    let o = cutter.join().unwrap();
+    assert!(!o.status.success(), "a cut whose agent died must fail");
+    let _ = Command::new("pkill").args(["-f", hook.to_str().unwrap()]).status();
+}
+
+#[test]
+fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
+    if skip(
+        "mariadb_app_consistent_point_starts_cleanly_with_every_committed_row",
+        &["mariadbd", "mariadb-install-db", "mariadb"],
+    ) {
+        return;
+    }
+    let site = Site::new();
+    let env = &site.env;
+    let mut d = LoopDisk::new(&env.path("db.img"), 256 << 20);
+    sh(&format!("mkfs.ext4 -q -F {}", d.dev));
+    let mnt = env.path("mnt");
+    d.mount(&d.dev.clone(), &mnt);
+    let sock = env.path("mysqld.sock");
+    let db = Mariadb::start(&mnt.join("datadir"), &sock, true, &env.path("mariadb.log"));
+    db.sql("create database t; create table t.r (id int primary key) engine=innodb;");
+    let mut agent = site.start_agent(
+        &[&d.dev],
+        &["--mysql-socket", sock.to_str().unwrap(), "--mysql-user", "root"],
+    );
+    // Inserts, each committed before its id is logged.
+    let committed = env.path("committed.log");
+    let ins = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "i=0; while [ ! -e {stop} ]; do i=$((i+1)); mariadb -S {s} -u root -e \"insert into t.r values ($i)\" && echo $i >> {log}; done",
+            stop = env.path("stop-ins").display(),
+            s = sock.display(),
+            log = committed.display()
+        ))
+        .spawn()
+        .unwrap();
+    let mut ins = Proc {
+        child: Some(ins),
+        log: env.path("ins.log"),
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before: u64 = fs::read_to_string(&committed)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .max()
+        .unwrap();
+    let r = site.cut(true).unwrap();
+    assert_eq!(r["kind"], "app", "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    fs::write(env.path("stop-ins"), b"").unwrap();
+    ins.child.take().unwrap().wait().unwrap();
+    agent.term();
+    db.stop();
+    d.umount_all();
+    let mut site = site;
+    site.server.term();
+    let points = site.manifest_points();
+    let p = points.last().unwrap();
+    assert_eq!(p["kind"], "app");
+    let out = site.env.path("restored-db.img");
+    site.restore(p["id"].as_str().unwrap(), &disk_name(&d.dev), &out);
+    let mut rd = LoopDisk {
+        dev: sh(&format!("losetup --find --show {}", out.display())),
+        mounts: vec![],
+    };
+    let rmnt = site.env.path("rmnt");
+    rd.mount(&rd.dev.clone(), &rmnt);
+    let sock2 = site.env.path("mysqld2.sock");
+    let db2 = Mariadb::start(&rmnt.join("datadir"), &sock2, false, &site.env.path("mariadb2.log"));
+    let n: u64 = db2.sql("select count(*) from t.r").trim().parse().unwrap();
+    let max: u64 = db2
+        .sql("select coalesce(max(id),0) from t.r")
+        .trim()
+        .parse()
+        .unwrap();
+    // Every row committed before the cut was asked for; no gaps.
+    assert!(max >= before, "point holds rows up to {max}, {before} were committed before the cut");
+    assert_eq!(n, max, "rows 1..={max} with gaps: {n}");
+    db2.stop();
+    let log2 = fs::read_to_string(site.env.path("mariadb2.log")).unwrap_or_default();
+    assert!(!log2.contains("[ERROR]"), "MariaDB on the restored point logged errors:\n{log2}");
+    rd.umount_all();
+}
+
+struct Mariadb {
+    child: Option<Child>,
+    sock: PathBuf,
+}
+
+impl Mariadb {
+    fn start(datadir: &Path, sock: &Path, init: bool, log: &Path) -> Mariadb {
+        if init {
+            fs::create_dir_all(datadir).unwrap();
+            sh(&format!(
+                "mariadb-install-db --no-defaults --user=root --datadir={} --auth-root-authentication-method=socket >/dev/null",
+                datadir.display()
+            ));
+        }
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg("--user=root")
+            .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--socket={}", sock.display()))
+            .arg("--skip-networking")
+            .arg(format!("--pid-file={}.pid", sock.display()))
+            .arg(format!("--log-error={}", log.display()))
+            .arg("--innodb-flush-log-at-trx-commit=1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Mariadb {
+            child: Some(child),
+            sock: sock.to_path_buf(),
+        };
+        let t0 = Instant::now();
+        loop {
+            let o = Command::new("mariadb")
+                .args(["-S", sock.to_str().unwrap(), "-u", "root", "-e", "select 1"])
+                .output()
+                .unwrap();
+            if o.status.success() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "MariaDB did not start: {}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        m
+    }
+    fn sql(&self, q: &str) -> String {
+        let o = Command::new("mariadb")
+            .args(["-S", self.sock.to_str().unwrap(), "-u", "root", "-N", "-B", "-e", q])
+            .output()
+            .unwrap();
+        ok(&o, q);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+    fn stop(mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) with a pid we spawned and own.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
