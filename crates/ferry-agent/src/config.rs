@@ -67,8 +67,11 @@ impl AgentConfig {
 
 /// Parses a duration setting ("30s", "60min", "2s").
 pub fn duration(key: &str, v: &str) -> Result<Duration, AgentError> {
-    humantime::parse_duration(v)
-        .map_err(|e| AgentError::Config(format!("{key} = \"{v}\": {e} (write e.g. \"30s\", \"60min\")")))
+    humantime::parse_duration(v).map_err(|e| {
+        AgentError::Config(format!(
+            "{key} = \"{v}\": {e} (write e.g. \"30s\", \"60min\")"
+        ))
+    })
 }
 
 /// Every non-removable disk of this machine: whole disks in /sys/block that are not loop, RAM,
@@ -106,7 +109,10 @@ mod tests {
         let p = dir.path().join("agent.toml");
         std::fs::write(&p, "server = \"ps:9443\"\ncrash_intervall = \"30s\"\n").unwrap();
         let e = AgentConfig::load(&p, true).unwrap_err().to_string();
-        assert!(e.contains("crash_intervall") && e.contains("agent.toml"), "{e}");
+        assert!(
+            e.contains("crash_intervall") && e.contains("agent.toml"),
+            "{e}"
+        );
         std::fs::write(
             &p,
             "server = \"ps:9443\"\ndisks = [\"/dev/sdb\"]\napp_interval = \"off\"\n[mysql]\nuser = \"root\"\n",

@@ -130,8 +130,11 @@ pub fn listen(state_dir: &Path, to_engine: Sender<Request>) -> Result<Control, A
     // We hold the state lock, so a leftover socket is stale.
     let _ = fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| state_err(&path, e))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|e| state_err(&path, e))?;
-    listener.set_nonblocking(true).map_err(|e| state_err(&path, e))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| state_err(&path, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| state_err(&path, e))?;
     let done = Arc::new(AtomicBool::new(false));
     let d = done.clone();
     std::thread::Builder::new()
@@ -173,7 +176,9 @@ fn serve_one(s: UnixStream, to: &Sender<Request>) -> std::io::Result<()> {
                 _ => None,
             };
             match kind {
-                None => serde_json::json!({"ok": false, "error": format!("unknown point kind '{k}' (app or crash)")}),
+                None => {
+                    serde_json::json!({"ok": false, "error": format!("unknown point kind '{k}' (app or crash)")})
+                }
                 Some(kind) => {
                     let (tx, rx) = crossbeam_channel::bounded(1);
                     if to.send(Request::Cut { kind, reply: tx }).is_err() {
@@ -182,7 +187,9 @@ fn serve_one(s: UnixStream, to: &Sender<Request>) -> std::io::Result<()> {
                         match rx.recv() {
                             Ok(Ok(p)) => serde_json::json!({"ok": true, "point": p}),
                             Ok(Err(why)) => serde_json::json!({"ok": false, "error": why}),
-                            Err(_) => serde_json::json!({"ok": false, "error": "the agent stopped before the point was acknowledged"}),
+                            Err(_) => {
+                                serde_json::json!({"ok": false, "error": "the agent stopped before the point was acknowledged"})
+                            }
                         }
                     }
                 }
@@ -194,15 +201,21 @@ fn serve_one(s: UnixStream, to: &Sender<Request>) -> std::io::Result<()> {
             Ok(()) => serde_json::json!({"ok": true}),
             Err(_) => serde_json::json!({"ok": false, "error": "the agent is stopping"}),
         },
-        Ok(Wire { status: Some(true), .. }) => {
+        Ok(Wire {
+            status: Some(true), ..
+        }) => {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let _ = to.send(Request::Status { reply: tx });
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(v) => serde_json::json!({"ok": true, "status": v}),
-                Err(_) => serde_json::json!({"ok": false, "error": "the agent did not answer within 30 s"}),
+                Err(_) => {
+                    serde_json::json!({"ok": false, "error": "the agent did not answer within 30 s"})
+                }
             }
         }
-        _ => serde_json::json!({"ok": false, "error": "bad request; send {\"cut\":\"app\"|\"crash\"} or {\"status\":true}"}),
+        _ => {
+            serde_json::json!({"ok": false, "error": "bad request; send {\"cut\":\"app\"|\"crash\"} or {\"status\":true}"})
+        }
     };
     let mut w = &s;
     writeln!(w, "{reply}")?;
@@ -217,7 +230,8 @@ fn call(state_dir: &Path, req: &Wire, timeout: Duration) -> Result<serde_json::V
             format!("{e}: is ferry-agent running with --state-dir {}? (start it first; `ferry-agent --help`)", state_dir.display()),
         )
     })?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| state_err(&path, e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| state_err(&path, e))?;
     let mut w = &s;
     let body = serde_json::to_string(req).map_err(|e| state_err(&path, e))?;
     writeln!(w, "{body}").map_err(|e| state_err(&path, e))?;
@@ -231,7 +245,10 @@ fn call(state_dir: &Path, req: &Wire, timeout: Duration) -> Result<serde_json::V
         Ok(v)
     } else {
         Err(AgentError::Cut(
-            v["error"].as_str().unwrap_or("the agent refused").to_string(),
+            v["error"]
+                .as_str()
+                .unwrap_or("the agent refused")
+                .to_string(),
         ))
     }
 }

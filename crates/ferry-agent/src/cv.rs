@@ -43,7 +43,10 @@ pub fn root(size: u64, cv: &dyn Fn(u64) -> Cv) -> Option<[u8; 32]> {
         let r = sub(first + left / CHUNK, len - left, cv)?;
         Some(merge_subtrees_non_root(&l, &r, Mode::Hash))
     }
-    assert!(size > CHUNK, "a one-chunk disk's digest is the plain hash of its data");
+    assert!(
+        size > CHUNK,
+        "a one-chunk disk's digest is the plain hash of its data"
+    );
     let left = left_subtree_len(size);
     let l = sub(0, left, cv)?;
     let r = sub(left / CHUNK, size - left, cv)?;
@@ -71,7 +74,10 @@ mod tests {
                 .collect();
             let r = root(size, &|i| cvs[i as usize]).unwrap();
             assert_eq!(r, *blake3::hash(&data).as_bytes(), "size {size}");
-            assert_eq!(root(size, &|i| if i == 1 { UNKNOWN } else { cvs[i as usize] }), None);
+            assert_eq!(
+                root(size, &|i| if i == 1 { UNKNOWN } else { cvs[i as usize] }),
+                None
+            );
         }
     }
 

@@ -179,13 +179,18 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         match ferry_freeze::discover(&o.disks) {
             Ok(mounts) if !mounts.is_empty() => match ferry_freeze::thaw_all(&mounts) {
                 Ok(thawed) if !thawed.is_empty() => {
-                    tracing::warn!(?thawed, "thawed filesystems left frozen by an earlier agent")
+                    tracing::warn!(
+                        ?thawed,
+                        "thawed filesystems left frozen by an earlier agent"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "cannot thaw filesystems left frozen"),
             },
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot list the filesystems on the protected disks"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the filesystems on the protected disks")
+            }
         }
     }
     let track = choose_tracker(o)?;
@@ -311,7 +316,10 @@ fn choose_tracker(o: &AgentOptions) -> Result<Track, AgentError> {
     })();
     match why_not {
         Ok(t) => {
-            tracing::info!(disks = o.disks.len(), "tracker: eBPF (block layer); dirty chunks are read and shipped continuously");
+            tracing::info!(
+                disks = o.disks.len(),
+                "tracker: eBPF (block layer); dirty chunks are read and shipped continuously"
+            );
             Ok(Track::Ebpf(t))
         }
         Err(why) if o.tracker == TrackerChoice::Auto => {
@@ -359,7 +367,9 @@ fn recover_state(
     for d in disks.iter_mut() {
         let reuse = match (track, &clean) {
             (Track::Scan, _) => Err("scan tracker".to_string()),
-            (Track::Ebpf(_), None) => Err("the last stop was not clean (or this is the first start)".into()),
+            (Track::Ebpf(_), None) => {
+                Err("the last stop was not clean (or this is the first start)".into())
+            }
             (Track::Ebpf(_), Some(c)) => clean_dirty(c, d),
         };
         match reuse {
@@ -500,7 +510,8 @@ impl Engine<'_> {
                     Err(why) => {
                         tracing::warn!(%why, kind = kind.as_str(), "cut abandoned; no point was made, replication goes on");
                         // Try again soon, not in a tight loop.
-                        next_crash = Instant::now() + self.o.crash_interval.min(Duration::from_secs(5));
+                        next_crash =
+                            Instant::now() + self.o.crash_interval.min(Duration::from_secs(5));
                         match want.reply {
                             Some(r) => {
                                 let _ = r.send(Err(why));
@@ -561,7 +572,10 @@ impl Engine<'_> {
             h.push(r);
             return Ok(());
         }
-        let tx = self.tx.as_ref().expect("sender lives while the engine runs");
+        let tx = self
+            .tx
+            .as_ref()
+            .expect("sender lives while the engine runs");
         if tx.blocking_send(r).is_err() {
             // The shipper stopped; its Failed event says why.
             return Err(self.shipper_error());
@@ -737,7 +751,9 @@ impl Engine<'_> {
     /// the shipper (its acknowledgement comes as an event).
     fn cut(&mut self, asked: PointKind) -> Result<CutReply, String> {
         if let Some(why) = &self.resyncing {
-            return Err(format!("{why} is still running; a point can only be cut after it"));
+            return Err(format!(
+                "{why} is still running; a point can only be cut after it"
+            ));
         }
         let mut kind = asked;
         let mut notes: Vec<String> = Vec::new();
@@ -893,7 +909,10 @@ impl Engine<'_> {
         let tag = match settled {
             Ok(true) => self.tag(kind, time_ns),
             Ok(false) => Err(if guard.is_some() {
-                format!("the writes left to read did not fit in the freeze bound ({:?})", self.o.freeze_bound)
+                format!(
+                    "the writes left to read did not fit in the freeze bound ({:?})",
+                    self.o.freeze_bound
+                )
             } else {
                 "the disks never stopped being written long enough for a consistent instant (nothing is mounted to freeze)".to_string()
             }),
@@ -906,7 +925,10 @@ impl Engine<'_> {
             }
         }
         let stats = match guard {
-            Some(g) if tag.is_ok() => Some(g.finish().map_err(|e| format!("the freeze did not hold: {e}"))),
+            Some(g) if tag.is_ok() => Some(
+                g.finish()
+                    .map_err(|e| format!("the freeze did not hold: {e}")),
+            ),
             Some(g) => {
                 let _ = g.thaw();
                 None
@@ -940,7 +962,10 @@ impl Engine<'_> {
             } else {
                 let cur = &d.cur;
                 cv::root(d.size, &|i| cur[i as usize]).ok_or_else(|| {
-                    format!("disk {} has chunks never read; the resync must finish first", d.name)
+                    format!(
+                        "disk {} has chunks never read; the resync must finish first",
+                        d.name
+                    )
                 })?
             };
             cuts.push(DiskCut {
@@ -972,7 +997,11 @@ impl Engine<'_> {
         };
         // Counters first, then the last drain: a write between the two is in the drain *and*
         // makes the counters differ at the next start (a needless resync, never a missed write).
-        let counters: Vec<_> = self.disks.iter().map(|d| persist::disk_counters(&d.path)).collect();
+        let counters: Vec<_> = self
+            .disks
+            .iter()
+            .map(|d| persist::disk_counters(&d.path))
+            .collect();
         self.drain()?;
         if self.resyncing.is_some() || counters.iter().any(Option::is_none) {
             return Ok(());

@@ -337,10 +337,7 @@ fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
         };
         Some(MysqlOptions {
             target,
-            user: a
-                .mysql_user
-                .or(mcfg.user)
-                .unwrap_or_else(|| "root".into()),
+            user: a.mysql_user.or(mcfg.user).unwrap_or_else(|| "root".into()),
             password_file: a.mysql_password_file.or(mcfg.password_file),
             timeout: match mcfg.timeout {
                 Some(t) => duration("mysql.timeout", &t)?,

@@ -18,14 +18,14 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use ferry_format::agent::{encode_pending, parse_pending};
+pub use ferry_format::agent::{CleanDisk, CleanStop, DiskCounters, RunCvs};
 
 use crate::cv::{Cv, UNKNOWN};
 use crate::AgentError;
 
 const CV_MAGIC: &[u8; 8] = b"FERRYCV1";
 const CV_HEADER: u64 = 64;
-const PENDING_MAGIC: &[u8; 8] = b"FERRYPN1";
 
 fn err(path: &Path, detail: impl ToString) -> AgentError {
     AgentError::State {
@@ -53,7 +53,11 @@ impl CvFile {
 
     /// Opens the map of a disk of `size` bytes and returns it with its CVs. A missing map, or one
     /// made for another size, is replaced by an all-[`UNKNOWN`] one (and `fresh` says so).
-    pub fn open(state_dir: &Path, disk: &str, size: u64) -> Result<(CvFile, Vec<Cv>, bool), AgentError> {
+    pub fn open(
+        state_dir: &Path,
+        disk: &str,
+        size: u64,
+    ) -> Result<(CvFile, Vec<Cv>, bool), AgentError> {
         let path = Self::path(state_dir, disk);
         let chunks = size.div_ceil(crate::cv::CHUNK) as usize;
         if let Some(cvs) = read_cv_file(&path, size, chunks) {
@@ -139,9 +143,6 @@ fn read_cv_file(path: &Path, size: u64, chunks: usize) -> Option<Vec<Cv>> {
     )
 }
 
-/// The CVs one tagged run commits, per disk index.
-pub type RunCvs = Vec<Vec<(u64, Cv)>>;
-
 fn pending_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("pending")
 }
@@ -154,19 +155,7 @@ fn pending_path(state_dir: &Path, run: &[u8; 16]) -> PathBuf {
 pub fn write_pending(state_dir: &Path, run: &[u8; 16], cvs: &RunCvs) -> Result<(), AgentError> {
     let dir = pending_dir(state_dir);
     fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
-    let mut buf = Vec::with_capacity(32 + cvs.iter().map(|d| 8 + d.len() * 40).sum::<usize>());
-    buf.extend_from_slice(PENDING_MAGIC);
-    buf.extend_from_slice(run);
-    buf.extend_from_slice(&(cvs.len() as u32).to_le_bytes());
-    for d in cvs {
-        buf.extend_from_slice(&(d.len() as u64).to_le_bytes());
-        for (c, cv) in d {
-            buf.extend_from_slice(&c.to_le_bytes());
-            buf.extend_from_slice(cv);
-        }
-    }
-    let sum = blake3::hash(&buf);
-    buf.extend_from_slice(sum.as_bytes());
+    let buf = encode_pending(run, cvs);
     let path = pending_path(state_dir, run);
     let mut f = OpenOptions::new()
         .write(true)
@@ -178,40 +167,6 @@ pub fn write_pending(state_dir: &Path, run: &[u8; 16], cvs: &RunCvs) -> Result<(
     f.write_all(&buf).map_err(|e| err(&path, e))?;
     f.sync_all().map_err(|e| err(&path, e))?;
     sync_dir(&dir)
-}
-
-/// Reads a pending file; `None` if it is torn or damaged (it was then never complete, so its tag
-/// was never sent).
-fn parse_pending(bytes: &[u8]) -> Option<([u8; 16], RunCvs)> {
-    if bytes.len() < 8 + 16 + 4 + 32 || &bytes[..8] != PENDING_MAGIC {
-        return None;
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if blake3::hash(body).as_bytes() != sum {
-        return None;
-    }
-    let run: [u8; 16] = body[8..24].try_into().ok()?;
-    let disks = u32::from_le_bytes(body[24..28].try_into().ok()?) as usize;
-    let mut at = 28;
-    let mut out = Vec::new();
-    for _ in 0..disks {
-        let n = u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?) as usize;
-        at += 8;
-        let entries = body.get(at..at.checked_add(n.checked_mul(40)?)?)?;
-        at += n * 40;
-        out.push(
-            entries
-                .chunks_exact(40)
-                .map(|e| {
-                    (
-                        u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
-                        e[8..].try_into().expect("32 bytes"),
-                    )
-                })
-                .collect(),
-        );
-    }
-    (at == body.len()).then_some((run, out))
 }
 
 /// Reads the pending file of `run` (written by this process).
@@ -238,20 +193,14 @@ pub fn leftover_pending(state_dir: &Path) -> Vec<(PathBuf, Option<RunCvs>)> {
     let mut out = Vec::new();
     for e in rd.flatten() {
         let p = e.path();
-        let parsed = fs::read(&p).ok().and_then(|b| parse_pending(&b)).map(|(_, c)| c);
+        let parsed = fs::read(&p)
+            .ok()
+            .and_then(|b| parse_pending(&b))
+            .map(|(_, c)| c);
         out.push((p, parsed));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-/// A disk's kernel I/O counters (`/sys/dev/block/MAJ:MIN/stat`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskCounters {
-    pub writes: u64,
-    pub write_sectors: u64,
-    pub discards: u64,
-    pub in_flight: u64,
 }
 
 /// The counters of the block device at `path`, `None` for anything else.
@@ -264,7 +213,10 @@ pub fn disk_counters(path: &Path) -> Option<DiskCounters> {
     let rdev = meta.rdev();
     let (maj, min) = (libc::major(rdev), libc::minor(rdev));
     let text = fs::read_to_string(format!("/sys/dev/block/{maj}:{min}/stat")).ok()?;
-    let f: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     Some(DiskCounters {
         writes: *f.get(4)?,
         write_sectors: *f.get(6)?,
@@ -277,25 +229,6 @@ pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
-}
-
-/// What a clean stop leaves for the next start.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct CleanStop {
-    pub version: u32,
-    pub boot_id: String,
-    pub disks: Vec<CleanDisk>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct CleanDisk {
-    pub name: String,
-    pub size: u64,
-    pub counters: DiskCounters,
-    /// Dirty chunks as `[start, end)` runs.
-    pub dirty: Vec<(u64, u64)>,
 }
 
 fn clean_path(state_dir: &Path) -> PathBuf {
@@ -321,9 +254,9 @@ pub fn take_clean(state_dir: &Path) -> Result<Option<CleanStop>, AgentError> {
     }
     fs::remove_file(&path).map_err(|e| err(&path, e))?;
     sync_dir(state_dir)?;
-    match serde_json::from_str::<CleanStop>(&s) {
-        Ok(c) if c.version == 1 => Ok(Some(c)),
-        _ => {
+    match CleanStop::parse(s.as_bytes()) {
+        Some(c) => Ok(Some(c)),
+        None => {
             tracing::warn!(file = %path.display(), "unreadable clean-stop record; treating the last stop as unclean");
             Ok(None)
         }

@@ -107,6 +107,5 @@ mod tests {
         assert_eq!(back.agent_id, id.agent_id);
         assert_eq!(back.credential.expose(), id.credential.expose());
         assert_eq!(back.fingerprint, id.fingerprint);
-
     }
 }

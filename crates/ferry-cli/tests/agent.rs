@@ -47,9 +47,16 @@ fn skip_reason(extra: &[&str]) -> Option<String> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Some("no kernel BTF (the eBPF tracker cannot run)".into());
     }
-    for c in ["losetup", "mkfs.ext4", "e2fsck", "mount", "umount", "fstrim"]
-        .iter()
-        .chain(extra)
+    for c in [
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+        "fstrim",
+    ]
+    .iter()
+    .chain(extra)
     {
         if !have(c) {
             return Some(format!("{c} is not installed"));
@@ -196,7 +203,14 @@ impl Site {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut c = ferry();
         c.env("FERRY_LOG", "info")
-            .args(["serve", "--listen", &addr, "--cache-size", "1GiB", "--store"])
+            .args([
+                "serve",
+                "--listen",
+                &addr,
+                "--cache-size",
+                "1GiB",
+                "--store",
+            ])
             .arg(env.store())
             .arg("--key-file")
             .arg(env.key())
@@ -290,7 +304,9 @@ impl Site {
 
     fn restore(&self, point: &str, disk: &str, out: &Path) {
         let o = ferry()
-            .args(["restore", "--point", point, "--vm", "vm1", "--disk", disk, "--verify", "--store"])
+            .args([
+                "restore", "--point", point, "--vm", "vm1", "--disk", disk, "--verify", "--store",
+            ])
             .arg(self.env.store())
             .arg("--key-file")
             .arg(self.env.key())
@@ -303,7 +319,11 @@ impl Site {
 }
 
 fn disk_name(dev: &str) -> String {
-    Path::new(dev).file_name().unwrap().to_string_lossy().into_owned()
+    Path::new(dev)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A hook run while frozen that copies every protected device to copies/RUN-NAME.img.
@@ -346,7 +366,10 @@ fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
     let b1 = format!("{}p1", b.dev);
     let t0 = Instant::now();
     while !Path::new(&b1).exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "{b1} did not appear");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{b1} did not appear"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     sh(&format!("mkfs.xfs -q -f {b1}"));
@@ -356,7 +379,12 @@ fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
     let hook = copy_hook(env, &[&a.dev, &b.dev]);
     let mut agent = site.start_agent(
         &[&a.dev, &b.dev],
-        &["--freeze-bound", "20s", "--frozen-hook", hook.to_str().unwrap()],
+        &[
+            "--freeze-bound",
+            "20s",
+            "--frozen-hook",
+            hook.to_str().unwrap(),
+        ],
     );
 
     // The workload: fio with verification on ext4, create/rename/delete/fsync churn on xfs,
@@ -473,7 +501,11 @@ fn site_stop(mut site: Site, replies: Vec<serde_json::Value>, dev_a: &str, dev_b
                 // the failed-over machine's boot would; then the checker must find nothing.
                 let m = env.path("xfs-check");
                 fs::create_dir_all(&m).unwrap();
-                sh(&format!("mount {p1} {} && umount {}", m.display(), m.display()));
+                sh(&format!(
+                    "mount {p1} {} && umount {}",
+                    m.display(),
+                    m.display()
+                ));
                 sh(&format!("xfs_repair -n {p1}"));
             }
             let _ = fs::remove_file(&out);
@@ -504,12 +536,19 @@ fn restarts_clean_unclean_and_a_forced_resync_move_only_what_differs() {
             .unwrap();
         ok(&o, what);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(err.contains("tracker: eBPF"), "{what}: not the eBPF tracker: {err}");
+        assert!(
+            err.contains("tracker: eBPF"),
+            "{what}: not the eBPF tracker: {err}"
+        );
         (serde_json::from_slice(&o.stdout).unwrap(), err)
     };
     let save = |n: usize| {
         let p = env.path(&format!("copy-{n}.img"));
-        sh(&format!("dd if={} of={} bs=4M status=none", d.dev, p.display()));
+        sh(&format!(
+            "dd if={} of={} bs=4M status=none",
+            d.dev,
+            p.display()
+        ));
         p
     };
     let mut copies = vec![];
@@ -519,7 +558,10 @@ fn restarts_clean_unclean_and_a_forced_resync_move_only_what_differs() {
     // Clean restart: nothing written meanwhile → no resync, nothing to send.
     let (_, err) = once("clean restart");
     assert!(err.contains("clean restart"), "{err}");
-    assert!(err.contains(" 0 data bytes"), "a clean restart sent data: {err}");
+    assert!(
+        err.contains(" 0 data bytes"),
+        "a clean restart sent data: {err}"
+    );
     copies.push(save(1));
     // Writes while the agent is away: the counters show them → resync; only the 3 changed
     // chunks (1 MiB apart) move.
@@ -531,7 +573,10 @@ fn restarts_clean_unclean_and_a_forced_resync_move_only_what_differs() {
         ));
     }
     let (_, err) = once("restart after writes while stopped");
-    assert!(err.contains("write(s) reached the disk while the agent was stopped"), "{err}");
+    assert!(
+        err.contains("write(s) reached the disk while the agent was stopped"),
+        "{err}"
+    );
     assert!(err.contains(&format!(" {} data bytes", 3 * 65536)), "{err}");
     copies.push(save(2));
     // An unclean stop: kill -9 of a running agent while writes happen → resync at the next
@@ -634,7 +679,9 @@ fn kill_9_of_the_agent_mid_cut_thaws_within_the_bound() {
     );
     let o = cutter.join().unwrap();
     assert!(!o.status.success(), "a cut whose agent died must fail");
-    let _ = Command::new("pkill").args(["-f", hook.to_str().unwrap()]).status();
+    let _ = Command::new("pkill")
+        .args(["-f", hook.to_str().unwrap()])
+        .status();
 }
 
 #[test]
@@ -656,7 +703,12 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     db.sql("create database t; create table t.r (id int primary key) engine=innodb;");
     let mut agent = site.start_agent(
         &[&d.dev],
-        &["--mysql-socket", sock.to_str().unwrap(), "--mysql-user", "root"],
+        &[
+            "--mysql-socket",
+            sock.to_str().unwrap(),
+            "--mysql-user",
+            "root",
+        ],
     );
     // Inserts, each committed before its id is logged.
     let committed = env.path("committed.log");
@@ -703,7 +755,12 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     let rmnt = site.env.path("rmnt");
     rd.mount(&rd.dev.clone(), &rmnt);
     let sock2 = site.env.path("mysqld2.sock");
-    let db2 = Mariadb::start(&rmnt.join("datadir"), &sock2, false, &site.env.path("mariadb2.log"));
+    let db2 = Mariadb::start(
+        &rmnt.join("datadir"),
+        &sock2,
+        false,
+        &site.env.path("mariadb2.log"),
+    );
     let n: u64 = db2.sql("select count(*) from t.r").trim().parse().unwrap();
     let max: u64 = db2
         .sql("select coalesce(max(id),0) from t.r")
@@ -711,11 +768,17 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
         .parse()
         .unwrap();
     // Every row committed before the cut was asked for; no gaps.
-    assert!(max >= before, "point holds rows up to {max}, {before} were committed before the cut");
+    assert!(
+        max >= before,
+        "point holds rows up to {max}, {before} were committed before the cut"
+    );
     assert_eq!(n, max, "rows 1..={max} with gaps: {n}");
     db2.stop();
     let log2 = fs::read_to_string(site.env.path("mariadb2.log")).unwrap_or_default();
-    assert!(!log2.contains("[ERROR]"), "MariaDB on the restored point logged errors:\n{log2}");
+    assert!(
+        !log2.contains("[ERROR]"),
+        "MariaDB on the restored point logged errors:\n{log2}"
+    );
     rd.umount_all();
 }
 
@@ -770,7 +833,16 @@ impl Mariadb {
     }
     fn sql(&self, q: &str) -> String {
         let o = Command::new("mariadb")
-            .args(["-S", self.sock.to_str().unwrap(), "-u", "root", "-N", "-B", "-e", q])
+            .args([
+                "-S",
+                self.sock.to_str().unwrap(),
+                "-u",
+                "root",
+                "-N",
+                "-B",
+                "-e",
+                q,
+            ])
             .output()
             .unwrap();
         ok(&o, q);

@@ -14,6 +14,7 @@
 //! Must not: do I/O. Callers read bytes and hand them in, so the same parsers serve files, blobs and
 //! network frames.
 
+pub mod agent;
 pub mod cache;
 pub mod codec;
 pub mod delta;
