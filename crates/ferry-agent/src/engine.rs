@@ -157,6 +157,7 @@ struct Engine<'a> {
     scan_pass: bool,
     /// Why the last drain or start-up put whole disks back in the dirty set (for the cut's error).
     resyncing: Option<String>,
+    stats: Arc<ShipStats>,
 }
 
 fn new_run() -> Result<RunId, AgentError> {
@@ -258,6 +259,8 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     } else {
         None
     };
+    // The scan tracker's start-up pass (every chunk is dirty) is the first cut's pass.
+    let scan_pass = matches!(track, Track::Scan);
     let mut e = Engine {
         o,
         disks,
@@ -271,8 +274,9 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         awaiting: VecDeque::new(),
         points: Vec::new(),
         freezer,
-        scan_pass: false,
+        scan_pass,
         resyncing,
+        stats: stats.clone(),
     };
     if let Some(kind) = o.once {
         e.wants.push_back(Want { kind, reply: None });
@@ -560,6 +564,9 @@ impl Engine<'_> {
             "run": hex::encode(self.run),
             "resync": self.resyncing,
             "points_awaiting_ack": self.awaiting.len(),
+            "records_sent": self.stats.records.load(Ordering::Relaxed),
+            "data_bytes_sent": self.stats.data_bytes.load(Ordering::Relaxed),
+            "reconnects": self.stats.reconnects.load(Ordering::Relaxed),
             "disks": self.disks.iter().map(|d| serde_json::json!({
                 "name": d.name, "path": d.path, "size": d.size,
                 "dirty_chunks": d.todo.count(), "chunks_in_run": d.touched.count(),
