@@ -62,7 +62,7 @@ impl Bits {
         for w in &mut self.words {
             *w = u64::MAX;
         }
-        if self.len % 64 != 0 {
+        if !self.len.is_multiple_of(64) {
             if let Some(last) = self.words.last_mut() {
                 *last = u64::MAX >> (64 - self.len % 64);
             }

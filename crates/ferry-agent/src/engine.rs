@@ -121,7 +121,7 @@ struct Disk {
 }
 
 enum Track {
-    Ebpf(ferry_ebpf::Tracker),
+    Ebpf(Box<ferry_ebpf::Tracker>),
     Scan,
 }
 
@@ -324,7 +324,7 @@ fn choose_tracker(o: &AgentOptions) -> Result<Track, AgentError> {
                 disks = o.disks.len(),
                 "tracker: eBPF (block layer); dirty chunks are read and shipped continuously"
             );
-            Ok(Track::Ebpf(t))
+            Ok(Track::Ebpf(Box::new(t)))
         }
         Err(why) if o.tracker == TrackerChoice::Auto => {
             tracing::info!(%why, "tracker: scan (the eBPF tracker cannot run here): every cut reads every chunk");

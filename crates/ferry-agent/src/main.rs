@@ -364,7 +364,7 @@ fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
         hook_timeout,
         mysql,
         frozen_hook: a.frozen_hook,
-        once: once.then(|| match a.point {
+        once: once.then_some(match a.point {
             Some(KindArg::App) => PointKind::App,
             _ => PointKind::Crash,
         }),

@@ -1,7 +1,10 @@
 //! `ferry`: the operator's command. Thin: parse arguments, call `ferry-job`, print, map errors to exit
 //! codes (0 ok, 1 error, 2 usage).
 
+mod config;
 mod progress;
+mod server;
+mod status;
 mod units;
 
 use std::path::PathBuf;
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_format::segment::PointKind;
 use ferry_job::{JobError, PointSelector, ReplicateOptions, RestoreRequest, StoreLocation};
+use server::{ConfigArg, ServeArgs, StatusArgs};
 
 #[derive(Parser)]
 #[command(
@@ -63,9 +67,19 @@ enum Cmd {
     /// Process server: accept agents over TLS 1.3, make their changes durable in the cache, and
     /// turn each agent's cut into a recovery point in the store. Runs until SIGINT/SIGTERM.
     ///
-    /// Example:
+    /// Settings come from flags, then environment variables, then the [serve] table of the config
+    /// file, then the built-in defaults.
+    ///
+    /// Examples:
+    ///   ferry serve --config /etc/ferry/ferry.toml
     ///   ferry serve --listen 0.0.0.0:7443 --store ./store --cache-dir ./cache --state-dir ./ps
     Serve(ServeArgs),
+    /// Per VM and disk: state, RPO, backlog, last points — from the process server's status file
+    /// and the store's manifests.
+    ///
+    /// RPO is the time since the newest recovery point. Reads STATE_DIR/status.json, which a
+    /// running `ferry serve` rewrites every second; an older file means the server is not running.
+    Status(StatusArgs),
     /// The registration passphrase agents need (`ferry-agent register --passphrase-file`).
     Passphrase {
         #[command(subcommand)]
@@ -77,84 +91,13 @@ enum Cmd {
 enum PassphraseCmd {
     /// Print the passphrase (created with the server's TLS identity on first use).
     Show {
-        /// The process server's state directory (as given to `ferry serve`).
+        /// The process server's state directory (as given to `ferry serve`). Default: state_dir of
+        /// the config file's [serve] table, else STATE_ROOT/server.
         #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on, HOST:PORT.
-    #[arg(long, default_value = "0.0.0.0:7443")]
-    listen: String,
-    /// The store: a directory (created if missing or empty), or azure://ACCOUNT/CONTAINER (direct
-    /// mode; credentials as for `replicate`).
-    #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
-    store: StoreLocation,
-    #[command(flatten)]
-    key: KeyArgs,
-    /// Cache directory (durable staging). Default: STATE_ROOT/server-cache.
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// Cache quota; above 80 % of it agents get no new credit until it drains below 60 %.
-    #[arg(long, default_value = "4GiB", value_parser = units::parse_size)]
-    cache_size: u64,
-    /// TLS identity, registration passphrase and agent registry. Default: STATE_ROOT/server.
-    #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
-    state_dir: Option<PathBuf>,
-    /// Worker threads for the pipeline. Default: all cores.
-    #[arg(long)]
-    threads: Option<usize>,
-}
-
-fn server_state_dir(d: Option<PathBuf>) -> PathBuf {
-    d.unwrap_or_else(|| ferry_job::default_state_root().join("server"))
-}
-
-fn serve(a: ServeArgs) -> ExitCode {
-    let o = ferry_serve::ServeOptions {
-        listen: a.listen,
-        store: a.store,
-        key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
-        cache_dir: a
-            .cache_dir
-            .unwrap_or_else(|| ferry_job::default_state_root().join("server-cache")),
-        state_dir: server_state_dir(a.state_dir),
-        cache_size: a.cache_size,
-        pipeline: ferry_pipeline::PipelineConfig {
-            threads: threads(a.threads),
-            ..Default::default()
-        },
-        window: 32 << 20,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-            eprintln!("error: cannot install signal handler: {e}");
-            return ExitCode::from(1);
-        }
-    }
-    match ferry_serve::serve(&o, stop) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
-}
-
-fn passphrase_show(state_dir: Option<PathBuf>) -> ExitCode {
-    match ferry_serve::passphrase(&server_state_dir(state_dir)) {
-        Ok(p) => {
-            println!("{p}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
-    }
 }
 
 #[derive(Args)]
@@ -313,12 +256,23 @@ fn threads(t: Option<usize>) -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Serve(a) = cli.cmd {
+        // The config file may turn on JSON logs: read it before logging starts.
+        return match a.config.load() {
+            Ok(cfg) => server::serve(a, cfg, cli.log_json),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(e.exit_code() as u8)
+            }
+        };
+    }
     init_logging(cli.log_json);
     let r = match cli.cmd {
-        Cmd::Serve(a) => return serve(a),
+        Cmd::Serve(_) => unreachable!("handled above"),
         Cmd::Passphrase {
-            cmd: PassphraseCmd::Show { state_dir },
-        } => return passphrase_show(state_dir),
+            cmd: PassphraseCmd::Show { state_dir, config },
+        } => return server::passphrase_show(state_dir, config),
+        Cmd::Status(a) => server::status_cmd(a),
         Cmd::Replicate(a) => replicate(a),
         Cmd::Points {
             cmd: PointsCmd::List { store, vm, json },

@@ -17,6 +17,7 @@ use ferry_wire::{
 use tokio::io::{split, AsyncRead, AsyncWrite, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
+use crate::board::AckTrack;
 use crate::commit::{Append, Durable};
 use crate::Shared;
 
@@ -83,6 +84,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let (tx, durable_rx) = watch::channel(Durable::default());
     let conn = Arc::new(tx);
     let credits = Arc::new(Mutex::new(Credits::new(shared.window)));
+    let track: Track = Arc::new(Mutex::new(None));
     let (refuse_tx, refuse_rx) = mpsc::channel::<Refusal>(1);
     let writer = tokio::spawn(write_loop(
         shared.clone(),
@@ -90,13 +92,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         durable_rx,
         credits.clone(),
         refuse_rx,
+        track.clone(),
     ));
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let mut owner = VmOwner {
         shared: &shared,
         agent: agent.clone(),
+        peer: peer.clone(),
         id,
         vm: None,
+        track,
     };
     let result = read_loop(&mut owner, &mut r, &conn, &credits).await;
     drop(owner);
@@ -223,9 +228,15 @@ pub(crate) struct VmSlot {
 struct VmOwner<'a> {
     shared: &'a Shared,
     agent: String,
+    peer: String,
     id: u64,
     vm: Option<String>,
+    /// The status board's view of this connection's unacknowledged records (set at the claim).
+    track: Track,
 }
+
+/// Shared by the reader (records received) and the writer (acks sent).
+type Track = Arc<Mutex<Option<AckTrack>>>;
 
 impl VmOwner<'_> {
     fn claim(&mut self, vm: &str) -> Result<watch::Receiver<bool>, Refusal> {
@@ -250,6 +261,12 @@ impl VmOwner<'_> {
             },
         );
         self.vm = Some(vm.to_string());
+        drop(vms);
+        let counters = self
+            .shared
+            .board
+            .connected(vm, &self.agent, &self.peer, self.id);
+        *self.track.lock().expect("track lock") = Some(AckTrack::new(vm, counters));
         Ok(rx)
     }
 }
@@ -261,6 +278,8 @@ impl Drop for VmOwner<'_> {
             if vms.get(vm).is_some_and(|s| s.conn == self.id) {
                 vms.remove(vm);
             }
+            drop(vms);
+            self.shared.board.disconnected(vm, self.id);
         }
     }
 }
@@ -296,6 +315,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return Err(refusal(refuse::PROTOCOL, "a record before Inventory"));
             };
             check_record(shared, &vm, &mut sizes, &m)?;
+            if let Some(t) = owner.track.lock().expect("track lock").as_mut() {
+                t.received(&shared.board, seq, &m);
+            }
             let entries = to_entries(&shared.key, vm, m);
             let a = Append {
                 conn: conn.clone(),
@@ -490,7 +512,14 @@ async fn write_loop<S: AsyncWrite>(
     mut durable: watch::Receiver<Durable>,
     credits: Arc<Mutex<Credits>>,
     mut refusals: mpsc::Receiver<Refusal>,
+    track: Track,
 ) {
+    // After the ack is sent: the status board's per-disk seqs and per-VM bytes.
+    let note = |seq: u64| {
+        if let Some(t) = track.lock().expect("track lock").as_mut() {
+            t.acked(seq);
+        }
+    };
     let mut acked = Durable::default();
     let mut owed = 0u64;
     let mut paused = false;
@@ -511,6 +540,7 @@ async fn write_loop<S: AsyncWrite>(
                     if d.seq > acked.seq {
                         let _ = w.send(&Message::Ack { seq: d.seq }).await;
                         let _ = w.flush().await;
+                        note(d.seq);
                     }
                     // Wait for a possible refusal, then close.
                     if let Some(why) = refusals.recv().await {
@@ -524,6 +554,9 @@ async fn write_loop<S: AsyncWrite>(
                     return;
                 }
                 owed += d.bytes - acked.bytes;
+                if d.seq > acked.seq {
+                    note(d.seq);
+                }
                 acked = d;
             }
             _ = tick.tick() => {}

@@ -17,17 +17,22 @@
 //!   credential, or protocol violation gets `Refused` (when the stream still allows it), a warning
 //!   in the log, and the connection closed; the listener keeps serving everyone else.
 //!
+//! Also: every second it writes what `ferry status` shows to `STATE_DIR/status.json` (see
+//! [`status`]), and with a retention window it prunes expired points from the drain loop.
+//!
 //! Must not: read sources or decide when points are cut (the agent does); hold the master key
 //! anywhere but in this process.
 
+mod board;
 mod commit;
 mod conn;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_cache::{Cache, CacheError};
 use ferry_crypto::MasterKey;
@@ -99,6 +104,9 @@ pub struct ServeOptions {
     pub pipeline: PipelineConfig,
     /// Credit window per connection, bytes (at least one maximum frame).
     pub window: u64,
+    /// Points older than this are pruned (never a VM's newest), checked from the drain loop; None
+    /// keeps everything.
+    pub retention: Option<Duration>,
 }
 
 /// State the connection tasks share.
@@ -118,6 +126,8 @@ pub(crate) struct Shared {
     /// VM name → the connection replicating it.
     pub vms: Mutex<std::collections::HashMap<String, conn::VmSlot>>,
     pub next_conn: AtomicU64,
+    /// What `ferry status` shows.
+    pub board: Arc<board::Board>,
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -151,6 +161,20 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     let _lock = store.lock()?;
     let cache = ferry_job::open_cache(&store, &o.cache_dir, o.cache_size)?;
     let writer = cache.writer()?;
+    let board = Arc::new(board::Board::new(board::ServerInfo {
+        listen: o.listen.clone(),
+        store: match &o.store {
+            ferry_job::StoreLocation::Azure { url, .. } => url.clone(),
+            ferry_job::StoreLocation::Local(p) => std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
+        },
+        cache_dir: std::path::absolute(&o.cache_dir).unwrap_or_else(|_| o.cache_dir.clone()),
+        cache_size: o.cache_size,
+        retention: o.retention,
+    }));
+    board.load_points(&store_root);
     let (tx, rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
         passphrase,
@@ -165,6 +189,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         inflight: Arc::new(AtomicU64::new(0)),
         vms: Mutex::new(Default::default()),
         next_conn: AtomicU64::new(0),
+        board: board.clone(),
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -186,21 +211,33 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     })?;
     tracing::info!(%addr, fingerprint = %identity.fingerprint(), "process server listening; `ferry passphrase show` prints the registration passphrase");
 
+    let status_path = o.state_dir.join(status::STATUS_FILE);
     let failed: Mutex<Option<ServeError>> = Mutex::new(None);
     let fail = |e: ServeError| {
         tracing::error!(error = %e, "process server stopping");
         failed.lock().expect("failed lock").get_or_insert(e);
         stop.store(true, Ordering::Relaxed);
     };
+    let finished = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (store, cache, stop) = (&store, &cache, &stop);
-        let pipe = s.spawn(move || drain_loop(store, cache, o.pipeline.clone(), blobs, stop));
+        let drain = Drain {
+            store,
+            cache,
+            cfg: o.pipeline.clone(),
+            blobs,
+            retention: o.retention,
+            board: &board,
+        };
+        let pipe = s.spawn(move || drain.run(stop));
         let group = commit::GroupCommit {
             window: Duration::from_millis(3),
             max_bytes: 16 << 20,
             inflight: shared.inflight.clone(),
         };
         let committer = s.spawn(move || commit::run(writer, rx, group));
+        let (board, finished, status_path) = (&board, &finished, &status_path);
+        s.spawn(move || status_loop(board, cache, status_path, finished));
         rt.block_on(accept_loop(listener, acceptor, shared, stop));
         // Connections still open are dropped with the runtime; their unacked records are the
         // agents' to send again.
@@ -212,49 +249,146 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         if let Err(e) = pipe.join().expect("pipeline thread panicked") {
             fail(e.into());
         }
+        finished.store(true, Ordering::Relaxed);
     });
+    // The last word: not running, with the points the final drain committed.
+    if let Err(e) = status::write_status(&status_path, &board.snapshot(false, cache.used_bytes())) {
+        tracing::warn!(file = %status_path.display(), error = %e, "cannot write the status file");
+    }
     match failed.into_inner().expect("failed lock") {
         Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
-/// Drains the cache into the store until the cache is closed, logging each committed point.
-fn drain_loop(
-    store: &ferry_store::LocalStore,
-    cache: &Cache,
+/// Rewrites the status file every [`status::WRITE_EVERY`] until `finished`.
+fn status_loop(board: &board::Board, cache: &Cache, path: &Path, finished: &AtomicBool) {
+    let mut failing = false;
+    while !finished.load(Ordering::Relaxed) {
+        match status::write_status(path, &board.snapshot(true, cache.used_bytes())) {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                // Once per failure streak: `ferry status` then reports the server as stopped.
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the status file");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        let next = Instant::now() + status::WRITE_EVERY;
+        while Instant::now() < next && !finished.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The drain loop: drains the cache into the store, tells the board about each committed point,
+/// and applies retention.
+struct Drain<'a> {
+    store: &'a ferry_store::LocalStore,
+    cache: &'a Cache,
     cfg: PipelineConfig,
     blobs: Option<ferry_azure::AzureBlobs>,
-    stop: &AtomicBool,
-) -> Result<(), PipelineError> {
-    let r = (|| {
-        let target = blobs.map(|b| {
+    retention: Option<Duration>,
+    board: &'a board::Board,
+}
+
+impl<'a> Drain<'a> {
+    /// A pipeline that finishes whatever the journal holds past each disk's applied position.
+    fn pipeline(&self) -> Result<Pipeline<'a>, PipelineError> {
+        let target = self.blobs.clone().map(|b| {
             Box::new(ferry_job::azure::AzureTarget::new(
                 b,
-                store.key().id().to_string(),
+                self.store.key().id().to_string(),
             )) as Box<dyn ferry_apply::ReplicaTarget>
         });
-        let mut p = Pipeline::with(store, cfg, target, None)?;
-        let mut reader = cache.reader();
-        loop {
-            p.drain(cache, &mut reader, true)?;
-            // The applier logs each point it commits.
-            p.take_committed();
-            if stop.load(Ordering::Relaxed) {
-                // Take what the committer still makes durable, until it closes the cache.
-                p.drain(cache, &mut reader, false)?;
-                // The applier logs each point it commits.
-                p.take_committed();
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })();
-    if r.is_err() {
-        stop.store(true, Ordering::Relaxed);
+        let mut p = Pipeline::with(self.store, self.cfg.clone(), target, None)?;
+        self.committed(&mut p);
+        Ok(p)
     }
-    r
+
+    /// The applier logs each point it commits; the board shows it.
+    fn committed(&self, p: &mut Pipeline<'_>) {
+        for c in p.take_committed() {
+            self.board.point(&c.vm, &c.point);
+        }
+    }
+
+    /// Drains until the cache is closed.
+    fn run(self, stop: &AtomicBool) -> Result<(), PipelineError> {
+        let r = (|| {
+            let mut p = self.pipeline()?;
+            let mut reader = self.cache.reader();
+            let mut next_check = Instant::now();
+            loop {
+                p.drain(self.cache, &mut reader, true)?;
+                self.committed(&mut p);
+                if stop.load(Ordering::Relaxed) {
+                    // Take what the committer still makes durable, until it closes the cache.
+                    p.drain(self.cache, &mut reader, false)?;
+                    self.committed(&mut p);
+                    return Ok(());
+                }
+                if let Some(r) = self.retention.filter(|_| Instant::now() >= next_check) {
+                    next_check =
+                        Instant::now() + (r / 4).clamp(RETENTION_CHECK_MIN, RETENTION_CHECK_MAX);
+                    if self.any_expired(r)? {
+                        // The applier caches manifests and replicas: prune with no applier alive (as
+                        // `replicate` does between runs), then start a new one, which replays any
+                        // open run from the journal exactly as after a restart.
+                        drop(p);
+                        self.prune(r);
+                        p = self.pipeline()?;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })();
+        if r.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Whether some VM has a point older than `retention` (other than its newest).
+    fn any_expired(&self, retention: Duration) -> Result<bool, PipelineError> {
+        let now = std::time::SystemTime::now();
+        for vm in ferry_store::list_vms_at(self.store.root())? {
+            if let Some(m) = self.store.load_manifest(&vm)? {
+                if !ferry_apply::retention::expired(&m, retention, now).is_empty() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Prunes expired points and the segments only they needed. A failure is logged and tried
+    /// again at the next check: retention must not stop ingest.
+    fn prune(&self, retention: Duration) {
+        let r = match &self.blobs {
+            None => ferry_apply::retention::prune(self.store, retention).map_err(|e| e.to_string()),
+            Some(b) => {
+                ferry_job::azure::prune(self.store, b, retention, false).map_err(|e| e.to_string())
+            }
+        };
+        match r {
+            Ok(p) => tracing::info!(
+                points = p.points.len(),
+                segments = p.segments,
+                segment_bytes = p.segment_bytes,
+                "retention pruned expired points"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "retention failed; trying again at the next check")
+            }
+        }
+    }
 }
+
+/// How often the drain loop checks for expired points: a quarter of the retention window, within
+/// these bounds.
+const RETENTION_CHECK_MIN: Duration = Duration::from_secs(1);
+const RETENTION_CHECK_MAX: Duration = Duration::from_secs(60);
 
 async fn accept_loop(
     listener: TcpListener,

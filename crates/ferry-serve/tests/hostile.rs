@@ -72,6 +72,7 @@ fn hostile_frames_are_refused_and_others_served() {
             ..Default::default()
         },
         window: 8 << 20,
+        retention: None,
     };
     let pass = ferry_serve::passphrase(&o.state_dir).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
