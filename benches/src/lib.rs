@@ -12,6 +12,11 @@
 //! - A repeat chunk is a byte-exact copy of an earlier random or text chunk, so it dedupes by digest.
 //!
 //! Must not: use the OS random generator (results must be reproducible) or touch Ferry's stores.
+//!
+//! Also here, for the bins: [`disk_hash`], the blake3 of a disk image kept up to date chunk by
+//! chunk (what `ferry-simagents` puts in its tags).
+
+pub mod disk_hash;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
