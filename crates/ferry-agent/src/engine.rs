@@ -103,6 +103,9 @@ pub struct AgentSummary {
     pub tracker: String,
 }
 
+/// How long an acknowledged point may wait for its id from the process server.
+const POINT_NAME_WAIT: Duration = Duration::from_secs(60);
+
 /// Most chunks read per batch between drains (16 MiB).
 const BATCH: usize = 256;
 
@@ -603,40 +606,64 @@ impl Engine<'_> {
         while let Ok(ev) = self.events.try_recv() {
             self.on_event(ev)?;
         }
+        // Acknowledged but not named (an older server, or the name was sent while we were
+        // reconnecting): the point exists all the same; answer without its id.
+        while let Some(a) = self.awaiting.front() {
+            match a.acked {
+                Some(t) if t.elapsed() > POINT_NAME_WAIT => {
+                    let mut a = self.awaiting.pop_front().expect("front exists");
+                    a.reply.note.get_or_insert_with(|| {
+                        "the process server acknowledged the point but did not name it; `ferry points list` shows it".into()
+                    });
+                    self.finish_point(a);
+                }
+                _ => break,
+            }
+        }
         Ok(())
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), AgentError> {
         match ev {
-            Event::TagAcked(run) => {
-                let Some(a) = self.awaiting.iter_mut().find(|a| a.run == run) else {
-                    return Ok(());
-                };
-                a.acked = Some(Instant::now());
-                // The run is a point on the process server: its CVs become the committed ones.
-                let cvs = persist::read_pending(&self.o.state_dir, &run)?;
-                for (d, entries) in self.disks.iter().zip(&cvs) {
-                    if !entries.is_empty() {
-                        d.map.write(entries)?;
-                        d.map.sync()?;
-                    }
-                }
-                persist::remove_pending(&self.o.state_dir, &run)?;
-                tracing::info!(run = %hex::encode(run), kind = a.reply.kind.as_str(), "point acknowledged by the process server");
-                // Acknowledged tags are applied in order, so the point is as good as published.
+            Event::TagAcked(run) => self.committed(run)?,
+            Event::PointMade { run, id } => {
+                // A point implies its tag was acknowledged (even if that ack is still queued).
+                self.committed(run)?;
                 if let Some(pos) = self.awaiting.iter().position(|a| a.run == run) {
-                    let a = self.awaiting.remove(pos).expect("position exists");
+                    let mut a = self.awaiting.remove(pos).expect("position exists");
+                    tracing::info!(run = %hex::encode(run), point = %id, "point published");
+                    a.reply.point = Some(id);
                     self.finish_point(a);
                 }
-            }
-            Event::CutDone(result) => {
-                tracing::debug!(?result, "the process server reported a point");
             }
             Event::Disconnected(why) => {
                 tracing::debug!(%why, "shipper reconnecting");
             }
             Event::Failed(e) => return Err(e),
         }
+        Ok(())
+    }
+
+    /// The tag of `run` is acknowledged: its CVs become the committed ones (once).
+    fn committed(&mut self, run: RunId) -> Result<(), AgentError> {
+        let Some(a) = self
+            .awaiting
+            .iter_mut()
+            .find(|a| a.run == run && a.acked.is_none())
+        else {
+            return Ok(());
+        };
+        a.acked = Some(Instant::now());
+        let kind = a.reply.kind;
+        let cvs = persist::read_pending(&self.o.state_dir, &run)?;
+        for (d, entries) in self.disks.iter().zip(&cvs) {
+            if !entries.is_empty() {
+                d.map.write(entries)?;
+                d.map.sync()?;
+            }
+        }
+        persist::remove_pending(&self.o.state_dir, &run)?;
+        tracing::info!(run = %hex::encode(run), kind = kind.as_str(), "point acknowledged by the process server");
         Ok(())
     }
 

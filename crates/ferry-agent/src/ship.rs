@@ -31,8 +31,8 @@ pub struct ShipTo {
 pub enum Event {
     /// The tag of this run is acknowledged: the run is a point.
     TagAcked(RunId),
-    /// The process server published the point of a tag (its id), or could not.
-    CutDone(Result<String, String>),
+    /// The tag of `run` became point `id` in the store.
+    PointMade { run: RunId, id: String },
     /// The connection dropped; the shipper reconnects by itself.
     Disconnected(String),
     /// The shipper stopped for good (a refusal, a local error).
@@ -275,8 +275,8 @@ async fn handle(
             w.send(&Message::Pong { token }).await?;
         }
         Message::Pong { .. } => {}
-        Message::CutDone { result } => {
-            let _ = out.events.send(Event::CutDone(result));
+        Message::Point { run, id } => {
+            let _ = out.events.send(Event::PointMade { run, id });
         }
         Message::CutRequest { app } => {
             tracing::info!(

@@ -463,6 +463,8 @@ fn site_stop(mut site: Site, replies: Vec<serde_json::Value>, dev_a: &str, dev_b
         let run = p["run"].as_str().unwrap();
         assert_eq!(run, r["run"].as_str().unwrap());
         assert_eq!(p["kind"], r["kind"]);
+        // `ferry-agent cut` printed the point's id as the store lists it.
+        assert_eq!(p["id"], r["point"], "{r}");
         let id = p["id"].as_str().unwrap();
         for (dev, fsck) in [(dev_a, "ext4"), (dev_b, "xfs")] {
             let name = disk_name(dev);

@@ -42,7 +42,12 @@ struct DiskEntry {
     last_point: Option<PointRef>,
 }
 
+/// Where a connection learns that a tag it sent became a point: (run, point id).
+pub(crate) type PointNotify = tokio::sync::mpsc::UnboundedSender<([u8; 16], String)>;
+
 struct VmEntry {
+    /// The owning connection's point notifications.
+    notify: Option<PointNotify>,
     agent: Option<String>,
     peer: Option<String>,
     connected: bool,
@@ -63,6 +68,7 @@ struct VmEntry {
 impl VmEntry {
     fn new() -> Self {
         VmEntry {
+            notify: None,
             agent: None,
             peer: None,
             connected: false,
@@ -152,9 +158,17 @@ impl Board {
     }
 
     /// A connection claimed `vm`.
-    pub fn connected(&self, vm: &str, agent: &str, peer: &str, conn: u64) -> Arc<VmCounters> {
+    pub fn connected(
+        &self,
+        vm: &str,
+        agent: &str,
+        peer: &str,
+        conn: u64,
+        notify: PointNotify,
+    ) -> Arc<VmCounters> {
         let mut vms = self.lock();
         let e = vms.entry(vm.to_owned()).or_insert_with(VmEntry::new);
+        e.notify = Some(notify);
         e.agent = Some(agent.to_owned());
         e.peer = Some(peer.to_owned());
         e.connected = true;
@@ -169,6 +183,7 @@ impl Board {
     pub fn disconnected(&self, vm: &str, conn: u64) {
         if let Some(e) = self.lock().get_mut(vm) {
             if e.conn == Some(conn) {
+                e.notify = None;
                 e.connected = false;
                 e.since = Some(SystemTime::now());
                 e.conn = None;
@@ -211,6 +226,11 @@ impl Board {
         if let Some(i) = e.tags.iter().position(|(run, _)| *run == p.run) {
             e.applied = e.applied.max(e.tags[i].1);
             e.tags.drain(..=i);
+        }
+        // The agent that sent the tag learns the point's id (`ferry-agent cut` prints it).
+        let mut run = [0u8; 16];
+        if let (Some(n), Ok(())) = (&e.notify, hex::decode_to_slice(&p.run, &mut run)) {
+            let _ = n.send((run, p.id.clone()));
         }
         let r = PointRef::from(p);
         for d in &p.disks {

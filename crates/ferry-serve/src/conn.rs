@@ -86,6 +86,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let credits = Arc::new(Mutex::new(Credits::new(shared.window)));
     let track: Track = Arc::new(Mutex::new(None));
     let (refuse_tx, refuse_rx) = mpsc::channel::<Refusal>(1);
+    let (point_tx, point_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(
         shared.clone(),
         w,
@@ -93,6 +94,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         credits.clone(),
         refuse_rx,
         track.clone(),
+        point_rx,
     ));
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let mut owner = VmOwner {
@@ -102,6 +104,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         id,
         vm: None,
         track,
+        points: point_tx,
     };
     let result = read_loop(&mut owner, &mut r, &conn, &credits).await;
     drop(owner);
@@ -233,6 +236,8 @@ struct VmOwner<'a> {
     vm: Option<String>,
     /// The status board's view of this connection's unacknowledged records (set at the claim).
     track: Track,
+    /// Points made from this connection's tags go to its writer.
+    points: crate::board::PointNotify,
 }
 
 /// Shared by the reader (records received) and the writer (acks sent).
@@ -262,10 +267,10 @@ impl VmOwner<'_> {
         );
         self.vm = Some(vm.to_string());
         drop(vms);
-        let counters = self
-            .shared
-            .board
-            .connected(vm, &self.agent, &self.peer, self.id);
+        let counters =
+            self.shared
+                .board
+                .connected(vm, &self.agent, &self.peer, self.id, self.points.clone());
         *self.track.lock().expect("track lock") = Some(AckTrack::new(vm, counters));
         Ok(rx)
     }
@@ -513,6 +518,7 @@ async fn write_loop<S: AsyncWrite>(
     credits: Arc<Mutex<Credits>>,
     mut refusals: mpsc::Receiver<Refusal>,
     track: Track,
+    mut points: mpsc::UnboundedReceiver<([u8; 16], String)>,
 ) {
     // After the ack is sent: the status board's per-disk seqs and per-VM bytes.
     let note = |seq: u64| {
@@ -558,6 +564,11 @@ async fn write_loop<S: AsyncWrite>(
                     note(d.seq);
                 }
                 acked = d;
+            }
+            Some((run, id)) = points.recv() => {
+                if w.send(&Message::Point { run, id }).await.is_err() {
+                    return;
+                }
             }
             _ = tick.tick() => {}
         }

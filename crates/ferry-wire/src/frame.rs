@@ -100,6 +100,8 @@ msg_types! {
     CutRequest = 34,
     /// agent → PS: the outcome of a requested cut.
     CutDone = 35,
+    /// PS → agent: the tag of a run became a point in the store (its id).
+    Point = 36,
     /// either way: liveness probe.
     Ping = 48,
     /// either way: answer to a ping.

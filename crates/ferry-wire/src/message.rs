@@ -125,6 +125,11 @@ pub enum Message {
     CutDone {
         result: Result<String, String>,
     },
+    /// The tag of run `run` (sent by this agent) is now point `id` in the store.
+    Point {
+        run: RunId,
+        id: String,
+    },
     Ping {
         token: u64,
     },
@@ -164,6 +169,7 @@ impl Message {
             Message::Credit { .. } => MsgType::Credit,
             Message::CutRequest { .. } => MsgType::CutRequest,
             Message::CutDone { .. } => MsgType::CutDone,
+            Message::Point { .. } => MsgType::Point,
             Message::Ping { .. } => MsgType::Ping,
             Message::Pong { .. } => MsgType::Pong,
         }
@@ -314,6 +320,10 @@ impl Message {
                     put_text(out, ty, "error", why, MAX_TEXT)?;
                 }
             },
+            Message::Point { run, id } => {
+                out.put_bytes(run);
+                put_name(out, ty, "point id", id)?;
+            }
             Message::Ping { token } | Message::Pong { token } => out.put_u64(*token),
         }
         Ok(&[])
@@ -438,6 +448,10 @@ impl Message {
                     1 => Err(f.text("error", MAX_TEXT)?),
                     b => return Err(f.malformed(format!("status {b} is neither 0 nor 1"))),
                 },
+            },
+            MsgType::Point => Message::Point {
+                run: f.array()?,
+                id: f.name("point id")?,
             },
             MsgType::Ping => Message::Ping { token: f.u64()? },
             MsgType::Pong => Message::Pong { token: f.u64()? },

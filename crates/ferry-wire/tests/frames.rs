@@ -90,6 +90,10 @@ fn samples() -> Vec<Message> {
         Message::CutDone {
             result: Err("freeze timed out after 2s".into()),
         },
+        Message::Point {
+            run: [7; 16],
+            id: "0003-20261101T120000Z".into(),
+        },
         Message::Ping { token: 77 },
         Message::Pong { token: 77 },
     ];
@@ -504,6 +508,7 @@ fn message() -> impl Strategy<Value = Message> {
         any::<bool>().prop_map(|app| Message::CutRequest { app }),
         name().prop_map(|p| Message::CutDone { result: Ok(p) }),
         ".{0,200}".prop_map(|e| Message::CutDone { result: Err(e) }),
+        (any::<[u8; 16]>(), name()).prop_map(|(run, id)| Message::Point { run, id }),
         any::<u64>().prop_map(|token| Message::Ping { token }),
         any::<u64>().prop_map(|token| Message::Pong { token }),
     ]
