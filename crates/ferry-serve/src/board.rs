@@ -463,7 +463,13 @@ pub(crate) mod tests {
     #[test]
     fn acks_resolve_to_per_disk_seqs_and_backlog_clears_at_the_point() {
         let b = board();
-        let c = b.connected("vm", "agent", "peer", 1);
+        let c = b.connected(
+            "vm",
+            "agent",
+            "peer",
+            1,
+            tokio::sync::mpsc::unbounded_channel().0,
+        );
         let mut t = AckTrack::new("vm", c);
         let begin = Message::Begin {
             seq: 0,

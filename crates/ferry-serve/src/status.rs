@@ -168,7 +168,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(STATUS_FILE);
         let b = board();
-        b.connected("vm", "agent", "peer", 1);
+        b.connected(
+            "vm",
+            "agent",
+            "peer",
+            1,
+            tokio::sync::mpsc::unbounded_channel().0,
+        );
         write_status(&p, &b.snapshot(true, 5)).unwrap();
         let s = read_status(&p).unwrap();
         assert_eq!((s.vms.len(), s.cache_used_bytes, s.running), (1, 5, true));
