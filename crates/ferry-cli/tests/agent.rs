@@ -869,3 +869,72 @@ impl Drop for Mariadb {
         }
     }
 }
+
+#[test]
+fn app_points_run_the_hooks_and_a_failing_hook_downgrades_the_point() {
+    if skip(
+        "app_points_run_the_hooks_and_a_failing_hook_downgrades_the_point",
+        &[],
+    ) {
+        return;
+    }
+    let site = Site::new();
+    let env = &site.env;
+    let mut d = LoopDisk::new(&env.path("h.img"), 64 << 20);
+    sh(&format!("mkfs.ext4 -q -F {}", d.dev));
+    let mnt = env.path("mnt");
+    d.mount(&d.dev.clone(), &mnt);
+    let hooks = env.path("hooks.d");
+    fs::create_dir_all(&hooks).unwrap();
+    fs::set_permissions(&hooks, fs::Permissions::from_mode(0o755)).unwrap();
+    let log = env.path("hooks.log");
+    let hook = |name: &str, body: &str| {
+        let p = hooks.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    hook(
+        "10-record",
+        &format!("echo \"$1 $FERRY_VM\" >> {}", log.display()),
+    );
+    let mut agent = site.start_agent(&[&d.dev], &[]);
+    let r = site.cut(true).unwrap();
+    assert_eq!(r["kind"], "app", "{r}");
+    assert!(r["note"].is_null(), "{r}");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "pre-freeze vm1\npost-thaw vm1\n"
+    );
+    // A crash point runs no hooks.
+    let r = site.cut(false).unwrap();
+    assert_eq!(r["kind"], "crash");
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 2);
+    // A failing pre-freeze hook: the point is made, crash-consistent, and says why.
+    hook(
+        "20-fail",
+        "echo 'database not ready' >&2; [ \"$1\" = post-thaw ] || exit 3",
+    );
+    let r = site.cut(true).unwrap();
+    assert_eq!(r["kind"], "crash", "{r}");
+    let note = r["note"].as_str().unwrap();
+    assert!(
+        note.contains("20-fail")
+            && note.contains("exited with 3")
+            && note.contains("database not ready"),
+        "{note}"
+    );
+    agent.term();
+    assert!(
+        agent.log_text().contains("downgraded to crash-consistent"),
+        "{}",
+        agent.log_text()
+    );
+    let mut site = site;
+    site.server.term();
+    let kinds: Vec<String> = site
+        .manifest_points()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["app", "crash", "crash"]);
+}
