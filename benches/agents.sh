@@ -7,10 +7,12 @@
 # (`ferry passphrase show`), and runs `ferry-simagents`: AGENTS agents register, connect (TLS 1.3,
 # pinned), and then all at once write WRITE_SIZE records of incompressible, never-repeated data at
 # random offsets of their own DISK_SIZE disk, under the server's credit, for DURATION seconds; each
-# then sends a Tag and waits for its Ack. See benches/src/bin/ferry-simagents.rs.
+# then sends a Tag and waits for its Ack. See benches/src/bin/ferry-simagents/.
 #
-# While it runs, the server's VmRSS and CPU time are sampled every 0.5 s from /proc/PID/{status,stat}
-# (VmHWM at the end gives the peak) with the cache directory's size. After the agents are done the
+# While it runs, the server's VmRSS, VmHWM, RssAnon, RssFile and CPU time are sampled every 0.5 s
+# from /proc/PID/{status,stat}, with the cache directory's size; per-thread CPU (/proc/PID/task) and
+# the disk's writes and busy time (/proc/diskstats, the whole device under WORKDIR) are read when the
+# agents are done and when the points are committed. After the agents are done the
 # script waits until the pipeline has committed every agent's recovery point (the "recovery point
 # committed" log lines) — the drain tail — then stops the server with SIGTERM and, with VERIFY=1,
 # restores one agent's point with `ferry restore --verify` (the Tag carries the blake3 of the disk
@@ -122,9 +124,22 @@ samples=$work/samples.tsv
 sampler_pid=$!
 
 now() { date +%s.%N; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$serve_pid/stat"; }
+# The disk under WORKDIR (shared with everything else on the machine): "sectors-written io-ms".
+disk=$(basename "$(findmnt -n -o SOURCE -T "$work" 2>/dev/null || echo none)")
+diskstat() { awk -v d="$disk" '$3 == d {print $10, $13; f = 1} END {if (!f) print "0 0"}' /proc/diskstats; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$serve_pid/stat" 2>/dev/null || echo 0; }
+# threads_cpu FILE: the server's CPU ticks so far per thread (tid, name, ticks): is one thread the
+# bottleneck?
+threads_cpu() {
+    local t
+    for t in /proc/"$serve_pid"/task/*; do
+        printf '%s\t%s\t%s\n' "${t##*/}" "$(cat "$t/comm" 2>/dev/null)" \
+            "$(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $12 + $13}')"
+    done >"$1"
+}
 load_before=$(cut -d' ' -f1 /proc/loadavg)
 t_start=$(now)
+disk_start=$(diskstat)
 t_start_epoch=$(date -u +%s.%N)
 cpu_start=$(cpu_ticks)
 echo "ferry serve on 127.0.0.1:$port (pid $serve_pid, cache $CACHE_SIZE); $AGENTS agents x ${DURATION}s..."
@@ -135,6 +150,8 @@ rc=0
     >"$work/simagents.json" 2>"$work/simagents.err" || rc=$?
 t_agents=$(now)
 cpu_agents=$(cpu_ticks)
+disk_agents=$(diskstat)
+threads_cpu "$work/threads-agents.tsv"
 cat "$work/simagents.err" >&2
 [[ -s $work/simagents.json ]] || die "ferry-simagents wrote no report (exit $rc)"
 
@@ -148,13 +165,16 @@ while (($(points) < ok_agents && $(date +%s) < deadline)); do
 done
 t_drained=$(now)
 cpu_drained=$(cpu_ticks)
+disk_drained=$(diskstat)
+threads_cpu "$work/threads-drained.tsv"
 n_points=$(points)
-hwm_kib=$(awk '/^VmHWM/ {print $2}' "/proc/$serve_pid/status")
+hwm_kib=$(awk '/^VmHWM/ {print $2}' "/proc/$serve_pid/status" 2>/dev/null || echo 0)
+kill -0 "$serve_pid" 2>/dev/null || echo "warning: ferry serve exited early; see $work/serve.log" >&2
 paused=$(grep -c "pausing credit" "$work/serve.log" || true)
 kill "$sampler_pid" 2>/dev/null || true
 wait "$sampler_pid" 2>/dev/null || true
 sampler_pid=""
-kill -TERM "$serve_pid"
+kill -TERM "$serve_pid" 2>/dev/null || true
 serve_rc=0
 wait "$serve_pid" || serve_rc=$?
 serve_pid=""
@@ -179,11 +199,13 @@ rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
 python3 - "$work/simagents.json" "$samples" "$result" "$rev" "$tick" "$t_start" "$t_agents" \
     "$t_drained" "$cpu_start" "$cpu_agents" "$cpu_drained" "$hwm_kib" "$n_points" "$paused" \
     "$store_bytes" "$verified" "$CACHE_SIZE" "${THREADS:-all}" "$load_before" "$rc" "$serve_rc" \
-    "$work/serve.log" "$t_start_epoch" <<'EOF'
+    "$work/serve.log" "$t_start_epoch" "$work/threads-agents.tsv" "$work/threads-drained.tsv" \
+    "$disk" "$disk_start" "$disk_agents" "$disk_drained" <<'EOF'
 import datetime, json, os, platform, statistics, sys
 (sim_path, samples_path, result, rev, tick, t_start, t_agents, t_drained, cpu_start, cpu_agents,
  cpu_drained, hwm_kib, n_points, paused, store_bytes, verified, cache_size, threads, load,
- rc, serve_rc, log_path, t_start_epoch) = sys.argv[1:]
+ rc, serve_rc, log_path, t_start_epoch, threads_agents, threads_drained, disk, disk_start,
+ disk_agents, disk_drained) = sys.argv[1:]
 sim = json.load(open(sim_path))
 tick = float(tick)
 t_start, t_agents, t_drained = float(t_start), float(t_agents), float(t_drained)
@@ -202,7 +224,25 @@ for line in open(log_path, errors="replace"):
         ts = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
         commits.append(ts - float(t_start_epoch) - (t_agents - t_start))
 commits.sort()
+def by_thread(path):
+    """tid -> (name, CPU seconds since the thread started)."""
+    out = {}
+    for line in open(path).read().splitlines():
+        f = line.split("\t")
+        if len(f) == 3 and f[2].strip():
+            out[f[0]] = (f[1], int(f[2]) / tick)
+    return out
+th_a, th_d = by_thread(threads_agents), by_thread(threads_drained)
+# The busiest threads during the agents phase; share = CPU seconds / phase seconds (1.0 = a core).
+busiest = sorted(({"tid": int(tid), "name": name, "cpu_s_agents_phase": round(cpu, 2),
+                   "core_share_agents_phase": round(cpu / (t_agents - t_start), 2),
+                   "cpu_s_at_drained": round(th_d[tid][1], 2) if tid in th_d else None}
+                  for tid, (name, cpu) in th_a.items()), key=lambda t: -t["cpu_s_agents_phase"])[:12]
 mib = lambda kib: round(kib / 1024, 1)
+def disk_phase(a, b, secs):
+    (sa, ta), (sb, tb) = map(int, a.split()), map(int, b.split())
+    return {"write_mb_per_s": round((sb - sa) * 512 / secs / 1e6, 1) if secs > 0 else None,
+            "busy_share": round((tb - ta) / 1e3 / secs, 2) if secs > 0 else None}
 doc = {
     "what": "ferry serve on loopback with N simulated agents (ferry-simagents); benches/agents.sh",
     "source": rev,
@@ -219,9 +259,13 @@ doc = {
         "cpu_cores_during_agents": round(cpu_a / agents_s, 2) if agents_s > 0 else None,
         "cpu_seconds_drain_tail": round(cpu_d, 2),
         "cache_bytes_max": max(cache) if cache else None,
+        "busiest_threads": busiest,
         "credit_pauses": int(paused),
         "exit_code": int(serve_rc),
     },
+    "disk": {"device": disk, "note": "whole device, other work on the machine included",
+             "agents_phase": disk_phase(disk_start, disk_agents, agents_s),
+             "drain_tail": disk_phase(disk_agents, disk_drained, drain_s)},
     "agents_phase_seconds": round(agents_s, 2),
     "drain_tail_seconds": round(drain_s, 2),
     "points_committed": int(n_points),

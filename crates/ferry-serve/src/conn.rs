@@ -67,8 +67,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let (rd, wr) = split(stream);
     let mut r = AsyncFrameReader::new(rd);
     let mut w = AsyncFrameWriter::new(wr);
-    let agent = match handshake(&shared, &mut r, &mut w).await {
-        Ok(Some(agent)) => agent,
+    let (agent, grant) = match handshake(&shared, &mut r, &mut w).await {
+        Ok(Some(a)) => a,
         Ok(None) => return,
         Err(why) if why.dropped => {
             tracing::info!(%peer, reason = %why.message, "connection dropped during the handshake");
@@ -83,7 +83,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     tracing::info!(%peer, agent = %agent, "agent authenticated");
     let (tx, durable_rx) = watch::channel(Durable::default());
     let conn = Arc::new(tx);
-    let credits = Arc::new(Mutex::new(Credits::new(shared.window)));
+    let credits = Arc::new(Mutex::new(Credits::new(grant)));
     let track: Track = Arc::new(Mutex::new(None));
     let (refuse_tx, refuse_rx) = mpsc::channel::<Refusal>(1);
     let (point_tx, point_rx) = mpsc::unbounded_channel();
@@ -92,6 +92,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         w,
         durable_rx,
         credits.clone(),
+        grant,
         refuse_rx,
         track.clone(),
         point_rx,
@@ -121,14 +122,29 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     drop(refuse_tx);
     drop(conn);
     let _ = writer.await;
+    shared.credit_holders.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Hello, then Register (answered and closed: `Ok(None)`) or Auth (Welcome sent: the agent id).
+/// Least credit a connection holds: enough for this agent's records (64 KiB writes) many times
+/// over; a larger record waits until the connection's share grows.
+pub const MIN_SHARE: u64 = 1 << 20;
+
+/// The credit one connection may hold now: an equal share of [`crate::MAX_INFLIGHT`] among the
+/// connections holding credit, between [`MIN_SHARE`] and the per-connection window. Bytes in flight
+/// (received, not yet durable) across all connections stay near the pool whatever the number of
+/// agents.
+pub fn fair_share(shared: &Shared) -> u64 {
+    let n = shared.credit_holders.load(Ordering::Relaxed).max(1);
+    (crate::MAX_INFLIGHT / n).clamp(MIN_SHARE, shared.window.max(MIN_SHARE))
+}
+
+/// Hello, then Register (answered and closed: `Ok(None)`) or Auth (Welcome sent: the agent id and
+/// the credit it was granted; the connection then counts in `credit_holders`).
 async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
     shared: &Shared,
     r: &mut AsyncFrameReader<R>,
     w: &mut Writer<S>,
-) -> Result<Option<String>, Refusal> {
+) -> Result<Option<(String, u64)>, Refusal> {
     let first = tokio::time::timeout(Duration::from_secs(30), r.read())
         .await
         .map_err(|_| refusal(refuse::PROTOCOL, "no Hello within 30 s"))??;
@@ -202,13 +218,24 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                     format!("{e}; register the agent again (ferry-agent register)"),
                 ));
             }
-            w.send(&Message::Welcome {
-                credits: shared.window,
-                resume: vec![],
-            })
-            .await?;
-            w.flush().await?;
-            Ok(Some(agent_id.to_string()))
+            // The connection holds credit from now on: its share of the pool.
+            shared.credit_holders.fetch_add(1, Ordering::Relaxed);
+            let grant = fair_share(shared);
+            if let Err(e) = w
+                .send(&Message::Welcome {
+                    credits: grant,
+                    resume: vec![],
+                })
+                .await
+            {
+                shared.credit_holders.fetch_sub(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            if let Err(e) = w.flush().await {
+                shared.credit_holders.fetch_sub(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            Ok(Some((agent_id.to_string(), grant)))
         }
         Some(m) => Err(refusal(
             refuse::PROTOCOL,
@@ -516,6 +543,7 @@ async fn write_loop<S: AsyncWrite>(
     mut w: Writer<S>,
     mut durable: watch::Receiver<Durable>,
     credits: Arc<Mutex<Credits>>,
+    initial_grant: u64,
     mut refusals: mpsc::Receiver<Refusal>,
     track: Track,
     mut points: mpsc::UnboundedReceiver<([u8; 16], String)>,
@@ -527,7 +555,9 @@ async fn write_loop<S: AsyncWrite>(
         }
     };
     let mut acked = Durable::default();
-    let mut owed = 0u64;
+    // Credit granted so far; `granted - acked.bytes` is what the agent may still have in flight
+    // or unused, and is kept at the connection's fair share.
+    let mut granted = initial_grant;
     let mut paused = false;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -559,7 +589,6 @@ async fn write_loop<S: AsyncWrite>(
                 if d.seq > acked.seq && w.send(&Message::Ack { seq: d.seq }).await.is_err() {
                     return;
                 }
-                owed += d.bytes - acked.bytes;
                 if d.seq > acked.seq {
                     note(d.seq);
                 }
@@ -585,12 +614,15 @@ async fn write_loop<S: AsyncWrite>(
             );
         }
         let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT;
-        if owed > 0 && !paused && !busy {
-            credits.lock().expect("credits lock").grant(owed);
-            if w.send(&Message::Credit { bytes: owed }).await.is_err() {
+        let held = granted.saturating_sub(acked.bytes);
+        let share = fair_share(&shared);
+        if held < share && !paused && !busy {
+            let more = share - held;
+            credits.lock().expect("credits lock").grant(more);
+            if w.send(&Message::Credit { bytes: more }).await.is_err() {
                 return;
             }
-            owed = 0;
+            granted += more;
         }
         if w.flush().await.is_err() {
             return;

@@ -10,9 +10,11 @@
 //! - **Acked means durable.** An `Ack{seq}` is sent only after the committer's `fdatasync` covered
 //!   every record of that connection up to `seq`. A failed sync stops the server; nothing after it
 //!   is acked.
-//! - **Bounded.** Each connection may have at most its window of credit in flight; credit is
-//!   returned only as acks free it, and not at all while the cache is above its high watermark
-//!   (until it drains below the low watermark): a full cache pauses agents, it never drops data.
+//! - **Bounded.** Credit comes from one pool (`MAX_INFLIGHT`, 256 MiB): each connection holds an
+//!   equal share of it (between 1 MiB and its 32 MiB window), topped up only as its records become
+//!   durable, and not at all while the cache is above its high watermark (until it drains below
+//!   the low watermark): the bytes in flight stay near the pool whatever the number of agents, and
+//!   a full cache pauses agents, it never drops data.
 //! - **One bad peer hurts only itself.** Any malformed frame, bad version, wrong passphrase or
 //!   credential, or protocol violation gets `Refused` (when the stream still allows it), a warning
 //!   in the log, and the connection closed; the listener keeps serving everyone else.
@@ -128,6 +130,8 @@ pub(crate) struct Shared {
     pub next_conn: AtomicU64,
     /// What `ferry status` shows.
     pub board: Arc<board::Board>,
+    /// Authenticated connections, each holding a share of the credit pool ([`conn::fair_share`]).
+    pub credit_holders: AtomicU64,
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -189,6 +193,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         inflight: Arc::new(AtomicU64::new(0)),
         vms: Mutex::new(Default::default()),
         next_conn: AtomicU64::new(0),
+        credit_holders: AtomicU64::new(0),
         board: board.clone(),
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);

@@ -42,6 +42,8 @@ pub(crate) struct AgentStats {
     /// Time spent with a record ready but not enough credit for it (backpressure).
     pub credit_wait: Duration,
     pub credit_grants: u64,
+    /// `Point` messages received before the connection closed.
+    pub point_notices: u64,
     /// When the Tag's Ack arrived.
     pub done: Option<Instant>,
 }
@@ -267,6 +269,9 @@ impl Session {
             Message::Ping { token } => {
                 self.w.send(&Message::Pong { token }).await?;
             }
+            // A point committed while the connection is still open (usually it is not: the
+            // pipeline commits after the agent has left; benches/agents.sh reads the server log).
+            Message::Point { .. } => self.st.point_notices += 1,
             Message::Pong { .. } | Message::CutRequest { .. } => {}
             m => return Err(unexpected(Some(m))),
         }

@@ -118,6 +118,7 @@ pub(crate) fn report(a: &Args, register_s: f64, o: Outcome, cpu_s: f64) -> serde
             "max": secs(pct(&waits, 1.0)),
         },
         "credit_grants": sum(|s| s.credit_grants),
+        "point_notices": sum(|s| s.point_notices),
         "client_cpu_seconds": round(cpu_s, 2),
         "errors": {
             "count": errors.len(),
