@@ -67,28 +67,39 @@ pub enum Rec {
 }
 
 impl Rec {
-    fn message(&self, seq: u64, to: &ShipTo) -> Message {
+    /// The record as a message (sequence number 0 until it is sent; see [`set_seq`]). The payload
+    /// is moved, not copied, and its wire digest computed once, also across re-sends.
+    fn into_message(self, to: &ShipTo) -> Message {
         match self {
             Rec::Begin { run, time_ns } => Message::Begin {
-                seq,
-                run: *run,
-                time_ns: *time_ns,
+                seq: 0,
+                run,
+                time_ns,
                 disks: to.disks.clone(),
             },
             Rec::Write { disk, offset, data } => {
-                Message::write(seq, to.disks[*disk].0.clone(), *offset, data.clone())
+                Message::write(0, to.disks[disk].0.clone(), offset, data)
             }
             Rec::Zero { disk, offset, len } => Message::Zero {
-                seq,
-                disk: to.disks[*disk].0.clone(),
-                offset: *offset,
-                len: *len,
+                seq: 0,
+                disk: to.disks[disk].0.clone(),
+                offset,
+                len,
             },
-            Rec::Tag(tag) => Message::Tag {
-                seq,
-                tag: tag.clone(),
-            },
+            Rec::Tag(tag) => Message::Tag { seq: 0, tag },
         }
+    }
+}
+
+/// Gives a record message its sequence number on this connection.
+fn set_seq(m: &mut Message, to: u64) {
+    match m {
+        Message::Begin { seq, .. }
+        | Message::Write { seq, .. }
+        | Message::Zero { seq, .. }
+        | Message::Discard { seq, .. }
+        | Message::Tag { seq, .. } => *seq = to,
+        _ => {}
     }
 }
 
@@ -141,9 +152,9 @@ pub async fn ship(
 
 struct Outbox {
     /// Sent on the current connection, not yet acked: (seq, record).
-    unacked: VecDeque<(u64, Rec)>,
+    unacked: VecDeque<(u64, Message)>,
     /// To send (re-sends first, then fresh records from the engine).
-    pending: VecDeque<Rec>,
+    pending: VecDeque<Message>,
     producer_done: bool,
     seq: u64,
     events: crossbeam_channel::Sender<Event>,
@@ -152,8 +163,8 @@ struct Outbox {
 impl Outbox {
     fn ack(&mut self, seq: u64) {
         while self.unacked.front().is_some_and(|(s, _)| *s <= seq) {
-            let (_, rec) = self.unacked.pop_front().expect("front exists");
-            if let Rec::Tag(tag) = rec {
+            let (_, m) = self.unacked.pop_front().expect("front exists");
+            if let Message::Tag { tag, .. } = m {
                 let _ = self.events.send(Event::TagAcked(tag.run));
             }
         }
@@ -223,25 +234,27 @@ async fn session(
         }
         if out.pending.is_empty() && !out.producer_done {
             match rx.try_recv() {
-                Ok(rec) => out.pending.push_back(rec),
+                Ok(rec) => out.pending.push_back(rec.into_message(to)),
                 Err(mpsc::error::TryRecvError::Disconnected) => out.producer_done = true,
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
         }
-        if let Some(rec) = out.pending.front() {
-            let m = rec.message(out.seq + 1, to);
+        if let Some(m) = out.pending.front_mut() {
+            set_seq(m, out.seq + 1);
             let cost = m.frame_len()? as u64;
             if credit.try_take(cost) {
                 out.seq += 1;
-                let rec = out.pending.pop_front().expect("front exists");
-                if let Rec::Write { data, .. } = &rec {
+                let m = out.pending.pop_front().expect("front exists");
+                if let Message::Write { data, .. } = &m {
                     stats
                         .data_bytes
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 stats.records.fetch_add(1, Ordering::Relaxed);
-                out.unacked.push_back((out.seq, rec));
-                w.send(&m).await?;
+                // Unacked before it is sent: a failed send re-sends it on the next connection.
+                out.unacked.push_back((out.seq, m));
+                let (_, m) = out.unacked.back().expect("just pushed");
+                w.send(m).await?;
                 continue;
             }
         }
@@ -253,7 +266,7 @@ async fn session(
                 handle(ev?, out, &mut credit, &mut w).await?;
             }
             rec = rx.recv(), if want_more => match rec {
-                Some(rec) => out.pending.push_back(rec),
+                Some(rec) => out.pending.push_back(rec.into_message(to)),
                 None => out.producer_done = true,
             },
             // Notices `abandon` while idle.
@@ -317,22 +330,19 @@ mod tests {
             seq: 10,
             events: tx,
         };
-        out.unacked.push_back((
-            11,
-            Rec::Write {
-                disk: 0,
-                offset: 0,
-                data: vec![1; 16],
-            },
-        ));
+        out.unacked
+            .push_back((11, Message::write(11, "sda", 0, vec![1; 16])));
         out.unacked.push_back((
             12,
-            Rec::Tag(PointTag {
-                run: [5; 16],
-                time_ns: 0,
-                kind: PointKind::Crash,
-                disks: vec![],
-            }),
+            Message::Tag {
+                seq: 12,
+                tag: PointTag {
+                    run: [5; 16],
+                    time_ns: 0,
+                    kind: PointKind::Crash,
+                    disks: vec![],
+                },
+            },
         ));
         out.ack(11);
         assert!(rx.try_recv().is_err());
