@@ -621,6 +621,9 @@ fn restarts_clean_unclean_and_a_forced_resync_move_only_what_differs() {
         site.restore(id, &disk_name(&d.dev), &out);
         assert!(same_bytes(&out, copy), "point {id} differs");
     }
+    // Devices first, then the scratch directory that holds their backing files.
+    drop(d);
+    drop(site);
 }
 
 #[test]
@@ -784,6 +787,9 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
         "MariaDB on the restored point logged errors:\n{log2}"
     );
     rd.umount_all();
+    drop(rd);
+    drop(d);
+    drop(site);
 }
 
 struct Mariadb {
@@ -937,4 +943,6 @@ fn app_points_run_the_hooks_and_a_failing_hook_downgrades_the_point() {
         .map(|p| p["kind"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(kinds, ["app", "crash", "crash"]);
+    drop(d);
+    drop(site);
 }
