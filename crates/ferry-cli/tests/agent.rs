@@ -799,11 +799,15 @@ struct Mariadb {
 
 impl Mariadb {
     fn start(datadir: &Path, sock: &Path, init: bool, log: &Path) -> Mariadb {
+        // Its own temporary directory (bootstraps sharing /tmp can collide).
+        let tmp = sock.with_extension("tmp");
+        fs::create_dir_all(&tmp).unwrap();
         if init {
             fs::create_dir_all(datadir).unwrap();
             sh(&format!(
-                "mariadb-install-db --no-defaults --user=root --datadir={} --auth-root-authentication-method=socket >/dev/null",
-                datadir.display()
+                "mariadb-install-db --no-defaults --user=root --datadir={} --tmpdir={} --auth-root-authentication-method=socket >/dev/null",
+                datadir.display(),
+                tmp.display()
             ));
         }
         let child = Command::new("mariadbd")
@@ -811,6 +815,7 @@ impl Mariadb {
             .arg("--user=root")
             .arg(format!("--datadir={}", datadir.display()))
             .arg(format!("--socket={}", sock.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg("--skip-networking")
             .arg(format!("--pid-file={}.pid", sock.display()))
             .arg(format!("--log-error={}", log.display()))

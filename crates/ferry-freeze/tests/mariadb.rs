@@ -47,6 +47,9 @@ impl MariaDb {
         let install = Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            // Its own temporary directory: two bootstraps sharing /tmp can trip over each other's
+            // temporary tables ("Could not remove temporary table", seen in CI).
+            .arg(format!("--tmpdir={}", dir.path().display()))
             .args([
                 "--user=root",
                 "--auth-root-authentication-method=socket",
