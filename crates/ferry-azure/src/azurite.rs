@@ -182,7 +182,12 @@ impl Azurite {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // Our own child must say it listens: a port probed free can be taken by another
+            // test's Azurite before ours binds it, and then a connect would reach *that* one
+            // while ours exits with EADDRINUSE.
+            if self.log().contains("successfully listens")
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            {
                 return Ok(());
             }
             if !self.is_running() {
