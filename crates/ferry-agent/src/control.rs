@@ -81,12 +81,7 @@ struct Wire {
     resync: Option<bool>,
 }
 
-fn state_err(path: &Path, detail: impl ToString) -> AgentError {
-    AgentError::State {
-        path: path.display().to_string(),
-        detail: detail.to_string(),
-    }
-}
+use crate::state_err;
 
 /// Holds `STATE_DIR/agent.lock` exclusively for the agent's life.
 pub struct StateLock(#[allow(dead_code)] File);

@@ -81,6 +81,14 @@ pub enum AgentError {
     Usage(String),
 }
 
+/// A problem with a file of the state directory.
+pub(crate) fn state_err(path: &Path, detail: impl ToString) -> AgentError {
+    AgentError::State {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
 /// What a refusal code means (docs/WIRE.md, *Refusal codes*).
 pub fn refusal_name(code: u16) -> &'static str {
     use ferry_wire::refuse;

@@ -27,12 +27,7 @@ use crate::AgentError;
 const CV_MAGIC: &[u8; 8] = b"FERRYCV1";
 const CV_HEADER: u64 = 64;
 
-fn err(path: &Path, detail: impl ToString) -> AgentError {
-    AgentError::State {
-        path: path.display().to_string(),
-        detail: detail.to_string(),
-    }
-}
+use crate::state_err as err;
 
 fn sync_dir(dir: &Path) -> Result<(), AgentError> {
     File::open(dir)
@@ -155,18 +150,9 @@ fn pending_path(state_dir: &Path, run: &[u8; 16]) -> PathBuf {
 pub fn write_pending(state_dir: &Path, run: &[u8; 16], cvs: &RunCvs) -> Result<(), AgentError> {
     let dir = pending_dir(state_dir);
     fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
-    let buf = encode_pending(run, cvs);
     let path = pending_path(state_dir, run);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| err(&path, e))?;
-    f.write_all(&buf).map_err(|e| err(&path, e))?;
-    f.sync_all().map_err(|e| err(&path, e))?;
-    sync_dir(&dir)
+    // Temp + fsync + rename + fsync dir: the file is whole or absent, never torn.
+    ferry_wire::write_private(&path, &encode_pending(run, cvs)).map_err(|e| err(&path, e))
 }
 
 /// Reads the pending file of `run` (written by this process).

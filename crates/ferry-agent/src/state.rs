@@ -31,12 +31,7 @@ struct IdentityFile {
     fingerprint: String,
 }
 
-fn state_err(path: &Path, detail: impl ToString) -> AgentError {
-    AgentError::State {
-        path: path.display().to_string(),
-        detail: detail.to_string(),
-    }
-}
+use crate::state_err;
 
 impl AgentIdentity {
     pub fn save(&self, state_dir: &Path) -> Result<(), AgentError> {
