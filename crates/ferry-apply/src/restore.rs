@@ -87,7 +87,8 @@ pub enum RestoreError {
     },
 }
 
-/// Restores one disk of a point. Hold the store lock while calling.
+/// Restores one disk of a point. Takes no lock: pin the point first
+/// ([`ferry_store::readers::pin_point`]) so retention keeps what it needs.
 pub fn restore(store: &LocalStore, o: &RestoreOptions<'_>) -> Result<RestoreReport, RestoreError> {
     let pd = o
         .point
@@ -118,8 +119,12 @@ pub fn restore(store: &LocalStore, o: &RestoreOptions<'_>) -> Result<RestoreRepo
             source,
         }
     };
-    let replica = Replica::open(&store.replica_dir(o.vm, o.disk)).map_err(serr)?;
-    let index = store.open_index().map_err(serr)?;
+    // No lock and no dedupe index: the writer may be committing newer points meanwhile (see
+    // ferry_store::readers). The caller has pinned the point.
+    let dir = store.replica_dir(o.vm, o.disk);
+    let wanted = ferry_store::readers::point_digests(&dir, o.point.seq).map_err(serr)?;
+    let locs = ferry_store::readers::locate_chunks(store, (o.vm, o.disk), wanted).map_err(serr)?;
+    let replica = Replica::open_readonly(&dir).map_err(serr)?;
     let size = pd.size;
     let out = OpenOptions::new()
         .write(true)
@@ -138,7 +143,7 @@ pub fn restore(store: &LocalStore, o: &RestoreOptions<'_>) -> Result<RestoreRepo
         out.set_len(size).map_err(oerr("extend"))?;
     }
     let pages = ferry_store::replica::pages_for(size);
-    let mut reader = replica.point_reader(o.point.seq).map_err(serr)?;
+    let mut reader = ferry_store::readers::LiveReader::open(&dir, o.point.seq).map_err(serr)?;
     let done = AtomicU64::new(0);
     let chunks_read = AtomicU64::new(0);
     let first_err: Mutex<Option<RestoreError>> = Mutex::new(None);
@@ -205,13 +210,10 @@ pub fn restore(store: &LocalStore, o: &RestoreOptions<'_>) -> Result<RestoreRepo
                     (o.progress)(done.fetch_add(len, Ordering::Relaxed) + len);
                 }
             }
-            let locs = index
-                .lookup_many(&wanted.iter().map(|w| w.1).collect::<Vec<_>>())
-                .map_err(serr)?;
-            for ((page, d), loc) in wanted.into_iter().zip(locs) {
-                let loc = loc.ok_or_else(|| {
+            for (page, d) in wanted {
+                let loc = locs.get(&d).cloned().ok_or_else(|| {
                     serr(StoreError::Index(format!(
-                        "chunk {} of page {page} is not in the dedupe index; the store is damaged",
+                        "chunk {} of page {page} is in no segment of the store; the store is damaged",
                         hex::encode(&d[..8])
                     )))
                 })?;

@@ -25,13 +25,32 @@ pub struct Pruned {
 
 /// The points of `m` that `retention` expires at `now` (never the newest).
 pub fn expired(m: &Manifest, retention: Duration, now: SystemTime) -> Vec<u64> {
-    let Some(newest) = m.points.last().map(|p| p.seq) else {
+    expired_pinned(m, retention, now, None)
+}
+
+/// The points of `m` that `retention` expires at `now`: an oldest-first run by point seq that
+/// stops at the first point still within `retention`, at the newest point, and at `pinned` (the
+/// lowest point seq a live reader has pinned).
+///
+/// Only a prefix by seq is ever pruned, whatever the point times say: a replica's undo chain needs
+/// every newer undo to rebuild an older point, so pruning a middle point (a clock step on the
+/// machine that stamped the times can make a newer point look older) would make every older point
+/// restore wrong bytes.
+pub fn expired_pinned(
+    m: &Manifest,
+    retention: Duration,
+    now: SystemTime,
+    pinned: Option<u64>,
+) -> Vec<u64> {
+    let mut by_seq: Vec<&ferry_format::manifest::Point> = m.points.iter().collect();
+    by_seq.sort_by_key(|p| p.seq);
+    let Some(newest) = by_seq.last().map(|p| p.seq) else {
         return Vec::new();
     };
-    m.points
+    by_seq
         .iter()
-        .filter(|p| p.seq != newest)
-        .filter(|p| {
+        .take_while(|p| p.seq != newest && pinned.is_none_or(|pin| p.seq < pin))
+        .take_while(|p| {
             humantime::parse_rfc3339(&p.time)
                 .map(|t| now.duration_since(t).unwrap_or_default() > retention)
                 .unwrap_or(false)
@@ -55,11 +74,12 @@ pub fn prune_with(
     let mut out = Pruned::default();
     let now = SystemTime::now();
     let vms = ferry_store::list_vms_at(store.root())?;
+    let pins = ferry_store::readers::live_pins(store.root())?;
     for vm in &vms {
         let Some(mut m) = store.load_manifest(vm)? else {
             continue;
         };
-        let gone = expired(&m, retention, now);
+        let gone = expired_pinned(&m, retention, now, pins.get(vm).copied());
         if gone.is_empty() {
             continue;
         }
@@ -68,6 +88,11 @@ pub fn prune_with(
         }
         m.points.retain(|p| !gone.contains(&p.seq));
         store.commit_manifest(&m)?;
+        // Pins read again after the commit: a reader that pinned a point and saw it listed just
+        // before the commit still finds every undo it needs (ferry_store::readers).
+        let pin = ferry_store::readers::live_pins(store.root())?
+            .get(vm)
+            .copied();
         for disk in m.disks.keys() {
             let dir = store.replica_dir(vm, disk);
             if dir.join("current.map").exists() {
@@ -77,7 +102,7 @@ pub fn prune_with(
                     .filter(|p| p.disks.iter().any(|d| &d.name == disk))
                     .map(|p| p.seq)
                     .collect();
-                Replica::open(&dir)?.gc_undo(&keep)?;
+                Replica::open(&dir)?.gc_undo(&keep, pin)?;
             }
         }
         tracing::info!(vm = %vm, pruned = gone.len(), "retention pruned expired points");
@@ -164,4 +189,64 @@ pub fn collect_garbage(
         );
     }
     Ok((n, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_format::manifest::Point;
+
+    fn manifest(times: &[(u64, &str)]) -> Manifest {
+        Manifest {
+            format: "ferry-manifest".into(),
+            version: 1,
+            vm: "vm".into(),
+            key_id: "k".into(),
+            disks: Default::default(),
+            points: times
+                .iter()
+                .map(|(seq, t)| Point {
+                    id: format!("{seq}"),
+                    seq: *seq,
+                    run: String::new(),
+                    time: (*t).into(),
+                    kind: "crash".into(),
+                    disks: Vec::new(),
+                })
+                .collect(),
+            next_seq: times.len() as u64 + 1,
+        }
+    }
+
+    fn now() -> SystemTime {
+        humantime::parse_rfc3339("2026-12-04T12:00:00Z").unwrap()
+    }
+
+    #[test]
+    fn a_clock_step_never_prunes_a_middle_point() {
+        // Point 2 was stamped after a forward clock step, point 3 after the clock stepped back.
+        let m = manifest(&[
+            (1, "2026-12-04T08:00:00Z"),
+            (2, "2026-12-04T11:59:00Z"),
+            (3, "2026-12-04T08:30:00Z"),
+            (4, "2026-12-04T08:40:00Z"),
+        ]);
+        assert_eq!(expired(&m, Duration::from_secs(3600), now()), vec![1]);
+    }
+
+    #[test]
+    fn prunes_oldest_first_never_the_newest_and_stops_at_a_pin() {
+        let m = manifest(&[
+            (1, "2026-12-04T08:00:00Z"),
+            (2, "2026-12-04T08:10:00Z"),
+            (3, "2026-12-04T08:20:00Z"),
+        ]);
+        assert_eq!(expired(&m, Duration::from_secs(60), now()), vec![1, 2]);
+        assert_eq!(
+            expired_pinned(&m, Duration::from_secs(60), now(), Some(2)),
+            vec![1]
+        );
+        assert!(expired_pinned(&m, Duration::from_secs(60), now(), Some(1)).is_empty());
+        assert!(expired(&m, Duration::from_secs(5 * 3600), now()).is_empty());
+    }
 }

@@ -363,9 +363,20 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
             .map_err(|e| JobError::Usage(format!("cannot install signal handler: {e}")))?;
     }
     let progress = progress::Bars::new();
+    // A continuous run owns the store for its whole life (no other writer between its cycles);
+    // readers (restore, points list) never need the lock.
+    let held = if a.once {
+        None
+    } else {
+        Some(ferry_job::lock_store(&o)?)
+    };
     loop {
         let started = Instant::now();
-        match ferry_job::replicate_once(&o, &progress, &stop) {
+        let run = match &held {
+            Some(l) => ferry_job::replicate_held(&o, &progress, &stop, l),
+            None => ferry_job::replicate_once(&o, &progress, &stop),
+        };
+        match run {
             Ok(r) => print_run(&o, &r, a.json),
             Err(JobError::Stopped) => {
                 tracing::info!("stopped by signal before the cut; the next run picks up from here");

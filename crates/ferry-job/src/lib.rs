@@ -215,11 +215,38 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-/// Runs one replication cycle: recovery, scan of every source, one point for all of them.
+/// Runs one replication cycle: recovery, scan of every source, one point for all of them. Takes
+/// the store's writer lock for the run.
 pub fn replicate_once(
     o: &ReplicateOptions,
     progress: &dyn Progress,
     stop: &AtomicBool,
+) -> Result<RunReport, JobError> {
+    replicate_run(o, progress, stop, None)
+}
+
+/// Takes the writer lock of the store `o` replicates to, for a caller that runs many cycles
+/// ([`replicate_held`]) and must own the store in between (continuous `ferry replicate`).
+pub fn lock_store(o: &ReplicateOptions) -> Result<ferry_store::StoreLock, JobError> {
+    let store = open_store(&o.store.local_dir(), &o.key_file, true)?;
+    Ok(store.lock()?)
+}
+
+/// [`replicate_once`] under a writer lock the caller already holds ([`lock_store`]).
+pub fn replicate_held(
+    o: &ReplicateOptions,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+    held: &ferry_store::StoreLock,
+) -> Result<RunReport, JobError> {
+    replicate_run(o, progress, stop, Some(held))
+}
+
+fn replicate_run(
+    o: &ReplicateOptions,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+    held: Option<&ferry_store::StoreLock>,
 ) -> Result<RunReport, JobError> {
     let t0 = Instant::now();
     validate_name("VM", &o.vm)?;
@@ -253,7 +280,10 @@ pub fn replicate_once(
     };
     let wan0 = blobs.as_ref().map_or(0, |b| b.stats().bytes_sent);
     let store = open_store(&o.store.local_dir(), &o.key_file, true)?;
-    let _lock = store.lock()?;
+    let _lock = match held {
+        Some(_) => None,
+        None => Some(store.lock()?),
+    };
     let cache = open_cache(&store, &o.cache_dir, o.cache_size)?;
     let (target, sink): (
         Option<Box<dyn ferry_apply::ReplicaTarget>>,

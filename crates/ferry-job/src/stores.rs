@@ -74,6 +74,65 @@ pub fn open_recovery(
     })
 }
 
+/// How long a reader waits for a writer to finish a commit it has started.
+const BEHIND_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Makes sure the replica of `vm`/`disk` has reached point `seq`. A replica behind its manifest is a
+/// commit a crash interrupted: with no writer running, it is finished here (under the writer lock,
+/// briefly); with a writer running, that writer finishes it at start-up, so this waits for it (up to
+/// [`BEHIND_WAIT`], saying who it waits for).
+fn wait_for_replica(
+    store: &ferry_store::LocalStore,
+    vm: &str,
+    disk: &str,
+    seq: u64,
+    latest: u64,
+) -> Result<(), JobError> {
+    let dir = store.replica_dir(vm, disk);
+    let t0 = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        if ferry_store::readers::replica_generation(&dir)? >= seq {
+            return Ok(());
+        }
+        if let Some(_lock) = store.try_lock()? {
+            // Re-read under the lock: the writer may have finished and exited meanwhile.
+            let m = store.load_manifest(vm)?;
+            let latest = m
+                .map(|m| {
+                    m.points
+                        .iter()
+                        .filter(|p| p.disks.iter().any(|d| d.name == disk))
+                        .map(|p| p.seq)
+                        .max()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(latest);
+            Replica::open(&dir)?.recover(latest)?;
+            return Ok(());
+        }
+        let holder = ferry_store::readers::lock_holder(store.root());
+        if t0.elapsed() >= BEHIND_WAIT {
+            return Err(ferry_store::StoreError::Busy {
+                what: format!("replica {vm}/{disk} is behind its manifest, and store"),
+                path: store.root().to_owned(),
+                holder: holder.describe(),
+                waited: t0.elapsed(),
+            }
+            .into());
+        }
+        if !said {
+            tracing::warn!(
+                "replica {vm}/{disk} has a commit to finish; waiting up to {}s for the writer, {}",
+                BEHIND_WAIT.as_secs(),
+                holder.describe()
+            );
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// The embedded local store.
 pub struct LocalRecovery {
     root: PathBuf,
@@ -103,11 +162,18 @@ impl RecoveryStore for LocalRecovery {
             .clone()
             .unwrap_or_else(crate::default_key_file);
         let store = open_store(&self.root, &key_file, false)?;
-        let _lock = store.lock()?;
-        // Finish a commit a crash may have interrupted before reading the replica.
+        // No writer lock: `ferry serve` / `ferry replicate` keep writing meanwhile. The pin keeps
+        // retention from deleting what this point needs; then the point must still be listed.
+        let _pin = ferry_store::readers::pin_point(&self.root, job.vm, job.point.seq)?;
         let manifest = store
             .load_manifest(job.vm)?
             .ok_or_else(|| JobError::Usage(format!("VM '{}' has no manifest", job.vm)))?;
+        if !manifest.points.iter().any(|p| p.seq == job.point.seq) {
+            return Err(JobError::Usage(format!(
+                "point {} of VM '{}' was just pruned by retention; list the points again with `ferry points list` and choose another",
+                job.point.id, job.vm
+            )));
+        }
         let latest = manifest
             .points
             .iter()
@@ -115,7 +181,7 @@ impl RecoveryStore for LocalRecovery {
             .map(|p| p.seq)
             .max()
             .unwrap_or(0);
-        Replica::open(&store.replica_dir(job.vm, job.disk))?.recover(latest)?;
+        wait_for_replica(&store, job.vm, job.disk, job.point.seq, latest)?;
         let rep = ferry_apply::restore(
             &store,
             &RestoreOptions {

@@ -19,7 +19,8 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 /// the new content, never a mix.
 pub fn durable_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
+    // New directories on the way must survive a crash too: each is fsynced in its parent.
+    create_dir_durable(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file")

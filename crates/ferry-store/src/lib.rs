@@ -25,12 +25,12 @@
 
 pub mod durable;
 pub mod index;
+pub mod readers;
 pub mod replica;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -74,6 +74,21 @@ pub enum StoreError {
     /// dedupe index error: {0}
     #[error("dedupe index: {0}")]
     Index(String),
+    /// a lock is held by another process for longer than the caller waits
+    #[error("{what} {} is in use by {holder}; gave up after {}s (stop that process, or try again when it is done)", path.display(), waited.as_secs())]
+    Busy {
+        what: String,
+        path: PathBuf,
+        holder: String,
+        waited: std::time::Duration,
+    },
+    /// the replica has not reached a listed point yet (its writer is finishing the commit)
+    #[error("replica {} is at point {generation}, not yet at listed point {seq}: its writer has a commit to finish", replica.display())]
+    Behind {
+        replica: PathBuf,
+        generation: u64,
+        seq: u64,
+    },
 }
 
 impl StoreError {
@@ -87,7 +102,10 @@ impl StoreError {
 
     /// True if retrying cannot help (corruption, wrong key, bad path).
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, StoreError::Io { .. })
+        !matches!(
+            self,
+            StoreError::Io { .. } | StoreError::Busy { .. } | StoreError::Behind { .. }
+        )
     }
 }
 
@@ -210,21 +228,31 @@ impl LocalStore {
         &self.store_id
     }
 
-    /// Takes the writer lock, waiting (and saying so) if another process holds it.
+    /// Takes the writer lock. If another writer holds it, says who (pid, command, since when) every
+    /// 30 s and waits until it is released. Readers never take it (see [`readers`]).
     pub fn lock(&self) -> Result<StoreLock, StoreError> {
+        self.lock_wait(None)
+    }
+
+    /// [`Self::lock`], giving up with [`StoreError::Busy`] after `wait` (None: no limit).
+    pub fn lock_wait(&self, wait: Option<std::time::Duration>) -> Result<StoreLock, StoreError> {
         let p = self.root.join(".lock");
-        let f = File::create(&p).map_err(StoreError::io(&p, "create"))?;
-        // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            tracing::warn!(store = %self.root.display(), "another ferry process is using this store; waiting for it");
-            // SAFETY: as above.
-            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-            if r != 0 {
-                return Err(StoreError::io(&p, "lock")(std::io::Error::last_os_error()));
-            }
-        }
+        let f = readers::open_lock_file(&p)?;
+        readers::lock_file(&f, &p, "store", wait)?;
+        readers::write_holder(&f, &p)?;
         Ok(StoreLock { _file: f })
+    }
+
+    /// Takes the writer lock only if it is free right now.
+    pub fn try_lock(&self) -> Result<Option<StoreLock>, StoreError> {
+        let p = self.root.join(".lock");
+        Ok(match readers::try_lock(&p)? {
+            Some(f) => {
+                readers::write_holder(&f, &p)?;
+                Some(StoreLock { _file: f })
+            }
+            None => None,
+        })
     }
 
     /// Opens the dedupe index (hold the lock while it is open).

@@ -9,7 +9,7 @@
 //! changed since point N) and `undo/N.delta` (their digests at point N), then the manifest commit, then
 //! the redo is applied in place to `current.map`. Cost: O(pages changed), never a copy of the disk.
 //! The digest of a page at point S is found in the oldest undo with seq >= S that has it, else in
-//! `current.map`.
+//! `current.map` ([`crate::readers::LiveReader`], which stays exact while the writer commits).
 //!
 //! Crash safety: `current.map`'s header carries the generation (point seq) it reflects; a redo newer than
 //! that generation and listed in the manifest is re-applied on open (idempotent); one not listed is
@@ -100,10 +100,19 @@ impl Replica {
 
     /// Opens an existing replica.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, true)
+    }
+
+    /// Opens an existing replica for reading only (readers beside the writer).
+    pub fn open_readonly(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, write: bool) -> Result<Self, StoreError> {
         let map_path = dir.join("current.map");
         let map = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(write)
             .open(&map_path)
             .map_err(io(&map_path, "open"))?;
         let mut hb = [0u8; MAP_HEADER_LEN];
@@ -374,36 +383,6 @@ impl Replica {
         Ok(())
     }
 
-    /// A reader of the page map as it was at point `seq`.
-    pub fn point_reader(&self, seq: u64) -> Result<PointReader<'_>, StoreError> {
-        let d = self.dir.join("undo");
-        let mut seqs = Vec::new();
-        for e in fs::read_dir(&d).map_err(io(&d, "list"))? {
-            let e = e.map_err(io(&d, "list"))?;
-            if let Some(s) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".delta"))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                if s >= seq && s < self.header.generation {
-                    seqs.push(s);
-                }
-            }
-        }
-        seqs.sort_unstable_by(|a, b| b.cmp(a));
-        let mut undos = Vec::new();
-        for s in seqs {
-            let mut r = DeltaReader::open(&d.join(format!("{s}.delta")))?;
-            let head = r.next().transpose()?;
-            undos.push((r, head));
-        }
-        Ok(PointReader {
-            replica: self,
-            undos,
-        })
-    }
-
     /// Every digest this replica can still restore: the current map and all undo deltas.
     pub fn live_digests(
         &self,
@@ -433,8 +412,9 @@ impl Replica {
     }
 
     /// Removes undo deltas of points that no longer exist (`keep`: the point seqs that include this
-    /// disk). Pruning is oldest-first, so no retained point ever needs a removed delta.
-    pub fn gc_undo(&self, keep: &[u64]) -> Result<(), StoreError> {
+    /// disk), except those a reader of pinned point `pinned` still needs (every seq >= it). Pruning is
+    /// oldest-first by seq, so no retained point ever needs a removed delta.
+    pub fn gc_undo(&self, keep: &[u64], pinned: Option<u64>) -> Result<(), StoreError> {
         let d = self.dir.join("undo");
         for e in fs::read_dir(&d).map_err(io(&d, "list"))? {
             let e = e.map_err(io(&d, "list"))?;
@@ -444,7 +424,8 @@ impl Replica {
                 .and_then(|n| n.strip_suffix(".delta"))
                 .and_then(|n| n.parse::<u64>().ok());
             if let Some(s) = seq {
-                if !keep.contains(&s) && s < self.header.generation {
+                if !keep.contains(&s) && s < self.header.generation && pinned.is_none_or(|p| s < p)
+                {
                     let _ = fs::remove_file(e.path());
                 }
             }
@@ -461,34 +442,6 @@ impl Replica {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(&p, "remove")(e)),
         }
-    }
-}
-
-/// Streams the page map at a point, window by window, in ascending page order.
-pub struct PointReader<'a> {
-    replica: &'a Replica,
-    /// Newest first, each with its next unread entry.
-    undos: Vec<(DeltaReader, Option<(u64, Digest)>)>,
-}
-
-impl PointReader<'_> {
-    /// Fills `out` with the digests of pages `first..first + out.len()`. Windows must be read in
-    /// ascending order.
-    pub fn read(&mut self, first: u64, out: &mut [Digest]) -> Result<(), StoreError> {
-        self.replica.read_map(first, out)?;
-        let end = first + out.len() as u64;
-        for (r, head) in self.undos.iter_mut() {
-            while let Some((page, d)) = *head {
-                if page >= end {
-                    break;
-                }
-                if page >= first {
-                    out[(page - first) as usize] = d;
-                }
-                *head = r.next().transpose()?;
-            }
-        }
-        Ok(())
     }
 }
 

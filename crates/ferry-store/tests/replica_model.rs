@@ -83,7 +83,7 @@ proptest! {
         r.read_map(0, &mut cur).unwrap();
         prop_assert_eq!(&cur, &model);
         for (seq, want) in &snapshots {
-            let mut rd = r.point_reader(*seq).unwrap();
+            let mut rd = ferry_store::readers::LiveReader::open(dir.path(), *seq).unwrap();
             let mut got = vec![ZERO_DIGEST; pages as usize];
             // Read in uneven windows, ascending, as restore does.
             let mut first = 0u64;
@@ -94,5 +94,101 @@ proptest! {
             }
             prop_assert_eq!(&got, want, "point {}", seq);
         }
+    }
+}
+
+/// One step of the writer between two window reads of a reader.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A whole commit (prepare, manifest, apply).
+    Commit(Vec<(u64, u8)>),
+    /// Prepare and manifest only: the reader's next window sees the undo but not the new map.
+    Prepared(Vec<(u64, u8)>),
+    /// Prepare, then the writer crashes and recovers: the commit never happened.
+    Abandoned(Vec<(u64, u8)>),
+}
+
+fn steps(pages: u64) -> impl Strategy<Value = Vec<Step>> {
+    let w = prop::collection::vec((0..pages, 0u8..6), 0..30);
+    prop::collection::vec(
+        prop_oneof![
+            w.clone().prop_map(Step::Commit),
+            w.clone().prop_map(Step::Prepared),
+            w.prop_map(Step::Abandoned),
+        ],
+        0..20,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, .. ProptestConfig::default() })]
+    /// A reader of point S (no lock) gets exactly S's page map while the writer keeps committing,
+    /// preparing and abandoning commits between its window reads.
+    #[test]
+    fn live_reader_is_exact_while_the_writer_commits(
+        pages in 1u64..200,
+        before in steps(200),
+        during in steps(200),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Replica::open_or_create(dir.path(), pages * 65536).unwrap();
+        let mut model = vec![ZERO_DIGEST; pages as usize];
+        let mut latest = 0u64;
+        // A prepared, listed commit whose redo is not applied yet.
+        let mut unapplied: Option<u64> = None;
+        let step = |r: &mut Replica, s: &Step, latest: &mut u64, model: &mut Vec<Digest>, unapplied: &mut Option<u64>| {
+            if let Some(u) = unapplied.take() {
+                r.apply_redo(u).unwrap();
+            }
+            let (Step::Commit(w) | Step::Prepared(w) | Step::Abandoned(w)) = s;
+            let seq = *latest + 1;
+            r.reset_pending().unwrap();
+            let mut next = model.clone();
+            for (p, v) in w {
+                let p = p % pages;
+                r.record(p, &d(*v)).unwrap();
+                next[p as usize] = d(*v);
+            }
+            r.prepare(seq).unwrap();
+            match s {
+                Step::Abandoned(_) => {
+                    *r = Replica::open(dir.path()).unwrap();
+                    r.recover(*latest).unwrap();
+                }
+                Step::Prepared(_) => {
+                    *latest = seq;
+                    *model = next;
+                    *unapplied = Some(seq);
+                }
+                Step::Commit(_) => {
+                    *latest = seq;
+                    *model = next;
+                    r.apply_redo(seq).unwrap();
+                }
+            }
+        };
+        // Point 1 first: points start at seq 1 (generation 0 is "no point yet" and has no undo).
+        step(&mut r, &Step::Commit(vec![(0, 1)]), &mut latest, &mut model, &mut unapplied);
+        for s in &before {
+            step(&mut r, s, &mut latest, &mut model, &mut unapplied);
+        }
+        if let Some(u) = unapplied.take() {
+            r.apply_redo(u).unwrap();
+        }
+        let seq = latest;
+        let want = model.clone();
+        let mut rd = ferry_store::readers::LiveReader::open(dir.path(), seq).unwrap();
+        let mut got = vec![ZERO_DIGEST; pages as usize];
+        let mut first = 0u64;
+        let mut during = during.iter();
+        while first < pages {
+            let n = (pages - first).min(1 + first % 11);
+            rd.read(first, &mut got[first as usize..(first + n) as usize]).unwrap();
+            first += n;
+            if let Some(s) = during.next() {
+                step(&mut r, s, &mut latest, &mut model, &mut unapplied);
+            }
+        }
+        prop_assert_eq!(&got, &want, "point {} read while the writer moved to {}", seq, latest);
     }
 }
