@@ -10,10 +10,13 @@
 //! - A record is returned by `sync` as durable only after `fdatasync` of its file.
 //! - Quota: appends block (after syncing, so the drainer can progress) while the files on disk exceed
 //!   the quota. A full cache means backpressure, never dropped data or unbounded memory.
-//! - Recovery ([`Cache::open`]) scans every file from the consumed position; at the first torn or
-//!   corrupt record it truncates the log there (and drops later files), logging what was dropped.
-//!   Records after a gap are never replayed, so a tag can never commit a point with missing data; the
-//!   tracker re-ships whatever was not committed.
+//! - Recovery ([`Cache::open`]) scans every file from the consumed position. A torn or corrupt
+//!   record in the *last* file is a tail that was never synced (nothing in it was acknowledged): the
+//!   file is truncated there. A bad record in any earlier file is damage to acknowledged data
+//!   (every file is synced before the next one starts): recovery stops with
+//!   [`CacheError::Damaged`], naming the file and offset, and drops nothing.
+//! - A writer always starts a new file with a fresh salt, so no record is ever sealed under the key
+//!   and nonce of one that a truncation discarded.
 //!
 //! Must not: interpret records. It stores and returns them in order.
 
@@ -51,6 +54,13 @@ pub enum CacheError {
     /// the cache was closed
     #[error("the cache was closed")]
     Closed,
+    /// acknowledged records are damaged
+    #[error("cache file {} is damaged at offset {offset} ({why}); records after it were acknowledged, so Ferry stops instead of dropping them. Keep it for diagnosis: stop Ferry, move the cache directory {} aside, start again, and resync the affected VMs (`ferry-agent resync` on each guest; `ferry replicate` rescans by itself)", path.display(), path.parent().unwrap_or(path).display())]
+    Damaged {
+        path: PathBuf,
+        offset: u64,
+        why: String,
+    },
     /// quota too small
     #[error("cache quota {quota} bytes is smaller than two cache files ({file_size} bytes each); raise --cache-size")]
     QuotaTooSmall { quota: u64, file_size: u64 },
@@ -149,17 +159,9 @@ impl Cache {
         let mut rec = Recovery::default();
         let mut files = VecDeque::new();
         let mut next = consumed;
-        let mut broken = false;
         for (i, (first, path)) in names.iter().enumerate() {
             let last_file = i + 1 == names.len();
             let later_first = names.get(i + 1).map(|n| n.0);
-            if broken {
-                let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-                rec.dropped_bytes += len;
-                tracing::error!(file = %path.display(), "dropping cache file after a corrupt record");
-                fs::remove_file(path).map_err(io(path, "remove"))?;
-                continue;
-            }
             if later_first.is_some_and(|l| l <= consumed) {
                 // Entirely drained.
                 fs::remove_file(path).map_err(io(path, "remove"))?;
@@ -210,14 +212,17 @@ impl Cache {
                             Ok(Decoded::Record(s, ..)) => format!("sequence {s}, expected {seq}"),
                             Err(e) => e.to_string(),
                         };
+                        if !last_file {
+                            tracing::error!(file = %path.display(), offset = pos, %why, "damaged cache record before the last file");
+                            return Err(CacheError::Damaged {
+                                path: path.clone(),
+                                offset: pos as u64,
+                                why,
+                            });
+                        }
                         let dropped = bytes.len() - pos;
                         rec.dropped_bytes += dropped as u64;
-                        if last_file {
-                            tracing::warn!(file = %path.display(), offset = pos, dropped, %why, "truncating the cache's torn tail");
-                        } else {
-                            tracing::error!(file = %path.display(), offset = pos, dropped, %why, "corrupt cache record; dropping the log from here (uncommitted data will be re-shipped)");
-                            broken = true;
-                        }
+                        tracing::warn!(file = %path.display(), offset = pos, dropped, %why, "truncating the cache's torn tail (never synced, never acknowledged)");
                         let f = OpenOptions::new()
                             .write(true)
                             .open(path)
@@ -238,9 +243,6 @@ impl Cache {
                 salt: header.salt,
                 len: pos as u64,
             });
-            if broken {
-                continue;
-            }
         }
         let consumed = consumed.min(next);
         let shared = Arc::new(Shared {
@@ -342,20 +344,15 @@ pub struct CacheWriter {
 impl CacheWriter {
     fn start_file(&mut self) -> Result<(), CacheError> {
         let dir = self.shared.cfg.dir.clone();
-        // Reuse the last file if it still has room.
+        // Always a new file with a fresh salt, never appending to one recovery found: its torn tail
+        // may have been sealed under the nonces the next records would get. A last file that holds
+        // no record and has this name is replaced.
         {
-            let st = self.shared.state.lock().expect("poisoned");
-            if let Some(last) = st.files.back() {
-                if last.len < self.shared.cfg.file_size && self.file.is_none() {
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&last.path)
-                        .map_err(io(&last.path, "open"))?;
-                    self.sealer = Some(self.shared.key.cache_sealer(&last.salt));
-                    self.file_len = last.len;
-                    self.file = Some((f, last.path.clone()));
-                    return Ok(());
-                }
+            let mut st = self.shared.state.lock().expect("poisoned");
+            if st.files.back().is_some_and(|l| {
+                l.first_seq == self.next_seq && l.len == CACHE_HEADER_LEN as u64
+            }) {
+                st.files.pop_back();
             }
         }
         let salt = ferry_crypto::random_salt().map_err(|e| CacheError::Io {

@@ -125,8 +125,19 @@ fn wrong_key_is_refused_with_the_file_named() {
     assert!(e.contains(".log") && e.contains("key"), "{e}");
 }
 
+/// The cache's files, oldest first.
+fn logs(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
 #[test]
-fn corrupt_middle_file_drops_everything_after_it() {
+fn a_damaged_record_before_the_last_file_stops_recovery_and_drops_nothing() {
     let d = tempfile::tempdir().unwrap();
     let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
     let mut w = c.writer().unwrap();
@@ -136,21 +147,71 @@ fn corrupt_middle_file_drops_everything_after_it() {
     w.sync().unwrap();
     drop(w);
     drop(c);
-    let mut files: Vec<_> = fs::read_dir(d.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    files.sort();
+    let files = logs(d.path());
     assert!(files.len() >= 3);
-    let mut b = fs::read(&files[1]).unwrap();
+    let before: Vec<_> = files.iter().map(|f| fs::read(f).unwrap()).collect();
+    let mut b = before[1].clone();
     b[5000] ^= 0xff;
-    fs::write(&files[1], b).unwrap();
+    fs::write(&files[1], &b).unwrap();
+    let err = match Cache::open(cfg(d.path()), key()) {
+        Err(e) => e,
+        Ok(_) => panic!("recovery accepted a damaged acknowledged record"),
+    };
+    let msg = err.to_string();
+    assert!(
+        matches!(err, CacheError::Damaged { ref path, .. } if *path == files[1]),
+        "{msg}"
+    );
+    assert!(msg.contains(&files[1].display().to_string()) && msg.contains("offset"), "{msg}");
+    // Nothing was truncated or removed.
+    assert_eq!(logs(d.path()), files);
+    for (f, b0) in files.iter().zip(&before).skip(2) {
+        assert_eq!(&fs::read(f).unwrap(), b0, "{} changed", f.display());
+    }
+    assert_eq!(fs::read(&files[1]).unwrap(), b);
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_new_records_go_to_a_new_file_with_a_new_salt() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    let mut w = c.writer().unwrap();
+    for i in 0..10 {
+        w.append(&write(i)).unwrap();
+    }
+    w.sync().unwrap();
+    drop(w);
+    drop(c);
+    let files = logs(d.path());
+    assert_eq!(files.len(), 1);
+    // A torn last record: half of it reached the disk.
+    let full = fs::metadata(&files[0]).unwrap().len();
+    let torn = full - 10_000;
+    OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap()
+        .set_len(torn)
+        .unwrap();
     let (c, rec) = Cache::open(cfg(d.path()), key()).unwrap();
     assert!(rec.dropped_bytes > 0);
+    assert_eq!(rec.pending_records, 9);
+    let mut w = c.writer().unwrap();
+    w.append(&write(9)).unwrap();
+    w.sync().unwrap();
+    drop(w);
+    let files2 = logs(d.path());
+    assert_eq!(files2.len(), 2, "a new file for new records: {files2:?}");
+    let salt = |p: &Path| CacheFileHeader::decode(&fs::read(p).unwrap(), key().id()).unwrap().salt;
+    assert_ne!(salt(&files2[0]), salt(&files2[1]), "a fresh salt");
+    assert!(fs::metadata(&files2[0]).unwrap().len() < torn, "the torn tail was cut");
     let got = read_all(&c);
-    assert!(got.len() < 150 && got.len() > 10);
+    assert_eq!(got.len(), 10);
     for (i, (_, e)) in got.iter().enumerate() {
-        assert_eq!(*e, write(i as u64), "a prefix, no gaps");
+        assert_eq!(*e, write(i as u64));
     }
+    drop(c);
+    // And all of it survives another restart.
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    assert_eq!(read_all(&c).len(), 10);
 }

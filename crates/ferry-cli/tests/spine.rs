@@ -197,26 +197,19 @@ fn vhd_restore_is_a_valid_fixed_vhd() {
     assert_eq!(f.disk_type, 2);
     assert_eq!(&b[..size as usize], &fs::read(&disk).unwrap()[..]);
     assert!(b[size as usize..(4 << 20)].iter().all(|&x| x == 0));
-    // An independent reader agrees, when qemu-img is installed.
-    if let Ok(o) = std::process::Command::new("qemu-img")
+    // An independent reader agrees (qemu-utils is a test prerequisite: scripts/test installs it).
+    let o = std::process::Command::new("qemu-img")
         .args(["info", "-f", "vpc", "--output=json"])
         .arg(&out)
         .output()
-    {
-        if o.status.success() {
-            let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            assert_eq!(j["virtual-size"].as_u64().unwrap(), 4 << 20, "{j}");
-        } else {
-            panic!(
-                "qemu-img rejects the VHD: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-    } else {
-        eprintln!(
-            "SKIP (partial): qemu-img not installed; VHD footer checked by Ferry's own parser only"
-        );
-    }
+        .expect("qemu-img not found: install qemu-utils (scripts/test does)");
+    assert!(
+        o.status.success(),
+        "qemu-img rejects the VHD: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["virtual-size"].as_u64().unwrap(), 4 << 20, "{j}");
 }
 
 fn newest_segment(store: &Path) -> std::path::PathBuf {

@@ -71,6 +71,9 @@ fn checksum(f: &[u8; FOOTER_LEN]) -> u32 {
     !sum
 }
 
+/// The footer's creator application (see [`encode`]).
+pub const CREATOR_APP: &[u8; 4] = b"win ";
+
 /// Builds the footer of a fixed VHD whose data part is `vhd_size` bytes (a multiple of 1 MiB).
 pub fn encode(vhd_size: u64, unique_id: [u8; 16], unix_secs: u64) -> [u8; FOOTER_LEN] {
     let mut f = [0u8; FOOTER_LEN];
@@ -80,7 +83,10 @@ pub fn encode(vhd_size: u64, unique_id: [u8; 16], unix_secs: u64) -> [u8; FOOTER
     f[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
     let ts = unix_secs.saturating_sub(VHD_EPOCH).min(u32::MAX as u64) as u32;
     f[24..28].copy_from_slice(&ts.to_be_bytes());
-    f[28..32].copy_from_slice(b"ferr");
+    // Creator app: readers that do not know the creator size the disk from its CHS geometry, which
+    // for most sizes is smaller than the disk (QEMU 7.2 sees 8 KiB less of 2 GiB). "win " (Hyper-V)
+    // is the creator every common reader (QEMU, Hyper-V, Azure, VirtualBox) sizes by current_size.
+    f[28..32].copy_from_slice(CREATOR_APP);
     f[32..36].copy_from_slice(&0x0001_0000u32.to_be_bytes());
     f[36..40].copy_from_slice(b"Wi2k");
     f[40..48].copy_from_slice(&vhd_size.to_be_bytes());
@@ -156,6 +162,33 @@ mod tests {
         g[100] ^= 1;
         assert!(decode(&g).is_err());
     }
+
+    /// QEMU's vpc driver (7.2, Debian 12's) uses current_size only for these creators; for any other
+    /// it multiplies out the CHS geometry, which for 2 GiB is 8 KiB short.
+    #[test]
+    fn creator_app_makes_qemu_use_the_full_size() {
+        const SIZED_BY_CURRENT_SIZE: [&[u8; 4]; 5] = [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"];
+        let f = encode(2 << 30, [7; 16], 1_800_000_000);
+        assert!(SIZED_BY_CURRENT_SIZE.contains(&&f[28..32].try_into().unwrap()));
+        let (c, h, s) = geometry(2 << 30);
+        assert_eq!(c as u64 * h as u64 * s as u64 * 512, (2 << 30) - 8192);
+    }
+
+    /// Golden bytes of a footer: any change to the encoding shows here.
+    #[test]
+    fn golden_footer() {
+        let f = encode(2 << 30, [7; 16], 1_800_000_000);
+        // Everything after the unique id (offset 84) is reserved and zero.
+        let golden = format!("{GOLDEN_HEAD}{}", "0".repeat(2 * (FOOTER_LEN - 84)));
+        assert_eq!(hex::encode(f), golden);
+        let d = decode(&f).unwrap();
+        assert_eq!((d.current_size, d.disk_type), (2 << 30, 2));
+    }
+    // cookie "conectix", features 2, version 1.0, data offset none, time, creator "win " 1.0
+    // "Wi2k", original and current size 2 GiB, CHS 4161/16/63, type fixed, checksum, unique id.
+    const GOLDEN_HEAD: &str = "636f6e65637469780000000200010000ffffffffffffffff32dc8e8077696e2000010000\
+5769326b00000000800000000000000080000000\
+1041103f00000002ffffedad07070707070707070707070707070707";
 
     #[test]
     fn geometry_matches_spec_examples() {
