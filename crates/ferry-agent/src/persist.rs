@@ -30,9 +30,7 @@ const CV_HEADER: u64 = 64;
 use crate::state_err as err;
 
 fn sync_dir(dir: &Path) -> Result<(), AgentError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| err(dir, e))
+    ferry_durable::fsync_dir(dir).map_err(|e| err(dir, e))
 }
 
 /// A disk's committed CV map, updated in place.
@@ -64,7 +62,7 @@ impl CvFile {
             return Ok((CvFile { path, file }, cvs, false));
         }
         let dir = path.parent().expect("maps/ has a parent");
-        fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        ferry_durable::create_dir_durable(dir).map_err(|e| err(dir, e))?;
         let mut header = [0u8; CV_HEADER as usize];
         header[..8].copy_from_slice(CV_MAGIC);
         header[8..16].copy_from_slice(&size.to_le_bytes());
@@ -86,10 +84,8 @@ impl CvFile {
                 f.write_all(&ones[..n]).map_err(|e| err(&tmp, e))?;
                 left -= n;
             }
-            f.sync_all().map_err(|e| err(&tmp, e))?;
         }
-        fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
-        sync_dir(dir)?;
+        ferry_durable::durable_rename(&tmp, &path).map_err(|e| err(&path, e))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -149,7 +145,7 @@ fn pending_path(state_dir: &Path, run: &[u8; 16]) -> PathBuf {
 /// Writes (durably) what run `run` will commit, before its tag is sent.
 pub fn write_pending(state_dir: &Path, run: &[u8; 16], cvs: &RunCvs) -> Result<(), AgentError> {
     let dir = pending_dir(state_dir);
-    fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
+    ferry_durable::create_dir_durable(&dir).map_err(|e| err(&dir, e))?;
     let path = pending_path(state_dir, run);
     // Temp + fsync + rename + fsync dir: the file is whole or absent, never torn.
     ferry_wire::write_private(&path, &encode_pending(run, cvs)).map_err(|e| err(&path, e))

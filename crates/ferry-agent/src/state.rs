@@ -35,7 +35,7 @@ use crate::state_err;
 
 impl AgentIdentity {
     pub fn save(&self, state_dir: &Path) -> Result<(), AgentError> {
-        fs::create_dir_all(state_dir).map_err(|e| state_err(state_dir, e))?;
+        ferry_durable::create_dir_durable(state_dir).map_err(|e| state_err(state_dir, e))?;
         let f = IdentityFile {
             version: 1,
             server: self.server.clone(),

@@ -29,11 +29,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use ferry_crypto::{MasterKey, Sealer};
+use ferry_durable as durable;
 use ferry_format::cache::{
     decode_record, encode_record, CacheEntry, CacheFileHeader, Decoded, CACHE_HEADER_LEN,
     RECORD_HEADER_LEN,
 };
-use ferry_store::durable;
 
 /// Errors of the cache.
 #[derive(Debug, thiserror::Error)]
@@ -349,9 +349,11 @@ impl CacheWriter {
         // no record and has this name is replaced.
         {
             let mut st = self.shared.state.lock().expect("poisoned");
-            if st.files.back().is_some_and(|l| {
-                l.first_seq == self.next_seq && l.len == CACHE_HEADER_LEN as u64
-            }) {
+            if st
+                .files
+                .back()
+                .is_some_and(|l| l.first_seq == self.next_seq && l.len == CACHE_HEADER_LEN as u64)
+            {
                 st.files.pop_back();
             }
         }

@@ -162,7 +162,10 @@ fn a_damaged_record_before_the_last_file_stops_recovery_and_drops_nothing() {
         matches!(err, CacheError::Damaged { ref path, .. } if *path == files[1]),
         "{msg}"
     );
-    assert!(msg.contains(&files[1].display().to_string()) && msg.contains("offset"), "{msg}");
+    assert!(
+        msg.contains(&files[1].display().to_string()) && msg.contains("offset"),
+        "{msg}"
+    );
     // Nothing was truncated or removed.
     assert_eq!(logs(d.path()), files);
     for (f, b0) in files.iter().zip(&before).skip(2) {
@@ -202,9 +205,16 @@ fn a_torn_tail_is_truncated_and_new_records_go_to_a_new_file_with_a_new_salt() {
     drop(w);
     let files2 = logs(d.path());
     assert_eq!(files2.len(), 2, "a new file for new records: {files2:?}");
-    let salt = |p: &Path| CacheFileHeader::decode(&fs::read(p).unwrap(), key().id()).unwrap().salt;
+    let salt = |p: &Path| {
+        CacheFileHeader::decode(&fs::read(p).unwrap(), key().id())
+            .unwrap()
+            .salt
+    };
     assert_ne!(salt(&files2[0]), salt(&files2[1]), "a fresh salt");
-    assert!(fs::metadata(&files2[0]).unwrap().len() < torn, "the torn tail was cut");
+    assert!(
+        fs::metadata(&files2[0]).unwrap().len() < torn,
+        "the torn tail was cut"
+    );
     let got = read_all(&c);
     assert_eq!(got.len(), 10);
     for (i, (_, e)) in got.iter().enumerate() {

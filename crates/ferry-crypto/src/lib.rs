@@ -15,8 +15,8 @@
 //! Must not: log or print key material, or write a key file that other users can read.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::aead;
@@ -156,32 +156,13 @@ impl MasterKey {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                fs::create_dir_all(dir).map_err(err)?;
-            }
-        }
         let mut secret = [0u8; 32];
         random_bytes(&mut secret)?;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(err)?;
-        f.write_all(hex::encode(secret).as_bytes()).map_err(err)?;
-        f.write_all(b"\n").map_err(err)?;
-        f.sync_all().map_err(err)?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(err)?;
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = fs::File::open(if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            }) {
-                let _ = d.sync_all();
-            }
-        }
+        // 0600 from creation, never replacing an existing key; file and directory synced (a
+        // failed directory sync is a failed creation: the key might not survive a power cut).
+        let mut text = hex::encode(secret).into_bytes();
+        text.push(b'\n');
+        ferry_durable::create_private(path, &text).map_err(err)?;
         Ok(Self::from_bytes(&secret, path))
     }
 

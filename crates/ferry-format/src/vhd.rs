@@ -186,7 +186,8 @@ mod tests {
     }
     // cookie "conectix", features 2, version 1.0, data offset none, time, creator "win " 1.0
     // "Wi2k", original and current size 2 GiB, CHS 4161/16/63, type fixed, checksum, unique id.
-    const GOLDEN_HEAD: &str = "636f6e65637469780000000200010000ffffffffffffffff32dc8e8077696e2000010000\
+    const GOLDEN_HEAD: &str =
+        "636f6e65637469780000000200010000ffffffffffffffff32dc8e8077696e2000010000\
 5769326b00000000800000000000000080000000\
 1041103f00000002ffffedad07070707070707070707070707070707";
 

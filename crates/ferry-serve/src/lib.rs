@@ -149,7 +149,7 @@ pub fn passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
 
 /// Runs the process server until `stop` is set (SIGINT/SIGTERM) or a fatal error.
 pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&o.state_dir).map_err(|source| ServeError::Io {
+    ferry_durable::create_dir_durable(&o.state_dir).map_err(|source| ServeError::Io {
         what: format!("cannot create state directory {}", o.state_dir.display()),
         source,
     })?;

@@ -83,7 +83,7 @@ impl Passphrase {
     pub fn rotate(state_dir: &Path, fingerprint: Fingerprint) -> Result<Self, PassphraseError> {
         let p = Self::generate(fingerprint)?;
         let path = state_dir.join(PASSPHRASE_FILE);
-        std::fs::create_dir_all(state_dir).map_err(|e| io_err(state_dir, e))?;
+        ferry_durable::create_dir_durable(state_dir).map_err(|e| io_err(state_dir, e))?;
         write_private(&path, format!("{p}\n").as_bytes()).map_err(|e| io_err(&path, e))?;
         Ok(p)
     }

@@ -108,7 +108,7 @@ impl ServerIdentity {
         let cert = params.self_signed(&key_pair)?;
         let pem = format!("{}{}", cert.pem(), key_pair.serialize_pem());
         let path = state_dir.join(IDENTITY_FILE);
-        std::fs::create_dir_all(state_dir).map_err(io("create", state_dir))?;
+        ferry_durable::create_dir_durable(state_dir).map_err(io("create", state_dir))?;
         write_private(&path, pem.as_bytes()).map_err(io("write", &path))?;
         let cert = cert.der().clone();
         Ok(ServerIdentity {

@@ -1,0 +1,163 @@
+//! Ferry's one way to make files durable. Every writer of durable state (store, cache, server state,
+//! agent state, keys) goes through these helpers, so there is one place to read, review and record.
+//!
+//! Invariants:
+//! - [`durable_write`] / [`write_private`]: temp file → write → `fsync` → rename over the target →
+//!   `fsync` of the directory. After they return, a crash leaves the new content; before, the old
+//!   content or the new, never a mix.
+//! - [`create_dir_durable`]: every directory it creates is `fsync`ed in its parent, so a file made
+//!   durable inside a new directory cannot vanish with the directory after a power cut.
+//! - [`remove_durable`]: the unlink is `fsync`ed in the directory.
+//! - Private files (`0600`) are created with that mode, never widened, not even for an instant.
+//! - Errors are returned, never dropped (a failed directory fsync is a failed write).
+//!
+//! Must not: decide what is durable or when; callers order their writes (data before the commit
+//! point that names it).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Syncs a directory so a create, rename or unlink inside it survives a crash.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its missing parents; each new directory is fsynced in its parent.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(p) = dir.parent() {
+        create_dir_durable(p)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    fsync_dir(parent(dir))
+}
+
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = parent(path);
+    create_dir_durable(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    fsync_dir(dir)
+}
+
+/// Atomically replaces `path` with `bytes` (mode `0644` less the umask), creating its directory
+/// durably if needed.
+pub fn durable_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(path, bytes, 0o644)
+}
+
+/// [`durable_write`] for secrets and private state: the file is `0600` from its creation.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(path, bytes, 0o600)
+}
+
+/// Makes an already-written temp file durable under its final name (fsync file, rename, fsync dir).
+pub fn durable_rename(tmp: &Path, path: &Path) -> io::Result<()> {
+    File::open(tmp)?.sync_all()?;
+    fs::rename(tmp, path)?;
+    fsync_dir(parent(path))
+}
+
+/// Creates `path` with `bytes` and mode `0600`, refusing to replace an existing file, durably (file
+/// and directory synced). Used where two writers must never both win (a new master key).
+pub fn create_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = parent(path);
+    create_dir_durable(dir)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fsync_dir(dir)
+}
+
+/// Removes `path` and syncs its directory (absent already: Ok).
+pub fn remove_durable(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => fsync_dir(parent(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn writes_replace_whole_files_in_new_directories_with_their_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a/b/c.json");
+        durable_write(&p, b"one").unwrap();
+        durable_write(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let s = d.path().join("s/secret");
+        write_private(&s, b"x").unwrap();
+        assert_eq!(
+            fs::metadata(&s).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // No temp files left behind.
+        assert_eq!(fs::read_dir(d.path().join("a/b")).unwrap().count(), 1);
+        let k = d.path().join("k/key");
+        create_private(&k, b"1").unwrap();
+        assert_eq!(
+            create_private(&k, b"2").unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(fs::read(&k).unwrap(), b"1");
+        remove_durable(&k).unwrap();
+        remove_durable(&k).unwrap();
+        assert!(!k.exists());
+    }
+
+    #[test]
+    fn a_failed_directory_sync_is_an_error() {
+        // The target's directory vanished before the write: nothing may claim success.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("gone");
+        fs::create_dir(&p).unwrap();
+        let f = p.join("x");
+        fs::remove_dir(&p).unwrap();
+        fs::write(d.path().join("gone"), b"a file now").unwrap();
+        assert!(durable_write(&f, b"x").is_err());
+    }
+}
