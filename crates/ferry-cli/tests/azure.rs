@@ -374,3 +374,77 @@ fn a_rebuilt_appliance_with_fresh_local_state_keeps_the_store_consistent() {
     );
     az.restore_exact("latest", &disk);
 }
+
+#[test]
+fn a_fresh_container_behind_old_staging_state_is_refused_then_resynced_in_full() {
+    let Some(az) = Az::start() else { return };
+    let (disk, mut rng) = make_disk(&az.env, "db01.img", 8 << 20, 9);
+    az.replicate(&disk, &[]);
+    let marker = ferry_azure::AzureBlobs::new(az.azurite.config(CONTAINER))
+        .unwrap()
+        .get_blob("ferry-store.json")
+        .unwrap()
+        .expect("the first run writes the store marker");
+    let id = serde_json::from_slice::<serde_json::Value>(&marker).unwrap()["store_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The same account and container name, but a new, empty store (a fresh Azurite).
+    let fresh = Azurite::start_or_skip().expect("a second Azurite");
+    write_random(&disk, &mut rng, 2 << 20, 64 << 10);
+    let url = az.url();
+    let run = |extra_env: Option<(&str, PathBuf)>| {
+        let mut c = az.cmd(&[
+            "replicate",
+            disk.to_str().unwrap(),
+            "--store",
+            &url,
+            "--once",
+        ]);
+        c.env("AZURE_STORAGE_CONNECTION_STRING", fresh.connection_string());
+        if let Some((k, v)) = extra_env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let o = run(None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a run on stale staging state must be refused"
+    );
+    assert!(
+        err.contains("no store marker") && err.contains(&id) && err.contains("mv "),
+        "the refusal names the old store id and what to do: {err}"
+    );
+    let blobs = ferry_azure::AzureBlobs::new(fresh.config(CONTAINER)).unwrap();
+    assert!(
+        blobs.list("manifests/").unwrap().is_empty(),
+        "no point may be published on the wrong base"
+    );
+    // Following the advice: the staging directory moved aside, a full resync, exact points.
+    let stage = az.env.path("state/stage/devstoreaccount1").join(CONTAINER);
+    assert!(stage.is_dir(), "{}", stage.display());
+    fs::rename(&stage, stage.with_extension("old")).unwrap();
+    let o = run(None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = az.env.path("fresh.img");
+    let o = az
+        .cmd(&[
+            "restore", "--store", &url, "--point", "latest", "--verify", "--out",
+        ])
+        .arg(&out)
+        .env("AZURE_STORAGE_CONNECTION_STRING", fresh.connection_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(same_bytes(&out, &disk), "the resynced point is exact");
+    let id2 = serde_json::from_slice::<serde_json::Value>(
+        &blobs.get_blob("ferry-store.json").unwrap().unwrap(),
+    )
+    .unwrap()["store_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(id, id2, "the new container is a new store");
+}

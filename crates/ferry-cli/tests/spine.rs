@@ -344,3 +344,30 @@ fn du(p: &Path) -> u64 {
         .map(|f| fs::metadata(f).unwrap().blocks() * 512)
         .sum()
 }
+
+#[test]
+fn a_cache_directory_of_another_store_is_refused() {
+    let env = Env::new();
+    let disk = env.path("c.img");
+    fs::File::create(&disk).unwrap().set_len(2 << 20).unwrap();
+    write_random(&disk, &mut Rng(5), 0, 1 << 20);
+    env.replicate_ok(&[&disk], &[]);
+    let id = fs::read_to_string(env.path("cache/store-id")).unwrap();
+    // A second store, pointed at the first store's cache by mistake.
+    let mut c = ferry();
+    c.arg("replicate").arg(&disk).arg("--once");
+    c.arg("--store").arg(env.path("other-store"));
+    c.arg("--key-file").arg(env.key());
+    c.arg("--cache-dir").arg(env.path("cache"));
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("belongs to store") && err.contains(id.trim()) && err.contains("--cache-dir"),
+        "{err}"
+    );
+    assert!(
+        !env.path("other-store/manifests/c.json").exists(),
+        "no point in the other store"
+    );
+}

@@ -12,6 +12,7 @@
 //! Must not: print. Progress goes through [`Progress`]; the binary decides how to show it.
 
 pub mod azure;
+pub mod identity;
 mod paths;
 mod points;
 pub mod remote;
@@ -129,6 +130,12 @@ pub fn open_store(store: &Path, key_file: &Path, create: bool) -> Result<LocalSt
 
 /// Opens (and recovers) the cache of `store` in `dir` with a quota of `quota` bytes.
 pub fn open_cache(store: &LocalStore, dir: &Path, quota: u64) -> Result<Cache, JobError> {
+    ferry_durable::create_dir_durable(dir).map_err(|source| StoreError::Io {
+        path: dir.to_owned(),
+        op: "create",
+        source,
+    })?;
+    identity::bind_cache(store, dir)?;
     let (cache, rec) = Cache::open(
         CacheConfig {
             dir: dir.to_owned(),
@@ -284,6 +291,9 @@ fn replicate_run(
         Some(_) => None,
         None => Some(store.lock()?),
     };
+    if let (Some(b), StoreLocation::Azure { url, .. }) = (&blobs, &o.store) {
+        identity::bind_azure(&store, b, url)?;
+    }
     let cache = open_cache(&store, &o.cache_dir, o.cache_size)?;
     let (target, sink): (
         Option<Box<dyn ferry_apply::ReplicaTarget>>,

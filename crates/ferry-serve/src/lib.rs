@@ -163,6 +163,9 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     let store_root = o.store.local_dir();
     let store = ferry_job::open_store(&store_root, &o.key_file, true)?;
     let _lock = store.lock()?;
+    if let (Some(b), ferry_job::StoreLocation::Azure { url, .. }) = (&blobs, &o.store) {
+        ferry_job::identity::bind_azure(&store, b, url)?;
+    }
     let cache = ferry_job::open_cache(&store, &o.cache_dir, o.cache_size)?;
     let writer = cache.writer()?;
     let board = Arc::new(board::Board::new(board::ServerInfo {
