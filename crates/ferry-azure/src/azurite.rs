@@ -163,6 +163,8 @@ impl Azurite {
             .create(true)
             .append(true)
             .open(self.log_path())?;
+        // The log is appended to across restarts: only what this start writes counts.
+        let from = log.metadata()?.len() as usize;
         let data = self.dir.path().join("data");
         let child = Command::new(&self.bin)
             .arg("--blobHost")
@@ -185,8 +187,10 @@ impl Azurite {
             // Our own child must say it listens: a port probed free can be taken by another
             // test's Azurite before ours binds it, and then a connect would reach *that* one
             // while ours exits with EADDRINUSE.
-            if self.log().contains("successfully listens")
-                && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            if std::fs::read(self.log_path()).is_ok_and(|b| {
+                b.get(from..)
+                    .is_some_and(|t| String::from_utf8_lossy(t).contains("successfully listens"))
+            }) && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
             {
                 return Ok(());
             }

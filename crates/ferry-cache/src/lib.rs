@@ -170,7 +170,10 @@ impl Cache {
             let bytes = fs::read(path).map_err(io(path, "read"))?;
             let header = match CacheFileHeader::decode(&bytes, key.id()) {
                 Ok(h) if h.first_seq == *first => h,
-                Ok(_) | Err(ferry_format::FormatError::Truncated { .. }) if last_file => {
+                // A last file no longer than a header whose header does not decode: the header
+                // never became durable (zeros or garbage after a power cut); nothing in it was
+                // acknowledged.
+                Ok(_) | Err(_) if last_file && bytes.len() <= CACHE_HEADER_LEN => {
                     // A file whose header never became durable: nothing in it was acknowledged.
                     tracing::warn!(file = %path.display(), "removing a cache file with a torn header");
                     rec.dropped_bytes += bytes.len() as u64;
@@ -233,6 +236,24 @@ impl Cache {
                     }
                 }
             }
+            // Files follow each other without a gap: a file that ends early (a tail cut by an
+            // earlier recovery, then a new file) must end exactly where the next one starts.
+            if let Some(l) = later_first {
+                if seq != l {
+                    return Err(CacheError::Damaged {
+                        path: path.clone(),
+                        offset: pos as u64,
+                        why: format!("its records end before sequence {seq}, but the next file starts at {l}"),
+                    });
+                }
+            }
+            // What recovery keeps may still be only in the page cache (a kill -9 without a power
+            // cut): make it durable before anything new is written after it.
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(path, "sync"))?;
             if seq > consumed {
                 rec.pending_records += seq - consumed.max(*first);
             }

@@ -446,6 +446,12 @@ fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
     );
     // One more, with the workload stopped, app-consistent.
     replies.push(site.cut(true).unwrap());
+    // These points come from the block-layer tracker, not from the scan fallback.
+    let log = agent.log_text();
+    assert!(
+        log.contains("tracker: eBPF"),
+        "the agent did not track with eBPF: {log}"
+    );
     agent.term();
     a.umount_all();
     b.umount_all();

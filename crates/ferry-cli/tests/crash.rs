@@ -27,6 +27,8 @@ fn kill_9_at_random_moments_then_rerun_every_point_exact() {
     // How long an undisturbed initial run takes, to aim kills inside runs.
     let mut max_ms = 400;
     let mut killed_mid_run = 0;
+    // Points of runs that exited 0: each must still be listed at the end.
+    let mut acked: Vec<String> = Vec::new();
     for i in 0..iterations {
         if i > 0 {
             // Change 2-10% of the chunks: random data, some zero ranges.
@@ -49,14 +51,20 @@ fn kill_9_at_random_moments_then_rerun_every_point_exact() {
         c.arg("--store").arg(env.store());
         c.arg("--key-file").arg(env.key());
         c.arg("--cache-dir").arg(env.path("cache"));
-        c.arg("--cache-size").arg("16MiB");
+        c.arg("--cache-size").arg("16MiB").arg("--json");
+        c.stdout(std::process::Stdio::piped());
         let t0 = Instant::now();
         let mut child = c.spawn().unwrap();
         let wait = Duration::from_millis(rng.below(max_ms));
         std::thread::sleep(wait);
         let finished = child.try_wait().unwrap().is_some();
         child.kill().ok(); // SIGKILL
-        let status = child.wait().unwrap();
+        let o = child.wait_with_output().unwrap();
+        let status = o.status;
+        if status.success() {
+            let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            acked.push(j["point"]["id"].as_str().unwrap().to_owned());
+        }
         if !finished && !status.success() {
             killed_mid_run += 1;
         } else if i == 0 {
@@ -64,7 +72,8 @@ fn kill_9_at_random_moments_then_rerun_every_point_exact() {
         }
         // Sometimes let a whole run finish between kills.
         if rng.below(4) == 0 {
-            env.replicate_ok(&[&disk], &["--cache-size", "16MiB"]);
+            let j = env.replicate_ok(&[&disk], &["--cache-size", "16MiB"]);
+            acked.push(j["point"]["id"].as_str().unwrap().to_owned());
         }
     }
     // A clean run after the last kill finishes whatever was left.
@@ -79,6 +88,13 @@ fn kill_9_at_random_moments_then_rerun_every_point_exact() {
         "kills should land inside runs"
     );
     assert_eq!(pts.last().unwrap()["id"], last["point"]["id"]);
+    let listed: Vec<&str> = pts.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    for id in &acked {
+        assert!(
+            listed.contains(&id.as_str()),
+            "point {id} of a run that exited 0 is gone: {listed:?}"
+        );
+    }
     let out = env.path("restored.img");
     for p in &pts {
         let id = p["id"].as_str().unwrap();

@@ -65,7 +65,11 @@ fn skip_reason() -> Option<String> {
 #[test]
 fn ext4_on_a_loop_device_replicated_while_mounted_restores_exactly() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP ext4_on_a_loop_device_replicated_while_mounted_restores_exactly: {why}");
+        ferry_testkit::skip(
+            "ext4_on_a_loop_device_replicated_while_mounted_restores_exactly",
+            &why,
+            "FERRY_REQUIRE_FREEZE_TESTS",
+        );
         return;
     }
     let env = Env::new();

@@ -436,8 +436,16 @@ fn kill_9_of_the_agent_mid_run_then_a_clean_run_is_exact() {
     std::thread::sleep(Duration::from_millis(250));
     child.kill().unwrap();
     child.wait().unwrap();
-    // The killed run never reached its tag: no map was saved, the next run sends it all again.
-    assert!(!env.path("agent/maps/disk.map").exists());
+    // The killed run never reached its tag: its chunk map (maps/DISK.cv, made all-unknown when the
+    // run starts) must not hold a single committed chunk, so the next run sends everything again.
+    let map = env.path("agent/maps/disk.cv");
+    let b = fs::read(&map).unwrap_or_else(|e| panic!("{}: {e}", map.display()));
+    assert!(b.len() > 64, "{} has no entries", map.display());
+    assert!(
+        b[64..].iter().all(|&x| x == 0xff),
+        "the killed run committed chunks to {}",
+        map.display()
+    );
     mutate(&disk, &mut rng, size);
     ok(
         &run_agent(&env, &addr, &disk, "agent"),
@@ -465,9 +473,10 @@ fn a_small_cache_turns_into_backpressure_not_loss() {
     let copy = env.path("copy.img");
     fs::copy(&disk, &copy).unwrap();
     let log = srv.log_text();
+    // The credit watermark, not the cache's own quota block, must be what held the agent back.
     assert!(
-        log.contains("high watermark") || log.contains("cache full"),
-        "the cache never filled: {log}"
+        log.contains("cache above its high watermark: pausing credit"),
+        "credit was never paused at the high watermark: {log}"
     );
     srv.stop();
     check_points(&env, &[copy]);

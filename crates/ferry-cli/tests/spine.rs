@@ -291,7 +291,21 @@ fn corrupt_segment_and_wrong_key_fail_clearly_and_other_points_still_restore() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("wrong.key") && e.contains("key"), "{e}");
+    // Refused, naming the file and both key ids; the earlier restore's output is untouched.
+    let marker: serde_json::Value =
+        serde_json::from_slice(&fs::read(env.store().join("ferry-store.json")).unwrap()).unwrap();
+    let store_key = marker["key_id"].as_str().unwrap();
+    let wrong_key = ferry_crypto::MasterKey::from_bytes(&[0x11; 32], &wrong)
+        .id()
+        .to_string();
+    assert_ne!(store_key, wrong_key);
+    assert!(
+        e.contains("wrong.key")
+            && e.contains(&format!("created with key {store_key}"))
+            && e.contains(&format!("has id {wrong_key}")),
+        "{e}"
+    );
+    assert!(same_bytes(&out, &v1), "a refused restore wrote to --out");
     // A missing key for an existing store is not silently replaced by a new one.
     let o = ferry()
         .args(["replicate", "--once", "--store"])

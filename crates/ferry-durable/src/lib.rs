@@ -46,7 +46,8 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     }
     match fs::create_dir(dir) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        // Made by someone else meanwhile: fine if it is a directory.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(e) => return Err(e),
     }
     fsync_dir(parent(dir))
@@ -150,14 +151,11 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_directory_sync_is_an_error() {
-        // The target's directory vanished before the write: nothing may claim success.
+    fn a_file_where_a_directory_belongs_is_an_error() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("gone");
-        fs::create_dir(&p).unwrap();
-        let f = p.join("x");
-        fs::remove_dir(&p).unwrap();
-        fs::write(d.path().join("gone"), b"a file now").unwrap();
-        assert!(durable_write(&f, b"x").is_err());
+        fs::write(d.path().join("notadir"), b"a file").unwrap();
+        let e = create_dir_durable(&d.path().join("notadir")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert!(durable_write(&d.path().join("notadir/x"), b"x").is_err());
     }
 }

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,9 +84,10 @@ fn backing_disk(file: &Path) -> Option<(u32, u32)> {
 }
 
 fn loud_skip(test: &str, why: &str) {
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED {test}: {why} (in-flight re-marking NOT tested on this machine) ***\n"
+    ferry_testkit::skip(
+        test,
+        &format!("{why} (in-flight re-marking NOT tested on this machine)"),
+        "FERRY_REQUIRE_EBPF",
     );
 }
 

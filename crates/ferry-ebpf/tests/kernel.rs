@@ -369,10 +369,10 @@ fn a_bio_based_disk_is_tracked_to_completion() -> Result<()> {
         return Ok(());
     }
     let Some(z) = Zram::new(64 * MIB)? else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** SKIPPED {TEST}: no zram (bio-based disks NOT tested on this machine) ***\n"
+        ferry_testkit::skip(
+            TEST,
+            "no zram (bio-based disks NOT tested on this machine)",
+            "FERRY_REQUIRE_EBPF",
         );
         return Ok(());
     };

@@ -19,6 +19,7 @@ pub mod cache;
 pub mod codec;
 pub mod delta;
 pub mod manifest;
+pub mod marker;
 pub mod segment;
 pub mod vhd;
 

@@ -164,6 +164,12 @@ pub fn ensure_replica(
             vsize + vhd::FOOTER_LEN as u64
         ))
         .into()),
+        None if !fresh => Err(TargetError(format!(
+            "{name} is missing, but this run only carries the changes since the disk's last point: \
+             the store lost the replica (a container emptied or re-created while Ferry ran?). \
+             Nothing was published; stop Ferry and start it again, and it will say how to resync"
+        ))
+        .into()),
         None => {
             blobs
                 .create_page_blob(&name, vsize + vhd::FOOTER_LEN as u64)

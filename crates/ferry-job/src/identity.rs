@@ -15,74 +15,30 @@ use std::path::{Path, PathBuf};
 
 use ferry_azure::AzureBlobs;
 use ferry_store::LocalStore;
-use serde::{Deserialize, Serialize};
 
 use crate::azure::az;
 use crate::JobError;
 
 /// Name of the marker blob in an Azure container.
 pub const AZURE_MARKER: &str = "ferry-store.json";
-const AZURE_MARKER_FORMAT: &str = "ferry-azure-store";
 /// Name of the binding file in a staging store.
 const BINDING: &str = "remote-store.json";
 /// Name of the binding file in a cache directory.
 const CACHE_BINDING: &str = "store-id";
 
-/// The identity of an Azure store, as its marker blob holds it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreMarker {
-    pub format: String,
-    pub version: u16,
-    /// Random, 128 bits, hex.
-    pub store_id: String,
-    /// Creation generation: 1 for a store created by this version.
-    pub generation: u64,
-    /// Master key id every object is sealed with.
-    pub key_id: String,
-    /// RFC 3339 time of creation.
-    pub created: String,
-}
+pub use ferry_format::marker::StoreMarker;
 
-impl StoreMarker {
-    /// Parses a marker blob; clear error for anything else.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let m: StoreMarker =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a Ferry store marker: {e}"))?;
-        if m.format != AZURE_MARKER_FORMAT {
-            return Err(format!(
-                "format '{}' is not {AZURE_MARKER_FORMAT}",
-                m.format
-            ));
-        }
-        if m.version != 1 {
-            return Err(format!(
-                "store marker version {} is newer than this Ferry (1)",
-                m.version
-            ));
-        }
-        if m.store_id.len() != 32 || !m.store_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("store id '{}' is not 32 hex digits", m.store_id));
-        }
-        Ok(m)
-    }
-
-    fn new(key_id: String) -> Result<Self, JobError> {
-        let mut id = [0u8; 16];
-        ferry_crypto::random_bytes(&mut id)?;
-        Ok(StoreMarker {
-            format: AZURE_MARKER_FORMAT.into(),
-            version: 1,
-            store_id: hex::encode(id),
-            generation: 1,
-            key_id,
-            created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        })
-    }
-
-    fn describe(&self) -> String {
-        format!("{} (generation {})", self.store_id, self.generation)
-    }
+fn new_marker(key_id: String) -> Result<StoreMarker, JobError> {
+    let mut id = [0u8; 16];
+    ferry_crypto::random_bytes(&mut id)?;
+    Ok(StoreMarker {
+        format: ferry_format::marker::AZURE_MARKER_FORMAT.into(),
+        version: 1,
+        store_id: hex::encode(id),
+        generation: 1,
+        key_id,
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    })
 }
 
 fn fresh(store: &LocalStore) -> Result<bool, JobError> {
@@ -106,10 +62,11 @@ fn same_history(store: &LocalStore, blobs: &AzureBlobs) -> Result<bool, JobError
         let local = store
             .load_manifest(&vm)?
             .and_then(|m| m.points.last().cloned());
-        let remote =
-            crate::azure::load_manifest(blobs, &vm)?.and_then(|m| m.points.last().cloned());
+        // By run, not by id: the store numbers its own points. The remote may be ahead (it is
+        // published first), so the local newest run may be anywhere in it.
+        let remote = crate::azure::load_manifest(blobs, &vm)?;
         match (local, remote) {
-            (Some(l), Some(r)) if l.id == r.id && l.run == r.run => {}
+            (Some(l), Some(r)) if r.points.iter().any(|p| p.run == l.run) => {}
             _ => return Ok(false),
         }
     }
@@ -187,7 +144,7 @@ pub fn bind_azure(
                     "{url} has no store marker ({AZURE_MARKER}) and does not hold the points the local staging state was built with"
                 )));
             }
-            let m = StoreMarker::new(key_id)?;
+            let m = new_marker(key_id)?;
             blobs
                 .put_block_blob(AZURE_MARKER, serde_json::to_vec_pretty(&m).expect("marker"))
                 .map_err(az)?;

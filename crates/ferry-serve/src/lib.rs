@@ -360,9 +360,11 @@ impl<'a> Drain<'a> {
     /// Whether some VM has a point older than `retention` (other than its newest).
     fn any_expired(&self, retention: Duration) -> Result<bool, PipelineError> {
         let now = std::time::SystemTime::now();
+        let pins = ferry_store::readers::live_pins(self.store.root())?;
         for vm in ferry_store::list_vms_at(self.store.root())? {
             if let Some(m) = self.store.load_manifest(&vm)? {
-                if !ferry_apply::retention::expired(&m, retention, now).is_empty() {
+                let pin = pins.get(&vm).copied();
+                if !ferry_apply::retention::expired_pinned(&m, retention, now, pin).is_empty() {
                     return Ok(true);
                 }
             }

@@ -192,29 +192,22 @@ struct PinFile {
     vm: String,
     seq: u64,
     pid: u32,
-    /// The process's start time in clock ticks since boot (/proc/PID/stat field 22): a pid reused
-    /// by another process does not keep a dead reader's pin alive.
-    start: u64,
     command: String,
 }
 
-/// A point pinned against retention while this value lives.
+/// A point pinned against retention while this value lives: the pin file, held with a shared
+/// `flock`. Liveness is the lock, not the pid: a reader in another pid namespace, a reused pid or
+/// an unreadable /proc cannot make a live pin look dead or a dead one look alive.
 #[must_use = "the pin is released when dropped"]
 pub struct Pin {
     path: PathBuf,
+    _file: File,
 }
 
 impl Drop for Pin {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
-}
-
-fn proc_start(pid: u32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &s[s.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Pins point `seq` of `vm` in the store at `root` (see the module doc).
@@ -229,18 +222,36 @@ pub fn pin_point(root: &Path, vm: &str, seq: u64) -> Result<Pin, StoreError> {
         vm: vm.to_owned(),
         seq,
         pid,
-        start: proc_start(pid).unwrap_or(0),
         command: own_command(),
     };
-    // A pin only has to be visible to the writer while this process lives: no fsync needed (after
-    // a power cut the reader is gone too).
-    fs::write(&path, serde_json::to_vec(&body).expect("pin serializes"))
+    // Locked before its content is written, so the writer never sees it unlocked while this
+    // reader lives. No fsync: a pin only matters while this process lives.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io(&path, "create"))?;
+    // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
+        return Err(io(&path, "lock")(std::io::Error::last_os_error()));
+    }
+    f.write_all_at(&serde_json::to_vec(&body).expect("pin serializes"), 0)
         .map_err(io(&path, "write"))?;
-    Ok(Pin { path })
+    Ok(Pin { path, _file: f })
 }
 
-/// The lowest pinned point seq per VM, from pins of live processes. Pins of dead processes are
-/// removed.
+/// (VM, SEQ) from a pin file name `VM.SEQ.PID.RAND.pin` (VM names may hold dots).
+fn pin_name(name: &str) -> Option<(String, u64)> {
+    let stem = name.strip_suffix(".pin")?;
+    let mut it = stem.rsplitn(3, '.');
+    let (_rand, _pid, head) = (it.next()?, it.next()?, it.next()?);
+    let (vm, seq) = head.rsplit_once('.')?;
+    Some((vm.to_owned(), seq.parse().ok()?))
+}
+
+/// The lowest pinned point seq per VM, from pins some live process holds locked. Pins nobody holds
+/// (their reader is gone) are removed.
 pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
     let dir = root.join("pins");
     let mut out: HashMap<String, u64> = HashMap::new();
@@ -255,29 +266,22 @@ pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
         if p.extension().is_none_or(|x| x != "pin") {
             continue;
         }
-        let Ok(b) = fs::read(&p) else {
-            continue; // removed meanwhile
+        let Ok(f) = File::open(&p) else {
+            continue; // released meanwhile
         };
-        let Ok(pin) = serde_json::from_slice::<PinFile>(&b) else {
-            // Being written (a reader pins before it reads), or damaged: keep it only while young.
-            let young = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|a| a < Duration::from_secs(60));
-            if !young {
-                let _ = fs::remove_file(&p);
-            }
-            continue;
-        };
-        if proc_start(pin.pid).is_none_or(|s| pin.start != 0 && s != pin.start) {
-            tracing::info!(pin = %p.display(), pid = pin.pid, "removing the pin of a reader that is gone");
+        // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            tracing::info!(pin = %p.display(), "removing the pin of a reader that is gone");
             let _ = fs::remove_file(&p);
             continue;
         }
-        let m = out.entry(pin.vm).or_insert(pin.seq);
-        *m = (*m).min(pin.seq);
+        // Held by a live reader. Its name (VM.SEQ.PID.RAND.pin) says what it pins, even before its
+        // content is written.
+        let Some((vm, seq)) = pin_name(&e.file_name().to_string_lossy()) else {
+            continue;
+        };
+        let m = out.entry(vm).or_insert(seq);
+        *m = (*m).min(seq);
     }
     Ok(out)
 }
@@ -356,7 +360,7 @@ impl LiveReader {
                 }
             }
         }
-        for (s, ino) in found {
+        for (s, _listed_ino) in found {
             let p = d.join(format!("{s}.delta"));
             let mut r = match DeltaReader::open(&p) {
                 Ok(r) => r,
@@ -369,6 +373,12 @@ impl LiveReader {
                 }
                 Err(e) => return Err(e),
             };
+            // The inode of the file actually opened (the name may have been replaced since the
+            // listing).
+            let ino = r.inode().map_err(io(&p, "stat"))?;
+            if self.undos.iter().any(|u| u.0 == s && u.1 == ino) {
+                continue;
+            }
             let mut head = r.next().transpose()?;
             while let Some((page, _)) = head {
                 if page >= first {

@@ -16,14 +16,14 @@
 //! discarded.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ferry_crypto::{Digest, ZERO_DIGEST};
 use ferry_format::delta::{
     decode_entry, encode_entry, DeltaHeader, MapHeader, DELTA_ENTRY_LEN, DELTA_HEADER_LEN,
-    MAP_HEADER_LEN,
+    DELTA_TRAILER_LEN, MAP_HEADER_LEN,
 };
 use ferry_format::vhd;
 use ferry_format::CHUNK_SIZE;
@@ -340,7 +340,18 @@ impl Replica {
     }
 
     /// Brings the replica to the newest committed point `latest` (0: none) after a crash.
+    ///
+    /// `latest` 0 with a replica past point 0 means no retained point includes this disk any more
+    /// (it was dropped from its VM and retention pruned every point that had it): the replica stays
+    /// at its own generation. A commit interrupted between its manifest and its redo is always still
+    /// listed at this point (retention runs only after the redo is applied), so nothing is lost.
     pub fn recover(&mut self, latest: u64) -> Result<(), StoreError> {
+        let latest = if latest == 0 && self.header.generation > 0 {
+            tracing::info!(replica = %self.dir.display(), generation = self.header.generation, "no retained point includes this replica; keeping it as it is");
+            self.header.generation
+        } else {
+            latest
+        };
         if self.header.generation < latest {
             let redo = self.dir.join("redo").join(format!("{latest}.delta"));
             if !redo.exists() {
@@ -492,34 +503,94 @@ impl DeltaWriter {
     }
 }
 
-/// Streams a delta file, checking order and the trailer checksum.
+/// Streams a delta file. Before it yields anything, [`DeltaReader::open`] checks that the file is
+/// exactly header + count entries + trailer long and that the trailer is the blake3 of the entries
+/// (one streaming pass), so a damaged delta is refused before a single page is applied; while
+/// streaming it checks that pages ascend.
 pub struct DeltaReader {
     path: PathBuf,
     r: BufReader<File>,
     left: u64,
+    done: bool,
     last: Option<u64>,
-    hasher: blake3::Hasher,
     offset: u64,
 }
 
 impl DeltaReader {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let f = File::open(path).map_err(io(path, "open"))?;
+        let len = f.metadata().map_err(io(path, "stat"))?.len();
         let mut r = BufReader::with_capacity(1 << 20, f);
         let mut h = [0u8; DELTA_HEADER_LEN];
-        r.read_exact(&mut h).map_err(io(path, "read"))?;
+        r.read_exact(&mut h).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                StoreError::Format {
+                    path: path.to_owned(),
+                    source: ferry_format::FormatError::Truncated {
+                        what: "page delta",
+                        offset: len,
+                    },
+                }
+            } else {
+                io(path, "read")(e)
+            }
+        })?;
         let header = DeltaHeader::decode(&h).map_err(|source| StoreError::Format {
             path: path.to_owned(),
             source,
         })?;
+        let corrupt = |offset: u64, detail: String| StoreError::Format {
+            path: path.to_owned(),
+            source: ferry_format::FormatError::Corrupt {
+                what: "page delta",
+                offset,
+                detail,
+            },
+        };
+        let want = header
+            .count
+            .checked_mul(DELTA_ENTRY_LEN as u64)
+            .and_then(|n| n.checked_add((DELTA_HEADER_LEN + DELTA_TRAILER_LEN) as u64));
+        if want != Some(len) {
+            return Err(corrupt(
+                0,
+                format!("{} entries do not fit a file of {len} bytes", header.count),
+            ));
+        }
+        // First pass: the trailer must match before any entry is trusted.
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut left = header.count * DELTA_ENTRY_LEN as u64;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..n]).map_err(io(path, "read"))?;
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        let mut t = [0u8; DELTA_TRAILER_LEN];
+        r.read_exact(&mut t).map_err(io(path, "read"))?;
+        if t != *hasher.finalize().as_bytes() {
+            return Err(corrupt(
+                len - DELTA_TRAILER_LEN as u64,
+                "entry checksum mismatch".into(),
+            ));
+        }
+        r.seek(std::io::SeekFrom::Start(DELTA_HEADER_LEN as u64))
+            .map_err(io(path, "seek"))?;
         Ok(DeltaReader {
             path: path.to_owned(),
             r,
             left: header.count,
+            done: false,
             last: None,
-            hasher: blake3::Hasher::new(),
             offset: DELTA_HEADER_LEN as u64,
         })
+    }
+
+    /// Inode number of the open file.
+    pub fn inode(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.r.get_ref().metadata()?.ino())
     }
 
     fn corrupt(&self, detail: &str) -> StoreError {
@@ -538,28 +609,18 @@ impl Iterator for DeltaReader {
     type Item = Result<(u64, Digest), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.left == 0 {
-            let mut t = [0u8; 32];
-            if self.r.read_exact(&mut t).is_err() || t != *self.hasher.finalize().as_bytes() {
-                self.left = u64::MAX; // report once
-                return Some(Err(
-                    self.corrupt("entry checksum mismatch or missing trailer")
-                ));
-            }
-            return None;
-        }
-        if self.left == u64::MAX {
+        if self.done || self.left == 0 {
             return None;
         }
         let mut e = [0u8; DELTA_ENTRY_LEN];
         if let Err(err) = self.r.read_exact(&mut e) {
-            self.left = u64::MAX;
+            // Checked at open: the file changed under us.
+            self.done = true;
             return Some(Err(io(&self.path, "read")(err)));
         }
-        self.hasher.update(&e);
         let (page, d) = decode_entry(&e);
         if self.last.is_some_and(|l| page <= l) {
-            self.left = u64::MAX;
+            self.done = true;
             return Some(Err(self.corrupt("pages out of order")));
         }
         self.last = Some(page);

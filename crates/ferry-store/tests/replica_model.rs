@@ -192,3 +192,97 @@ proptest! {
         prop_assert_eq!(&got, &want, "point {} read while the writer moved to {}", seq, latest);
     }
 }
+
+/// A damaged redo delta is refused before a single page reaches `current.map`, and a count that
+/// does not fit the file (u64::MAX included) is refused at open.
+#[test]
+fn a_damaged_delta_is_refused_before_any_page_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::open_or_create(dir.path(), 64 * 65536).unwrap();
+    r.reset_pending().unwrap();
+    for p in 0..10 {
+        r.record(p, &d(3)).unwrap();
+    }
+    r.prepare(1).unwrap();
+    let redo = dir.path().join("redo/1.delta");
+    let good = std::fs::read(&redo).unwrap();
+    let n = good.len();
+    // The last entry's digest damaged: the trailer no longer matches.
+    let mut bad = good.clone();
+    bad[n - 40] ^= 1;
+    std::fs::write(&redo, &bad).unwrap();
+    assert!(ferry_store::replica::DeltaReader::open(&redo).is_err());
+    assert!(r.apply_redo(1).is_err());
+    let mut cur = vec![ZERO_DIGEST; 64];
+    r.read_map(0, &mut cur).unwrap();
+    assert!(
+        cur.iter().all(|x| *x == ZERO_DIGEST),
+        "pages were applied from a damaged delta"
+    );
+    assert_eq!(r.generation(), 0);
+    // A count of u64::MAX (and any count that does not fit the file) is refused at open.
+    for count in [u64::MAX, 11, 9] {
+        // A well-formed header (checksum right) that lies about the count.
+        let mut c = good.clone();
+        c[..32].copy_from_slice(&ferry_format::delta::DeltaHeader { count }.encode());
+        std::fs::write(&redo, &c).unwrap();
+        assert!(
+            ferry_store::replica::DeltaReader::open(&redo).is_err(),
+            "count {count} accepted"
+        );
+    }
+    std::fs::write(&redo, &good).unwrap();
+    r.apply_redo(1).unwrap();
+    r.read_map(0, &mut cur).unwrap();
+    assert!(cur[..10].iter().all(|x| *x == d(3)));
+}
+
+/// A disk dropped from its VM whose every point was pruned: recovery with no listed point keeps the
+/// replica (and the next start does not fail).
+#[test]
+fn recovery_of_a_replica_no_retained_point_includes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::open_or_create(dir.path(), 8 * 65536).unwrap();
+    for seq in 1..=2 {
+        r.reset_pending().unwrap();
+        r.record(seq, &d(seq as u8)).unwrap();
+        r.prepare(seq).unwrap();
+        r.apply_redo(seq).unwrap();
+    }
+    drop(r);
+    let mut r = Replica::open(dir.path()).unwrap();
+    r.recover(0).unwrap();
+    assert_eq!(r.generation(), 2);
+    // A real inconsistency (a listed point older than the replica) is still refused.
+    assert!(r.recover(1).is_err());
+}
+
+/// gc_undo keeps every undo a pinned point still needs, even of points no longer listed.
+#[test]
+fn gc_keeps_the_undos_of_a_pinned_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::open_or_create(dir.path(), 8 * 65536).unwrap();
+    let mut maps = vec![vec![ZERO_DIGEST; 8]];
+    for seq in 1..=4u64 {
+        r.reset_pending().unwrap();
+        let mut m = maps.last().unwrap().clone();
+        for p in 0..8 {
+            r.record(p, &d(seq as u8 * 10 + p as u8)).unwrap();
+            m[p as usize] = d(seq as u8 * 10 + p as u8);
+        }
+        r.prepare(seq).unwrap();
+        r.apply_redo(seq).unwrap();
+        maps.push(m);
+    }
+    // Points 1..3 were unlisted by retention, but a reader pinned point 2 just before.
+    r.gc_undo(&[4], Some(2)).unwrap();
+    let undo = |s: u64| dir.path().join(format!("undo/{s}.delta")).exists();
+    assert!(!undo(1) && undo(2) && undo(3));
+    let mut rd = ferry_store::readers::LiveReader::open(dir.path(), 2).unwrap();
+    let mut got = vec![ZERO_DIGEST; 8];
+    rd.read(0, &mut got).unwrap();
+    assert_eq!(got, maps[2]);
+    // Without the pin they go.
+    r.gc_undo(&[4], None).unwrap();
+    assert!(!undo(2) && !undo(3));
+}

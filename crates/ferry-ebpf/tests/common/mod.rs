@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,13 +20,10 @@ pub fn skip(test: &str) -> bool {
     let Some(why) = skip_reason() else {
         return false;
     };
-    if std::env::var_os("FERRY_REQUIRE_EBPF").is_some_and(|v| v == "1") {
-        panic!("{test}: cannot run and FERRY_REQUIRE_EBPF=1: {why}");
-    }
-    // Straight to stderr, past the test harness's capture, so a skip is seen in a passing run.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED {test}: {why} (the eBPF tracker is NOT tested on this machine) ***\n"
+    ferry_testkit::skip(
+        test,
+        &format!("{why} (the eBPF tracker is NOT tested on this machine)"),
+        "FERRY_REQUIRE_EBPF",
     );
     true
 }
