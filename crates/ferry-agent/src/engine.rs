@@ -346,15 +346,31 @@ fn recover_state(
     disks: &mut [Disk],
     track: &Track,
 ) -> Result<Option<String>, AgentError> {
-    for (path, cvs) in persist::leftover_pending(&o.state_dir) {
+    // A pending file lists its chunks per disk *position* in the `--disk` list of the process
+    // that wrote it, not per name, and that list may since have been reordered, grown or shrunk.
+    // So every chunk it lists, for any disk, becomes unknown on every disk protected now (a few
+    // needless re-sends, never a missed one), and the maps of disks no longer protected are
+    // dropped before any pending file is (their CVs may be those of a run that became a point, or
+    // miss one that did; a dropped map means one full send if the disk comes back).
+    let leftover = persist::leftover_pending(&o.state_dir);
+    if leftover
+        .iter()
+        .any(|(_, cvs)| cvs.iter().flatten().any(|d| !d.is_empty()))
+    {
+        let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+        persist::forget_maps_except(&o.state_dir, &names)?;
+    }
+    for (path, cvs) in leftover {
         if let Some(cvs) = cvs {
-            let n: usize = cvs.iter().map(Vec::len).sum();
-            tracing::info!(file = %path.display(), chunks = n, "a run was tagged but its acknowledgement never arrived: its chunks are sent again");
-            for (d, entries) in disks.iter_mut().zip(&cvs) {
-                let unknown: Vec<(u64, Cv)> = entries
+            let mut chunks: Vec<u64> = cvs.iter().flatten().map(|(c, _)| *c).collect();
+            chunks.sort_unstable();
+            chunks.dedup();
+            tracing::info!(file = %path.display(), chunks = chunks.len(), "a run was tagged but its acknowledgement never arrived: its chunks are sent again (on every disk: the file does not name them)");
+            for d in disks.iter_mut() {
+                let unknown: Vec<(u64, Cv)> = chunks
                     .iter()
-                    .filter(|(c, _)| (*c as usize) < d.cur.len())
-                    .map(|(c, _)| (*c, UNKNOWN))
+                    .filter(|c| (**c as usize) < d.cur.len())
+                    .map(|c| (*c, UNKNOWN))
                     .collect();
                 for (c, _) in &unknown {
                     d.cur[*c as usize] = UNKNOWN;
@@ -703,16 +719,19 @@ impl Engine<'_> {
             return Ok(0);
         }
         let mut recs: Vec<Rec> = Vec::new();
+        // The CVs read reach `cur` and `touched` only once the whole batch is read: a read error
+        // on a later extent drops `recs`, so a chunk read before it must keep its old CV —
+        // otherwise its re-read finds it "unchanged", it is never sent, and the next tag's digest
+        // and committed map count content the process server never got.
+        let mut seen: Vec<(u64, Cv)> = Vec::with_capacity(batch.len());
         let d = &mut self.disks[i];
-        let (cur, touched) = (&mut d.cur, &mut d.touched);
+        let cur = &d.cur;
         let r = d.reader.read_chunks(&batch, |c, data| {
             let cv = chunk_cv(c, data);
-            touched.set(c);
-            let slot = &mut cur[c as usize];
-            if *slot == cv {
+            seen.push((c, cv));
+            if cur[c as usize] == cv {
                 return Ok::<(), String>(());
             }
-            *slot = cv;
             let offset = c * CHUNK;
             if is_zero(data) {
                 match recs.last_mut() {
@@ -735,11 +754,16 @@ impl Engine<'_> {
             Ok(())
         });
         if let Err(e) = r {
-            // Not read: still dirty.
+            // Not read (none of it is sent, `cur` is unchanged): still dirty.
             for c in &batch {
                 self.disks[i].todo.set(*c);
             }
             return Err(e.into());
+        }
+        let d = &mut self.disks[i];
+        for (c, cv) in seen {
+            d.cur[c as usize] = cv;
+            d.touched.set(c);
         }
         for r in recs {
             self.emit(r)?;
@@ -931,7 +955,12 @@ impl Engine<'_> {
             (_, true) => None,
         };
         if guard.is_some() {
-            self.held = Some(Vec::new());
+            // `held` is `Some` only from here to the hand-over below, which every way out of this
+            // function passes. Records still held would be read chunks that `cur` counts as sent:
+            // keep them (they go out with this cut's hand-over), never replace them.
+            if self.held.is_none() {
+                self.held = Some(Vec::new());
+            }
         }
         // Leave a margin for the thaw itself.
         let deadline = match &guard {
@@ -952,12 +981,16 @@ impl Engine<'_> {
             }),
             Err(e) => Err(e),
         };
-        if tag.is_ok() {
-            if let Some(h) = &self.o.frozen_hook {
+        // A failing frozen hook abandons the cut like any other failure: no early return, so the
+        // freeze still ends below and the held records are still handed over.
+        let tag = match (tag, &self.o.frozen_hook) {
+            (Ok(t), Some(h)) => {
                 run_frozen_hook(h, &self.o.vm, &hex::encode(self.run), time_ns, deadline)
-                    .map_err(|e| format!("frozen hook {}: {e}", h.display()))?;
+                    .map(|()| t)
+                    .map_err(|e| format!("frozen hook {}: {e}", h.display()))
             }
-        }
+            (tag, _) => tag,
+        };
         let stats = match guard {
             Some(g) if tag.is_ok() => Some(
                 g.finish()
@@ -1096,5 +1129,184 @@ fn run_frozen_hook(
             return Err("ran out of the freeze bound and was killed".into());
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine over image files in a temporary directory: the scan tracker, no freeze, no
+    //! server (records land in the channel the shipper would read), no root.
+    use super::*;
+
+    fn options(state: &Path, disks: &[&Path], names: &[&str]) -> AgentOptions {
+        AgentOptions {
+            server: "127.0.0.1:9".into(),
+            disks: disks.iter().map(|p| p.to_path_buf()).collect(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            vm: "vm".into(),
+            state_dir: state.to_path_buf(),
+            tracker: TrackerChoice::Scan,
+            crash_interval: Duration::from_secs(30),
+            app_interval: None,
+            freeze_bound: Duration::from_secs(2),
+            hooks_dir: state.join("no-hooks"),
+            hook_timeout: Duration::from_secs(1),
+            mysql: None,
+            frozen_hook: None,
+            once: None,
+            drain_every: Duration::from_millis(250),
+        }
+    }
+
+    /// An image of `chunks` chunks, none all zero, each unlike the others.
+    fn image(dir: &Path, name: &str, chunks: u64, seed: u8) -> PathBuf {
+        let p = dir.join(format!("{name}.img"));
+        let data: Vec<u8> = (0..chunks)
+            .flat_map(|i| vec![seed.wrapping_add(i as u8) | 1; CHUNK as usize])
+            .collect();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    /// `depth` 1: one extent in flight, so an extent is delivered before the next is read.
+    fn open_disk(state: &Path, path: &Path, name: &str, depth: u32) -> Disk {
+        let reader = ChunkReader::open(path, depth).unwrap();
+        let size = reader.size();
+        let (map, cur, _) = CvFile::open(state, name, size).unwrap();
+        let chunks = size.div_ceil(CHUNK);
+        Disk {
+            name: name.into(),
+            path: path.to_path_buf(),
+            size,
+            reader,
+            map,
+            cur,
+            todo: Bits::new(chunks),
+            touched: Bits::new(chunks),
+        }
+    }
+
+    fn engine<'a>(o: &'a AgentOptions, disks: Vec<Disk>) -> (Engine<'a>, mpsc::Receiver<Rec>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let e = Engine {
+            o,
+            disks,
+            track: Track::Scan,
+            tx: Some(tx),
+            held: None,
+            events: crossbeam_channel::never(),
+            requests: crossbeam_channel::never(),
+            run: [1; 16],
+            wants: VecDeque::new(),
+            awaiting: VecDeque::new(),
+            points: Vec::new(),
+            freezer: None,
+            scan_pass: false,
+            resyncing: None,
+            stats: Arc::new(ShipStats::default()),
+        };
+        (e, rx)
+    }
+
+    /// Everything handed to the shipper so far.
+    fn sent(rx: &mut mpsc::Receiver<Rec>) -> Vec<Rec> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            out.push(r);
+        }
+        out
+    }
+
+    /// The chunks the Write and Zero records carry, ascending.
+    fn chunks_of(recs: &[Rec]) -> Vec<u64> {
+        let mut out: Vec<u64> = recs
+            .iter()
+            .flat_map(|r| match r {
+                Rec::Write { offset, data, .. } => {
+                    *offset / CHUNK..(*offset + data.len() as u64).div_ceil(CHUNK)
+                }
+                Rec::Zero { offset, len, .. } => *offset / CHUNK..(*offset + *len).div_ceil(CHUNK),
+                _ => 0..0,
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn a_read_error_late_in_a_batch_leaves_the_chunks_read_before_it_to_be_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        // 32 chunks: two 1 MiB extents.
+        let img = image(dir.path(), "a", 32, 1);
+        let o = options(&state, &[&img], &["a"]);
+        let (mut e, mut rx) = engine(&o, vec![open_disk(&state, &img, "a", 1)]);
+        e.disks[0].todo.fill();
+        // The second extent now lies past the end of the file: reading it fails, after the
+        // first was read and handed to the engine.
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.set_len(16 * CHUNK).unwrap();
+        assert!(e.process(0, BATCH).is_err());
+        assert!(
+            sent(&mut rx).is_empty(),
+            "nothing of a failed batch is sent"
+        );
+        assert_eq!(
+            e.disks[0].todo.count(),
+            32,
+            "the whole batch is still dirty"
+        );
+        // The file whole again (chunks 16.. now zero): every chunk is sent, the first sixteen too.
+        f.set_len(32 * CHUNK).unwrap();
+        assert_eq!(e.process(0, BATCH).unwrap(), 32);
+        assert_eq!(chunks_of(&sent(&mut rx)), (0..32).collect::<Vec<u64>>());
+    }
+
+    /// Two disks' maps saying every chunk is known, and a pending run written by a process
+    /// started with `--disk a.img --disk b.img`, covering chunk 2 of disk a only.
+    fn two_disks_and_a_pending_run(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let state = dir.join("state");
+        let (a, b) = (image(dir, "a", 4, 1), image(dir, "b", 4, 101));
+        for (p, n) in [(&a, "a"), (&b, "b")] {
+            let d = open_disk(&state, p, n, 16);
+            d.map
+                .write(&(0..4).map(|c| (c, [7u8; 32])).collect::<Vec<(u64, Cv)>>())
+                .unwrap();
+            d.map.sync().unwrap();
+        }
+        persist::write_pending(&state, &[9; 16], &vec![vec![(2, [3; 32])], vec![]]).unwrap();
+        (state, a, b)
+    }
+
+    #[test]
+    fn a_pending_run_makes_its_chunks_unknown_whatever_the_disk_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, a, b) = two_disks_and_a_pending_run(dir.path());
+        // Restarted with `--disk b.img --disk a.img`.
+        let o = options(&state, &[&b, &a], &["b", "a"]);
+        let mut disks = vec![
+            open_disk(&state, &b, "b", 16),
+            open_disk(&state, &a, "a", 16),
+        ];
+        recover_state(&o, &mut disks, &Track::Scan).unwrap();
+        assert_eq!(disks[1].cur[2], UNKNOWN, "disk a's pending chunk is known");
+        let (_, cvs, _) = CvFile::open(&state, "a", 4 * CHUNK).unwrap();
+        assert_eq!(
+            cvs[2], UNKNOWN,
+            "disk a's map still trusts its pending chunk"
+        );
+        assert!(persist::leftover_pending(&state).is_empty());
+    }
+
+    #[test]
+    fn a_pending_run_drops_the_map_of_a_disk_no_longer_protected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _a, b) = two_disks_and_a_pending_run(dir.path());
+        // Restarted with `--disk b.img` only.
+        let o = options(&state, &[&b], &["b"]);
+        let mut disks = vec![open_disk(&state, &b, "b", 16)];
+        recover_state(&o, &mut disks, &Track::Scan).unwrap();
+        let (_, cvs, fresh) = CvFile::open(&state, "a", 4 * CHUNK).unwrap();
+        assert!(fresh && cvs.iter().all(|c| *c == UNKNOWN));
     }
 }

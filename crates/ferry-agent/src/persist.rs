@@ -185,6 +185,34 @@ pub fn leftover_pending(state_dir: &Path) -> Vec<(PathBuf, Option<RunCvs>)> {
     out
 }
 
+/// Removes (durably) the map of every disk not named in `keep`. For a pending run found at
+/// start-up that may cover disks no longer protected: their maps could claim a CV the replica
+/// lacks, or lack one it holds. A removed map only costs one full send if the disk comes back.
+pub fn forget_maps_except(state_dir: &Path, keep: &[&str]) -> Result<(), AgentError> {
+    let dir = state_dir.join("maps");
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(&dir, e)),
+    };
+    for entry in rd {
+        let path = entry.map_err(|e| err(&dir, e))?.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("cv") {
+            continue;
+        }
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        if keep.contains(&name) {
+            continue;
+        }
+        tracing::warn!(map = %path.display(), "a run that may be a point may cover this disk, which is no longer protected: its chunk map is dropped (one full send if it is protected again)");
+        ferry_durable::remove_durable(&path).map_err(|e| err(&path, e))?;
+    }
+    Ok(())
+}
+
 /// The counters of the block device at `path`, `None` for anything else.
 pub fn disk_counters(path: &Path) -> Option<DiskCounters> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
