@@ -76,7 +76,7 @@ impl AsRef<Path> for Mount {
 
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MountEntry {
+pub struct MountEntry {
     pub id: u64,
     pub dev: Dev,
     pub root: String,
@@ -111,7 +111,7 @@ fn unescape(s: &str) -> String {
 }
 
 /// Parses /proc/self/mountinfo; malformed lines are skipped.
-pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 

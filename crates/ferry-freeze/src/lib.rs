@@ -41,7 +41,7 @@ mod mysql;
 mod sys;
 pub mod watchdog;
 
-pub use discover::{discover, Dev, Mount};
+pub use discover::{discover, parse_mountinfo, Dev, Mount, MountEntry};
 pub use error::{FreezeError, HookError, PathError};
 pub use freeze::{thaw_all, FreezeGuard, FreezeStats, Freezer, DEFAULT_BOUND};
 pub use hooks::{
