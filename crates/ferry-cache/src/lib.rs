@@ -231,7 +231,7 @@ impl Cache {
                             .open(path)
                             .map_err(io(path, "open"))?;
                         f.set_len(pos as u64).map_err(io(path, "truncate"))?;
-                        f.sync_all().map_err(io(path, "sync"))?;
+                        durable::sync_file(&f).map_err(io(path, "sync"))?;
                         break;
                     }
                 }
@@ -252,7 +252,7 @@ impl Cache {
             OpenOptions::new()
                 .write(true)
                 .open(path)
-                .and_then(|f| f.sync_all())
+                .and_then(|f| durable::sync_file(&f))
                 .map_err(io(path, "sync"))?;
             if seq > consumed {
                 rec.pending_records += seq - consumed.max(*first);
@@ -392,7 +392,7 @@ impl CacheWriter {
         .encode();
         let mut f = File::create(&path).map_err(io(&path, "create"))?;
         f.write_all(&h).map_err(io(&path, "write"))?;
-        f.sync_all().map_err(io(&path, "sync"))?;
+        durable::sync_file(&f).map_err(io(&path, "sync"))?;
         durable::fsync_dir(&dir).map_err(io(&dir, "sync"))?;
         self.sealer = Some(self.shared.key.cache_sealer(&salt));
         self.file_len = CACHE_HEADER_LEN as u64;
@@ -475,7 +475,7 @@ impl CacheWriter {
     pub fn sync(&mut self) -> Result<u64, CacheError> {
         self.write_buf()?;
         let (f, p) = self.file.as_ref().expect("a file is open");
-        f.sync_data().map_err(io(p, "sync"))?;
+        durable::sync_data(f).map_err(io(p, "sync"))?;
         let mut st = self.shared.state.lock().expect("poisoned");
         if let Some(last) = st.files.back_mut() {
             last.len = self.file_len;

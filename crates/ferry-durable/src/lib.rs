@@ -14,10 +14,27 @@
 //! Must not: decide what is durable or when; callers order their writes (data before the commit
 //! point that names it).
 
+pub mod crashsim;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+/// `fsync` of a file (data and metadata). Every durable file sync goes through here (or
+/// [`sync_data`]), so the crash-state recorder ([`crashsim`]) sees it.
+pub fn sync_file(f: &File) -> io::Result<()> {
+    f.sync_all()?;
+    crashsim::file_synced(f);
+    Ok(())
+}
+
+/// `fdatasync` of a file (see [`sync_file`]).
+pub fn sync_data(f: &File) -> io::Result<()> {
+    f.sync_data()?;
+    crashsim::file_synced(f);
+    Ok(())
+}
 
 fn parent(path: &Path) -> &Path {
     match path.parent() {
@@ -33,7 +50,9 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     } else {
         dir
     };
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    crashsim::dir_synced(dir);
+    Ok(())
 }
 
 /// Creates `dir` and its missing parents; each new directory is fsynced in its parent.
@@ -70,7 +89,7 @@ fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        sync_file(&f)?;
     }
     fs::rename(&tmp, path)?;
     fsync_dir(dir)
@@ -89,7 +108,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Makes an already-written temp file durable under its final name (fsync file, rename, fsync dir).
 pub fn durable_rename(tmp: &Path, path: &Path) -> io::Result<()> {
-    File::open(tmp)?.sync_all()?;
+    sync_file(&File::open(tmp)?)?;
     fs::rename(tmp, path)?;
     fsync_dir(parent(path))
 }
@@ -105,7 +124,7 @@ pub fn create_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    sync_file(&f)?;
     fsync_dir(dir)
 }
 

@@ -329,12 +329,12 @@ impl Replica {
                 .write_all_at(&run, MAP_HEADER_LEN as u64 + run_start * DIGEST)
                 .map_err(io(&mp, "write"))?;
         }
-        self.map.sync_data().map_err(io(&mp, "sync"))?;
+        ferry_durable::sync_data(&self.map).map_err(io(&mp, "sync"))?;
         self.header.generation = seq;
         self.map
             .write_all_at(&self.header.encode(), 0)
             .map_err(io(&mp, "write"))?;
-        self.map.sync_data().map_err(io(&mp, "sync"))?;
+        ferry_durable::sync_data(&self.map).map_err(io(&mp, "sync"))?;
         fs::remove_file(&redo_path).map_err(io(&redo_path, "remove"))?;
         Ok(())
     }
