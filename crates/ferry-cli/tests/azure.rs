@@ -452,3 +452,48 @@ fn a_fresh_container_behind_old_staging_state_is_refused_then_resynced_in_full()
         .to_owned();
     assert_ne!(id, id2, "the new container is a new store");
 }
+
+#[test]
+fn a_pinned_point_survives_retention_and_an_expired_pin_does_not_count() {
+    let Some(az) = Az::start() else { return };
+    let (disk, mut rng) = make_disk(&az.env, "pin01.img", 4 << 20, 11);
+    let v1 = az.env.path("v1.img");
+    for i in 0..3 {
+        write_random(&disk, &mut rng, 0, 1 << 20);
+        if i == 0 {
+            fs::copy(&disk, &v1).unwrap();
+        }
+        az.replicate(&disk, &[]);
+    }
+    let pts = az.points();
+    assert_eq!(pts.len(), 3);
+    let id1 = pts[0]["id"].as_str().unwrap().to_owned();
+    let seq1: u64 = id1.split('-').next().unwrap().parse().unwrap();
+    let blobs = ferry_azure::AzureBlobs::new(az.azurite.config(CONTAINER)).unwrap();
+    // This test is the reader: its pin keeps point 1 (and so every newer one) from retention.
+    let pin = ferry_job::azure_pins::pin_point(&blobs, "pin01", seq1).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    az.replicate(&disk, &["--retention", "1s"]);
+    assert_eq!(az.points().len(), 4, "a pinned point was pruned");
+    az.restore_exact(&id1, &v1);
+    drop(pin);
+    assert!(
+        blobs.list("pins/").unwrap().is_empty(),
+        "a released pin is deleted"
+    );
+    // A pin past its expiry (its reader is gone) does not count, and retention removes it.
+    let stale = "pins/pin01/1.dead.json";
+    blobs
+        .put_block_blob(
+            stale,
+            format!(r#"{{"vm":"pin01","seq":{seq1},"expires":1}}"#).into_bytes(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    az.replicate(&disk, &["--retention", "1s"]);
+    assert_eq!(az.points().len(), 1, "{:?}", az.points());
+    assert!(
+        blobs.get_blob(stale).unwrap().is_none(),
+        "the expired pin was not removed"
+    );
+}

@@ -557,11 +557,13 @@ pub fn prune_manifests(
 ) -> Result<usize, JobError> {
     let now = std::time::SystemTime::now();
     let mut n = 0;
+    let pins = crate::azure_pins::live_pins(blobs)?;
     for vm in list_vms(blobs)? {
         let Some(mut m) = load_manifest(blobs, &vm)? else {
             continue;
         };
-        let gone = ferry_apply::retention::expired(&m, retention, now);
+        let gone =
+            ferry_apply::retention::expired_pinned(&m, retention, now, pins.get(&vm).copied());
         if gone.is_empty() {
             continue;
         }
@@ -571,8 +573,15 @@ pub fn prune_manifests(
         blobs
             .put_block_blob(&manifest_blob(&vm), m.to_json())
             .map_err(az)?;
+        // A reader that pinned one of these points and saw it listed just before the commit
+        // still reads its snapshot: leave those snapshots behind.
+        let pinned_now = crate::azure_pins::live_pins(blobs)?.get(&vm).copied();
         for p in dead {
             n += 1;
+            if pinned_now.is_some_and(|pin| p.seq >= pin) {
+                tracing::warn!(vm = %vm, point = %p.id, "a reader pinned this point as it was pruned: its snapshots are left behind");
+                continue;
+            }
             for d in p.disks {
                 if let Some(s) = d.snapshot {
                     if let Err(e) = blobs.delete_snapshot(&replica_blob(&vm, &d.name), &s) {

@@ -12,6 +12,7 @@
 //! Must not: print. Progress goes through [`Progress`]; the binary decides how to show it.
 
 pub mod azure;
+pub mod azure_pins;
 pub mod identity;
 mod paths;
 mod points;

@@ -238,6 +238,7 @@ impl RecoveryStore for AzureRecovery {
         job: &FileJob<'_>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<u64, JobError> {
+        let _pin = self.pin(job.vm, job.point)?;
         azure::restore_to_file(&self.blobs, job, progress)
     }
 
@@ -268,6 +269,23 @@ impl RecoveryStore for AzureRecovery {
                 "{dst} already exists; delete it or pass --force"
             )));
         }
+        let _pin = self.pin(vm, point)?;
         azure::restore_to_blob(&self.blobs, vm, point, disk, path, verify)
+    }
+}
+
+impl AzureRecovery {
+    /// Pins `point` against retention, then checks it is still listed.
+    fn pin(&self, vm: &str, point: &Point) -> Result<crate::azure_pins::AzurePin, JobError> {
+        let pin = crate::azure_pins::pin_point(&self.blobs, vm, point.seq)?;
+        let listed = azure::load_manifest(&self.blobs, vm)?
+            .is_some_and(|m| m.points.iter().any(|p| p.seq == point.seq));
+        if !listed {
+            return Err(JobError::Usage(format!(
+                "point {} of VM '{vm}' was just pruned by retention; list the points again with `ferry points list` and choose another",
+                point.id
+            )));
+        }
+        Ok(pin)
     }
 }
