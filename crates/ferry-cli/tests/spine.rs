@@ -385,3 +385,46 @@ fn a_cache_directory_of_another_store_is_refused() {
         "no point in the other store"
     );
 }
+
+#[test]
+fn a_damaged_segment_of_one_vm_does_not_stop_restores_of_another() {
+    let env = Env::new();
+    let b = env.path("b.img");
+    fs::File::create(&b).unwrap().set_len(4 << 20).unwrap();
+    let mut rng = Rng(19);
+    write_random(&b, &mut rng, 0, 2 << 20);
+    env.replicate_ok(&[&b], &["--vm", "vmb"]);
+    // VM a holds what VM b held first: its chunks dedupe into b's first segment.
+    let a = env.path("a.img");
+    fs::copy(&b, &a).unwrap();
+    write_random(&b, &mut rng, 2 << 20, 1 << 20);
+    env.replicate_ok(&[&b], &["--vm", "vmb"]);
+    env.replicate_ok(&[&a], &["--vm", "vma"]);
+    // b's newest segment gets a damaged index (its last bytes).
+    let mut segs: Vec<_> = fs::read_dir(env.store().join("journal/vmb/b"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    let newest = segs.last().unwrap().clone();
+    let mut bytes = fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0x40;
+    fs::write(&newest, &bytes).unwrap();
+    let out = env.path("ra.img");
+    let o = env.restore("latest", &out, &["--vm", "vma", "--verify"]);
+    assert!(
+        o.status.success(),
+        "VM a's restore must not depend on b's damaged segment: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(same_bytes(&out, &a));
+    // VM b's newest point needs that segment: refused, naming it.
+    let o = env.restore("latest", &env.path("rb.img"), &["--vm", "vmb"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains(newest.file_name().unwrap().to_str().unwrap()),
+        "names the damaged segment: {e}"
+    );
+}

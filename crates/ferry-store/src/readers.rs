@@ -464,13 +464,16 @@ pub fn point_digests(dir: &Path, seq: u64) -> Result<HashSet<Digest>, StoreError
 
 /// Where the chunks in `wanted` are stored, read from segment indexes (no dedupe index, no lock):
 /// `prefer`'s journal (VM, disk) first, then every other journal of the store, until all are found.
-/// Digests found nowhere are missing from the result.
+/// Digests found nowhere are missing from the result. A segment whose index cannot be read (damaged,
+/// another VM's problem) is skipped with a warning; its error is returned only if a wanted chunk
+/// is found nowhere else.
 pub fn locate_chunks(
     store: &LocalStore,
     prefer: (&str, &str),
     mut wanted: HashSet<Digest>,
 ) -> Result<HashMap<Digest, ChunkLoc>, StoreError> {
     let mut out = HashMap::with_capacity(wanted.len());
+    let mut skipped: Option<StoreError> = None;
     let journal = store.root().join("journal");
     let mut disks = vec![(prefer.0.to_owned(), prefer.1.to_owned())];
     for vm in list_dirs(&journal)? {
@@ -495,7 +498,11 @@ pub fn locate_chunks(
                 {
                     continue
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(vm = %vm, disk = %disk, seq, error = %e, "skipping a segment whose index cannot be read");
+                    skipped.get_or_insert(e);
+                    continue;
+                }
             };
             for r in idx.records {
                 if let Record::Write { digest, loc, .. } = r {
@@ -506,7 +513,10 @@ pub fn locate_chunks(
             }
         }
     }
-    Ok(out)
+    match skipped {
+        Some(e) if !wanted.is_empty() => Err(e),
+        _ => Ok(out),
+    }
 }
 
 fn list_dirs(d: &Path) -> Result<Vec<String>, StoreError> {
