@@ -123,6 +123,39 @@ struct Disk {
     touched: Bits,
 }
 
+impl Disk {
+    /// Opens a protected disk (`depth` reads in flight) and its chunk map; `true` if the map is
+    /// new (every chunk unknown: an initial sync).
+    fn open(
+        state_dir: &Path,
+        path: &Path,
+        name: &str,
+        depth: u32,
+    ) -> Result<(Disk, bool), AgentError> {
+        let reader = ChunkReader::open(path, depth)?;
+        let size = reader.size();
+        if size == 0 {
+            return Err(AgentError::Usage(format!(
+                "{} is empty; nothing to protect",
+                path.display()
+            )));
+        }
+        let (map, cur, fresh) = CvFile::open(state_dir, name, size)?;
+        let chunks = size.div_ceil(CHUNK);
+        let disk = Disk {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            size,
+            reader,
+            map,
+            cur,
+            todo: Bits::new(chunks),
+            touched: Bits::new(chunks),
+        };
+        Ok((disk, fresh))
+    }
+}
+
 enum Track {
     Ebpf(Box<ferry_ebpf::Tracker>),
     Scan,
@@ -204,29 +237,11 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     };
     let mut disks = Vec::new();
     for (path, name) in o.disks.iter().zip(&o.names) {
-        let reader = ChunkReader::open(path, 16)?;
-        let size = reader.size();
-        if size == 0 {
-            return Err(AgentError::Usage(format!(
-                "{} is empty; nothing to protect",
-                path.display()
-            )));
-        }
-        let (map, cur, fresh) = CvFile::open(&o.state_dir, name, size)?;
-        let chunks = size.div_ceil(CHUNK);
+        let (disk, fresh) = Disk::open(&o.state_dir, path, name, 16)?;
         if fresh {
             tracing::info!(disk = %name, "no chunk map yet: every chunk is read and sent once (initial sync)");
         }
-        disks.push(Disk {
-            name: name.clone(),
-            path: path.clone(),
-            size,
-            reader,
-            map,
-            cur,
-            todo: Bits::new(chunks),
-            touched: Bits::new(chunks),
-        });
+        disks.push(disk);
     }
     let resyncing = recover_state(o, &mut disks, &track)?;
 
@@ -1170,20 +1185,7 @@ mod tests {
 
     /// `depth` 1: one extent in flight, so an extent is delivered before the next is read.
     fn open_disk(state: &Path, path: &Path, name: &str, depth: u32) -> Disk {
-        let reader = ChunkReader::open(path, depth).unwrap();
-        let size = reader.size();
-        let (map, cur, _) = CvFile::open(state, name, size).unwrap();
-        let chunks = size.div_ceil(CHUNK);
-        Disk {
-            name: name.into(),
-            path: path.to_path_buf(),
-            size,
-            reader,
-            map,
-            cur,
-            todo: Bits::new(chunks),
-            touched: Bits::new(chunks),
-        }
+        Disk::open(state, path, name, depth).unwrap().0
     }
 
     fn engine<'a>(o: &'a AgentOptions, disks: Vec<Disk>) -> (Engine<'a>, mpsc::Receiver<Rec>) {

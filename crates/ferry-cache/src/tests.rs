@@ -236,23 +236,14 @@ fn every_crash_state_keeps_every_record_sync_returned() {
     use std::sync::{Arc, Mutex};
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
-    let crashes = d.path().join("crashes");
-    fs::create_dir_all(&crashes).unwrap();
-    crashsim::start();
-    fs::create_dir(&root).unwrap();
-    durable::fsync_dir(&root).unwrap();
     let acked = Arc::new(Mutex::new(0u64));
-    let taken: Arc<Mutex<Vec<(PathBuf, u64)>>> = Arc::default();
-    {
-        let (root, crashes, acked, taken) =
-            (root.clone(), crashes.clone(), acked.clone(), taken.clone());
-        crashsim::set_hook(Some(Box::new(move |n| {
-            let out = crashes.join(format!("{n:05}"));
-            crashsim::materialize(&root, &out).unwrap();
-            let a = *acked.lock().unwrap();
-            taken.lock().unwrap().push((out, a));
-        })));
-    }
+    let states = {
+        let acked = acked.clone();
+        crashsim::take_states(&root, &d.path().join("crashes"), move || {
+            *acked.lock().unwrap()
+        })
+        .unwrap()
+    };
     let (c, _) = Cache::open(cfg(&root.join("cache")), key()).unwrap();
     let mut w = c.writer().unwrap();
     // 20 KB records, 1 MiB files: several rotations.
@@ -265,9 +256,7 @@ fn every_crash_state_keeps_every_record_sync_returned() {
     }
     drop(w);
     drop(c);
-    crashsim::set_hook(None);
-    crashsim::stop();
-    let taken = taken.lock().unwrap().clone();
+    let taken = crashsim::finish(&states);
     assert!(taken.len() > 15, "{} syncs", taken.len());
     for (state, acked) in taken {
         let (c, _) = Cache::open(cfg(&state.join("cache")), key()).unwrap_or_else(|e| {

@@ -151,3 +151,38 @@ fn build(rec: &Recorded, dir: &Ident, out: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// What [`take_states`] collects: each crash state's directory, with what the test knew then.
+pub type States<T> = std::sync::Arc<Mutex<Vec<(std::path::PathBuf, T)>>>;
+
+/// Starts recording and, after every sync, materializes the crash state of `root` into a new
+/// directory under `into`, paired with `known()` (what the test had acknowledged at that moment).
+/// Stop with [`finish`]. `root` is created here, so its own entries are recorded from the start.
+pub fn take_states<T: Send + 'static>(
+    root: &Path,
+    into: &Path,
+    known: impl Fn() -> T + Send + 'static,
+) -> io::Result<States<T>> {
+    fs::create_dir_all(into)?;
+    start();
+    fs::create_dir(root)?;
+    crate::fsync_dir(root)?;
+    let states: States<T> = Default::default();
+    let (root, into, out) = (root.to_owned(), into.to_owned(), states.clone());
+    set_hook(Some(Box::new(move |n| {
+        let dir = into.join(format!("{n:05}"));
+        if let Err(e) = materialize(&root, &dir) {
+            panic!("cannot materialize crash state {}: {e}", dir.display());
+        }
+        let k = known();
+        out.lock().unwrap_or_else(|e| e.into_inner()).push((dir, k));
+    })));
+    Ok(states)
+}
+
+/// Stops [`take_states`] and returns the states taken.
+pub fn finish<T: Clone>(states: &States<T>) -> Vec<(std::path::PathBuf, T)> {
+    set_hook(None);
+    stop();
+    states.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -87,29 +87,19 @@ fn every_crash_state_of_four_runs_keeps_acked_points_and_recovers_exactly() {
         .tempdir_in(std::env::var_os("FERRY_TEST_DIR").unwrap_or_else(|| "/var/tmp".into()))
         .unwrap();
     let root = dir.path().join("root");
-    let crashes = dir.path().join("crashes");
-    fs::create_dir_all(&crashes).unwrap();
     let key = dir.path().join("master.key");
     ferry_crypto::MasterKey::create(&key).unwrap();
     let disk = dir.path().join("disk.img");
     fs::write(&disk, vec![0u8; DISK as usize]).unwrap();
 
-    crashsim::start();
-    fs::create_dir(&root).unwrap();
-    ferry_durable::fsync_dir(&root).unwrap();
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
-    type Taken = Vec<(PathBuf, Vec<String>)>;
-    let taken: Arc<Mutex<Taken>> = Arc::default();
-    {
-        let (root, crashes, acked, taken) =
-            (root.clone(), crashes.clone(), acked.clone(), taken.clone());
-        crashsim::set_hook(Some(Box::new(move |n| {
-            let out = crashes.join(format!("{n:05}"));
-            crashsim::materialize(&root, &out).unwrap();
-            let a = acked.lock().unwrap().clone();
-            taken.lock().unwrap().push((out, a));
-        })));
-    }
+    let states = {
+        let acked = acked.clone();
+        crashsim::take_states(&root, &dir.path().join("crashes"), move || {
+            acked.lock().unwrap().clone()
+        })
+        .unwrap()
+    };
     let mut versions = HashSet::new();
     let mut seed = 7u64;
     for run in 0..4 {
@@ -133,10 +123,7 @@ fn every_crash_state_of_four_runs_keeps_acked_points_and_recovers_exactly() {
         .unwrap();
         acked.lock().unwrap().push(r.point.expect("a point").id);
     }
-    crashsim::set_hook(None);
-    crashsim::stop();
-
-    let taken = taken.lock().unwrap().clone();
+    let taken = crashsim::finish(&states);
     assert!(taken.len() > 40, "only {} syncs recorded", taken.len());
     let scratch = dir.path().join("scratch");
     fs::create_dir_all(&scratch).unwrap();

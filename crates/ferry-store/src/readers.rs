@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_crypto::{Digest, ZERO_DIGEST};
-use ferry_format::delta::{MapHeader, MAP_HEADER_LEN};
+use ferry_format::delta::MAP_HEADER_LEN;
 use ferry_format::segment::{ChunkLoc, Record};
 use serde::{Deserialize, Serialize};
 
@@ -308,24 +308,12 @@ impl LiveReader {
     /// Opens the replica at `dir` to read point `seq`. Fails with [`StoreError::Behind`] while the
     /// replica has not reached `seq` (a commit the writer has still to finish).
     pub fn open(dir: &Path, seq: u64) -> Result<Self, StoreError> {
-        let mp = dir.join("current.map");
-        let map = File::open(&mp).map_err(io(&mp, "open"))?;
-        let header = read_header(&map, &mp)?;
+        let (map, header) = crate::replica::open_map(dir, false)?;
         if header.generation < seq {
             return Err(StoreError::Behind {
                 replica: dir.to_owned(),
                 generation: header.generation,
                 seq,
-            });
-        }
-        let len = map.metadata().map_err(io(&mp, "stat"))?.len();
-        if len != MAP_HEADER_LEN as u64 + header.pages * DIGEST {
-            return Err(StoreError::Format {
-                path: mp,
-                source: ferry_format::FormatError::Truncated {
-                    what: "page map",
-                    offset: len,
-                },
             });
         }
         Ok(LiveReader {
@@ -431,20 +419,9 @@ impl LiveReader {
     }
 }
 
-fn read_header(map: &File, mp: &Path) -> Result<MapHeader, StoreError> {
-    let mut hb = [0u8; MAP_HEADER_LEN];
-    map.read_exact_at(&mut hb, 0).map_err(io(mp, "read"))?;
-    MapHeader::decode(&hb).map_err(|source| StoreError::Format {
-        path: mp.to_owned(),
-        source,
-    })
-}
-
 /// The generation (newest applied point) of the replica at `dir`.
 pub fn replica_generation(dir: &Path) -> Result<u64, StoreError> {
-    let mp = dir.join("current.map");
-    let map = File::open(&mp).map_err(io(&mp, "open"))?;
-    Ok(read_header(&map, &mp)?.generation)
+    Ok(crate::replica::open_map(dir, false)?.1.generation)
 }
 
 /// Every non-zero digest of point `seq` of the replica at `dir`.

@@ -38,6 +38,34 @@ pub fn pages_for(size: u64) -> u64 {
     size.div_ceil(CHUNK_SIZE as u64)
 }
 
+/// Opens `dir/current.map` (for writing too with `write`) and checks its header and length.
+pub(crate) fn open_map(dir: &Path, write: bool) -> Result<(File, MapHeader), StoreError> {
+    let map_path = dir.join("current.map");
+    let map = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(&map_path)
+        .map_err(io(&map_path, "open"))?;
+    let mut hb = [0u8; MAP_HEADER_LEN];
+    map.read_exact_at(&mut hb, 0)
+        .map_err(io(&map_path, "read"))?;
+    let header = MapHeader::decode(&hb).map_err(|source| StoreError::Format {
+        path: map_path.clone(),
+        source,
+    })?;
+    let len = map.metadata().map_err(io(&map_path, "stat"))?.len();
+    if len != MAP_HEADER_LEN as u64 + header.pages * DIGEST {
+        return Err(StoreError::Format {
+            path: map_path,
+            source: ferry_format::FormatError::Truncated {
+                what: "page map",
+                offset: len,
+            },
+        });
+    }
+    Ok((map, header))
+}
+
 /// An open local replica.
 pub struct Replica {
     dir: PathBuf,
@@ -109,29 +137,7 @@ impl Replica {
     }
 
     fn open_with(dir: &Path, write: bool) -> Result<Self, StoreError> {
-        let map_path = dir.join("current.map");
-        let map = OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(&map_path)
-            .map_err(io(&map_path, "open"))?;
-        let mut hb = [0u8; MAP_HEADER_LEN];
-        map.read_exact_at(&mut hb, 0)
-            .map_err(io(&map_path, "read"))?;
-        let header = MapHeader::decode(&hb).map_err(|source| StoreError::Format {
-            path: map_path.clone(),
-            source,
-        })?;
-        let len = map.metadata().map_err(io(&map_path, "stat"))?.len();
-        if len != MAP_HEADER_LEN as u64 + header.pages * DIGEST {
-            return Err(StoreError::Format {
-                path: map_path,
-                source: ferry_format::FormatError::Truncated {
-                    what: "page map",
-                    offset: len,
-                },
-            });
-        }
+        let (map, header) = open_map(dir, write)?;
         Ok(Replica {
             dir: dir.to_owned(),
             map,
