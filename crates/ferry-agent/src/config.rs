@@ -56,12 +56,17 @@ impl AgentConfig {
                 )))
             }
         };
-        toml::from_str(&text).map_err(|e| {
+        Self::parse(&text).map_err(|e| {
             AgentError::Config(format!(
                 "configuration {}: {e}(see docs/CONFIGURATION.md, section Agent)",
                 path.display()
             ))
         })
+    }
+
+    /// Parses the text of a configuration file (no file system; unknown keys are errors).
+    pub fn parse(text: &str) -> Result<AgentConfig, toml::de::Error> {
+        toml::from_str(text)
     }
 }
 

@@ -71,6 +71,72 @@ pub enum Request {
     Resync,
 }
 
+/// A request on the socket, as [`parse_request`] reads it and [`encode_request`] writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Cut(PointKind),
+    Status,
+    Resync,
+}
+
+/// Reads one request line: the command, or the error the agent answers with.
+pub fn parse_request(line: &str) -> Result<Command, String> {
+    match serde_json::from_str::<Wire>(line) {
+        Ok(Wire { cut: Some(k), .. }) => match k.as_str() {
+            "app" => Ok(Command::Cut(PointKind::App)),
+            "crash" => Ok(Command::Cut(PointKind::Crash)),
+            _ => Err(format!("unknown point kind '{k}' (app or crash)")),
+        },
+        Ok(Wire {
+            resync: Some(true), ..
+        }) => Ok(Command::Resync),
+        Ok(Wire {
+            status: Some(true), ..
+        }) => Ok(Command::Status),
+        _ => Err("bad request; send {\"cut\":\"app\"|\"crash\"} or {\"status\":true}".into()),
+    }
+}
+
+/// The request line (without its newline) the client sends for `c`.
+pub fn encode_request(c: Command) -> Result<String, serde_json::Error> {
+    let w = match c {
+        Command::Cut(k) => Wire {
+            cut: Some(if k == PointKind::App { "app" } else { "crash" }.into()),
+            ..Default::default()
+        },
+        Command::Status => Wire {
+            status: Some(true),
+            ..Default::default()
+        },
+        Command::Resync => Wire {
+            resync: Some(true),
+            ..Default::default()
+        },
+    };
+    serde_json::to_string(&w)
+}
+
+/// A reply line, as the client reads it: `{"ok":true,…}` (the whole object) or the agent's error.
+pub enum Reply {
+    Ok(serde_json::Value),
+    Refused(String),
+}
+
+/// Reads one reply line.
+pub fn parse_reply(line: &str) -> Result<Reply, serde_json::Error> {
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    Ok(if v["ok"] == serde_json::Value::Bool(true) {
+        Reply::Ok(v)
+    } else {
+        Reply::Refused(
+            v["error"]
+                .as_str()
+                .unwrap_or("the agent refused")
+                .to_string(),
+        )
+    })
+}
+
 #[derive(Serialize, Deserialize, Default)]
 struct Wire {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,42 +229,27 @@ fn serve_one(s: UnixStream, to: &Sender<Request>) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
-    let reply = match serde_json::from_str::<Wire>(&line) {
-        Ok(Wire { cut: Some(k), .. }) => {
-            let kind = match k.as_str() {
-                "app" => Some(PointKind::App),
-                "crash" => Some(PointKind::Crash),
-                _ => None,
-            };
-            match kind {
-                None => {
-                    serde_json::json!({"ok": false, "error": format!("unknown point kind '{k}' (app or crash)")})
-                }
-                Some(kind) => {
-                    let (tx, rx) = crossbeam_channel::bounded(1);
-                    if to.send(Request::Cut { kind, reply: tx }).is_err() {
-                        serde_json::json!({"ok": false, "error": "the agent is stopping"})
-                    } else {
-                        match rx.recv() {
-                            Ok(Ok(p)) => serde_json::json!({"ok": true, "point": p}),
-                            Ok(Err(why)) => serde_json::json!({"ok": false, "error": why}),
-                            Err(_) => {
-                                serde_json::json!({"ok": false, "error": "the agent stopped before the point was acknowledged"})
-                            }
-                        }
+    let reply = match parse_request(&line) {
+        Err(why) => serde_json::json!({"ok": false, "error": why}),
+        Ok(Command::Cut(kind)) => {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if to.send(Request::Cut { kind, reply: tx }).is_err() {
+                serde_json::json!({"ok": false, "error": "the agent is stopping"})
+            } else {
+                match rx.recv() {
+                    Ok(Ok(p)) => serde_json::json!({"ok": true, "point": p}),
+                    Ok(Err(why)) => serde_json::json!({"ok": false, "error": why}),
+                    Err(_) => {
+                        serde_json::json!({"ok": false, "error": "the agent stopped before the point was acknowledged"})
                     }
                 }
             }
         }
-        Ok(Wire {
-            resync: Some(true), ..
-        }) => match to.send(Request::Resync) {
+        Ok(Command::Resync) => match to.send(Request::Resync) {
             Ok(()) => serde_json::json!({"ok": true}),
             Err(_) => serde_json::json!({"ok": false, "error": "the agent is stopping"}),
         },
-        Ok(Wire {
-            status: Some(true), ..
-        }) => {
+        Ok(Command::Status) => {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let _ = to.send(Request::Status { reply: tx });
             match rx.recv_timeout(Duration::from_secs(30)) {
@@ -208,16 +259,17 @@ fn serve_one(s: UnixStream, to: &Sender<Request>) -> std::io::Result<()> {
                 }
             }
         }
-        _ => {
-            serde_json::json!({"ok": false, "error": "bad request; send {\"cut\":\"app\"|\"crash\"} or {\"status\":true}"})
-        }
     };
     let mut w = &s;
     writeln!(w, "{reply}")?;
     w.flush()
 }
 
-fn call(state_dir: &Path, req: &Wire, timeout: Duration) -> Result<serde_json::Value, AgentError> {
+fn call(
+    state_dir: &Path,
+    req: Command,
+    timeout: Duration,
+) -> Result<serde_json::Value, AgentError> {
     let path = state_dir.join(SOCKET_FILE);
     let s = UnixStream::connect(&path).map_err(|e| {
         state_err(
@@ -228,23 +280,15 @@ fn call(state_dir: &Path, req: &Wire, timeout: Duration) -> Result<serde_json::V
     s.set_read_timeout(Some(timeout))
         .map_err(|e| state_err(&path, e))?;
     let mut w = &s;
-    let body = serde_json::to_string(req).map_err(|e| state_err(&path, e))?;
+    let body = encode_request(req).map_err(|e| state_err(&path, e))?;
     writeln!(w, "{body}").map_err(|e| state_err(&path, e))?;
     let mut line = String::new();
     BufReader::new(&s)
         .read_line(&mut line)
         .map_err(|e| state_err(&path, format!("no answer from the agent: {e}")))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&line).map_err(|e| state_err(&path, format!("bad answer: {e}")))?;
-    if v["ok"] == serde_json::Value::Bool(true) {
-        Ok(v)
-    } else {
-        Err(AgentError::Cut(
-            v["error"]
-                .as_str()
-                .unwrap_or("the agent refused")
-                .to_string(),
-        ))
+    match parse_reply(&line).map_err(|e| state_err(&path, format!("bad answer: {e}")))? {
+        Reply::Ok(v) => Ok(v),
+        Reply::Refused(why) => Err(AgentError::Cut(why)),
     }
 }
 
@@ -252,10 +296,11 @@ fn call(state_dir: &Path, req: &Wire, timeout: Duration) -> Result<serde_json::V
 pub fn request_cut(state_dir: &Path, app: bool, timeout: Duration) -> Result<CutReply, AgentError> {
     let v = call(
         state_dir,
-        &Wire {
-            cut: Some(if app { "app" } else { "crash" }.into()),
-            ..Default::default()
-        },
+        Command::Cut(if app {
+            PointKind::App
+        } else {
+            PointKind::Crash
+        }),
         timeout,
     )?;
     serde_json::from_value(v["point"].clone())
@@ -264,26 +309,11 @@ pub fn request_cut(state_dir: &Path, app: bool, timeout: Duration) -> Result<Cut
 
 /// The running agent's status.
 pub fn request_status(state_dir: &Path) -> Result<serde_json::Value, AgentError> {
-    let v = call(
-        state_dir,
-        &Wire {
-            status: Some(true),
-            ..Default::default()
-        },
-        Duration::from_secs(35),
-    )?;
+    let v = call(state_dir, Command::Status, Duration::from_secs(35))?;
     Ok(v["status"].clone())
 }
 
 /// Asks the running agent for a checksum resync of every disk (returns at once; points wait for it).
 pub fn request_resync(state_dir: &Path) -> Result<(), AgentError> {
-    call(
-        state_dir,
-        &Wire {
-            resync: Some(true),
-            ..Default::default()
-        },
-        Duration::from_secs(10),
-    )
-    .map(|_| ())
+    call(state_dir, Command::Resync, Duration::from_secs(10)).map(|_| ())
 }

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use ferry_crypto::is_zero;
 use ferry_read::ChunkReader;
-use ferry_wire::{DiskCut, PointKind, PointTag, RunId};
+use ferry_wire::{DiskCut, InvDisk, PointKind, PointTag, RunId};
 use tokio::sync::mpsc;
 
 use crate::bits::Bits;
@@ -110,9 +110,15 @@ const POINT_NAME_WAIT: Duration = Duration::from_secs(60);
 const BATCH: usize = 256;
 
 struct Disk {
+    /// The replica's name (records, tags, the chunk map's file name); the kernel's name for the
+    /// disk until the process server's `Holding` names the replica.
     name: String,
+    /// The name it was given on this machine (device or image file name), for logs.
+    label: String,
     path: PathBuf,
     size: u64,
+    /// The disk's stable identity (see [`crate::ident`]).
+    id: String,
     reader: ChunkReader,
     map: CvFile,
     /// Latest known CV of every chunk (what was last read; [`UNKNOWN`] if never).
@@ -121,17 +127,23 @@ struct Disk {
     todo: Bits,
     /// Chunks read in the current run.
     touched: Bits,
+    /// The run this disk's records build on: the last run of it the process server holds (or
+    /// will, once the tags already handed to the shipper arrive).
+    base: RunId,
 }
 
-impl Disk {
-    /// Opens a protected disk (`depth` reads in flight) and its chunk map; `true` if the map is
-    /// new (every chunk unknown: an initial sync).
-    fn open(
-        state_dir: &Path,
-        path: &Path,
-        name: &str,
-        depth: u32,
-    ) -> Result<(Disk, bool), AgentError> {
+/// A protected disk before its replica is known: open for reading, identified.
+struct Source {
+    label: String,
+    path: PathBuf,
+    size: u64,
+    id: String,
+    reader: ChunkReader,
+}
+
+impl Source {
+    /// Opens a protected disk (`depth` reads in flight) and reads its identity.
+    fn open(path: &Path, label: &str, depth: u32) -> Result<Source, AgentError> {
         let reader = ChunkReader::open(path, depth)?;
         let size = reader.size();
         if size == 0 {
@@ -140,19 +152,35 @@ impl Disk {
                 path.display()
             )));
         }
-        let (map, cur, fresh) = CvFile::open(state_dir, name, size)?;
-        let chunks = size.div_ceil(CHUNK);
-        let disk = Disk {
-            name: name.to_owned(),
+        let id = crate::ident::disk_id(path)
+            .map_err(|e| AgentError::Usage(format!("cannot identify {}: {e}", path.display())))?;
+        Ok(Source {
+            label: label.to_owned(),
             path: path.to_owned(),
             size,
+            id,
             reader,
+        })
+    }
+
+    /// The disk with the chunk map of replica `replica` (as it is on disk: [`recover_state`]
+    /// decides whether it can be trusted).
+    fn into_disk(self, state_dir: &Path, replica: &str) -> Result<Disk, AgentError> {
+        let (map, cur) = CvFile::open(state_dir, replica, self.size)?;
+        let chunks = self.size.div_ceil(CHUNK);
+        Ok(Disk {
+            name: replica.to_owned(),
+            label: self.label,
+            path: self.path,
+            size: self.size,
+            id: self.id,
+            reader: self.reader,
+            base: map.header().base,
             map,
             cur,
             todo: Bits::new(chunks),
             touched: Bits::new(chunks),
-        };
-        Ok((disk, fresh))
+        })
     }
 }
 
@@ -235,26 +263,36 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         Track::Ebpf(_) => "ebpf",
         Track::Scan => "scan",
     };
-    let mut disks = Vec::new();
+    let mut sources = Vec::new();
     for (path, name) in o.disks.iter().zip(&o.names) {
-        let (disk, fresh) = Disk::open(&o.state_dir, path, name, 16)?;
-        if fresh {
-            tracing::info!(disk = %name, "no chunk map yet: every chunk is read and sent once (initial sync)");
+        let src = Source::open(path, name, 16)?;
+        if let Some(other) = sources.iter().find(|s: &&Source| s.id == src.id) {
+            return Err(AgentError::Usage(format!(
+                "{} and {} are the same disk ({}); give each disk once",
+                other.path.display(),
+                path.display(),
+                src.id
+            )));
         }
-        disks.push(disk);
+        sources.push(src);
     }
-    let resyncing = recover_state(o, &mut disks, &track)?;
 
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
     let (req_tx, req_rx) = crossbeam_channel::unbounded();
-    let control = crate::control::listen(&o.state_dir, req_tx)?;
     let (tx, rx) = mpsc::channel::<Rec>(64);
     let stats = Arc::new(ShipStats::default());
     let abandon = Arc::new(AtomicBool::new(false));
     let to = ShipTo {
         server: o.server.clone(),
         vm: o.vm.clone(),
-        disks: disks.iter().map(|d| (d.name.clone(), d.size)).collect(),
+        disks: sources
+            .iter()
+            .map(|s| InvDisk {
+                name: s.label.clone(),
+                size: s.size,
+                id: s.id.clone(),
+            })
+            .collect(),
     };
     let rt = crate::runtime()?;
     let shipper = {
@@ -266,6 +304,48 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
             })
             .map_err(|e| AgentError::Usage(format!("cannot start the shipper thread: {e}")))?
     };
+    let stop_shipper = |tx: mpsc::Sender<Rec>, shipper: std::thread::JoinHandle<()>| {
+        abandon.store(true, Ordering::Relaxed);
+        drop(tx);
+        let _ = shipper.join();
+    };
+    // Nothing is read or sent before the process server says what it holds: the chunk maps are
+    // trusted only as far as it confirms them.
+    let holding = match wait_for_holding(&ev_rx, stop, &o.server) {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            stop_shipper(tx, shipper);
+            return Ok(AgentSummary {
+                points: Vec::new(),
+                records: 0,
+                data_bytes: 0,
+                reconnects: stats.reconnects.load(Ordering::Relaxed),
+                tracker: tracker_name.into(),
+            });
+        }
+        Err(e) => {
+            stop_shipper(tx, shipper);
+            return Err(e);
+        }
+    };
+    if holding.open != ferry_wire::NO_RUN {
+        tracing::info!(run = %hex::encode(holding.open), "the process server holds the start of a run an earlier agent left open; the new run voids it");
+    }
+    let mut disks = Vec::new();
+    for (src, held) in sources.into_iter().zip(&holding.disks) {
+        if held.replica != src.label {
+            tracing::info!(disk = %src.label, replica = %held.replica, id = %src.id, "this disk's replica on the process server is named after its identity, not its current device name");
+        }
+        disks.push(src.into_disk(&o.state_dir, &held.replica)?);
+    }
+    let resyncing = match recover_state(o, &mut disks, &track, &holding) {
+        Ok(r) => r,
+        Err(e) => {
+            stop_shipper(tx, shipper);
+            return Err(e);
+        }
+    };
+    let control = crate::control::listen(&o.state_dir, req_tx)?;
     let freezer = if ferry_freeze::is_root() {
         match ferry_freeze::Freezer::new() {
             Ok(f) => Some(f),
@@ -301,9 +381,10 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     }
     let r = e.main_loop(stop);
     let r = r.and_then(|()| e.clean_stop());
-    abandon.store(true, Ordering::Relaxed);
-    drop(e.tx.take());
-    let _ = shipper.join();
+    stop_shipper(
+        e.tx.take().expect("sender lives while the engine runs"),
+        shipper,
+    );
     drop(control);
     r?;
     Ok(AgentSummary {
@@ -354,48 +435,193 @@ fn choose_tracker(o: &AgentOptions) -> Result<Track, AgentError> {
     }
 }
 
-/// Start-up: pending runs become unknown chunks, a clean stop's dirty set is reused when nothing
-/// wrote meanwhile, and everything else is resynced. Returns why a resync runs, if one does.
+/// Waits for the first connection's `Holding`; `None` if asked to stop first.
+fn wait_for_holding(
+    events: &Receiver<Event>,
+    stop: &AtomicBool,
+    server: &str,
+) -> Result<Option<ship::Holding>, AgentError> {
+    let started = Instant::now();
+    let mut said = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Holding(h)) => return Ok(Some(h)),
+            Ok(Event::Failed(e)) => return Err(e),
+            Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return Err(AgentError::Protocol("the shipper stopped".into()))
+            }
+        }
+        if said.elapsed() >= Duration::from_secs(30) {
+            tracing::warn!(%server, waited_s = started.elapsed().as_secs(), "still waiting for the process server; nothing is read or sent until it answers (changes are tracked meanwhile)");
+            said = Instant::now();
+        }
+    }
+}
+
+/// What to do with a disk's chunk map, given what the process server holds of the disk.
+#[derive(Debug, PartialEq, Eq)]
+enum MapFate {
+    /// The map describes exactly the server's last run of the disk.
+    Keep,
+    /// It does once these pending runs (acknowledged after all) are folded in, in this order.
+    Fold(Vec<RunId>),
+    /// It describes something else: forget every CV (every chunk is read and sent).
+    Reset(String),
+}
+
+/// `have`: the map's header; `want`: the header the map must have (store, VM, disk identity and
+/// the server's last run of the disk as `base`); `pending`: (run, the run it built on) of each
+/// pending run that covers this disk.
+fn reconcile(
+    have: &persist::CvHeader,
+    want: &persist::CvHeader,
+    pending: &[(RunId, RunId)],
+) -> MapFate {
+    if have.store.is_empty() {
+        return MapFate::Reset("no chunk map yet (initial sync)".into());
+    }
+    if have.store != want.store {
+        return MapFate::Reset(format!(
+            "the map describes store {}, the process server now replicates to store {}",
+            have.store, want.store
+        ));
+    }
+    if have.vm != want.vm {
+        return MapFate::Reset(format!(
+            "the map describes VM '{}', this agent now protects VM '{}'",
+            have.vm, want.vm
+        ));
+    }
+    if have.disk_id != want.disk_id {
+        return MapFate::Reset(format!(
+            "the map describes disk {}, this replica's disk is now {}",
+            have.disk_id, want.disk_id
+        ));
+    }
+    // Follow the pending runs from the map's base; a run equal to the base is folded again (its
+    // CVs may have been written only in part before a crash).
+    let mut chain = Vec::new();
+    let mut cur = have.base;
+    if let Some((r, _)) = pending.iter().find(|(r, _)| *r == cur) {
+        chain.push(*r);
+    }
+    loop {
+        if cur == want.base {
+            return if chain.is_empty() {
+                MapFate::Keep
+            } else {
+                MapFate::Fold(chain)
+            };
+        }
+        match pending
+            .iter()
+            .find(|(r, b)| *b == cur && !chain.contains(r))
+        {
+            Some((r, _)) => {
+                chain.push(*r);
+                cur = *r;
+            }
+            None => {
+                return MapFate::Reset(format!(
+                    "the process server holds run {} of the disk, the map describes run {}",
+                    hex::encode(want.base),
+                    hex::encode(have.base)
+                ))
+            }
+        }
+    }
+}
+
+/// Start-up: each chunk map is bound to what the process server holds (kept, brought forward by
+/// the pending runs it holds, or reset); the chunks of pending runs it does not hold become
+/// unknown; a clean stop's dirty set is reused when nothing wrote meanwhile, and everything else
+/// is resynced. Returns why a resync runs, if one does.
 fn recover_state(
     o: &AgentOptions,
     disks: &mut [Disk],
     track: &Track,
+    holding: &ship::Holding,
 ) -> Result<Option<String>, AgentError> {
-    // A pending file lists its chunks per disk *position* in the `--disk` list of the process
-    // that wrote it, not per name, and that list may since have been reordered, grown or shrunk.
-    // So every chunk it lists, for any disk, becomes unknown on every disk protected now (a few
-    // needless re-sends, never a missed one), and the maps of disks no longer protected are
-    // dropped before any pending file is (their CVs may be those of a run that became a point, or
-    // miss one that did; a dropped map means one full send if the disk comes back).
     let leftover = persist::leftover_pending(&o.state_dir);
-    if leftover
-        .iter()
-        .any(|(_, cvs)| cvs.iter().flatten().any(|d| !d.is_empty()))
-    {
-        let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
-        persist::forget_maps_except(&o.state_dir, &names)?;
-    }
-    for (path, cvs) in leftover {
-        if let Some(cvs) = cvs {
-            let mut chunks: Vec<u64> = cvs.iter().flatten().map(|(c, _)| *c).collect();
-            chunks.sort_unstable();
-            chunks.dedup();
-            tracing::info!(file = %path.display(), chunks = chunks.len(), "a run was tagged but its acknowledgement never arrived: its chunks are sent again (on every disk: the file does not name them)");
-            for d in disks.iter_mut() {
-                let unknown: Vec<(u64, Cv)> = chunks
-                    .iter()
-                    .filter(|c| (**c as usize) < d.cur.len())
-                    .map(|c| (*c, UNKNOWN))
-                    .collect();
-                for (c, _) in &unknown {
-                    d.cur[*c as usize] = UNKNOWN;
-                    d.todo.set(*c);
+    let runs: Vec<&(RunId, persist::RunCvs)> =
+        leftover.iter().filter_map(|(_, p)| p.as_ref()).collect();
+    for (d, held) in disks.iter_mut().zip(&holding.disks) {
+        let want = persist::CvHeader {
+            size: d.size,
+            chunks: d.size.div_ceil(CHUNK),
+            base: held.last_run,
+            store: holding.store.clone(),
+            vm: o.vm.clone(),
+            disk_id: d.id.clone(),
+        };
+        let mine = |run: &RunId| {
+            runs.iter()
+                .find(|(r, _)| r == run)
+                .and_then(|(_, cvs)| cvs.iter().find(|x| x.name == d.name))
+        };
+        let pending: Vec<(RunId, RunId)> = runs
+            .iter()
+            .filter_map(|(r, cvs)| cvs.iter().find(|x| x.name == d.name).map(|x| (*r, x.base)))
+            .collect();
+        let fate = reconcile(d.map.header(), &want, &pending);
+        let mut folded = Vec::new();
+        match &fate {
+            MapFate::Keep => {}
+            MapFate::Fold(chain) => {
+                for run in chain {
+                    let x = mine(run).expect("in the chain");
+                    d.map.write(&x.cvs)?;
+                    for (c, cv) in &x.cvs {
+                        if let Some(slot) = d.cur.get_mut(*c as usize) {
+                            *slot = *cv;
+                        }
+                    }
+                    folded.push(*run);
                 }
-                d.map.write(&unknown)?;
-                d.map.sync()?;
+                tracing::info!(disk = %d.label, replica = %d.name, runs = chain.len(), "the process server holds the runs this agent tagged before it stopped: folded into the chunk map");
+            }
+            MapFate::Reset(why) => {
+                if d.map.header().store.is_empty() {
+                    tracing::info!(disk = %d.label, replica = %d.name, "no chunk map yet: every chunk is read and sent once (initial sync)");
+                } else {
+                    tracing::warn!(disk = %d.label, replica = %d.name, %why, "the chunk map does not describe what the process server holds: every chunk is read and sent again");
+                }
+                d.map.reset(want.clone())?;
+                d.cur.iter_mut().for_each(|c| *c = UNKNOWN);
             }
         }
-        std::fs::remove_file(&path).map_err(|e| AgentError::State {
+        // Pending runs the server does not hold: their chunks are unknown (sent again).
+        let mut unknown: Vec<(u64, Cv)> = Vec::new();
+        for (run, cvs) in &runs {
+            if folded.contains(run) {
+                continue;
+            }
+            if let Some(x) = cvs.iter().find(|x| x.name == d.name) {
+                unknown.extend(
+                    x.cvs
+                        .iter()
+                        .filter(|(c, _)| (*c as usize) < d.cur.len())
+                        .map(|(c, _)| (*c, UNKNOWN)),
+                );
+            }
+        }
+        if !unknown.is_empty() {
+            tracing::info!(disk = %d.label, chunks = unknown.len(), "a run was tagged but the process server does not hold it: its chunks are sent again");
+            for (c, _) in &unknown {
+                d.cur[*c as usize] = UNKNOWN;
+            }
+            d.map.write(&unknown)?;
+        }
+        d.map.set_header(want)?;
+        d.map.sync()?;
+        d.base = held.last_run;
+    }
+    for (path, _) in &leftover {
+        ferry_durable::remove_durable(path).map_err(|e| AgentError::State {
             path: path.display().to_string(),
             detail: e.to_string(),
         })?;
@@ -470,6 +696,7 @@ impl Engine<'_> {
         self.emit(Rec::Begin {
             run: self.run,
             time_ns: now_ns(),
+            bases: self.disks.iter().map(|d| d.base).collect(),
         })?;
         let start = Instant::now();
         let mut next_crash = start + self.o.crash_interval;
@@ -602,7 +829,7 @@ impl Engine<'_> {
             "data_bytes_sent": self.stats.data_bytes.load(Ordering::Relaxed),
             "reconnects": self.stats.reconnects.load(Ordering::Relaxed),
             "disks": self.disks.iter().map(|d| serde_json::json!({
-                "name": d.name, "path": d.path, "size": d.size,
+                "name": d.name, "device": d.label, "id": d.id, "path": d.path, "size": d.size,
                 "dirty_chunks": d.todo.count(), "chunks_in_run": d.touched.count(),
             })).collect::<Vec<_>>(),
         })
@@ -670,6 +897,8 @@ impl Engine<'_> {
             Event::Disconnected(why) => {
                 tracing::debug!(%why, "shipper reconnecting");
             }
+            // Only the first connection's is sent, and it was taken before the engine started.
+            Event::Holding(_) => {}
             Event::Failed(e) => return Err(e),
         }
         Ok(())
@@ -687,9 +916,14 @@ impl Engine<'_> {
         a.acked = Some(Instant::now());
         let kind = a.reply.kind;
         let cvs = persist::read_pending(&self.o.state_dir, &run)?;
-        for (d, entries) in self.disks.iter().zip(&cvs) {
-            if !entries.is_empty() {
-                d.map.write(entries)?;
+        for d in self.disks.iter_mut() {
+            if let Some(x) = cvs.iter().find(|x| x.name == d.name) {
+                d.map.write(&x.cvs)?;
+                // The CVs and the new base in one sync: a crash in between leaves the pending
+                // file, which the next start folds again or makes unknown.
+                let mut h = d.map.header().clone();
+                h.base = run;
+                d.map.set_header(h)?;
                 d.map.sync()?;
             }
         }
@@ -917,13 +1151,16 @@ impl Engine<'_> {
         let cvs: persist::RunCvs = self
             .disks
             .iter()
-            .map(|d| {
-                d.touched
+            .map(|d| persist::PendingDisk {
+                name: d.name.clone(),
+                base: d.base,
+                cvs: d
+                    .touched
                     .runs()
                     .into_iter()
                     .flat_map(|(s, e)| s..e)
                     .map(|c| (c, d.cur[c as usize]))
-                    .collect()
+                    .collect(),
             })
             .collect();
         persist::write_pending(&self.o.state_dir, &run, &cvs).map_err(|e| e.to_string())?;
@@ -936,11 +1173,14 @@ impl Engine<'_> {
         });
         for d in &mut self.disks {
             d.touched.clear();
+            // The next run builds on this one: the server has its tag before the next Begin.
+            d.base = run;
         }
         self.run = new_run().map_err(|e| e.to_string())?;
         self.emit(Rec::Begin {
             run: self.run,
             time_ns: now_ns(),
+            bases: self.disks.iter().map(|d| d.base).collect(),
         })
         .map_err(|e| e.to_string())?;
         tracing::info!(run = %reply.run, kind = kind.as_str(), freeze_ms = ?reply.freeze_ms, "cut");
@@ -1185,7 +1425,10 @@ mod tests {
 
     /// `depth` 1: one extent in flight, so an extent is delivered before the next is read.
     fn open_disk(state: &Path, path: &Path, name: &str, depth: u32) -> Disk {
-        Disk::open(state, path, name, depth).unwrap().0
+        Source::open(path, name, depth)
+            .unwrap()
+            .into_disk(state, name)
+            .unwrap()
     }
 
     fn engine<'a>(o: &'a AgentOptions, disks: Vec<Disk>) -> (Engine<'a>, mpsc::Receiver<Rec>) {
@@ -1264,51 +1507,167 @@ mod tests {
         assert_eq!(chunks_of(&sent(&mut rx)), (0..32).collect::<Vec<u64>>());
     }
 
-    /// Two disks' maps saying every chunk is known, and a pending run written by a process
-    /// started with `--disk a.img --disk b.img`, covering chunk 2 of disk a only.
-    fn two_disks_and_a_pending_run(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-        let state = dir.join("state");
-        let (a, b) = (image(dir, "a", 4, 1), image(dir, "b", 4, 101));
-        for (p, n) in [(&a, "a"), (&b, "b")] {
-            let d = open_disk(&state, p, n, 16);
-            d.map
-                .write(&(0..4).map(|c| (c, [7u8; 32])).collect::<Vec<(u64, Cv)>>())
-                .unwrap();
-            d.map.sync().unwrap();
+    fn header(base: u8, store: &str, vm: &str, id: &str) -> persist::CvHeader {
+        persist::CvHeader {
+            size: 4 * CHUNK,
+            chunks: 4,
+            base: [base; 16],
+            store: store.into(),
+            vm: vm.into(),
+            disk_id: id.into(),
         }
-        persist::write_pending(&state, &[9; 16], &vec![vec![(2, [3; 32])], vec![]]).unwrap();
-        (state, a, b)
     }
 
     #[test]
-    fn a_pending_run_makes_its_chunks_unknown_whatever_the_disk_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let (state, a, b) = two_disks_and_a_pending_run(dir.path());
-        // Restarted with `--disk b.img --disk a.img`.
+    fn a_map_is_kept_brought_forward_or_reset_by_what_the_server_holds() {
+        let have = header(1, "s", "vm", "id");
+        // Exactly what the server holds.
+        assert_eq!(
+            reconcile(&have, &header(1, "s", "vm", "id"), &[]),
+            MapFate::Keep
+        );
+        // The server holds two runs tagged after it (acknowledged, the agent died before folding).
+        assert_eq!(
+            reconcile(
+                &have,
+                &header(3, "s", "vm", "id"),
+                &[([3; 16], [2; 16]), ([2; 16], [1; 16])]
+            ),
+            MapFate::Fold(vec![[2; 16], [3; 16]])
+        );
+        // A pending run equal to the base is folded again (it may be only partly in the map).
+        assert_eq!(
+            reconcile(&have, &header(1, "s", "vm", "id"), &[([1; 16], [0; 16])]),
+            MapFate::Fold(vec![[1; 16]])
+        );
+        // The server does not hold a pending run: the map stays (its chunks become unknown).
+        assert_eq!(
+            reconcile(&have, &header(1, "s", "vm", "id"), &[([2; 16], [1; 16])]),
+            MapFate::Keep
+        );
+        // Everything else is a reset: another store, VM, disk, or a run the agent never saw
+        // (a rebuilt appliance, a restored agent state, an emptied store).
+        for want in [
+            header(1, "other", "vm", "id"),
+            header(1, "s", "vm2", "id"),
+            header(1, "s", "vm", "id2"),
+            header(9, "s", "vm", "id"),
+            header(0, "s", "vm", "id"),
+        ] {
+            assert!(
+                matches!(reconcile(&have, &want, &[]), MapFate::Reset(_)),
+                "{want:?}"
+            );
+        }
+        // A map never bound (new) is an initial sync.
+        assert!(matches!(
+            reconcile(&header(0, "", "", ""), &header(0, "s", "vm", "id"), &[]),
+            MapFate::Reset(_)
+        ));
+    }
+
+    /// Two disks whose maps say every chunk is known as of run 1 in store "s", and a pending run
+    /// 2 (built on run 1) covering chunk 2 of disk a only.
+    fn two_bound_disks_and_a_pending_run(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let state = dir.join("state");
+        let (a, b) = (image(dir, "a", 4, 1), image(dir, "b", 4, 101));
+        for (p, n) in [(&a, "a"), (&b, "b")] {
+            let mut d = open_disk(&state, p, n, 16);
+            d.map
+                .write(&(0..4).map(|c| (c, [7u8; 32])).collect::<Vec<(u64, Cv)>>())
+                .unwrap();
+            let h = header(1, "s", "vm", &d.id);
+            d.map.set_header(h).unwrap();
+            d.map.sync().unwrap();
+        }
+        let pd = |name: &str, cvs| persist::PendingDisk {
+            name: name.into(),
+            base: [1; 16],
+            cvs,
+        };
+        persist::write_pending(
+            &state,
+            &[2; 16],
+            &vec![pd("a", vec![(2, [3; 32])]), pd("b", vec![])],
+        )
+        .unwrap();
+        (state, a, b)
+    }
+
+    fn holding(store: &str, last: u8) -> ship::Holding {
+        ship::Holding {
+            store: store.into(),
+            open: [0; 16],
+            disks: ["b", "a"]
+                .iter()
+                .map(|r| ferry_wire::HeldDisk {
+                    replica: r.to_string(),
+                    last_run: [last; 16],
+                    point_seq: 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn recovered(dir: &Path, h: &ship::Holding) -> (Vec<Disk>, PathBuf) {
+        let (state, a, b) = two_bound_disks_and_a_pending_run(dir);
+        // Restarted with `--disk b.img --disk a.img`: pending runs name their disks.
         let o = options(&state, &[&b, &a], &["b", "a"]);
         let mut disks = vec![
             open_disk(&state, &b, "b", 16),
             open_disk(&state, &a, "a", 16),
         ];
-        recover_state(&o, &mut disks, &Track::Scan).unwrap();
-        assert_eq!(disks[1].cur[2], UNKNOWN, "disk a's pending chunk is known");
-        let (_, cvs, _) = CvFile::open(&state, "a", 4 * CHUNK).unwrap();
-        assert_eq!(
-            cvs[2], UNKNOWN,
-            "disk a's map still trusts its pending chunk"
-        );
+        recover_state(&o, &mut disks, &Track::Scan, h).unwrap();
         assert!(persist::leftover_pending(&state).is_empty());
+        (disks, state)
     }
 
     #[test]
-    fn a_pending_run_drops_the_map_of_a_disk_no_longer_protected() {
+    fn a_pending_run_the_server_holds_is_folded_into_the_map() {
         let dir = tempfile::tempdir().unwrap();
-        let (state, _a, b) = two_disks_and_a_pending_run(dir.path());
-        // Restarted with `--disk b.img` only.
-        let o = options(&state, &[&b], &["b"]);
-        let mut disks = vec![open_disk(&state, &b, "b", 16)];
-        recover_state(&o, &mut disks, &Track::Scan).unwrap();
-        let (_, cvs, fresh) = CvFile::open(&state, "a", 4 * CHUNK).unwrap();
-        assert!(fresh && cvs.iter().all(|c| *c == UNKNOWN));
+        let (disks, state) = recovered(dir.path(), &holding("s", 2));
+        assert_eq!(disks[1].cur[2], [3; 32]);
+        assert_eq!(disks[1].cur[1], [7; 32]);
+        assert_eq!(disks[0].cur[2], [7; 32]);
+        assert_eq!((disks[0].base, disks[1].base), ([2; 16], [2; 16]));
+        let (f, cvs) = CvFile::open(&state, "a", 4 * CHUNK).unwrap();
+        assert_eq!((cvs[2], f.header().base), ([3; 32], [2; 16]));
+        assert!(
+            disks.iter().all(|d| d.todo.count() == 4),
+            "scan: a full pass, compared"
+        );
+    }
+
+    #[test]
+    fn a_pending_run_the_server_does_not_hold_makes_its_chunks_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disks, state) = recovered(dir.path(), &holding("s", 1));
+        assert_eq!(disks[1].cur[2], UNKNOWN, "disk a's pending chunk is known");
+        assert_eq!(disks[1].cur[1], [7; 32]);
+        assert_eq!(
+            disks[0].cur[2], [7; 32],
+            "disk b's chunk 2 was not in the run"
+        );
+        let (f, cvs) = CvFile::open(&state, "a", 4 * CHUNK).unwrap();
+        assert_eq!((cvs[2], f.header().base), (UNKNOWN, [1; 16]));
+    }
+
+    #[test]
+    fn a_server_holding_something_else_resets_every_map() {
+        for h in [
+            holding("another-store", 1),
+            holding("s", 5),
+            holding("s", 0),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (disks, state) = recovered(dir.path(), &h);
+            for d in &disks {
+                assert!(d.cur.iter().all(|c| *c == UNKNOWN), "{h:?}");
+                assert_eq!(d.base, h.disks[0].last_run);
+            }
+            let (f, cvs) = CvFile::open(&state, "a", 4 * CHUNK).unwrap();
+            assert!(cvs.iter().all(|c| *c == UNKNOWN));
+            assert_eq!(f.header().store, h.store);
+        }
     }
 }

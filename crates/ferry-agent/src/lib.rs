@@ -22,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod cv;
 mod engine;
+pub mod ident;
 mod persist;
 mod ship;
 mod state;
@@ -79,6 +80,11 @@ pub enum AgentError {
     /// bad arguments
     #[error("{0}")]
     Usage(String),
+    /// The process server does not hold what this agent's state says it holds (a rebuilt or
+    /// replaced appliance, another store, lost cache): the agent starts again against what the
+    /// server says it holds (maps that no longer match are resynced).
+    #[error("the process server's state differs from this agent's: {0}")]
+    Diverged(String),
 }
 
 /// A problem with a file of the state directory.
@@ -100,6 +106,7 @@ pub fn refusal_name(code: u16) -> &'static str {
         refuse::PROTOCOL => "protocol violation",
         refuse::BUSY => "busy",
         refuse::INTERNAL => "internal error",
+        refuse::STALE_BASE => "run built on a state the server does not hold",
         _ => "unknown code",
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -380,7 +380,17 @@ fn run(a: RunArgs) -> Result<(), AgentError> {
         signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| AgentError::Usage(format!("cannot install signal handler: {e}")))?;
     }
-    let s = ferry_agent::run_agent(&o, &stop)?;
+    let s = loop {
+        match ferry_agent::run_agent(&o, &stop) {
+            // A rebuilt appliance, another store, a lost cache: start again, binding the chunk
+            // maps to what the process server says it holds now.
+            Err(AgentError::Diverged(why)) if !stop.load(Ordering::Relaxed) => {
+                tracing::warn!(%why, "the process server does not hold what this agent sent; starting again against what it holds (maps that no longer match are resynced)");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            r => break r?,
+        }
+    };
     if o.once.is_some() {
         for p in &s.points {
             print_point(p, json);

@@ -1,31 +1,32 @@
 //! What the agent keeps on disk between runs, besides its identity (docs/AGENT.md, *State*).
 //!
-//! - `maps/DISK.cv`: the chunk CVs of the disk as of the last point the process server
-//!   acknowledged (header + 32 bytes per chunk). Updated in place, entry by entry.
-//! - `pending/RUN.bin`: the chunk CVs a tagged run will commit, written (and synced) *before* its
-//!   tag is sent and folded into the maps once the tag is acknowledged. Found at start-up it means
-//!   "this run may or may not be a point": its chunks become unknown, so they are read and sent.
+//! - `maps/DISK.cv` (DISK: the replica's name): the chunk CVs of the disk as of the last run the
+//!   process server acknowledged (header + 32 bytes per chunk), updated in place, entry by entry.
+//!   The header binds the CVs to a store id, VM, stable disk identity and that run (`base`).
+//! - `pending/RUN.bin`: the chunk CVs a tagged run will commit, per disk with the run it built on,
+//!   written (and synced) *before* its tag is sent and folded into the maps once the tag is
+//!   acknowledged. Found at start-up, the process server's `Holding` decides: folded if the
+//!   server holds the run, its chunks made unknown if not.
 //! - `clean.json`: written by a clean stop only — the chunks still dirty and each disk's kernel
 //!   write counters. At start-up, if the boot and the counters are unchanged, nothing wrote to the
 //!   disks while the agent was away, and the dirty set is all there is to send (no resync).
 //!
-//! Invariants: a CV in a map is never newer than what the process server holds as the last
-//! point (so a chunk equal to it really is on the replica); a torn or unreadable file is treated
-//! as "unknown", which only ever costs a re-send.
+//! Invariants: a map is trusted only if the process server says it holds exactly the map's base
+//! run of that disk, in the same store, for the same VM and disk identity; a CV in a trusted map
+//! is never newer than that run (so a chunk equal to it really is on the replica); a torn or
+//! unreadable file is treated as "unknown", which only ever costs a re-send.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use ferry_format::agent::{encode_pending, parse_pending};
-pub use ferry_format::agent::{CleanDisk, CleanStop, DiskCounters, RunCvs};
+use ferry_format::agent::{encode_pending, parse_pending, CV_HEADER_LEN};
+pub use ferry_format::agent::{CleanDisk, CleanStop, CvHeader, DiskCounters, PendingDisk, RunCvs};
+use ferry_wire::NO_RUN;
 
 use crate::cv::{Cv, UNKNOWN};
 use crate::AgentError;
-
-const CV_MAGIC: &[u8; 8] = b"FERRYCV1";
-const CV_HEADER: u64 = 64;
 
 use crate::state_err as err;
 
@@ -33,10 +34,14 @@ fn sync_dir(dir: &Path) -> Result<(), AgentError> {
     ferry_durable::fsync_dir(dir).map_err(|e| err(dir, e))
 }
 
-/// A disk's committed CV map, updated in place.
+const CV_HEADER: u64 = CV_HEADER_LEN as u64;
+
+/// A disk's committed CV map, updated in place. Its header ([`CvHeader`]) says what the CVs
+/// describe: a store, a VM, a disk identity and the last run of the disk the process server holds.
 pub struct CvFile {
     path: PathBuf,
     file: File,
+    header: CvHeader,
 }
 
 impl CvFile {
@@ -44,54 +49,52 @@ impl CvFile {
         state_dir.join("maps").join(format!("{disk}.cv"))
     }
 
-    /// Opens the map of a disk of `size` bytes and returns it with its CVs. A missing map, or one
-    /// made for another size, is replaced by an all-[`UNKNOWN`] one (and `fresh` says so).
-    pub fn open(
-        state_dir: &Path,
-        disk: &str,
-        size: u64,
-    ) -> Result<(CvFile, Vec<Cv>, bool), AgentError> {
+    /// Opens the map of replica `disk` (`size` bytes) and returns it with its CVs. A missing map,
+    /// one made for another size, or a damaged one is replaced by an all-[`UNKNOWN`] one bound to
+    /// nothing (an empty store id, VM and disk id, base [`NO_RUN`]).
+    pub fn open(state_dir: &Path, disk: &str, size: u64) -> Result<(CvFile, Vec<Cv>), AgentError> {
         let path = Self::path(state_dir, disk);
         let chunks = size.div_ceil(crate::cv::CHUNK) as usize;
-        if let Some(cvs) = read_cv_file(&path, size, chunks) {
+        if let Some((header, cvs)) = read_cv_file(&path, size, chunks) {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(|e| err(&path, e))?;
-            return Ok((CvFile { path, file }, cvs, false));
+            return Ok((CvFile { path, file, header }, cvs));
         }
-        let dir = path.parent().expect("maps/ has a parent");
-        ferry_durable::create_dir_durable(dir).map_err(|e| err(dir, e))?;
-        let mut header = [0u8; CV_HEADER as usize];
-        header[..8].copy_from_slice(CV_MAGIC);
-        header[8..16].copy_from_slice(&size.to_le_bytes());
-        header[16..24].copy_from_slice(&(chunks as u64).to_le_bytes());
-        let tmp = path.with_extension("cv.tmp");
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| err(&tmp, e))?;
-            f.write_all(&header).map_err(|e| err(&tmp, e))?;
-            let ones = vec![0xffu8; 32 * 4096];
-            let mut left = chunks * 32;
-            while left > 0 {
-                let n = left.min(ones.len());
-                f.write_all(&ones[..n]).map_err(|e| err(&tmp, e))?;
-                left -= n;
-            }
-        }
-        ferry_durable::durable_rename(&tmp, &path).map_err(|e| err(&path, e))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| err(&path, e))?;
-        Ok((CvFile { path, file }, vec![UNKNOWN; chunks], true))
+        let header = CvHeader {
+            size,
+            chunks: chunks as u64,
+            base: NO_RUN,
+            store: String::new(),
+            vm: String::new(),
+            disk_id: String::new(),
+        };
+        let file = create_cv_file(&path, &header)?;
+        Ok((CvFile { path, file, header }, vec![UNKNOWN; chunks]))
+    }
+
+    /// What the map describes.
+    pub fn header(&self) -> &CvHeader {
+        &self.header
+    }
+
+    /// Replaces the map by an all-[`UNKNOWN`] one with `header` (durable on return).
+    pub fn reset(&mut self, header: CvHeader) -> Result<(), AgentError> {
+        self.file = create_cv_file(&self.path, &header)?;
+        self.header = header;
+        Ok(())
+    }
+
+    /// Rewrites the header in place (not yet durable: call [`CvFile::sync`]). A torn header fails
+    /// its checksum at the next start: the map then reads as unknown (a re-send, never a miss).
+    pub fn set_header(&mut self, header: CvHeader) -> Result<(), AgentError> {
+        self.file
+            .write_all_at(&header.encode(), 0)
+            .map_err(|e| err(&self.path, e))?;
+        self.header = header;
+        Ok(())
     }
 
     /// Writes `entries` in place (not yet durable: call [`CvFile::sync`]).
@@ -105,33 +108,65 @@ impl CvFile {
     }
 
     pub fn sync(&self) -> Result<(), AgentError> {
-        self.file.sync_data().map_err(|e| err(&self.path, e))
+        ferry_durable::sync_data(&self.file).map_err(|e| err(&self.path, e))
     }
 }
 
-fn read_cv_file(path: &Path, size: u64, chunks: usize) -> Option<Vec<Cv>> {
+/// Writes a new all-unknown map (temp file, fsync, rename, directory fsync) and opens it.
+fn create_cv_file(path: &Path, header: &CvHeader) -> Result<File, AgentError> {
+    let dir = path.parent().expect("maps/ has a parent");
+    ferry_durable::create_dir_durable(dir).map_err(|e| err(dir, e))?;
+    let tmp = path.with_extension("cv.tmp");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| err(&tmp, e))?;
+        f.write_all(&header.encode()).map_err(|e| err(&tmp, e))?;
+        let ones = vec![0xffu8; 32 * 4096];
+        let mut left = header.chunks as usize * 32;
+        while left > 0 {
+            let n = left.min(ones.len());
+            f.write_all(&ones[..n]).map_err(|e| err(&tmp, e))?;
+            left -= n;
+        }
+    }
+    ferry_durable::durable_rename(&tmp, path).map_err(|e| err(path, e))?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| err(path, e))
+}
+
+fn read_cv_file(path: &Path, size: u64, chunks: usize) -> Option<(CvHeader, Vec<Cv>)> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
-            tracing::warn!(map = %path.display(), error = %e, "cannot read the chunk map; every chunk is read and compared again");
+            tracing::warn!(map = %path.display(), error = %e, "cannot read the chunk map; every chunk is read and sent again");
             return None;
         }
     };
+    let header = CvHeader::decode(&bytes);
     let ok = bytes.len() as u64 == CV_HEADER + chunks as u64 * 32
-        && &bytes[..8] == CV_MAGIC
-        && bytes[8..16] == size.to_le_bytes()
-        && bytes[16..24] == (chunks as u64).to_le_bytes();
+        && header
+            .as_ref()
+            .is_some_and(|h| h.size == size && h.chunks == chunks as u64);
     if !ok {
-        tracing::warn!(map = %path.display(), "chunk map is for another disk size or damaged; every chunk is read and compared again");
+        tracing::warn!(map = %path.display(), "chunk map is for another disk size, of an older version or damaged; every chunk is read and sent again");
         return None;
     }
-    Some(
+    Some((
+        header.expect("checked"),
         bytes[CV_HEADER as usize..]
             .chunks_exact(32)
             .map(|c| c.try_into().expect("32 bytes"))
             .collect(),
-    )
+    ))
 }
 
 fn pending_dir(state_dir: &Path) -> PathBuf {
@@ -167,50 +202,19 @@ pub fn remove_pending(state_dir: &Path, run: &[u8; 16]) -> Result<(), AgentError
     sync_dir(&pending_dir(state_dir))
 }
 
-/// Every pending run left by an earlier process: (file, its CVs or `None` if torn).
-pub fn leftover_pending(state_dir: &Path) -> Vec<(PathBuf, Option<RunCvs>)> {
+/// Every pending run left by an earlier process: (file, its run and CVs, or `None` if torn).
+pub fn leftover_pending(state_dir: &Path) -> Vec<(PathBuf, Option<([u8; 16], RunCvs)>)> {
     let Ok(rd) = fs::read_dir(pending_dir(state_dir)) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for e in rd.flatten() {
         let p = e.path();
-        let parsed = fs::read(&p)
-            .ok()
-            .and_then(|b| parse_pending(&b))
-            .map(|(_, c)| c);
+        let parsed = fs::read(&p).ok().and_then(|b| parse_pending(&b));
         out.push((p, parsed));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-/// Removes (durably) the map of every disk not named in `keep`. For a pending run found at
-/// start-up that may cover disks no longer protected: their maps could claim a CV the replica
-/// lacks, or lack one it holds. A removed map only costs one full send if the disk comes back.
-pub fn forget_maps_except(state_dir: &Path, keep: &[&str]) -> Result<(), AgentError> {
-    let dir = state_dir.join("maps");
-    let rd = match fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(err(&dir, e)),
-    };
-    for entry in rd {
-        let path = entry.map_err(|e| err(&dir, e))?.path();
-        if path.extension().and_then(|x| x.to_str()) != Some("cv") {
-            continue;
-        }
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default();
-        if keep.contains(&name) {
-            continue;
-        }
-        tracing::warn!(map = %path.display(), "a run that may be a point may cover this disk, which is no longer protected: its chunk map is dropped (one full send if it is protected again)");
-        ferry_durable::remove_durable(&path).map_err(|e| err(&path, e))?;
-    }
-    Ok(())
 }
 
 /// The counters of the block device at `path`, `None` for anything else.
@@ -278,30 +282,66 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cv_maps_update_in_place_and_refuse_another_size() {
+    fn cv_maps_update_in_place_keep_their_header_and_refuse_another_size() {
         let dir = tempfile::tempdir().unwrap();
-        let (f, cvs, fresh) = CvFile::open(dir.path(), "sda", 5 * 65536 + 1).unwrap();
-        assert!(fresh && cvs.len() == 6 && cvs.iter().all(|c| *c == UNKNOWN));
+        let (mut f, cvs) = CvFile::open(dir.path(), "sda", 5 * 65536 + 1).unwrap();
+        assert!(cvs.len() == 6 && cvs.iter().all(|c| *c == UNKNOWN));
+        assert_eq!(f.header().base, NO_RUN);
         f.write(&[(0, [1; 32]), (5, [2; 32])]).unwrap();
+        let mut h = f.header().clone();
+        h.base = [7; 16];
+        h.store = "s1".into();
+        h.vm = "web".into();
+        h.disk_id = "serial:ABC".into();
+        f.set_header(h.clone()).unwrap();
         f.sync().unwrap();
         drop(f);
-        let (_, cvs, fresh) = CvFile::open(dir.path(), "sda", 5 * 65536 + 1).unwrap();
-        assert!(!fresh);
+        let (mut f, cvs) = CvFile::open(dir.path(), "sda", 5 * 65536 + 1).unwrap();
+        assert_eq!(f.header(), &h);
         assert_eq!((cvs[0], cvs[1], cvs[5]), ([1; 32], UNKNOWN, [2; 32]));
-        let (_, cvs, fresh) = CvFile::open(dir.path(), "sda", 7 * 65536).unwrap();
-        assert!(fresh && cvs.iter().all(|c| *c == UNKNOWN));
+        // A reset forgets every CV and takes the new binding.
+        h.base = [8; 16];
+        f.reset(h.clone()).unwrap();
+        drop(f);
+        let (f, cvs) = CvFile::open(dir.path(), "sda", 5 * 65536 + 1).unwrap();
+        assert_eq!(f.header(), &h);
+        assert!(cvs.iter().all(|c| *c == UNKNOWN));
+        // Another size: a new, unbound map.
+        let (f, cvs) = CvFile::open(dir.path(), "sda", 7 * 65536).unwrap();
+        assert!(cvs.iter().all(|c| *c == UNKNOWN));
+        assert_eq!(f.header().base, NO_RUN);
+        assert!(f.header().store.is_empty());
+        // A damaged header: unbound, unknown.
+        drop(f);
+        let p = CvFile::path(dir.path(), "sda");
+        let mut b = fs::read(&p).unwrap();
+        b[30] ^= 1;
+        fs::write(&p, &b).unwrap();
+        let (f, cvs) = CvFile::open(dir.path(), "sda", 7 * 65536).unwrap();
+        assert!(cvs.iter().all(|c| *c == UNKNOWN) && f.header().store.is_empty());
     }
 
     #[test]
     fn pending_runs_round_trip_and_torn_ones_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let run = [4u8; 16];
-        let cvs = vec![vec![(3, [9u8; 32]), (7, [8u8; 32])], vec![]];
+        let cvs = vec![
+            PendingDisk {
+                name: "sda".into(),
+                base: [3; 16],
+                cvs: vec![(3, [9u8; 32]), (7, [8u8; 32])],
+            },
+            PendingDisk {
+                name: "sdb".into(),
+                base: NO_RUN,
+                cvs: vec![],
+            },
+        ];
         write_pending(dir.path(), &run, &cvs).unwrap();
         assert_eq!(read_pending(dir.path(), &run).unwrap(), cvs);
         let left = leftover_pending(dir.path());
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].1.as_ref().unwrap(), &cvs);
+        assert_eq!(left[0].1.as_ref().unwrap(), &(run, cvs));
         // Every truncation is torn, never misread.
         let bytes = fs::read(&left[0].0).unwrap();
         for n in 0..bytes.len() {

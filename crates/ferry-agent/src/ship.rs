@@ -11,24 +11,36 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_wire::{Credits, Message, PointTag, RunId};
+use ferry_wire::{refuse, Credits, HeldDisk, InvDisk, Message, PointTag, RunId};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::{hello, unexpected, AgentError, AgentIdentity};
 
-/// Where to ship, and what the disks are called.
+/// Where to ship, and the disks as the inventory announces them.
 #[derive(Clone, Debug)]
 pub struct ShipTo {
     pub server: String,
     pub vm: String,
-    /// (name, size) per disk, in the engine's disk order.
-    pub disks: Vec<(String, u64)>,
+    /// Suggested name, size and stable identity per disk, in the engine's disk order.
+    pub disks: Vec<InvDisk>,
+}
+
+/// What the process server holds of the VM, from the first connection's `Holding`.
+#[derive(Clone, Debug)]
+pub struct Holding {
+    pub store: String,
+    pub open: RunId,
+    /// Per disk, in the engine's order: its replica and the last run of it the server holds.
+    pub disks: Vec<HeldDisk>,
 }
 
 /// What the shipper tells the engine.
 #[derive(Debug)]
 pub enum Event {
+    /// The first connection's answer to the inventory: the engine binds its maps to it before it
+    /// makes any record.
+    Holding(Holding),
     /// The tag of this run is acknowledged: the run is a point.
     TagAcked(RunId),
     /// The tag of `run` became point `id` in the store.
@@ -49,9 +61,11 @@ pub struct ShipStats {
 
 /// One logical record (sequence numbers are given when it is sent).
 pub enum Rec {
+    /// `bases`: per disk, the run its records build on.
     Begin {
         run: RunId,
         time_ns: u64,
+        bases: Vec<RunId>,
     },
     Write {
         disk: usize,
@@ -69,20 +83,29 @@ pub enum Rec {
 impl Rec {
     /// The record as a message (sequence number 0 until it is sent; see [`set_seq`]). The payload
     /// is moved, not copied, and its wire digest computed once, also across re-sends.
-    fn into_message(self, to: &ShipTo) -> Message {
+    fn into_message(self, to: &ShipTo, replicas: &[String]) -> Message {
         match self {
-            Rec::Begin { run, time_ns } => Message::Begin {
+            Rec::Begin {
+                run,
+                time_ns,
+                bases,
+            } => Message::Begin {
                 seq: 0,
                 run,
                 time_ns,
-                disks: to.disks.clone(),
+                disks: replicas
+                    .iter()
+                    .zip(&to.disks)
+                    .map(|(r, d)| (r.clone(), d.size))
+                    .collect(),
+                bases,
             },
             Rec::Write { disk, offset, data } => {
-                Message::write(0, to.disks[disk].0.clone(), offset, data)
+                Message::write(0, replicas[disk].clone(), offset, data)
             }
             Rec::Zero { disk, offset, len } => Message::Zero {
                 seq: 0,
-                disk: to.disks[disk].0.clone(),
+                disk: replicas[disk].clone(),
                 offset,
                 len,
             },
@@ -126,6 +149,9 @@ pub async fn ship(
         producer_done: false,
         seq: now_ns(),
         events: events.clone(),
+        replicas: Vec::new(),
+        last: Vec::new(),
+        open_acked: None,
     };
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -158,16 +184,91 @@ struct Outbox {
     producer_done: bool,
     seq: u64,
     events: crossbeam_channel::Sender<Event>,
+    /// Replica name per disk (from the first `Holding`; empty before it).
+    replicas: Vec<String>,
+    /// Per disk: the last run of it the server acknowledged holding.
+    last: Vec<RunId>,
+    /// The run whose `Begin` is acknowledged and whose `Tag` is not.
+    open_acked: Option<RunId>,
 }
 
 impl Outbox {
     fn ack(&mut self, seq: u64) {
         while self.unacked.front().is_some_and(|(s, _)| *s <= seq) {
             let (_, m) = self.unacked.pop_front().expect("front exists");
-            if let Message::Tag { tag, .. } = m {
-                let _ = self.events.send(Event::TagAcked(tag.run));
+            match m {
+                Message::Tag { tag, .. } => {
+                    for d in &tag.disks {
+                        if let Some(i) = self.replicas.iter().position(|r| *r == d.name) {
+                            self.last[i] = tag.run;
+                        }
+                    }
+                    self.open_acked = None;
+                    let _ = self.events.send(Event::TagAcked(tag.run));
+                }
+                Message::Begin { run, .. } => self.open_acked = Some(run),
+                _ => {}
             }
         }
+    }
+
+    /// Takes the first `Holding`, or checks a later one against what this agent knows the server
+    /// acknowledged: each disk's last run is the one acknowledged or that of a tag not yet
+    /// acknowledged (it may have become durable after the connection dropped), the same
+    /// replicas, and a run whose `Begin` was acknowledged still open (or tagged).
+    fn holding(
+        &mut self,
+        store: String,
+        open: RunId,
+        disks: Vec<HeldDisk>,
+    ) -> Result<(), AgentError> {
+        if self.replicas.is_empty() {
+            self.replicas = disks.iter().map(|d| d.replica.clone()).collect();
+            self.last = disks.iter().map(|d| d.last_run).collect();
+            let _ = self
+                .events
+                .send(Event::Holding(Holding { store, open, disks }));
+            return Ok(());
+        }
+        let unacked_tags: Vec<&PointTag> = self
+            .pending
+            .iter()
+            .filter_map(|m| match m {
+                Message::Tag { tag, .. } => Some(tag),
+                _ => None,
+            })
+            .collect();
+        for (i, d) in disks.iter().enumerate() {
+            if d.replica != self.replicas[i] {
+                return Err(AgentError::Diverged(format!(
+                    "disk {} now goes to replica '{}', not '{}'",
+                    i + 1,
+                    d.replica,
+                    self.replicas[i]
+                )));
+            }
+            let known = d.last_run == self.last[i]
+                || unacked_tags
+                    .iter()
+                    .any(|t| t.run == d.last_run && t.disks.iter().any(|x| x.name == d.replica));
+            if !known {
+                return Err(AgentError::Diverged(format!(
+                    "it holds run {} of replica '{}', this agent last had run {} acknowledged",
+                    hex::encode(d.last_run),
+                    d.replica,
+                    hex::encode(self.last[i])
+                )));
+            }
+        }
+        if let Some(r) = self.open_acked {
+            if open != r && !disks.iter().any(|d| d.last_run == r) {
+                return Err(AgentError::Diverged(format!(
+                    "it no longer holds the start of run {} (it was acknowledged)",
+                    hex::encode(r)
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +302,33 @@ async fn session(
         disks: to.disks.clone(),
     })
     .await?;
+    w.flush().await?;
+    // The answer to the inventory; credit top-ups and pings may come first.
+    let mut credits = credits;
+    loop {
+        match r.read().await? {
+            Some(Message::Holding { store, open, disks }) if disks.len() == to.disks.len() => {
+                out.holding(store, open, disks)?;
+                break;
+            }
+            Some(Message::Holding { disks, .. }) => {
+                return Err(AgentError::Protocol(format!(
+                    "the process server answered {} disks for an inventory of {}",
+                    disks.len(),
+                    to.disks.len()
+                )))
+            }
+            Some(Message::Credit { bytes }) => credits = credits.saturating_add(bytes),
+            Some(Message::Ping { token }) => {
+                w.send(&Message::Pong { token }).await?;
+                w.flush().await?;
+            }
+            Some(Message::Refused { code, message }) => {
+                return Err(AgentError::Refused { code, message })
+            }
+            m => return Err(unexpected(m)),
+        }
+    }
     let mut credit = Credits::new(credits);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Result<Message, AgentError>>(256);
     let reader = tokio::spawn(async move {
@@ -234,7 +362,10 @@ async fn session(
         }
         if out.pending.is_empty() && !out.producer_done {
             match rx.try_recv() {
-                Ok(rec) => out.pending.push_back(rec.into_message(to)),
+                Ok(rec) => {
+                    let m = rec.into_message(to, &out.replicas);
+                    out.pending.push_back(m)
+                }
                 Err(mpsc::error::TryRecvError::Disconnected) => out.producer_done = true,
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
@@ -266,7 +397,10 @@ async fn session(
                 handle(ev?, out, &mut credit, &mut w).await?;
             }
             rec = rx.recv(), if want_more => match rec {
-                Some(rec) => out.pending.push_back(rec.into_message(to)),
+                Some(rec) => {
+                    let m = rec.into_message(to, &out.replicas);
+                    out.pending.push_back(m)
+                }
                 None => out.producer_done = true,
             },
             // Notices `abandon` while idle.
@@ -296,6 +430,9 @@ async fn handle(
                 app,
                 "the process server asked for a cut; cuts follow this agent's schedule and `ferry-agent cut`"
             );
+        }
+        Message::Refused { code, message } if code == refuse::STALE_BASE => {
+            return Err(AgentError::Diverged(message))
         }
         Message::Refused { code, message } => return Err(AgentError::Refused { code, message }),
         m => {
@@ -329,6 +466,9 @@ mod tests {
             producer_done: false,
             seq: 10,
             events: tx,
+            replicas: vec!["sda".into()],
+            last: vec![[0; 16]],
+            open_acked: None,
         };
         out.unacked
             .push_back((11, Message::write(11, "sda", 0, vec![1; 16])));

@@ -36,15 +36,8 @@ use crate::state_err;
 impl AgentIdentity {
     pub fn save(&self, state_dir: &Path) -> Result<(), AgentError> {
         ferry_durable::create_dir_durable(state_dir).map_err(|e| state_err(state_dir, e))?;
-        let f = IdentityFile {
-            version: 1,
-            server: self.server.clone(),
-            agent_id: self.agent_id.to_string(),
-            credential: hex::encode(self.credential.expose()),
-            fingerprint: self.fingerprint.to_string(),
-        };
         let path = state_dir.join(IDENTITY_FILE);
-        let bytes = serde_json::to_vec_pretty(&f).map_err(|e| state_err(&path, e))?;
+        let bytes = self.to_json().map_err(|e| state_err(&path, e))?;
         ferry_wire::write_private(&path, &bytes).map_err(|e| state_err(&path, e))
     }
 
@@ -57,14 +50,32 @@ impl AgentIdentity {
             }
             Err(e) => return Err(state_err(&path, e)),
         };
-        let f: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| state_err(&path, e))?;
+        Self::from_json(&bytes).map_err(|e| state_err(&path, e))
+    }
+
+    /// The identity file's contents.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let f = IdentityFile {
+            version: 1,
+            server: self.server.clone(),
+            agent_id: self.agent_id.to_string(),
+            credential: hex::encode(self.credential.expose()),
+            fingerprint: self.fingerprint.to_string(),
+        };
+        serde_json::to_vec_pretty(&f)
+    }
+
+    /// Parses the identity file's contents; the error says what is wrong (the caller adds the
+    /// path).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let f: IdentityFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if f.version != 1 {
-            return Err(state_err(&path, format!("unknown version {}", f.version)));
+            return Err(format!("unknown version {}", f.version));
         }
-        let agent_id = f.agent_id.parse().map_err(|e| state_err(&path, e))?;
+        let agent_id = f.agent_id.parse()?;
         let mut cred = [0u8; 32];
-        hex::decode_to_slice(&f.credential, &mut cred).map_err(|e| state_err(&path, e))?;
-        let fingerprint = f.fingerprint.parse().map_err(|e| state_err(&path, e))?;
+        hex::decode_to_slice(&f.credential, &mut cred).map_err(|e| e.to_string())?;
+        let fingerprint = f.fingerprint.parse()?;
         Ok(AgentIdentity {
             server: f.server,
             agent_id,

@@ -116,6 +116,23 @@ pub struct Recovery {
     pub pending_records: u64,
     /// Bytes dropped from a torn or corrupt tail.
     pub dropped_bytes: u64,
+    /// The runs' starts and tags among the records not yet drained, in order: what the process
+    /// server holds beyond the store's manifests.
+    pub marks: Vec<Mark>,
+}
+
+/// A run boundary found in the cache at recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mark {
+    Begin {
+        vm: String,
+        run: [u8; 16],
+    },
+    Tag {
+        vm: String,
+        run: [u8; 16],
+        disks: Vec<String>,
+    },
 }
 
 /// A cache directory.
@@ -205,7 +222,20 @@ impl Cache {
                     break;
                 }
                 match decode_record(&sealer, &bytes[pos..], pos as u64) {
-                    Ok(Decoded::Record(s, _, n)) if s == seq => {
+                    Ok(Decoded::Record(s, entry, n)) if s == seq => {
+                        if s >= consumed {
+                            match entry {
+                                CacheEntry::Begin { vm, run, .. } => {
+                                    rec.marks.push(Mark::Begin { vm, run })
+                                }
+                                CacheEntry::Tag { vm, tag } => rec.marks.push(Mark::Tag {
+                                    vm,
+                                    run: tag.run,
+                                    disks: tag.disks.into_iter().map(|d| d.name).collect(),
+                                }),
+                                _ => {}
+                            }
+                        }
                         pos += n;
                         seq += 1;
                     }

@@ -140,9 +140,13 @@ fn register(env: &Env, addr: &str, pass: &Path, state: &str) -> Output {
 }
 
 fn agent_cmd(env: &Env, addr: &str, disk: &Path, state: &str) -> Command {
+    agent_cmd_vm(env, addr, disk, state, "web01")
+}
+
+fn agent_cmd_vm(env: &Env, addr: &str, disk: &Path, state: &str, vm: &str) -> Command {
     let mut c = Command::new(agent_bin());
     c.env("FERRY_LOG", "info")
-        .args(["--server", addr, "--vm", "web01", "--once", "--disk"])
+        .args(["--server", addr, "--vm", vm, "--once", "--disk"])
         .arg(disk)
         .arg("--state-dir")
         .arg(env.path(state));
@@ -436,13 +440,20 @@ fn kill_9_of_the_agent_mid_run_then_a_clean_run_is_exact() {
     std::thread::sleep(Duration::from_millis(250));
     child.kill().unwrap();
     child.wait().unwrap();
-    // The killed run never reached its tag: its chunk map (maps/DISK.cv, made all-unknown when the
-    // run starts) must not hold a single committed chunk, so the next run sends everything again.
+    // The killed run never reached its tag: its chunk map (maps/DISK.cv: a 1024-byte header, then
+    // 32 bytes per chunk, made all-unknown when the run starts) must not hold a single committed
+    // chunk, so the next run sends everything again.
     let map = env.path("agent/maps/disk.cv");
     let b = fs::read(&map).unwrap_or_else(|e| panic!("{}: {e}", map.display()));
-    assert!(b.len() > 64, "{} has no entries", map.display());
+    assert_eq!(&b[..8], b"FERRYCV2", "{} is not a chunk map", map.display());
+    assert_eq!(
+        b.len() as u64,
+        1024 + size / 65536 * 32,
+        "{}",
+        map.display()
+    );
     assert!(
-        b[64..].iter().all(|&x| x == 0xff),
+        b[1024..].iter().all(|&x| x == 0xff),
         "the killed run committed chunks to {}",
         map.display()
     );
@@ -480,4 +491,158 @@ fn a_small_cache_turns_into_backpressure_not_loss() {
     );
     srv.stop();
     check_points(&env, &[copy]);
+}
+
+/// Restores the latest point of `vm` (its disk `disk`) from `store` with `--verify` and compares it
+/// with `copy`.
+fn latest_is(env: &Env, store: &Path, vm: &str, disk: &str, copy: &Path) {
+    let out = env.path(&format!("restored-{vm}-{disk}.img"));
+    let o = ferry()
+        .args(["restore", "--point", "latest", "--force", "--verify"])
+        .args(["--vm", vm, "--disk", disk])
+        .arg("--store")
+        .arg(store)
+        .arg("--key-file")
+        .arg(env.key())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    ok(&o, &format!("restore of {vm}/{disk}"));
+    assert!(
+        same_bytes(&out, copy),
+        "the latest point of {vm}/{disk} is not the disk as it was"
+    );
+}
+
+/// Issue 7 §3: an agent's chunk maps describe what one store holds for one VM. Renamed VM, and then
+/// a rebuilt appliance (new state, new store): each time the agent learns from the server's
+/// `Holding` that it holds nothing of the disk and sends every chunk; no point restores zeros.
+#[test]
+fn a_renamed_vm_and_a_rebuilt_appliance_get_every_chunk_again() {
+    let env = Env::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut srv = Server::start(&env, &addr);
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let size = 64 << 20;
+    let disk = env.path("disk.img");
+    let mut rng = Rng(77);
+    make_image(&disk, &mut rng, size);
+    ok(&run_agent(&env, &addr, &disk, "agent"), "first run");
+    // The same machine, now protected as "web02" (hostname change, or --vm changed).
+    mutate(&disk, &mut rng, size);
+    let o = agent_cmd_vm(&env, &addr, &disk, "agent", "web02")
+        .output()
+        .unwrap();
+    ok(&o, "run as web02");
+    let copy = env.path("copy-web02.img");
+    fs::copy(&disk, &copy).unwrap();
+    latest_is(&env, &env.store(), "web02", "disk", &copy);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains("the map describes VM 'web01', this agent now protects VM 'web02'"),
+        "{log}"
+    );
+    srv.stop();
+
+    // A rebuilt appliance: a new state directory, store and cache; the agent registers again.
+    let addr2 = format!("127.0.0.1:{}", free_port());
+    let store2 = env.path("store2");
+    let log2 = env.path("serve2.log");
+    let mut srv2 = ferry()
+        .args(["serve", "--listen", &addr2, "--cache-size", "256MiB"])
+        .arg("--store")
+        .arg(&store2)
+        .arg("--key-file")
+        .arg(env.key())
+        .arg("--cache-dir")
+        .arg(env.path("ps2-cache"))
+        .arg("--state-dir")
+        .arg(env.path("ps2-state"))
+        .stderr(fs::File::create(&log2).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while TcpStream::connect(&addr2).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{}",
+            fs::read_to_string(&log2).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pass2 = passphrase_file(&env, &env.path("ps2-state"), "pass2.txt");
+    ok(
+        &register(&env, &addr2, &pass2, "agent"),
+        "register with the new appliance",
+    );
+    mutate(&disk, &mut rng, size);
+    let o = agent_cmd_vm(&env, &addr2, &disk, "agent", "web02")
+        .output()
+        .unwrap();
+    ok(&o, "run against the rebuilt appliance");
+    let copy2 = env.path("copy-rebuilt.img");
+    fs::copy(&disk, &copy2).unwrap();
+    latest_is(&env, &store2, "web02", "disk", &copy2);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains("the process server now replicates to store"),
+        "{log}"
+    );
+    // SAFETY: kill(2) with a pid we spawned and own.
+    unsafe { libc::kill(srv2.id() as i32, libc::SIGTERM) };
+    assert!(srv2.wait().unwrap().success());
+}
+
+/// Issue 7 §3: disks are replicated by identity, not by name. Two image files swap names between
+/// runs (as `sdb` and `sdc` can across a reboot): each keeps its replica, and each replica's
+/// latest point is the disk it has always been.
+#[test]
+fn disks_that_swap_names_keep_their_replicas() {
+    let env = Env::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut srv = Server::start(&env, &addr);
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let size = 16 << 20;
+    let (os, data) = (env.path("os.img"), env.path("data.img"));
+    let mut rng = Rng(5);
+    make_image(&os, &mut rng, size);
+    make_image(&data, &mut rng, size);
+    let two = |a: &Path, b: &Path| {
+        let mut c = Command::new(agent_bin());
+        c.env("FERRY_LOG", "info")
+            .args(["--server", &addr, "--vm", "web01", "--once", "--disk"])
+            .arg(a)
+            .arg("--disk")
+            .arg(b)
+            .arg("--state-dir")
+            .arg(env.path("agent"));
+        c.output().unwrap()
+    };
+    ok(&two(&os, &data), "first run");
+    // Swap the names: os.img is now the data disk and data.img the OS disk.
+    let tmp = env.path("swap.img");
+    fs::rename(&os, &tmp).unwrap();
+    fs::rename(&data, &os).unwrap();
+    fs::rename(&tmp, &data).unwrap();
+    // The (old) OS disk, now called data.img, changes.
+    mutate(&data, &mut rng, size);
+    let o = two(&os, &data);
+    ok(&o, "run after the swap");
+    let (copy_os, copy_data) = (env.path("copy-os.img"), env.path("copy-data.img"));
+    fs::copy(&data, &copy_os).unwrap();
+    fs::copy(&os, &copy_data).unwrap();
+    srv.stop();
+    // Replica "os" is still the OS disk (now data.img), replica "data" the data disk.
+    latest_is(&env, &env.store(), "web01", "os", &copy_os);
+    latest_is(&env, &env.store(), "web01", "data", &copy_data);
+    // Both keep their maps: the swap cost no full resend.
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(!log.contains("every chunk is read and sent again"), "{log}");
+    assert!(
+        log.contains("keeps its replica") || log.contains("named after its identity"),
+        "{log}"
+    );
 }

@@ -5,21 +5,39 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Magic of `pending/RUN.bin`.
-pub const PENDING_MAGIC: &[u8; 8] = b"FERRYPN1";
+/// Magic of `pending/RUN.bin` (version 2: disks by name, each with its base run).
+pub const PENDING_MAGIC: &[u8; 8] = b"FERRYPN2";
 
-/// The chunk CVs one tagged run commits, per disk index: `(chunk, cv)`.
-pub type RunCvs = Vec<Vec<(u64, [u8; 32])>>;
+/// One disk's part of a tagged run: the disk (its replica name), the run its records built on
+/// (the map's base when the run began) and the chunk CVs the run commits, `(chunk, cv)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingDisk {
+    pub name: String,
+    pub base: [u8; 16],
+    pub cvs: Vec<(u64, [u8; 32])>,
+}
 
-/// `MAGIC(8) RUN(16) DISKS(u32) { COUNT(u64) { CHUNK(u64) CV(32) }* }* BLAKE3(32)`, little-endian.
+/// The chunk CVs one tagged run commits, per disk.
+pub type RunCvs = Vec<PendingDisk>;
+
+/// `MAGIC(8) RUN(16) DISKS(u32) { NAME_LEN(u16) NAME BASE(16) COUNT(u64) { CHUNK(u64) CV(32) }* }*
+/// BLAKE3(32)`, little-endian.
 pub fn encode_pending(run: &[u8; 16], cvs: &RunCvs) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(60 + cvs.iter().map(|d| 8 + d.len() * 40).sum::<usize>());
+    let mut buf = Vec::with_capacity(
+        60 + cvs
+            .iter()
+            .map(|d| 26 + d.name.len() + d.cvs.len() * 40)
+            .sum::<usize>(),
+    );
     buf.extend_from_slice(PENDING_MAGIC);
     buf.extend_from_slice(run);
     buf.extend_from_slice(&(cvs.len() as u32).to_le_bytes());
     for d in cvs {
-        buf.extend_from_slice(&(d.len() as u64).to_le_bytes());
-        for (c, cv) in d {
+        buf.extend_from_slice(&(d.name.len() as u16).to_le_bytes());
+        buf.extend_from_slice(d.name.as_bytes());
+        buf.extend_from_slice(&d.base);
+        buf.extend_from_slice(&(d.cvs.len() as u64).to_le_bytes());
+        for (c, cv) in &d.cvs {
             buf.extend_from_slice(&c.to_le_bytes());
             buf.extend_from_slice(cv);
         }
@@ -29,7 +47,7 @@ pub fn encode_pending(run: &[u8; 16], cvs: &RunCvs) -> Vec<u8> {
     buf
 }
 
-/// Parses a pending-run file; `None` if it is torn, damaged or not one.
+/// Parses a pending-run file; `None` if it is torn, damaged, of another version or not one.
 pub fn parse_pending(bytes: &[u8]) -> Option<([u8; 16], RunCvs)> {
     if bytes.len() < 8 + 16 + 4 + 32 || &bytes[..8] != PENDING_MAGIC {
         return None;
@@ -43,13 +61,23 @@ pub fn parse_pending(bytes: &[u8]) -> Option<([u8; 16], RunCvs)> {
     let mut at = 28usize;
     let mut out = Vec::new();
     for _ in 0..disks {
+        let nl = u16::from_le_bytes(body.get(at..at.checked_add(2)?)?.try_into().ok()?) as usize;
+        at += 2;
+        let name = std::str::from_utf8(body.get(at..at.checked_add(nl)?)?)
+            .ok()?
+            .to_owned();
+        at += nl;
+        let base: [u8; 16] = body.get(at..at.checked_add(16)?)?.try_into().ok()?;
+        at += 16;
         let n = u64::from_le_bytes(body.get(at..at.checked_add(8)?)?.try_into().ok()?);
         at += 8;
         let len = usize::try_from(n).ok()?.checked_mul(40)?;
         let entries = body.get(at..at.checked_add(len)?)?;
         at += len;
-        out.push(
-            entries
+        out.push(PendingDisk {
+            name,
+            base,
+            cvs: entries
                 .chunks_exact(40)
                 .map(|e| {
                     (
@@ -58,9 +86,87 @@ pub fn parse_pending(bytes: &[u8]) -> Option<([u8; 16], RunCvs)> {
                     )
                 })
                 .collect(),
-        );
+        });
     }
     (at == body.len()).then_some((run, out))
+}
+
+/// Magic of `maps/DISK.cv` (version 2: the header binds the map to a store, VM, disk and run).
+pub const CV_MAGIC: &[u8; 8] = b"FERRYCV2";
+/// Length of a chunk map's header; the CVs follow, 32 bytes per chunk.
+pub const CV_HEADER_LEN: usize = 1024;
+
+/// The header of a chunk map: what its CVs describe. The CVs are those of the disk whose stable
+/// identity is `disk_id`, as replicated for `vm` into the store `store`, as of run `base` (the
+/// last run of the disk the agent knows the process server holds; all zeros: none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CvHeader {
+    pub size: u64,
+    pub chunks: u64,
+    pub base: [u8; 16],
+    pub store: String,
+    pub vm: String,
+    pub disk_id: String,
+}
+
+impl CvHeader {
+    /// `MAGIC(8) SIZE(8) CHUNKS(8) BASE(16) { LEN(u16) UTF-8 }×3 (store, vm, disk id), zeros to
+    /// byte 992, BLAKE3(32) of bytes 0..992`. Strings longer than 255 bytes are cut (they never
+    /// are: the wire limits them).
+    pub fn encode(&self) -> [u8; CV_HEADER_LEN] {
+        let mut b = [0u8; CV_HEADER_LEN];
+        b[..8].copy_from_slice(CV_MAGIC);
+        b[8..16].copy_from_slice(&self.size.to_le_bytes());
+        b[16..24].copy_from_slice(&self.chunks.to_le_bytes());
+        b[24..40].copy_from_slice(&self.base);
+        let mut at = 40;
+        for s in [&self.store, &self.vm, &self.disk_id] {
+            let mut n = s.len().min(255);
+            while !s.is_char_boundary(n) {
+                n -= 1;
+            }
+            b[at..at + 2].copy_from_slice(&(n as u16).to_le_bytes());
+            b[at + 2..at + 2 + n].copy_from_slice(&s.as_bytes()[..n]);
+            at += 2 + n;
+        }
+        let sum = blake3::hash(&b[..CV_HEADER_LEN - 32]);
+        b[CV_HEADER_LEN - 32..].copy_from_slice(sum.as_bytes());
+        b
+    }
+
+    /// Parses a header; `None` if it is torn, damaged, of another version or not one.
+    pub fn decode(b: &[u8]) -> Option<CvHeader> {
+        let b = b.get(..CV_HEADER_LEN)?;
+        if &b[..8] != CV_MAGIC
+            || blake3::hash(&b[..CV_HEADER_LEN - 32]).as_bytes() != &b[CV_HEADER_LEN - 32..]
+        {
+            return None;
+        }
+        let mut at = 40;
+        let mut strs = Vec::new();
+        for _ in 0..3 {
+            let n = u16::from_le_bytes(b[at..at + 2].try_into().ok()?) as usize;
+            if n > 255 {
+                return None;
+            }
+            strs.push(std::str::from_utf8(&b[at + 2..at + 2 + n]).ok()?.to_owned());
+            at += 2 + n;
+        }
+        if b[at..CV_HEADER_LEN - 32].iter().any(|x| *x != 0) {
+            return None;
+        }
+        let disk_id = strs.pop()?;
+        let vm = strs.pop()?;
+        let store = strs.pop()?;
+        Some(CvHeader {
+            size: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            chunks: u64::from_le_bytes(b[16..24].try_into().ok()?),
+            base: b[24..40].try_into().ok()?,
+            store,
+            vm,
+            disk_id,
+        })
+    }
 }
 
 /// A disk's kernel I/O counters (`/sys/dev/block/MAJ:MIN/stat`) at a clean stop.
@@ -120,10 +226,15 @@ mod tests {
 
     #[test]
     fn pending_round_trips_and_every_truncation_or_flip_is_refused() {
+        let d = |name: &str, base: u8, cvs: Vec<(u64, [u8; 32])>| PendingDisk {
+            name: name.into(),
+            base: [base; 16],
+            cvs,
+        };
         let cvs = vec![
-            vec![(3, [9u8; 32]), (7, [8u8; 32])],
-            vec![],
-            vec![(1, [1; 32])],
+            d("sda", 1, vec![(3, [9u8; 32]), (7, [8u8; 32])]),
+            d("sdb", 0, vec![]),
+            d("data-1", 2, vec![(1, [1; 32])]),
         ];
         let b = encode_pending(&[4; 16], &cvs);
         assert_eq!(parse_pending(&b), Some(([4; 16], cvs)));

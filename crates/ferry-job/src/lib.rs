@@ -17,6 +17,7 @@ pub mod identity;
 mod paths;
 mod points;
 pub mod remote;
+pub mod serve_config;
 pub mod stores;
 
 use std::path::{Path, PathBuf};
@@ -131,6 +132,15 @@ pub fn open_store(store: &Path, key_file: &Path, create: bool) -> Result<LocalSt
 
 /// Opens (and recovers) the cache of `store` in `dir` with a quota of `quota` bytes.
 pub fn open_cache(store: &LocalStore, dir: &Path, quota: u64) -> Result<Cache, JobError> {
+    open_cache_recovering(store, dir, quota).map(|(c, _)| c)
+}
+
+/// [`open_cache`], also returning what recovery found (the run marks of undrained records).
+pub fn open_cache_recovering(
+    store: &LocalStore,
+    dir: &Path,
+    quota: u64,
+) -> Result<(Cache, ferry_cache::Recovery), JobError> {
     ferry_durable::create_dir_durable(dir).map_err(|source| StoreError::Io {
         path: dir.to_owned(),
         op: "create",
@@ -152,7 +162,7 @@ pub fn open_cache(store: &LocalStore, dir: &Path, quota: u64) -> Result<Cache, J
             "cache recovered after an interruption; its durable records go into the store first"
         );
     }
-    Ok(cache)
+    Ok((cache, rec))
 }
 
 /// What `replicate` replicates and how.

@@ -476,6 +476,7 @@ pub(crate) mod tests {
             run: [7; 16],
             time_ns: 0,
             disks: vec![("a".into(), 1 << 20), ("b".into(), 1 << 20)],
+            bases: vec![[0; 16]; 2],
         };
         t.received(&b, 1, &begin);
         t.received(&b, 2, &Message::write(2, "a", 0, vec![1; 4096]));

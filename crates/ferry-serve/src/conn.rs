@@ -87,6 +87,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     let track: Track = Arc::new(Mutex::new(None));
     let (refuse_tx, refuse_rx) = mpsc::channel::<Refusal>(1);
     let (point_tx, point_rx) = mpsc::unbounded_channel();
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(
         shared.clone(),
         w,
@@ -94,7 +95,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         (credits.clone(), grant),
         refuse_rx,
         track.clone(),
-        point_rx,
+        (point_rx, ctl_rx),
     ));
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let mut owner = VmOwner {
@@ -105,6 +106,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         vm: None,
         track,
         points: point_tx,
+        ctl: ctl_tx,
     };
     let result = read_loop(&mut owner, &mut r, &conn, &credits).await;
     drop(owner);
@@ -264,6 +266,8 @@ struct VmOwner<'a> {
     track: Track,
     /// Points made from this connection's tags go to its writer.
     points: crate::board::PointNotify,
+    /// Other messages for the agent (the `Holding`), sent by the writer in order.
+    ctl: mpsc::UnboundedSender<Message>,
 }
 
 /// Shared by the reader (records received) and the writer (acks sent).
@@ -325,6 +329,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut vm: Option<String> = None;
     // Disk sizes of the current run (from Inventory, then each Begin).
     let mut sizes: HashMap<String, u64> = HashMap::new();
+    // Whether a run is open: records other than Begin belong to it.
+    let mut in_run = false;
     let (_never, mut cancel) = watch::channel(false);
     loop {
         let m = tokio::select! {
@@ -346,6 +352,34 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return Err(refusal(refuse::PROTOCOL, "a record before Inventory"));
             };
             check_record(shared, &vm, &mut sizes, &m)?;
+            match &m {
+                Message::Begin {
+                    run, disks, bases, ..
+                } => {
+                    shared
+                        .held
+                        .begin(&vm, *run, disks, bases)
+                        .map_err(|why| refusal(refuse::STALE_BASE, why))?;
+                    in_run = true;
+                }
+                Message::Tag { tag, .. } => {
+                    if !in_run {
+                        return Err(refusal(
+                            refuse::STALE_BASE,
+                            format!("a Tag of VM '{vm}' outside any run this process server holds the start of; start a new run"),
+                        ));
+                    }
+                    shared.held.tag(&vm, tag);
+                    in_run = false;
+                }
+                _ if !in_run => {
+                    return Err(refusal(
+                        refuse::STALE_BASE,
+                        format!("a record of VM '{vm}' outside any run this process server holds the start of; start a new run"),
+                    ));
+                }
+                _ => {}
+            }
             if let Some(t) = owner.track.lock().expect("track lock").as_mut() {
                 t.received(&shared.board, seq, &m);
             }
@@ -370,23 +404,36 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if let Err(e) = ferry_job::validate_name("VM", &v) {
                     return Err(refusal(refuse::PROTOCOL, e.to_string()));
                 }
-                for (d, _) in &disks {
-                    if let Err(e) = ferry_job::validate_name("disk", d) {
+                for d in &disks {
+                    if let Err(e) = ferry_job::validate_name("disk", &d.name) {
                         return Err(refusal(refuse::PROTOCOL, e.to_string()));
                     }
                 }
                 match &vm {
-                    Some(old) if *old != v => {
+                    Some(old) => {
                         return Err(refusal(
                             refuse::PROTOCOL,
-                            format!("a second Inventory for VM '{v}' on a connection for '{old}'"),
+                            format!("a second Inventory (VM '{v}') on a connection for '{old}'"),
                         ))
                     }
-                    Some(_) => {}
                     None => cancel = owner.claim(&v)?,
                 }
-                tracing::info!(vm = %v, disks = disks.len(), "inventory");
-                sizes = disks.into_iter().collect();
+                let (open, held) = shared
+                    .held
+                    .inventory(&v, &disks)
+                    .map_err(|why| refusal(refuse::PROTOCOL, why))?;
+                tracing::info!(vm = %v, disks = disks.len(), open = open != ferry_wire::NO_RUN, "inventory");
+                sizes = held
+                    .iter()
+                    .zip(&disks)
+                    .map(|(h, d)| (h.replica.clone(), d.size))
+                    .collect();
+                in_run = open != ferry_wire::NO_RUN;
+                let _ = owner.ctl.send(Message::Holding {
+                    store: shared.held.store_id().to_owned(),
+                    open,
+                    disks: held,
+                });
                 vm = Some(v);
             }
             Message::Ping { .. } | Message::Pong { .. } | Message::CutDone { .. } => {}
@@ -545,7 +592,10 @@ async fn write_loop<S: AsyncWrite>(
     (credits, initial_grant): (Arc<Mutex<Credits>>, u64),
     mut refusals: mpsc::Receiver<Refusal>,
     track: Track,
-    mut points: mpsc::UnboundedReceiver<([u8; 16], String)>,
+    (mut points, mut ctl): (
+        mpsc::UnboundedReceiver<([u8; 16], String)>,
+        mpsc::UnboundedReceiver<Message>,
+    ),
 ) {
     // After the ack is sent: the status board's per-disk seqs and per-VM bytes.
     let note = |seq: u64| {
@@ -595,6 +645,11 @@ async fn write_loop<S: AsyncWrite>(
             }
             Some((run, id)) = points.recv() => {
                 if w.send(&Message::Point { run, id }).await.is_err() {
+                    return;
+                }
+            }
+            Some(m) = ctl.recv() => {
+                if w.send(&m).await.is_err() {
                     return;
                 }
             }

@@ -28,6 +28,7 @@
 mod board;
 mod commit;
 mod conn;
+mod held;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -132,6 +133,8 @@ pub(crate) struct Shared {
     pub board: Arc<board::Board>,
     /// Authenticated connections, each holding a share of the credit pool ([`conn::fair_share`]).
     pub credit_holders: AtomicU64,
+    /// What the server holds of each VM's disks (answers inventories, checks run bases).
+    pub held: held::Held,
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -166,7 +169,13 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     if let (Some(b), ferry_job::StoreLocation::Azure { url, .. }) = (&blobs, &o.store) {
         ferry_job::identity::bind_azure(&store, b, url)?;
     }
-    let cache = ferry_job::open_cache(&store, &o.cache_dir, o.cache_size)?;
+    let (cache, recovery) = ferry_job::open_cache_recovering(&store, &o.cache_dir, o.cache_size)?;
+    let held = held::Held::load(&store_root, store.store_id(), &recovery.marks).map_err(|e| {
+        ServeError::Io {
+            what: format!("cannot read what the store {} holds", store_root.display()),
+            source: std::io::Error::other(e),
+        }
+    })?;
     let writer = cache.writer()?;
     let board = Arc::new(board::Board::new(board::ServerInfo {
         listen: o.listen.clone(),
@@ -198,6 +207,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         next_conn: AtomicU64::new(0),
         credit_holders: AtomicU64::new(0),
         board: board.clone(),
+        held,
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
     let rt = tokio::runtime::Builder::new_multi_thread()

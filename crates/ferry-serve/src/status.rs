@@ -124,23 +124,28 @@ pub fn read_status(path: &Path) -> Result<StatusFile, StatusError> {
         path: path.into(),
         source,
     })?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| StatusError::Format {
+    parse_status(&bytes).map_err(|detail| StatusError::Format {
         path: path.into(),
-        detail: e.to_string(),
-    })?;
+        detail,
+    })
+}
+
+/// Parses a status file's bytes; refuses other formats and versions. The error is the detail of
+/// [`StatusError::Format`].
+pub fn parse_status(bytes: &[u8]) -> Result<StatusFile, String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let (format, version) = (v["format"].as_str(), v["version"].as_u64());
     if format != Some(STATUS_FORMAT) || version != Some(STATUS_VERSION as u64) {
-        return Err(StatusError::Format {
-            path: path.into(),
-            detail: format!(
-                "format {format:?} version {version:?}, expected {STATUS_FORMAT:?} version {STATUS_VERSION}"
-            ),
-        });
+        return Err(format!(
+            "format {format:?} version {version:?}, expected {STATUS_FORMAT:?} version {STATUS_VERSION}"
+        ));
     }
-    serde_json::from_value(v).map_err(|e| StatusError::Format {
-        path: path.into(),
-        detail: e.to_string(),
-    })
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+/// The bytes the server writes for `status`.
+pub fn encode_status(status: &StatusFile) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec_pretty(status)
 }
 
 /// RFC 3339 UTC with milliseconds.
@@ -153,7 +158,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// cache disk a flush per second for nothing.
 pub(crate) fn write_status(path: &Path, status: &StatusFile) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    let body = encode_status(status).map_err(std::io::Error::other)?;
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, path)
 }

@@ -127,8 +127,8 @@ fn hostile_frames_are_refused_and_others_served() {
         let (rd, wr) = split(tls(&addr, &pass).await);
         let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
         w.send(&Message::Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: ferry_wire::WIRE_VERSION,
+            max_version: ferry_wire::WIRE_VERSION,
             software: "test".into(),
         })
         .await
@@ -137,6 +137,7 @@ fn hostile_frames_are_refused_and_others_served() {
         let Some(Message::HelloAck { nonce, .. }) = r.read().await.unwrap() else {
             panic!("no HelloAck")
         };
+        assert!(r.set_version(ferry_wire::WIRE_VERSION) && w.set_version(ferry_wire::WIRE_VERSION));
         w.send(&Message::Register {
             proof: pass.prove(&nonce),
             hostname: "web01".into(),
@@ -160,10 +161,19 @@ fn hostile_frames_are_refused_and_others_served() {
             "{m:?}"
         );
         let (mut ra2, mut wa2) = auth_inventory(&addr, &pass, &a, "web01").await;
-        // The server closes the old connection...
-        let old = tokio::time::timeout(Duration::from_secs(5), ra1.read())
-            .await
-            .expect("the old connection is closed");
+        let m = ra2.read().await.unwrap();
+        assert!(matches!(&m, Some(Message::Holding { disks, .. }) if disks[0].replica == "sda"), "{m:?}");
+        // The server closes the old connection (after the Holding it had sent it)...
+        let old = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match ra1.read().await {
+                    Ok(Some(Message::Holding { .. })) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the old connection is closed");
         assert!(matches!(old, Ok(None) | Err(_)), "{old:?}");
         // ...and the new one stays open.
         wa2.send(&Message::Ping { token: 2 }).await.unwrap();
@@ -183,8 +193,8 @@ async fn hello(addr: &str, pass: &Passphrase) -> (R, W, [u8; 32]) {
     let (rd, wr) = split(tls(addr, pass).await);
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     w.send(&Message::Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: ferry_wire::WIRE_VERSION,
+        max_version: ferry_wire::WIRE_VERSION,
         software: "test".into(),
     })
     .await
@@ -193,6 +203,7 @@ async fn hello(addr: &str, pass: &Passphrase) -> (R, W, [u8; 32]) {
     let Some(Message::HelloAck { nonce, .. }) = r.read().await.unwrap() else {
         panic!("no HelloAck")
     };
+    assert!(r.set_version(ferry_wire::WIRE_VERSION) && w.set_version(ferry_wire::WIRE_VERSION));
     (r, w, nonce)
 }
 
@@ -232,7 +243,11 @@ async fn auth_inventory(
     assert!(matches!(m, Some(Message::Welcome { .. })), "{m:?}");
     w.send(&Message::Inventory {
         vm: vm.into(),
-        disks: vec![("sda".into(), 1 << 20)],
+        disks: vec![ferry_wire::InvDisk {
+            name: "sda".into(),
+            size: 1 << 20,
+            id: "serial:TEST1".into(),
+        }],
     })
     .await
     .unwrap();

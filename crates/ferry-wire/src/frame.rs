@@ -5,7 +5,10 @@ use crate::WireError;
 /// First 4 bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FWIR";
 /// The wire version this Ferry speaks (the only one it reads).
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
+/// The version of `Hello` and `HelloAck` frames (and of a `Refused` sent before a version is
+/// agreed): always 1, so that any Ferry can read them and say "upgrade".
+pub const HELLO_VERSION: u8 = 1;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest `Write` data: 4 MiB.
@@ -82,6 +85,8 @@ msg_types! {
     Refused = 7,
     /// agent → PS: the VM and its protected disks.
     Inventory = 8,
+    /// PS → agent: what the process server holds of the VM's disks (answers Inventory).
+    Holding = 9,
     /// agent → PS (record): a run starts.
     Begin = 16,
     /// agent → PS (record): changed data.
@@ -208,9 +213,10 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(1, 1), Some(1));
-        assert_eq!(negotiate(1, 9), Some(1));
-        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(1, 1), None);
+        assert_eq!(negotiate(1, 9), Some(2));
+        assert_eq!(negotiate(2, 2), Some(2));
+        assert_eq!(negotiate(3, 9), None);
         assert_eq!(negotiate(3, 1), None);
         assert_eq!(negotiate(0, 0), None);
     }

@@ -45,10 +45,13 @@ pub use error::{AuthError, PassphraseError, RegistryError, TlsError, WireError};
 pub use fields::check_name;
 pub use flow::{Credits, MAX_FRAME};
 pub use frame::{
-    header_checksum, negotiate, FrameHeader, MsgType, HEADER_LEN, MAGIC, MAX_DATA, MAX_PAYLOAD,
-    WIRE_VERSION,
+    header_checksum, negotiate, FrameHeader, MsgType, HEADER_LEN, HELLO_VERSION, MAGIC, MAX_DATA,
+    MAX_PAYLOAD, WIRE_VERSION,
 };
-pub use message::{refuse, Message, Nonce, Proof, RunId, MAX_DISKS, MAX_NAME, MAX_TEXT};
+pub use message::{
+    check_id, refuse, HeldDisk, InvDisk, Message, Nonce, Proof, RunId, MAX_DISKS, MAX_NAME,
+    MAX_TEXT, NO_RUN,
+};
 pub use passphrase::{
     new_nonce, proof_key, prove, prove_with_key, verify, verify_with_key, Passphrase,
     PASSPHRASE_CHARS, PASSPHRASE_FILE,

@@ -8,7 +8,7 @@ use crate::fields::{
     check_count, check_name, check_range, malformed, put_disks, put_name, put_text, unencodable,
     Fields,
 };
-use crate::frame::{FrameHeader, MsgType, HEADER_LEN, MAX_DATA, MAX_PAYLOAD, WIRE_VERSION};
+use crate::frame::{FrameHeader, MsgType, HEADER_LEN, HELLO_VERSION, MAX_DATA, MAX_PAYLOAD};
 use crate::registry::{AgentId, Credential};
 use crate::WireError;
 
@@ -16,8 +16,33 @@ use crate::WireError;
 pub type Proof = [u8; 32];
 /// A 32-byte server nonce, fresh for every connection.
 pub type Nonce = [u8; 32];
-/// A run id (a new one each time an agent starts shipping a VM from a clean state).
+/// A run id: one per run of records that ends in a tag (a point).
 pub type RunId = [u8; 16];
+/// "No run": a disk the process server holds nothing of, or no run open.
+pub const NO_RUN: RunId = [0; 16];
+
+/// A protected disk as the agent announces it in `Inventory`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvDisk {
+    /// The name the agent suggests for a disk the process server has not seen (the device or
+    /// image name, for display).
+    pub name: String,
+    pub size: u64,
+    /// The disk's stable identity (WWN, serial, by-id name, or file identity; see docs/AGENT.md).
+    pub id: String,
+}
+
+/// What the process server holds of one disk of an `Inventory` (same order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldDisk {
+    /// The replica the disk's records go to (its name in records, tags and the store).
+    pub replica: String,
+    /// The run of the last tag that includes this disk and that the process server holds
+    /// durably (cached or committed); [`NO_RUN`] if none: the replica is empty.
+    pub last_run: RunId,
+    /// The sequence number of the last committed point holding the disk (0: none yet).
+    pub point_seq: u64,
+}
 
 /// Longest name (disk, VM, hostname, point id, software string), in bytes.
 pub const MAX_NAME: usize = 255;
@@ -42,6 +67,9 @@ pub mod refuse {
     pub const BUSY: u16 = 6;
     /// The process server failed internally; see its log.
     pub const INTERNAL: u16 = 7;
+    /// The run builds on a state of a disk the process server does not hold (its bases differ
+    /// from the server's last runs): the agent resyncs against the `Holding` of a new connection.
+    pub const STALE_BASE: u16 = 8;
 }
 
 /// One protocol message. Records ([`MsgType::is_record`]) carry `seq`, a per-connection-stream
@@ -80,13 +108,24 @@ pub enum Message {
     },
     Inventory {
         vm: String,
-        disks: Vec<(String, u64)>,
+        disks: Vec<InvDisk>,
     },
+    /// The answer to `Inventory`: the process server's store, the VM's open run (a `Begin` held
+    /// without its `Tag`; [`NO_RUN`] if none) and, per inventory disk, what it holds.
+    Holding {
+        store: String,
+        open: RunId,
+        disks: Vec<HeldDisk>,
+    },
+    /// `bases[i]` is the run `disks[i]`'s records build on: the last run of that disk the agent
+    /// knows the process server holds ([`NO_RUN`]: none). The server refuses a run whose bases
+    /// differ from what it holds.
     Begin {
         seq: u64,
         run: RunId,
         time_ns: u64,
         disks: Vec<(String, u64)>,
+        bases: Vec<RunId>,
     },
     /// `digest` is the plain blake3 of `data`; the reader checks it.
     Write {
@@ -160,6 +199,7 @@ impl Message {
             Message::Welcome { .. } => MsgType::Welcome,
             Message::Refused { .. } => MsgType::Refused,
             Message::Inventory { .. } => MsgType::Inventory,
+            Message::Holding { .. } => MsgType::Holding,
             Message::Begin { .. } => MsgType::Begin,
             Message::Write { .. } => MsgType::Write,
             Message::Zero { .. } => MsgType::Zero,
@@ -248,18 +288,45 @@ impl Message {
             }
             Message::Inventory { vm, disks } => {
                 put_name(out, ty, "vm", vm)?;
-                put_disks(out, ty, disks)?;
+                check_count(ty, disks.len()).map_err(|d| unencodable(ty, d))?;
+                out.put_u16(disks.len() as u16);
+                for d in disks {
+                    put_name(out, ty, "disk", &d.name)?;
+                    out.put_u64(d.size);
+                    put_id(out, ty, &d.id)?;
+                }
+            }
+            Message::Holding { store, open, disks } => {
+                put_name(out, ty, "store", store)?;
+                out.put_bytes(open);
+                check_count(ty, disks.len()).map_err(|d| unencodable(ty, d))?;
+                out.put_u16(disks.len() as u16);
+                for d in disks {
+                    put_name(out, ty, "replica", &d.replica)?;
+                    out.put_bytes(&d.last_run);
+                    out.put_u64(d.point_seq);
+                }
             }
             Message::Begin {
                 seq,
                 run,
                 time_ns,
                 disks,
+                bases,
             } => {
+                if bases.len() != disks.len() {
+                    return Err(unencodable(
+                        ty,
+                        format!("{} bases for {} disks", bases.len(), disks.len()),
+                    ));
+                }
                 out.put_u64(*seq);
                 out.put_bytes(run);
                 out.put_u64(*time_ns);
                 put_disks(out, ty, disks)?;
+                for b in bases {
+                    out.put_bytes(b);
+                }
             }
             Message::Write {
                 seq,
@@ -367,16 +434,51 @@ impl Message {
                 code: f.u16()?,
                 message: f.text("message", MAX_TEXT)?,
             },
-            MsgType::Inventory => Message::Inventory {
-                vm: f.name("vm")?,
-                disks: f.disks()?,
-            },
-            MsgType::Begin => Message::Begin {
-                seq: f.u64()?,
-                run: f.array()?,
-                time_ns: f.u64()?,
-                disks: f.disks()?,
-            },
+            MsgType::Inventory => {
+                let vm = f.name("vm")?;
+                let n = f.u16()? as usize;
+                check_count(ty, n).map_err(|d| f.malformed(d))?;
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    disks.push(InvDisk {
+                        name: f.name("disk")?,
+                        size: f.u64()?,
+                        id: f.text("disk id", MAX_NAME)?,
+                    });
+                    let id = &disks.last().expect("pushed").id;
+                    check_id(id).map_err(|d| f.malformed(d))?;
+                }
+                Message::Inventory { vm, disks }
+            }
+            MsgType::Holding => {
+                let store = f.name("store")?;
+                let open = f.array()?;
+                let n = f.u16()? as usize;
+                check_count(ty, n).map_err(|d| f.malformed(d))?;
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    disks.push(HeldDisk {
+                        replica: f.name("replica")?,
+                        last_run: f.array()?,
+                        point_seq: f.u64()?,
+                    });
+                }
+                Message::Holding { store, open, disks }
+            }
+            MsgType::Begin => {
+                let (seq, run, time_ns, disks) = (f.u64()?, f.array()?, f.u64()?, f.disks()?);
+                let mut bases = Vec::with_capacity(disks.len());
+                for _ in 0..disks.len() {
+                    bases.push(f.array()?);
+                }
+                Message::Begin {
+                    seq,
+                    run,
+                    time_ns,
+                    disks,
+                    bases,
+                }
+            }
             MsgType::Write => {
                 let seq = f.u64()?;
                 let disk = f.name("disk")?;
@@ -468,6 +570,22 @@ impl Message {
     }
 }
 
+/// A disk id is 1 to 255 bytes of printable UTF-8 (no control characters).
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_NAME || id.chars().any(char::is_control) {
+        return Err(format!(
+            "disk id {id:?} is empty, longer than {MAX_NAME} bytes or holds a control character"
+        ));
+    }
+    Ok(())
+}
+
+fn put_id(out: &mut Vec<u8>, ty: MsgType, id: &str) -> Result<(), WireError> {
+    check_id(id).map_err(|d| unencodable(ty, d))?;
+    out.put_str(id);
+    Ok(())
+}
+
 /// The header of a frame of type `ty` carrying `payload_len` bytes.
 pub(crate) fn header_for(
     ty: MsgType,
@@ -493,7 +611,7 @@ pub(crate) fn header_for(
 /// frames (every Ferry can read them); everything else in the negotiated version.
 pub(crate) fn frame_version(ty: MsgType, negotiated: u8) -> u8 {
     match ty {
-        MsgType::Hello | MsgType::HelloAck => WIRE_VERSION,
+        MsgType::Hello | MsgType::HelloAck => HELLO_VERSION,
         _ => negotiated,
     }
 }

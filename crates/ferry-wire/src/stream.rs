@@ -2,7 +2,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::frame::{FrameHeader, HEADER_LEN, WIRE_VERSION};
+use crate::frame::{FrameHeader, HEADER_LEN, HELLO_VERSION, WIRE_VERSION};
 use crate::message::{frame_version, header_for, Message};
 use crate::WireError;
 
@@ -51,7 +51,7 @@ pub(crate) struct ReadState {
 impl ReadState {
     pub(crate) fn new() -> Self {
         ReadState {
-            version: WIRE_VERSION,
+            version: HELLO_VERSION,
             frames: 0,
             order: SeqOrder::default(),
             buf: Vec::new(),
@@ -141,7 +141,7 @@ pub(crate) struct WriteState {
 impl WriteState {
     pub(crate) fn new() -> Self {
         WriteState {
-            version: WIRE_VERSION,
+            version: HELLO_VERSION,
             order: SeqOrder::default(),
             frames: 0,
             buf: Vec::new(),
@@ -176,7 +176,7 @@ impl WriteState {
     }
 }
 
-/// Sets the version after `Hello`/`HelloAck` (both start at [`WIRE_VERSION`]). Only versions this
+/// Sets the version after `Hello`/`HelloAck` (both start at [`HELLO_VERSION`]). Only versions this
 /// Ferry speaks are accepted.
 fn settable(version: u8) -> bool {
     version == WIRE_VERSION

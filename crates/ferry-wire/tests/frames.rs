@@ -47,12 +47,29 @@ fn samples() -> Vec<Message> {
         },
         Message::Inventory {
             vm: "web01".into(),
-            disks: disks.clone(),
+            disks: disks
+                .iter()
+                .map(|(name, size)| ferry_wire::InvDisk {
+                    name: name.clone(),
+                    size: *size,
+                    id: format!("serial:{name}/1"),
+                })
+                .collect(),
+        },
+        Message::Holding {
+            store: "00112233445566778899aabbccddeeff".into(),
+            open: [3; 16],
+            disks: vec![ferry_wire::HeldDisk {
+                replica: "sda".into(),
+                last_run: [4; 16],
+                point_seq: 12,
+            }],
         },
         Message::Begin {
             seq: 1,
             run: [5; 16],
             time_ns: 1_700_000_000_000_000_000,
+            bases: vec![[6; 16]; disks.len()],
             disks,
         },
         Message::write(2, "sda", 65536, (0..3000u32).map(|i| i as u8).collect()),
@@ -351,7 +368,29 @@ fn writer_refuses_what_readers_refuse() {
         Message::write(1, "x".repeat(MAX_NAME + 1), 0, vec![0; 2]),
         Message::Inventory {
             vm: "vm".into(),
-            disks: vec![("d".into(), 1); 257],
+            disks: vec![
+                ferry_wire::InvDisk {
+                    name: "d".into(),
+                    size: 1,
+                    id: "x".into()
+                };
+                257
+            ],
+        },
+        Message::Inventory {
+            vm: "vm".into(),
+            disks: vec![ferry_wire::InvDisk {
+                name: "d".into(),
+                size: 1,
+                id: "a\nb".into(),
+            }],
+        },
+        Message::Begin {
+            seq: 1,
+            run: [0; 16],
+            time_ns: 0,
+            disks: vec![("d".into(), 1)],
+            bases: vec![],
         },
         Message::Refused {
             code: 1,
@@ -472,12 +511,35 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (any::<u64>(), disks()).prop_map(|(credits, resume)| Message::Welcome { credits, resume }),
         (any::<u16>(), ".{0,100}").prop_map(|(code, message)| Message::Refused { code, message }),
-        (name(), disks()).prop_map(|(vm, disks)| Message::Inventory { vm, disks }),
+        (name(), disks(), "[a-z0-9:._-]{1,40}").prop_map(|(vm, disks, id)| Message::Inventory {
+            vm,
+            disks: disks
+                .into_iter()
+                .map(|(name, size)| ferry_wire::InvDisk {
+                    name,
+                    size,
+                    id: id.clone()
+                })
+                .collect()
+        }),
+        (name(), any::<[u8; 16]>(), disks()).prop_map(|(store, open, disks)| Message::Holding {
+            store,
+            open,
+            disks: disks
+                .into_iter()
+                .map(|(replica, point_seq)| ferry_wire::HeldDisk {
+                    replica,
+                    last_run: open,
+                    point_seq
+                })
+                .collect()
+        }),
         (any::<u64>(), any::<[u8; 16]>(), any::<u64>(), disks()).prop_map(
             |(seq, run, time_ns, disks)| Message::Begin {
                 seq,
                 run,
                 time_ns,
+                bases: vec![run; disks.len()],
                 disks
             }
         ),

@@ -41,12 +41,13 @@ async fn serve<S: AsyncRead + AsyncWrite>(srv: Arc<Server>, stream: S) {
         return;
     };
     let Some(version) = negotiate(min_version, max_version) else {
-        let why = format!("agent speaks {min_version}..={max_version}, this server 1");
+        let why = format!("agent speaks {min_version}..={max_version}, this server 2");
         return refuse(&mut w, refuse::VERSION, why).await;
     };
     let nonce = new_nonce().unwrap();
     w.send(&Message::HelloAck { version, nonce }).await.unwrap();
     w.flush().await.unwrap();
+    assert!(r.set_version(version) && w.set_version(version));
     match r.read().await {
         Ok(Some(Message::Register { proof, hostname })) => {
             if !srv.passphrase.verify(&nonce, &proof) {
@@ -129,10 +130,10 @@ async fn hello(
     .await
     .unwrap();
     w.flush().await.unwrap();
-    let Some(Message::HelloAck { version: 1, nonce }) = r.read().await.unwrap() else {
+    let Some(Message::HelloAck { version: 2, nonce }) = r.read().await.unwrap() else {
         panic!("no HelloAck")
     };
-    assert!(r.set_version(1) && w.set_version(1));
+    assert!(r.set_version(2) && w.set_version(2));
     (r, w, nonce)
 }
 
@@ -239,6 +240,7 @@ async fn register_authenticate_ship_and_revoke() {
             run,
             time_ns: 1,
             disks: vec![("sda".into(), 1 << 20)],
+            bases: vec![[0; 16]],
         },
         Message::write(2, "sda", 0, vec![0xAB; 64 << 10]),
         Message::Zero {

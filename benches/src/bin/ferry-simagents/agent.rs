@@ -53,6 +53,8 @@ pub(crate) struct Conn {
     r: Reader,
     w: Writer,
     credits: u64,
+    /// The last run of the disk the server holds (what the first run builds on).
+    base: RunId,
 }
 
 /// TCP + pinned TLS 1.3 + Hello/HelloAck: the framed halves and the connection's nonce.
@@ -142,11 +144,36 @@ pub(crate) async fn connect(
     };
     w.send(&Message::Inventory {
         vm: a.vm_name(i),
-        disks: vec![(DISK.into(), a.disk_size)],
+        disks: vec![ferry_wire::InvDisk {
+            name: DISK.into(),
+            size: a.disk_size,
+            id: format!("sim:{}", a.vm_name(i)),
+        }],
     })
     .await?;
     w.flush().await?;
-    Ok(Conn { r, w, credits })
+    let mut credits = credits;
+    let base = loop {
+        match r.read().await? {
+            Some(Message::Holding { disks, .. }) if disks.len() == 1 => {
+                if disks[0].replica != DISK {
+                    bail!(
+                        "the server put the simulated disk in replica '{}'; use a fresh store",
+                        disks[0].replica
+                    );
+                }
+                break disks[0].last_run;
+            }
+            Some(Message::Credit { bytes }) => credits += bytes,
+            m => return Err(unexpected(m)),
+        }
+    };
+    Ok(Conn {
+        r,
+        w,
+        credits,
+        base,
+    })
 }
 
 fn now_ns() -> u64 {
@@ -309,7 +336,12 @@ pub(crate) async fn run(
     start: Instant,
     zero_cvs: &[ChainingValue],
 ) -> anyhow::Result<AgentStats> {
-    let Conn { mut r, w, credits } = conn;
+    let Conn {
+        mut r,
+        w,
+        credits,
+        base,
+    } = conn;
     // Messages from the server, stamped on arrival so a busy sender does not inflate latencies.
     let (ev_tx, mut events): (_, Events) = mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
@@ -350,6 +382,7 @@ pub(crate) async fn run(
         run: run_id,
         time_ns: now_ns(),
         disks: vec![(DISK.into(), a.disk_size)],
+        bases: vec![base],
     });
     // Bytes of Write and Zero records sent, for --rate.
     let mut paced = 0u64;
