@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_crypto::is_zero;
@@ -189,6 +189,69 @@ enum Track {
     Scan,
 }
 
+/// How long before a scan pass an image file's last write must lie for its modification time to
+/// show a write during the pass (timestamps are coarse: a jiffy, a second, FAT's two).
+const MTIME_SLACK: Duration = Duration::from_secs(2);
+
+/// Scan mode: what shows whether a disk was written between the start of a pass and its cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Witness {
+    /// A block device's kernel I/O counters (`/sys/dev/block/MAJ:MIN/stat`).
+    Counters(persist::DiskCounters),
+    /// An image file's modification time and length.
+    File { modified: SystemTime, len: u64 },
+}
+
+impl Witness {
+    fn now(path: &Path) -> Option<Witness> {
+        if let Some(c) = persist::disk_counters(path) {
+            return Some(Witness::Counters(c));
+        }
+        let m = std::fs::metadata(path).ok()?;
+        if !m.is_file() {
+            return None;
+        }
+        Some(Witness::File {
+            modified: m.modified().ok()?,
+            len: m.len(),
+        })
+    }
+
+    /// The witness as a pass starts. An image modified within [`MTIME_SLACK`] is waited for
+    /// (once): a write during the pass could not be told from one just before it. `None` if
+    /// there is no witness, or the image is still being written.
+    fn at_pass_start(path: &Path) -> Option<Witness> {
+        for _ in 0..2 {
+            let w = Witness::now(path)?;
+            let Witness::File { modified, .. } = w else {
+                return Some(w);
+            };
+            let age = SystemTime::now()
+                .duration_since(modified)
+                .unwrap_or(Duration::ZERO);
+            if age >= MTIME_SLACK {
+                return Some(w);
+            }
+            std::thread::sleep(MTIME_SLACK - age);
+        }
+        None
+    }
+
+    /// Nothing was written between `self` (a pass's start) and `now`, and nothing is in flight.
+    fn unchanged(&self, now: &Witness) -> bool {
+        match (self, now) {
+            (Witness::Counters(a), Witness::Counters(b)) => {
+                a.writes == b.writes
+                    && a.write_sectors == b.write_sectors
+                    && a.discards == b.discards
+                    && b.in_flight == 0
+            }
+            (Witness::File { .. }, Witness::File { .. }) => self == now,
+            _ => false,
+        }
+    }
+}
+
 /// A cut that was asked for.
 struct Want {
     kind: PointKind,
@@ -219,6 +282,9 @@ struct Engine<'a> {
     freezer: Option<ferry_freeze::Freezer>,
     /// Scan mode: a full pass for the next cut has been queued.
     scan_pass: bool,
+    /// Scan mode: each disk's [`Witness`] as that pass began (before any of its reads); the cut
+    /// compares it with the disk's now and is abandoned unless nothing wrote meanwhile.
+    scan_from: Vec<Option<Witness>>,
     /// Why the last drain or start-up put whole disks back in the dirty set (for the cut's error).
     resyncing: Option<String>,
     stats: Arc<ShipStats>,
@@ -357,8 +423,17 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     } else {
         None
     };
-    // The scan tracker's start-up pass (every chunk is dirty) is the first cut's pass.
+    // The scan tracker's start-up pass (every chunk is dirty) is the first cut's pass, witnessed
+    // before any of its chunks is read.
     let scan_pass = matches!(track, Track::Scan);
+    let scan_from = if scan_pass {
+        disks
+            .iter()
+            .map(|d| Witness::at_pass_start(&d.path))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut e = Engine {
         o,
         disks,
@@ -373,6 +448,7 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         points: Vec::new(),
         freezer,
         scan_pass,
+        scan_from,
         resyncing,
         stats: stats.clone(),
     };
@@ -755,10 +831,7 @@ impl Engine<'_> {
             if let Some(kind) = self.wants.front().map(|w| w.kind) {
                 if matches!(self.track, Track::Scan) && !self.scan_pass {
                     // The scan tracker finds changes by reading everything.
-                    for d in &mut self.disks {
-                        d.todo.fill();
-                    }
-                    self.scan_pass = true;
+                    self.begin_scan_pass();
                     continue;
                 }
                 self.scan_pass = false;
@@ -808,6 +881,48 @@ impl Engine<'_> {
                 default(wait) => {}
             }
         }
+    }
+
+    /// Scan mode: queues a full pass for the next cut, noting each disk's [`Witness`] first.
+    fn begin_scan_pass(&mut self) {
+        self.scan_from = self
+            .disks
+            .iter()
+            .map(|d| Witness::at_pass_start(&d.path))
+            .collect();
+        for d in &mut self.disks {
+            d.todo.fill();
+        }
+        self.scan_pass = true;
+    }
+
+    /// Scan mode: `Ok` only if no disk was written since the pass the cut rests on began. The
+    /// pass reads the disks over seconds or minutes; its chunks are one instant only if nothing
+    /// wrote meanwhile (the eBPF tracker shows its instant with an empty drain instead). Each
+    /// witness serves one cut: the next cut needs a new pass.
+    fn scan_quiet(&mut self) -> Result<(), String> {
+        if !matches!(self.track, Track::Scan) {
+            return Ok(());
+        }
+        let from = std::mem::take(&mut self.scan_from);
+        for (i, d) in self.disks.iter().enumerate() {
+            match (from.get(i).copied().flatten(), Witness::now(&d.path)) {
+                (Some(a), Some(b)) if a.unchanged(&b) => {}
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "disk {} was written during the scan pass, so its chunks were read at different instants (the scan tracker makes points only of disks idle for a whole pass; the eBPF tracker has no such limit)",
+                        d.name
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "cannot tell whether disk {} was written during the scan pass (no kernel I/O counters, or its image was modified just before the pass)",
+                        d.name
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn force_resync(&mut self) {
@@ -1225,7 +1340,7 @@ impl Engine<'_> {
         let settled = self.settle(deadline);
         let time_ns = now_ns();
         let tag = match settled {
-            Ok(true) => self.tag(kind, time_ns),
+            Ok(true) => self.scan_quiet().and_then(|()| self.tag(kind, time_ns)),
             Ok(false) => Err(if guard.is_some() {
                 format!(
                     "the writes left to read did not fit in the freeze bound ({:?})",
@@ -1392,6 +1507,7 @@ mod tests {
     //! The engine over image files in a temporary directory: the scan tracker, no freeze, no
     //! server (records land in the channel the shipper would read), no root.
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn options(state: &Path, disks: &[&Path], names: &[&str]) -> AgentOptions {
         AgentOptions {
@@ -1447,6 +1563,7 @@ mod tests {
             points: Vec::new(),
             freezer: None,
             scan_pass: false,
+            scan_from: Vec::new(),
             resyncing: None,
             stats: Arc::new(ShipStats::default()),
         };
@@ -1505,6 +1622,35 @@ mod tests {
         f.set_len(32 * CHUNK).unwrap();
         assert_eq!(e.process(0, BATCH).unwrap(), 32);
         assert_eq!(chunks_of(&sent(&mut rx)), (0..32).collect::<Vec<u64>>());
+    }
+
+    /// Issue 7 §4: a scan pass is an instant only if nothing wrote during it.
+    #[test]
+    fn a_scan_cut_is_abandoned_if_the_disk_was_written_during_its_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let img = image(dir.path(), "a", 8, 1);
+        let o = options(&state, &[&img], &["a"]);
+        let (mut e, mut rx) = engine(&o, vec![open_disk(&state, &img, "a", 16)]);
+        // A quiet pass: the cut is made.
+        e.begin_scan_pass();
+        while e.process(0, BATCH).unwrap() > 0 {}
+        e.cut(PointKind::Crash)
+            .expect("a pass over an idle disk is an instant");
+        assert!(sent(&mut rx).iter().any(|r| matches!(r, Rec::Tag(_))));
+        // A write lands while the next pass reads: no point.
+        e.begin_scan_pass();
+        e.process(0, 2).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .write_all_at(&[9u8; 4096], 0)
+            .unwrap();
+        while e.process(0, BATCH).unwrap() > 0 {}
+        let err = e.cut(PointKind::Crash).unwrap_err();
+        assert!(err.contains("was written during the scan pass"), "{err}");
+        assert!(!sent(&mut rx).iter().any(|r| matches!(r, Rec::Tag(_))));
     }
 
     fn header(base: u8, store: &str, vm: &str, id: &str) -> persist::CvHeader {

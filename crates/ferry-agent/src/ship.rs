@@ -491,4 +491,69 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(Event::TagAcked(r)) if r == [5; 16]));
         assert!(out.unacked.is_empty());
     }
+
+    fn held(replica: &str, last: u8) -> HeldDisk {
+        HeldDisk {
+            replica: replica.into(),
+            last_run: [last; 16],
+            point_seq: 0,
+        }
+    }
+
+    fn tag_msg(run: u8) -> Message {
+        Message::Tag {
+            seq: 0,
+            tag: PointTag {
+                run: [run; 16],
+                time_ns: 0,
+                kind: PointKind::Crash,
+                disks: vec![ferry_wire::DiskCut {
+                    name: "sda".into(),
+                    size: 1,
+                    blake3: [0; 32],
+                }],
+            },
+        }
+    }
+
+    #[test]
+    fn a_reconnect_to_a_server_holding_something_else_is_a_divergence() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut out = Outbox {
+            unacked: VecDeque::new(),
+            pending: VecDeque::new(),
+            producer_done: false,
+            seq: 0,
+            events: tx,
+            replicas: Vec::new(),
+            last: Vec::new(),
+            open_acked: None,
+        };
+        // The first Holding is taken and handed to the engine.
+        out.holding("s".into(), [0; 16], vec![held("sda", 1)])
+            .unwrap();
+        assert!(matches!(rx.try_recv(), Ok(Event::Holding(_))));
+        // Same state again: fine. A tag the server got but did not ack yet: fine.
+        out.holding("s".into(), [0; 16], vec![held("sda", 1)])
+            .unwrap();
+        out.pending.push_back(tag_msg(2));
+        out.holding("s".into(), [0; 16], vec![held("sda", 2)])
+            .unwrap();
+        // A run the agent never sent, an empty replica, another replica: diverged.
+        for h in [held("sda", 9), held("sda", 0), held("sdb", 1)] {
+            assert!(matches!(
+                out.holding("s".into(), [0; 16], vec![h]),
+                Err(AgentError::Diverged(_))
+            ));
+        }
+        // A Begin acknowledged: the server must still hold it open (or its tag).
+        out.open_acked = Some([3; 16]);
+        assert!(out
+            .holding("s".into(), [3; 16], vec![held("sda", 1)])
+            .is_ok());
+        assert!(matches!(
+            out.holding("s".into(), [0; 16], vec![held("sda", 1)]),
+            Err(AgentError::Diverged(_))
+        ));
+    }
 }

@@ -485,7 +485,7 @@ fn check_record(
                         return Err(refusal(
                             refuse::PROTOCOL,
                             format!(
-                                "disk '{d}' of VM '{vm}' was {} bytes and is now {size}; resizes are not followed yet — protect it under a new disk name",
+                                "disk '{d}' of VM '{vm}' was {} bytes and is now {size}; resizes are not followed yet — protect the machine under a new --vm name (a full send) or the disk as a new disk",
                                 ds.size
                             ),
                         ));
