@@ -202,8 +202,11 @@ pub fn remove_pending(state_dir: &Path, run: &[u8; 16]) -> Result<(), AgentError
     sync_dir(&pending_dir(state_dir))
 }
 
+/// A pending run as read back: its run id and CVs.
+pub type PendingRun = ([u8; 16], RunCvs);
+
 /// Every pending run left by an earlier process: (file, its run and CVs, or `None` if torn).
-pub fn leftover_pending(state_dir: &Path) -> Vec<(PathBuf, Option<([u8; 16], RunCvs)>)> {
+pub fn leftover_pending(state_dir: &Path) -> Vec<(PathBuf, Option<PendingRun>)> {
     let Ok(rd) = fs::read_dir(pending_dir(state_dir)) else {
         return Vec::new();
     };
