@@ -713,7 +713,11 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     d.mount(&d.dev.clone(), &mnt);
     let sock = env.path("mysqld.sock");
     let db = Mariadb::start(&mnt.join("datadir"), &sock, true, &env.path("mariadb.log"));
-    db.sql("create database t; create table t.r (id int primary key) engine=innodb;");
+    // t.m tells an app point from a crash point: a MyISAM table with delayed key writes keeps its
+    // index blocks in MariaDB's key cache and its "open" mark set until FLUSH TABLES (the app
+    // point's FLUSH TABLES WITH READ LOCK). Restored from a crash point it is "not closed
+    // properly" (CHECK TABLE warns, the server logs it as crashed); from an app point it is clean.
+    db.sql("create database t; create table t.r (id int primary key) engine=innodb; create table t.m (id int primary key, v varchar(64)) engine=myisam delay_key_write=1;");
     let mut agent = site.start_agent(
         &[&d.dev],
         &[
@@ -728,7 +732,7 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     let ins = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "i=0; while [ ! -e {stop} ]; do i=$((i+1)); mariadb -S {s} -u root -e \"insert into t.r values ($i)\" && echo $i >> {log}; done",
+            "i=0; while [ ! -e {stop} ]; do i=$((i+1)); mariadb -S {s} -u root -e \"insert into t.r values ($i); insert into t.m values ($i, repeat('x', 60))\" && echo $i >> {log}; done",
             stop = env.path("stop-ins").display(),
             s = sock.display(),
             log = committed.display()
@@ -786,6 +790,17 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
         "point holds rows up to {max}, {before} were committed before the cut"
     );
     assert_eq!(n, max, "rows 1..={max} with gaps: {n}");
+    // The app point's proof: the MyISAM table was flushed and closed at the cut.
+    let check = db2.sql("check table t.m");
+    assert!(
+        check.lines().all(|l| l.contains("\tstatus\tOK")),
+        "CHECK TABLE t.m on the restored point (an app point closes MyISAM tables):\n{check}"
+    );
+    let m: u64 = db2.sql("select count(*) from t.m").trim().parse().unwrap();
+    assert!(
+        m + 1 >= before,
+        "t.m holds {m} rows, {before} were committed before the cut"
+    );
     db2.stop();
     let log2 = fs::read_to_string(site.env.path("mariadb2.log")).unwrap_or_default();
     assert!(
