@@ -331,14 +331,21 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     };
     let mut sources = Vec::new();
     for (path, name) in o.disks.iter().zip(&o.names) {
-        let src = Source::open(path, name, 16)?;
+        let mut src = Source::open(path, name, 16)?;
         if let Some(other) = sources.iter().find(|s: &&Source| s.id == src.id) {
-            return Err(AgentError::Usage(format!(
-                "{} and {} are the same disk ({}); give each disk once",
-                other.path.display(),
-                path.display(),
-                src.id
-            )));
+            let same = |p: &Path| std::fs::canonicalize(p).ok();
+            if same(&other.path) == same(path) {
+                return Err(AgentError::Usage(format!(
+                    "{} and {} are the same disk ({}); give each disk once",
+                    other.path.display(),
+                    path.display(),
+                    src.id
+                )));
+            }
+            // Two disks with one serial (cloned virtual disks): tell them apart by name, which
+            // may swap; say so.
+            tracing::warn!(disk = %name, other = %other.label, id = %src.id, "two disks report the same identity; this one is identified by its name too, which may change across reboots");
+            src.id = format!("{}@{name}", src.id);
         }
         sources.push(src);
     }
@@ -455,8 +462,18 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     if let Some(kind) = o.once {
         e.wants.push_back(Want { kind, reply: None });
     }
-    let r = e.main_loop(stop);
-    let r = r.and_then(|()| e.clean_stop());
+    let r = match e.main_loop(stop) {
+        // Starting again against what the server holds: keep the dirty set like a clean stop
+        // (what was read but not acknowledged is in it), so the next start needs no resync if
+        // nothing wrote meanwhile.
+        Err(AgentError::Diverged(why)) => {
+            if let Err(err) = e.clean_stop() {
+                tracing::warn!(error = %err, "cannot save the dirty state; the next start resyncs");
+            }
+            Err(AgentError::Diverged(why))
+        }
+        r => r.and_then(|()| e.clean_stop()),
+    };
     stop_shipper(
         e.tx.take().expect("sender lives while the engine runs"),
         shipper,

@@ -7,7 +7,8 @@
 //!   (`wwn-…` first) — `dev:X` only when none exists (then a warning: the name may swap);
 //! - a partition: its disk's identity and `-partN`;
 //! - a loop device: its backing file's identity and offset;
-//! - an image file: `file:DEV:INODE:BIRTH` (a copy or a replaced file is another disk).
+//! - an image file: `file:INODE:BIRTH` (birth time in ns; `file:devDEV:INODE` where the filesystem
+//!   keeps no birth time) — a copy or a replaced file is another disk.
 //!
 //! The identity goes to the process server in `Inventory` (it maps identities to replicas) and
 //! into the header of the disk's chunk map (a map is never used for another disk).
@@ -41,13 +42,19 @@ pub fn disk_id(path: &Path) -> Result<String, String> {
 }
 
 fn file_id(path: &Path, meta: &fs::Metadata) -> String {
-    // Birth time (statx) tells a recreated file from the old one even if the inode is reused.
+    // Inode and birth time (statx, nanoseconds): stable across renames, reboots and the host
+    // disk's device number changing, and a recreated file differs even if its inode is reused.
+    // Without a birth time (old filesystems) the device number has to do.
     let birth = fs::metadata(path)
         .ok()
         .and_then(|m| m.created().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    format!("file:{}:{}:{birth}", meta.dev(), meta.ino())
+    if birth == 0 {
+        format!("file:dev{}:{}", meta.dev(), meta.ino())
+    } else {
+        format!("file:{}:{birth}", meta.ino())
+    }
 }
 
 fn read_trim(p: &Path) -> Option<String> {

@@ -196,19 +196,24 @@ impl Outbox {
     fn ack(&mut self, seq: u64) {
         while self.unacked.front().is_some_and(|(s, _)| *s <= seq) {
             let (_, m) = self.unacked.pop_front().expect("front exists");
-            match m {
-                Message::Tag { tag, .. } => {
-                    for d in &tag.disks {
-                        if let Some(i) = self.replicas.iter().position(|r| *r == d.name) {
-                            self.last[i] = tag.run;
-                        }
+            self.acked_record(m);
+        }
+    }
+
+    /// `m` is durable on the process server.
+    fn acked_record(&mut self, m: Message) {
+        match m {
+            Message::Tag { tag, .. } => {
+                for d in &tag.disks {
+                    if let Some(i) = self.replicas.iter().position(|r| *r == d.name) {
+                        self.last[i] = tag.run;
                     }
-                    self.open_acked = None;
-                    let _ = self.events.send(Event::TagAcked(tag.run));
                 }
-                Message::Begin { run, .. } => self.open_acked = Some(run),
-                _ => {}
+                self.open_acked = None;
+                let _ = self.events.send(Event::TagAcked(tag.run));
             }
+            Message::Begin { run, .. } => self.open_acked = Some(run),
+            _ => {}
         }
     }
 
@@ -229,6 +234,28 @@ impl Outbox {
                 .events
                 .send(Event::Holding(Holding { store, open, disks }));
             return Ok(());
+        }
+        // Tags the server holds though their acks were lost with the connection: everything up to
+        // the last of them is durable there (one ordered log). Count them as acknowledged and do
+        // not send them again (a re-sent Begin would build on a run the server has moved past).
+        let held_through = self.pending.iter().rposition(|m| match m {
+            Message::Tag { tag, .. } => {
+                !tag.disks.is_empty()
+                    && tag.disks.iter().all(|x| {
+                        self.replicas
+                            .iter()
+                            .position(|r| *r == x.name)
+                            .is_some_and(|i| disks.get(i).is_some_and(|d| d.last_run == tag.run))
+                    })
+            }
+            _ => false,
+        });
+        if let Some(k) = held_through {
+            let through: Vec<Message> = self.pending.drain(..=k).collect();
+            tracing::info!(records = through.len(), "the process server holds records whose acknowledgements were lost with the connection; they are not sent again");
+            for m in through {
+                self.acked_record(m);
+            }
         }
         let unacked_tags: Vec<&PointTag> = self
             .pending
@@ -319,6 +346,10 @@ async fn session(
                 )))
             }
             Some(Message::Credit { bytes }) => credits = credits.saturating_add(bytes),
+            // A point of a run sent on an earlier connection may be named before the Holding.
+            Some(Message::Point { run, id }) => {
+                let _ = out.events.send(Event::PointMade { run, id });
+            }
             Some(Message::Ping { token }) => {
                 w.send(&Message::Pong { token }).await?;
                 w.flush().await?;
@@ -536,9 +567,33 @@ mod tests {
         // Same state again: fine. A tag the server got but did not ack yet: fine.
         out.holding("s".into(), [0; 16], vec![held("sda", 1)])
             .unwrap();
+        // The server holds tag 2 whose ack was lost with the connection: counted as acknowledged,
+        // not sent again.
+        out.pending.push_back(Message::Begin {
+            seq: 0,
+            run: [2; 16],
+            time_ns: 0,
+            disks: vec![("sda".into(), 1)],
+            bases: vec![[1; 16]],
+        });
         out.pending.push_back(tag_msg(2));
+        out.pending.push_back(Message::Zero {
+            seq: 0,
+            disk: "sda".into(),
+            offset: 0,
+            len: 1,
+        });
         out.holding("s".into(), [0; 16], vec![held("sda", 2)])
             .unwrap();
+        assert_eq!(
+            out.pending.len(),
+            1,
+            "the held Begin and Tag are sent again"
+        );
+        assert!(matches!(rx.try_recv(), Ok(Event::TagAcked(r)) if r == [2; 16]));
+        assert_eq!(out.last, vec![[2; 16]]);
+        out.pending.clear();
+        out.last = vec![[1; 16]];
         // A run the agent never sent, an empty replica, another replica: diverged.
         for h in [held("sda", 9), held("sda", 0), held("sdb", 1)] {
             assert!(matches!(

@@ -127,6 +127,7 @@ pub enum Mark {
     Begin {
         vm: String,
         run: [u8; 16],
+        disks: Vec<(String, u64)>,
     },
     Tag {
         vm: String,
@@ -225,8 +226,8 @@ impl Cache {
                     Ok(Decoded::Record(s, entry, n)) if s == seq => {
                         if s >= consumed {
                             match entry {
-                                CacheEntry::Begin { vm, run, .. } => {
-                                    rec.marks.push(Mark::Begin { vm, run })
+                                CacheEntry::Begin { vm, run, disks, .. } => {
+                                    rec.marks.push(Mark::Begin { vm, run, disks })
                                 }
                                 CacheEntry::Tag { vm, tag } => rec.marks.push(Mark::Tag {
                                     vm,

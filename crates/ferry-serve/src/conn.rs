@@ -2,7 +2,6 @@
 //! are turned into cache entries here and handed to the group committer; a writer task sends the
 //! acks it reports and the credit they free.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -327,20 +326,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) -> Result<(), Refusal> {
     let shared = owner.shared;
     let mut vm: Option<String> = None;
-    // Disk sizes of the current run (from Inventory, then each Begin).
-    let mut sizes: HashMap<String, u64> = HashMap::new();
-    // Whether a run is open: records other than Begin belong to it.
-    let mut in_run = false;
     let (_never, mut cancel) = watch::channel(false);
     loop {
         let m = tokio::select! {
-            m = r.read() => m?,
+            // A cancelled connection stops at once, whatever its socket still holds.
+            biased;
             _ = cancel.changed() => {
                 return Err(Refusal {
                     dropped: true,
                     ..refusal(refuse::PROTOCOL, "replaced by a newer connection of the same agent")
                 });
             }
+            m = r.read() => m?,
         };
         let Some(m) = m else { break };
         if let Some(seq) = m.seq() {
@@ -351,47 +348,40 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let Some(vm) = vm.clone() else {
                 return Err(refusal(refuse::PROTOCOL, "a record before Inventory"));
             };
-            check_record(shared, &vm, &mut sizes, &m)?;
-            match &m {
-                Message::Begin {
-                    run, disks, bases, ..
-                } => {
-                    shared
-                        .held
-                        .begin(&vm, *run, disks, bases)
-                        .map_err(|why| refusal(refuse::STALE_BASE, why))?;
-                    in_run = true;
-                }
-                Message::Tag { tag, .. } => {
-                    if !in_run {
-                        return Err(refusal(
-                            refuse::STALE_BASE,
-                            format!("a Tag of VM '{vm}' outside any run this process server holds the start of; start a new run"),
-                        ));
-                    }
-                    shared.held.tag(&vm, tag);
-                    in_run = false;
-                }
-                _ if !in_run => {
-                    return Err(refusal(
-                        refuse::STALE_BASE,
-                        format!("a record of VM '{vm}' outside any run this process server holds the start of; start a new run"),
-                    ));
-                }
-                _ => {}
-            }
-            if let Some(t) = owner.track.lock().expect("track lock").as_mut() {
-                t.received(&shared.board, seq, &m);
-            }
-            let entries = to_entries(&shared.key, vm, m);
+            check_record(shared, &vm, &m)?;
+            let track_info = owner.track.clone();
+            // The keyed digests before the lock: they depend on nothing shared.
+            let entries = to_entries(&shared.key, vm.clone(), &m);
+            let probe = m;
             let a = Append {
                 conn: conn.clone(),
                 seq,
                 cost,
                 entries,
             };
+            // Ownership, the run's state and the hand-over to the committer under one lock: once
+            // a newer connection claims the VM, nothing of this one reaches the cache.
+            let vms = shared.vms.lock().expect("vms lock");
+            if !vms.get(&vm).is_some_and(|slot| slot.conn == owner.id) {
+                return Err(Refusal {
+                    dropped: true,
+                    ..refusal(
+                        refuse::PROTOCOL,
+                        "replaced by a newer connection of the same agent",
+                    )
+                });
+            }
+            shared
+                .held
+                .record(&vm, &probe)
+                .map_err(|(code, why)| refusal(code, why))?;
+            if let Some(t) = track_info.lock().expect("track lock").as_mut() {
+                t.received(&shared.board, seq, &probe);
+            }
             shared.inflight.fetch_add(cost, Ordering::Relaxed);
-            if shared.commits.send(a).is_err() {
+            let sent = shared.commits.send(a);
+            drop(vms);
+            if sent.is_err() {
                 return Err(refusal(
                     refuse::INTERNAL,
                     "the cache is closed (server stopping or failed)",
@@ -421,14 +411,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let (open, held) = shared
                     .held
                     .inventory(&v, &disks)
-                    .map_err(|why| refusal(refuse::PROTOCOL, why))?;
+                    .map_err(|(code, why)| refusal(code, why))?;
                 tracing::info!(vm = %v, disks = disks.len(), open = open != ferry_wire::NO_RUN, "inventory");
-                sizes = held
-                    .iter()
-                    .zip(&disks)
-                    .map(|(h, d)| (h.replica.clone(), d.size))
-                    .collect();
-                in_run = open != ferry_wire::NO_RUN;
                 let _ = owner.ctl.send(Message::Holding {
                     store: shared.held.store_id().to_owned(),
                     open,
@@ -448,83 +432,38 @@ async fn read_loop<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// Refuses records the pipeline could not apply: a disk the run did not announce, a range past
-/// the disk's end, a disk whose size differs from its replica's (resizes are not followed yet).
-fn check_record(
-    shared: &Shared,
-    vm: &str,
-    sizes: &mut HashMap<String, u64>,
-    m: &Message,
-) -> Result<(), Refusal> {
-    let range =
-        |disk: &str, offset: u64, len: u64, sizes: &HashMap<String, u64>| match sizes.get(disk) {
-            None => Err(refusal(
-                refuse::PROTOCOL,
-                format!("record for disk '{disk}', which the run did not announce"),
-            )),
-            Some(&size) if offset.saturating_add(len) > size => Err(refusal(
-                refuse::PROTOCOL,
-                format!("record past the end of disk '{disk}' ({size} bytes)"),
-            )),
-            Some(_) => Ok(()),
-        };
-    match m {
-        Message::Begin { disks, .. } => {
-            let manifest = ferry_store::load_manifest_at(&shared.store_root, vm).map_err(|e| {
-                tracing::error!(error = %e, vm, "cannot read the manifest");
-                refusal(
-                    refuse::INTERNAL,
-                    "cannot read the VM's manifest; see the process server log",
-                )
-            })?;
-            for (d, size) in disks {
-                ferry_job::validate_name("disk", d)
-                    .map_err(|e| refusal(refuse::PROTOCOL, e.to_string()))?;
-                if let Some(ds) = manifest.as_ref().and_then(|m| m.disks.get(d)) {
-                    if ds.size != *size {
-                        return Err(refusal(
-                            refuse::PROTOCOL,
-                            format!(
-                                "disk '{d}' of VM '{vm}' was {} bytes and is now {size}; resizes are not followed yet — protect the machine under a new --vm name (a full send) or the disk as a new disk",
-                                ds.size
-                            ),
-                        ));
-                    }
-                }
+/// Refuses a `Begin` the pipeline could not apply: a bad disk name, or a disk whose size differs
+/// from its replica's (resizes are not followed yet). The run's own checks (bases, records inside
+/// the open run, ranges, the tag) are [`crate::held::Held::record`]'s.
+fn check_record(shared: &Shared, vm: &str, m: &Message) -> Result<(), Refusal> {
+    let Message::Begin { disks, .. } = m else {
+        return Ok(());
+    };
+    let manifest = ferry_store::load_manifest_at(&shared.store_root, vm).map_err(|e| {
+        tracing::error!(error = %e, vm, "cannot read the manifest");
+        refusal(
+            refuse::INTERNAL,
+            "cannot read the VM's manifest; see the process server log",
+        )
+    })?;
+    for (d, size) in disks {
+        ferry_job::validate_name("disk", d)
+            .map_err(|e| refusal(refuse::PROTOCOL, e.to_string()))?;
+        if let Some(ds) = manifest.as_ref().and_then(|m| m.disks.get(d)) {
+            if ds.size != *size {
+                return Err(refusal(
+                    refuse::PROTOCOL,
+                    crate::held::resize_message(vm, d, ds.size, *size),
+                ));
             }
-            *sizes = disks.iter().cloned().collect();
-            Ok(())
         }
-        Message::Write {
-            disk, offset, data, ..
-        } => range(disk, *offset, data.len() as u64, sizes),
-        Message::Zero {
-            disk, offset, len, ..
-        }
-        | Message::Discard {
-            disk, offset, len, ..
-        } => range(disk, *offset, *len, sizes),
-        Message::Tag { tag, .. } => {
-            for d in &tag.disks {
-                if sizes.get(&d.name) != Some(&d.size) {
-                    return Err(refusal(
-                        refuse::PROTOCOL,
-                        format!(
-                            "tag names disk '{}' with a size its run did not announce",
-                            d.name
-                        ),
-                    ));
-                }
-            }
-            Ok(())
-        }
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 /// A record as cache entries; Writes split at 64 KiB boundaries, keyed-digested, zero pieces as
 /// zero ranges.
-fn to_entries(key: &MasterKey, vm: String, m: Message) -> Vec<CacheEntry> {
+fn to_entries(key: &MasterKey, vm: String, m: &Message) -> Vec<CacheEntry> {
     match m {
         Message::Begin {
             run,
@@ -533,9 +472,9 @@ fn to_entries(key: &MasterKey, vm: String, m: Message) -> Vec<CacheEntry> {
             ..
         } => vec![CacheEntry::Begin {
             vm,
-            run,
-            time_ns,
-            disks,
+            run: *run,
+            time_ns: *time_ns,
+            disks: disks.clone(),
         }],
         Message::Write {
             disk, offset, data, ..
@@ -573,11 +512,14 @@ fn to_entries(key: &MasterKey, vm: String, m: Message) -> Vec<CacheEntry> {
             disk, offset, len, ..
         } => vec![CacheEntry::Zero {
             vm,
-            disk,
-            offset,
-            len,
+            disk: disk.clone(),
+            offset: *offset,
+            len: *len,
         }],
-        Message::Tag { tag, .. } => vec![CacheEntry::Tag { vm, tag }],
+        Message::Tag { tag, .. } => vec![CacheEntry::Tag {
+            vm,
+            tag: tag.clone(),
+        }],
         _ => Vec::new(),
     }
 }
@@ -697,7 +639,7 @@ mod tests {
         data.extend(vec![0u8; CHUNK_SIZE]);
         data.extend(vec![9u8; 8192]);
         let m = Message::write(1, "sda", c - 4096, data);
-        let e = to_entries(&key, "vm".into(), m);
+        let e = to_entries(&key, "vm".into(), &m);
         assert_eq!(e.len(), 3);
         match &e[0] {
             CacheEntry::Write {

@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ferry_cache::Mark;
-use ferry_format::segment::PointTag;
-use ferry_wire::{HeldDisk, InvDisk, RunId, NO_RUN};
+use ferry_format::manifest::JournalPos;
+use ferry_format::segment::Record;
+use ferry_store::LocalStore;
+use ferry_wire::{HeldDisk, InvDisk, Message, RunId, NO_RUN};
 use serde::{Deserialize, Serialize};
 
 /// `STORE/disk-ids/VM.json`.
@@ -49,8 +51,38 @@ impl DiskIds {
     }
 }
 
+/// `journal/VM/DISK` directories: (VM, its disks).
+fn journal_dirs(dir: &Path) -> Vec<(String, Vec<String>)> {
+    let names = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    names(dir)
+        .into_iter()
+        .map(|vm| {
+            let disks = names(&dir.join(&vm));
+            (vm, disks)
+        })
+        .collect()
+}
+
 fn ids_path(root: &Path, vm: &str) -> PathBuf {
     root.join("disk-ids").join(format!("{vm}.json"))
+}
+
+/// A run whose `Begin` is held without its `Tag`: its id and disks (name, size).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Open {
+    run: RunId,
+    disks: Vec<(String, u64)>,
 }
 
 #[derive(Default)]
@@ -58,8 +90,41 @@ struct VmHeld {
     /// Replica → the last run of it held (tagged).
     last: HashMap<String, RunId>,
     /// The run whose `Begin` is held without its `Tag`.
-    open: Option<RunId>,
+    open: Option<Open>,
+    /// Replica → its size, as the last `Begin` naming it said.
+    sizes: HashMap<String, u64>,
 }
+
+impl VmHeld {
+    fn tagged<'a>(&mut self, run: RunId, disks: impl Iterator<Item = &'a String>) {
+        for d in disks {
+            self.last.insert(d.clone(), run);
+        }
+        if self.open.as_ref().is_some_and(|o| o.run == run) {
+            self.open = None;
+        }
+    }
+
+    fn begun(&mut self, run: RunId, disks: &[(String, u64)]) {
+        for (d, size) in disks {
+            self.sizes.insert(d.clone(), *size);
+        }
+        self.open = Some(Open {
+            run,
+            disks: disks.to_vec(),
+        });
+    }
+}
+
+/// The refusal for a disk whose size changed.
+pub(crate) fn resize_message(vm: &str, disk: &str, was: u64, now: u64) -> String {
+    format!(
+        "disk '{disk}' of VM '{vm}' was {was} bytes and is now {now}; resizes are not followed yet — protect the machine under a new --vm name (a full send) or the disk as a new disk"
+    )
+}
+
+/// Longest replica name (`ferry_job::validate_name`).
+const MAX_REPLICA_NAME: usize = 64;
 
 pub(crate) struct Held {
     root: PathBuf,
@@ -67,16 +132,26 @@ pub(crate) struct Held {
     vms: Mutex<HashMap<String, VmHeld>>,
 }
 
+/// The last run boundary a disk's journal holds past its applied position.
+enum Boundary {
+    Begin { run: RunId, time_ns: u64, size: u64 },
+    Tag(RunId),
+}
+
 impl Held {
-    /// Seeds from the manifests of the store at `root`, then from the cache's marks.
-    pub fn load(root: &Path, store_id: &str, marks: &[Mark]) -> Result<Held, String> {
+    /// Seeds from the store's manifests (committed points), then its journal past each disk's
+    /// applied position (drained from the cache, not yet committed), then the cache's marks
+    /// (not yet drained): oldest to newest.
+    pub fn load(store: &LocalStore, marks: &[Mark]) -> Result<Held, String> {
+        let root = store.root();
         let mut vms: HashMap<String, VmHeld> = HashMap::new();
+        let mut manifests = HashMap::new();
         for vm in ferry_store::list_vms_at(root).map_err(|e| e.to_string())? {
             let Some(m) = ferry_store::load_manifest_at(root, &vm).map_err(|e| e.to_string())?
             else {
                 continue;
             };
-            let e = vms.entry(vm).or_default();
+            let e = vms.entry(vm.clone()).or_default();
             for p in &m.points {
                 let mut run = NO_RUN;
                 if hex::decode_to_slice(&p.run, &mut run).is_err() {
@@ -86,21 +161,59 @@ impl Held {
                     e.last.insert(d.name.clone(), run);
                 }
             }
+            for (d, ds) in &m.disks {
+                e.sizes.insert(d.clone(), ds.size);
+            }
+            manifests.insert(vm, m);
         }
-        let held = Held {
-            root: root.to_owned(),
-            store_id: store_id.to_owned(),
-            vms: Mutex::new(vms),
-        };
-        for m in marks {
-            match m {
-                Mark::Begin { vm, run } => {
-                    held.lock().entry(vm.clone()).or_default().open = Some(*run)
+        for (vm, disks) in journal_dirs(&root.join("journal")) {
+            let e = vms.entry(vm.clone()).or_default();
+            // Each disk's journal is its own sequence; the open run is the newest Begin that is
+            // the last boundary of some disk (by its time), over the disks that hold it.
+            let mut begins: Vec<(u64, RunId, String, u64)> = Vec::new();
+            for disk in disks {
+                let from = manifests
+                    .get(&vm)
+                    .and_then(|m: &ferry_format::manifest::Manifest| m.disks.get(&disk))
+                    .map(|d| d.applied)
+                    .unwrap_or_default();
+                match last_boundary(store, &vm, &disk, from) {
+                    Some(Boundary::Tag(run)) => {
+                        e.last.insert(disk.clone(), run);
+                    }
+                    Some(Boundary::Begin { run, time_ns, size }) => {
+                        e.sizes.insert(disk.clone(), size);
+                        begins.push((time_ns, run, disk, size));
+                    }
+                    None => {}
                 }
-                Mark::Tag { vm, run, disks } => held.tagged(vm, *run, disks.iter()),
+            }
+            if let Some((_, run, _, _)) = begins.iter().max_by_key(|b| b.0) {
+                let run = *run;
+                let disks: Vec<(String, u64)> = begins
+                    .iter()
+                    .filter(|b| b.1 == run)
+                    .map(|b| (b.2.clone(), b.3))
+                    .collect();
+                e.open = Some(Open { run, disks });
             }
         }
-        Ok(held)
+        for m in marks {
+            match m {
+                Mark::Begin { vm, run, disks } => {
+                    vms.entry(vm.clone()).or_default().begun(*run, disks)
+                }
+                Mark::Tag { vm, run, disks } => vms
+                    .entry(vm.clone())
+                    .or_default()
+                    .tagged(*run, disks.iter()),
+            }
+        }
+        Ok(Held {
+            root: root.to_owned(),
+            store_id: store.store_id().to_owned(),
+            vms: Mutex::new(vms),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmHeld>> {
@@ -112,46 +225,60 @@ impl Held {
     }
 
     /// The answer to an inventory: the VM's open run and, per disk, its replica and last run.
-    /// New identities are bound to replicas (durably) first. `Err` is the refusal's text.
-    pub fn inventory(&self, vm: &str, disks: &[InvDisk]) -> Result<(RunId, Vec<HeldDisk>), String> {
+    /// New identities are bound to replicas (durably) first. `Err`: the refusal's code and text.
+    /// The caller owns the VM (one connection at a time), so the identities file of `vm` is
+    /// written by one task at a time; the shared lock is not held while it is.
+    pub fn inventory(
+        &self,
+        vm: &str,
+        disks: &[InvDisk],
+    ) -> Result<(RunId, Vec<HeldDisk>), (u16, String)> {
+        let protocol = |s: String| (ferry_wire::refuse::PROTOCOL, s);
+        let internal = |s: String| (ferry_wire::refuse::INTERNAL, s);
         for (i, d) in disks.iter().enumerate() {
-            if disks[..i].iter().any(|x| x.id == d.id) {
-                return Err(format!(
+            if let Some(other) = disks[..i].iter().find(|x| x.id == d.id) {
+                return Err(protocol(format!(
                     "disk '{}' and disk '{}' have the same identity {}; give each disk once",
-                    disks[..i]
-                        .iter()
-                        .find(|x| x.id == d.id)
-                        .expect("found")
-                        .name,
-                    d.name,
-                    d.id
-                ));
+                    other.name, d.name, d.id
+                )));
             }
         }
         let path = ids_path(&self.root, vm);
         let mut ids = match std::fs::read(&path) {
             Ok(b) => DiskIds::parse(&b).map_err(|e| {
                 tracing::error!(file = %path.display(), error = %e, "cannot read the VM's disk identities");
-                format!("the process server cannot read {}: {e}; see its log", path.display())
+                internal(format!("the process server cannot read {}: {e}; see its log", path.display()))
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => DiskIds {
                 format: DISK_IDS_FORMAT.into(),
                 version: 1,
                 disks: BTreeMap::new(),
             },
-            Err(e) => return Err(format!("the process server cannot read {}: {e}", path.display())),
+            Err(e) => {
+                return Err(internal(format!(
+                    "the process server cannot read {}: {e}",
+                    path.display()
+                )))
+            }
         };
-        let manifest = ferry_store::load_manifest_at(&self.root, vm).map_err(|e| e.to_string())?;
-        let mut vms = self.lock();
-        let e = vms.entry(vm.to_owned()).or_default();
+        let manifest = ferry_store::load_manifest_at(&self.root, vm).map_err(|e| {
+            internal(format!(
+                "the process server cannot read the VM's manifest: {e}"
+            ))
+        })?;
+        let tagged: Vec<String> = self
+            .lock()
+            .get(vm)
+            .map(|e| e.last.keys().cloned().collect())
+            .unwrap_or_default();
         // Names that hold something: a replica with an identity, in a manifest, or tagged.
         let known = |n: &str, ids: &DiskIds| {
             ids.disks.contains_key(n)
-                || e.last.contains_key(n)
+                || tagged.iter().any(|t| t == n)
                 || manifest.as_ref().is_some_and(|m| m.disks.contains_key(n))
         };
         let mut changed = false;
-        let mut out = Vec::with_capacity(disks.len());
+        let mut replicas = Vec::with_capacity(disks.len());
         for d in disks {
             let found = ids
                 .disks
@@ -165,10 +292,18 @@ impl Held {
                     let name = if legacy || !known(&d.name, &ids) {
                         d.name.clone()
                     } else {
-                        // The name belongs to another disk: this one is new, under a new name.
+                        // The name belongs to another disk: this one is new, under a new name
+                        // (the base shortened so that name and suffix stay a valid name).
                         (2..)
-                            .map(|i| format!("{}-{i}", d.name))
-                            .find(|n| !known(n, &ids) && n.len() <= ferry_wire::MAX_NAME)
+                            .map(|i| {
+                                let suffix = format!("-{i}");
+                                let mut base = d.name.clone();
+                                while base.len() + suffix.len() > MAX_REPLICA_NAME {
+                                    base.pop();
+                                }
+                                format!("{base}{suffix}")
+                            })
+                            .find(|n| !known(n, &ids) && !replicas.contains(n))
                             .expect("some suffix is free")
                     };
                     if legacy {
@@ -184,20 +319,7 @@ impl Held {
             if replica != d.name {
                 tracing::info!(vm, disk = %d.name, replica = %replica, id = %d.id, "the disk now named so keeps its replica (same identity)");
             }
-            let point_seq = manifest
-                .as_ref()
-                .and_then(|m| {
-                    m.points
-                        .iter()
-                        .rev()
-                        .find(|p| p.disks.iter().any(|x| x.name == replica))
-                })
-                .map_or(0, |p| p.seq);
-            out.push(HeldDisk {
-                last_run: e.last.get(&replica).copied().unwrap_or(NO_RUN),
-                replica,
-                point_seq,
-            });
+            replicas.push(replica);
         }
         if changed {
             let bytes = serde_json::to_vec_pretty(&ids).expect("serializable");
@@ -206,52 +328,175 @@ impl Held {
                 .and_then(|()| ferry_durable::durable_write(&path, &bytes))
                 .map_err(|err| {
                     tracing::error!(file = %path.display(), error = %err, "cannot save the VM's disk identities");
-                    format!("the process server cannot save {}; see its log", path.display())
+                    internal(format!("the process server cannot save {}; see its log", path.display()))
                 })?;
         }
-        Ok((e.open.unwrap_or(NO_RUN), out))
+        let vms = self.lock();
+        let e = vms.get(vm);
+        let out = replicas
+            .into_iter()
+            .map(|replica| HeldDisk {
+                last_run: e
+                    .and_then(|e| e.last.get(&replica).copied())
+                    .unwrap_or(NO_RUN),
+                point_seq: manifest
+                    .as_ref()
+                    .and_then(|m| {
+                        m.points
+                            .iter()
+                            .rev()
+                            .find(|p| p.disks.iter().any(|x| x.name == replica))
+                    })
+                    .map_or(0, |p| p.seq),
+                replica,
+            })
+            .collect();
+        let open = e.and_then(|e| e.open.as_ref()).map_or(NO_RUN, |o| o.run);
+        Ok((open, out))
     }
 
-    /// A `Begin` received: its bases must be the last runs held; it opens the run.
-    pub fn begin(
-        &self,
-        vm: &str,
-        run: RunId,
-        disks: &[(String, u64)],
-        bases: &[RunId],
-    ) -> Result<(), String> {
+    /// A record received from the connection that owns `vm`, before it goes to the cache: a
+    /// `Begin` whose bases are the last runs held (and sizes unchanged) opens a run; other records
+    /// must belong to the open run, name its disks and stay inside them; a `Tag` must be the open
+    /// run's, with its disks, and closes it. `Err`: the refusal's code and text.
+    pub fn record(&self, vm: &str, m: &Message) -> Result<(), (u16, String)> {
+        use ferry_wire::refuse::{PROTOCOL, STALE_BASE};
         let mut vms = self.lock();
         let e = vms.entry(vm.to_owned()).or_default();
-        for ((d, _), base) in disks.iter().zip(bases) {
-            let held = e.last.get(d).copied().unwrap_or(NO_RUN);
-            if *base != held {
-                return Err(format!(
-                    "run {} of VM '{vm}' builds on run {} of disk '{d}', but this process server holds run {} of it; the agent resyncs against what it holds",
-                    hex::encode(run),
-                    hex::encode(base),
-                    hex::encode(held)
-                ));
+        let outside = || {
+            (
+                STALE_BASE,
+                format!("a record of VM '{vm}' outside any run this process server holds the start of; start a new run"),
+            )
+        };
+        match m {
+            Message::Begin {
+                run, disks, bases, ..
+            } => {
+                for ((d, size), base) in disks.iter().zip(bases) {
+                    let held = e.last.get(d).copied().unwrap_or(NO_RUN);
+                    if *base != held {
+                        return Err((STALE_BASE, format!(
+                            "run {} of VM '{vm}' builds on run {} of disk '{d}', but this process server holds run {} of it; the agent resyncs against what it holds",
+                            hex::encode(run),
+                            hex::encode(base),
+                            hex::encode(held)
+                        )));
+                    }
+                    if let Some(was) = e.sizes.get(d).filter(|was| **was != *size) {
+                        return Err((PROTOCOL, resize_message(vm, d, *was, *size)));
+                    }
+                }
+                e.begun(*run, disks);
+                Ok(())
+            }
+            Message::Write {
+                disk, offset, data, ..
+            } => in_run(e.open.as_ref(), disk, *offset, data.len() as u64).ok_or_else(outside)?,
+            Message::Zero {
+                disk, offset, len, ..
+            }
+            | Message::Discard {
+                disk, offset, len, ..
+            } => in_run(e.open.as_ref(), disk, *offset, *len).ok_or_else(outside)?,
+            Message::Tag { tag, .. } => {
+                let Some(o) = &e.open else {
+                    return Err(outside());
+                };
+                if o.run != tag.run {
+                    return Err((
+                        STALE_BASE,
+                        format!(
+                            "a Tag of run {} of VM '{vm}' while run {} is open; start a new run",
+                            hex::encode(tag.run),
+                            hex::encode(o.run)
+                        ),
+                    ));
+                }
+                let same = tag.disks.len() == o.disks.len()
+                    && tag
+                        .disks
+                        .iter()
+                        .all(|d| o.disks.iter().any(|(n, s)| *n == d.name && *s == d.size));
+                if !same {
+                    return Err((
+                        PROTOCOL,
+                        format!(
+                            "the tag of run {} names other disks or sizes than its Begin",
+                            hex::encode(tag.run)
+                        ),
+                    ));
+                }
+                e.tagged(tag.run, tag.disks.iter().map(|d| &d.name));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A record of `len` bytes at `offset` of `disk` inside the open run: `None` if no run is open;
+/// `Some(Err)` if it names a disk the run did not announce or passes the disk's end.
+fn in_run(
+    open: Option<&Open>,
+    disk: &str,
+    offset: u64,
+    len: u64,
+) -> Option<Result<(), (u16, String)>> {
+    let o = open?;
+    Some(match o.disks.iter().find(|(n, _)| n == disk) {
+        None => Err((
+            ferry_wire::refuse::PROTOCOL,
+            format!("record for disk '{disk}', which the run did not announce"),
+        )),
+        Some((_, size)) if offset.saturating_add(len) > *size => Err((
+            ferry_wire::refuse::PROTOCOL,
+            format!("record past the end of disk '{disk}' ({size} bytes)"),
+        )),
+        Some(_) => Ok(()),
+    })
+}
+
+/// The last `Begin` or `Tag` in the journal of `vm`/`disk` at or past `from`.
+fn last_boundary(store: &LocalStore, vm: &str, disk: &str, from: JournalPos) -> Option<Boundary> {
+    let segs = match store.list_segments(vm, disk) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(vm, disk, error = %err, "cannot list the journal; an agent continuing a run of this disk starts it again");
+            return None;
+        }
+    };
+    let mut last = None;
+    for seq in segs.into_iter().filter(|s| *s >= from.segment) {
+        let idx = match store.read_segment_index(vm, disk, seq) {
+            Ok(i) => i,
+            Err(err) => {
+                tracing::warn!(vm, disk, segment = seq, error = %err, "cannot read a journal segment's index; an agent continuing a run of this disk starts it again");
+                return None;
+            }
+        };
+        for (i, rec) in idx.records.iter().enumerate() {
+            let pos = JournalPos {
+                segment: seq,
+                record: i as u32,
+            };
+            if pos < from {
+                continue;
+            }
+            match rec {
+                Record::Begin { run, time_ns, size } => {
+                    last = Some(Boundary::Begin {
+                        run: *run,
+                        time_ns: *time_ns,
+                        size: *size,
+                    })
+                }
+                Record::Tag(t) => last = Some(Boundary::Tag(t.run)),
+                _ => {}
             }
         }
-        e.open = Some(run);
-        Ok(())
     }
-
-    /// A `Tag` received (or found in the cache): its run is the last of each of its disks.
-    pub fn tag(&self, vm: &str, tag: &PointTag) {
-        self.tagged(vm, tag.run, tag.disks.iter().map(|d| &d.name));
-    }
-
-    fn tagged<'a>(&self, vm: &str, run: RunId, disks: impl Iterator<Item = &'a String>) {
-        let mut vms = self.lock();
-        let e = vms.entry(vm.to_owned()).or_default();
-        for d in disks {
-            e.last.insert(d.clone(), run);
-        }
-        if e.open == Some(run) {
-            e.open = None;
-        }
-    }
+    last
 }
 
 #[cfg(test)]

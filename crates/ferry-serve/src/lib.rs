@@ -170,11 +170,9 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         ferry_job::identity::bind_azure(&store, b, url)?;
     }
     let (cache, recovery) = ferry_job::open_cache_recovering(&store, &o.cache_dir, o.cache_size)?;
-    let held = held::Held::load(&store_root, store.store_id(), &recovery.marks).map_err(|e| {
-        ServeError::Io {
-            what: format!("cannot read what the store {} holds", store_root.display()),
-            source: std::io::Error::other(e),
-        }
+    let held = held::Held::load(&store, &recovery.marks).map_err(|e| ServeError::Io {
+        what: format!("cannot read what the store {} holds", store_root.display()),
+        source: std::io::Error::other(e),
     })?;
     let writer = cache.writer()?;
     let board = Arc::new(board::Board::new(board::ServerInfo {
@@ -253,7 +251,15 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             max_bytes: 16 << 20,
             inflight: shared.inflight.clone(),
         };
-        let committer = s.spawn(move || commit::run(writer, rx, group));
+        // A failed sync stops the whole server: nothing after it may be acknowledged, and what
+        // connections hold in memory must not outlive what the cache holds.
+        let committer = s.spawn(move || {
+            let r = commit::run(writer, rx, group);
+            if r.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            r
+        });
         let (board, finished, status_path) = (&board, &finished, &status_path);
         s.spawn(move || status_loop(board, cache, status_path, finished));
         rt.block_on(accept_loop(listener, acceptor, shared, stop));

@@ -1,7 +1,9 @@
 //! Hostile peers against a real process server (in-process, real TLS 1.3 on loopback): an oversized
 //! frame, a frame of an unknown wire version and a record before authentication are each refused
 //! (code 5, or 1 for the version) and the connection closed, while the server keeps registering
-//! and serving others.
+//! and serving others. Runs that do not build on what the server holds — a record outside any
+//! run, a Begin on a run it never held, a Tag of another run — are refused with code 8, and two
+//! disks with one identity with code 5.
 
 use std::net::TcpListener as StdListener;
 use std::sync::atomic::AtomicBool;
@@ -180,9 +182,126 @@ fn hostile_frames_are_refused_and_others_served() {
         wa2.flush().await.unwrap();
         let new = tokio::time::timeout(Duration::from_millis(500), ra2.read()).await;
         assert!(new.is_err(), "the newer connection was closed: {new:?}");
+
+        // Two disks with one identity: refused.
+        let two = vec![inv("sda", "serial:SAME"), inv("sdb", "serial:SAME")];
+        let (mut r, _w) = auth_inventory_with(&addr, &pass, &a, "db01", two).await;
+        let m = r.read().await.unwrap();
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::PROTOCOL, message }) if message.contains("same identity")),
+            "{m:?}"
+        );
+        // A record outside any run: refused with code 8 (the agent starts a run again).
+        let (mut r, mut w) = auth_inventory(&addr, &pass, &a, "db02").await;
+        let m = r.read().await.unwrap();
+        let Some(Message::Holding { open, disks, .. }) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!((open, disks[0].last_run), (ferry_wire::NO_RUN, ferry_wire::NO_RUN));
+        w.send(&Message::write(1, "sda", 0, vec![1; 4096])).await.unwrap();
+        w.flush().await.unwrap();
+        let m = read_past_credit(&mut r).await;
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::STALE_BASE, message }) if message.contains("outside any run")),
+            "{m:?}"
+        );
+        // A run built on a run the server does not hold: refused with code 8.
+        let (mut r, mut w) = auth_inventory(&addr, &pass, &a, "db03").await;
+        let _holding = r.read().await.unwrap();
+        w.send(&begin([1; 16], [9; 16])).await.unwrap();
+        w.flush().await.unwrap();
+        let m = read_past_credit(&mut r).await;
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::STALE_BASE, message }) if message.contains("builds on run")),
+            "{m:?}"
+        );
+        // A tag of another run than the open one: refused with code 8.
+        let (mut r, mut w) = auth_inventory(&addr, &pass, &a, "db04").await;
+        let _holding = r.read().await.unwrap();
+        w.send(&begin([1; 16], ferry_wire::NO_RUN)).await.unwrap();
+        w.send(&Message::Tag {
+            seq: 2,
+            tag: ferry_wire::PointTag {
+                run: [2; 16],
+                time_ns: 1,
+                kind: ferry_wire::PointKind::Crash,
+                disks: vec![ferry_wire::DiskCut {
+                    name: "sda".into(),
+                    size: 1 << 20,
+                    blake3: [0; 32],
+                }],
+            },
+        })
+        .await
+        .unwrap();
+        w.flush().await.unwrap();
+        let m = read_past_credit(&mut r).await;
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::STALE_BASE, message }) if message.contains("while run")),
+            "{m:?}"
+        );
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap().unwrap();
+}
+
+fn inv(name: &str, id: &str) -> ferry_wire::InvDisk {
+    ferry_wire::InvDisk {
+        name: name.into(),
+        size: 1 << 20,
+        id: id.into(),
+    }
+}
+
+fn begin(run: [u8; 16], base: [u8; 16]) -> Message {
+    Message::Begin {
+        seq: 1,
+        run,
+        time_ns: 1,
+        disks: vec![("sda".into(), 1 << 20)],
+        bases: vec![base],
+    }
+}
+
+/// The next message other than Ack, Credit or Ping.
+async fn read_past_credit(r: &mut R) -> Option<Message> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), r.read())
+            .await
+            .expect("the server answers")
+            .ok()?;
+        match m {
+            Some(Message::Ack { .. } | Message::Credit { .. } | Message::Ping { .. }) => continue,
+            m => return m,
+        }
+    }
+}
+
+async fn auth_inventory_with(
+    addr: &str,
+    pass: &Passphrase,
+    (id, cred): &(ferry_wire::AgentId, ferry_wire::Credential),
+    vm: &str,
+    disks: Vec<ferry_wire::InvDisk>,
+) -> (R, W) {
+    let (mut r, mut w, nonce) = hello(addr, pass).await;
+    w.send(&Message::Auth {
+        agent_id: *id,
+        proof: cred.prove(&nonce),
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    let m = r.read().await.unwrap();
+    assert!(matches!(m, Some(Message::Welcome { .. })), "{m:?}");
+    w.send(&Message::Inventory {
+        vm: vm.into(),
+        disks,
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    (r, w)
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
