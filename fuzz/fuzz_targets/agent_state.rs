@@ -1,14 +1,18 @@
-//! The agent's state files: `pending/RUN.bin` (`parse_pending`) and `clean.json`
-//! (`CleanStop::parse`). Whatever parses must re-encode to the same bytes (pending) or to a record
-//! that parses to itself (clean stop); nothing may panic or allocate without bound.
+//! The agent's state files: `pending/RUN.bin` (`parse_pending`), the chunk map header of
+//! `maps/REPLICA.cv` (`CvHeader::decode`) and `clean.json` (`CleanStop::parse`). Whatever parses
+//! must re-encode to the same bytes (pending, map header) or to a record that parses to itself
+//! (clean stop); nothing may panic or allocate without bound.
 #![no_main]
 
-use ferry_format::agent::{encode_pending, parse_pending, CleanStop};
+use ferry_format::agent::{encode_pending, parse_pending, CleanStop, CvHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Some((run, cvs)) = parse_pending(data) {
         assert_eq!(encode_pending(&run, &cvs), data, "pending encoding is not canonical");
+    }
+    if let Some(h) = CvHeader::decode(data) {
+        assert_eq!(h.encode()[..], data[..1024], "chunk map header encoding is not canonical");
     }
     if let Some(c) = CleanStop::parse(data) {
         let again = serde_json::to_vec(&c).expect("serializable");
