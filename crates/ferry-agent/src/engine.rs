@@ -1833,4 +1833,151 @@ mod tests {
             assert_eq!(f.header().store, h.store);
         }
     }
+
+    /// Issue 7 §6, the agent's commit path under power loss: three runs are cut and acknowledged
+    /// while `ferry_durable::crashsim` records every sync of the state directory; after *every*
+    /// sync the crash state "nothing unsynced survived" is taken. On each, for every state the
+    /// server may hold then (the last acknowledged run, or the run whose tag was sent), start-up
+    /// recovery must succeed and leave no chunk claiming a CV other than the one that run holds;
+    /// and when the server holds a run the agent had written its pending file for, the map is
+    /// kept or brought forward, never thrown away (a full resend).
+    #[test]
+    fn every_power_cut_of_the_agent_state_recovers_to_what_the_server_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), "a", 8, 1);
+        let state = dir.path().join("state");
+        // (acknowledged runs, the run whose tag is sent but not yet acknowledged)
+        type Known = (Vec<RunId>, Option<RunId>);
+        let known: Arc<std::sync::Mutex<Known>> = Default::default();
+        let k2 = known.clone();
+        let states =
+            ferry_durable::crashsim::take_states(&state, &dir.path().join("crashes"), move || {
+                k2.lock().unwrap().clone()
+            })
+            .unwrap();
+        let o = options(&state, &[&img], &["a"]);
+        let mut cvs_at: std::collections::HashMap<RunId, Vec<Cv>> = Default::default();
+        cvs_at.insert(ferry_wire::NO_RUN, Vec::new());
+        {
+            let (mut e, mut rx) = engine(&o, vec![open_disk(&state, &img, "a", 16)]);
+            let h = ship::Holding {
+                store: "s".into(),
+                open: [0; 16],
+                disks: vec![ferry_wire::HeldDisk {
+                    replica: "a".into(),
+                    last_run: ferry_wire::NO_RUN,
+                    point_seq: 0,
+                }],
+            };
+            recover_state(&o, &mut e.disks, &Track::Scan, &h).unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            for round in 0..3u8 {
+                f.write_all_at(&[round + 7; 4096], u64::from(round) * CHUNK)
+                    .unwrap();
+                e.begin_scan_pass();
+                while e.process(0, BATCH).unwrap() > 0 {}
+                let run = e.run;
+                // The tag goes to the shipper once its pending file is durable: from then on
+                // the server may hold the run.
+                e.cut(PointKind::Crash).unwrap();
+                known.lock().unwrap().1 = Some(run);
+                cvs_at.insert(run, e.disks[0].cur.clone());
+                sent(&mut rx);
+                e.committed(run).unwrap();
+                let mut k = known.lock().unwrap();
+                k.0.push(run);
+                k.1 = None;
+            }
+        }
+        let taken = ferry_durable::crashsim::finish(&states);
+        assert!(taken.len() > 10, "only {} crash states", taken.len());
+        let mut checked = 0;
+        for (crash, (acked, sent_run)) in &taken {
+            let last = acked.last().copied().unwrap_or(ferry_wire::NO_RUN);
+            for held in std::iter::once(last).chain(*sent_run) {
+                // Recovery works on a copy: each held state starts from the same crash state.
+                let work = crash.with_extension(format!("{}", hex::encode(&held[..2])));
+                let _ = std::fs::remove_dir_all(&work);
+                copy_tree(crash, &work);
+                let o = options(&work, &[&img], &["a"]);
+                let mut disks = vec![open_disk(&work, &img, "a", 16)];
+                let h = ship::Holding {
+                    store: "s".into(),
+                    open: [0; 16],
+                    disks: vec![ferry_wire::HeldDisk {
+                        replica: "a".into(),
+                        last_run: held,
+                        point_seq: 0,
+                    }],
+                };
+                recover_state(&o, &mut disks, &Track::Scan, &h)
+                    .unwrap_or_else(|e| panic!("{}: recovery failed: {e}", crash.display()));
+                let truth = &cvs_at[&held];
+                for (c, cv) in disks[0].cur.iter().enumerate() {
+                    assert!(
+                        *cv == UNKNOWN || truth.get(c) == Some(cv),
+                        "{}: chunk {c} claims a CV the server's run {} does not hold",
+                        crash.display(),
+                        hex::encode(held)
+                    );
+                }
+                // The server holds a run this agent tagged: nothing is thrown away but the chunks
+                // of pending runs it does not hold (they may be in the map in part).
+                if held != ferry_wire::NO_RUN && Some(held) == sent_run.or(acked.last().copied()) {
+                    let may: std::collections::HashSet<u64> = persist::leftover_pending(crash)
+                        .into_iter()
+                        .filter_map(|(_, p)| p)
+                        .filter(|(r, _)| *r != held)
+                        .flat_map(|(_, cvs)| cvs.into_iter().flat_map(|d| d.cvs).map(|(c, _)| c))
+                        .collect();
+                    let lost = disks[0]
+                        .cur
+                        .iter()
+                        .enumerate()
+                        .filter(|(c, cv)| **cv == UNKNOWN && !may.contains(&(*c as u64)))
+                        .count();
+                    if lost != 0 {
+                        let files: Vec<String> = walk(crash);
+                        panic!(
+                            "{}: the server holds run {} but {lost} chunks became unknown (a resend); acked {}, sent {:?}; crash state: {files:?}",
+                            crash.display(),
+                            hex::encode(held),
+                            acked.len(),
+                            sent_run.map(hex::encode)
+                        );
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > taken.len());
+    }
+
+    fn walk(d: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(format!(
+                    "{} ({} B)",
+                    e.path().display(),
+                    e.metadata().unwrap().len()
+                ));
+            }
+        }
+        out
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            let p = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_tree(&e.path(), &p);
+            } else {
+                std::fs::copy(e.path(), &p).unwrap();
+            }
+        }
+    }
 }
