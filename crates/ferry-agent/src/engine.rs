@@ -1884,7 +1884,10 @@ mod tests {
                 // A power cut right after the tag left (no sync marks that instant).
                 let at = dir.path().join(format!("crashes/tag-{round}"));
                 ferry_durable::crashsim::materialize(&state, &at).unwrap();
-                states.lock().unwrap().push((at, known.lock().unwrap().clone()));
+                states
+                    .lock()
+                    .unwrap()
+                    .push((at, known.lock().unwrap().clone()));
                 cvs_at.insert(run, e.disks[0].cur.clone());
                 sent(&mut rx);
                 e.committed(run).unwrap();
