@@ -1903,7 +1903,7 @@ mod tests {
             let last = acked.last().copied().unwrap_or(ferry_wire::NO_RUN);
             for held in std::iter::once(last).chain(*sent_run) {
                 // Recovery works on a copy: each held state starts from the same crash state.
-                let work = crash.with_extension(format!("{}", hex::encode(&held[..2])));
+                let work = crash.with_extension(hex::encode(&held[..2]));
                 let _ = std::fs::remove_dir_all(&work);
                 copy_tree(crash, &work);
                 let o = options(&work, &[&img], &["a"]);

@@ -362,7 +362,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // Ownership, the run's state and the hand-over to the committer under one lock: once
             // a newer connection claims the VM, nothing of this one reaches the cache.
             let vms = shared.vms.lock().expect("vms lock");
-            if !vms.get(&vm).is_some_and(|slot| slot.conn == owner.id) {
+            if vms.get(&vm).is_none_or(|slot| slot.conn != owner.id) {
                 return Err(Refusal {
                     dropped: true,
                     ..refusal(
