@@ -263,8 +263,12 @@ fn check_container(c: &str) -> Result<()> {
     }
 }
 
+/// Blanks and trailing `/` off (all of them: `"https://h / "` is `"https://h"`, not `"https://h "`,
+/// which `validate` would let through and every request URL would then carry).
 fn trim_endpoint(e: &str) -> String {
-    e.trim().trim_end_matches('/').to_string()
+    e.trim()
+        .trim_end_matches(|c: char| c == '/' || c.is_whitespace())
+        .to_string()
 }
 
 struct Resolved {
@@ -570,6 +574,9 @@ mod tests {
         )
         .expect("ok");
         assert_eq!(c.endpoint, "http://127.0.0.1:1/devstoreaccount1");
+        // Blanks between trailing slashes (found by fuzz/azure_config) are trimmed too.
+        let t = AzureConfig::shared_key("http://h / \t/", AZURITE_ACCOUNT, AZURITE_KEY, "cont");
+        assert_eq!(t.expect("ok").endpoint, "http://h");
         c.credential = Credential::Entra(EntraSource::DeveloperTools);
         assert!(c.validate().unwrap_err().to_string().contains("https"));
         let e =

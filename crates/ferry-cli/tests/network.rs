@@ -369,6 +369,17 @@ fn kill_9_of_the_server_mid_run_loses_nothing() {
         reconnects > 0,
         "the kill did not interrupt a run; make the image larger"
     );
+    // ... and the run was open when the server came back: it held its start and said so.
+    let log: String = srv
+        .log_text()
+        .replace("\u{1b}[3m", "")
+        .replace("\u{1b}[0m", "")
+        .replace("\u{1b}[2m", "");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("inventory") && l.contains("open=true")),
+        "the restarted server did not hold the open run: {log}"
+    );
     srv.stop();
     check_points(&env, &copies);
 }

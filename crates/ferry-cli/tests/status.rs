@@ -230,8 +230,14 @@ fn status_shows_the_vm_its_disk_and_last_point_then_a_stopped_server() {
     // The agent is done once its tag is acked; the point follows when the pipeline stored the run.
     let s = wait_status(&env, "the point and no backlog", |s| {
         // The manifest names the point at once; the server's file within a second.
+        // (`ferry status` takes points from the manifest, connections and counters from the
+        // server's file, rewritten every second: wait for a file written after the agent left.)
         vm(s, "web01").is_some_and(|v| {
-            v["agent"].is_string() && v["last_point"].is_object() && v["backlog_bytes"] == 0
+            v["agent"].is_string()
+                && v["last_point"].is_object()
+                && v["backlog_bytes"] == 0
+                && v["connected"] == false
+                && v["disks"][0]["records_received"].as_u64() > Some(0)
         })
     });
     let points = env.points();

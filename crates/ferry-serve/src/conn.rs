@@ -408,6 +408,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                     None => cancel = owner.claim(&v)?,
                 }
+                // Everything received for this VM before (on an older connection) is durable
+                // before the Holding says what is held: a barrier through the committer (FIFO).
+                commit_barrier(shared).await?;
                 let (open, held) = shared
                     .held
                     .inventory(&v, &disks)
@@ -427,6 +430,32 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     format!("unexpected {} from an agent", m.ty().name()),
                 ))
             }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every record handed to the committer so far is durable.
+async fn commit_barrier(shared: &Shared) -> Result<(), Refusal> {
+    let (tx, mut rx) = watch::channel(Durable::default());
+    let barrier = Append {
+        conn: Arc::new(tx),
+        seq: 1,
+        cost: 0,
+        entries: Vec::new(),
+    };
+    if shared.commits.send(barrier).is_err() {
+        return Err(refusal(
+            refuse::INTERNAL,
+            "the cache is closed (server stopping or failed)",
+        ));
+    }
+    while rx.borrow_and_update().seq < 1 {
+        if rx.changed().await.is_err() {
+            return Err(refusal(
+                refuse::INTERNAL,
+                "the cache could not be synced; see the process server log",
+            ));
         }
     }
     Ok(())

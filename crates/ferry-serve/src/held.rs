@@ -130,6 +130,9 @@ pub(crate) struct Held {
     root: PathBuf,
     store_id: String,
     vms: Mutex<HashMap<String, VmHeld>>,
+    /// Serializes the read-modify-write of the disk-ids files (a replaced connection may still
+    /// be finishing its inventory).
+    ids_lock: Mutex<()>,
 }
 
 /// The last run boundary a disk's journal holds past its applied position.
@@ -171,22 +174,34 @@ impl Held {
             // Each disk's journal is its own sequence; the open run is the newest Begin that is
             // the last boundary of some disk (by its time), over the disks that hold it.
             let mut begins: Vec<(u64, RunId, String, u64)> = Vec::new();
+            let mut unreadable = false;
             for disk in disks {
                 let from = manifests
                     .get(&vm)
                     .and_then(|m: &ferry_format::manifest::Manifest| m.disks.get(&disk))
                     .map(|d| d.applied)
                     .unwrap_or_default();
-                match last_boundary(store, &vm, &disk, from) {
+                let Some((last, size)) = last_boundary(store, &vm, &disk, from) else {
+                    unreadable = true;
+                    continue;
+                };
+                if let Some(size) = size {
+                    e.sizes.insert(disk.clone(), size);
+                }
+                match last {
                     Some(Boundary::Tag(run)) => {
                         e.last.insert(disk.clone(), run);
                     }
                     Some(Boundary::Begin { run, time_ns, size }) => {
-                        e.sizes.insert(disk.clone(), size);
                         begins.push((time_ns, run, disk, size));
                     }
                     None => {}
                 }
+            }
+            // With a journal unread, the open run's disks are not known: none is open (an agent
+            // continuing one starts it again).
+            if unreadable {
+                continue;
             }
             if let Some((_, run, _, _)) = begins.iter().max_by_key(|b| b.0) {
                 let run = *run;
@@ -213,6 +228,7 @@ impl Held {
             root: root.to_owned(),
             store_id: store.store_id().to_owned(),
             vms: Mutex::new(vms),
+            ids_lock: Mutex::new(()),
         })
     }
 
@@ -243,6 +259,7 @@ impl Held {
                 )));
             }
         }
+        let _ids = self.ids_lock.lock().expect("ids lock");
         let path = ids_path(&self.root, vm);
         let mut ids = match std::fs::read(&path) {
             Ok(b) => DiskIds::parse(&b).map_err(|e| {
@@ -373,6 +390,9 @@ impl Held {
             Message::Begin {
                 run, disks, bases, ..
             } => {
+                if let Some(d) = duplicate(disks.iter().map(|(n, _)| n)) {
+                    return Err((PROTOCOL, format!("the Begin names disk '{d}' twice")));
+                }
                 for ((d, size), base) in disks.iter().zip(bases) {
                     let held = e.last.get(d).copied().unwrap_or(NO_RUN);
                     if *base != held {
@@ -413,6 +433,9 @@ impl Held {
                         ),
                     ));
                 }
+                if let Some(d) = duplicate(tag.disks.iter().map(|x| &x.name)) {
+                    return Err((PROTOCOL, format!("the tag names disk '{d}' twice")));
+                }
                 let same = tag.disks.len() == o.disks.len()
                     && tag
                         .disks
@@ -420,7 +443,7 @@ impl Held {
                         .all(|d| o.disks.iter().any(|(n, s)| *n == d.name && *s == d.size));
                 if !same {
                     return Err((
-                        PROTOCOL,
+                        STALE_BASE,
                         format!(
                             "the tag of run {} names other disks or sizes than its Begin",
                             hex::encode(tag.run)
@@ -446,8 +469,10 @@ fn in_run(
     let o = open?;
     Some(match o.disks.iter().find(|(n, _)| n == disk) {
         None => Err((
-            ferry_wire::refuse::PROTOCOL,
-            format!("record for disk '{disk}', which the run did not announce"),
+            ferry_wire::refuse::STALE_BASE,
+            format!(
+                "record for disk '{disk}', which the open run did not announce; start a new run"
+            ),
         )),
         Some((_, size)) if offset.saturating_add(len) > *size => Err((
             ferry_wire::refuse::PROTOCOL,
@@ -457,8 +482,20 @@ fn in_run(
     })
 }
 
-/// The last `Begin` or `Tag` in the journal of `vm`/`disk` at or past `from`.
-fn last_boundary(store: &LocalStore, vm: &str, disk: &str, from: JournalPos) -> Option<Boundary> {
+/// A name given twice, if any.
+fn duplicate<'a>(names: impl Iterator<Item = &'a String>) -> Option<&'a String> {
+    let mut seen = std::collections::HashSet::new();
+    names.into_iter().find(|n| !seen.insert(*n))
+}
+
+/// The last `Begin` or `Tag` in the journal of `vm`/`disk` at or past `from`, and the size the
+/// latest `Begin` there gave; `None` if the journal cannot be read.
+fn last_boundary(
+    store: &LocalStore,
+    vm: &str,
+    disk: &str,
+    from: JournalPos,
+) -> Option<(Option<Boundary>, Option<u64>)> {
     let segs = match store.list_segments(vm, disk) {
         Ok(s) => s,
         Err(err) => {
@@ -467,6 +504,7 @@ fn last_boundary(store: &LocalStore, vm: &str, disk: &str, from: JournalPos) -> 
         }
     };
     let mut last = None;
+    let mut begun_size = None;
     for seq in segs.into_iter().filter(|s| *s >= from.segment) {
         let idx = match store.read_segment_index(vm, disk, seq) {
             Ok(i) => i,
@@ -485,6 +523,7 @@ fn last_boundary(store: &LocalStore, vm: &str, disk: &str, from: JournalPos) -> 
             }
             match rec {
                 Record::Begin { run, time_ns, size } => {
+                    begun_size = Some(*size);
                     last = Some(Boundary::Begin {
                         run: *run,
                         time_ns: *time_ns,
@@ -496,7 +535,7 @@ fn last_boundary(store: &LocalStore, vm: &str, disk: &str, from: JournalPos) -> 
             }
         }
     }
-    last
+    Some((last, begun_size))
 }
 
 #[cfg(test)]
