@@ -3,11 +3,8 @@
 //! fill what it leaves out. Unknown keys and tables are errors naming the key and the file.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
-
-use crate::units;
+pub use ferry_job::serve_config::{FileConfig, ServeFile};
 
 /// `/etc/ferry/ferry.toml` as root, else `~/.config/ferry/ferry.toml` (beside the default key).
 pub fn default_path() -> PathBuf {
@@ -19,31 +16,6 @@ pub fn default_path() -> PathBuf {
             .map_or_else(|| PathBuf::from("/"), PathBuf::from)
             .join(".config/ferry/ferry.toml")
     }
-}
-
-/// The whole file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    #[serde(default)]
-    pub serve: ServeFile,
-}
-
-/// `[serve]`: every key is optional. Relative paths are relative to the file's directory.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServeFile {
-    pub listen: Option<String>,
-    pub store: Option<String>,
-    pub key_file: Option<PathBuf>,
-    pub cache_dir: Option<PathBuf>,
-    #[serde(default, deserialize_with = "size")]
-    pub cache_size: Option<u64>,
-    pub state_dir: Option<PathBuf>,
-    pub threads: Option<usize>,
-    #[serde(default, deserialize_with = "retention")]
-    pub retention: Option<Duration>,
-    pub log_json: Option<bool>,
 }
 
 /// A loaded configuration and where it came from (None: no file, built-in defaults).
@@ -71,7 +43,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, String> {
             path.display()
         )
     })?;
-    let mut f: FileConfig = toml::from_str(&text).map_err(|e| {
+    let mut f: FileConfig = ferry_job::serve_config::parse_file_config(&text).map_err(|e| {
         format!(
             "config file {}: {}",
             path.display(),
@@ -106,48 +78,10 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, String> {
     })
 }
 
-/// A size: a string with a unit (`"4GiB"`) or a number of bytes.
-fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
-    }
-    Ok(Some(
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a size such as \"4GiB\" or a number of bytes")
-        })? {
-            Raw::Bytes(n) => n,
-            Raw::Text(s) => units::parse_size(&s).map_err(serde::de::Error::custom)?,
-        },
-    ))
-}
-
-/// A retention window: `"24h"`, `"7d"`, or `"0"` / `0` to keep everything.
-fn retention<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Zero(u64),
-        Text(String),
-    }
-    Ok(Some(match Raw::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("expected a duration such as \"24h\" or \"7d\", or \"0\"")
-    })? {
-        Raw::Zero(0) => Duration::ZERO,
-        Raw::Zero(n) => {
-            return Err(serde::de::Error::custom(format!(
-                "write a duration with a unit, e.g. \"{n}s\" or \"24h\" (a bare number is only allowed as 0)"
-            )))
-        }
-        Raw::Text(s) => units::parse_retention(&s).map_err(serde::de::Error::custom)?,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join("ferry.toml");

@@ -1,12 +1,12 @@
 //! Golden vectors of the on-disk formats (docs/FORMAT.md): fixed bytes, committed here, for a
 //! cache file (header and two sealed records), a segment (header, one sealed blob, sealed index),
-//! a manifest, a pending-run file and a chunk-map header. Each test decodes the committed bytes
+//! a manifest, a replica's page map and page delta, a pending-run file and a chunk-map header. Each test decodes the committed bytes
 //! to the expected value and encodes that value back to the same bytes. A change here is a format
 //! change: it needs a new version (and a migration or a refusal of the old one).
 //!
-//! The vectors were produced by this code and cross-checked where a plain hash covers them: the
-//! trailing checksum of the pending file and of the chunk-map header is the blake3 of the bytes
-//! before it (checked with Python's `blake3` package).
+//! The vectors were produced by this code and cross-checked where a plain hash covers them (with
+//! Python's `blake3` package): the trailing checksum of the pending file and of the chunk-map
+//! header, the 8-byte header checksums of the page map and delta, and the delta's entry trailer.
 
 use ferry_crypto::MasterKey;
 use ferry_format::agent::{encode_pending, parse_pending, CvHeader, PendingDisk};
@@ -223,3 +223,44 @@ const GOLDEN_MANIFEST: &str = r#"{
 const GOLDEN_PENDING: &str = "4645525259504e3211111111111111111111111111111111010000000300736461333333333333333333333333333333330100000000000000020000000000000044444444444444444444444444444444444444444444444444444444444444442714612c9439e6746eb2463cf974dfe5370d053dde1801d462e4392f789481e1";
 const GOLDEN_CV_HEAD: &str = "4645525259435632000010000000000010000000000000001111111111111111111111111111111120003030313132323333343435353636373738383939616162626363646465656666050077656230310a0073657269616c3a414243";
 const GOLDEN_CV_SUM: &str = "a9cb36e8515778f6a3f35dad9d7ab2651e1481686f66755e668c458ba28a14e1";
+
+#[test]
+fn page_map() {
+    use ferry_format::delta::MapHeader;
+    // `current.map`: a 64-byte header, then one 32-byte digest per page.
+    let h = MapHeader {
+        pages: 3,
+        generation: 7,
+    };
+    let mut bytes = h.encode().to_vec();
+    for d in [[0x55u8; 32], ferry_crypto::ZERO_DIGEST, [0x66; 32]] {
+        bytes.extend_from_slice(&d);
+    }
+    check("page map", &bytes, GOLDEN_PAGE_MAP);
+    let golden = hex::decode(GOLDEN_PAGE_MAP).unwrap();
+    assert_eq!(MapHeader::decode(&golden).unwrap(), h);
+    assert_eq!(&golden[64 + 64..96 + 64], &[0x66; 32]);
+}
+
+#[test]
+fn page_delta() {
+    use ferry_format::delta::{encode_entry, parse_delta, DeltaHeader};
+    // `redo/N.delta`, `undo/N.delta`: a 32-byte header, sorted (page, digest) entries, blake3 of
+    // the entries.
+    let entries = [(1u64, [0x77u8; 32]), (9, ferry_crypto::ZERO_DIGEST)];
+    let mut body = Vec::new();
+    for (p, d) in &entries {
+        body.extend_from_slice(&encode_entry(*p, d));
+    }
+    let mut bytes = DeltaHeader { count: 2 }.encode().to_vec();
+    bytes.extend_from_slice(&body);
+    bytes.extend_from_slice(blake3::hash(&body).as_bytes());
+    check("delta", &bytes, GOLDEN_DELTA);
+    assert_eq!(
+        parse_delta(&hex::decode(GOLDEN_DELTA).unwrap()).unwrap(),
+        entries.to_vec()
+    );
+}
+
+const GOLDEN_PAGE_MAP: &str = "46455252594d415001004000000000000300000000000000070000000000000000000000000000000000000000000000000000000000000033b56d4d50bb8f10555555555555555555555555555555555555555555555555555555555555555500000000000000000000000000000000000000000000000000000000000000006666666666666666666666666666666666666666666666666666666666666666";
+const GOLDEN_DELTA: &str = "4645525259444c5401002000000000000200000000000000fdff5571af1eb62d0100000000000000777777777777777777777777777777777777777777777777777777777777777709000000000000000000000000000000000000000000000000000000000000000000000000000000684b719e5b4f387a4624a37a605bceccef9b4d285872fabb92ffe1f7fdaabbe5";
