@@ -347,29 +347,8 @@ async fn register(addr: &str, pass: &Passphrase) -> (ferry_wire::AgentId, ferry_
 async fn auth_inventory(
     addr: &str,
     pass: &Passphrase,
-    (id, cred): &(ferry_wire::AgentId, ferry_wire::Credential),
+    agent: &(ferry_wire::AgentId, ferry_wire::Credential),
     vm: &str,
 ) -> (R, W) {
-    let (mut r, mut w, nonce) = hello(addr, pass).await;
-    w.send(&Message::Auth {
-        agent_id: *id,
-        proof: cred.prove(&nonce),
-    })
-    .await
-    .unwrap();
-    w.flush().await.unwrap();
-    let m = r.read().await.unwrap();
-    assert!(matches!(m, Some(Message::Welcome { .. })), "{m:?}");
-    w.send(&Message::Inventory {
-        vm: vm.into(),
-        disks: vec![ferry_wire::InvDisk {
-            name: "sda".into(),
-            size: 1 << 20,
-            id: "serial:TEST1".into(),
-        }],
-    })
-    .await
-    .unwrap();
-    w.flush().await.unwrap();
-    (r, w)
+    auth_inventory_with(addr, pass, agent, vm, vec![inv("sda", "serial:TEST1")]).await
 }
