@@ -117,6 +117,16 @@ impl Drop for Server {
     }
 }
 
+/// A server on a free loopback port (`start` spawns it there) and an agent registered with it in
+/// `agent/`: the address and the server.
+fn serve_and_register(env: &Env, start: impl FnOnce(&str) -> Server) -> (String, Server) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let srv = start(&addr);
+    let pass = passphrase_file(env, &env.path("ps-state"), "pass.txt");
+    ok(&register(env, &addr, &pass, "agent"), "register");
+    (addr, srv)
+}
+
 fn passphrase_file(env: &Env, state: &Path, name: &str) -> PathBuf {
     let o = ferry()
         .args(["passphrase", "show", "--state-dir"])
@@ -207,10 +217,7 @@ fn check_points(env: &Env, copies: &[PathBuf]) {
 #[test]
 fn register_replicate_twice_and_restore_exactly() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut srv = Server::start(&env, &addr);
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
     let meta = fs::metadata(env.path("agent/agent.json")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -249,10 +256,7 @@ fn register_replicate_twice_and_restore_exactly() {
 #[test]
 fn strangers_are_refused_and_the_server_keeps_serving() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut srv = Server::start(&env, &addr);
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
     let disk = env.path("disk.img");
     let mut rng = Rng(7);
     make_image(&disk, &mut rng, 8 << 20);
@@ -317,10 +321,7 @@ fn strangers_are_refused_and_the_server_keeps_serving() {
 #[test]
 fn kill_9_of_the_server_mid_run_loses_nothing() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut srv = Server::start(&env, &addr);
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
     let size = 192 << 20;
     let disk = env.path("disk.img");
     let mut rng = Rng(99);
@@ -398,10 +399,8 @@ fn azure_store_through_the_process_server() {
         ),
         ("FERRY_STATE_DIR", env.path("state").display().to_string()),
     ];
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut srv = Server::start_with(&env, &addr, url, &vars);
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) =
+        serve_and_register(&env, |addr| Server::start_with(&env, addr, url, &vars));
     let size = 16 << 20;
     let disk = env.path("disk.img");
     let mut rng = Rng(42);
@@ -447,10 +446,7 @@ fn azure_store_through_the_process_server() {
 #[test]
 fn kill_9_of_the_agent_mid_run_then_a_clean_run_is_exact() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut srv = Server::start(&env, &addr);
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
     let size = 192 << 20;
     let disk = env.path("disk.img");
     let mut rng = Rng(1234);
@@ -494,11 +490,10 @@ fn kill_9_of_the_agent_mid_run_then_a_clean_run_is_exact() {
 #[test]
 fn a_small_cache_turns_into_backpressure_not_loss() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
     let store = env.store().display().to_string();
-    let mut srv = Server::start_sized(&env, &addr, &store, &[], "16MiB");
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) = serve_and_register(&env, |addr| {
+        Server::start_sized(&env, addr, &store, &[], "16MiB")
+    });
     let size = 96 << 20;
     let disk = env.path("disk.img");
     let mut rng = Rng(77);
@@ -544,10 +539,7 @@ fn latest_is(env: &Env, store: &Path, vm: &str, disk: &str, copy: &Path) {
 #[test]
 fn a_renamed_vm_and_a_rebuilt_appliance_get_every_chunk_again() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut srv = Server::start(&env, &addr);
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
     let size = 64 << 20;
     let disk = env.path("disk.img");
     let mut rng = Rng(77);
@@ -624,10 +616,7 @@ fn a_renamed_vm_and_a_rebuilt_appliance_get_every_chunk_again() {
 #[test]
 fn disks_that_swap_names_keep_their_replicas() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut srv = Server::start(&env, &addr);
-    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
-    ok(&register(&env, &addr, &pass, "agent"), "register");
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
     let size = 16 << 20;
     let (os, data) = (env.path("os.img"), env.path("data.img"));
     let mut rng = Rng(5);

@@ -110,6 +110,13 @@ pub(crate) struct Fields<'a> {
 }
 
 impl Fields<'_> {
+    /// A list's `u16` length, at most [`MAX_DISKS`].
+    pub(crate) fn count(&mut self) -> Result<usize, WireError> {
+        let n = self.u16()? as usize;
+        check_count(self.ty, n).map_err(|d| self.malformed(d))?;
+        Ok(n)
+    }
+
     pub(crate) fn malformed(&self, detail: String) -> WireError {
         malformed(self.ty, self.frame, detail)
     }
@@ -152,8 +159,7 @@ impl Fields<'_> {
     }
 
     pub(crate) fn disks(&mut self) -> Result<Vec<(String, u64)>, WireError> {
-        let n = self.u16()? as usize;
-        check_count(self.ty, n).map_err(|d| self.malformed(d))?;
+        let n = self.count()?;
         let mut v = Vec::with_capacity(n.min(16));
         for _ in 0..n {
             v.push((self.name("disk")?, self.u64()?));

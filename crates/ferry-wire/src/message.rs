@@ -436,8 +436,7 @@ impl Message {
             },
             MsgType::Inventory => {
                 let vm = f.name("vm")?;
-                let n = f.u16()? as usize;
-                check_count(ty, n).map_err(|d| f.malformed(d))?;
+                let n = f.count()?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push(InvDisk {
@@ -453,8 +452,7 @@ impl Message {
             MsgType::Holding => {
                 let store = f.name("store")?;
                 let open = f.array()?;
-                let n = f.u16()? as usize;
-                check_count(ty, n).map_err(|d| f.malformed(d))?;
+                let n = f.count()?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push(HeldDisk {
