@@ -349,7 +349,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return Err(refusal(refuse::PROTOCOL, "a record before Inventory"));
             };
             check_record(shared, &vm, &m)?;
-            let track_info = owner.track.clone();
             // The keyed digests before the lock: they depend on nothing shared.
             let entries = to_entries(&shared.key, vm.clone(), &m);
             let probe = m;
@@ -375,7 +374,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 .held
                 .record(&vm, &probe)
                 .map_err(|(code, why)| refusal(code, why))?;
-            if let Some(t) = track_info.lock().expect("track lock").as_mut() {
+            if let Some(t) = owner.track.lock().expect("track lock").as_mut() {
                 t.received(&shared.board, seq, &probe);
             }
             shared.inflight.fetch_add(cost, Ordering::Relaxed);
