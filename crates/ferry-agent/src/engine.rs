@@ -1050,9 +1050,13 @@ impl Engine<'_> {
         let cvs = persist::read_pending(&self.o.state_dir, &run)?;
         for d in self.disks.iter_mut() {
             if let Some(x) = cvs.iter().find(|x| x.name == d.name) {
+                // The CVs and the new base in one sync. Writes between two syncs reach the disk in
+                // any order, so a power cut may leave the new base with some CVs still old, or the
+                // reverse: the pending file, removed only after the sync, is then folded again by
+                // the next start (idempotent) or its chunks made unknown. The base lies in one
+                // sector of the header with its checksum (`CV_BASE_AT`), so its write cannot tear
+                // the header (a torn header would throw the whole map away: a full resend).
                 d.map.write(&x.cvs)?;
-                // The CVs and the new base in one sync: a crash in between leaves the pending
-                // file, which the next start folds again or makes unknown.
                 let mut h = d.map.header().clone();
                 h.base = run;
                 d.map.set_header(h)?;
@@ -1836,7 +1840,8 @@ mod tests {
 
     /// Issue 7 §6, the agent's commit path under power loss: three runs are cut and acknowledged
     /// while `ferry_durable::crashsim` records every sync of the state directory; after *every*
-    /// sync the crash state "nothing unsynced survived" is taken. On each, for every state the
+    /// sync the crash state "nothing unsynced survived" is taken, and two torn states while each
+    /// file sync is in flight (the file's old and new sectors mixed). On each, for every state the
     /// server may hold then (the last acknowledged run, or the run whose tag was sent), start-up
     /// recovery must succeed and leave no chunk claiming a CV other than the one that run holds;
     /// and when the server holds a run the agent had written its pending file for, the map is
@@ -1850,11 +1855,13 @@ mod tests {
         type Known = (Vec<RunId>, Option<RunId>);
         let known: Arc<std::sync::Mutex<Known>> = Default::default();
         let k2 = known.clone();
-        let states =
-            ferry_durable::crashsim::take_states(&state, &dir.path().join("crashes"), move || {
-                k2.lock().unwrap().clone()
-            })
-            .unwrap();
+        let states = ferry_durable::crashsim::take_states(
+            &state,
+            &dir.path().join("crashes"),
+            2,
+            move || k2.lock().unwrap().clone(),
+        )
+        .unwrap();
         let o = options(&state, &[&img], &["a"]);
         let mut cvs_at: std::collections::HashMap<RunId, Vec<Cv>> = Default::default();
         cvs_at.insert(ferry_wire::NO_RUN, Vec::new());
@@ -1898,6 +1905,14 @@ mod tests {
         }
         let taken = ferry_durable::crashsim::finish(&states);
         assert!(taken.len() > 10, "only {} crash states", taken.len());
+        assert!(
+            taken
+                .iter()
+                .filter(|(p, _)| p.to_string_lossy().contains("-torn"))
+                .count()
+                > 3,
+            "torn states taken"
+        );
         let mut checked = 0;
         for (crash, (acked, sent_run)) in &taken {
             let last = acked.last().copied().unwrap_or(ferry_wire::NO_RUN);

@@ -239,7 +239,7 @@ fn every_crash_state_keeps_every_record_sync_returned() {
     let acked = Arc::new(Mutex::new(0u64));
     let states = {
         let acked = acked.clone();
-        crashsim::take_states(&root, &d.path().join("crashes"), move || {
+        crashsim::take_states(&root, &d.path().join("crashes"), 2, move || {
             *acked.lock().unwrap()
         })
         .unwrap()

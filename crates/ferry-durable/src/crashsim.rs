@@ -14,6 +14,15 @@
 //! `fdatasync` or directory `fsync` on a durable path shows up as lost or stale data in it. Tests
 //! take such states at every sync ([`set_hook`]) and check their invariants on each.
 //!
+//! **Torn and reordered writes** ([`set_tearing`]): between two syncs of a file, the kernel may
+//! write its dirty pages back in any order, and a power cut may land in the middle, so what the
+//! disk holds of a file whose sync was in flight is *any mix*, sector by sector (512 bytes, the
+//! unit a disk writes atomically), of its last synced content and its new content, with either
+//! length. Just before each file sync completes, the recorder also takes `samples` such states
+//! (random, seeded: the same run takes the same states) in which a random subset of the changed
+//! sectors reached the disk. They catch code that relies on the order of writes between two syncs
+//! (a header naming data that was written, but not synced, before it).
+//!
 //! Off by default: when recording is off the cost is one relaxed atomic load per sync.
 //! Test-only in spirit: it holds copies of synced files in memory.
 
@@ -30,13 +39,23 @@ use std::time::SystemTime;
 /// Identity of a file or directory: device, inode, birth time (inode numbers are reused).
 pub type Ident = (u64, u64, Option<SystemTime>);
 
-type Hook = Box<dyn FnMut(u64) + Send>;
+/// Called with the name of each crash state as it can be taken: `"00012"` right after the 12th
+/// sync, `"00012-torn1"` for a torn state taken while the 12th sync was in flight.
+type Hook = Box<dyn FnMut(&str) + Send>;
+
+/// The unit a disk writes atomically: a torn state mixes old and new content in these.
+pub const SECTOR: usize = 512;
 
 #[derive(Default)]
 struct Recorded {
     files: HashMap<Ident, Vec<u8>>,
     dirs: HashMap<Ident, Vec<(String, Ident, bool)>>,
     syncs: u64,
+    /// While a torn state is being taken: the file whose sync is in flight, with the mix of its
+    /// old and new content that reached the disk.
+    overlay: Option<(Ident, Vec<u8>)>,
+    tear_samples: u32,
+    rng: u64,
 }
 
 static ON: AtomicBool = AtomicBool::new(false);
@@ -58,8 +77,18 @@ pub fn stop() {
     ON.store(false, Ordering::SeqCst);
 }
 
-/// Calls `hook(n)` after the n-th recorded sync (outside the recorder's lock). The hook runs on
-/// the syncing thread, in the middle of the code under test: it should only call [`materialize`].
+/// Sets how many torn states (see the module doc) are taken while each file sync is in flight;
+/// 0 (the default after [`start`]) takes none.
+pub fn set_tearing(samples: u32) {
+    if let Some(r) = REC.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        r.tear_samples = samples;
+    }
+}
+
+/// Calls `hook(name)` after the n-th recorded sync, `name` being `n` in five digits, and, with
+/// [`set_tearing`], for each torn state while a file sync is in flight (outside the recorder's
+/// lock). The hook runs on the syncing thread, in the middle of the code under test: it should only
+/// call [`materialize`].
 pub fn set_hook(hook: Option<Hook>) {
     *HOOK.lock().unwrap_or_else(|e| e.into_inner()) = hook;
 }
@@ -72,7 +101,92 @@ fn after_sync() {
         r.syncs
     };
     if let Some(h) = HOOK.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        h(n);
+        h(&format!("{n:05}"));
+    }
+}
+
+fn next_random(r: &mut Recorded) -> u64 {
+    // splitmix64: deterministic, so a failing torn state is the same on every run.
+    r.rng = r.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = r.rng;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One torn mix of `old` and `new`: each changed sector from `new` or `old` (never all from one
+/// side), the length of either.
+fn tear(r: &mut Recorded, old: &[u8], new: &[u8], changed: &[usize]) -> Vec<u8> {
+    let len = old.len().max(new.len());
+    let mut out = old.to_vec();
+    out.resize(len, 0);
+    let mut took = 0;
+    let skip = (next_random(r) as usize) % changed.len();
+    for (i, &s) in changed.iter().enumerate() {
+        // Half the sectors each time; one chosen sector always stays old, so the state is torn.
+        if i != skip && next_random(r) & 1 == 1 {
+            let (a, b) = (s * SECTOR, ((s + 1) * SECTOR).min(len));
+            for (k, byte) in out[a..b].iter_mut().enumerate() {
+                *byte = new.get(a + k).copied().unwrap_or(0);
+            }
+            took += 1;
+        }
+    }
+    if took == 0 {
+        // Never the old content whole: take one changed sector other than the kept one.
+        let s = changed[(skip + 1) % changed.len()];
+        let (a, b) = (s * SECTOR, ((s + 1) * SECTOR).min(len));
+        for (k, byte) in out[a..b].iter_mut().enumerate() {
+            *byte = new.get(a + k).copied().unwrap_or(0);
+        }
+    }
+    let keep_len = if next_random(r) & 1 == 1 {
+        new.len()
+    } else {
+        old.len()
+    };
+    out.truncate(keep_len);
+    out
+}
+
+/// Before a file's sync is recorded: its torn states, if tearing is on, the file is reachable
+/// from a synced directory and at least two of its sectors changed since its last sync.
+fn take_torn(id: Ident, new: &[u8]) {
+    let mut mixes = Vec::new();
+    let n = {
+        let mut g = REC.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = g.as_mut() else { return };
+        if r.tear_samples == 0 || !r.dirs.values().any(|es| es.iter().any(|e| e.1 == id)) {
+            return;
+        }
+        let old = r.files.get(&id).cloned().unwrap_or_default();
+        let sectors = old.len().max(new.len()).div_ceil(SECTOR);
+        let changed: Vec<usize> = (0..sectors)
+            .filter(|s| {
+                let (a, b) = (s * SECTOR, (s + 1) * SECTOR);
+                let part = |v: &[u8]| v.get(a.min(v.len())..b.min(v.len())).map(<[u8]>::to_vec);
+                part(&old) != part(new)
+            })
+            .collect();
+        if changed.len() < 2 {
+            return; // old or new whole: the plain states already cover both
+        }
+        for _ in 0..r.tear_samples {
+            let m = tear(r, &old, new, &changed);
+            mixes.push(m);
+        }
+        r.syncs + 1
+    };
+    for (k, m) in mixes.into_iter().enumerate() {
+        if let Some(r) = REC.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            r.overlay = Some((id, m));
+        }
+        if let Some(h) = HOOK.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            h(&format!("{n:05}-torn{k}"));
+        }
+        if let Some(r) = REC.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            r.overlay = None;
+        }
     }
 }
 
@@ -92,6 +206,7 @@ pub(crate) fn file_synced(f: &File) {
     if !ok {
         return;
     }
+    take_torn(ident(&m), &data);
     if let Some(r) = REC.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
         r.files.insert(ident(&m), data);
     }
@@ -146,7 +261,11 @@ fn build(rec: &Recorded, dir: &Ident, out: &Path) -> io::Result<()> {
             fs::create_dir(&p)?;
             build(rec, id, &p)?;
         } else {
-            fs::write(&p, rec.files.get(id).map(Vec::as_slice).unwrap_or(&[]))?;
+            let data = match &rec.overlay {
+                Some((o, mix)) if o == id => Some(mix),
+                _ => rec.files.get(id),
+            };
+            fs::write(&p, data.map(Vec::as_slice).unwrap_or(&[]))?;
         }
     }
     Ok(())
@@ -155,22 +274,25 @@ fn build(rec: &Recorded, dir: &Ident, out: &Path) -> io::Result<()> {
 /// What [`take_states`] collects: each crash state's directory, with what the test knew then.
 pub type States<T> = std::sync::Arc<Mutex<Vec<(std::path::PathBuf, T)>>>;
 
-/// Starts recording and, after every sync, materializes the crash state of `root` into a new
+/// Starts recording and, after every sync (and, with `torn` > 0, that many torn states while each
+/// file sync is in flight: [`set_tearing`]), materializes the crash state of `root` into a new
 /// directory under `into`, paired with `known()` (what the test had acknowledged at that moment).
 /// Stop with [`finish`]. `root` is created here, so its own entries are recorded from the start.
 pub fn take_states<T: Send + 'static>(
     root: &Path,
     into: &Path,
+    torn: u32,
     known: impl Fn() -> T + Send + 'static,
 ) -> io::Result<States<T>> {
     fs::create_dir_all(into)?;
     start();
+    set_tearing(torn);
     fs::create_dir(root)?;
     crate::fsync_dir(root)?;
     let states: States<T> = Default::default();
     let (root, into, out) = (root.to_owned(), into.to_owned(), states.clone());
-    set_hook(Some(Box::new(move |n| {
-        let dir = into.join(format!("{n:05}"));
+    set_hook(Some(Box::new(move |name: &str| {
+        let dir = into.join(name);
         if let Err(e) = materialize(&root, &dir) {
             panic!("cannot materialize crash state {}: {e}", dir.display());
         }
@@ -185,4 +307,56 @@ pub fn finish<T: Clone>(states: &States<T>) -> Vec<(std::path::PathBuf, T)> {
     set_hook(None);
     stop();
     states.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// Torn states mix the old and new content sector by sector, never all of one side, and only
+    /// while the sync is in flight; the plain states hold exactly the synced content.
+    #[test]
+    fn torn_states_mix_old_and_new_sectors_of_a_file_whose_sync_is_in_flight() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let states = take_states(&root, &d.path().join("crashes"), 8, || ()).unwrap();
+        let p = root.join("f");
+        let f = File::create(&p).unwrap();
+        f.write_all_at(&[1u8; 4 * SECTOR], 0).unwrap();
+        crate::sync_file(&f).unwrap();
+        crate::fsync_dir(&root).unwrap();
+        // Three sectors change, and the file grows by one.
+        for s in [0usize, 2, 3] {
+            f.write_all_at(&[2u8; SECTOR], (s * SECTOR) as u64).unwrap();
+        }
+        f.write_all_at(&[3u8; SECTOR], (4 * SECTOR) as u64).unwrap();
+        crate::sync_data(&f).unwrap();
+        let taken = finish(&states);
+        let old = [1u8; 4 * SECTOR].to_vec();
+        let new = fs::read(&p).unwrap();
+        let mut torn = 0;
+        for (dir, ()) in &taken {
+            let name = dir.file_name().unwrap().to_string_lossy().to_string();
+            let got = fs::read(dir.join("f")).unwrap_or_default();
+            if !name.contains("-torn") {
+                continue;
+            }
+            torn += 1;
+            assert!(got != old && got != new, "{name}: not torn");
+            assert!(got.len() == old.len() || got.len() == new.len(), "{name}");
+            for (i, s) in got.chunks(SECTOR).enumerate() {
+                // Past the old end, "old" is zeros: the size reached the disk, the data not.
+                let from_old = old
+                    .get(i * SECTOR..(i + 1) * SECTOR)
+                    .map_or(s.iter().all(|b| *b == 0), |o| o == s);
+                let from_new = new.get(i * SECTOR..(i + 1) * SECTOR) == Some(s);
+                assert!(from_old || from_new, "{name}: sector {i} is neither");
+            }
+        }
+        assert_eq!(torn, 8, "{taken:?}");
+        // The state after the last sync holds the new content whole.
+        let last = &taken.last().unwrap().0;
+        assert_eq!(fs::read(last.join("f")).unwrap(), new);
+    }
 }

@@ -91,10 +91,16 @@ pub fn parse_pending(bytes: &[u8]) -> Option<([u8; 16], RunCvs)> {
     (at == body.len()).then_some((run, out))
 }
 
-/// Magic of `maps/DISK.cv` (version 2: the header binds the map to a store, VM, disk and run).
-pub const CV_MAGIC: &[u8; 8] = b"FERRYCV2";
+/// Magic of `maps/DISK.cv` (version 3: the header binds the map to a store, VM, disk and run, and
+/// the run a commit changes lies in the header's last sector with the checksum).
+pub const CV_MAGIC: &[u8; 8] = b"FERRYCV3";
+/// Magic of a version-2 chunk map (the base run in the first sector): still read, never written.
+pub const CV_MAGIC_V2: &[u8; 8] = b"FERRYCV2";
 /// Length of a chunk map's header; the CVs follow, 32 bytes per chunk.
 pub const CV_HEADER_LEN: usize = 1024;
+/// Where the base run lies in a version-3 header: in its last 512-byte sector, with the checksum,
+/// so a commit (which changes the base only) rewrites one sector, which a power cut cannot tear.
+pub const CV_BASE_AT: usize = CV_HEADER_LEN - 48;
 
 /// The header of a chunk map: what its CVs describe. The CVs are those of the disk whose stable
 /// identity is `disk_id`, as replicated for `vm` into the store `store`, as of run `base` (the
@@ -110,16 +116,16 @@ pub struct CvHeader {
 }
 
 impl CvHeader {
-    /// `MAGIC(8) SIZE(8) CHUNKS(8) BASE(16) { LEN(u16) UTF-8 }×3 (store, vm, disk id), zeros to
-    /// byte 992, BLAKE3(32) of bytes 0..992`. Strings longer than 255 bytes are cut (they never
-    /// are: the wire limits them).
+    /// `MAGIC(8) SIZE(8) CHUNKS(8) { LEN(u16) UTF-8 }×3 (store, vm, disk id), zeros to byte 976,
+    /// BASE(16), BLAKE3(32) of bytes 0..992`. Strings longer than 255 bytes are cut (they never
+    /// are: the wire limits them). A commit changes only BASE and the checksum: bytes 976..1024,
+    /// all in the header's second sector.
     pub fn encode(&self) -> [u8; CV_HEADER_LEN] {
         let mut b = [0u8; CV_HEADER_LEN];
         b[..8].copy_from_slice(CV_MAGIC);
         b[8..16].copy_from_slice(&self.size.to_le_bytes());
         b[16..24].copy_from_slice(&self.chunks.to_le_bytes());
-        b[24..40].copy_from_slice(&self.base);
-        let mut at = 40;
+        let mut at = 24;
         for s in [&self.store, &self.vm, &self.disk_id] {
             let mut n = s.len().min(255);
             while !s.is_char_boundary(n) {
@@ -129,20 +135,25 @@ impl CvHeader {
             b[at + 2..at + 2 + n].copy_from_slice(&s.as_bytes()[..n]);
             at += 2 + n;
         }
+        b[CV_BASE_AT..CV_BASE_AT + 16].copy_from_slice(&self.base);
         let sum = blake3::hash(&b[..CV_HEADER_LEN - 32]);
         b[CV_HEADER_LEN - 32..].copy_from_slice(sum.as_bytes());
         b
     }
 
-    /// Parses a header; `None` if it is torn, damaged, of another version or not one.
+    /// Parses a header (version 3, or version 2 as the previous agent wrote it); `None` if it is
+    /// torn, damaged, of another version or not one.
     pub fn decode(b: &[u8]) -> Option<CvHeader> {
         let b = b.get(..CV_HEADER_LEN)?;
-        if &b[..8] != CV_MAGIC
-            || blake3::hash(&b[..CV_HEADER_LEN - 32]).as_bytes() != &b[CV_HEADER_LEN - 32..]
-        {
+        let (strings_at, base_at, end) = match &b[..8] {
+            m if m == CV_MAGIC => (24, CV_BASE_AT, CV_BASE_AT),
+            m if m == CV_MAGIC_V2 => (40, 24, CV_HEADER_LEN - 32),
+            _ => return None,
+        };
+        if blake3::hash(&b[..CV_HEADER_LEN - 32]).as_bytes() != &b[CV_HEADER_LEN - 32..] {
             return None;
         }
-        let mut at = 40;
+        let mut at = strings_at;
         let mut strs = Vec::new();
         for _ in 0..3 {
             let n = u16::from_le_bytes(b[at..at + 2].try_into().ok()?) as usize;
@@ -152,7 +163,7 @@ impl CvHeader {
             strs.push(std::str::from_utf8(&b[at + 2..at + 2 + n]).ok()?.to_owned());
             at += 2 + n;
         }
-        if b[at..CV_HEADER_LEN - 32].iter().any(|x| *x != 0) {
+        if b[at..end].iter().any(|x| *x != 0) {
             return None;
         }
         let disk_id = strs.pop()?;
@@ -161,7 +172,7 @@ impl CvHeader {
         Some(CvHeader {
             size: u64::from_le_bytes(b[8..16].try_into().ok()?),
             chunks: u64::from_le_bytes(b[16..24].try_into().ok()?),
-            base: b[24..40].try_into().ok()?,
+            base: b[base_at..base_at + 16].try_into().ok()?,
             store,
             vm,
             disk_id,

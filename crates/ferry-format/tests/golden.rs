@@ -174,15 +174,26 @@ fn chunk_map_header() {
         disk_id: "serial:ABC".into(),
     };
     let bytes = h.encode();
-    // Only the non-zero head and the checksum are pinned; the rest is zeros up to byte 992.
-    let head = &bytes[..40 + 2 + 32 + 2 + 5 + 2 + 10];
+    // Version 3: the non-zero head, zeros to byte 976, then the base run and the checksum (one
+    // sector: what a commit rewrites).
+    let head = &bytes[..24 + 2 + 32 + 2 + 5 + 2 + 10];
     check("cv header head", head, GOLDEN_CV_HEAD);
-    assert!(bytes[head.len()..992].iter().all(|b| *b == 0));
-    check("cv header checksum", &bytes[992..], GOLDEN_CV_SUM);
+    assert!(bytes[head.len()..976].iter().all(|b| *b == 0));
+    check("cv header base and checksum", &bytes[976..], GOLDEN_CV_TAIL);
     let mut golden = hex::decode(GOLDEN_CV_HEAD).unwrap();
-    golden.resize(992, 0);
-    golden.extend(hex::decode(GOLDEN_CV_SUM).unwrap());
-    assert_eq!(CvHeader::decode(&golden), Some(h));
+    golden.resize(976, 0);
+    golden.extend(hex::decode(GOLDEN_CV_TAIL).unwrap());
+    assert_eq!(CvHeader::decode(&golden), Some(h.clone()));
+    // A commit changes only the header's second sector.
+    let mut h2 = h.clone();
+    h2.base = [0x22; 16];
+    let b2 = h2.encode();
+    assert_eq!(bytes[..512], b2[..512]);
+    // Version 2 (what the previous agent wrote, base in the first sector) is still read.
+    let mut v2 = hex::decode(GOLDEN_CV2_HEAD).unwrap();
+    v2.resize(992, 0);
+    v2.extend(hex::decode(GOLDEN_CV2_SUM).unwrap());
+    assert_eq!(CvHeader::decode(&v2), Some(h));
 }
 
 const GOLDEN_CACHE: &str = "46455252594341430100400000000000e6cc65698ee02fe501010101010101010101010101010101050000000000000000000000000000006809b0612f067e7c4643523103000000050000000000000028000000cfbf1cb0ee7670f045597803b225d8b888d807665c020f90f7f872882b4cee4e924a10e56fba7d1a00032bba464352310400000006000000000000005b0000002c3948edfdd8452e9ba80d81608465e57840c85374b33355aef1f08e4775047e84455504d8db46dcd21955b1d406fd31101d224241073ade84078e0ba59c803dd2b2c0905c322bb68297ae89dbaace6634338d31e6eca3a786d0bf9edcc708";
@@ -221,8 +232,10 @@ const GOLDEN_MANIFEST: &str = r#"{
 }
 "#;
 const GOLDEN_PENDING: &str = "4645525259504e3211111111111111111111111111111111010000000300736461333333333333333333333333333333330100000000000000020000000000000044444444444444444444444444444444444444444444444444444444444444442714612c9439e6746eb2463cf974dfe5370d053dde1801d462e4392f789481e1";
-const GOLDEN_CV_HEAD: &str = "4645525259435632000010000000000010000000000000001111111111111111111111111111111120003030313132323333343435353636373738383939616162626363646465656666050077656230310a0073657269616c3a414243";
-const GOLDEN_CV_SUM: &str = "a9cb36e8515778f6a3f35dad9d7ab2651e1481686f66755e668c458ba28a14e1";
+const GOLDEN_CV_HEAD: &str = "46455252594356330000100000000000100000000000000020003030313132323333343435353636373738383939616162626363646465656666050077656230310a0073657269616c3a414243";
+const GOLDEN_CV_TAIL: &str = "111111111111111111111111111111112e615d46236aac836e92534ca86ff66bb0133e285814091d476a255677e537e7";
+const GOLDEN_CV2_HEAD: &str = "4645525259435632000010000000000010000000000000001111111111111111111111111111111120003030313132323333343435353636373738383939616162626363646465656666050077656230310a0073657269616c3a414243";
+const GOLDEN_CV2_SUM: &str = "a9cb36e8515778f6a3f35dad9d7ab2651e1481686f66755e668c458ba28a14e1";
 
 #[test]
 fn page_map() {

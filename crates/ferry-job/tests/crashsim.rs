@@ -1,6 +1,8 @@
 //! Power-loss proof for the replicate commit path (cache, segments, replica deltas and page map,
 //! manifest): with `ferry_durable::crashsim` recording every sync, the crash state "nothing that
-//! was not synced survived" is materialized after *every* sync of four replicate runs, and on each:
+//! was not synced survived" is materialized after *every* sync of four replicate runs, plus two
+//! torn states while each file sync is in flight (a random mix of the file's old and new sectors:
+//! writes between syncs reach the disk in any order), and on each:
 //! - every point acknowledged (its run returned) before that sync is still listed,
 //! - every listed point restores to exactly the bytes it records, which are bytes the disk held,
 //! - recovery (the next run on that state) succeeds and its point is exact.
@@ -95,7 +97,7 @@ fn every_crash_state_of_four_runs_keeps_acked_points_and_recovers_exactly() {
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let states = {
         let acked = acked.clone();
-        crashsim::take_states(&root, &dir.path().join("crashes"), move || {
+        crashsim::take_states(&root, &dir.path().join("crashes"), 2, move || {
             acked.lock().unwrap().clone()
         })
         .unwrap()
@@ -125,6 +127,11 @@ fn every_crash_state_of_four_runs_keeps_acked_points_and_recovers_exactly() {
     }
     let taken = crashsim::finish(&states);
     assert!(taken.len() > 40, "only {} syncs recorded", taken.len());
+    let torn = taken
+        .iter()
+        .filter(|(p, _)| p.to_string_lossy().contains("-torn"))
+        .count();
+    assert!(torn >= 10, "only {torn} torn states taken");
     let scratch = dir.path().join("scratch");
     fs::create_dir_all(&scratch).unwrap();
     let mut points_checked = 0;
@@ -164,7 +171,7 @@ fn every_crash_state_of_four_runs_keeps_acked_points_and_recovers_exactly() {
         fs::remove_dir_all(state).unwrap();
     }
     eprintln!(
-        "crashsim: {} crash states, {points_checked} listed points restored exactly",
+        "crashsim: {} crash states ({torn} of them torn), {points_checked} listed points restored exactly",
         taken.len()
     );
 }
