@@ -3,7 +3,7 @@
 
 use std::num::NonZero;
 
-use azure_core::http::Body;
+use azure_core::http::{Body, Etag};
 use azure_core::Bytes;
 use azure_storage_blob::models::{
     BlobClientDeleteOptions, BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
@@ -73,6 +73,54 @@ impl AzureBlobs {
                         .await
                         .map(|_| ())
                         .map_err(|e| AzureError::from_sdk("put_block_blob", name, e))
+                }
+            })
+            .await
+        })
+    }
+
+    /// Creates block blob `name` with `data` only if no blob of that name exists (`If-None-Match:
+    /// *`, one request): `true` if this call created it, `false` if it was there already (then its
+    /// content is left as it is). Two processes racing to create a marker: exactly one wins; the
+    /// other reads the winner's. A retry after a lost response also answers `false`: read the blob
+    /// to learn what it holds.
+    pub fn create_block_blob(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+        const OP: &str = "create_block_blob";
+        if data.len() as u64 > SINGLE_PUT_MAX {
+            return Err(AzureError::invalid(
+                OP,
+                name,
+                format!("{} bytes is more than one request carries", data.len()),
+            ));
+        }
+        let name = name.to_string();
+        self.run(|s| async move {
+            let client = s.blob_client(OP, &name)?.block_blob_client();
+            let bytes = Bytes::from(data);
+            let len = bytes.len() as u64;
+            s.retry(OP, &name, |_| {
+                let bytes = bytes.clone();
+                let (s, client, name) = (&s, &client, &name);
+                async move {
+                    s.throttle(OP, name, len).await?;
+                    let options = BlockBlobClientUploadOptions {
+                        partition_size: NonZero::new(SINGLE_PUT_MAX),
+                        if_none_match: Some(Etag::from("*")),
+                        ..Default::default()
+                    };
+                    match client
+                        .upload(Body::Bytes(bytes).into(), Some(options))
+                        .await
+                    {
+                        Ok(_) => Ok(true),
+                        Err(e) => {
+                            let e = AzureError::from_sdk(OP, name, e);
+                            match e.service_code() {
+                                Some("BlobAlreadyExists") | Some("ConditionNotMet") => Ok(false),
+                                _ => Err(e),
+                            }
+                        }
+                    }
                 }
             })
             .await

@@ -161,3 +161,28 @@ fn connection_string_from_environment_works() {
     blobs.put_block_blob("a/b", b"hello".to_vec()).expect("put");
     assert_eq!(blobs.get_blob("a/b").expect("get"), Some(b"hello".to_vec()));
 }
+
+/// A marker is created once: a second create (another process racing, or a retry) leaves the
+/// first content in place and says so; many threads racing: exactly one wins.
+#[test]
+fn create_block_blob_creates_once_and_exactly_one_racer_wins() {
+    let Some((_az, blobs)) = setup("create-once") else {
+        return;
+    };
+    assert!(blobs.create_block_blob("m1", b"first".to_vec()).unwrap());
+    assert!(!blobs.create_block_blob("m1", b"second".to_vec()).unwrap());
+    assert_eq!(blobs.get_blob("m1").unwrap(), Some(b"first".to_vec()));
+    let blobs = std::sync::Arc::new(blobs);
+    let wins: Vec<bool> = (0..8u8)
+        .map(|i| {
+            let b = blobs.clone();
+            std::thread::spawn(move || b.create_block_blob("m2", vec![i; 16]).unwrap())
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1, "{wins:?}");
+    let winner = wins.iter().position(|w| *w).unwrap() as u8;
+    assert_eq!(blobs.get_blob("m2").unwrap(), Some(vec![winner; 16]));
+}

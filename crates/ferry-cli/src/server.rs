@@ -47,7 +47,8 @@ pub(crate) struct StatusArgs {
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Address to listen on, HOST:PORT. [default: 0.0.0.0:7443]
+    /// Address to listen on, HOST:PORT (port 0: one the kernel picks; the log and `ferry status`
+    /// show the address bound). [default: 0.0.0.0:7443]
     #[arg(long)]
     listen: Option<String>,
     /// The store: a directory (created if missing or empty), or azure://ACCOUNT/CONTAINER (direct

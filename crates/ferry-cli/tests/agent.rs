@@ -9,63 +9,33 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{b3, ferry, same_bytes, Env, Rng};
-
-fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-agent");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (cargo build --release --bins)",
-        p.display()
-    );
-    p
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
+use common::{agent_bin, b3, ferry, same_bytes, spawn_serve, Env, Proc, Rng};
+use ferry_testkit::loopdev::{Loop, LoopOptions};
+use ferry_testkit::mariadb::{Mariadb, MariadbOptions};
+use ferry_testkit::sys::{missing, sh, Need};
 
 /// Why these tests cannot run here, if they cannot.
-fn skip_reason(extra: &[&str]) -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root".into());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return Some("no loop devices".into());
-    }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Some("no kernel BTF (the eBPF tracker cannot run)".into());
-    }
-    for c in [
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-        "fstrim",
-    ]
-    .iter()
-    .chain(extra)
-    {
-        if !have(c) {
-            return Some(format!("{c} is not installed"));
-        }
-    }
-    None
+fn skip_reason(extra: &[Need]) -> Option<String> {
+    let base = [
+        Need::Root,
+        Need::LoopDevices,
+        Need::Btf,
+        Need::Tool("losetup"),
+        Need::Tool("mkfs.ext4"),
+        Need::Tool("e2fsck"),
+        Need::Tool("mount"),
+        Need::Tool("umount"),
+        Need::Tool("fstrim"),
+    ];
+    missing(&base).or_else(|| missing(extra))
 }
 
-fn skip(test: &str, extra: &[&str]) -> bool {
+fn skip(test: &str, extra: &[Need]) -> bool {
     match skip_reason(extra) {
         None => false,
         Some(why) => {
@@ -73,17 +43,6 @@ fn skip(test: &str, extra: &[&str]) -> bool {
             true
         }
     }
-}
-
-fn sh(script: &str) -> String {
-    let o = Command::new("sh").args(["-c", script]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{script}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
 fn ok(o: &Output, what: &str) {
@@ -96,95 +55,44 @@ fn ok(o: &Output, what: &str) {
     );
 }
 
-/// A loop device (with partitions scanned), and what is mounted from it; torn down on drop.
+/// A loop device (`ferry_testkit::loopdev`) with its node as the string the agent's `--disk` takes.
 struct LoopDisk {
+    lo: Loop,
     dev: String,
-    mounts: Vec<PathBuf>,
 }
 
 impl LoopDisk {
+    /// A new sparse backing file of `size` bytes, attached.
     fn new(backing: &Path, size: u64) -> LoopDisk {
         fs::File::create(backing).unwrap().set_len(size).unwrap();
-        let dev = sh(&format!("losetup --find --show -P {}", backing.display()));
-        LoopDisk {
-            dev,
-            mounts: Vec::new(),
-        }
+        Self::attach(backing, 0)
+    }
+    /// Attaches `backing` as it is, with `partitions` partition nodes expected.
+    fn attach(backing: &Path, partitions: u32) -> LoopDisk {
+        let lo = Loop::attach_with(
+            backing,
+            &LoopOptions {
+                partitions,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dev = lo.path().to_owned();
+        LoopDisk { lo, dev }
     }
     fn mount(&mut self, part: &str, at: &Path) {
-        fs::create_dir_all(at).unwrap();
-        sh(&format!("mount {part} {}", at.display()));
-        self.mounts.push(at.to_path_buf());
+        self.lo.mount(Path::new(part), at, "").unwrap();
     }
     fn umount_all(&mut self) {
-        for m in self.mounts.drain(..).rev() {
-            sh(&format!("umount {}", m.display()));
-        }
+        self.lo.umount_all().unwrap();
     }
 }
 
-impl Drop for LoopDisk {
-    fn drop(&mut self) {
-        for m in self.mounts.iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    fn term(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) with a pid we spawned and own.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let st = c.wait().unwrap();
-            assert!(st.success(), "exited {st}: {}", self.log_text());
-        }
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn_logged(mut c: Command, log: PathBuf) -> Proc {
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .unwrap();
-    let child = c.stdout(Stdio::null()).stderr(f).spawn().unwrap();
-    Proc {
-        child: Some(child),
-        log,
-    }
+/// A shell script run in the background, its stderr in `log`.
+fn background(script: String, log: &Path) -> Proc {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script);
+    Proc::spawn(c, log)
 }
 
 /// `ferry serve` on loopback with a local store; an agent registered in `agent-state`.
@@ -197,8 +105,7 @@ struct Site {
 impl Site {
     fn new() -> Site {
         let env = Env::new();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let server = Site::spawn_server(&env, &addr);
+        let (server, addr) = Site::spawn_server(&env, "127.0.0.1:0");
         let o = ferry()
             .args(["passphrase", "show", "--state-dir"])
             .arg(env.path("ps-state"))
@@ -218,11 +125,11 @@ impl Site {
         Site { env, addr, server }
     }
 
-    /// `ferry serve` for this site (its log appended to serve.log), once it listens.
-    fn spawn_server(env: &Env, addr: &str) -> Proc {
+    /// `ferry serve` for this site (its log appended to serve.log) on `listen`, once it listens;
+    /// and the address it bound.
+    fn spawn_server(env: &Env, listen: &str) -> (Proc, String) {
         let mut c = ferry();
-        c.env("FERRY_LOG", "info")
-            .args(["serve", "--listen", addr, "--cache-size", "1GiB", "--store"])
+        c.args(["serve", "--cache-size", "1GiB", "--store"])
             .arg(env.store())
             .arg("--key-file")
             .arg(env.key())
@@ -230,17 +137,7 @@ impl Site {
             .arg(env.path("ps-cache"))
             .arg("--state-dir")
             .arg(env.path("ps-state"));
-        let server = spawn_logged(c, env.path("serve.log"));
-        let t0 = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "server did not listen: {}",
-                server.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
+        spawn_serve(c, Some(listen), &env.path("serve.log"))
     }
 
     fn agent_cmd(&self, disks: &[&str], extra: &[&str]) -> Command {
@@ -261,7 +158,7 @@ impl Site {
     fn start_agent(&self, disks: &[&str], extra: &[&str]) -> Proc {
         let mut c = self.agent_cmd(disks, extra);
         c.args(["--crash-interval", "1h", "--app-interval", "off"]);
-        let p = spawn_logged(c, self.env.path("agent.log"));
+        let p = Proc::spawn(c, &self.env.path("agent.log"));
         let sock = self.env.path("agent-state/agent.sock");
         let t0 = Instant::now();
         while !sock.exists() {
@@ -348,7 +245,12 @@ fn copy_hook(env: &Env, devs: &[&str]) -> PathBuf {
 fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
     if skip(
         "ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact",
-        &["mkfs.xfs", "xfs_repair", "sfdisk", "fio"],
+        &[
+            Need::Tool("mkfs.xfs"),
+            Need::Tool("xfs_repair"),
+            Need::Tool("sfdisk"),
+            Need::Tool("fio"),
+        ],
     ) {
         return;
     }
@@ -410,9 +312,8 @@ fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let churn = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
+    let mut churn = background(
+        format!(
             "i=0; while [ ! -e {stop} ]; do i=$((i+1)); \
              dd if=/dev/urandom of={m}/f$((i%40)).tmp bs=64k count=$((i%7+1)) conv=fsync status=none; \
              mv {m}/f$((i%40)).tmp {m}/g$((i%40)); [ $((i%5)) -eq 0 ] && rm -f {m}/g$(((i+13)%40)); \
@@ -420,14 +321,9 @@ fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
             stop = env.path("stop-churn").display(),
             m = mb.display(),
             a = ma.display()
-        ))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut churn = Proc {
-        child: Some(churn),
-        log: env.path("churn.log"),
-    };
+        ),
+        &env.path("churn.log"),
+    );
     let mut replies = Vec::new();
     for i in 0..4 {
         std::thread::sleep(Duration::from_millis(1500));
@@ -438,7 +334,7 @@ fn ext4_and_partitioned_xfs_under_fio_churn_and_fstrim_every_point_is_exact() {
     }
     let fio_st = fio.wait().unwrap();
     fs::write(env.path("stop-churn"), b"").unwrap();
-    churn.child.take().unwrap().wait().unwrap();
+    churn.wait();
     assert!(
         fio_st.success(),
         "fio --verify failed: {}",
@@ -495,18 +391,8 @@ fn site_stop(mut site: Site, replies: Vec<serde_json::Value>, dev_a: &str, dev_b
             if fsck == "ext4" {
                 sh(&format!("e2fsck -fn {}", out.display()));
             } else {
-                let lo = LoopDisk {
-                    dev: sh(&format!("losetup --find --show -P {}", out.display())),
-                    mounts: vec![],
-                };
+                let lo = LoopDisk::attach(&out, 1);
                 let p1 = format!("{}p1", lo.dev);
-                // The scan at attach time can miss the table; partx makes the kernel read it.
-                let _ = Command::new("partx").args(["-u", &lo.dev]).status();
-                let t0 = Instant::now();
-                while !Path::new(&p1).exists() {
-                    assert!(t0.elapsed() < Duration::from_secs(10));
-                    std::thread::sleep(Duration::from_millis(50));
-                }
                 // A frozen xfs keeps its log (lazy superblock counters): mounting replays it, as
                 // the failed-over machine's boot would; then the checker must find nothing.
                 let m = env.path("xfs-check");
@@ -701,7 +587,7 @@ fn kill_9_of_the_agent_mid_cut_thaws_within_the_bound() {
 fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     if skip(
         "mariadb_app_consistent_point_starts_cleanly_with_every_committed_row",
-        &["mariadbd", "mariadb-install-db", "mariadb"],
+        &ferry_testkit::mariadb::TOOLS,
     ) {
         return;
     }
@@ -711,13 +597,15 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     sh(&format!("mkfs.ext4 -q -F {}", d.dev));
     let mnt = env.path("mnt");
     d.mount(&d.dev.clone(), &mnt);
-    let sock = env.path("mysqld.sock");
-    let db = Mariadb::start(&mnt.join("datadir"), &sock, true, &env.path("mariadb.log"));
+    let mut mo = MariadbOptions::new(&mnt.join("datadir"), &env.path("mariadb"));
+    mo.args.push("--innodb-flush-log-at-trx-commit=1".into());
+    let db = Mariadb::start(&mo).unwrap();
+    let sock = db.socket();
     // t.m tells an app point from a crash point: a MyISAM table with delayed key writes keeps its
     // index blocks in MariaDB's key cache and its "open" mark set until FLUSH TABLES (the app
     // point's FLUSH TABLES WITH READ LOCK). Restored from a crash point it is "not closed
     // properly" (CHECK TABLE warns, the server logs it as crashed); from an app point it is clean.
-    db.sql("create database t; create table t.r (id int primary key) engine=innodb; create table t.m (id int primary key, v varchar(64)) engine=myisam delay_key_write=1;");
+    db.sql("create database t; create table t.r (id int primary key) engine=innodb; create table t.m (id int primary key, v varchar(64)) engine=myisam delay_key_write=1;").unwrap();
     let mut agent = site.start_agent(
         &[&d.dev],
         &[
@@ -729,20 +617,15 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     );
     // Inserts, each committed before its id is logged.
     let committed = env.path("committed.log");
-    let ins = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
+    let mut ins = background(
+        format!(
             "i=0; while [ ! -e {stop} ]; do i=$((i+1)); mariadb -S {s} -u root -e \"insert into t.r values ($i); insert into t.m values ($i, repeat('x', 60))\" && echo $i >> {log}; done",
             stop = env.path("stop-ins").display(),
             s = sock.display(),
             log = committed.display()
-        ))
-        .spawn()
-        .unwrap();
-    let mut ins = Proc {
-        child: Some(ins),
-        log: env.path("ins.log"),
-    };
+        ),
+        &env.path("ins.log"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let before: u64 = fs::read_to_string(&committed)
         .unwrap()
@@ -754,7 +637,7 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     assert_eq!(r["kind"], "app", "{r}");
     std::thread::sleep(Duration::from_millis(500));
     fs::write(env.path("stop-ins"), b"").unwrap();
-    ins.child.take().unwrap().wait().unwrap();
+    ins.wait();
     agent.term();
     db.stop();
     d.umount_all();
@@ -765,22 +648,23 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     assert_eq!(p["kind"], "app");
     let out = site.env.path("restored-db.img");
     site.restore(p["id"].as_str().unwrap(), &disk_name(&d.dev), &out);
-    let mut rd = LoopDisk {
-        dev: sh(&format!("losetup --find --show {}", out.display())),
-        mounts: vec![],
-    };
+    let mut rd = LoopDisk::attach(&out, 0);
     let rmnt = site.env.path("rmnt");
     rd.mount(&rd.dev.clone(), &rmnt);
-    let sock2 = site.env.path("mysqld2.sock");
-    let db2 = Mariadb::start(
-        &rmnt.join("datadir"),
-        &sock2,
-        false,
-        &site.env.path("mariadb2.log"),
-    );
-    let n: u64 = db2.sql("select count(*) from t.r").trim().parse().unwrap();
+    let db2 = Mariadb::start(&MariadbOptions {
+        install: false,
+        ..MariadbOptions::new(&rmnt.join("datadir"), &site.env.path("mariadb2"))
+    })
+    .unwrap();
+    let n: u64 = db2
+        .sql("select count(*) from t.r")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let max: u64 = db2
         .sql("select coalesce(max(id),0) from t.r")
+        .unwrap()
         .trim()
         .parse()
         .unwrap();
@@ -791,18 +675,23 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     );
     assert_eq!(n, max, "rows 1..={max} with gaps: {n}");
     // The app point's proof: the MyISAM table was flushed and closed at the cut.
-    let check = db2.sql("check table t.m");
+    let check = db2.sql("check table t.m").unwrap();
     assert!(
         check.lines().all(|l| l.contains("\tstatus\tOK")),
         "CHECK TABLE t.m on the restored point (an app point closes MyISAM tables):\n{check}"
     );
-    let m: u64 = db2.sql("select count(*) from t.m").trim().parse().unwrap();
+    let m: u64 = db2
+        .sql("select count(*) from t.m")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(
         m + 1 >= before,
         "t.m holds {m} rows, {before} were committed before the cut"
     );
     db2.stop();
-    let log2 = fs::read_to_string(site.env.path("mariadb2.log")).unwrap_or_default();
+    let log2 = fs::read_to_string(site.env.path("mariadb2/error.log")).unwrap_or_default();
     assert!(
         !log2.contains("[ERROR]"),
         "MariaDB on the restored point logged errors:\n{log2}"
@@ -811,95 +700,6 @@ fn mariadb_app_consistent_point_starts_cleanly_with_every_committed_row() {
     drop(rd);
     drop(d);
     drop(site);
-}
-
-struct Mariadb {
-    child: Option<Child>,
-    sock: PathBuf,
-}
-
-impl Mariadb {
-    fn start(datadir: &Path, sock: &Path, init: bool, log: &Path) -> Mariadb {
-        // Its own temporary directory (bootstraps sharing /tmp can collide).
-        let tmp = sock.with_extension("tmp");
-        fs::create_dir_all(&tmp).unwrap();
-        if init {
-            fs::create_dir_all(datadir).unwrap();
-            sh(&format!(
-                "mariadb-install-db --no-defaults --user=root --datadir={} --tmpdir={} --auth-root-authentication-method=socket >/dev/null",
-                datadir.display(),
-                tmp.display()
-            ));
-        }
-        let child = Command::new("mariadbd")
-            .arg("--no-defaults")
-            .arg("--user=root")
-            .arg(format!("--datadir={}", datadir.display()))
-            .arg(format!("--socket={}", sock.display()))
-            .arg(format!("--tmpdir={}", tmp.display()))
-            .arg("--skip-networking")
-            .arg(format!("--pid-file={}.pid", sock.display()))
-            .arg(format!("--log-error={}", log.display()))
-            .arg("--innodb-flush-log-at-trx-commit=1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let m = Mariadb {
-            child: Some(child),
-            sock: sock.to_path_buf(),
-        };
-        let t0 = Instant::now();
-        loop {
-            let o = Command::new("mariadb")
-                .args(["-S", sock.to_str().unwrap(), "-u", "root", "-e", "select 1"])
-                .output()
-                .unwrap();
-            if o.status.success() {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "MariaDB did not start: {}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        m
-    }
-    fn sql(&self, q: &str) -> String {
-        let o = Command::new("mariadb")
-            .args([
-                "-S",
-                self.sock.to_str().unwrap(),
-                "-u",
-                "root",
-                "-N",
-                "-B",
-                "-e",
-                q,
-            ])
-            .output()
-            .unwrap();
-        ok(&o, q);
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-    fn stop(mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) with a pid we spawned and own.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Mariadb {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 #[test]
@@ -1031,23 +831,17 @@ fn chaos_kill_9_of_server_or_agent_loses_nothing_and_every_point_is_exact() {
     let hook_s = hook.to_str().unwrap().to_owned();
     let agent_args = ["--freeze-bound", "20s", "--frozen-hook", hook_s.as_str()];
     let mut agent = site.start_agent(&[&d.dev], &agent_args);
-    let churn = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
+    let mut churn = background(
+        format!(
             "i=0; while [ ! -e {stop} ]; do i=$((i+1)); \
              dd if=/dev/urandom of={m}/f$((i%50)).tmp bs=16k count=$((i%9+1)) status=none; \
              mv {m}/f$((i%50)).tmp {m}/g$((i%50)); [ $((i%7)) -eq 0 ] && rm -f {m}/g$(((i+11)%50)); \
              [ $((i%13)) -eq 0 ] && sync; done",
             stop = site.env.path("stop-churn").display(),
             m = mnt.display()
-        ))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut churn = Proc {
-        child: Some(churn),
-        log: site.env.path("churn.log"),
-    };
+        ),
+        &site.env.path("churn.log"),
+    );
     let (mut server_kills, mut agent_kills, mut cuts_ok) = (0, 0, 0);
     for _ in 0..kills {
         if site.cut_within(false, "20s").is_ok() {
@@ -1056,7 +850,7 @@ fn chaos_kill_9_of_server_or_agent_loses_nothing_and_every_point_is_exact() {
         std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
         if rng.below(2) == 0 {
             site.server.kill9();
-            site.server = Site::spawn_server(&site.env, &site.addr);
+            site.server = Site::spawn_server(&site.env, &site.addr).0;
             server_kills += 1;
         } else {
             agent.kill9();
@@ -1066,7 +860,7 @@ fn chaos_kill_9_of_server_or_agent_loses_nothing_and_every_point_is_exact() {
         }
     }
     fs::write(site.env.path("stop-churn"), b"").unwrap();
-    churn.child.take().unwrap().wait().unwrap();
+    churn.wait();
     // A last point, the workload stopped: it must be made.
     let last = (0..3)
         .find_map(|_| site.cut_within(false, "2min").ok())

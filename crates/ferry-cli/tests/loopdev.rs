@@ -4,27 +4,15 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
+use ferry_testkit::loopdev::Loop;
+use ferry_testkit::sys::{missing, Need};
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    ferry_testkit::sys::run(cmd, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Copies a block device's bytes to a file (fs::copy refuses devices).
@@ -34,32 +22,16 @@ fn copy_device(dev: &Path, to: &Path) {
     std::io::copy(&mut src, &mut dst).unwrap();
 }
 
-struct Loop {
-    dev: String,
-    mnt: PathBuf,
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
 fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root".into());
-    }
-    for c in ["losetup", "mkfs.ext4", "e2fsck", "mount", "umount"] {
-        if !have(c) {
-            return Some(format!("{c} is not installed"));
-        }
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return Some("the kernel has no loop devices (/dev/loop-control missing)".into());
-    }
-    None
+    missing(&[
+        Need::Root,
+        Need::LoopDevices,
+        Need::Tool("losetup"),
+        Need::Tool("mkfs.ext4"),
+        Need::Tool("e2fsck"),
+        Need::Tool("mount"),
+        Need::Tool("umount"),
+    ])
 }
 
 #[test]
@@ -75,13 +47,9 @@ fn ext4_on_a_loop_device_replicated_while_mounted_restores_exactly() {
     let env = Env::new();
     let img = env.path("backing.img");
     fs::File::create(&img).unwrap().set_len(192 << 20).unwrap();
-    let dev = run("losetup", &["--find", "--show", img.to_str().unwrap()]);
+    let mut lp = Loop::attach(&img).unwrap();
+    let dev = lp.path().to_owned();
     let mnt = env.path("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let lp = Loop {
-        dev: dev.clone(),
-        mnt: mnt.clone(),
-    };
     // No lazy init: nothing may write to the disk in the background once it is idle.
     run(
         "mkfs.ext4",
@@ -93,7 +61,7 @@ fn ext4_on_a_loop_device_replicated_while_mounted_restores_exactly() {
             &dev,
         ],
     );
-    run("mount", &[&dev, mnt.to_str().unwrap()]);
+    lp.mount(Path::new(&dev), &mnt, "").unwrap();
     let mut rng = Rng(42);
     for i in 0..20 {
         let mut b = vec![0u8; 300_000 + i * 10_000];

@@ -8,61 +8,40 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use common::{ferry, same_bytes, write_random, write_zeros, Env, Rng};
+use common::{
+    agent_bin, ferry, same_bytes, spawn_serve, write_random, write_zeros, Env, Proc, Rng,
+};
 
-fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-agent");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (cargo build -p ferry-agent, same profile)",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `ferry serve` process logging to a file.
+/// A `ferry serve` process logging to `serve.log`, and the address it listens on.
 struct Server {
-    child: Option<Child>,
-    log: PathBuf,
+    proc: Proc,
+    addr: String,
 }
 
 impl Server {
-    fn start(env: &Env, addr: &str) -> Server {
-        Self::start_with(env, addr, env.store().to_str().unwrap(), &[])
+    fn start(env: &Env, listen: &str) -> Server {
+        Self::start_with(env, listen, env.store().to_str().unwrap(), &[])
     }
-    fn start_with(env: &Env, addr: &str, store: &str, vars: &[(&str, String)]) -> Server {
-        Self::start_sized(env, addr, store, vars, "512MiB")
+    fn start_with(env: &Env, listen: &str, store: &str, vars: &[(&str, String)]) -> Server {
+        Self::start_sized(env, listen, store, vars, "512MiB")
     }
+    /// Listens on `listen` (`127.0.0.1:0`: a port the kernel picks; a restart passes the address
+    /// of the first start).
     fn start_sized(
         env: &Env,
-        addr: &str,
+        listen: &str,
         store: &str,
         vars: &[(&str, String)],
         cache_size: &str,
     ) -> Server {
-        let log = env.path("serve.log");
-        let logf = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = ferry()
-            .env("FERRY_LOG", "info")
-            .envs(vars.iter().map(|(k, v)| (k, v)))
-            .args(["serve", "--listen", addr, "--cache-size", cache_size])
+        let mut c = ferry();
+        c.envs(vars.iter().map(|(k, v)| (k, v)))
+            .args(["serve", "--cache-size", cache_size])
             .arg("--store")
             .arg(store)
             .arg("--key-file")
@@ -70,58 +49,27 @@ impl Server {
             .arg("--cache-dir")
             .arg(env.path("ps-cache"))
             .arg("--state-dir")
-            .arg(env.path("ps-state"))
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .unwrap();
-        let s = Server {
-            child: Some(child),
-            log,
-        };
-        let t0 = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "server did not listen: {}",
-                s.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
+            .arg(env.path("ps-state"));
+        let (proc, addr) = spawn_serve(c, Some(listen), &env.path("serve.log"));
+        Server { proc, addr }
     }
     fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
     /// SIGTERM and wait: the server drains the cache into the store and exits 0.
     fn stop(&mut self) {
-        let mut c = self.child.take().unwrap();
-        // SAFETY: kill(2) with a pid we spawned and own.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let st = c.wait().unwrap();
-        assert!(st.success(), "serve exited {st}: {}", self.log_text());
+        self.proc.term();
     }
     fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill9();
     }
 }
 
 /// A server on a free loopback port (`start` spawns it there) and an agent registered with it in
 /// `agent/`: the address and the server.
 fn serve_and_register(env: &Env, start: impl FnOnce(&str) -> Server) -> (String, Server) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let srv = start(&addr);
+    let srv = start("127.0.0.1:0");
+    let addr = srv.addr.clone();
     let pass = passphrase_file(env, &env.path("ps-state"), "pass.txt");
     ok(&register(env, &addr, &pass, "agent"), "register");
     (addr, srv)
@@ -464,7 +412,7 @@ fn kill_9_of_the_agent_mid_run_then_a_clean_run_is_exact() {
     // chunk, so the next run sends everything again.
     let map = env.path("agent/maps/disk.cv");
     let b = fs::read(&map).unwrap_or_else(|e| panic!("{}: {e}", map.display()));
-    assert_eq!(&b[..8], b"FERRYCV2", "{} is not a chunk map", map.display());
+    assert_eq!(&b[..8], b"FERRYCV3", "{} is not a chunk map", map.display());
     assert_eq!(
         b.len() as u64,
         1024 + size / 65536 * 32,
@@ -562,11 +510,9 @@ fn a_renamed_vm_and_a_rebuilt_appliance_get_every_chunk_again() {
     srv.stop();
 
     // A rebuilt appliance: a new state directory, store and cache; the agent registers again.
-    let addr2 = format!("127.0.0.1:{}", free_port());
     let store2 = env.path("store2");
-    let log2 = env.path("serve2.log");
-    let mut srv2 = ferry()
-        .args(["serve", "--listen", &addr2, "--cache-size", "256MiB"])
+    let mut c2 = ferry();
+    c2.args(["serve", "--cache-size", "256MiB"])
         .arg("--store")
         .arg(&store2)
         .arg("--key-file")
@@ -574,19 +520,8 @@ fn a_renamed_vm_and_a_rebuilt_appliance_get_every_chunk_again() {
         .arg("--cache-dir")
         .arg(env.path("ps2-cache"))
         .arg("--state-dir")
-        .arg(env.path("ps2-state"))
-        .stderr(fs::File::create(&log2).unwrap())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while TcpStream::connect(&addr2).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{}",
-            fs::read_to_string(&log2).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .arg(env.path("ps2-state"));
+    let (mut srv2, addr2) = spawn_serve(c2, Some("127.0.0.1:0"), &env.path("serve2.log"));
     let pass2 = passphrase_file(&env, &env.path("ps2-state"), "pass2.txt");
     ok(
         &register(&env, &addr2, &pass2, "agent"),
@@ -605,9 +540,7 @@ fn a_renamed_vm_and_a_rebuilt_appliance_get_every_chunk_again() {
         log.contains("the process server now replicates to store"),
         "{log}"
     );
-    // SAFETY: kill(2) with a pid we spawned and own.
-    unsafe { libc::kill(srv2.id() as i32, libc::SIGTERM) };
-    assert!(srv2.wait().unwrap().success());
+    srv2.term();
 }
 
 /// Issue 7 §3: disks are replicated by identity, not by name. Two image files swap names between

@@ -144,9 +144,32 @@ fn a_pinned_point_is_kept_and_a_dead_readers_pin_is_not() {
     let seq1: u64 = seq1.parse().unwrap();
     // This test process is the live reader holding the pin.
     let pin = ferry_store::readers::pin_point(&env.store(), "pin", seq1).unwrap();
+    // Pinned two hours ago (a stuck reader): still honoured, and reported with who holds it.
+    let pin_file = fs::read_dir(env.store().join("pins"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let st = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(&pin_file)
+        .status()
+        .unwrap();
+    assert!(st.success());
     std::thread::sleep(Duration::from_millis(1100));
-    let j = env.replicate_ok(&[&disk], &["--retention", "1s"]);
+    let o = env.replicate(&[&disk], &["--retention", "1s", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["pruned"]["points"].as_array().unwrap().len(), 0, "{j}");
+    let err = ferry_testkit::proc::strip_ansi(&String::from_utf8_lossy(&o.stderr));
+    assert!(
+        err.contains(&format!(
+            "point {seq1} of VM pin has been pinned by pid {}",
+            std::process::id()
+        )) && err.contains("for over 2 h"),
+        "an old pin is reported: {err}"
+    );
     assert_eq!(env.points().len(), 4);
     let out = env.path("r.img");
     let o = env.restore(pts[0]["id"].as_str().unwrap(), &out, &["--verify"]);

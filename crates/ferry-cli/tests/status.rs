@@ -8,31 +8,12 @@
 mod common;
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{ferry, same_bytes, write_random, Env, Rng};
+use common::{agent_bin, ferry, same_bytes, spawn_serve, write_random, Env, Proc, Rng};
 use serde_json::Value;
-
-fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-agent");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (cargo build --release --bins)",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn ok(o: &Output, what: &str) {
     assert!(
@@ -68,69 +49,31 @@ log_json = false
     p
 }
 
-/// A `ferry serve --config FILE [flags]` process logging to a file.
+/// A `ferry serve --config FILE [flags]` process logging to a file, and the address it bound.
 struct Server {
-    child: Option<Child>,
-    log: PathBuf,
+    proc: Proc,
+    addr: String,
 }
 
 impl Server {
-    fn start(env: &Env, config: &Path, flags: &[&str], addr: &str) -> Server {
-        let log = env.path("serve.log");
-        let logf = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = ferry()
-            .env("FERRY_LOG", "info")
-            .env_remove("FERRY_STORE")
+    /// With `listen`, `--listen LISTEN` overrides the file's address.
+    fn start(env: &Env, config: &Path, flags: &[&str], listen: Option<&str>) -> Server {
+        let mut c = ferry();
+        c.env_remove("FERRY_STORE")
             .env_remove("FERRY_SERVER_STATE_DIR")
             .arg("serve")
             .arg("--config")
             .arg(config)
-            .args(flags)
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .unwrap();
-        let mut s = Server {
-            child: Some(child),
-            log,
-        };
-        let t0 = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("serve exited {st}: {}", s.log_text());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "server did not listen on {addr}: {}",
-                s.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
+            .args(flags);
+        let (proc, addr) = spawn_serve(c, listen, &env.path("serve.log"));
+        Server { proc, addr }
     }
     fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
     /// SIGTERM and wait: the server drains the cache into the store and exits 0.
     fn stop(&mut self) {
-        let mut c = self.child.take().unwrap();
-        // SAFETY: kill(2) with a pid we spawned and own.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let st = c.wait().unwrap();
-        assert!(st.success(), "serve exited {st}: {}", self.log_text());
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.term();
     }
 }
 
@@ -218,10 +161,14 @@ fn wait_status(env: &Env, what: &str, done: impl Fn(&Value) -> bool) -> Value {
 #[test]
 fn status_shows_the_vm_its_disk_and_last_point_then_a_stopped_server() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    // The file names another address; the flag wins.
-    let config = write_config(&env, &format!("127.0.0.1:{}", free_port()), "24h");
-    let mut srv = Server::start(&env, &config, &["--listen", &addr], &addr);
+    // The file names another address (the discard port, never bound here); the flag wins.
+    let config = write_config(&env, "127.0.0.1:9", "24h");
+    let mut srv = Server::start(&env, &config, &[], Some("127.0.0.1:0"));
+    let addr = srv.addr.clone();
+    assert_ne!(
+        addr, "127.0.0.1:9",
+        "--listen overrides the config's listen"
+    );
     register(&env, &config, &addr);
     let disk = env.path("disk.img");
     make_image(&disk, &mut Rng(0x57a7), 8 << 20);
@@ -307,9 +254,10 @@ fn status_shows_the_vm_its_disk_and_last_point_then_a_stopped_server() {
 #[test]
 fn serve_prunes_expired_points_with_its_retention() {
     let env = Env::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let config = write_config(&env, &addr, "3s");
-    let mut srv = Server::start(&env, &config, &[], &addr);
+    // The config's own address (port 0: one the kernel picks), no flag.
+    let config = write_config(&env, "127.0.0.1:0", "3s");
+    let mut srv = Server::start(&env, &config, &[], None);
+    let addr = srv.addr.clone();
     register(&env, &config, &addr);
     let disk = env.path("disk.img");
     let mut rng = Rng(0x9e7a);

@@ -5,12 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{have, skip};
 use ferry_freeze::{HookError, MysqlHook, MysqlTarget};
+use ferry_testkit::mariadb::{Mariadb, MariadbOptions};
 use mysql::prelude::Queryable;
 use mysql::{Conn, OptsBuilder};
 
@@ -26,15 +26,16 @@ CREATE TABLE IF NOT EXISTS appdb.t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR
 CREATE TABLE IF NOT EXISTS appdb.t2 (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(32)) ENGINE=InnoDB;
 ";
 
-/// A throw-away MariaDB server; shut down on drop.
+/// A throw-away MariaDB server (`ferry_testkit::mariadb`) with the users of `INIT_SQL`; shut
+/// down on drop.
 struct MariaDb {
+    m: Mariadb,
     dir: tempfile::TempDir,
-    server: Child,
 }
 
 impl MariaDb {
     fn socket(&self) -> PathBuf {
-        self.dir.path().join("mysqld.sock")
+        self.m.socket()
     }
 
     /// A new server with its datadir under `data_in` (default: its temporary directory).
@@ -44,64 +45,40 @@ impl MariaDb {
             .tempdir()
             .map_err(|e| e.to_string())?;
         let data = data_in.unwrap_or(dir.path()).join("data");
-        let install = Command::new("mariadb-install-db")
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            // Its own temporary directory: two bootstraps sharing /tmp can trip over each other's
-            // temporary tables ("Could not remove temporary table", seen in CI).
-            .arg(format!("--tmpdir={}", dir.path().display()))
-            .args([
-                "--user=root",
-                "--auth-root-authentication-method=socket",
-                "--skip-test-db",
-            ])
-            .output()
-            .map_err(|e| format!("mariadb-install-db: {e}"))?;
-        if !install.status.success() {
-            return Err(format!(
-                "mariadb-install-db failed: {}",
-                String::from_utf8_lossy(&install.stderr)
-            ));
-        }
-        let init = dir.path().join("init.sql");
-        std::fs::write(&init, INIT_SQL).map_err(|e| e.to_string())?;
-        Self::serve(dir, &data, &init)
+        let m = Mariadb::start(&MariadbOptions {
+            init_sql: Some(INIT_SQL.into()),
+            args: vec!["--innodb-buffer-pool-size=32M".into()],
+            ..MariadbOptions::new(&data, &dir.path().join("run"))
+        })?;
+        Self::ready(MariaDb { m, dir })
     }
 
-    /// Starts mariadbd on an existing `data` directory; socket, logs and pid in `dir`.
-    fn serve(dir: tempfile::TempDir, data: &Path, init: &Path) -> Result<MariaDb, String> {
-        let p = |name: &str| dir.path().join(name).display().to_string();
-        let server = Command::new("mariadbd")
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--socket={}", p("mysqld.sock")))
-            .arg(format!("--pid-file={}", p("mysqld.pid")))
-            .arg(format!("--log-error={}", p("error.log")))
-            .arg(format!("--init-file={}", init.display()))
-            .arg(format!("--tmpdir={}", dir.path().display()))
-            .args([
-                "--skip-networking",
-                "--user=root",
-                "--innodb-buffer-pool-size=32M",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("mariadbd: {e}"))?;
-        let db = MariaDb { dir, server };
+    /// A server on an existing `data` directory (a restored copy), run from a new temporary
+    /// directory, without the init SQL.
+    fn serve_existing(data: &Path) -> Result<MariaDb, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-mariadb-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let m = Mariadb::start(&MariadbOptions {
+            install: false,
+            args: vec!["--innodb-buffer-pool-size=32M".into()],
+            ..MariadbOptions::new(data, &dir.path().join("run"))
+        })?;
+        Self::ready(MariaDb { m, dir })
+    }
+
+    /// Waits until the application user can log in.
+    fn ready(db: MariaDb) -> Result<MariaDb, String> {
         let t = Instant::now();
         loop {
-            if db.conn("app", "app-pass").is_ok() {
-                return Ok(db);
+            match db.conn("app", "app-pass") {
+                Ok(_) => return Ok(db),
+                Err(e) if t.elapsed() > Duration::from_secs(30) => {
+                    return Err(format!("app cannot log in: {e}\n{}", db.m.log_text()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
-            if t.elapsed() > Duration::from_secs(60) {
-                let log =
-                    std::fs::read_to_string(db.dir.path().join("error.log")).unwrap_or_default();
-                return Err(format!(
-                    "mariadbd did not accept connections in 60 s:\n{log}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -123,22 +100,6 @@ impl MariaDb {
 
     fn hook(&self, user: &str, pw: &Path, timeout: Duration) -> Result<MysqlHook, HookError> {
         MysqlHook::connect(&MysqlTarget::Socket(self.socket()), user, Some(pw), timeout)
-    }
-}
-
-impl Drop for MariaDb {
-    fn drop(&mut self) {
-        // SAFETY: kill() with the pid of the server this test started.
-        unsafe { libc::kill(self.server.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(30) {
-            if let Ok(Some(_)) = self.server.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.server.kill();
-        let _ = self.server.wait();
     }
 }
 
@@ -383,13 +344,7 @@ fn app_consistent_cut_of_a_mariadb_datadir_on_a_loop_disk() {
 
     // Restore: the copy, mounted elsewhere, serves exactly the rows of the cut.
     let (_restored, rmnt) = common::LoopDisk::attach_and_mount(&copy, "db");
-    let rdir = tempfile::Builder::new()
-        .prefix("ferry-mariadb-")
-        .tempdir()
-        .unwrap();
-    let noinit = rdir.path().join("none.sql");
-    std::fs::write(&noinit, "SELECT 1;\n").unwrap();
-    let second = MariaDb::serve(rdir, &rmnt.join("data"), &noinit).expect("server on the copy");
+    let second = MariaDb::serve_existing(&rmnt.join("data")).expect("server on the copy");
     let mut c = second.conn("app", "app-pass").unwrap();
     let rows: u64 = c
         .query_first("SELECT COUNT(*) FROM appdb.t")

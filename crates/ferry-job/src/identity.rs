@@ -145,11 +145,26 @@ pub fn bind_azure(
                 )));
             }
             let m = new_marker(key_id)?;
-            blobs
-                .put_block_blob(AZURE_MARKER, serde_json::to_vec_pretty(&m).expect("marker"))
-                .map_err(az)?;
-            tracing::info!(store = %url, id = %m.store_id, "created the store marker");
-            m
+            // Created only if absent: of two processes binding a new container at once, one
+            // writes its marker and the other adopts it (never two ids for one store).
+            if blobs
+                .create_block_blob(AZURE_MARKER, serde_json::to_vec_pretty(&m).expect("marker"))
+                .map_err(az)?
+            {
+                tracing::info!(store = %url, id = %m.store_id, "created the store marker");
+                m
+            } else {
+                let b = blobs.get_blob(AZURE_MARKER).map_err(az)?.ok_or_else(|| {
+                    JobError::Azure(format!(
+                        "{url}/{AZURE_MARKER} exists and then does not: is another process deleting this container? Try again"
+                    ))
+                })?;
+                let r = StoreMarker::parse(&b).map_err(|e| {
+                    JobError::Azure(format!("{url}/{AZURE_MARKER}: {e}; this container is not a Ferry store (or a newer Ferry's): use another container"))
+                })?;
+                tracing::info!(store = %url, id = %r.store_id, "another process created the store marker first; using it");
+                r
+            }
         }
     };
     ferry_durable::durable_write(&bp, &serde_json::to_vec_pretty(&m).expect("marker")).map_err(

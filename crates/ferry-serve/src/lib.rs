@@ -175,8 +175,27 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         source: std::io::Error::other(e),
     })?;
     let writer = cache.writer()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServeError::Io {
+            what: "cannot start the async runtime".into(),
+            source,
+        })?;
+    let listener = rt
+        .block_on(TcpListener::bind(&o.listen))
+        .map_err(|source| ServeError::Listen {
+            addr: o.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        what: "cannot read the listening address".into(),
+        source,
+    })?;
+    tracing::info!(%addr, fingerprint = %identity.fingerprint(), "process server listening; `ferry passphrase show` prints the registration passphrase");
     let board = Arc::new(board::Board::new(board::ServerInfo {
-        listen: o.listen.clone(),
+        // The address bound (with port 0 in `--listen`, the port the kernel picked).
+        listen: addr.to_string(),
         store: match &o.store {
             ferry_job::StoreLocation::Azure { url, .. } => url.clone(),
             ferry_job::StoreLocation::Local(p) => std::path::absolute(p)
@@ -208,24 +227,6 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         held,
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| ServeError::Io {
-            what: "cannot start the async runtime".into(),
-            source,
-        })?;
-    let listener = rt
-        .block_on(TcpListener::bind(&o.listen))
-        .map_err(|source| ServeError::Listen {
-            addr: o.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Io {
-        what: "cannot read the listening address".into(),
-        source,
-    })?;
-    tracing::info!(%addr, fingerprint = %identity.fingerprint(), "process server listening; `ferry passphrase show` prints the registration passphrase");
 
     let status_path = o.state_dir.join(status::STATUS_FILE);
     let failed: Mutex<Option<ServeError>> = Mutex::new(None);

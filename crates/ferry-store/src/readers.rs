@@ -241,6 +241,26 @@ pub fn pin_point(root: &Path, vm: &str, seq: u64) -> Result<Pin, StoreError> {
     Ok(Pin { path, _file: f })
 }
 
+/// Age at which a live pin is reported (it is still honoured).
+pub const PIN_WARN_AGE: Duration = Duration::from_secs(3600);
+
+/// How long ago the pin file was made (its modification time: written once, at pinning).
+fn pin_age(f: &File) -> Option<Duration> {
+    let m = f.metadata().ok()?.modified().ok()?;
+    std::time::SystemTime::now().duration_since(m).ok()
+}
+
+/// True the first time this process sees `p` here.
+fn warn_once(p: &Path) -> bool {
+    static SEEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.iter().any(|x| x == p) {
+        return false;
+    }
+    seen.push(p.to_owned());
+    true
+}
+
 /// (VM, SEQ) from a pin file name `VM.SEQ.PID.RAND.pin` (VM names may hold dots).
 fn pin_name(name: &str) -> Option<(String, u64)> {
     let stem = name.strip_suffix(".pin")?;
@@ -280,6 +300,22 @@ pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
         let Some((vm, seq)) = pin_name(&e.file_name().to_string_lossy()) else {
             continue;
         };
+        // A live reader is never broken, however long it reads; but one that holds a point for
+        // hours (a stuck restore, a test failover left running) keeps retention from pruning it
+        // and everything it needs: say so, once per pin and process.
+        if let Some(age) = pin_age(&f) {
+            if age >= PIN_WARN_AGE && warn_once(&p) {
+                let who = fs::read(&p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<PinFile>(&b).ok())
+                    .map_or_else(String::new, |b| {
+                        format!(" by pid {} ({})", b.pid, b.command)
+                    });
+                tracing::warn!(pin = %p.display(), vm = %vm, seq, age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+                    "point {seq} of VM {vm} has been pinned{who} for over {} h: retention keeps it, and every older point it needs, until that reader ends; stop it if it is stuck",
+                    age.as_secs() / 3600);
+            }
+        }
         let m = out.entry(vm).or_insert(seq);
         *m = (*m).min(seq);
     }

@@ -1,11 +1,24 @@
 //! Test-only helpers shared by Ferry's test suites (never linked into a binary users run).
 //!
+//! - [`skip`]: the one way a test may decline to run (below).
+//! - [`sys`]: what this machine has (root, loop devices, BTF, tools) and running commands.
+//! - [`loopdev`]: loop devices (attach, partitions, mounts), detached on drop, attached one at a
+//!   time.
+//! - [`mariadb`]: a throw-away MariaDB server on a unix socket.
+//! - [`proc`]: child processes logging to a file (the Ferry binaries), their log, SIGTERM/SIGKILL,
+//!   and the binaries built next to a test's own.
+//!
 //! [`skip`] is the one way a test may decline to run: it is a failure when the named
 //! `FERRY_REQUIRE_*` variable is `1` (scripts/test sets them where everything is installed), and
 //! otherwise it is written past the test harness's output capture *and* appended to the file named
 //! by `FERRY_SKIP_LOG`, which scripts/test prints in its summary, so a passing run shows every skip.
 
 use std::io::Write;
+
+pub mod loopdev;
+pub mod mariadb;
+pub mod proc;
+pub mod sys;
 
 /// Declines to run `test` because of `why`. Panics if `require_var` is set to `1`.
 pub fn skip(test: &str, why: &str, require_var: &str) {

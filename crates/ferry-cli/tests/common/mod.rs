@@ -135,3 +135,34 @@ pub fn b3(path: &Path) -> String {
 pub fn same_bytes(a: &Path, b: &Path) -> bool {
     fs::read(a).unwrap() == fs::read(b).unwrap()
 }
+
+pub use ferry_testkit::proc::Proc;
+
+/// The `ferry-agent` binary built next to `ferry` (`cargo build --release --bins` builds both).
+pub fn agent_bin() -> PathBuf {
+    ferry_testkit::proc::sibling_bin(env!("CARGO_BIN_EXE_ferry"), "ferry-agent")
+}
+
+/// Spawns `ferry serve` (`c` without `--listen`) with `--listen LISTEN` if given (else the address
+/// its config names), logging to `log`, and waits for its "process server listening" line: the
+/// process and the address it bound. Give `127.0.0.1:0` for a port the kernel picks (no
+/// free-port-then-spawn race); a restart gives the address the first start bound.
+pub fn spawn_serve(mut c: Command, listen: Option<&str>, log: &Path) -> (Proc, String) {
+    c.env("FERRY_LOG", "info");
+    if let Some(l) = listen {
+        c.args(["--listen", l]);
+    }
+    let mut p = Proc::spawn(c, log);
+    let addr = p.wait_log(
+        "the listening line",
+        std::time::Duration::from_secs(30),
+        |l| {
+            if !l.contains("process server listening") {
+                return None;
+            }
+            let (_, rest) = l.split_once("addr=")?;
+            Some(rest.split_whitespace().next()?.to_owned())
+        },
+    );
+    (p, addr)
+}

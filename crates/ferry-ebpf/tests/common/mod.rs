@@ -6,8 +6,6 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ferry_ebpf::{Tracker, CHUNK_SIZE};
@@ -65,14 +63,11 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// `losetup` of concurrent tests can race for the same free device: one at a time in this binary,
-/// and retried for other processes.
-static LOSETUP: Mutex<()> = Mutex::new(());
-
 /// A loop device over a file in a temporary directory, detached on drop.
 pub struct Loop {
     pub dev: PathBuf,
     pub file: PathBuf,
+    lo: ferry_testkit::loopdev::Loop,
     _dir: tempfile::TempDir,
 }
 
@@ -109,56 +104,26 @@ impl Loop {
         }
         f.sync_all()?;
         drop(f);
-        let dev = {
-            let _one = LOSETUP.lock().unwrap_or_else(|e| e.into_inner());
-            let mut args = vec!["-f", "--show"];
-            if part_start.is_some() {
-                args.push("-P");
-            }
-            if direct_io {
-                args.push("--direct-io=on");
-            }
-            args.push(file.to_str().unwrap());
-            let mut tries = 0;
-            loop {
-                match run("losetup", &args) {
-                    Ok(dev) => break PathBuf::from(dev),
-                    Err(e) if tries < 10 => {
-                        tries += 1;
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        let lo = Loop {
-            dev,
+        let lo = ferry_testkit::loopdev::Loop::attach_with(
+            &file,
+            &ferry_testkit::loopdev::LoopOptions {
+                partitions: u32::from(part_start.is_some()),
+                direct_io,
+                ..Default::default()
+            },
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(Loop {
+            dev: lo.dev.clone(),
             file,
+            lo,
             _dir: dir,
-        };
-        if part_start.is_some() {
-            let p1 = lo.part(1);
-            if !p1.exists() {
-                // The kernel may lack an MBR parser; partx parses in userspace and adds it.
-                run("partx", &["-a", lo.dev.to_str().unwrap()])?;
-            }
-            for _ in 0..50 {
-                if p1.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !p1.exists() {
-                bail!("{} did not appear", p1.display());
-            }
-        }
-        Ok(lo)
+        })
     }
 
     /// The node of partition `n`.
     pub fn part(&self, n: u32) -> PathBuf {
-        PathBuf::from(format!("{}p{n}", self.dev.display()))
+        self.lo.part(n)
     }
 
     /// The temporary directory holding the backing file.
@@ -168,12 +133,6 @@ impl Loop {
 
     pub fn path(&self) -> &str {
         self.dev.to_str().unwrap()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
 

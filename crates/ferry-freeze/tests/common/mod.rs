@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::io::Write;
+
+use ferry_testkit::loopdev::{Loop, LoopOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -10,24 +12,13 @@ use std::time::{Duration, Instant};
 /// With this set to 1, a skip is a failure (for CI machines that have everything).
 pub const REQUIRE_ENV: &str = "FERRY_REQUIRE_FREEZE_TESTS";
 
-/// Prints a SKIP line that the test harness does not swallow (or panics if skips are not allowed).
+/// Declines to run `test` (`ferry_testkit::skip`: seen in a passing run, a failure with
+/// `FERRY_REQUIRE_FREEZE_TESTS=1`).
 pub fn skip(test: &str, why: &str) {
-    let msg = format!("SKIP {test}: {why}");
-    if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
-        panic!("{msg} ({REQUIRE_ENV}=1 makes this a failure)");
-    }
-    // Written to the stderr handle, not with eprintln!: the harness captures the print macros
-    // of passing tests, and a skip must be seen.
-    let _ = writeln!(std::io::stderr(), "\n*** {msg} ***\n");
+    ferry_testkit::skip(test, why, REQUIRE_ENV);
 }
 
-pub fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
+pub use ferry_testkit::sys::have;
 
 /// Why the loop-device tests cannot run here, if they cannot.
 pub fn loop_skip_reason(tools: &[&str]) -> Option<String> {
@@ -68,6 +59,8 @@ pub struct LoopDisk {
     pub dev: String,
     pub dir: tempfile::TempDir,
     mounts: Vec<PathBuf>,
+    // Declared last: dropped (detached) after `drop` thawed and unmounted `mounts`.
+    lo: Loop,
 }
 
 impl LoopDisk {
@@ -98,34 +91,20 @@ impl LoopDisk {
                 .unwrap();
             assert!(c.wait().unwrap().success(), "sfdisk failed");
         }
-        let mut args = vec!["--find", "--show"];
-        if !partitions.is_empty() {
-            args.push("--partscan");
-        }
-        args.push(img.to_str().unwrap());
-        let dev = run("losetup", &args);
+        let lo = Loop::attach_with(
+            &img,
+            &LoopOptions {
+                partitions: partitions.len() as u32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let disk = LoopDisk {
-            dev,
+            dev: lo.path().to_owned(),
             dir,
             mounts: Vec::new(),
+            lo,
         };
-        if !partitions.is_empty() {
-            // The kernel's own scan may find nothing (a kernel built without MBR parsing): then
-            // partx reads the table and adds the partitions itself (BLKPG).
-            let p = disk.part(partitions.len());
-            let t = Instant::now();
-            while !Path::new(&p).exists() && t.elapsed() < Duration::from_millis(300) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !Path::new(&p).exists() {
-                run("partx", &["--add", &disk.dev]);
-            }
-            let t = Instant::now();
-            while !Path::new(&p).exists() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            assert!(Path::new(&p).exists(), "{p} did not appear");
-        }
         disk
     }
 
@@ -164,13 +143,14 @@ impl LoopDisk {
             .prefix("ferry-freeze-")
             .tempdir()
             .unwrap();
-        let dev = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
+        let lo = Loop::attach(image).unwrap();
         let mnt = dir.path().join(name);
         std::fs::create_dir(&mnt).unwrap();
         let disk = LoopDisk {
-            dev,
+            dev: lo.path().to_owned(),
             dir,
             mounts: vec![mnt.clone()],
+            lo,
         };
         run("mount", &[&disk.dev, mnt.to_str().unwrap()]);
         (disk, mnt)
@@ -197,7 +177,7 @@ impl Drop for LoopDisk {
         for m in self.mounts.iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(m).status();
         }
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        // `lo` detaches the device when it drops, after this.
     }
 }
 

@@ -3,9 +3,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
-use std::time::Duration;
 
 use ferry_read::{ChunkReader, ReadError, ReadStats, CHUNK_SIZE, MAX_EXTENT};
 
@@ -99,11 +96,10 @@ pub fn skip(test: &str, why: Option<String>) -> bool {
     let Some(why) = why else {
         return false;
     };
-    if std::env::var_os("FERRY_REQUIRE_EBPF").is_some_and(|v| v == "1") {
-        panic!("{test}: cannot run and FERRY_REQUIRE_EBPF=1: {why}");
-    }
-    eprintln!(
-        "\n*** SKIPPED {test}: {why} (O_DIRECT on a real block device NOT tested here) ***\n"
+    ferry_testkit::skip(
+        test,
+        &format!("{why} (O_DIRECT on a real block device NOT tested here)"),
+        "FERRY_REQUIRE_EBPF",
     );
     true
 }
@@ -120,43 +116,25 @@ pub fn loop_unavailable() -> Option<String> {
     None
 }
 
-/// `losetup --find` of concurrent tests can race for the same free device: one at a time here,
-/// retried against other processes.
-static LOSETUP: Mutex<()> = Mutex::new(());
-
-/// A loop device over a file, detached on drop.
+/// A loop device over a file (`ferry_testkit::loopdev`), detached on drop.
 pub struct Loop {
     pub dev: PathBuf,
+    _lo: ferry_testkit::loopdev::Loop,
 }
 
 impl Loop {
     /// Attaches `file` with logical blocks of `sector_size` bytes.
     pub fn attach(file: &Path, sector_size: u32) -> Result<Loop, String> {
-        let _serial = LOSETUP.lock().unwrap_or_else(|p| p.into_inner());
-        let sector = sector_size.to_string();
-        let file = file.to_string_lossy();
-        let args = ["--find", "--show", "--sector-size", &sector, &file];
-        let mut last = String::new();
-        for _ in 0..5 {
-            match Command::new("losetup").args(args).output() {
-                Ok(out) if out.status.success() => {
-                    let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                    return Ok(Loop { dev: dev.into() });
-                }
-                Ok(out) => last = String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                Err(e) => return Err(format!("cannot run losetup: {e}")),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Err(format!("losetup {} failed: {last}", args.join(" ")))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let out = Command::new("losetup").arg("-d").arg(&self.dev).output();
-        if !out.is_ok_and(|o| o.status.success()) {
-            eprintln!("warning: could not detach {}", self.dev.display());
-        }
+        let lo = ferry_testkit::loopdev::Loop::attach_with(
+            file,
+            &ferry_testkit::loopdev::LoopOptions {
+                sector_size: Some(sector_size),
+                ..Default::default()
+            },
+        )?;
+        Ok(Loop {
+            dev: lo.dev.clone(),
+            _lo: lo,
+        })
     }
 }
