@@ -87,12 +87,25 @@ impl CvFile {
         Ok(())
     }
 
-    /// Rewrites the header in place (not yet durable: call [`CvFile::sync`]). A torn header fails
-    /// its checksum at the next start: the map then reads as unknown (a re-send, never a miss).
+    /// Sets the header. A change of the base run only (the common case: a commit) rewrites the
+    /// header's last sector in place, which a power cut cannot tear (not yet durable: call
+    /// [`CvFile::sync`]). A change of the first sector too (a version-2 map, or a new binding)
+    /// would rewrite two sectors, which a power cut could tear into a header that fails its
+    /// checksum (a full re-send): the map is then copied whole with the new header to a temporary
+    /// file and renamed over (durable on return).
     pub fn set_header(&mut self, header: CvHeader) -> Result<(), AgentError> {
+        let new = header.encode();
+        let mut head = [0u8; 512];
         self.file
-            .write_all_at(&header.encode(), 0)
+            .read_exact_at(&mut head, 0)
             .map_err(|e| err(&self.path, e))?;
+        if head[..] == new[..512] {
+            self.file
+                .write_all_at(&new[512..], 512)
+                .map_err(|e| err(&self.path, e))?;
+        } else {
+            self.file = copy_with_header(&self.path, &self.file, &new)?;
+        }
         self.header = header;
         Ok(())
     }
@@ -132,6 +145,38 @@ fn create_cv_file(path: &Path, header: &CvHeader) -> Result<File, AgentError> {
             let n = left.min(ones.len());
             f.write_all(&ones[..n]).map_err(|e| err(&tmp, e))?;
             left -= n;
+        }
+    }
+    ferry_durable::durable_rename(&tmp, path).map_err(|e| err(path, e))?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| err(path, e))
+}
+
+/// Writes `header` and the CVs of `from` to a temporary file, syncs it and renames it over
+/// `path` (directory synced); opens the result.
+fn copy_with_header(path: &Path, from: &File, header: &[u8]) -> Result<File, AgentError> {
+    let tmp = path.with_extension("cv.tmp");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| err(&tmp, e))?;
+        f.write_all(header).map_err(|e| err(&tmp, e))?;
+        let len = from.metadata().map_err(|e| err(path, e))?.len();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = CV_HEADER;
+        while at < len {
+            let n = buf.len().min((len - at) as usize);
+            from.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| err(path, e))?;
+            f.write_all(&buf[..n]).map_err(|e| err(&tmp, e))?;
+            at += n as u64;
         }
     }
     ferry_durable::durable_rename(&tmp, path).map_err(|e| err(path, e))?;
@@ -283,6 +328,7 @@ pub fn take_clean(state_dir: &Path) -> Result<Option<CleanStop>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn cv_maps_update_in_place_keep_their_header_and_refuse_another_size() {
@@ -302,6 +348,26 @@ mod tests {
         let (mut f, cvs) = CvFile::open(dir.path(), "sda", 5 * 65536 + 1).unwrap();
         assert_eq!(f.header(), &h);
         assert_eq!((cvs[0], cvs[1], cvs[5]), ([1; 32], UNKNOWN, [2; 32]));
+        // A commit (the base only) rewrites the header's last sector in place, never its first;
+        // a new binding (the first sector changes too) replaces the file by a copy.
+        let p = CvFile::path(dir.path(), "sda");
+        let (before, ino) = (fs::read(&p).unwrap(), fs::metadata(&p).unwrap().ino());
+        h.base = [9; 16];
+        f.set_header(h.clone()).unwrap();
+        f.sync().unwrap();
+        let after = fs::read(&p).unwrap();
+        assert_eq!(before[..512], after[..512]);
+        assert_ne!(before[512..1024], after[512..1024]);
+        assert_eq!(fs::metadata(&p).unwrap().ino(), ino, "in place");
+        h.vm = "web-renamed".into();
+        f.set_header(h.clone()).unwrap();
+        assert_ne!(fs::metadata(&p).unwrap().ino(), ino, "a copy renamed over");
+        f.write(&[(1, [3; 32])]).unwrap();
+        f.sync().unwrap();
+        drop(f);
+        let (mut f, cvs) = CvFile::open(dir.path(), "sda", 5 * 65536 + 1).unwrap();
+        assert_eq!(f.header(), &h);
+        assert_eq!((cvs[0], cvs[1], cvs[5]), ([1; 32], [3; 32], [2; 32]));
         // A reset forgets every CV and takes the new binding.
         h.base = [8; 16];
         f.reset(h.clone()).unwrap();

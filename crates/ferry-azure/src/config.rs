@@ -119,6 +119,10 @@ pub struct AzureConfig {
     pub credential_source: &'static str,
     /// Tuning.
     pub tuning: ClientTuning,
+    /// Allow a shared key or SAS over plain `http` to a host that is not loopback
+    /// (`FERRY_AZURE_ALLOW_HTTP=1`): the request signature (shared key) or the SAS itself then
+    /// crosses the network in clear. Off by default; loopback (Azurite) never needs it.
+    pub allow_http: bool,
 }
 
 impl AzureConfig {
@@ -138,6 +142,7 @@ impl AzureConfig {
             credential: resolved.credential,
             credential_source: resolved.source,
             tuning: ClientTuning::default(),
+            allow_http: env("FERRY_AZURE_ALLOW_HTTP").as_deref() == Some("1"),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -154,6 +159,7 @@ impl AzureConfig {
             },
             credential_source: "explicit",
             tuning: ClientTuning::default(),
+            allow_http: false,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -179,6 +185,30 @@ impl AzureConfig {
             return Err(AzureError::Config(format!(
                 "blob endpoint {:?} must not end in '/'",
                 self.endpoint
+            )));
+        }
+        let loopback = url.host_str().is_some_and(|h| {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+        });
+        if url.scheme() == "http"
+            && !loopback
+            && !self.allow_http
+            && matches!(
+                self.credential,
+                Credential::SharedKey { .. } | Credential::Sas { .. }
+            )
+        {
+            return Err(AzureError::Config(format!(
+                "blob endpoint {:?} is plain http to a host that is not this machine: the {} would \
+                 cross the network in clear. Use https, or set FERRY_AZURE_ALLOW_HTTP=1 if this \
+                 network is trusted",
+                self.endpoint,
+                match self.credential {
+                    Credential::Sas { .. } => "SAS token",
+                    _ => "shared-key signature",
+                }
             )));
         }
         match &self.credential {
@@ -564,6 +594,48 @@ mod tests {
         .is_err());
     }
 
+    /// Issue 8: a shared key or SAS over plain http only to this machine, or with the opt-in.
+    #[test]
+    fn keys_and_sas_need_https_beyond_loopback() {
+        for host in [
+            "http://127.0.0.1:10000/a",
+            "http://localhost:1",
+            "http://[::1]:1",
+        ] {
+            AzureConfig::shared_key(host, AZURITE_ACCOUNT, AZURITE_KEY, "cont").expect(host);
+        }
+        let e = AzureConfig::shared_key(
+            "http://10.0.0.5:10000/a",
+            AZURITE_ACCOUNT,
+            AZURITE_KEY,
+            "cont",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("FERRY_AZURE_ALLOW_HTTP=1") && e.contains("shared-key"),
+            "{e}"
+        );
+        let cs = "AccountName=acct1;SharedAccessSignature=sv=1&sig=SECRET;BlobEndpoint=http://blob.example.com/acct1";
+        let e = AzureConfig::from_url_with_env(
+            "azure://acct1/cont",
+            env(&[("AZURE_STORAGE_CONNECTION_STRING", cs)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("SAS token") && !e.contains("SECRET"), "{e}");
+        AzureConfig::from_url_with_env(
+            "azure://acct1/cont",
+            env(&[
+                ("AZURE_STORAGE_CONNECTION_STRING", cs),
+                ("FERRY_AZURE_ALLOW_HTTP", "1"),
+            ]),
+        )
+        .expect("allowed");
+        AzureConfig::shared_key("https://10.0.0.5/a", AZURITE_ACCOUNT, AZURITE_KEY, "cont")
+            .expect("https");
+    }
+
     #[test]
     fn entra_refused_on_http_and_bad_key_refused() {
         let mut c = AzureConfig::shared_key(
@@ -575,12 +647,17 @@ mod tests {
         .expect("ok");
         assert_eq!(c.endpoint, "http://127.0.0.1:1/devstoreaccount1");
         // Blanks between trailing slashes (found by fuzz/azure_config) are trimmed too.
-        let t = AzureConfig::shared_key("http://h / \t/", AZURITE_ACCOUNT, AZURITE_KEY, "cont");
-        assert_eq!(t.expect("ok").endpoint, "http://h");
+        let t = AzureConfig::shared_key(
+            "http://localhost / \t/",
+            AZURITE_ACCOUNT,
+            AZURITE_KEY,
+            "cont",
+        );
+        assert_eq!(t.expect("ok").endpoint, "http://localhost");
         c.credential = Credential::Entra(EntraSource::DeveloperTools);
         assert!(c.validate().unwrap_err().to_string().contains("https"));
-        let e =
-            AzureConfig::shared_key("http://h", AZURITE_ACCOUNT, "%%%", "cont").expect_err("bad");
+        let e = AzureConfig::shared_key("http://[::1]", AZURITE_ACCOUNT, "%%%", "cont")
+            .expect_err("bad");
         assert!(e.to_string().contains("base64"), "{e}");
     }
 }

@@ -309,7 +309,7 @@ impl AzureError {
                 if let Some(auth) = se.authentication_error_detail.as_deref() {
                     detail = format!("{detail} ({})", first_line(auth));
                 }
-                (code, detail)
+                (code, redact(&detail))
             }
             Err(e) => (fallback_code, error_chain(&e)),
         };
@@ -354,9 +354,39 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("").trim().trim_end_matches('.')
 }
 
+/// `s` with the value of every `sig=` parameter (a SAS signature: whoever holds it has the
+/// SAS's access) replaced by `REDACTED`. Error texts from the HTTP stack carry the request URL,
+/// which carries the SAS; they reach logs on every retry.
+pub fn redact(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    loop {
+        let lower = rest.to_ascii_lowercase();
+        let Some(i) = lower.find("sig=") else {
+            out.push_str(rest);
+            return out;
+        };
+        let at = i + 4;
+        out.push_str(&rest[..at]);
+        let end = rest[at..]
+            .find(|c: char| {
+                c == '&' || c == ')' || c == '"' || c == '\'' || c == '>' || c.is_whitespace()
+            })
+            .map_or(rest.len(), |e| at + e);
+        if end > at {
+            out.push_str("REDACTED");
+        }
+        rest = &rest[end..];
+    }
+}
+
 /// The error and its sources on one line, so "connection refused" is not hidden behind
-/// "failed to execute request".
+/// "failed to execute request"; SAS signatures redacted.
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    redact(&error_chain_raw(err))
+}
+
+fn error_chain_raw(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -373,6 +403,19 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sas_signatures_are_redacted_wherever_they_appear() {
+        let t = "error sending request for url (http://127.0.0.1:1/c/b?sv=2024&SIG=abc%2Fdef&se=1): connection refused; sig=xyz";
+        let r = redact(t);
+        assert!(!r.contains("abc") && !r.contains("xyz"), "{r}");
+        assert!(
+            r.contains("SIG=REDACTED&se=1") && r.ends_with("sig=REDACTED"),
+            "{r}"
+        );
+        assert_eq!(redact("no secrets here"), "no secrets here");
+        assert_eq!(redact("sig="), "sig=");
+    }
 
     #[test]
     fn transient_split() {

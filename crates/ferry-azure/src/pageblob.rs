@@ -314,7 +314,9 @@ impl Shared {
                         snapshot: snapshot.to_string(),
                         dst: dst.to_string(),
                         status,
-                        description: props.copy_description.unwrap_or_default(),
+                        description: crate::error::redact(
+                            &props.copy_description.unwrap_or_default(),
+                        ),
                     })
                 }
             }

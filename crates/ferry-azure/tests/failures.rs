@@ -152,3 +152,24 @@ fn cancel_stops_waiting_operations() {
     assert!(matches!(e, AzureError::Cancelled { .. }), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+/// Issue 8: the HTTP stack's error texts carry the request URL, which carries the SAS; none of it
+/// may reach an error (or the retry log, which prints the same text). No Azurite needed: a closed
+/// port on loopback.
+#[test]
+fn a_sas_token_never_appears_in_errors() {
+    let cs = "AccountName=devstoreaccount1;SharedAccessSignature=sv=2024-01-01&ss=b&srt=sco&sp=rwdl&sig=TOPSECRETSIG;BlobEndpoint=http://127.0.0.1:1/devstoreaccount1";
+    let mut cfg = AzureConfig::from_url_with_env("azure://devstoreaccount1/secrets", |k| {
+        (k == "AZURE_STORAGE_CONNECTION_STRING").then(|| cs.to_string())
+    })
+    .expect("config");
+    cfg.tuning.retry.max_elapsed = Duration::from_secs(2);
+    let blobs = AzureBlobs::new(cfg).expect("client");
+    let e = blobs.get_blob("x").expect_err("nothing listens there");
+    let text = format!("{e} / {e:?}");
+    assert!(!text.contains("TOPSECRETSIG"), "{text}");
+    assert!(
+        text.contains("127.0.0.1"),
+        "the error still says where: {text}"
+    );
+}

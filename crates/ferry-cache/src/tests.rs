@@ -258,6 +258,11 @@ fn every_crash_state_keeps_every_record_sync_returned() {
     drop(c);
     let taken = crashsim::finish(&states);
     assert!(taken.len() > 15, "{} syncs", taken.len());
+    let torn = taken
+        .iter()
+        .filter(|(p, _)| p.to_string_lossy().contains("-torn"))
+        .count();
+    assert!(torn >= 5, "only {torn} torn states taken");
     for (state, acked) in taken {
         let (c, _) = Cache::open(cfg(&state.join("cache")), key()).unwrap_or_else(|e| {
             panic!(

@@ -62,7 +62,8 @@ struct LoopDisk {
 }
 
 impl LoopDisk {
-    /// A new sparse backing file of `size` bytes, attached.
+    /// A new sparse backing file of `size` bytes, attached with partition scanning on (a table
+    /// may be written through it later).
     fn new(backing: &Path, size: u64) -> LoopDisk {
         fs::File::create(backing).unwrap().set_len(size).unwrap();
         Self::attach(backing, 0)
@@ -73,6 +74,7 @@ impl LoopDisk {
             backing,
             &LoopOptions {
                 partitions,
+                partscan: true,
                 ..Default::default()
             },
         )
@@ -500,7 +502,7 @@ fn restarts_clean_unclean_and_a_forced_resync_move_only_what_differs() {
     assert_eq!(r["kind"], "crash");
     copies.push(save(4));
     running.term();
-    let log = running.log_text();
+    let log = running.own_log();
     assert!(log.contains("resync requested"), "{log}");
 
     let mut site = site;

@@ -319,11 +319,7 @@ fn kill_9_of_the_server_mid_run_loses_nothing() {
         "the kill did not interrupt a run; make the image larger"
     );
     // ... and the run was open when the server came back: it held its start and said so.
-    let log: String = srv
-        .log_text()
-        .replace("\u{1b}[3m", "")
-        .replace("\u{1b}[0m", "")
-        .replace("\u{1b}[2m", "");
+    let log: String = srv.proc.own_log();
     assert!(
         log.lines()
             .any(|l| l.contains("inventory") && l.contains("open=true")),

@@ -165,9 +165,9 @@ fn a_pinned_point_is_kept_and_a_dead_readers_pin_is_not() {
     let err = ferry_testkit::proc::strip_ansi(&String::from_utf8_lossy(&o.stderr));
     assert!(
         err.contains(&format!(
-            "point {seq1} of VM pin has been pinned by pid {}",
+            "point {seq1} of a VM has been pinned by a live reader (pid {}) for over 2 h",
             std::process::id()
-        )) && err.contains("for over 2 h"),
+        )) && err.contains("vm=\"pin\""),
         "an old pin is reported: {err}"
     );
     assert_eq!(env.points().len(), 4);

@@ -258,6 +258,11 @@ fn serve_prunes_expired_points_with_its_retention() {
     let config = write_config(&env, "127.0.0.1:0", "3s");
     let mut srv = Server::start(&env, &config, &[], None);
     let addr = srv.addr.clone();
+    // The file's address was used, not the default (0.0.0.0:7443).
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":7443"),
+        "{addr}"
+    );
     register(&env, &config, &addr);
     let disk = env.path("disk.img");
     let mut rng = Rng(0x9e7a);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{have, skip};
+use common::skip;
 use ferry_freeze::{HookError, MysqlHook, MysqlTarget};
 use ferry_testkit::mariadb::{Mariadb, MariadbOptions};
 use mysql::prelude::Queryable;
@@ -130,12 +130,8 @@ fn skip_reason() -> Option<String> {
     if !ferry_freeze::is_root() {
         return Some("not running as root (mariadbd is started with --user=root)".into());
     }
-    for c in ["mariadbd", "mariadb-install-db"] {
-        if !have(c) && !Path::new("/usr/sbin").join(c).exists() {
-            return Some(format!("{c} is not installed (apt: mariadb-server)"));
-        }
-    }
-    None
+    ferry_testkit::sys::missing(&ferry_testkit::mariadb::TOOLS)
+        .map(|m| format!("{m} (apt: mariadb-server, mariadb-client)"))
 }
 
 #[test]

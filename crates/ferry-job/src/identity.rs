@@ -130,6 +130,14 @@ pub fn bind_azure(
             )))
         }
         (Some(r), None) => {
+            if r.key_id != key_id {
+                return Err(JobError::Usage(format!(
+                    "{url} is store {}, made with master key {}; this run has key {key_id} ({}). Use the key file of that store, or another container",
+                    r.describe(),
+                    r.key_id,
+                    store.key().path().display()
+                )));
+            }
             if !fresh(store)? && !same_history(store, blobs)? {
                 return Err(start_over(format!(
                     "{url} is store {}, and the local staging state was never bound to it and does not match its points",
@@ -162,7 +170,15 @@ pub fn bind_azure(
                 let r = StoreMarker::parse(&b).map_err(|e| {
                     JobError::Azure(format!("{url}/{AZURE_MARKER}: {e}; this container is not a Ferry store (or a newer Ferry's): use another container"))
                 })?;
-                tracing::info!(store = %url, id = %r.store_id, "another process created the store marker first; using it");
+                // Our own marker (the id is random): a retry after a lost response. Anything else
+                // is another writer that bound this new container in the same instant, from
+                // another staging directory: two writers on one store must not both go on.
+                if r.store_id != m.store_id {
+                    return Err(start_over(format!(
+                        "{url} became store {} a moment ago, created by another Ferry process with its own staging state; only one writer may replicate into a store",
+                        r.describe()
+                    )));
+                }
                 r
             }
         }

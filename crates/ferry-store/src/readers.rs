@@ -257,6 +257,9 @@ fn warn_once(p: &Path) -> bool {
     if seen.iter().any(|x| x == p) {
         return false;
     }
+    if seen.len() >= 1024 {
+        seen.clear(); // bounded: at worst an old pin is reported again
+    }
     seen.push(p.to_owned());
     true
 }
@@ -305,14 +308,17 @@ pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
         // and everything it needs: say so, once per pin and process.
         if let Some(age) = pin_age(&f) {
             if age >= PIN_WARN_AGE && warn_once(&p) {
-                let who = fs::read(&p)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<PinFile>(&b).ok())
-                    .map_or_else(String::new, |b| {
-                        format!(" by pid {} ({})", b.pid, b.command)
-                    });
-                tracing::warn!(pin = %p.display(), vm = %vm, seq, age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
-                    "point {seq} of VM {vm} has been pinned{who} for over {} h: retention keeps it, and every older point it needs, until that reader ends; stop it if it is stuck",
+                // Read at most 4 KiB of it; its command goes in a field (escaped), never into
+                // the message, where a newline could forge a log line.
+                let mut body = Vec::new();
+                let _ = (&f).take(4096).read_to_end(&mut body);
+                let holder = serde_json::from_slice::<PinFile>(&body).ok();
+                tracing::warn!(pin = %p.display(), vm = ?vm, seq,
+                    pid = holder.as_ref().map(|h| h.pid),
+                    command = ?holder.as_ref().map(|h| h.command.as_str()),
+                    age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+                    "point {seq} of a VM has been pinned by a live reader (pid {}) for over {} h: retention keeps it, and every older point it needs, until that reader ends; stop it if it is stuck",
+                    holder.as_ref().map_or_else(|| "unknown".into(), |h| h.pid.to_string()),
                     age.as_secs() / 3600);
             }
         }

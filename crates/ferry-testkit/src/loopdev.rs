@@ -17,6 +17,9 @@ pub struct LoopOptions {
     /// The backing file holds a partition table: its partitions get nodes `DEVpN` (up to
     /// `partitions`), by the kernel's scan or by `partx -a` where the kernel cannot parse it.
     pub partitions: u32,
+    /// Ask the kernel to scan the partition table (`--partscan`) even with no partitions expected
+    /// yet (a table written through the device later, then `partx -u`).
+    pub partscan: bool,
     /// Logical block size (`--sector-size`).
     pub sector_size: Option<u32>,
     /// The loop driver does direct I/O on its backing file.
@@ -41,7 +44,7 @@ impl Loop {
             let _one = LOSETUP.lock().unwrap_or_else(|e| e.into_inner());
             let sector = o.sector_size.map(|s| s.to_string());
             let mut args = vec!["--find", "--show"];
-            if o.partitions > 0 {
+            if o.partitions > 0 || o.partscan {
                 args.push("--partscan");
             }
             if let Some(s) = &sector {
@@ -78,8 +81,9 @@ impl Loop {
             }
             if !last.exists() {
                 // The kernel may lack the partition parser; partx parses in userspace and adds
-                // the partitions itself (BLKPG).
-                run("partx", &["-a", lo.path()])?;
+                // the partitions itself (BLKPG). `-u` also copes with partitions the kernel added
+                // in the meantime.
+                run("partx", &["-u", lo.path()])?;
             }
             let t = Instant::now();
             while !last.exists() {

@@ -82,7 +82,9 @@ impl Proc {
         let t = Instant::now();
         loop {
             let log = self.own_log();
-            if let Some(v) = log.lines().find_map(&find) {
+            // Whole lines only: a line being written may be cut short.
+            let done = log.rfind('\n').map_or("", |i| &log[..i]);
+            if let Some(v) = done.lines().find_map(&find) {
                 return v;
             }
             if let Some(st) = self.exited() {
