@@ -107,6 +107,7 @@ pub fn refusal_name(code: u16) -> &'static str {
         refuse::BUSY => "busy",
         refuse::INTERNAL => "internal error",
         refuse::STALE_BASE => "run built on a state the server does not hold",
+        refuse::NOT_OWNER => "VM owned by another agent",
         _ => "unknown code",
     }
 }

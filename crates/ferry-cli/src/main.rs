@@ -1,6 +1,7 @@
 //! `ferry`: the operator's command. Thin: parse arguments, call `ferry-job`, print, map errors to exit
 //! codes (0 ok, 1 error, 2 usage).
 
+mod admin;
 mod config;
 mod progress;
 mod server;
@@ -59,6 +60,7 @@ enum Cmd {
     /// Examples:
     ///   ferry restore --store ./store --point latest --out web01.img --verify
     ///   ferry restore --store ./store --point 0003 --vm web01 --disk os --out os.vhd
+    #[command(verbatim_doc_comment)]
     Restore(RestoreArgs),
     /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them
     /// at each cut and publish recovery points. Idempotent and resumable: run it again after any
@@ -73,6 +75,7 @@ enum Cmd {
     /// Examples:
     ///   ferry serve --config /etc/ferry/ferry.toml
     ///   ferry serve --listen 0.0.0.0:7443 --store ./store --cache-dir ./cache --state-dir ./ps
+    #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
     /// Per VM and disk: state, RPO, backlog, last points — from the process server's status file
     /// and the store's manifests.
@@ -84,6 +87,89 @@ enum Cmd {
     Passphrase {
         #[command(subcommand)]
         cmd: PassphraseCmd,
+    },
+    /// Registered agents: list them, revoke one.
+    ///
+    /// Works on the process server's state directory whether or not `ferry serve` runs; a running
+    /// server applies a revocation within a second.
+    ///
+    /// Examples:
+    ///   ferry agents list
+    ///   ferry agents revoke 3f9c0a…   (the id from `ferry agents list`)
+    #[command(verbatim_doc_comment)]
+    Agents {
+        #[command(subcommand)]
+        cmd: AgentsCmd,
+    },
+    /// VMs and the agent each belongs to.
+    ///
+    /// A VM belongs to the first agent that replicates it, from then on: another agent using the
+    /// same --vm name is refused, whether or not the owner is connected. After rebuilding a
+    /// machine (a new agent), give its VM to the new agent with `ferry vms move`.
+    ///
+    /// Examples:
+    ///   ferry vms list --json
+    ///   ferry vms move web01 --to 3f9c0a…
+    #[command(verbatim_doc_comment)]
+    Vms {
+        #[command(subcommand)]
+        cmd: VmsCmd,
+    },
+}
+
+/// Where the process server keeps its state (`--state-dir`, else the config file's).
+#[derive(Args)]
+struct StateDirArg {
+    /// The process server's state directory (as given to `ferry serve`). Default: state_dir of
+    /// the config file's [serve] table, else STATE_ROOT/server.
+    #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(Subcommand)]
+enum AgentsCmd {
+    /// Registered agents: id, hostname, when registered, the VMs each owns, whether connected
+    /// (and from where) per the running server's status.
+    List {
+        #[command(flatten)]
+        at: StateDirArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: it can no longer connect, and a running `ferry serve` closes its
+    /// connections within a second. Its VMs keep their points and stay reserved for it until
+    /// moved (`ferry vms move`).
+    Revoke {
+        /// The agent id (from `ferry agents list`).
+        id: String,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmsCmd {
+    /// Each VM with its owning agent.
+    List {
+        #[command(flatten)]
+        at: StateDirArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a VM to another registered agent (a rebuilt machine's): its points, replicas and
+    /// disk identities stay; the former owner is disconnected and refused from then on.
+    Move {
+        /// The VM name.
+        vm: String,
+        /// The agent id that replicates it from now on (from `ferry agents list`).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        at: StateDirArg,
     },
 }
 
@@ -273,6 +359,18 @@ fn main() -> ExitCode {
             cmd: PassphraseCmd::Show { state_dir, config },
         } => return server::passphrase_show(state_dir, config),
         Cmd::Status(a) => server::status_cmd(a),
+        Cmd::Agents {
+            cmd: AgentsCmd::List { at, json },
+        } => admin::agents_list(at.state_dir, at.config, json),
+        Cmd::Agents {
+            cmd: AgentsCmd::Revoke { id, at },
+        } => admin::agents_revoke(at.state_dir, at.config, &id),
+        Cmd::Vms {
+            cmd: VmsCmd::List { at, json },
+        } => admin::vms_list(at.state_dir, at.config, json),
+        Cmd::Vms {
+            cmd: VmsCmd::Move { vm, to, at },
+        } => admin::vms_move(at.state_dir, at.config, &vm, &to),
         Cmd::Replicate(a) => replicate(a),
         Cmd::Points {
             cmd: PointsCmd::List { store, vm, json },

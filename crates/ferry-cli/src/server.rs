@@ -193,6 +193,17 @@ pub(crate) fn status_cmd(a: StatusArgs) -> Result<(), JobError> {
     Ok(())
 }
 
+/// `--state-dir`, else the config file's `[serve] state_dir`, else STATE_ROOT/server.
+pub(crate) fn resolve_state_dir(
+    state_dir: Option<PathBuf>,
+    config: &ConfigArg,
+) -> Result<PathBuf, JobError> {
+    match state_dir {
+        Some(d) => Ok(d),
+        None => Ok(server_state_dir(config.load()?.serve.state_dir)),
+    }
+}
+
 pub(crate) fn passphrase_show(state_dir: Option<PathBuf>, config: ConfigArg) -> ExitCode {
     let state_dir = match state_dir {
         Some(d) => d,

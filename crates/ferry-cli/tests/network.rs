@@ -587,3 +587,123 @@ fn disks_that_swap_names_keep_their_replicas() {
         "{log}"
     );
 }
+
+fn admin(env: &Env, args: &[&str]) -> Output {
+    ferry()
+        .args(args)
+        .arg("--state-dir")
+        .arg(env.path("ps-state"))
+        .output()
+        .unwrap()
+}
+
+fn admin_json(env: &Env, args: &[&str]) -> serde_json::Value {
+    let o = admin(env, args);
+    ok(&o, &args.join(" "));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Issue 8, as an operator: a VM belongs to the agent that first replicated it; a second
+/// machine using the same --vm name is refused (and told what to do); `ferry vms move` hands the
+/// VM to the rebuilt machine's agent; `ferry agents revoke` locks the old one out; `ferry agents
+/// list` / `ferry vms list` show it all. Real `ferry serve`, `ferry-agent` and `ferry` processes.
+#[test]
+fn operators_own_move_and_revoke_with_the_cli() {
+    let env = Env::new();
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
+    let size = 8 << 20;
+    let (d1, d2) = (env.path("one.img"), env.path("two.img"));
+    let mut rng = Rng(0x0a1e);
+    make_image(&d1, &mut rng, size);
+    make_image(&d2, &mut rng, size);
+    ok(&run_agent(&env, &addr, &d1, "agent"), "first agent");
+    let agents = admin_json(&env, &["agents", "list", "--json"]);
+    assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    let id1 = agents[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(agents[0]["vms"], serde_json::json!(["web01"]), "{agents}");
+
+    // A second machine with the same --vm name: refused, whether or not the owner is connected.
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass2.txt");
+    ok(
+        &register(&env, &addr, &pass, "agent2"),
+        "register the second agent",
+    );
+    let o = run_agent(&env, &addr, &d2, "agent2");
+    assert!(!o.status.success(), "a second agent replicated web01");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("belongs to another agent")
+            && err.contains("ferry vms move web01")
+            && !err.contains(&id1),
+        "{err}"
+    );
+    let agents = admin_json(&env, &["agents", "list", "--json"]);
+    let id2 = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .find(|i| *i != id1)
+        .unwrap();
+
+    // Mistakes: an unknown agent, a wrong state directory.
+    let o = admin(
+        &env,
+        &[
+            "vms",
+            "move",
+            "web01",
+            "--to",
+            "00112233445566778899aabbccddeeff",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no registered agent"));
+    let o = ferry()
+        .args(["agents", "list", "--state-dir"])
+        .arg(env.path("no-such-dir"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a process server state directory"));
+
+    // The operator moves web01 to the rebuilt machine's agent: it replicates, the old one cannot.
+    ok(
+        &admin(&env, &["vms", "move", "web01", "--to", &id2]),
+        "vms move",
+    );
+    let vms = admin_json(&env, &["vms", "list", "--json"]);
+    assert_eq!(
+        (vms[0]["vm"].as_str(), vms[0]["owner"].as_str()),
+        (Some("web01"), Some(id2.as_str())),
+        "{vms}"
+    );
+    ok(
+        &run_agent(&env, &addr, &d2, "agent2"),
+        "the new owner replicates",
+    );
+    // The rebuilt machine's disk is another disk (another identity): its own replica.
+    latest_is(&env, &env.store(), "web01", "two", &d2);
+    let o = run_agent(&env, &addr, &d1, "agent");
+    assert!(
+        !o.status.success(),
+        "the former owner still replicated web01"
+    );
+
+    // Revoked: the old agent cannot even log in; the list shows one agent.
+    ok(&admin(&env, &["agents", "revoke", &id1]), "agents revoke");
+    let o = agent_cmd_vm(&env, &addr, &d1, "agent", "other01")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unknown agent"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let agents = admin_json(&env, &["agents", "list", "--json"]);
+    assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    let o = admin(&env, &["agents", "revoke", &id1]);
+    assert_eq!(o.status.code(), Some(2), "revoking twice says so");
+    srv.stop();
+}

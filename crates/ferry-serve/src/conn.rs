@@ -180,11 +180,15 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                     "wrong registration passphrase; get the current one with `ferry passphrase show` on the process server",
                 ));
             }
-            let reg = shared
-                .registry
-                .lock()
-                .expect("registry lock")
-                .register(&hostname);
+            // Under the control lock, on the registry as on disk (an operator's revocation made
+            // meanwhile is kept), then the server's copy is that one.
+            let reg = (|| -> Result<_, crate::control::ControlError> {
+                let _l = shared.control.lock()?;
+                let mut fresh = shared.control.registry()?;
+                let r = fresh.register(&hostname)?;
+                *shared.registry.lock().expect("registry lock") = fresh;
+                Ok(r)
+            })();
             let (agent_id, credential) = reg.map_err(|e| {
                 tracing::error!(error = %e, "cannot save the agent registry");
                 refusal(
@@ -252,7 +256,95 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
 pub(crate) struct VmSlot {
     agent: String,
     conn: u64,
-    cancel: watch::Sender<bool>,
+    cancel: watch::Sender<Option<Kill>>,
+}
+
+/// Why a connection's VM slot was taken from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kill {
+    /// A newer connection of the same agent took the VM (the agent is already on it).
+    Replaced,
+    /// The operator revoked the agent (`ferry agents revoke`).
+    Revoked,
+    /// The operator moved the VM to another agent (`ferry vms move`).
+    Moved,
+}
+
+impl Kill {
+    fn refusal(self, vm: &str) -> Refusal {
+        match self {
+            Kill::Replaced => Refusal {
+                dropped: true,
+                ..refusal(
+                    refuse::PROTOCOL,
+                    "replaced by a newer connection of the same agent",
+                )
+            },
+            Kill::Revoked => refusal(
+                refuse::UNKNOWN_AGENT,
+                "this agent was revoked on the process server; to replicate again, register it again (ferry-agent register) with a passphrase from the operator",
+            ),
+            Kill::Moved => refusal(
+                refuse::NOT_OWNER,
+                format!("VM '{vm}' was moved to another agent by the operator (ferry vms move); this agent no longer replicates it"),
+            ),
+        }
+    }
+}
+
+/// Applies the operator's changes to the control files (see [`crate::control`]) to the running
+/// server: reloads the registry, and closes the connections of revoked agents and of VMs moved
+/// to another agent. Runs until `finished`.
+pub(crate) fn watch_control(
+    shared: &std::sync::Weak<Shared>,
+    finished: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let Some(first) = shared.upgrade() else {
+        return;
+    };
+    let mut seen = first.control.generation();
+    drop(first);
+    let mut failing = false;
+    while !finished.load(Ordering::Relaxed) {
+        std::thread::sleep(crate::control::WATCH_EVERY);
+        // Gone once the server stops: nothing left to watch.
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let now = shared.control.generation();
+        if now == seen {
+            continue;
+        }
+        let (reg, owners) = match (shared.control.registry(), shared.control.owners()) {
+            (Ok(r), Ok(o)) => (r, o),
+            (Err(e), _) | (_, Err(e)) => {
+                if !failing {
+                    tracing::error!(error = %e, "cannot read the agent registry or VM owners; keeping the last ones read");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        failing = false;
+        seen = now;
+        let known: std::collections::HashSet<String> =
+            reg.agents().map(|(id, _)| id.to_string()).collect();
+        *shared.registry.lock().expect("registry lock") = reg;
+        let mut vms = shared.vms.lock().expect("vms lock");
+        vms.retain(|vm, slot| {
+            let kill = if !known.contains(&slot.agent) {
+                Kill::Revoked
+            } else if owners.get(vm).is_some_and(|o| o.agent != slot.agent) {
+                Kill::Moved
+            } else {
+                return true;
+            };
+            tracing::warn!(vm = %vm, agent = %slot.agent, why = ?kill, "closing the connection: the operator changed who may replicate this VM");
+            let _ = slot.cancel.send(Some(kill));
+            false
+        });
+    }
 }
 
 struct VmOwner<'a> {
@@ -273,19 +365,51 @@ struct VmOwner<'a> {
 type Track = Arc<Mutex<Option<AckTrack>>>;
 
 impl VmOwner<'_> {
-    fn claim(&mut self, vm: &str) -> Result<watch::Receiver<bool>, Refusal> {
-        let mut vms = self.shared.vms.lock().expect("vms lock");
-        if let Some(slot) = vms.get(vm) {
-            if slot.agent != self.agent {
+    fn claim(&mut self, vm: &str) -> Result<watch::Receiver<Option<Kill>>, Refusal> {
+        let registered = self
+            .shared
+            .registry
+            .lock()
+            .expect("registry lock")
+            .agents()
+            .any(|(id, _)| id.to_string() == self.agent);
+        if !registered {
+            return Err(Kill::Revoked.refusal(vm));
+        }
+        // Persistent ownership first: the first agent to claim a VM owns it, whether or not it
+        // is connected. The refusal names nothing of the owner.
+        match self.shared.control.claim(vm, &self.agent) {
+            Ok(crate::control::Claim::Owned) => {}
+            Ok(crate::control::Claim::New) => {
+                tracing::info!(vm, agent = %self.agent, "the VM now belongs to this agent");
+            }
+            Ok(crate::control::Claim::NotOwner) => {
+                tracing::warn!(vm, agent = %self.agent, peer = %self.peer, "refused: the VM belongs to another agent");
                 return Err(refusal(
-                    refuse::BUSY,
-                    format!("VM '{vm}' is being replicated by another agent ({}); give each machine its own --vm name", slot.agent),
+                    refuse::NOT_OWNER,
+                    format!("VM name '{vm}' belongs to another agent; give each machine its own --vm name, or have the operator move it to this agent (ferry vms move {vm} --to {})", self.agent),
                 ));
             }
-            tracing::info!(vm, agent = %self.agent, "a newer connection of the agent replaces the older one");
-            let _ = slot.cancel.send(true);
+            Err(e) => {
+                tracing::error!(vm, error = %e, "cannot record the VM's owner");
+                return Err(refusal(
+                    refuse::INTERNAL,
+                    "cannot record the VM's owner; see the process server log",
+                ));
+            }
         }
-        let (tx, rx) = watch::channel(false);
+        let mut vms = self.shared.vms.lock().expect("vms lock");
+        if let Some(slot) = vms.get(vm) {
+            if slot.agent == self.agent {
+                tracing::info!(vm, agent = %self.agent, "a newer connection of the agent replaces the older one");
+                let _ = slot.cancel.send(Some(Kill::Replaced));
+            } else {
+                // This agent owns the VM now (a move): the former owner's connection goes.
+                tracing::warn!(vm, agent = %slot.agent, "closing the former owner's connection: the VM was moved");
+                let _ = slot.cancel.send(Some(Kill::Moved));
+            }
+        }
+        let (tx, rx) = watch::channel(None);
         vms.insert(
             vm.to_string(),
             VmSlot {
@@ -326,16 +450,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) -> Result<(), Refusal> {
     let shared = owner.shared;
     let mut vm: Option<String> = None;
-    let (_never, mut cancel) = watch::channel(false);
+    let (_never, mut cancel) = watch::channel(None::<Kill>);
     loop {
         let m = tokio::select! {
             // A cancelled connection stops at once, whatever its socket still holds.
             biased;
             _ = cancel.changed() => {
-                return Err(Refusal {
-                    dropped: true,
-                    ..refusal(refuse::PROTOCOL, "replaced by a newer connection of the same agent")
-                });
+                let kill = (*cancel.borrow()).unwrap_or(Kill::Replaced);
+                return Err(kill.refusal(vm.as_deref().unwrap_or("")));
             }
             m = r.read() => m?,
         };

@@ -28,6 +28,7 @@
 mod board;
 mod commit;
 mod conn;
+pub mod control;
 mod held;
 pub mod status;
 
@@ -116,6 +117,8 @@ pub struct ServeOptions {
 pub(crate) struct Shared {
     pub passphrase: Passphrase,
     pub registry: Mutex<AgentRegistry>,
+    /// The registry and VM owners on disk (shared with the operator's commands).
+    pub control: control::Control,
     pub key: MasterKey,
     pub store_root: PathBuf,
     pub cache: Cache,
@@ -212,6 +215,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     let shared = Arc::new(Shared {
         passphrase,
         registry: Mutex::new(registry),
+        control: control::Control::new(&o.state_dir),
         key: store.key().clone(),
         store_root,
         cache: cache.clone(),
@@ -263,6 +267,9 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         });
         let (board, finished, status_path) = (&board, &finished, &status_path);
         s.spawn(move || status_loop(board, cache, status_path, finished));
+        // Weak: the committer ends when the last sender of its channel (in `Shared`) is gone.
+        let watched = Arc::downgrade(&shared);
+        s.spawn(move || conn::watch_control(&watched, finished));
         rt.block_on(accept_loop(listener, acceptor, shared, stop));
         // Connections still open are dropped with the runtime; their unacked records are the
         // agents' to send again.

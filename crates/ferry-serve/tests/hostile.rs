@@ -151,7 +151,8 @@ fn hostile_frames_are_refused_and_others_served() {
         assert!(matches!(m, Some(Message::Registered { .. })), "{m:?}");
     });
     rt.block_on(async {
-        // One VM, one connection: another agent is refused as busy; a newer connection of the
+        // Issue 8: a VM belongs to the first agent that claims it; another agent is refused
+        // (code 9, NOT_OWNER) without learning anything of the owner; a newer connection of the
         // same agent replaces the older one.
         let a = register(&addr, &pass).await;
         let b = register(&addr, &pass).await;
@@ -159,7 +160,10 @@ fn hostile_frames_are_refused_and_others_served() {
         let (mut rb, _wb) = auth_inventory(&addr, &pass, &b, "web01").await;
         let m = rb.read().await.unwrap();
         assert!(
-            matches!(&m, Some(Message::Refused { code: refuse::BUSY, message }) if message.contains("another agent")),
+            matches!(&m, Some(Message::Refused { code: refuse::NOT_OWNER, message })
+                if message.contains("belongs to another agent")
+                    && !message.contains(&a.0.to_string())
+                    && message.contains(&b.0.to_string())),
             "{m:?}"
         );
         let (mut ra2, mut wa2) = auth_inventory(&addr, &pass, &a, "web01").await;
@@ -182,6 +186,15 @@ fn hostile_frames_are_refused_and_others_served() {
         wa2.flush().await.unwrap();
         let new = tokio::time::timeout(Duration::from_millis(500), ra2.read()).await;
         assert!(new.is_err(), "the newer connection was closed: {new:?}");
+        // The owner gone: still refused (ownership is not "whoever is connected").
+        drop((ra1, ra2, wa2));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (mut rb, _wb) = auth_inventory(&addr, &pass, &b, "web01").await;
+        let m = rb.read().await.unwrap();
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::NOT_OWNER, .. })),
+            "{m:?}"
+        );
 
         // Two disks with one identity: refused.
         let two = vec![inv("sda", "serial:SAME"), inv("sdb", "serial:SAME")];
@@ -239,6 +252,54 @@ fn hostile_frames_are_refused_and_others_served() {
         assert!(
             matches!(&m, Some(Message::Refused { code: refuse::STALE_BASE, message }) if message.contains("while run")),
             "{m:?}"
+        );
+
+        // The operator's controls, applied by the running server within a second.
+        let control = ferry_serve::control::Control::new(&dir.path().join("state"));
+        // A move: B may replicate web01 now; A, connected, is disconnected with code 9.
+        let (mut ra, _wa) = auth_inventory(&addr, &pass, &a, "web01").await;
+        assert!(matches!(ra.read().await.unwrap(), Some(Message::Holding { .. })));
+        control.move_vm("web01", &b.0.to_string()).unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(2), read_past_credit(&mut ra))
+            .await
+            .expect("the former owner is disconnected within a second");
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::NOT_OWNER, message }) if message.contains("moved")),
+            "{m:?}"
+        );
+        let (mut rb, mut wb) = auth_inventory(&addr, &pass, &b, "web01").await;
+        assert!(matches!(rb.read().await.unwrap(), Some(Message::Holding { .. })));
+        // A revocation: A's live connection is closed with "unknown agent"; A cannot log in.
+        let (mut ra, _wa) = auth_inventory(&addr, &pass, &a, "db09").await;
+        assert!(matches!(ra.read().await.unwrap(), Some(Message::Holding { .. })));
+        assert!(control.revoke(&a.0.to_string()).unwrap());
+        let m = tokio::time::timeout(Duration::from_secs(2), read_past_credit(&mut ra))
+            .await
+            .expect("the revoked agent is disconnected within a second");
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::UNKNOWN_AGENT, message }) if message.contains("revoked")),
+            "{m:?}"
+        );
+        let (mut r, mut w, nonce) = hello(&addr, &pass).await;
+        w.send(&Message::Auth {
+            agent_id: a.0,
+            proof: a.1.prove(&nonce),
+        })
+        .await
+        .unwrap();
+        w.flush().await.unwrap();
+        let m = r.read().await.unwrap();
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::UNKNOWN_AGENT, .. })),
+            "{m:?}"
+        );
+        // B, untouched, is still connected.
+        wb.send(&Message::Ping { token: 3 }).await.unwrap();
+        wb.flush().await.unwrap();
+        let still = tokio::time::timeout(Duration::from_millis(800), read_past_credit(&mut rb)).await;
+        assert!(
+            matches!(still, Err(_) | Ok(Some(Message::Pong { .. }))),
+            "B was disconnected: {still:?}"
         );
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -70,6 +70,9 @@ pub mod refuse {
     /// The run builds on a state of a disk the process server does not hold (its bases differ
     /// from the server's last runs): the agent resyncs against the `Holding` of a new connection.
     pub const STALE_BASE: u16 = 8;
+    /// The VM belongs to another agent (persistently, whether or not it is connected): an
+    /// operator moves it (`ferry vms move VM --to AGENT`). Permanent.
+    pub const NOT_OWNER: u16 = 9;
 }
 
 /// One protocol message. Records ([`MsgType::is_record`]) carry `seq`, a per-connection-stream

@@ -1,0 +1,216 @@
+//! `ferry agents …` and `ferry vms …`: who may replicate what, on the process server's state
+//! directory (`ferry_serve::control`). They work whether or not `ferry serve` runs; a running server
+//! applies a change within a second (a revoked agent's connections are closed, a moved VM's former
+//! owner is disconnected).
+
+use std::path::{Path, PathBuf};
+
+use ferry_job::JobError;
+use ferry_serve::control::{Control, ControlError};
+use serde_json::json;
+
+use crate::server::{resolve_state_dir, ConfigArg};
+
+fn err(e: ControlError) -> JobError {
+    match e {
+        ControlError::Usage(m) => JobError::Usage(m),
+        other => JobError::Usage(other.to_string()),
+    }
+}
+
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+}
+
+/// The server's status file, if any (connections, peers).
+fn status(dir: &Path) -> Option<ferry_serve::status::StatusFile> {
+    ferry_serve::status::read_status(&dir.join(ferry_serve::status::STATUS_FILE)).ok()
+}
+
+fn no_state(dir: &Path) -> Result<(), JobError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(JobError::Usage(format!(
+        "{} is not a process server state directory (it does not exist); give the one `ferry serve` uses (--state-dir, or state_dir in the config file)",
+        dir.display()
+    )))
+}
+
+/// `ferry agents list`.
+pub(crate) fn agents_list(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+    as_json: bool,
+) -> Result<(), JobError> {
+    let dir = resolve_state_dir(state_dir, &config)?;
+    no_state(&dir)?;
+    let c = Control::new(&dir);
+    let reg = c.registry().map_err(err)?;
+    let owners = c.owners().map_err(err)?;
+    let st = status(&dir);
+    let mut out = Vec::new();
+    for (id, rec) in reg.agents() {
+        let id = id.to_string();
+        let vms: Vec<&String> = owners
+            .iter()
+            .filter(|(_, o)| o.agent == id)
+            .map(|(vm, _)| vm)
+            .collect();
+        let conns: Vec<&ferry_serve::status::VmStatus> = st
+            .iter()
+            .filter(|s| s.running)
+            .flat_map(|s| s.vms.iter())
+            .filter(|v| v.agent.as_deref() == Some(id.as_str()))
+            .collect();
+        let connected = conns.iter().any(|v| v.connected);
+        let address = conns.iter().find_map(|v| v.peer.clone());
+        let last_connected = conns.iter().filter_map(|v| v.since.clone()).max();
+        out.push(json!({
+            "id": id,
+            "hostname": rec.hostname,
+            "registered": rfc3339(rec.registered),
+            "vms": vms,
+            "connected": connected,
+            "address": address,
+            "last_connected": last_connected,
+        }));
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(());
+    }
+    if out.is_empty() {
+        println!("no agents registered (ferry-agent register, with the passphrase from `ferry passphrase show`)");
+        return Ok(());
+    }
+    for a in &out {
+        let vms: Vec<&str> = a["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect();
+        println!(
+            "{}  {}  registered {}  VMs: {}  {}",
+            a["id"].as_str().unwrap_or(""),
+            a["hostname"].as_str().unwrap_or(""),
+            a["registered"].as_str().unwrap_or(""),
+            if vms.is_empty() {
+                "none".to_string()
+            } else {
+                vms.join(", ")
+            },
+            match (a["connected"].as_bool(), a["address"].as_str()) {
+                (Some(true), Some(p)) => format!("connected from {p}"),
+                (Some(true), None) => "connected".to_string(),
+                _ => "not connected".to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `ferry agents revoke ID`.
+pub(crate) fn agents_revoke(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+    id: &str,
+) -> Result<(), JobError> {
+    let dir = resolve_state_dir(state_dir, &config)?;
+    no_state(&dir)?;
+    let c = Control::new(&dir);
+    if !c.revoke(id).map_err(err)? {
+        return Err(JobError::Usage(format!(
+            "no registered agent {id}; `ferry agents list` shows them"
+        )));
+    }
+    let vms: Vec<String> = c
+        .owners()
+        .map_err(err)?
+        .into_iter()
+        .filter(|(_, o)| o.agent == id)
+        .map(|(vm, _)| vm)
+        .collect();
+    println!(
+        "revoked agent {id}: it can no longer connect, and a running ferry serve closes its connections within a second."
+    );
+    if !vms.is_empty() {
+        println!(
+            "its VMs ({}) keep their points and stay reserved; give them to the rebuilt machine's agent with: ferry vms move VM --to AGENT",
+            vms.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `ferry vms list`.
+pub(crate) fn vms_list(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+    as_json: bool,
+) -> Result<(), JobError> {
+    let dir = resolve_state_dir(state_dir, &config)?;
+    no_state(&dir)?;
+    let c = Control::new(&dir);
+    let reg = c.registry().map_err(err)?;
+    let owners = c.owners().map_err(err)?;
+    let out: Vec<serde_json::Value> = owners
+        .iter()
+        .map(|(vm, o)| {
+            let host = reg
+                .agents()
+                .find(|(id, _)| id.to_string() == o.agent)
+                .map(|(_, r)| r.hostname.clone());
+            json!({
+                "vm": vm,
+                "owner": o.agent,
+                "owner_hostname": host,
+                "owner_revoked": host.is_none(),
+                "since": rfc3339(o.since),
+            })
+        })
+        .collect();
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(());
+    }
+    if out.is_empty() {
+        println!("no VM has an owner yet (a VM belongs to the first agent that replicates it)");
+    }
+    for v in &out {
+        println!(
+            "{}  owner {} ({})  since {}",
+            v["vm"].as_str().unwrap_or(""),
+            v["owner"].as_str().unwrap_or(""),
+            v["owner_hostname"]
+                .as_str()
+                .unwrap_or("revoked: move this VM to another agent"),
+            v["since"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `ferry vms move VM --to AGENT`.
+pub(crate) fn vms_move(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+    vm: &str,
+    to: &str,
+) -> Result<(), JobError> {
+    let dir = resolve_state_dir(state_dir, &config)?;
+    no_state(&dir)?;
+    let c = Control::new(&dir);
+    let prev = c.move_vm(vm, to).map_err(err)?;
+    match prev {
+        Some(p) if p.agent == to => println!("VM {vm} already belongs to agent {to}"),
+        Some(p) => println!(
+            "VM {vm} now belongs to agent {to} (was {}); a running ferry serve disconnects the former owner within a second",
+            p.agent
+        ),
+        None => println!("VM {vm} now belongs to agent {to}"),
+    }
+    Ok(())
+}
