@@ -91,7 +91,9 @@ impl AzureBlobs {
             .enable_all()
             .build()
             .map_err(|e| AzureError::Runtime(format!("cannot start tokio runtime: {e}")))?;
-        let transport = http_transport(&config.tuning)?;
+        // Plain http goes only to this machine (`AzureConfig::validate`): never through a proxy,
+        // which would see the SAS or the signed requests in clear.
+        let transport = http_transport(&config.tuning, config.endpoint.starts_with("http://"))?;
         let counters = Arc::new(Counters::default());
         let mut per_try: Vec<Arc<dyn Policy>> = vec![Arc::new(CountingPolicy {
             counters: counters.clone(),
@@ -290,7 +292,7 @@ fn encode_path(name: &str, out: &mut String) {
 }
 
 /// reqwest over rustls with the ring provider (no aws-lc C build) and the OS trust store.
-fn http_transport(t: &ClientTuning) -> Result<Transport> {
+fn http_transport(t: &ClientTuning, direct: bool) -> Result<Transport> {
     let tls_err = |e: rustls::Error| AzureError::Config(format!("TLS setup: {e}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -299,7 +301,11 @@ fn http_transport(t: &ClientTuning) -> Result<Transport> {
         .with_platform_verifier()
         .map_err(tls_err)?
         .with_no_client_auth();
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    if direct {
+        builder = builder.no_proxy();
+    }
+    let client = builder
         .tls_backend_preconfigured(tls)
         .connect_timeout(t.connect_timeout)
         .read_timeout(t.read_timeout)

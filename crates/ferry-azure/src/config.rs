@@ -181,6 +181,17 @@ impl AzureConfig {
                 self.endpoint
             )));
         }
+        // A user name, password, query or fragment in the endpoint would be a secret echoed in
+        // every message that names the endpoint (and is never what an endpoint needs).
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(AzureError::Config(
+                "the blob endpoint must be scheme://host[:port][/path] only: no user name, password, query (a SAS goes in SharedAccessSignature or AZURE_STORAGE_SAS_TOKEN) or fragment".into(),
+            ));
+        }
         if self.endpoint.ends_with('/') {
             return Err(AzureError::Config(format!(
                 "blob endpoint {:?} must not end in '/'",
@@ -634,6 +645,18 @@ mod tests {
         .expect("allowed");
         AzureConfig::shared_key("https://10.0.0.5/a", AZURITE_ACCOUNT, AZURITE_KEY, "cont")
             .expect("https");
+        // Look-alike hosts are not loopback; secrets in the endpoint are refused, not echoed.
+        for bad in [
+            "http://127.0.0.1.evil.example/a",
+            "http://localhost.evil.example",
+            "https://user:pw@host/a",
+            "https://host/a?sv=1&sig=SECRET",
+        ] {
+            let e = AzureConfig::shared_key(bad, AZURITE_ACCOUNT, AZURITE_KEY, "cont")
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("SECRET") && !e.contains("pw@"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -362,17 +362,28 @@ pub fn redact(s: &str) -> String {
     let mut rest = s;
     loop {
         let lower = rest.to_ascii_lowercase();
-        let Some(i) = lower.find("sig=") else {
+        // `sig=`, or `sig%3d` where a SAS URL sits percent-encoded inside another one.
+        let found = [("sig=", 4), ("sig%3d", 6)]
+            .iter()
+            .filter_map(|(k, n)| lower.find(k).map(|i| (i, *n)))
+            .min();
+        let Some((i, n)) = found else {
             out.push_str(rest);
             return out;
         };
-        let at = i + 4;
+        let at = i + n;
         out.push_str(&rest[..at]);
-        let end = rest[at..]
+        let mut end = rest[at..]
             .find(|c: char| {
                 c == '&' || c == ')' || c == '"' || c == '\'' || c == '>' || c.is_whitespace()
             })
             .map_or(rest.len(), |e| at + e);
+        if n == 6 {
+            // Encoded: the value ends at an encoded '&' too.
+            if let Some(e) = lower[at..end].find("%26") {
+                end = at + e;
+            }
+        }
         if end > at {
             out.push_str("REDACTED");
         }
@@ -415,6 +426,10 @@ mod tests {
         );
         assert_eq!(redact("no secrets here"), "no secrets here");
         assert_eq!(redact("sig="), "sig=");
+        assert_eq!(
+            redact("copy source=https%3A%2F%2Fa%2Fb%3Fsv%3D1%26sig%3DSECRET%26se%3D2"),
+            "copy source=https%3A%2F%2Fa%2Fb%3Fsv%3D1%26sig%3DREDACTED%26se%3D2"
+        );
     }
 
     #[test]

@@ -689,9 +689,13 @@ fn operators_own_move_and_revoke_with_the_cli() {
         !o.status.success(),
         "the former owner still replicated web01"
     );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("code 9"), "{err}");
 
     // Revoked: the old agent cannot even log in; the list shows one agent.
     ok(&admin(&env, &["agents", "revoke", &id1]), "agents revoke");
+    // Past the server's next look at its state directory (every 250 ms).
+    std::thread::sleep(Duration::from_millis(600));
     let o = agent_cmd_vm(&env, &addr, &d1, "agent", "other01")
         .output()
         .unwrap();
@@ -703,6 +707,11 @@ fn operators_own_move_and_revoke_with_the_cli() {
     );
     let agents = admin_json(&env, &["agents", "list", "--json"]);
     assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    let vms = admin_json(&env, &["vms", "list", "--json"]);
+    assert!(
+        vms.as_array().unwrap().iter().all(|v| v["vm"] != "other01"),
+        "a revoked agent claimed a VM: {vms}"
+    );
     let o = admin(&env, &["agents", "revoke", &id1]);
     assert_eq!(o.status.code(), Some(2), "revoking twice says so");
     srv.stop();

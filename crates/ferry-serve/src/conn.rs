@@ -182,13 +182,13 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
             }
             // Under the control lock, on the registry as on disk (an operator's revocation made
             // meanwhile is kept), then the server's copy is that one.
-            let reg = (|| -> Result<_, crate::control::ControlError> {
+            let reg = tokio::task::block_in_place(|| -> Result<_, crate::control::ControlError> {
                 let _l = shared.control.lock()?;
                 let mut fresh = shared.control.registry()?;
                 let r = fresh.register(&hostname)?;
                 *shared.registry.lock().expect("registry lock") = fresh;
                 Ok(r)
-            })();
+            });
             let (agent_id, credential) = reg.map_err(|e| {
                 tracing::error!(error = %e, "cannot save the agent registry");
                 refusal(
@@ -293,49 +293,72 @@ impl Kill {
 }
 
 /// Applies the operator's changes to the control files (see [`crate::control`]) to the running
-/// server: reloads the registry, and closes the connections of revoked agents and of VMs moved
-/// to another agent. Runs until `finished`.
+/// server: reloads the registry (under the control lock, so a registration stored meanwhile is
+/// never undone) and the VM owners whenever either file changes (and once at start: a change made
+/// while the server was starting counts), and on every tick closes the connections of agents no
+/// longer registered and of VMs whose owner is another agent. Runs until `finished` or the server
+/// is gone.
 pub(crate) fn watch_control(
     shared: &std::sync::Weak<Shared>,
     finished: &std::sync::atomic::AtomicBool,
 ) {
     use std::sync::atomic::Ordering;
-    let Some(first) = shared.upgrade() else {
-        return;
-    };
-    let mut seen = first.control.generation();
-    drop(first);
-    let mut failing = false;
+    let mut seen = None;
+    let mut owners = std::collections::BTreeMap::new();
+    let (mut reg_failing, mut own_failing) = (false, false);
     while !finished.load(Ordering::Relaxed) {
-        std::thread::sleep(crate::control::WATCH_EVERY);
         // Gone once the server stops: nothing left to watch.
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let now = shared.control.generation();
-        if now == seen {
-            continue;
-        }
-        let (reg, owners) = match (shared.control.registry(), shared.control.owners()) {
-            (Ok(r), Ok(o)) => (r, o),
-            (Err(e), _) | (_, Err(e)) => {
-                if !failing {
-                    tracing::error!(error = %e, "cannot read the agent registry or VM owners; keeping the last ones read");
-                    failing = true;
-                }
-                continue;
+        let now = Some(shared.control.generation());
+        if now != seen {
+            let reg = (|| -> Result<(), crate::control::ControlError> {
+                let _l = shared.control.lock()?;
+                let r = shared.control.registry()?;
+                *shared.registry.lock().expect("registry lock") = r;
+                Ok(())
+            })();
+            let own = shared.control.owners();
+            if reg.is_ok() && own.is_ok() {
+                seen = now; // else tried again next tick
             }
-        };
-        failing = false;
-        seen = now;
-        let known: std::collections::HashSet<String> =
-            reg.agents().map(|(id, _)| id.to_string()).collect();
-        *shared.registry.lock().expect("registry lock") = reg;
+            match reg {
+                Ok(()) => reg_failing = false,
+                Err(e) if !reg_failing => {
+                    tracing::error!(error = %e, "cannot read the agent registry; keeping the one read last (a revocation waits until it can be read)");
+                    reg_failing = true;
+                }
+                Err(_) => {}
+            }
+            match own {
+                Ok(o) => {
+                    owners = o;
+                    own_failing = false;
+                }
+                Err(e) if !own_failing => {
+                    tracing::error!(error = %e, "cannot read the VM owners; keeping the ones read last");
+                    own_failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+        // Every tick, not only after a change: a claim may have slipped in since.
+        let known: std::collections::HashSet<String> = shared
+            .registry
+            .lock()
+            .expect("registry lock")
+            .agents()
+            .map(|(id, _)| id.to_string())
+            .collect();
         let mut vms = shared.vms.lock().expect("vms lock");
         vms.retain(|vm, slot| {
             let kill = if !known.contains(&slot.agent) {
                 Kill::Revoked
-            } else if owners.get(vm).is_some_and(|o| o.agent != slot.agent) {
+            } else if owners
+                .get(vm)
+                .is_some_and(|o: &crate::control::Owner| o.agent != slot.agent)
+            {
                 Kill::Moved
             } else {
                 return true;
@@ -344,6 +367,9 @@ pub(crate) fn watch_control(
             let _ = slot.cancel.send(Some(kill));
             false
         });
+        drop(vms);
+        drop(shared);
+        std::thread::sleep(crate::control::WATCH_EVERY);
     }
 }
 
@@ -378,7 +404,10 @@ impl VmOwner<'_> {
         }
         // Persistent ownership first: the first agent to claim a VM owns it, whether or not it
         // is connected. The refusal names nothing of the owner.
-        match self.shared.control.claim(vm, &self.agent) {
+        // A file lock and fsyncs: off the async workers' hands.
+        let claimed = tokio::task::block_in_place(|| self.shared.control.claim(vm, &self.agent));
+        match claimed {
+            Ok(crate::control::Claim::Revoked) => return Err(Kill::Revoked.refusal(vm)),
             Ok(crate::control::Claim::Owned) => {}
             Ok(crate::control::Claim::New) => {
                 tracing::info!(vm, agent = %self.agent, "the VM now belongs to this agent");
@@ -484,13 +513,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // a newer connection claims the VM, nothing of this one reaches the cache.
             let vms = shared.vms.lock().expect("vms lock");
             if vms.get(&vm).is_none_or(|slot| slot.conn != owner.id) {
-                return Err(Refusal {
-                    dropped: true,
-                    ..refusal(
-                        refuse::PROTOCOL,
-                        "replaced by a newer connection of the same agent",
-                    )
-                });
+                // Taken from this connection: say why (replaced, revoked, moved).
+                let kill = (*cancel.borrow()).unwrap_or(Kill::Replaced);
+                return Err(kill.refusal(&vm));
             }
             shared
                 .held

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -103,8 +103,9 @@ pub struct ControlLock {
     _f: File,
 }
 
-/// A file's inode and modification time (every write is a rename: a new inode).
-pub type FileStamp = (u64, i64, i64);
+/// A file's inode, size, modification and change times (every write is a rename: a new inode;
+/// inode numbers are reused, so the rest too).
+pub type FileStamp = (u64, u64, i64, i64, i64, i64);
 
 /// What a claim found.
 #[derive(Debug, PartialEq, Eq)]
@@ -115,6 +116,8 @@ pub enum Claim {
     New,
     /// Another agent owns it.
     NotOwner,
+    /// The agent is not (any more) registered.
+    Revoked,
 }
 
 impl Control {
@@ -145,6 +148,7 @@ impl Control {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&p)
             .map_err(io)?;
         // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
@@ -184,9 +188,17 @@ impl Control {
         })
     }
 
-    /// Claims `vm` for `agent`: the first agent to claim a VM owns it from then on.
+    /// Claims `vm` for `agent`: the first agent to claim a VM owns it from then on. An agent no
+    /// longer in the registry on disk (revoked a moment ago) claims nothing.
     pub fn claim(&self, vm: &str, agent: &str) -> Result<Claim, ControlError> {
         let _l = self.lock()?;
+        if !self
+            .registry()?
+            .agents()
+            .any(|(id, _)| id.to_string() == agent)
+        {
+            return Ok(Claim::Revoked);
+        }
         let mut vms = self.owners()?;
         let me = agent.to_string();
         match vms.get(vm) {
@@ -242,9 +254,16 @@ impl Control {
     /// Identity of the two control files as they are now: changes when either is rewritten.
     pub fn generation(&self) -> [Option<FileStamp>; 2] {
         let id = |p: PathBuf| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+            std::fs::metadata(p).ok().map(|m| {
+                (
+                    m.ino(),
+                    m.len(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
+            })
         };
         [id(self.registry_path()), id(self.owners_path())]
     }
@@ -275,6 +294,9 @@ mod tests {
         assert_eq!(c.claim("web01", &a.to_string()).unwrap(), Claim::NotOwner);
         assert!(c.revoke(&a.to_string()).unwrap());
         assert!(!c.revoke(&a.to_string()).unwrap());
+        // Revoked: it claims nothing any more.
+        assert_eq!(c.claim("web09", &a.to_string()).unwrap(), Claim::Revoked);
+        assert!(!c.owners().unwrap().contains_key("web09"));
         assert!(c.registry().unwrap().agents().all(|(id, _)| *id != a));
         // A damaged file is an error naming it, never "no owners".
         std::fs::write(c.owners_path(), b"{}").unwrap();

@@ -24,6 +24,9 @@ use ferry_format::manifest::JournalPos;
 use ferry_format::segment::Record;
 use ferry_store::LocalStore;
 use ferry_wire::{HeldDisk, InvDisk, Message, RunId, NO_RUN};
+
+/// The chunk the pipeline and replicas work in.
+const CHUNK: u64 = ferry_format::CHUNK_SIZE as u64;
 use serde::{Deserialize, Serialize};
 
 /// `STORE/disk-ids/VM.json`.
@@ -394,6 +397,12 @@ impl Held {
                     return Err((PROTOCOL, format!("the Begin names disk '{d}' twice")));
                 }
                 for ((d, size), base) in disks.iter().zip(bases) {
+                    if *size == 0 || *size > ferry_wire::MAX_DISK_SIZE {
+                        return Err((PROTOCOL, format!(
+                            "disk '{d}' of {size} bytes: Ferry replicates disks of 1 byte to {} bytes (8 TiB less 1 MiB: a fixed VHD in the largest Azure page blob)",
+                            ferry_wire::MAX_DISK_SIZE
+                        )));
+                    }
                     let held = e.last.get(d).copied().unwrap_or(NO_RUN);
                     if *base != held {
                         return Err((STALE_BASE, format!(
@@ -478,6 +487,19 @@ fn in_run(
             ferry_wire::refuse::PROTOCOL,
             format!("record past the end of disk '{disk}' ({size} bytes)"),
         )),
+        // What the pipeline and the replica accept: whole 64 KiB chunks, the disk's last one
+        // possibly shorter. Checked here, before the ack: a record acknowledged and then refused
+        // downstream would stop the server at every restart.
+        Some((_, size))
+            if len == 0
+                || !offset.is_multiple_of(CHUNK)
+                || (!len.is_multiple_of(CHUNK) && offset.saturating_add(len) != *size) =>
+        {
+            Err((
+                ferry_wire::refuse::PROTOCOL,
+                format!("record of {len} bytes at offset {offset} of disk '{disk}' is not whole 64 KiB chunks (only the disk's last chunk may be shorter)"),
+            ))
+        }
         Some(_) => Ok(()),
     })
 }

@@ -50,6 +50,9 @@ pub const MAX_NAME: usize = 255;
 pub const MAX_TEXT: usize = 1024;
 /// Most disks in one list (inventory, begin, tag, resume).
 pub const MAX_DISKS: usize = 256;
+/// Largest disk a run may announce: 8 TiB less 1 MiB, so that the disk as a fixed VHD (its bytes
+/// and a 512-byte footer) fits the largest Azure page blob (8 TiB).
+pub const MAX_DISK_SIZE: u64 = (8 << 40) - (1 << 20);
 
 /// Refusal codes carried by [`Message::Refused`].
 pub mod refuse {
