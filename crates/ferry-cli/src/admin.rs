@@ -214,3 +214,16 @@ pub(crate) fn vms_move(
     }
     Ok(())
 }
+
+/// `ferry passphrase rotate`.
+pub(crate) fn passphrase_rotate(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+) -> Result<(), JobError> {
+    let dir = resolve_state_dir(state_dir, &config)?;
+    no_state(&dir)?;
+    let p = ferry_serve::rotate_passphrase(&dir).map_err(|e| JobError::Usage(e.to_string()))?;
+    println!("{p}");
+    eprintln!("the old passphrase no longer registers agents; registered agents are not affected (a running ferry serve uses the new one within a second)");
+    Ok(())
+}

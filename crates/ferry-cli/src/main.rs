@@ -175,6 +175,12 @@ enum VmsCmd {
 
 #[derive(Subcommand)]
 enum PassphraseCmd {
+    /// Replace the passphrase with a new one: new agents need it, registered agents are not
+    /// affected, a running `ferry serve` uses it within a second. Prints the new passphrase.
+    Rotate {
+        #[command(flatten)]
+        at: StateDirArg,
+    },
     /// Print the passphrase (created with the server's TLS identity on first use).
     Show {
         /// The process server's state directory (as given to `ferry serve`). Default: state_dir of
@@ -359,6 +365,9 @@ fn main() -> ExitCode {
             cmd: PassphraseCmd::Show { state_dir, config },
         } => return server::passphrase_show(state_dir, config),
         Cmd::Status(a) => server::status_cmd(a),
+        Cmd::Passphrase {
+            cmd: PassphraseCmd::Rotate { at },
+        } => admin::passphrase_rotate(at.state_dir, at.config),
         Cmd::Agents {
             cmd: AgentsCmd::List { at, json },
         } => admin::agents_list(at.state_dir, at.config, json),

@@ -400,7 +400,18 @@ fn kill_9_of_the_agent_mid_run_then_a_clean_run_is_exact() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(250));
+    // Mid-run: once the run has started (its map is made all-unknown then), not at a fixed time
+    // (a slow start would be killed before it began).
+    let map = env.path("agent/maps/disk.cv");
+    let t0 = std::time::Instant::now();
+    while !map.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the run never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
     child.kill().unwrap();
     child.wait().unwrap();
     // The killed run never reached its tag: its chunk map (maps/DISK.cv: a 1024-byte header, then

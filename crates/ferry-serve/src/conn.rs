@@ -174,7 +174,12 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
         .map_err(|_| refusal(refuse::PROTOCOL, "no Register or Auth within 30 s"))??;
     match second {
         Some(Message::Register { proof, hostname }) => {
-            if !shared.passphrase.verify(&nonce, &proof) {
+            let good = shared
+                .passphrase
+                .lock()
+                .expect("passphrase lock")
+                .verify(&nonce, &proof);
+            if !good {
                 return Err(refusal(
                     refuse::BAD_PASSPHRASE,
                     "wrong registration passphrase; get the current one with `ferry passphrase show` on the process server",
@@ -320,6 +325,21 @@ pub(crate) fn watch_control(
                 Ok(())
             })();
             let own = shared.control.owners();
+            let pass_path = shared.control.passphrase_path();
+            match ferry_wire::Passphrase::read_file(&pass_path) {
+                Ok(p) => {
+                    let mut cur = shared.passphrase.lock().expect("passphrase lock");
+                    if p.fingerprint != cur.fingerprint {
+                        tracing::error!(file = %pass_path.display(), "the passphrase file pins another certificate; keeping the passphrase in use");
+                    } else if p != *cur {
+                        tracing::info!("registration passphrase replaced (ferry passphrase rotate): new agents need the new one");
+                        *cur = p;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the registration passphrase; keeping the one in use")
+                }
+            }
             if reg.is_ok() && own.is_ok() {
                 seen = now; // else tried again next tick
             }
@@ -408,6 +428,12 @@ impl VmOwner<'_> {
         let claimed = tokio::task::block_in_place(|| self.shared.control.claim(vm, &self.agent));
         match claimed {
             Ok(crate::control::Claim::Revoked) => return Err(Kill::Revoked.refusal(vm)),
+            Ok(crate::control::Claim::TooMany) => {
+                return Err(refusal(
+                    refuse::PROTOCOL,
+                    format!("this agent already replicates {} VMs, the most one agent may; the operator can move VMs away (ferry vms move)", crate::control::MAX_VMS_PER_AGENT),
+                ))
+            }
             Ok(crate::control::Claim::Owned) => {}
             Ok(crate::control::Claim::New) => {
                 tracing::info!(vm, agent = %self.agent, "the VM now belongs to this agent");

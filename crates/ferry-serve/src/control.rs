@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 pub const OWNERS_FILE: &str = "vm-owners.json";
 /// Held (exclusively) around every read-modify-write of the registry or the owners.
 pub const CONTROL_LOCK: &str = "control.lock";
+/// The most VMs one agent may own (a guest claiming names without end would fill the owners file
+/// and the store's namespace).
+pub const MAX_VMS_PER_AGENT: usize = 64;
 /// How often a running server looks for changes made by the operator's commands.
 pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 
@@ -118,6 +121,8 @@ pub enum Claim {
     NotOwner,
     /// The agent is not (any more) registered.
     Revoked,
+    /// The agent owns [`MAX_VMS_PER_AGENT`] VMs already.
+    TooMany,
 }
 
 impl Control {
@@ -133,6 +138,10 @@ impl Control {
 
     pub fn owners_path(&self) -> PathBuf {
         self.dir.join(OWNERS_FILE)
+    }
+
+    pub fn passphrase_path(&self) -> PathBuf {
+        self.dir.join(ferry_wire::PASSPHRASE_FILE)
     }
 
     /// Takes `control.lock` (waits for another holder: they hold it for one small file write).
@@ -204,6 +213,9 @@ impl Control {
         match vms.get(vm) {
             Some(o) if o.agent == me => Ok(Claim::Owned),
             Some(_) => Ok(Claim::NotOwner),
+            None if vms.values().filter(|o| o.agent == me).count() >= MAX_VMS_PER_AGENT => {
+                Ok(Claim::TooMany)
+            }
             None => {
                 vms.insert(
                     vm.to_owned(),
@@ -252,7 +264,7 @@ impl Control {
     }
 
     /// Identity of the two control files as they are now: changes when either is rewritten.
-    pub fn generation(&self) -> [Option<FileStamp>; 2] {
+    pub fn generation(&self) -> [Option<FileStamp>; 3] {
         let id = |p: PathBuf| {
             std::fs::metadata(p).ok().map(|m| {
                 (
@@ -265,7 +277,11 @@ impl Control {
                 )
             })
         };
-        [id(self.registry_path()), id(self.owners_path())]
+        [
+            id(self.registry_path()),
+            id(self.owners_path()),
+            id(self.passphrase_path()),
+        ]
     }
 }
 
@@ -294,6 +310,18 @@ mod tests {
         assert_eq!(c.claim("web01", &a.to_string()).unwrap(), Claim::NotOwner);
         assert!(c.revoke(&a.to_string()).unwrap());
         assert!(!c.revoke(&a.to_string()).unwrap());
+        // A cap on VMs per agent.
+        for i in 0..MAX_VMS_PER_AGENT - 1 {
+            assert_eq!(
+                c.claim(&format!("vm{i}"), &b.to_string()).unwrap(),
+                Claim::New
+            );
+        }
+        assert_eq!(
+            c.claim("one-too-many", &b.to_string()).unwrap(),
+            Claim::TooMany
+        );
+        assert_eq!(c.claim("web01", &b.to_string()).unwrap(), Claim::Owned);
         // Revoked: it claims nothing any more.
         assert_eq!(c.claim("web09", &a.to_string()).unwrap(), Claim::Revoked);
         assert!(!c.owners().unwrap().contains_key("web09"));

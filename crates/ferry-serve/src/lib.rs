@@ -115,7 +115,8 @@ pub struct ServeOptions {
 
 /// State the connection tasks share.
 pub(crate) struct Shared {
-    pub passphrase: Passphrase,
+    /// The registration passphrase (reloaded when `ferry passphrase rotate` replaces it).
+    pub passphrase: Mutex<Passphrase>,
     pub registry: Mutex<AgentRegistry>,
     /// The registry and VM owners on disk (shared with the operator's commands).
     pub control: control::Control,
@@ -151,6 +152,18 @@ pub fn passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
         state_dir,
         identity.fingerprint(),
     )?)
+}
+
+/// Replaces the registration passphrase with a new one (`ferry passphrase rotate`): new agents need
+/// it; registered agents are not affected. A running server uses it within a second.
+pub fn rotate_passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
+    let identity = ServerIdentity::load_or_create(state_dir)?;
+    let c = control::Control::new(state_dir);
+    let _l = c.lock().map_err(|e| ServeError::Io {
+        what: "cannot take the control lock".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(Passphrase::rotate(state_dir, identity.fingerprint())?)
 }
 
 /// Runs the process server until `stop` is set (SIGINT/SIGTERM) or a fatal error.
@@ -213,8 +226,8 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     board.load_points(&store_root);
     let (tx, rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
-        passphrase,
         registry: Mutex::new(registry),
+        passphrase: Mutex::new(passphrase),
         control: control::Control::new(&o.state_dir),
         key: store.key().clone(),
         store_root,

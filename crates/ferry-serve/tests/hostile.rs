@@ -378,6 +378,25 @@ fn hostile_frames_are_refused_and_others_served() {
             matches!(&m, Some(Message::Refused { code: refuse::UNKNOWN_AGENT, .. })),
             "{m:?}"
         );
+        // `ferry passphrase rotate`: the old passphrase no longer registers, the new one does,
+        // registered agents go on.
+        let new_pass = ferry_serve::rotate_passphrase(&dir.path().join("state")).unwrap();
+        assert_ne!(new_pass, pass);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (mut r, mut w, nonce) = hello(&addr, &pass).await;
+        w.send(&Message::Register {
+            proof: pass.prove(&nonce),
+            hostname: "late".into(),
+        })
+        .await
+        .unwrap();
+        w.flush().await.unwrap();
+        let m = r.read().await.unwrap();
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::BAD_PASSPHRASE, .. })),
+            "{m:?}"
+        );
+        let _c = register(&addr, &new_pass).await;
         // B, untouched, is still connected (nothing comes: no refusal, no close).
         wb.send(&Message::Ping { token: 3 }).await.unwrap();
         wb.flush().await.unwrap();
