@@ -67,6 +67,25 @@ struct Recorded {
 static ON: AtomicBool = AtomicBool::new(false);
 static REC: Mutex<Option<Recorded>> = Mutex::new(None);
 static HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+/// Only syncs of files and directories under this path are recorded (tests in one process run
+/// in parallel: another test's syncs are not this test's crash states, and its thread must never
+/// run this test's hook).
+static ROOT: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+/// Numbers torn states uniquely (syncs on several threads may be in flight at once).
+static TORN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records only what lies under `root` (canonical path), or everything with `None`.
+pub fn set_root(root: Option<&Path>) {
+    *ROOT.lock().unwrap_or_else(|e| e.into_inner()) =
+        root.map(|r| r.canonicalize().unwrap_or_else(|_| r.to_owned()));
+}
+
+fn under_root(p: &Path) -> bool {
+    match ROOT.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        None => true,
+        Some(r) => p.starts_with(r),
+    }
+}
 
 fn ident(m: &fs::Metadata) -> Ident {
     (m.dev(), m.ino(), m.created().ok())
@@ -204,13 +223,16 @@ fn take_torn(id: Ident, new: &[u8]) {
         }
         r.syncs + 1
     };
-    for (k, m) in mixes.into_iter().enumerate() {
+    for m in mixes {
+        // The overlay is set only while the hook lock is held: no other thread's state (plain or
+        // torn) is taken with it.
+        let mut hook = HOOK.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = hook.as_mut() else { break };
         if let Some(r) = REC.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             r.overlay = Some((id, m));
         }
-        if let Some(h) = HOOK.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            h(&format!("{n:05}-torn{k}"));
-        }
+        let t = TORN.fetch_add(1, Ordering::SeqCst);
+        h(&format!("{n:05}-torn{t}"));
         if let Some(r) = REC.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             r.overlay = None;
         }
@@ -224,6 +246,10 @@ pub(crate) fn file_synced(f: &File) {
     let Ok(m) = f.metadata() else { return };
     if !m.is_file() {
         return;
+    }
+    match fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
+        Ok(p) if under_root(&p) => {}
+        _ => return,
     }
     // The fd may be write-only: read the same inode through /proc.
     let mut data = Vec::new();
@@ -245,6 +271,9 @@ pub(crate) fn dir_synced(dir: &Path) {
         return;
     }
     let Ok(m) = fs::metadata(dir) else { return };
+    if !under_root(&dir.canonicalize().unwrap_or_else(|_| dir.to_owned())) {
+        return;
+    }
     let mut entries = Vec::new();
     if let Ok(it) = fs::read_dir(dir) {
         for e in it.flatten() {
@@ -315,6 +344,7 @@ pub fn take_states<T: Send + 'static>(
     start();
     set_tearing(torn);
     fs::create_dir(root)?;
+    set_root(Some(root));
     crate::fsync_dir(root)?;
     let states: States<T> = Default::default();
     let (root, into, out) = (root.to_owned(), into.to_owned(), states.clone());
@@ -333,6 +363,7 @@ pub fn take_states<T: Send + 'static>(
 pub fn finish<T: Clone>(states: &States<T>) -> Vec<(std::path::PathBuf, T)> {
     set_hook(None);
     stop();
+    set_root(None);
     states.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
