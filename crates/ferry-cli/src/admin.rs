@@ -227,3 +227,23 @@ pub(crate) fn passphrase_rotate(
     eprintln!("the old passphrase no longer registers agents; registered agents are not affected (a running ferry serve uses the new one within a second)");
     Ok(())
 }
+
+/// `ferry agents token --vm VM --expires D`.
+pub(crate) fn agents_token(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+    vm: &str,
+    expires: std::time::Duration,
+) -> Result<(), JobError> {
+    ferry_job::validate_name("VM", vm)?;
+    let dir = resolve_state_dir(state_dir, &config)?;
+    no_state(&dir)?;
+    let (token, until) = ferry_serve::enrollment_token(&dir, vm, expires)
+        .map_err(|e| JobError::Usage(e.to_string()))?;
+    println!("{token}");
+    eprintln!(
+        "one-time token for VM {vm}, valid until {}: on the machine, ferry-agent register --server HOST:PORT --passphrase-file FILE_WITH_THE_TOKEN",
+        humantime::format_rfc3339_seconds(until)
+    );
+    Ok(())
+}

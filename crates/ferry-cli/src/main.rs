@@ -139,6 +139,19 @@ enum AgentsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A one-time enrollment token for one machine: `ferry-agent register --passphrase-file` takes
+    /// it like the passphrase, registers once, before it expires, and gives the new agent VM
+    /// --vm (taking it from its former owner, who is disconnected). Printed on stdout.
+    Token {
+        /// The VM the new agent will replicate.
+        #[arg(long)]
+        vm: String,
+        /// How long the token stays valid (at most 30 days).
+        #[arg(long, default_value = "24h", value_parser = ferry_job::serve_config::parse_interval)]
+        expires: std::time::Duration,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
     /// Revoke an agent: it can no longer connect, and a running `ferry serve` closes its
     /// connections within a second. Its VMs keep their points and stay reserved for it until
     /// moved (`ferry vms move`).
@@ -374,6 +387,9 @@ fn main() -> ExitCode {
         Cmd::Agents {
             cmd: AgentsCmd::Revoke { id, at },
         } => admin::agents_revoke(at.state_dir, at.config, &id),
+        Cmd::Agents {
+            cmd: AgentsCmd::Token { vm, expires, at },
+        } => admin::agents_token(at.state_dir, at.config, &vm, expires),
         Cmd::Vms {
             cmd: VmsCmd::List { at, json },
         } => admin::vms_list(at.state_dir, at.config, json),

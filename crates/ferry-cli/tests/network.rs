@@ -725,5 +725,49 @@ fn operators_own_move_and_revoke_with_the_cli() {
     );
     let o = admin(&env, &["agents", "revoke", &id1]);
     assert_eq!(o.status.code(), Some(2), "revoking twice says so");
+
+    // A one-time enrollment token for web01: a third machine registers with it (no passphrase)
+    // and takes web01 over; the token does not work twice; an expired one never.
+    let o = admin(
+        &env,
+        &["agents", "token", "--vm", "web01", "--expires", "1h"],
+    );
+    ok(&o, "agents token");
+    let token = env.path("token.txt");
+    fs::write(&token, &o.stdout).unwrap();
+    ok(
+        &register(&env, &addr, &token, "agent3"),
+        "register with the token",
+    );
+    let o = register(&env, &addr, &token, "agent4");
+    assert!(!o.status.success(), "a token worked twice");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already used or expired"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let d3 = env.path("three.img");
+    make_image(&d3, &mut rng, size);
+    std::thread::sleep(Duration::from_millis(600));
+    ok(
+        &run_agent(&env, &addr, &d3, "agent3"),
+        "the token's agent replicates web01",
+    );
+    latest_is(&env, &env.store(), "web01", "three", &d3);
+    let o = run_agent(&env, &addr, &d2, "agent2");
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("code 9"),
+        "the token took web01 from agent2: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = admin(
+        &env,
+        &["agents", "token", "--vm", "web02", "--expires", "1s"],
+    );
+    ok(&o, "agents token (short)");
+    fs::write(&token, &o.stdout).unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    let o = register(&env, &addr, &token, "agent5");
+    assert!(!o.status.success(), "an expired token worked");
     srv.stop();
 }

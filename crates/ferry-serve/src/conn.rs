@@ -174,17 +174,34 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
         .map_err(|_| refusal(refuse::PROTOCOL, "no Register or Auth within 30 s"))??;
     match second {
         Some(Message::Register { proof, hostname }) => {
-            let good = shared
-                .passphrase
-                .lock()
-                .expect("passphrase lock")
-                .verify(&nonce, &proof);
-            if !good {
-                return Err(refusal(
-                    refuse::BAD_PASSPHRASE,
-                    "wrong registration passphrase; get the current one with `ferry passphrase show` on the process server",
-                ));
-            }
+            let (good, fingerprint) = {
+                let p = shared.passphrase.lock().expect("passphrase lock");
+                (p.verify(&nonce, &proof), p.fingerprint)
+            };
+            // Not the passphrase: perhaps a one-time enrollment token (burnt here, before the
+            // agent is registered), which also gives the agent its VM.
+            let token_vm = if good {
+                None
+            } else {
+                match tokio::task::block_in_place(|| {
+                    shared.control.use_token(&nonce, &proof, fingerprint)
+                }) {
+                    Ok(Some(vm)) => Some(vm),
+                    Ok(None) => {
+                        return Err(refusal(
+                            refuse::BAD_PASSPHRASE,
+                            "wrong registration passphrase (or an enrollment token already used or expired); get the current one with `ferry passphrase show`, or a new token with `ferry agents token`, on the process server",
+                        ))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the enrollment tokens");
+                        return Err(refusal(
+                            refuse::INTERNAL,
+                            "cannot read the enrollment tokens; see the process server log",
+                        ));
+                    }
+                }
+            };
             // Under the control lock, on the registry as on disk (an operator's revocation made
             // meanwhile is kept), then the server's copy is that one.
             let reg = tokio::task::block_in_place(|| -> Result<_, crate::control::ControlError> {
@@ -202,6 +219,17 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                 )
             })?;
             tracing::info!(agent = %agent_id, %hostname, %software, "agent registered");
+            if let Some(vm) = token_vm {
+                let me = agent_id.to_string();
+                match tokio::task::block_in_place(|| shared.control.give_vm(&vm, &me)) {
+                    Ok(()) => {
+                        tracing::info!(agent = %agent_id, vm = %vm, "enrollment token used: the VM now belongs to this agent")
+                    }
+                    Err(e) => {
+                        tracing::error!(agent = %agent_id, vm = %vm, error = %e, "registered with an enrollment token, but cannot give it its VM: run ferry vms move {vm} --to {me}")
+                    }
+                }
+            }
             w.send(&Message::Registered {
                 agent_id,
                 credential,

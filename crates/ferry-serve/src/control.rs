@@ -132,6 +132,11 @@ impl Control {
         }
     }
 
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn registry_path(&self) -> PathBuf {
         self.dir.join(crate::REGISTRY_FILE)
     }
@@ -180,6 +185,14 @@ impl Control {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
             Err(source) => Err(ControlError::Io { path: p, source }),
         }
+    }
+
+    /// Writes the owners (the caller holds `control.lock`).
+    pub(crate) fn save_owners_locked(
+        &self,
+        vms: &BTreeMap<String, Owner>,
+    ) -> Result<(), ControlError> {
+        self.save_owners(vms)
     }
 
     fn save_owners(&self, vms: &BTreeMap<String, Owner>) -> Result<(), ControlError> {

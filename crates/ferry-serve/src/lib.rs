@@ -31,6 +31,7 @@ mod conn;
 pub mod control;
 mod held;
 pub mod status;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -164,6 +165,22 @@ pub fn rotate_passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
         source: std::io::Error::other(e.to_string()),
     })?;
     Ok(Passphrase::rotate(state_dir, identity.fingerprint())?)
+}
+
+/// Makes a one-time enrollment token for VM `vm` (`ferry agents token`), valid for `lifetime`:
+/// the token (a passphrase) and when it expires.
+pub fn enrollment_token(
+    state_dir: &Path,
+    vm: &str,
+    lifetime: Duration,
+) -> Result<(Passphrase, std::time::SystemTime), ServeError> {
+    let pass = passphrase(state_dir)?;
+    control::Control::new(state_dir)
+        .make_token(vm, lifetime, &pass)
+        .map_err(|e| ServeError::Io {
+            what: "cannot make the enrollment token".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
 }
 
 /// Runs the process server until `stop` is set (SIGINT/SIGTERM) or a fatal error.
