@@ -341,10 +341,11 @@ pub fn take_states<T: Send + 'static>(
     known: impl Fn() -> T + Send + 'static,
 ) -> io::Result<States<T>> {
     fs::create_dir_all(into)?;
+    fs::create_dir(root)?;
+    // The root first: from the start, only syncs under it are recorded.
+    set_root(Some(root));
     start();
     set_tearing(torn);
-    fs::create_dir(root)?;
-    set_root(Some(root));
     crate::fsync_dir(root)?;
     let states: States<T> = Default::default();
     let (root, into, out) = (root.to_owned(), into.to_owned(), states.clone());

@@ -178,57 +178,59 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                 let p = shared.passphrase.lock().expect("passphrase lock");
                 (p.verify(&nonce, &proof), p.fingerprint)
             };
-            // Not the passphrase: perhaps a one-time enrollment token (burnt here, before the
-            // agent is registered), which also gives the agent its VM.
-            let token_vm = if good {
-                None
-            } else {
-                match tokio::task::block_in_place(|| {
-                    shared.control.use_token(&nonce, &proof, fingerprint)
-                }) {
-                    Ok(Some(vm)) => Some(vm),
-                    Ok(None) => {
-                        return Err(refusal(
-                            refuse::BAD_PASSPHRASE,
-                            "wrong registration passphrase (or an enrollment token already used or expired); get the current one with `ferry passphrase show`, or a new token with `ferry agents token`, on the process server",
-                        ))
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the enrollment tokens");
-                        return Err(refusal(
-                            refuse::INTERNAL,
-                            "cannot read the enrollment tokens; see the process server log",
-                        ));
-                    }
-                }
-            };
             // Under the control lock, on the registry as on disk (an operator's revocation made
-            // meanwhile is kept), then the server's copy is that one.
+            // meanwhile is kept), then the server's copy is that one. Not the passphrase: perhaps a
+            // one-time enrollment token, burnt, the agent registered and given the token's VM in
+            // that same lock hold (checked without the lock first: a stranger's wrong proof never
+            // queues behind it).
+            let token_may_match =
+                !good && shared.control.token_may_match(&nonce, &proof, fingerprint);
+            if !good && !token_may_match {
+                return Err(refusal(
+                    refuse::BAD_PASSPHRASE,
+                    "wrong registration passphrase (or an enrollment token already used or expired); get the current one with `ferry passphrase show`, or a new token with `ferry agents token`, on the process server",
+                ));
+            }
             let reg = tokio::task::block_in_place(|| -> Result<_, crate::control::ControlError> {
                 let _l = shared.control.lock()?;
+                let vm = if good {
+                    None
+                } else {
+                    match shared
+                        .control
+                        .use_token_locked(&nonce, &proof, fingerprint)?
+                    {
+                        Some(vm) => Some(vm),
+                        None => return Ok(None), // used or expired meanwhile
+                    }
+                };
                 let mut fresh = shared.control.registry()?;
-                let r = fresh.register(&hostname)?;
+                let (id, cred) = fresh.register(&hostname)?;
+                if let Some(vm) = &vm {
+                    shared.control.give_vm_locked(vm, &id.to_string())?;
+                }
                 *shared.registry.lock().expect("registry lock") = fresh;
-                Ok(r)
+                Ok(Some((id, cred, vm)))
             });
-            let (agent_id, credential) = reg.map_err(|e| {
-                tracing::error!(error = %e, "cannot save the agent registry");
-                refusal(
-                    refuse::INTERNAL,
-                    "cannot save the agent registry; see the process server log",
-                )
-            })?;
+            let (agent_id, credential, token_vm) = match reg {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    return Err(refusal(
+                        refuse::BAD_PASSPHRASE,
+                        "the enrollment token was used or expired a moment ago; get a new one with `ferry agents token` on the process server",
+                    ))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register the agent");
+                    return Err(refusal(
+                        refuse::INTERNAL,
+                        "cannot save the agent registry; see the process server log",
+                    ));
+                }
+            };
             tracing::info!(agent = %agent_id, %hostname, %software, "agent registered");
             if let Some(vm) = token_vm {
-                let me = agent_id.to_string();
-                match tokio::task::block_in_place(|| shared.control.give_vm(&vm, &me)) {
-                    Ok(()) => {
-                        tracing::info!(agent = %agent_id, vm = %vm, "enrollment token used: the VM now belongs to this agent")
-                    }
-                    Err(e) => {
-                        tracing::error!(agent = %agent_id, vm = %vm, error = %e, "registered with an enrollment token, but cannot give it its VM: run ferry vms move {vm} --to {me}")
-                    }
-                }
+                tracing::info!(agent = %agent_id, vm = %vm, "enrollment token used: the VM now belongs to this agent");
             }
             w.send(&Message::Registered {
                 agent_id,
@@ -354,7 +356,9 @@ pub(crate) fn watch_control(
             })();
             let own = shared.control.owners();
             let pass_path = shared.control.passphrase_path();
-            match ferry_wire::Passphrase::read_file(&pass_path) {
+            let pass = ferry_wire::Passphrase::read_file(&pass_path);
+            let pass_ok = pass.is_ok();
+            match pass {
                 Ok(p) => {
                     let mut cur = shared.passphrase.lock().expect("passphrase lock");
                     if p.fingerprint != cur.fingerprint {
@@ -368,7 +372,7 @@ pub(crate) fn watch_control(
                     tracing::warn!(error = %e, "cannot read the registration passphrase; keeping the one in use")
                 }
             }
-            if reg.is_ok() && own.is_ok() {
+            if reg.is_ok() && own.is_ok() && pass_ok {
                 seen = now; // else tried again next tick
             }
             match reg {

@@ -158,13 +158,39 @@ pub fn passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
 /// Replaces the registration passphrase with a new one (`ferry passphrase rotate`): new agents need
 /// it; registered agents are not affected. A running server uses it within a second.
 pub fn rotate_passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
+    require_state(state_dir)?;
     let identity = ServerIdentity::load_or_create(state_dir)?;
     let c = control::Control::new(state_dir);
-    let _l = c.lock().map_err(|e| ServeError::Io {
-        what: "cannot take the control lock".into(),
+    let ctl = |e: control::ControlError| ServeError::Io {
+        what: "cannot change the control files".into(),
         source: std::io::Error::other(e.to_string()),
-    })?;
-    Ok(Passphrase::rotate(state_dir, identity.fingerprint())?)
+    };
+    let _l = c.lock().map_err(ctl)?;
+    let p = Passphrase::rotate(state_dir, identity.fingerprint())?;
+    // A rotation answers a leak: unused enrollment tokens go too.
+    let n = c.cancel_tokens_locked().map_err(ctl)?;
+    if n > 0 {
+        tracing::warn!(
+            tokens = n,
+            "cancelled the unused enrollment tokens with the old passphrase"
+        );
+    }
+    Ok(p)
+}
+
+/// An existing process server state directory (its TLS identity made by a first start or
+/// `ferry passphrase show`), never one to create from an operator's typo.
+fn require_state(state_dir: &Path) -> Result<(), ServeError> {
+    if state_dir.join(ferry_wire::IDENTITY_FILE).exists() {
+        return Ok(());
+    }
+    Err(ServeError::Io {
+        what: format!(
+            "{} holds no process server identity: give the state directory `ferry serve` uses (start it once, or run `ferry passphrase show`, to create one)",
+            state_dir.display()
+        ),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })
 }
 
 /// Makes a one-time enrollment token for VM `vm` (`ferry agents token`), valid for `lifetime`:
@@ -174,6 +200,7 @@ pub fn enrollment_token(
     vm: &str,
     lifetime: Duration,
 ) -> Result<(Passphrase, std::time::SystemTime), ServeError> {
+    require_state(state_dir)?;
     let pass = passphrase(state_dir)?;
     control::Control::new(state_dir)
         .make_token(vm, lifetime, &pass)

@@ -2,7 +2,8 @@
 //! passphrase for one machine, valid once, until it expires, that registers an agent *and* gives it
 //! VM `VM`. An operator enrolls one machine without handing out the appliance's passphrase (which
 //! registers any machine), and a rebuilt guest takes its VM over without a separate `ferry vms
-//! move`.
+//! move`. The agent it registers is an ordinary agent: it may also claim VM names no one owns yet
+//! (up to the per-agent cap), like any agent. `ferry passphrase rotate` cancels unused tokens.
 //!
 //! A token looks like the passphrase (`FERRY1-…`, the server's fingerprint pinned in it), so
 //! `ferry-agent register --passphrase-file` takes it unchanged. The server keeps each token's
@@ -99,7 +100,7 @@ impl Control {
         lifetime: Duration,
         pass: &Passphrase,
     ) -> Result<(Passphrase, SystemTime), ControlError> {
-        if lifetime.is_zero() || lifetime > MAX_LIFETIME {
+        if lifetime.as_secs() == 0 || lifetime > MAX_LIFETIME {
             return Err(ControlError::Usage(format!(
                 "--expires must be between 1 s and {} days",
                 MAX_LIFETIME.as_secs() / 86400
@@ -124,51 +125,51 @@ impl Control {
         Ok((token, UNIX_EPOCH + Duration::from_secs(expires)))
     }
 
+    /// Whether an unexpired token's secret proves `proof` for `nonce`, read without the lock
+    /// (the file is replaced atomically): a stranger's wrong proof costs no lock.
+    pub fn token_may_match(&self, nonce: &Nonce, proof: &Proof, fingerprint: Fingerprint) -> bool {
+        load(self.dir())
+            .map(|t| matching(&t, nonce, proof, fingerprint).is_some())
+            .unwrap_or(false)
+    }
+
     /// The VM of the unexpired token whose secret `proof` proves for `nonce`, which is removed
-    /// (durably) before this returns; `None` if no token matches.
-    pub fn use_token(
+    /// (durably) before this returns; `None` if no token matches. The caller holds
+    /// `control.lock`.
+    pub fn use_token_locked(
         &self,
         nonce: &Nonce,
         proof: &Proof,
         fingerprint: Fingerprint,
     ) -> Result<Option<String>, ControlError> {
-        let _l = self.lock()?;
-        let t = now();
         let tokens = load(self.dir())?;
-        let mut found = None;
-        let mut keep = Vec::new();
-        for k in tokens {
-            if k.expires <= t {
-                continue; // expired: dropped at the next save
-            }
-            let mut secret = [0u8; 16];
-            let ok = hex::decode(&k.secret)
-                .ok()
-                .filter(|b| b.len() == 16)
-                .map(|b| secret.copy_from_slice(&b))
-                .is_some();
-            let matches = ok
-                && found.is_none()
-                && Passphrase {
-                    secret,
-                    fingerprint,
-                }
-                .verify(nonce, proof);
-            if matches {
-                found = Some(k.vm.clone());
-            } else {
-                keep.push(k);
-            }
-        }
-        if found.is_some() {
-            save(self.dir(), &keep)?;
-        }
-        Ok(found)
+        let Some(i) = matching(&tokens, nonce, proof, fingerprint) else {
+            return Ok(None);
+        };
+        let t = now();
+        let vm = tokens[i].vm.clone();
+        let keep: Vec<Token> = tokens
+            .into_iter()
+            .enumerate()
+            .filter(|(j, k)| *j != i && k.expires > t)
+            .map(|(_, k)| k)
+            .collect();
+        save(self.dir(), &keep)?;
+        Ok(Some(vm))
     }
 
-    /// Gives `vm` to `agent` (an enrollment token's registration).
-    pub fn give_vm(&self, vm: &str, agent: &str) -> Result<(), ControlError> {
-        let _l = self.lock()?;
+    /// Cancels every unused token (`ferry passphrase rotate` does, under the lock).
+    pub fn cancel_tokens_locked(&self) -> Result<usize, ControlError> {
+        let n = load(self.dir())?.len();
+        if n > 0 {
+            save(self.dir(), &[])?;
+        }
+        Ok(n)
+    }
+
+    /// Gives `vm` to `agent` (an enrollment token's registration; the caller holds
+    /// `control.lock` and has just registered `agent`).
+    pub fn give_vm_locked(&self, vm: &str, agent: &str) -> Result<(), ControlError> {
         let mut vms = self.owners()?;
         vms.insert(
             vm.to_owned(),
@@ -178,5 +179,78 @@ impl Control {
             },
         );
         self.save_owners_locked(&vms)
+    }
+}
+
+/// Index of the unexpired token whose secret proves `proof` for `nonce`.
+fn matching(
+    tokens: &[Token],
+    nonce: &Nonce,
+    proof: &Proof,
+    fingerprint: Fingerprint,
+) -> Option<usize> {
+    let t = now();
+    tokens.iter().position(|k| {
+        let mut secret = [0u8; 16];
+        k.expires > t
+            && hex::decode(&k.secret)
+                .ok()
+                .filter(|b| b.len() == 16)
+                .map(|b| secret.copy_from_slice(&b))
+                .is_some()
+            && Passphrase {
+                secret,
+                fingerprint,
+            }
+            .verify(nonce, proof)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_works_once_before_it_expires_and_rotation_cancels_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Control::new(d.path());
+        let id = ferry_wire::ServerIdentity::load_or_create(d.path()).unwrap();
+        let pass = Passphrase::generate(id.fingerprint()).unwrap();
+        let (tok, _) = c
+            .make_token("web01", Duration::from_secs(60), &pass)
+            .unwrap();
+        let nonce = [5u8; 32];
+        let proof = tok.prove(&nonce);
+        let fp = pass.fingerprint;
+        assert!(
+            !c.token_may_match(&nonce, &pass.prove(&nonce), fp),
+            "the passphrase is no token"
+        );
+        assert!(c.token_may_match(&nonce, &proof, fp));
+        assert_eq!(
+            c.use_token_locked(&nonce, &proof, fp).unwrap().as_deref(),
+            Some("web01")
+        );
+        assert_eq!(
+            c.use_token_locked(&nonce, &proof, fp).unwrap(),
+            None,
+            "used twice"
+        );
+        let e = c.make_token("web01", Duration::from_millis(500), &pass);
+        assert!(
+            matches!(e, Err(ControlError::Usage(_))),
+            "sub-second lifetimes are refused"
+        );
+        let (t2, _) = c
+            .make_token("web02", Duration::from_secs(60), &pass)
+            .unwrap();
+        assert_eq!(c.cancel_tokens_locked().unwrap(), 1);
+        assert!(!c.token_may_match(&nonce, &t2.prove(&nonce), fp));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(d.path().join(TOKENS_FILE))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
     }
 }
