@@ -129,35 +129,44 @@ impl CvFile {
 fn create_cv_file(path: &Path, header: &CvHeader) -> Result<File, AgentError> {
     let dir = path.parent().expect("maps/ has a parent");
     ferry_durable::create_dir_durable(dir).map_err(|e| err(dir, e))?;
-    let tmp = path.with_extension("cv.tmp");
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| err(&tmp, e))?;
-        f.write_all(&header.encode()).map_err(|e| err(&tmp, e))?;
+    let chunks = header.chunks as usize;
+    replace_map(path, &header.encode(), |f, tmp| {
         let ones = vec![0xffu8; 32 * 4096];
-        let mut left = header.chunks as usize * 32;
+        let mut left = chunks * 32;
         while left > 0 {
             let n = left.min(ones.len());
-            f.write_all(&ones[..n]).map_err(|e| err(&tmp, e))?;
+            f.write_all(&ones[..n]).map_err(|e| err(tmp, e))?;
             left -= n;
         }
-    }
-    ferry_durable::durable_rename(&tmp, path).map_err(|e| err(path, e))?;
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| err(path, e))
+        Ok(())
+    })
 }
 
 /// Writes `header` and the CVs of `from` to a temporary file, syncs it and renames it over
 /// `path` (directory synced); opens the result.
 fn copy_with_header(path: &Path, from: &File, header: &[u8]) -> Result<File, AgentError> {
+    let len = from.metadata().map_err(|e| err(path, e))?.len();
+    replace_map(path, header, |f, tmp| {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = CV_HEADER;
+        while at < len {
+            let n = buf.len().min((len - at) as usize);
+            from.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| err(path, e))?;
+            f.write_all(&buf[..n]).map_err(|e| err(tmp, e))?;
+            at += n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// A map replaced whole: `header`, then what `body` writes, into `PATH.cv.tmp` (mode 0600), made
+/// durable and renamed over `path`; the new file opened.
+fn replace_map(
+    path: &Path,
+    header: &[u8],
+    body: impl FnOnce(&mut File, &Path) -> Result<(), AgentError>,
+) -> Result<File, AgentError> {
     let tmp = path.with_extension("cv.tmp");
     {
         let mut f = OpenOptions::new()
@@ -168,16 +177,7 @@ fn copy_with_header(path: &Path, from: &File, header: &[u8]) -> Result<File, Age
             .open(&tmp)
             .map_err(|e| err(&tmp, e))?;
         f.write_all(header).map_err(|e| err(&tmp, e))?;
-        let len = from.metadata().map_err(|e| err(path, e))?.len();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = CV_HEADER;
-        while at < len {
-            let n = buf.len().min((len - at) as usize);
-            from.read_exact_at(&mut buf[..n], at)
-                .map_err(|e| err(path, e))?;
-            f.write_all(&buf[..n]).map_err(|e| err(&tmp, e))?;
-            at += n as u64;
-        }
+        body(&mut f, &tmp)?;
     }
     ferry_durable::durable_rename(&tmp, path).map_err(|e| err(path, e))?;
     OpenOptions::new()

@@ -28,6 +28,17 @@ fn status(dir: &Path) -> Option<ferry_serve::status::StatusFile> {
     ferry_serve::status::read_status(&dir.join(ferry_serve::status::STATUS_FILE)).ok()
 }
 
+/// The state directory the operator means (it must exist) and its control files.
+fn open_state(
+    state_dir: Option<PathBuf>,
+    config: &ConfigArg,
+) -> Result<(PathBuf, Control), JobError> {
+    let dir = resolve_state_dir(state_dir, config)?;
+    no_state(&dir)?;
+    let c = Control::new(&dir);
+    Ok((dir, c))
+}
+
 fn no_state(dir: &Path) -> Result<(), JobError> {
     if dir.is_dir() {
         return Ok(());
@@ -44,9 +55,7 @@ pub(crate) fn agents_list(
     config: ConfigArg,
     as_json: bool,
 ) -> Result<(), JobError> {
-    let dir = resolve_state_dir(state_dir, &config)?;
-    no_state(&dir)?;
-    let c = Control::new(&dir);
+    let (dir, c) = open_state(state_dir, &config)?;
     let reg = c.registry().map_err(err)?;
     let owners = c.owners().map_err(err)?;
     let st = status(&dir);
@@ -118,9 +127,7 @@ pub(crate) fn agents_revoke(
     config: ConfigArg,
     id: &str,
 ) -> Result<(), JobError> {
-    let dir = resolve_state_dir(state_dir, &config)?;
-    no_state(&dir)?;
-    let c = Control::new(&dir);
+    let (_, c) = open_state(state_dir, &config)?;
     if !c.revoke(id).map_err(err)? {
         return Err(JobError::Usage(format!(
             "no registered agent {id}; `ferry agents list` shows them"
@@ -151,9 +158,7 @@ pub(crate) fn vms_list(
     config: ConfigArg,
     as_json: bool,
 ) -> Result<(), JobError> {
-    let dir = resolve_state_dir(state_dir, &config)?;
-    no_state(&dir)?;
-    let c = Control::new(&dir);
+    let (_, c) = open_state(state_dir, &config)?;
     let reg = c.registry().map_err(err)?;
     let owners = c.owners().map_err(err)?;
     let out: Vec<serde_json::Value> = owners
@@ -200,9 +205,7 @@ pub(crate) fn vms_move(
     vm: &str,
     to: &str,
 ) -> Result<(), JobError> {
-    let dir = resolve_state_dir(state_dir, &config)?;
-    no_state(&dir)?;
-    let c = Control::new(&dir);
+    let (_, c) = open_state(state_dir, &config)?;
     let prev = c.move_vm(vm, to).map_err(err)?;
     match prev {
         Some(p) if p.agent == to => println!("VM {vm} already belongs to agent {to}"),
