@@ -537,6 +537,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) -> Result<(), Refusal> {
     let shared = owner.shared;
     let mut vm: Option<String> = None;
+    // The replicas this connection's inventory named, with the sizes it gave: a run may only
+    // announce those (a Begin naming another disk would make a replica nothing identifies).
+    let mut inventoried: std::collections::HashMap<String, u64> = Default::default();
     let (_never, mut cancel) = watch::channel(None::<Kill>);
     loop {
         let m = tokio::select! {
@@ -557,6 +560,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let Some(vm) = vm.clone() else {
                 return Err(refusal(refuse::PROTOCOL, "a record before Inventory"));
             };
+            if let Message::Begin { disks, .. } = &m {
+                for (d, size) in disks {
+                    match inventoried.get(d) {
+                        None => {
+                            return Err(refusal(
+                                refuse::PROTOCOL,
+                                format!("the run announces disk '{d}', which this connection's inventory did not name"),
+                            ))
+                        }
+                        Some(s) if s != size => {
+                            return Err(refusal(
+                                refuse::PROTOCOL,
+                                format!("the run announces disk '{d}' of {size} bytes; the inventory said {s} bytes"),
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
             check_record(shared, &vm, &m)?;
             // The keyed digests before the lock: they depend on nothing shared.
             let entries = to_entries(&shared.key, vm.clone(), &m);
@@ -620,6 +642,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     .inventory(&v, &disks)
                     .map_err(|(code, why)| refusal(code, why))?;
                 tracing::info!(vm = %v, disks = disks.len(), open = open != ferry_wire::NO_RUN, "inventory");
+                inventoried = held
+                    .iter()
+                    .zip(&disks)
+                    .map(|(h, d)| (h.replica.clone(), d.size))
+                    .collect();
                 let _ = owner.ctl.send(Message::Holding {
                     store: shared.held.store_id().to_owned(),
                     open,

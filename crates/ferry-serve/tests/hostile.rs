@@ -282,8 +282,42 @@ fn hostile_frames_are_refused_and_others_served() {
                 "{m:?}: {got:?}"
             );
         }
+        // A run may announce only the disks the inventory named, at the sizes it gave.
+        for (disk, size, why) in [
+            ("sdz", 1u64 << 20, "did not name"),
+            ("sda", 2 << 20, "the inventory said"),
+        ] {
+            let (mut r, mut w) = auth_inventory(&addr, &pass, &a, "bad8").await;
+            let _holding = r.read().await.unwrap();
+            w.send(&Message::Begin {
+                seq: 1,
+                run: [3; 16],
+                time_ns: 1,
+                disks: vec![(disk.into(), size)],
+                bases: vec![ferry_wire::NO_RUN],
+            })
+            .await
+            .unwrap();
+            w.flush().await.unwrap();
+            let got = read_past_credit(&mut r).await;
+            assert!(
+                matches!(&got, Some(Message::Refused { code: refuse::PROTOCOL, message }) if message.contains(why)),
+                "{disk}: {got:?}"
+            );
+        }
         for size in [0, ferry_wire::MAX_DISK_SIZE + 1] {
-            let (mut r, mut w) = auth_inventory(&addr, &pass, &a, "bad9").await;
+            let (mut r, mut w) = auth_inventory_with(
+                &addr,
+                &pass,
+                &a,
+                "bad9",
+                vec![ferry_wire::InvDisk {
+                    name: "sda".into(),
+                    size,
+                    id: "serial:TEST1".into(),
+                }],
+            )
+            .await;
             let _holding = r.read().await.unwrap();
             w.send(&Message::Begin {
                 seq: 1,
