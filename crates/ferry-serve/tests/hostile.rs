@@ -287,18 +287,7 @@ fn hostile_frames_are_refused_and_others_served() {
             ("sdz", 1u64 << 20, "did not name"),
             ("sda", 2 << 20, "the inventory said"),
         ] {
-            let (mut r, mut w) = auth_inventory(&addr, &pass, &a, "bad8").await;
-            let _holding = r.read().await.unwrap();
-            w.send(&Message::Begin {
-                seq: 1,
-                run: [3; 16],
-                time_ns: 1,
-                disks: vec![(disk.into(), size)],
-                bases: vec![ferry_wire::NO_RUN],
-            })
-            .await
-            .unwrap();
-            w.flush().await.unwrap();
+            let (mut r, _w) = sized_run(&addr, &pass, &a, "bad8", 1 << 20, (disk, size), 3).await;
             let got = read_past_credit(&mut r).await;
             assert!(
                 matches!(&got, Some(Message::Refused { code: refuse::PROTOCOL, message }) if message.contains(why)),
@@ -306,29 +295,7 @@ fn hostile_frames_are_refused_and_others_served() {
             );
         }
         for size in [0, ferry_wire::MAX_DISK_SIZE + 1] {
-            let (mut r, mut w) = auth_inventory_with(
-                &addr,
-                &pass,
-                &a,
-                "bad9",
-                vec![ferry_wire::InvDisk {
-                    name: "sda".into(),
-                    size,
-                    id: "serial:TEST1".into(),
-                }],
-            )
-            .await;
-            let _holding = r.read().await.unwrap();
-            w.send(&Message::Begin {
-                seq: 1,
-                run: [3; 16],
-                time_ns: 1,
-                disks: vec![("sda".into(), size)],
-                bases: vec![ferry_wire::NO_RUN],
-            })
-            .await
-            .unwrap();
-            w.flush().await.unwrap();
+            let (mut r, _w) = sized_run(&addr, &pass, &a, "bad9", size, ("sda", size), 3).await;
             let got = read_past_credit(&mut r).await;
             assert!(
                 matches!(&got, Some(Message::Refused { code: refuse::PROTOCOL, message }) if message.contains("Ferry replicates disks of 1 byte")),
@@ -336,28 +303,8 @@ fn hostile_frames_are_refused_and_others_served() {
             );
         }
         // The disk's last chunk may be shorter: accepted (acknowledged).
-        let (mut r, mut w) = auth_inventory_with(
-            &addr,
-            &pass,
-            &a,
-            "odd01",
-            vec![ferry_wire::InvDisk {
-                name: "sda".into(),
-                size: 65536 + 4096,
-                id: "serial:ODD".into(),
-            }],
-        )
-        .await;
-        let _holding = r.read().await.unwrap();
-        w.send(&Message::Begin {
-            seq: 1,
-            run: [4; 16],
-            time_ns: 1,
-            disks: vec![("sda".into(), 65536 + 4096)],
-            bases: vec![ferry_wire::NO_RUN],
-        })
-        .await
-        .unwrap();
+        let (mut r, mut w) =
+            sized_run(&addr, &pass, &a, "odd01", 65536 + 4096, ("sda", 65536 + 4096), 4).await;
         w.send(&Message::write(2, "sda", 65536, vec![7; 4096])).await.unwrap();
         w.flush().await.unwrap();
         let acked = tokio::time::timeout(Duration::from_secs(10), async {
@@ -440,6 +387,38 @@ fn hostile_frames_are_refused_and_others_served() {
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap().unwrap();
+}
+
+/// A connection for `vm` whose inventory names one disk `sda` of `inv_size` bytes, past its
+/// `Holding`, that has sent a `Begin` of run `[run; 16]` announcing `disk` (flushed).
+async fn sized_run(
+    addr: &str,
+    pass: &Passphrase,
+    agent: &(ferry_wire::AgentId, ferry_wire::Credential),
+    vm: &str,
+    inv_size: u64,
+    (disk, size): (&str, u64),
+    run: u8,
+) -> (R, W) {
+    let one = vec![ferry_wire::InvDisk {
+        name: "sda".into(),
+        size: inv_size,
+        id: "serial:TEST1".into(),
+    }];
+    let (mut r, mut w) = auth_inventory_with(addr, pass, agent, vm, one).await;
+    let m = r.read().await.unwrap();
+    assert!(matches!(m, Some(Message::Holding { .. })), "{m:?}");
+    w.send(&Message::Begin {
+        seq: 1,
+        run: [run; 16],
+        time_ns: 1,
+        disks: vec![(disk.into(), size)],
+        bases: vec![ferry_wire::NO_RUN],
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    (r, w)
 }
 
 fn inv(name: &str, id: &str) -> ferry_wire::InvDisk {
