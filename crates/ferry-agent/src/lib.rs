@@ -108,6 +108,7 @@ pub fn refusal_name(code: u16) -> &'static str {
         refuse::INTERNAL => "internal error",
         refuse::STALE_BASE => "run built on a state the server does not hold",
         refuse::NOT_OWNER => "VM owned by another agent",
+        refuse::QUARANTINED => "VM quarantined on the process server",
         _ => "unknown code",
     }
 }
@@ -119,7 +120,9 @@ impl AgentError {
         match self {
             AgentError::Refused { code, .. } => !matches!(
                 *code,
-                ferry_wire::refuse::BUSY | ferry_wire::refuse::INTERNAL
+                ferry_wire::refuse::BUSY
+                    | ferry_wire::refuse::INTERNAL
+                    | ferry_wire::refuse::QUARANTINED
             ),
             AgentError::Connect { .. } | AgentError::Protocol(_) => false,
             AgentError::Wire(e) => e.is_permanent(),

@@ -15,6 +15,7 @@
 //!
 //! Must not: read sources or decide when points are taken.
 
+pub mod quarantine;
 mod restore;
 pub mod retention;
 mod target;
@@ -23,6 +24,7 @@ pub use target::{run_ops, ReplicaTarget, RunOp, RunSpan, TargetError};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use ferry_crypto::ZERO_DIGEST;
@@ -54,6 +56,20 @@ pub enum ApplyError {
     Target(#[from] TargetError),
 }
 
+impl ApplyError {
+    /// Whether only the VM's own stored data can cause this (a journal the replica refuses, a
+    /// malformed segment or manifest), so that quarantining the VM is the answer; I/O, index,
+    /// lock and target failures hit every VM and are not.
+    pub fn is_vm_data(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::Journal { .. }
+                | ApplyError::Store(StoreError::Format { .. })
+                | ApplyError::Store(StoreError::WrongKey { .. })
+        )
+    }
+}
+
 /// A point the applier committed.
 #[derive(Clone, Debug)]
 pub struct Committed {
@@ -81,6 +97,7 @@ pub struct Applier<'s> {
     store: &'s LocalStore,
     vms: HashMap<String, VmState>,
     target: Option<Box<dyn ReplicaTarget + 's>>,
+    quarantine: Option<Arc<quarantine::Quarantines>>,
 }
 
 impl<'s> Applier<'s> {
@@ -89,7 +106,87 @@ impl<'s> Applier<'s> {
             store,
             vms: HashMap::new(),
             target: None,
+            quarantine: None,
         }
+    }
+
+    /// Quarantines a VM whose own data fails ([`ApplyError::is_vm_data`]) instead of failing, and
+    /// skips the segments of quarantined VMs ([`quarantine`]). Without it every failure is the
+    /// caller's.
+    pub fn set_quarantine(&mut self, q: Arc<quarantine::Quarantines>) {
+        self.quarantine = Some(q);
+    }
+
+    fn quarantined(&self, vm: &str) -> bool {
+        self.quarantine.as_ref().is_some_and(|q| q.contains(vm))
+    }
+
+    /// `r` for `vm`, or, for a failure of the VM's own data with quarantine on, the VM
+    /// quarantined (its state dropped) and nothing committed.
+    fn or_quarantine(
+        &mut self,
+        vm: &str,
+        r: Result<Vec<Committed>, ApplyError>,
+    ) -> Result<Vec<Committed>, ApplyError> {
+        match (r, &self.quarantine) {
+            (Err(e), Some(q)) if e.is_vm_data() => {
+                q.add(vm, &e.to_string()).map_err(|source| {
+                    ApplyError::Store(StoreError::Io {
+                        path: quarantine::dir(self.store.root()),
+                        op: "write the quarantine record in",
+                        source,
+                    })
+                })?;
+                self.vms.remove(vm);
+                Ok(Vec::new())
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// The applier's half of ending the quarantine of `vm`: voids its uncommitted journal (each
+    /// disk's applied position moves past its last stored segment, and its replica drops its
+    /// pending changes). Committed points are untouched. The caller then removes the quarantine
+    /// record ([`quarantine::Quarantines::remove`]). The caller makes sure no record of
+    /// the VM that predates the release is still to come (the process server drains its cache
+    /// first).
+    pub fn release(&mut self, vm: &str) -> Result<(), ApplyError> {
+        self.vms.remove(vm);
+        let mut m = match self.store.load_manifest(vm)? {
+            Some(m) => m,
+            None => Manifest::new(vm, &self.store.key().id().to_string()),
+        };
+        for disk in list_dirs(&self.store.root().join("journal").join(vm))? {
+            let next = self
+                .store
+                .list_segments(vm, &disk)?
+                .last()
+                .map_or(0, |s| s + 1);
+            let dir = self.store.replica_dir(vm, &disk);
+            if dir.join("current.map").exists() {
+                // An interrupted commit is finished first, as at any start.
+                let latest = m
+                    .points
+                    .iter()
+                    .filter(|p| p.disks.iter().any(|d| d.name == disk))
+                    .map(|p| p.seq)
+                    .max()
+                    .unwrap_or(0);
+                let mut r = Replica::open(&dir)?;
+                r.recover(latest)?;
+                r.reset_pending()?;
+            }
+            let d = m.disks.entry(disk).or_insert(DiskState {
+                size: 0,
+                applied: JournalPos::default(),
+            });
+            d.applied = d.applied.max(JournalPos {
+                segment: next,
+                record: 0,
+            });
+        }
+        self.store.commit_manifest(&m)?;
+        Ok(())
     }
 
     /// Also applies every committed run to `target` (e.g. Azure page blobs) before the point is
@@ -141,6 +238,21 @@ impl<'s> Applier<'s> {
         }
         let mut out = Vec::new();
         for vm in vms {
+            if self.quarantined(&vm) {
+                tracing::warn!(vm, "VM is quarantined: its journal is not applied (`ferry vms list` says why)");
+                continue;
+            }
+            let r = self.recover_vm(&vm);
+            out.extend(self.or_quarantine(&vm, r)?);
+        }
+        Ok(out)
+    }
+
+    fn recover_vm(&mut self, vm: &str) -> Result<Vec<Committed>, ApplyError> {
+        let root = self.store.root().to_owned();
+        let vm = vm.to_owned();
+        let mut out = Vec::new();
+        {
             let manifest = self.vm(&vm)?.manifest.clone();
             for disk in manifest.disks.keys() {
                 let latest = manifest
@@ -168,7 +280,7 @@ impl<'s> Applier<'s> {
                         continue;
                     }
                     let idx = self.store.read_segment_index(&vm, &disk, seq)?;
-                    out.extend(self.push_segment(&vm, &disk, seq, idx.records)?);
+                    out.extend(self.push_unchecked(&vm, &disk, seq, idx.records)?);
                 }
             }
         }
@@ -177,7 +289,23 @@ impl<'s> Applier<'s> {
 
     /// Queues one stored segment of `vm`/`disk` and applies whatever can be applied. Returns the
     /// points committed as a result.
+    /// With quarantine on, a quarantined VM's segments are skipped, and a failure of the VM's own
+    /// data quarantines it.
     pub fn push_segment(
+        &mut self,
+        vm: &str,
+        disk: &str,
+        seq: u64,
+        records: Vec<Record>,
+    ) -> Result<Vec<Committed>, ApplyError> {
+        if self.quarantined(vm) {
+            return Ok(Vec::new());
+        }
+        let r = self.push_unchecked(vm, disk, seq, records);
+        self.or_quarantine(vm, r)
+    }
+
+    fn push_unchecked(
         &mut self,
         vm: &str,
         disk: &str,

@@ -364,6 +364,16 @@ impl Cache {
         Ok(())
     }
 
+    /// Every record with seq < this is durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.state.lock().expect("poisoned").durable
+    }
+
+    /// Every record with seq < this is drained into the store ([`Self::consume_through`]).
+    pub fn consumed_seq(&self) -> u64 {
+        self.shared.state.lock().expect("poisoned").consumed
+    }
+
     /// Bytes of cache files on disk.
     pub fn used_bytes(&self) -> u64 {
         let st = self.shared.state.lock().expect("poisoned");

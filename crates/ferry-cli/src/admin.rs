@@ -158,9 +158,10 @@ pub(crate) fn vms_list(
     config: ConfigArg,
     as_json: bool,
 ) -> Result<(), JobError> {
-    let (_, c) = open_state(state_dir, &config)?;
+    let (dir, c) = open_state(state_dir, &config)?;
     let reg = c.registry().map_err(err)?;
     let owners = c.owners().map_err(err)?;
+    let st = status(&dir);
     let out: Vec<serde_json::Value> = owners
         .iter()
         .map(|(vm, o)| {
@@ -168,12 +169,17 @@ pub(crate) fn vms_list(
                 .agents()
                 .find(|(id, _)| id.to_string() == o.agent)
                 .map(|(_, r)| r.hostname.clone());
+            let quarantine = st
+                .as_ref()
+                .and_then(|s| s.vms.iter().find(|v| v.vm == *vm))
+                .and_then(|v| v.quarantine.clone());
             json!({
                 "vm": vm,
                 "owner": o.agent,
                 "owner_hostname": host,
                 "owner_revoked": host.is_none(),
                 "since": rfc3339(o.since),
+                "quarantine": quarantine,
             })
         })
         .collect();
@@ -194,7 +200,46 @@ pub(crate) fn vms_list(
                 .unwrap_or("revoked: move this VM to another agent"),
             v["since"].as_str().unwrap_or("")
         );
+        if let Some(q) = v["quarantine"].as_str() {
+            println!("    QUARANTINED: {q}\n    fix the cause, then: ferry vms release {}", v["vm"].as_str().unwrap_or(""));
+        }
     }
+    Ok(())
+}
+
+/// `ferry vms release VM`.
+pub(crate) fn vms_release(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+    vm: &str,
+    store: Option<ferry_job::StoreLocation>,
+) -> Result<(), JobError> {
+    ferry_job::validate_name("VM", vm)?;
+    let (dir, _) = open_state(state_dir, &config)?;
+    let store = match store {
+        Some(s) => s,
+        None => {
+            let st = status(&dir).ok_or_else(|| {
+                JobError::Usage(format!(
+                    "no status file in {}: name the server's store with --store",
+                    dir.display()
+                ))
+            })?;
+            ferry_job::StoreLocation::parse(&st.store)?
+        }
+    };
+    let root = store.local_dir();
+    ferry_apply::quarantine::request_release(&root, vm).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            JobError::Usage(format!("{e} (store {store})"))
+        } else {
+            JobError::Usage(format!(
+                "cannot ask for the release in {}: {e}",
+                ferry_apply::quarantine::dir(&root).display()
+            ))
+        }
+    })?;
+    println!("release of VM {vm} requested: the process server releases it once its cache holds nothing more of the VM (within seconds; at its next start if it is not running). `ferry status` shows it replicating again; its agent resyncs what its newest point does not hold.");
     Ok(())
 }
 

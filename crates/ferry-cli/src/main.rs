@@ -107,9 +107,14 @@ enum Cmd {
     /// same --vm name is refused, whether or not the owner is connected. After rebuilding a
     /// machine (a new agent), give its VM to the new agent with `ferry vms move`.
     ///
+    /// A VM whose data the process server cannot apply is quarantined: it alone stops
+    /// replicating (`ferry status` says why), every other VM goes on. Fix the cause, then
+    /// `ferry vms release` it.
+    ///
     /// Examples:
     ///   ferry vms list --json
     ///   ferry vms move web01 --to 3f9c0a…
+    ///   ferry vms release web01
     #[command(verbatim_doc_comment)]
     Vms {
         #[command(subcommand)]
@@ -181,6 +186,19 @@ enum VmsCmd {
         /// The agent id that replicates it from now on (from `ferry agents list`).
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
+    /// End a VM's quarantine. The process server skips what its cache still holds of the VM,
+    /// drops the VM's changes that are not in a point yet, and accepts its agent again; the agent
+    /// then sends everything the VM's newest point does not hold (a resync). Points stay.
+    Release {
+        /// The VM name.
+        vm: String,
+        /// The store the server replicates into (as given to `ferry serve`). Default: the one
+        /// the server's status file names.
+        #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+        store: Option<StoreLocation>,
         #[command(flatten)]
         at: StateDirArg,
     },
@@ -396,6 +414,9 @@ fn main() -> ExitCode {
         Cmd::Vms {
             cmd: VmsCmd::Move { vm, to, at },
         } => admin::vms_move(at.state_dir, at.config, &vm, &to),
+        Cmd::Vms {
+            cmd: VmsCmd::Release { vm, store, at },
+        } => admin::vms_release(at.state_dir, at.config, &vm, store),
         Cmd::Replicate(a) => replicate(a),
         Cmd::Points {
             cmd: PointsCmd::List { store, vm, json },

@@ -164,6 +164,7 @@ pub fn report(
                 "peer": v.and_then(|v| v.peer.clone()),
                 "since": v.and_then(|v| v.since.clone()),
                 "backlog_bytes": v.map_or(0, |v| v.backlog_bytes),
+                "quarantine": v.and_then(|v| v.quarantine.clone()),
                 "rpo_seconds": rpo(last.as_ref(), now),
                 "last_point": point_json(last.as_ref()),
                 "last_app_point": point_json(newest(None, true).as_ref()),
@@ -282,6 +283,12 @@ pub fn print_human(r: &Value) {
             point(v),
             detail.trim_end_matches("; "),
         );
+        if let Some(q) = v["quarantine"].as_str() {
+            println!(
+                "  QUARANTINED: {q}\n  every other VM goes on; fix the cause, then: ferry vms release {}",
+                text(&v["vm"])
+            );
+        }
         for d in v["disks"].as_array().map(Vec::as_slice).unwrap_or_default() {
             println!(
                 "  {:<18} {:<12} {:>8} {:>10}  {:<30} {} records, {} received, acked seq {}",

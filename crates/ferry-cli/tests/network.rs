@@ -771,3 +771,138 @@ fn operators_own_move_and_revoke_with_the_cli() {
     );
     srv.stop();
 }
+
+/// Issue 8, quarantine: a VM whose stored journal cannot be applied (here: the index of its newest
+/// segment rots on disk while the server is stopped) is quarantined at the next start instead of
+/// stopping the server; the other VM replicates and restores exactly meanwhile; the VM's agent is
+/// refused (and keeps retrying) until `ferry vms release`, after which it replicates again and
+/// its newest point restores exactly. Real `ferry serve`, two real agents, the operator's CLI.
+#[test]
+fn a_vm_whose_journal_rots_is_quarantined_alone_and_released_by_the_operator() {
+    let env = Env::new();
+    let (addr, mut srv) = serve_and_register(&env, |addr| Server::start(&env, addr));
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass-b.txt");
+    ok(&register(&env, &addr, &pass, "agent-b"), "register agent b");
+    let size = 16 << 20;
+    let (good, bad) = (env.path("good.img"), env.path("bad.img"));
+    let mut rng = Rng(0x9a4a);
+    make_image(&good, &mut rng, size);
+    make_image(&bad, &mut rng, size);
+    ok(&run_agent(&env, &addr, &good, "agent"), "web01's first run");
+    let bad_run = |env: &Env| agent_cmd_vm(env, &addr, &bad, "agent-b", "bad01");
+    ok(&bad_run(&env).output().unwrap(), "bad01's first run");
+    srv.stop();
+
+    // The rot: the last bytes (the sealed index) of bad01's newest segment, which the next start
+    // reads again (its applied position is inside it).
+    let jdir = env.store().join("journal").join("bad01");
+    let disk_dir = fs::read_dir(&jdir).unwrap().next().unwrap().unwrap().path();
+    let mut segs: Vec<PathBuf> = fs::read_dir(&disk_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    let newest = segs.last().unwrap();
+    let mut bytes = fs::read(newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 8] ^= 0xff;
+    fs::write(newest, &bytes).unwrap();
+
+    let mut srv = Server::start(&env, &addr);
+    srv.proc.wait_log("the quarantine", Duration::from_secs(30), |l| {
+        (l.contains("VM quarantined") && l.contains("bad01")).then_some(())
+    });
+    let vm = |st: &serde_json::Value, name: &str| {
+        st["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {st}"))
+    };
+    // The status file is rewritten every second.
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = status_json(&env);
+        if vm(&st, "bad01")["state"] == "quarantined" || t.elapsed() > Duration::from_secs(10) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(vm(&st, "bad01")["state"], "quarantined", "{st}");
+    let why = vm(&st, "bad01")["quarantine"].as_str().unwrap().to_owned();
+    assert!(why.contains("segment") || why.contains(&*newest.to_string_lossy()), "{why}");
+    let listed = admin_json(&env, &["vms", "list", "--json"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["vm"] == "bad01" && v["quarantine"].is_string()),
+        "{listed}"
+    );
+
+    // The other VM goes on, exactly.
+    mutate(&good, &mut rng, size);
+    ok(&run_agent(&env, &addr, &good, "agent"), "web01 while bad01 is quarantined");
+    let disk_name = |vm: &str| {
+        let m: serde_json::Value = serde_json::from_slice(
+            &fs::read(env.store().join("manifests").join(format!("{vm}.json"))).unwrap(),
+        )
+        .unwrap();
+        m["disks"].as_object().unwrap().keys().next().unwrap().clone()
+    };
+    latest_is(&env, &env.store(), "web01", &disk_name("web01"), &good);
+
+    // bad01's agent is refused as quarantined, and keeps trying.
+    mutate(&bad, &mut rng, size);
+    let copy = env.path("bad-copy.img");
+    fs::copy(&bad, &copy).unwrap();
+    let mut agent = common::Proc::spawn(bad_run(&env), &env.path("agent-b.log"));
+    srv.proc.wait_log("the refusal", Duration::from_secs(30), |l| {
+        (l.contains("refused") && l.contains("quarantined")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(agent.exited().is_none(), "a quarantined VM's agent keeps retrying");
+
+    // Release: the server takes the VM back; the agent finishes its run; the point is exact.
+    let o = admin(&env, &["vms", "release", "bad01"]);
+    ok(&o, "ferry vms release");
+    let st = agent.wait().unwrap();
+    assert!(st.success(), "agent after the release: {}", agent.log_text());
+    let log = srv.proc.own_log();
+    assert!(log.contains("VM released from quarantine"), "{log}");
+    latest_is(&env, &env.store(), "bad01", &disk_name("bad01"), &copy);
+    let t = std::time::Instant::now();
+    while vm(&status_json(&env), "bad01")["quarantine"] != serde_json::Value::Null {
+        assert!(t.elapsed() < Duration::from_secs(10), "still quarantined in the status");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = admin(&env, &["vms", "release", "bad01"]);
+    assert!(!again.status.success(), "released twice");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not quarantined"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // And a restart finds nothing quarantined.
+    srv.stop();
+    let mut srv = Server::start(&env, &addr);
+    mutate(&bad, &mut rng, size);
+    ok(&bad_run(&env).output().unwrap(), "bad01 after a restart");
+    latest_is(&env, &env.store(), "bad01", &disk_name("bad01"), &bad);
+    assert!(!srv.proc.own_log().contains("quarantined"));
+    srv.stop();
+}
+
+fn status_json(env: &Env) -> serde_json::Value {
+    let o = ferry()
+        .args(["status", "--json", "--state-dir"])
+        .arg(env.path("ps-state"))
+        .output()
+        .unwrap();
+    ok(&o, "ferry status --json");
+    serde_json::from_slice(&o.stdout).unwrap()
+}

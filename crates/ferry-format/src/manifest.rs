@@ -24,10 +24,18 @@ pub struct JournalPos {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskState {
-    /// Size in bytes at the newest point.
+    /// Size in bytes at the newest point; 0 for a disk with no point yet whose journal a quarantine
+    /// release voided (only `applied` is known of it).
     pub size: u64,
-    /// Where the applier resumes: just past the newest committed tag.
+    /// Where the applier resumes: just past the newest committed tag (or the voided journal).
     pub applied: JournalPos,
+}
+
+impl DiskState {
+    /// The disk's size at its newest point; `None` if it has no point yet.
+    pub fn known_size(&self) -> Option<u64> {
+        (self.size != 0).then_some(self.size)
+    }
 }
 
 /// One disk of a recovery point.

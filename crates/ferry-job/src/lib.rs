@@ -363,12 +363,12 @@ fn replicate_run(
     // Refuse resizes before shipping anything.
     let manifest = pipeline.applier().manifest(&o.vm)?.clone();
     for (s, d) in sources.iter().zip(&o.disks) {
-        if let Some(ds) = manifest.disks.get(d) {
-            if ds.size != s.size {
+        if let Some(was) = manifest.disks.get(d).and_then(|ds| ds.known_size()) {
+            if was != s.size {
                 return Err(JobError::Usage(format!(
                     "disk '{d}' of VM '{}' was {} bytes and {} is now {} bytes; Ferry does not follow a resize yet — replicate it under a new --disk name",
                     o.vm,
-                    ds.size,
+                    was,
                     s.path.display(),
                     s.size
                 )));

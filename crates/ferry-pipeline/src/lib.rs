@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use ferry_apply::quarantine::Quarantines;
 use ferry_apply::{Applier, ApplyError, Committed};
 use ferry_cache::{Cache, CacheError, CacheReader, Next};
 use ferry_crypto::Digest;
@@ -60,6 +61,9 @@ pub struct PipelineConfig {
     pub zstd_level: i32,
     /// Segment size at which segments are sealed and stored.
     pub segment_target: usize,
+    /// Quarantine a VM whose own data fails (its records are then skipped) instead of failing
+    /// ([`ferry_apply::quarantine`]); the process server sets it, one-VM jobs do not.
+    pub quarantine: Option<Arc<Quarantines>>,
 }
 
 impl Default for PipelineConfig {
@@ -68,6 +72,7 @@ impl Default for PipelineConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             zstd_level: 1,
             segment_target: 32 << 20,
+            quarantine: None,
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct PipelineStats {
     pub segments: u64,
     /// Total bytes of segment files written.
     pub segment_bytes: u64,
+    /// Records of quarantined VMs consumed without being applied.
+    pub skipped: u64,
 }
 
 struct Job {
@@ -147,6 +154,12 @@ struct Dispatch<'s> {
     jobs: Option<Sender<Job>>,
     open_bytes: usize,
     stats: PipelineStats,
+    /// VMs found sending a record the applier cannot take, with why, to be quarantined by the
+    /// committer after the segments of the next flush.
+    quarantining: Vec<(String, String)>,
+    /// VMs whose records are skipped until the committer has quarantined them: VM → the flush
+    /// position that carries the quarantine (`u64::MAX` until flushed).
+    skipping: HashMap<String, u64>,
 }
 
 type Batch = Vec<((String, String), OpenSegment)>;
@@ -174,6 +187,9 @@ impl<'s> Pipeline<'s> {
         if let Some(t) = target {
             applier.set_target(t);
         }
+        if let Some(q) = &cfg.quarantine {
+            applier.set_quarantine(q.clone());
+        }
         let committed = applier.recover()?;
         let (tx, rx) = bounded::<Job>(cfg.threads * 8);
         let workers = (0..cfg.threads.max(1))
@@ -194,6 +210,8 @@ impl<'s> Pipeline<'s> {
                 jobs: Some(tx),
                 open_bytes: 0,
                 stats: PipelineStats::default(),
+                quarantining: Vec::new(),
+                skipping: HashMap::new(),
             },
             workers,
             stats: PipelineStats::default(),
@@ -235,7 +253,8 @@ impl<'s> Pipeline<'s> {
         let store = disp.store;
         let done = AtomicU64::new(0);
         let mut cstats = PipelineStats::default();
-        let (tx, rx) = bounded::<(Batch, u64)>(2);
+        let (tx, rx) = bounded::<(Batch, u64, Vec<(String, String)>)>(2);
+        let quarantine = disp.cfg.quarantine.clone();
         let r = std::thread::scope(|s| {
             let (done_ref, cstats_ref) = (&done, &mut cstats);
             let mut c = Committer {
@@ -247,9 +266,18 @@ impl<'s> Pipeline<'s> {
                 committed,
             };
             let committer = s.spawn(move || -> Result<(), PipelineError> {
-                for (batch, through) in rx {
+                for (batch, through, quarantining) in rx {
                     for ((vm, disk), seg) in batch {
                         c.commit(&vm, &disk, seg)?;
+                    }
+                    for (vm, reason) in quarantining {
+                        if let Some(q) = &quarantine {
+                            q.add(&vm, &reason).map_err(|source| StoreError::Io {
+                                path: ferry_apply::quarantine::dir(store.root()),
+                                op: "write the quarantine record in",
+                                source,
+                            })?;
+                        }
                     }
                     done_ref.store(through, Ordering::Release);
                 }
@@ -259,7 +287,12 @@ impl<'s> Pipeline<'s> {
             let flush = |disp: &mut Dispatch<'_>, through: u64| -> bool {
                 disp.open_bytes = 0;
                 let batch: Batch = std::mem::take(&mut disp.open).into_iter().collect();
-                batch.is_empty() || tx.send((batch, through)).is_ok()
+                let quarantining = std::mem::take(&mut disp.quarantining);
+                for (vm, _) in &quarantining {
+                    disp.skipping.insert(vm.clone(), through);
+                }
+                (batch.is_empty() && quarantining.is_empty())
+                    || tx.send((batch, through, quarantining)).is_ok()
             };
             let dispatched = (|| -> Result<(), PipelineError> {
                 loop {
@@ -268,6 +301,8 @@ impl<'s> Pipeline<'s> {
                         cache.consume_through(d)?;
                         consumed = d;
                     }
+                    // Quarantined by the committer by now: skipped through the quarantine set.
+                    disp.skipping.retain(|_, through| *through > d);
                     match reader.next_within(Some(Duration::from_millis(50)))? {
                         Next::Record(_, e) => {
                             let is_tag = matches!(e, CacheEntry::Tag { .. });
@@ -292,6 +327,10 @@ impl<'s> Pipeline<'s> {
             })();
             drop(tx);
             let committed_ok = committer.join().expect("committer thread panicked");
+            if committed_ok.is_ok() {
+                // Every flush was committed: the VMs it quarantined are in the quarantine set.
+                disp.skipping.clear();
+            }
             let d = done.load(Ordering::Acquire);
             if committed_ok.is_ok() && d > consumed {
                 cache.consume_through(d)?;
@@ -346,6 +385,43 @@ impl<'s> Dispatch<'s> {
 
     fn dispatch(&mut self, index: &ChunkIndex, e: CacheEntry) -> Result<(), PipelineError> {
         self.stats.records += 1;
+        if let Some(q) = self.cfg.quarantine.clone() {
+            let vm = match &e {
+                CacheEntry::Begin { vm, .. }
+                | CacheEntry::Zero { vm, .. }
+                | CacheEntry::Tag { vm, .. }
+                | CacheEntry::Write { vm, .. } => vm,
+            };
+            if q.contains(vm) || self.skipping.contains_key(vm) {
+                // Consumed unapplied: the release voids the VM's run and its agent sends again.
+                self.stats.skipped += 1;
+                return Ok(());
+            }
+            if let Err(PipelineError::BadRecord {
+                vm,
+                disk,
+                offset,
+                detail,
+            }) = check_record(&e)
+            {
+                // The committer quarantines the VM once it has applied what came before (the
+                // segments of this flush): the runs the VM completed before stay points.
+                let reason =
+                    format!("cached record for disk '{disk}' at offset {offset}: {detail}");
+                self.skipping.insert(vm.clone(), u64::MAX);
+                self.quarantining.push((vm, reason));
+                self.stats.skipped += 1;
+                return Ok(());
+            }
+        }
+        self.dispatch_unchecked(index, e)
+    }
+
+    fn dispatch_unchecked(
+        &mut self,
+        index: &ChunkIndex,
+        e: CacheEntry,
+    ) -> Result<(), PipelineError> {
         match e {
             CacheEntry::Begin {
                 vm,
@@ -385,11 +461,12 @@ impl<'s> Dispatch<'s> {
                 data,
             } => {
                 if offset % CHUNK_SIZE as u64 != 0 || data.is_empty() || data.len() > CHUNK_SIZE {
-                    return Err(PipelineError::BadRecord {
+                    return check_record(&CacheEntry::Write {
                         vm,
                         disk,
                         offset,
-                        detail: format!("{} bytes, not one aligned chunk", data.len()),
+                        digest,
+                        data,
                     });
                 }
                 let len = data.len() as u32;
@@ -448,6 +525,45 @@ impl<'s> Dispatch<'s> {
     }
 }
 
+/// A record the applier cannot take, whatever else the VM sent: a write that is not one aligned
+/// chunk, a zero range that does not start on a chunk.
+fn check_record(e: &CacheEntry) -> Result<(), PipelineError> {
+    let bad = |vm: &str, disk: &str, offset: u64, detail: String| {
+        Err(PipelineError::BadRecord {
+            vm: vm.into(),
+            disk: disk.into(),
+            offset,
+            detail,
+        })
+    };
+    match e {
+        CacheEntry::Write {
+            vm,
+            disk,
+            offset,
+            data,
+            ..
+        } if offset % CHUNK_SIZE as u64 != 0 || data.is_empty() || data.len() > CHUNK_SIZE => bad(
+            vm,
+            disk,
+            *offset,
+            format!("{} bytes, not one aligned chunk", data.len()),
+        ),
+        CacheEntry::Zero {
+            vm,
+            disk,
+            offset,
+            len,
+        } if offset % CHUNK_SIZE as u64 != 0 || *len == 0 => bad(
+            vm,
+            disk,
+            *offset,
+            format!("zero range of {len} bytes not starting on a chunk"),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// The committing half: everything a sealed segment needs, borrowed from the pipeline.
 struct Committer<'a, 's> {
     store: &'s LocalStore,
@@ -499,6 +615,7 @@ impl PipelineStats {
         self.sealed_bytes += o.sealed_bytes;
         self.segments += o.segments;
         self.segment_bytes += o.segment_bytes;
+        self.skipped += o.skipped;
     }
 }
 

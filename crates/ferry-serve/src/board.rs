@@ -63,6 +63,8 @@ struct VmEntry {
     counters: Arc<VmCounters>,
     disks: BTreeMap<String, DiskEntry>,
     last_point: Option<PointRef>,
+    /// Why the VM is quarantined, while it is.
+    quarantine: Option<String>,
 }
 
 impl VmEntry {
@@ -80,6 +82,7 @@ impl VmEntry {
             counters: Default::default(),
             disks: BTreeMap::new(),
             last_point: None,
+            quarantine: None,
         }
     }
 
@@ -93,7 +96,9 @@ impl VmEntry {
     }
 
     fn state(&self) -> &'static str {
-        if self.connected && self.run.is_some() {
+        if self.quarantine.is_some() {
+            "quarantined"
+        } else if self.connected && self.run.is_some() {
             "replicating"
         } else if !self.tags.is_empty() {
             "applying"
@@ -239,6 +244,19 @@ impl Board {
         e.last_point = Some(r);
     }
 
+    /// Marks `vm` quarantined (with why) or released.
+    pub fn quarantined(&self, vm: &str, reason: Option<String>) {
+        let mut vms = self.lock();
+        let e = vms.entry(vm.to_owned()).or_insert_with(VmEntry::new);
+        if reason.is_none() {
+            // Nothing received before the quarantine becomes a point any more.
+            e.tags.clear();
+            e.run = None;
+            e.applied = e.counters.acked.load(Ordering::Relaxed);
+        }
+        e.quarantine = reason;
+    }
+
     /// The status file as of now.
     pub fn snapshot(&self, running: bool, cache_used: u64) -> StatusFile {
         let vms = self.lock();
@@ -267,6 +285,7 @@ impl Board {
                         peer: e.peer.clone(),
                         since: ts(e.since),
                         state: state.into(),
+                        quarantine: e.quarantine.clone(),
                         backlog_bytes: e
                             .counters
                             .acked

@@ -303,6 +303,8 @@ pub(crate) enum Kill {
     Revoked,
     /// The operator moved the VM to another agent (`ferry vms move`).
     Moved,
+    /// The VM's stored data failed to apply: it is quarantined until the operator releases it.
+    Quarantined,
 }
 
 impl Kill {
@@ -322,6 +324,10 @@ impl Kill {
             Kill::Moved => refusal(
                 refuse::NOT_OWNER,
                 format!("VM '{vm}' was moved to another agent by the operator (ferry vms move); this agent no longer replicates it"),
+            ),
+            Kill::Quarantined => refusal(
+                refuse::QUARANTINED,
+                format!("VM '{vm}' is quarantined on the process server: data it sent cannot be applied; it is retried until the operator fixes the cause and runs `ferry vms release {vm}` (the process server's log and `ferry status` say why)"),
             ),
         }
     }
@@ -412,10 +418,12 @@ pub(crate) fn watch_control(
                 .is_some_and(|o: &crate::control::Owner| o.agent != slot.agent)
             {
                 Kill::Moved
+            } else if shared.quarantine.contains(vm) {
+                Kill::Quarantined
             } else {
                 return true;
             };
-            tracing::warn!(vm = %vm, agent = %slot.agent, why = ?kill, "closing the connection: the operator changed who may replicate this VM");
+            tracing::warn!(vm = %vm, agent = %slot.agent, why = ?kill, "closing the VM's connection: it may no longer replicate");
             let _ = slot.cancel.send(Some(kill));
             false
         });
@@ -484,6 +492,9 @@ impl VmOwner<'_> {
                     "cannot record the VM's owner; see the process server log",
                 ));
             }
+        }
+        if self.shared.quarantine.contains(vm) {
+            return Err(Kill::Quarantined.refusal(vm));
         }
         let mut vms = self.shared.vms.lock().expect("vms lock");
         if let Some(slot) = vms.get(vm) {
@@ -709,11 +720,11 @@ fn check_record(shared: &Shared, vm: &str, m: &Message) -> Result<(), Refusal> {
     for (d, size) in disks {
         ferry_job::validate_name("disk", d)
             .map_err(|e| refusal(refuse::PROTOCOL, e.to_string()))?;
-        if let Some(ds) = manifest.as_ref().and_then(|m| m.disks.get(d)) {
-            if ds.size != *size {
+        if let Some(was) = manifest.as_ref().and_then(|m| m.disks.get(d)?.known_size()) {
+            if was != *size {
                 return Err(refusal(
                     refuse::PROTOCOL,
-                    crate::held::resize_message(vm, d, ds.size, *size),
+                    crate::held::resize_message(vm, d, was, *size),
                 ));
             }
         }

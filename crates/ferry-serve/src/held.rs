@@ -138,6 +138,77 @@ pub(crate) struct Held {
     ids_lock: Mutex<()>,
 }
 
+/// What the store holds of `vm`: its manifest's points, then its journal past each disk's applied
+/// position.
+fn seed_vm(store: &LocalStore, vm: &str) -> Result<VmHeld, String> {
+    let root = store.root();
+    let mut e = VmHeld::default();
+    let manifest = ferry_store::load_manifest_at(root, vm).map_err(|e| e.to_string())?;
+    if let Some(m) = &manifest {
+        for p in &m.points {
+            let mut run = NO_RUN;
+            if hex::decode_to_slice(&p.run, &mut run).is_err() {
+                continue;
+            }
+            for d in &p.disks {
+                e.last.insert(d.name.clone(), run);
+            }
+        }
+        for (d, ds) in &m.disks {
+            if let Some(size) = ds.known_size() {
+                e.sizes.insert(d.clone(), size);
+            }
+        }
+    }
+    let Some((_, disks)) = journal_dirs(&root.join("journal"))
+        .into_iter()
+        .find(|(v, _)| v == vm)
+    else {
+        return Ok(e);
+    };
+    // Each disk's journal is its own sequence; the open run is the newest Begin that is the last
+    // boundary of some disk (by its time), over the disks that hold it.
+    let mut begins: Vec<(u64, RunId, String, u64)> = Vec::new();
+    let mut unreadable = false;
+    for disk in disks {
+        let from = manifest
+            .as_ref()
+            .and_then(|m| m.disks.get(&disk))
+            .map(|d| d.applied)
+            .unwrap_or_default();
+        let Some((last, size)) = last_boundary(store, vm, &disk, from) else {
+            unreadable = true;
+            continue;
+        };
+        if let Some(size) = size {
+            e.sizes.insert(disk.clone(), size);
+        }
+        match last {
+            Some(Boundary::Tag(run)) => {
+                e.last.insert(disk.clone(), run);
+            }
+            Some(Boundary::Begin { run, time_ns, size }) => {
+                begins.push((time_ns, run, disk, size));
+            }
+            None => {}
+        }
+    }
+    // With a journal unread, the open run's disks are not known: none is open (an agent
+    // continuing one starts it again).
+    if !unreadable {
+        if let Some((_, run, _, _)) = begins.iter().max_by_key(|b| b.0) {
+            let run = *run;
+            let disks: Vec<(String, u64)> = begins
+                .iter()
+                .filter(|b| b.1 == run)
+                .map(|b| (b.2.clone(), b.3))
+                .collect();
+            e.open = Some(Open { run, disks });
+        }
+    }
+    Ok(e)
+}
+
 /// The last run boundary a disk's journal holds past its applied position.
 enum Boundary {
     Begin { run: RunId, time_ns: u64, size: u64 },
@@ -150,71 +221,21 @@ impl Held {
     /// (not yet drained): oldest to newest.
     pub fn load(store: &LocalStore, marks: &[Mark]) -> Result<Held, String> {
         let root = store.root();
-        let mut vms: HashMap<String, VmHeld> = HashMap::new();
-        let mut manifests = HashMap::new();
-        for vm in ferry_store::list_vms_at(root).map_err(|e| e.to_string())? {
-            let Some(m) = ferry_store::load_manifest_at(root, &vm).map_err(|e| e.to_string())?
-            else {
-                continue;
-            };
-            let e = vms.entry(vm.clone()).or_default();
-            for p in &m.points {
-                let mut run = NO_RUN;
-                if hex::decode_to_slice(&p.run, &mut run).is_err() {
-                    continue;
-                }
-                for d in &p.disks {
-                    e.last.insert(d.name.clone(), run);
-                }
+        let mut names = ferry_store::list_vms_at(root).map_err(|e| e.to_string())?;
+        for (vm, _) in journal_dirs(&root.join("journal")) {
+            if !names.contains(&vm) {
+                names.push(vm);
             }
-            for (d, ds) in &m.disks {
-                e.sizes.insert(d.clone(), ds.size);
-            }
-            manifests.insert(vm, m);
         }
-        for (vm, disks) in journal_dirs(&root.join("journal")) {
-            let e = vms.entry(vm.clone()).or_default();
-            // Each disk's journal is its own sequence; the open run is the newest Begin that is
-            // the last boundary of some disk (by its time), over the disks that hold it.
-            let mut begins: Vec<(u64, RunId, String, u64)> = Vec::new();
-            let mut unreadable = false;
-            for disk in disks {
-                let from = manifests
-                    .get(&vm)
-                    .and_then(|m: &ferry_format::manifest::Manifest| m.disks.get(&disk))
-                    .map(|d| d.applied)
-                    .unwrap_or_default();
-                let Some((last, size)) = last_boundary(store, &vm, &disk, from) else {
-                    unreadable = true;
-                    continue;
-                };
-                if let Some(size) = size {
-                    e.sizes.insert(disk.clone(), size);
-                }
-                match last {
-                    Some(Boundary::Tag(run)) => {
-                        e.last.insert(disk.clone(), run);
-                    }
-                    Some(Boundary::Begin { run, time_ns, size }) => {
-                        begins.push((time_ns, run, disk, size));
-                    }
-                    None => {}
-                }
-            }
-            // With a journal unread, the open run's disks are not known: none is open (an agent
-            // continuing one starts it again).
-            if unreadable {
-                continue;
-            }
-            if let Some((_, run, _, _)) = begins.iter().max_by_key(|b| b.0) {
-                let run = *run;
-                let disks: Vec<(String, u64)> = begins
-                    .iter()
-                    .filter(|b| b.1 == run)
-                    .map(|b| (b.2.clone(), b.3))
-                    .collect();
-                e.open = Some(Open { run, disks });
-            }
+        let mut vms: HashMap<String, VmHeld> = HashMap::new();
+        for vm in names {
+            // A VM whose manifest or journal cannot be read holds nothing here: its agent sends
+            // everything again, and the applier quarantines the VM if its data is at fault.
+            let e = seed_vm(store, &vm).unwrap_or_else(|e| {
+                tracing::error!(vm, error = %e, "cannot read what the store holds of the VM; its agent sends everything again");
+                VmHeld::default()
+            });
+            vms.insert(vm, e);
         }
         for m in marks {
             match m {
@@ -233,6 +254,14 @@ impl Held {
             vms: Mutex::new(vms),
             ids_lock: Mutex::new(()),
         })
+    }
+
+    /// Forgets what was received of `vm` and holds again only what the store holds (after a
+    /// quarantine release voided its journal, with no record of it left in the cache).
+    pub fn reseed(&self, store: &LocalStore, vm: &str) -> Result<(), String> {
+        let e = seed_vm(store, vm)?;
+        self.lock().insert(vm.to_owned(), e);
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmHeld>> {

@@ -34,6 +34,7 @@ pub mod status;
 pub mod tokens;
 
 use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use ferry_cache::{Cache, CacheError};
 use ferry_crypto::MasterKey;
+use ferry_apply::quarantine::Quarantines;
 use ferry_pipeline::{Pipeline, PipelineConfig, PipelineError};
 use ferry_wire::{AgentRegistry, Passphrase, ServerIdentity, MAX_FRAME};
 use tokio::net::TcpListener;
@@ -139,7 +141,9 @@ pub(crate) struct Shared {
     /// Authenticated connections, each holding a share of the credit pool ([`conn::fair_share`]).
     pub credit_holders: AtomicU64,
     /// What the server holds of each VM's disks (answers inventories, checks run bases).
-    pub held: held::Held,
+    pub held: Arc<held::Held>,
+    /// Quarantined VMs (refused until the operator releases them).
+    pub quarantine: Arc<Quarantines>,
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -230,10 +234,25 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         ferry_job::identity::bind_azure(&store, b, url)?;
     }
     let (cache, recovery) = ferry_job::open_cache_recovering(&store, &o.cache_dir, o.cache_size)?;
-    let held = held::Held::load(&store, &recovery.marks).map_err(|e| ServeError::Io {
-        what: format!("cannot read what the store {} holds", store_root.display()),
-        source: std::io::Error::other(e),
-    })?;
+    let held = Arc::new(
+        held::Held::load(&store, &recovery.marks).map_err(|e| ServeError::Io {
+            what: format!("cannot read what the store {} holds", store_root.display()),
+            source: std::io::Error::other(e),
+        })?,
+    );
+    let quarantine =
+        Arc::new(
+            Quarantines::load(&store_root).map_err(|source| ServeError::Io {
+                what: format!(
+                    "cannot read the quarantine records of {}",
+                    store_root.display()
+                ),
+                source,
+            })?,
+        );
+    for (vm, q) in quarantine.all() {
+        tracing::warn!(vm, reason = %q.reason, since = %q.since, "VM is quarantined: refused until `ferry vms release {vm}`");
+    }
     let writer = cache.writer()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -268,6 +287,9 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         retention: o.retention,
     }));
     board.load_points(&store_root);
+    for (vm, q) in quarantine.all() {
+        board.quarantined(&vm, Some(q.reason));
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
         registry: Mutex::new(registry),
@@ -285,7 +307,8 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         next_conn: AtomicU64::new(0),
         credit_holders: AtomicU64::new(0),
         board: board.clone(),
-        held,
+        held: held.clone(),
+        quarantine: quarantine.clone(),
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
 
@@ -302,10 +325,15 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         let drain = Drain {
             store,
             cache,
-            cfg: o.pipeline.clone(),
+            cfg: PipelineConfig {
+                quarantine: Some(quarantine.clone()),
+                ..o.pipeline.clone()
+            },
             blobs,
             retention: o.retention,
             board: &board,
+            held: &held,
+            quarantine: &quarantine,
         };
         let pipe = s.spawn(move || drain.run(stop));
         let group = commit::GroupCommit {
@@ -379,7 +407,13 @@ struct Drain<'a> {
     blobs: Option<ferry_azure::AzureBlobs>,
     retention: Option<Duration>,
     board: &'a board::Board,
+    held: &'a held::Held,
+    quarantine: &'a Quarantines,
 }
+
+/// Quarantined VMs are released no sooner than this after they were quarantined: every record a
+/// connection of the VM handed over before it was closed is in the cache by then.
+const RELEASE_SETTLE: Duration = Duration::from_secs(2);
 
 impl<'a> Drain<'a> {
     /// A pipeline that finishes whatever the journal holds past each disk's applied position.
@@ -395,10 +429,47 @@ impl<'a> Drain<'a> {
         Ok(p)
     }
 
-    /// The applier logs each point it commits; the board shows it.
+    /// The applier logs each point it commits; the board shows it, and each VM quarantined.
     fn committed(&self, p: &mut Pipeline<'_>) {
         for c in p.take_committed() {
             self.board.point(&c.vm, &c.point);
+        }
+        for q in self.quarantine.take_new() {
+            self.board.quarantined(&q.vm, Some(q.reason));
+        }
+    }
+
+    /// Releases the quarantined VMs whose release the operator asked for, once the cache holds no
+    /// record of theirs: the applier voids the VM's uncommitted journal, what the server holds of
+    /// it is read again from the store, and only then is the VM accepted again. `releasing`: VM →
+    /// the cache's durable position when the release was first seen. A failure is logged and tried
+    /// again: a release must not stop the server.
+    fn releases(&self, p: &mut Pipeline<'_>, releasing: &mut HashMap<String, u64>) {
+        for vm in self.quarantine.releases_requested() {
+            if !self.quarantine.settled(&vm, RELEASE_SETTLE) {
+                continue;
+            }
+            let through = *releasing
+                .entry(vm.clone())
+                .or_insert_with(|| self.cache.durable_seq());
+            if self.cache.consumed_seq() < through {
+                continue;
+            }
+            let r = p
+                .applier()
+                .release(&vm)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.held.reseed(self.store, &vm))
+                .and_then(|()| self.quarantine.remove(&vm).map_err(|e| e.to_string()));
+            match r {
+                Ok(()) => {
+                    releasing.remove(&vm);
+                    self.board.quarantined(&vm, None);
+                }
+                Err(e) => {
+                    tracing::error!(vm, error = %e, "cannot release the VM from quarantine; trying again")
+                }
+            }
         }
     }
 
@@ -408,9 +479,15 @@ impl<'a> Drain<'a> {
             let mut p = self.pipeline()?;
             let mut reader = self.cache.reader();
             let mut next_check = Instant::now();
+            let mut next_release = Instant::now();
+            let mut releasing = HashMap::new();
             loop {
                 p.drain(self.cache, &mut reader, true)?;
                 self.committed(&mut p);
+                if Instant::now() >= next_release {
+                    next_release = Instant::now() + control::WATCH_EVERY;
+                    self.releases(&mut p, &mut releasing);
+                }
                 if stop.load(Ordering::Relaxed) {
                     // Take what the committer still makes durable, until it closes the cache.
                     p.drain(self.cache, &mut reader, false)?;

@@ -60,8 +60,11 @@ pub struct VmStatus {
     pub peer: Option<String>,
     /// Connected since (when `connected`), else disconnected since; `null` if never connected.
     pub since: Option<String>,
-    /// `replicating`, `applying`, `idle` or `disconnected` (see OPERATIONS.md).
+    /// `replicating`, `applying`, `idle`, `disconnected` or `quarantined` (see OPERATIONS.md).
     pub state: String,
+    /// Why the VM is quarantined (state `quarantined`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
     /// Acknowledged write bytes not yet in a recovery point (see the module docs).
     pub backlog_bytes: u64,
     pub last_point: Option<PointRef>,

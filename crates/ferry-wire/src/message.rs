@@ -76,6 +76,9 @@ pub mod refuse {
     /// The VM belongs to another agent (persistently, whether or not it is connected): an
     /// operator moves it (`ferry vms move VM --to AGENT`). Permanent.
     pub const NOT_OWNER: u16 = 9;
+    /// The VM is quarantined on the process server (its stored data failed to apply); retried
+    /// until the operator releases it (`ferry vms release`).
+    pub const QUARANTINED: u16 = 10;
 }
 
 /// One protocol message. Records ([`MsgType::is_record`]) carry `seq`, a per-connection-stream
