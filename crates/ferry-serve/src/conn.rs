@@ -58,27 +58,51 @@ async fn send_refusal<S: AsyncWrite>(w: &mut Writer<S>, r: &Refusal) {
 }
 
 /// Serves one TLS stream until the agent leaves or is refused. Never panics on input.
+/// `pre_auth` is held until the peer has authenticated; the handshake must end by `deadline`.
 pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     shared: Arc<Shared>,
     stream: S,
     peer: String,
+    pre_auth: crate::limits::PreAuthSlot,
+    deadline: tokio::time::Instant,
 ) {
     let (rd, wr) = split(stream);
     let mut r = AsyncFrameReader::new(rd);
+    r.set_max_payload(crate::limits::PRE_AUTH_MAX_PAYLOAD);
     let mut w = AsyncFrameWriter::new(wr);
-    let (agent, grant) = match handshake(&shared, &mut r, &mut w).await {
+    let shook = tokio::time::timeout_at(deadline, handshake(&shared, &mut r, &mut w))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal {
+                dropped: true,
+                ..refusal(
+                    refuse::PROTOCOL,
+                    format!(
+                        "no authentication within {:?} of connecting",
+                        crate::limits::HANDSHAKE_DEADLINE
+                    ),
+                )
+            })
+        });
+    drop(pre_auth);
+    let (agent, grant, _slot) = match shook {
         Ok(Some(a)) => a,
         Ok(None) => return,
         Err(why) if why.dropped => {
-            tracing::info!(%peer, reason = %why.message, "connection dropped during the handshake");
+            if shared.gate.noisy.allow().is_some() {
+                tracing::info!(%peer, reason = %why.message, "connection dropped during the handshake");
+            }
             return;
         }
         Err(why) => {
-            tracing::warn!(%peer, code = why.code, reason = %why.message, "refused agent connection");
+            if let Some(held) = shared.gate.noisy.allow() {
+                tracing::warn!(%peer, code = why.code, reason = %why.message, held_back = held, "refused agent connection");
+            }
             send_refusal(&mut w, &why).await;
             return;
         }
     };
+    r.set_max_payload(ferry_wire::MAX_PAYLOAD);
     tracing::info!(%peer, agent = %agent, "agent authenticated");
     let (tx, durable_rx) = watch::channel(Durable::default());
     let conn = Arc::new(tx);
@@ -144,10 +168,8 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
     shared: &Shared,
     r: &mut AsyncFrameReader<R>,
     w: &mut Writer<S>,
-) -> Result<Option<(String, u64)>, Refusal> {
-    let first = tokio::time::timeout(Duration::from_secs(30), r.read())
-        .await
-        .map_err(|_| refusal(refuse::PROTOCOL, "no Hello within 30 s"))??;
+) -> Result<Option<(String, u64, crate::limits::AgentSlot)>, Refusal> {
+    let first = r.read().await?;
     let Some(Message::Hello {
         min_version,
         max_version,
@@ -169,9 +191,7 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
     w.flush().await?;
     r.set_version(version);
     w.set_version(version);
-    let second = tokio::time::timeout(Duration::from_secs(30), r.read())
-        .await
-        .map_err(|_| refusal(refuse::PROTOCOL, "no Register or Auth within 30 s"))??;
+    let second = r.read().await?;
     match second {
         Some(Message::Register { proof, hostname }) => {
             let (good, fingerprint) = {
@@ -257,9 +277,21 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                     format!("{e}; register the agent again (ferry-agent register)"),
                 ));
             }
-            // The connection holds credit from now on: its share of the pool.
+            let Some(slot) = shared.gate.agent(&agent_id.to_string()) else {
+                return Err(refusal(
+                    refuse::BUSY,
+                    format!(
+                        "this agent already holds {} connections, the most one agent may; retry later",
+                        crate::limits::MAX_CONNS_PER_AGENT
+                    ),
+                ));
+            };
+            // The connection holds credit from now on: its share of the pool, none while the
+            // server is busy or the cache is above its high watermark (the writer grants it later).
             shared.credit_holders.fetch_add(1, Ordering::Relaxed);
-            let grant = fair_share(shared);
+            let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT
+                || shared.cache.used_bytes() >= shared.high_watermark;
+            let grant = if busy { 0 } else { fair_share(shared) };
             if let Err(e) = w
                 .send(&Message::Welcome {
                     credits: grant,
@@ -274,7 +306,7 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                 shared.credit_holders.fetch_sub(1, Ordering::Relaxed);
                 return Err(e.into());
             }
-            Ok(Some((agent_id.to_string(), grant)))
+            Ok(Some((agent_id.to_string(), grant, slot)))
         }
         Some(m) => Err(refusal(
             refuse::PROTOCOL,
@@ -552,7 +584,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
     // announce those (a Begin naming another disk would make a replica nothing identifies).
     let mut inventoried: std::collections::HashMap<String, u64> = Default::default();
     let (_never, mut cancel) = watch::channel(None::<Kill>);
+    let inventory_by = tokio::time::Instant::now() + crate::limits::INVENTORY_DEADLINE;
     loop {
+        // Silent for too long (the writer pings; agents answer), or no Inventory in time.
+        let wait_until = match vm {
+            Some(_) => tokio::time::Instant::now() + crate::limits::IDLE_TIMEOUT,
+            None => inventory_by,
+        };
         let m = tokio::select! {
             // A cancelled connection stops at once, whatever its socket still holds.
             biased;
@@ -560,7 +598,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let kill = (*cancel.borrow()).unwrap_or(Kill::Replaced);
                 return Err(kill.refusal(vm.as_deref().unwrap_or("")));
             }
-            m = r.read() => m?,
+            m = tokio::time::timeout_at(wait_until, r.read()) => match m {
+                Ok(m) => m?,
+                Err(_) if vm.is_none() => {
+                    return Err(refusal(
+                        refuse::PROTOCOL,
+                        format!("no Inventory within {:?} of authenticating", crate::limits::INVENTORY_DEADLINE),
+                    ))
+                }
+                Err(_) => {
+                    return Err(Refusal {
+                        dropped: true,
+                        ..refusal(
+                            refuse::PROTOCOL,
+                            format!("no frame in {:?}: the agent is gone", crate::limits::IDLE_TIMEOUT),
+                        )
+                    })
+                }
+            },
         };
         let Some(m) = m else { break };
         if let Some(seq) = m.seq() {
@@ -822,8 +877,21 @@ async fn write_loop<S: AsyncWrite>(
     let mut granted = initial_grant;
     let mut paused = false;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + crate::limits::PING_EVERY,
+        crate::limits::PING_EVERY,
+    );
+    let mut pings = 0u64;
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                // Keeps a quiet agent's connection alive (its Pong is a frame: see IDLE_TIMEOUT)
+                // and finds a dead one.
+                pings += 1;
+                if w.send(&Message::Ping { token: pings }).await.is_err() || w.flush().await.is_err() {
+                    return;
+                }
+            }
             r = refusals.recv() => {
                 if let Some(why) = r {
                     send_refusal(&mut w, &why).await;

@@ -30,6 +30,7 @@ mod commit;
 mod conn;
 pub mod control;
 mod held;
+pub mod limits;
 pub mod status;
 pub mod tokens;
 
@@ -144,6 +145,8 @@ pub(crate) struct Shared {
     pub held: Arc<held::Held>,
     /// Quarantined VMs (refused until the operator releases them).
     pub quarantine: Arc<Quarantines>,
+    /// Connection limits ([`limits`]).
+    pub gate: Arc<limits::Gate>,
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -262,7 +265,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             source,
         })?;
     let listener = rt
-        .block_on(TcpListener::bind(&o.listen))
+        .block_on(listen(&o.listen))
         .map_err(|source| ServeError::Listen {
             addr: o.listen.clone(),
             source,
@@ -309,6 +312,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         board: board.clone(),
         held: held.clone(),
         quarantine: quarantine.clone(),
+        gate: Default::default(),
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
 
@@ -377,6 +381,34 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         None => Ok(()),
     }
 }
+
+/// Listens on the first address `addr` resolves to that binds, with a long accept queue (the
+/// kernel caps it at `net.core.somaxconn`): hundreds of agents reconnecting at once after a restart
+/// are queued, not dropped.
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let s = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        match s.bind(a).and_then(|()| s.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
+/// See [`listen`].
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Rewrites the status file every [`status::WRITE_EVERY`] until `finished`.
 fn status_loop(board: &board::Board, cache: &Cache, path: &Path, finished: &AtomicBool) {
@@ -576,15 +608,35 @@ async fn accept_loop(
                         continue;
                     }
                 };
+                // Over the pre-auth limits: closed at once, before any TLS work.
+                let slot = match shared.gate.pre_auth(peer.ip()) {
+                    Ok(s) => s,
+                    Err(full) => {
+                        if let Some(held) = shared.gate.noisy.allow() {
+                            tracing::warn!(%peer, ?full, held_back = held, "refused connection: too many connections are still authenticating (limits: {} in all, {} per address)", limits::MAX_PRE_AUTH, limits::MAX_PRE_AUTH_PER_ADDR);
+                        }
+                        drop(tcp);
+                        continue;
+                    }
+                };
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, shared) = (acceptor.clone(), shared.clone());
                 tokio::spawn(async move {
                     let peer: SocketAddr = peer;
-                    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    let deadline = tokio::time::Instant::now() + limits::HANDSHAKE_DEADLINE;
+                    let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await;
                     match tls {
-                        Ok(Ok(tls)) => conn::serve(shared, tls, peer.to_string()).await,
-                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "refused connection: TLS handshake failed (not a Ferry agent, or not TLS 1.3)"),
-                        Err(_) => tracing::warn!(%peer, "refused connection: no TLS handshake within 10 s"),
+                        Ok(Ok(tls)) => conn::serve(shared, tls, peer.to_string(), slot, deadline).await,
+                        Ok(Err(e)) => {
+                            if let Some(held) = shared.gate.noisy.allow() {
+                                tracing::warn!(%peer, error = %e, held_back = held, "refused connection: TLS handshake failed (not a Ferry agent, or not TLS 1.3)");
+                            }
+                        }
+                        Err(_) => {
+                            if let Some(held) = shared.gate.noisy.allow() {
+                                tracing::warn!(%peer, held_back = held, "refused connection: no TLS handshake within {:?}", limits::HANDSHAKE_DEADLINE);
+                            }
+                        }
                     }
                 });
             }

@@ -27,6 +27,13 @@ impl<R: AsyncRead + Unpin> AsyncFrameReader<R> {
         self.state.set_version(version)
     }
 
+    /// Refuses (as [`WireError::Oversized`]) any frame whose payload is larger than `max` bytes,
+    /// before reading it; at most [`crate::frame::MAX_PAYLOAD`]. The process server keeps it small
+    /// until the peer has authenticated.
+    pub fn set_max_payload(&mut self, max: u32) {
+        self.state.set_max_payload(max);
+    }
+
     /// The next message, or `None` when the peer closed the stream at a frame boundary.
     pub async fn read(&mut self) -> Result<Option<Message>, WireError> {
         self.state.start()?;

@@ -46,6 +46,8 @@ pub(crate) struct ReadState {
     order: SeqOrder,
     pub(crate) buf: Vec<u8>,
     poisoned: bool,
+    /// Largest payload accepted (at most [`crate::frame::MAX_PAYLOAD`]).
+    max_payload: u32,
 }
 
 impl ReadState {
@@ -56,7 +58,12 @@ impl ReadState {
             order: SeqOrder::default(),
             buf: Vec::new(),
             poisoned: false,
+            max_payload: crate::frame::MAX_PAYLOAD,
         }
+    }
+
+    pub(crate) fn set_max_payload(&mut self, max: u32) {
+        self.max_payload = max.min(crate::frame::MAX_PAYLOAD);
     }
 
     pub(crate) fn set_version(&mut self, version: u8) -> bool {
@@ -89,6 +96,11 @@ impl ReadState {
         match got {
             0 => Ok(None),
             HEADER_LEN => match FrameHeader::decode(h, self.version, self.frames) {
+                Ok(hdr) if hdr.len > self.max_payload => self.fail(WireError::Oversized {
+                    frame: self.frames,
+                    len: hdr.len,
+                    max: self.max_payload,
+                }),
                 Ok(hdr) => Ok(Some(hdr)),
                 Err(e) => self.fail(e),
             },
