@@ -239,7 +239,10 @@ impl<'s> Applier<'s> {
         let mut out = Vec::new();
         for vm in vms {
             if self.quarantined(&vm) {
-                tracing::warn!(vm, "VM is quarantined: its journal is not applied (`ferry vms list` says why)");
+                tracing::warn!(
+                    vm,
+                    "VM is quarantined: its journal is not applied (`ferry vms list` says why)"
+                );
                 continue;
             }
             let r = self.recover_vm(&vm);

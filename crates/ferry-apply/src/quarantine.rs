@@ -87,7 +87,9 @@ pub fn request_release(store_root: &Path, vm: &str) -> std::io::Result<()> {
     if !record_path(store_root, vm).exists() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            format!("VM '{vm}' is not quarantined in this store (`ferry vms list` shows which are)"),
+            format!(
+                "VM '{vm}' is not quarantined in this store (`ferry vms list` shows which are)"
+            ),
         ));
     }
     ferry_durable::durable_write(&release_path(store_root, vm), b"release\n")
@@ -209,7 +211,10 @@ impl Quarantines {
         ferry_durable::fsync_dir(&dir(&self.root))?;
         vms.remove(vm);
         self.added.lock().expect("poisoned").remove(vm);
-        tracing::info!(vm, "VM released from quarantine: it replicates again from its newest point");
+        tracing::info!(
+            vm,
+            "VM released from quarantine: it replicates again from its newest point"
+        );
         Ok(())
     }
 }

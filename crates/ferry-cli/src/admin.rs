@@ -201,7 +201,10 @@ pub(crate) fn vms_list(
             v["since"].as_str().unwrap_or("")
         );
         if let Some(q) = v["quarantine"].as_str() {
-            println!("    QUARANTINED: {q}\n    fix the cause, then: ferry vms release {}", v["vm"].as_str().unwrap_or(""));
+            println!(
+                "    QUARANTINED: {q}\n    fix the cause, then: ferry vms release {}",
+                v["vm"].as_str().unwrap_or("")
+            );
         }
     }
     Ok(())

@@ -72,10 +72,7 @@ fn flood_conns(port: u16) -> usize {
         .filter(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             // Server side: local address is the listener's port, state 01 (established).
-            f.len() > 3
-                && f[1].ends_with(&local)
-                && f[3] == "01"
-                && !f[2].starts_with("0100007F")
+            f.len() > 3 && f[1].ends_with(&local) && f[3] == "01" && !f[2].starts_with("0100007F")
         })
         .count()
 }
@@ -183,7 +180,12 @@ fn raise_nofile(want: u64) {
 
 #[test]
 fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
-    let needs = [Need::Root, Need::LoopDevices, Need::Btf, Need::Tool("losetup")];
+    let needs = [
+        Need::Root,
+        Need::LoopDevices,
+        Need::Btf,
+        Need::Tool("losetup"),
+    ];
     if let Some(why) = missing(&needs) {
         ferry_testkit::skip(
             "a_flood_of_hostile_connections_leaves_a_real_agent_replicating",
@@ -242,7 +244,14 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
     let mut agent_cmd = Command::new(agent_bin());
     agent_cmd
         .env("FERRY_LOG", "info")
-        .args(["--server", &addr, "--vm", "web01", "--crash-interval", "10s"])
+        .args([
+            "--server",
+            &addr,
+            "--vm",
+            "web01",
+            "--crash-interval",
+            "10s",
+        ])
         .args(["--tracker", "ebpf"])
         .arg("--disk")
         .arg(&disk)
@@ -268,16 +277,16 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
     };
     let rpo = |env: &Env| -> Option<f64> {
         let st = status_json(env);
-        st["vms"]
-            .as_array()?
-            .iter()
-            .find(|v| v["vm"] == "web01")?["rpo_seconds"]
-            .as_f64()
+        st["vms"].as_array()?.iter().find(|v| v["vm"] == "web01")?["rpo_seconds"].as_f64()
     };
     // Baseline: once points flow, 12 s of RPO samples and the server's memory.
     let t = Instant::now();
     while rpo(&env).is_none() {
-        assert!(t.elapsed() < Duration::from_secs(60), "no first point: {}", agent.log_text());
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no first point: {}",
+            agent.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let sample = |env: &Env, secs: u64| -> (f64, u64) {
@@ -359,8 +368,12 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
                 }
                 // 2. ... and garbage records on fresh connections, until the flood ends.
                 let garbage = {
-                    let (stats, pass, rogue, flooding) =
-                        (stats.clone(), pass.clone(), rogue2.clone(), flooding.clone());
+                    let (stats, pass, rogue, flooding) = (
+                        stats.clone(),
+                        pass.clone(),
+                        rogue2.clone(),
+                        flooding.clone(),
+                    );
                     tokio::spawn(async move {
                         while flooding.load(Ordering::Relaxed) {
                             if let Some((mut r, mut w, Message::Welcome { .. })) =
@@ -526,18 +539,28 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
     // The pre-auth cap held: most of the 3000 were turned away at once, and the server never
     // held more than its cap (plus the rogue's authenticated connections).
     assert!(s[0] >= 2500, "the flood could not connect: {s:?}");
-    assert!(s[1] >= s[0] - 600, "the pre-auth cap did not turn connections away: {s:?}");
     assert!(
-        peak_conns <= ferry_serve::limits::MAX_PRE_AUTH + ferry_serve::limits::MAX_CONNS_PER_AGENT + 10,
+        s[1] >= s[0] - 600,
+        "the pre-auth cap did not turn connections away: {s:?}"
+    );
+    assert!(
+        peak_conns
+            <= ferry_serve::limits::MAX_PRE_AUTH + ferry_serve::limits::MAX_CONNS_PER_AGENT + 10,
         "held {peak_conns} flood connections at once"
     );
-    assert!(s[2] >= 40, "oversized pre-auth frames were not refused: {s:?}");
+    assert!(
+        s[2] >= 40,
+        "oversized pre-auth frames were not refused: {s:?}"
+    );
     assert_eq!(
         rogue_welcomed,
         ferry_serve::limits::MAX_CONNS_PER_AGENT,
         "an agent held more connections than it may"
     );
-    assert!(s[4] >= 100 - ferry_serve::limits::MAX_CONNS_PER_AGENT as u64 - 2, "{s:?}");
+    assert!(
+        s[4] >= 100 - ferry_serve::limits::MAX_CONNS_PER_AGENT as u64 - 2,
+        "{s:?}"
+    );
     assert!(s[3] >= 5, "garbage records were not refused: {s:?}");
     // The real agent: its RPO stayed within its normal range (points every 10 s; a scan of 32 MiB
     // takes a moment) and the server's memory stayed bounded.
@@ -551,8 +574,16 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
         base_rss / 1024,
         flood_rss / 1024
     );
-    assert!(srv.exited().is_none(), "the server died: {}", srv.log_text());
-    assert!(agent.exited().is_none(), "the agent died: {}", agent.log_text());
+    assert!(
+        srv.exited().is_none(),
+        "the server died: {}",
+        srv.log_text()
+    );
+    assert!(
+        agent.exited().is_none(),
+        "the agent died: {}",
+        agent.log_text()
+    );
 
     // The agent is still replicating exactly: stop writing, wait for a newer point, restore it.
     writing.store(false, Ordering::Relaxed);
@@ -569,7 +600,10 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
         if fresh {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(40), "no point after the flood");
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "no point after the flood"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     agent.term();
@@ -583,7 +617,13 @@ fn restore_latest_is(env: &Env, copy: &Path) {
         &fs::read(env.store().join("manifests").join("web01.json")).unwrap(),
     )
     .unwrap();
-    let disk = m["disks"].as_object().unwrap().keys().next().unwrap().clone();
+    let disk = m["disks"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
     let o = ferry()
         .args(["restore", "--point", "latest", "--force", "--verify"])
         .args(["--vm", "web01", "--disk", &disk])
@@ -596,5 +636,8 @@ fn restore_latest_is(env: &Env, copy: &Path) {
         .output()
         .unwrap();
     ok(&o, "restore");
-    assert!(same_bytes(&out, copy), "the newest point is not the disk as it was");
+    assert!(
+        same_bytes(&out, copy),
+        "the newest point is not the disk as it was"
+    );
 }

@@ -809,9 +809,10 @@ fn a_vm_whose_journal_rots_is_quarantined_alone_and_released_by_the_operator() {
     fs::write(newest, &bytes).unwrap();
 
     let mut srv = Server::start(&env, &addr);
-    srv.proc.wait_log("the quarantine", Duration::from_secs(30), |l| {
-        (l.contains("VM quarantined") && l.contains("bad01")).then_some(())
-    });
+    srv.proc
+        .wait_log("the quarantine", Duration::from_secs(30), |l| {
+            (l.contains("VM quarantined") && l.contains("bad01")).then_some(())
+        });
     let vm = |st: &serde_json::Value, name: &str| {
         st["vms"]
             .as_array()
@@ -832,7 +833,10 @@ fn a_vm_whose_journal_rots_is_quarantined_alone_and_released_by_the_operator() {
     };
     assert_eq!(vm(&st, "bad01")["state"], "quarantined", "{st}");
     let why = vm(&st, "bad01")["quarantine"].as_str().unwrap().to_owned();
-    assert!(why.contains("segment") || why.contains(&*newest.to_string_lossy()), "{why}");
+    assert!(
+        why.contains("segment") || why.contains(&*newest.to_string_lossy()),
+        "{why}"
+    );
     let listed = admin_json(&env, &["vms", "list", "--json"]);
     assert!(
         listed
@@ -845,13 +849,22 @@ fn a_vm_whose_journal_rots_is_quarantined_alone_and_released_by_the_operator() {
 
     // The other VM goes on, exactly.
     mutate(&good, &mut rng, size);
-    ok(&run_agent(&env, &addr, &good, "agent"), "web01 while bad01 is quarantined");
+    ok(
+        &run_agent(&env, &addr, &good, "agent"),
+        "web01 while bad01 is quarantined",
+    );
     let disk_name = |vm: &str| {
         let m: serde_json::Value = serde_json::from_slice(
             &fs::read(env.store().join("manifests").join(format!("{vm}.json"))).unwrap(),
         )
         .unwrap();
-        m["disks"].as_object().unwrap().keys().next().unwrap().clone()
+        m["disks"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .next()
+            .unwrap()
+            .clone()
     };
     latest_is(&env, &env.store(), "web01", &disk_name("web01"), &good);
 
@@ -860,23 +873,34 @@ fn a_vm_whose_journal_rots_is_quarantined_alone_and_released_by_the_operator() {
     let copy = env.path("bad-copy.img");
     fs::copy(&bad, &copy).unwrap();
     let mut agent = common::Proc::spawn(bad_run(&env), &env.path("agent-b.log"));
-    srv.proc.wait_log("the refusal", Duration::from_secs(30), |l| {
-        (l.contains("refused") && l.contains("quarantined")).then_some(())
-    });
+    srv.proc
+        .wait_log("the refusal", Duration::from_secs(30), |l| {
+            (l.contains("refused") && l.contains("quarantined")).then_some(())
+        });
     std::thread::sleep(Duration::from_secs(1));
-    assert!(agent.exited().is_none(), "a quarantined VM's agent keeps retrying");
+    assert!(
+        agent.exited().is_none(),
+        "a quarantined VM's agent keeps retrying"
+    );
 
     // Release: the server takes the VM back; the agent finishes its run; the point is exact.
     let o = admin(&env, &["vms", "release", "bad01"]);
     ok(&o, "ferry vms release");
     let st = agent.wait().unwrap();
-    assert!(st.success(), "agent after the release: {}", agent.log_text());
+    assert!(
+        st.success(),
+        "agent after the release: {}",
+        agent.log_text()
+    );
     let log = srv.proc.own_log();
     assert!(log.contains("VM released from quarantine"), "{log}");
     latest_is(&env, &env.store(), "bad01", &disk_name("bad01"), &copy);
     let t = std::time::Instant::now();
     while vm(&status_json(&env), "bad01")["quarantine"] != serde_json::Value::Null {
-        assert!(t.elapsed() < Duration::from_secs(10), "still quarantined in the status");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still quarantined in the status"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let again = admin(&env, &["vms", "release", "bad01"]);

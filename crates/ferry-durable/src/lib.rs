@@ -10,6 +10,9 @@
 //! - [`remove_durable`]: the unlink is `fsync`ed in the directory.
 //! - Private files (`0600`) are created with that mode, never widened, not even for an instant.
 //! - Errors are returned, never dropped (a failed directory fsync is a failed write).
+//! - A file or directory root creates in a directory root does not own takes that directory's
+//!   owner ([`adopt_owner`]): `ferry serve` runs as a dedicated user, and an operator's command
+//!   run as root (`ferry agents revoke`, a restore's pin) must not leave it files it cannot read.
 //!
 //! Must not: decide what is durable or when; callers order their writes (data before the commit
 //! point that names it).
@@ -18,8 +21,23 @@ pub mod crashsim;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Gives `f`, just created in `dir`, the owner and group of `dir` when `f` belongs to root and
+/// `dir` does not (root's command working on a service user's files); otherwise changes nothing.
+pub fn adopt_owner(f: &File, dir: &Path) -> io::Result<()> {
+    let d = fs::metadata(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })?;
+    let m = f.metadata()?;
+    if m.uid() == 0 && d.uid() != 0 && (m.uid(), m.gid()) != (d.uid(), d.gid()) {
+        std::os::unix::fs::fchown(f, Some(d.uid()), Some(d.gid()))?;
+    }
+    Ok(())
+}
 
 /// `fsync` of a file (data and metadata). Every durable file sync goes through here (or
 /// [`sync_data`]), so the crash-state recorder ([`crashsim`]) sees it.
@@ -64,7 +82,7 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
         create_dir_durable(p)?;
     }
     match fs::create_dir(dir) {
-        Ok(()) => {}
+        Ok(()) => adopt_owner(&File::open(dir)?, parent(dir))?,
         // Made by someone else meanwhile: fine if it is a directory.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(e) => return Err(e),
@@ -88,6 +106,7 @@ fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        adopt_owner(&f, dir)?;
         f.write_all(bytes)?;
         sync_file(&f)?;
     }
@@ -123,6 +142,7 @@ pub fn create_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(path)?;
+    adopt_owner(&f, dir)?;
     f.write_all(bytes)?;
     sync_file(&f)?;
     fsync_dir(dir)
@@ -141,6 +161,31 @@ pub fn remove_durable(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// As root (CI), in a directory owned by another user: what is created there is that user's.
+    /// Not as root: nothing to give away, nothing changes (checked too).
+    #[test]
+    fn root_creates_files_for_the_owner_of_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("state");
+        fs::create_dir(&base).unwrap();
+        let me = fs::metadata(&base).unwrap().uid();
+        if me == 0 {
+            std::os::unix::fs::chown(&base, Some(65534), Some(65534)).unwrap();
+        }
+        let want = if me == 0 { 65534 } else { me };
+        write_private(&base.join("agents.json"), b"{}").unwrap();
+        durable_write(&base.join("q/vm.release"), b"x").unwrap();
+        create_private(&base.join("k/key"), b"x").unwrap();
+        for p in ["agents.json", "q", "q/vm.release", "k", "k/key"] {
+            let m = fs::metadata(base.join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (want, want), "{p}");
+        }
+        // A root-owned directory keeps root's files root's.
+        let own = d.path().join("own/f");
+        durable_write(&own, b"x").unwrap();
+        assert_eq!(fs::metadata(&own).unwrap().uid(), me);
+    }
 
     #[test]
     fn writes_replace_whole_files_in_new_directories_with_their_modes() {

@@ -98,9 +98,20 @@ fn a_bad_record_quarantines_its_vm_only_and_a_release_lets_it_go_on() {
     let reason = &q.all()["bad"].reason;
     assert!(reason.contains("offset 512"), "{reason}");
     let bad = store.load_manifest("bad").unwrap().unwrap();
-    assert_eq!(bad.points.len(), 1, "nothing after the bad record is a point");
-    assert_eq!(store.load_manifest("good").unwrap().unwrap().points.len(), 2);
-    assert_eq!(cache.backlog(), 0, "the quarantined VM's records are consumed");
+    assert_eq!(
+        bad.points.len(),
+        1,
+        "nothing after the bad record is a point"
+    );
+    assert_eq!(
+        store.load_manifest("good").unwrap().unwrap().points.len(),
+        2
+    );
+    assert_eq!(
+        cache.backlog(),
+        0,
+        "the quarantined VM's records are consumed"
+    );
 
     // A restart: the record holds, nothing fails, nothing more of "bad" is applied.
     drop(cache);
@@ -124,7 +135,10 @@ fn a_bad_record_quarantines_its_vm_only_and_a_release_lets_it_go_on() {
     q.remove("bad").unwrap();
     let m = store.load_manifest("bad").unwrap().unwrap();
     let next = store.list_segments("bad", "os").unwrap().last().unwrap() + 1;
-    assert_eq!(m.disks["os"].applied.segment, next, "applied moved past the journal");
+    assert_eq!(
+        m.disks["os"].applied.segment, next,
+        "applied moved past the journal"
+    );
     assert_eq!(m.disks["os"].known_size(), Some(SIZE), "its size is kept");
     append(&cache, &run_entries(&key, "bad", 4, 2 * CHUNK as u64));
     assert_eq!(drain(&store, &cache, &q), ["bad"]);

@@ -165,6 +165,7 @@ impl Control {
             .mode(0o600)
             .open(&p)
             .map_err(io)?;
+        ferry_durable::adopt_owner(&f, &self.dir).map_err(io)?;
         // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(io(std::io::Error::last_os_error()));

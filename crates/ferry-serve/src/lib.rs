@@ -34,16 +34,16 @@ pub mod limits;
 pub mod status;
 pub mod tokens;
 
-use std::net::SocketAddr;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_apply::quarantine::Quarantines;
 use ferry_cache::{Cache, CacheError};
 use ferry_crypto::MasterKey;
-use ferry_apply::quarantine::Quarantines;
 use ferry_pipeline::{Pipeline, PipelineConfig, PipelineError};
 use ferry_wire::{AgentRegistry, Passphrase, ServerIdentity, MAX_FRAME};
 use tokio::net::TcpListener;
@@ -243,16 +243,15 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             source: std::io::Error::other(e),
         })?,
     );
-    let quarantine =
-        Arc::new(
-            Quarantines::load(&store_root).map_err(|source| ServeError::Io {
-                what: format!(
-                    "cannot read the quarantine records of {}",
-                    store_root.display()
-                ),
-                source,
-            })?,
-        );
+    let quarantine = Arc::new(
+        Quarantines::load(&store_root).map_err(|source| ServeError::Io {
+            what: format!(
+                "cannot read the quarantine records of {}",
+                store_root.display()
+            ),
+            source,
+        })?,
+    );
     for (vm, q) in quarantine.all() {
         tracing::warn!(vm, reason = %q.reason, since = %q.since, "VM is quarantined: refused until `ferry vms release {vm}`");
     }

@@ -232,6 +232,8 @@ pub fn pin_point(root: &Path, vm: &str, seq: u64) -> Result<Pin, StoreError> {
         .create_new(true)
         .open(&path)
         .map_err(io(&path, "create"))?;
+    // A root reader's pin in a store a service user owns: the writer must be able to open it.
+    crate::durable::adopt_owner(&f, &dir).map_err(io(&path, "chown"))?;
     // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
         return Err(io(&path, "lock")(std::io::Error::last_os_error()));
@@ -289,11 +291,23 @@ pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
         if p.extension().is_none_or(|x| x != "pin") {
             continue;
         }
-        let Ok(f) = File::open(&p) else {
-            continue; // released meanwhile
+        // A pin that exists but cannot be opened (another user's) counts as held: breaking a
+        // live reader is worse than keeping a point a little longer.
+        let (held, f) = match File::open(&p) {
+            Ok(f) => {
+                // SAFETY: flock on a valid, owned file descriptor has no memory-safety
+                // preconditions.
+                let held =
+                    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 };
+                (held, Some(f))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // released meanwhile
+            Err(e) => {
+                tracing::warn!(pin = %p.display(), error = %e, "cannot open a reader's pin; counting it as held (give the store's owner access to it)");
+                (true, None)
+            }
         };
-        // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if !held {
             tracing::info!(pin = %p.display(), "removing the pin of a reader that is gone");
             let _ = fs::remove_file(&p);
             continue;
@@ -306,12 +320,12 @@ pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
         // A live reader is never broken, however long it reads; but one that holds a point for
         // hours (a stuck restore, a test failover left running) keeps retention from pruning it
         // and everything it needs: say so, once per pin and process.
-        if let Some(age) = pin_age(&f) {
+        if let Some((f, age)) = f.as_ref().and_then(|f| Some((f, pin_age(f)?))) {
             if age >= PIN_WARN_AGE && warn_once(&p) {
                 // Read at most 4 KiB of it; its command goes in a field (escaped), never into
                 // the message, where a newline could forge a log line.
                 let mut body = Vec::new();
-                let _ = (&f).take(4096).read_to_end(&mut body);
+                let _ = f.take(4096).read_to_end(&mut body);
                 let holder = serde_json::from_slice::<PinFile>(&body).ok();
                 tracing::warn!(pin = %p.display(), vm = ?vm, seq,
                     pid = holder.as_ref().map(|h| h.pid),
