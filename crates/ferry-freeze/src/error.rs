@@ -66,7 +66,7 @@ pub enum FreezeError {
     #[error("FITHAW failed: {}; the watchdog retries, but check `dmesg` and thaw by hand with `fsfreeze -u MOUNTPOINT` if writes stay blocked", list(failures))]
     Thaw { failures: Vec<PathError> },
     /// The watchdog binary is not installed.
-    #[error("the thaw watchdog binary ferry-thaw-watchdog was not found (looked at {looked}); install it next to the agent or name it in $FERRY_THAW_WATCHDOG — nothing is frozen without it")]
+    #[error("the thaw watchdog binary ferry-thaw-watchdog was not found (looked at {looked}); install it next to the agent or in /usr/libexec/ferry, owned by root and not group/world-writable — nothing is frozen without it")]
     WatchdogMissing { looked: String },
     /// The watchdog could not be started.
     #[error("cannot start the thaw watchdog ({what}): {source}; nothing was frozen")]

@@ -4,11 +4,15 @@
 //! - Which: regular files with an execute bit in the directory (default `/etc/ferry/hooks.d`),
 //!   in byte order of their names. Hidden names, `*~` and package-manager leftovers
 //!   (`.dpkg-*`, `.rpmnew`, `.rpmsave`, `.ucf-*`) are skipped and reported as skipped.
-//! - Safety: the directory and each hook must be owned by root (or the agent's user) and not
-//!   group- or world-writable; otherwise nothing in it runs (directory) or that hook is
-//!   reported failed (file). The agent runs as root: a writable hook would be a root shell.
+//! - Safety ([`crate::trust`]): the directory, every directory above it and each hook must be
+//!   owned by root (or the agent's user) and not group- or world-writable (a sticky directory such
+//!   as `/tmp` may be); otherwise nothing in it runs (directories) or that hook is reported failed
+//!   (file). A hook is a regular file, never a symbolic link; it is opened once, checked on the
+//!   open descriptor and executed from it, so a file swapped in after the check never runs. The
+//!   agent runs as root: a writable hook would be a root shell.
 //! - Call: `HOOK pre-freeze` or `HOOK post-thaw`, stdin `/dev/null`, environment inherited
-//!   plus `FERRY_HOOK_PHASE` and `FERRY_HOOK_TIMEOUT_MS`, and whatever the caller adds
+//!   plus `FERRY_HOOK_PATH` (the hook's path: a script's `$0` is `/proc/self/fd/N`),
+//!   `FERRY_HOOK_PHASE` and `FERRY_HOOK_TIMEOUT_MS`, and whatever the caller adds
 //!   (the cutter adds the cut id and the mount points). Each hook runs in its own process group.
 //! - Time: each hook gets `timeout`. On overrun its whole process group gets SIGTERM, then
 //!   SIGKILL 500 ms later, and it counts as failed.
@@ -19,10 +23,10 @@
 use std::fs;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -179,11 +183,26 @@ pub fn run_hooks_with_env(
             })
         }
     };
-    if let Some(reason) = insecure(&meta) {
-        return Err(HookError::InsecureDir {
-            path: dir.into(),
-            reason,
-        });
+    let _ = meta;
+    // The directory and every one above it: only root (or the agent's user) may change them.
+    match crate::trust::insecure_dirs(dir) {
+        Ok(None) => {}
+        Ok(Some((at, why))) => {
+            return Err(HookError::InsecureDir {
+                path: dir.into(),
+                reason: if at == dir {
+                    why
+                } else {
+                    format!("below {}, which is {why}", at.display())
+                },
+            })
+        }
+        Err(source) => {
+            return Err(HookError::Dir {
+                path: dir.into(),
+                source,
+            })
+        }
     }
     let dir_err = |source| HookError::Dir {
         path: dir.into(),
@@ -206,27 +225,31 @@ pub fn run_hooks_with_env(
             continue;
         }
         let path = dir.join(&name);
-        let Ok(meta) = fs::metadata(&path) else {
-            report.skipped.push((name, "dangling symlink"));
-            continue;
-        };
-        if !meta.is_file() {
-            report.skipped.push((name, "not a regular file"));
-            continue;
-        }
-        if meta.permissions().mode() & 0o111 == 0 {
-            report.skipped.push((name, "not executable"));
-            continue;
-        }
-        let outcome = match insecure(&meta) {
-            Some(reason) => HookOutcome {
+        // Opened once, not through a link, checked on the open file, run from it.
+        let outcome = match crate::trust::open_executable(&path) {
+            Ok(f) => run_one(name, path, &f, phase, timeout, env),
+            Err(crate::trust::Refused::Skip(why)) => {
+                report.skipped.push((name, why));
+                continue;
+            }
+            Err(crate::trust::Refused::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                report.skipped.push((name, "removed while the hooks ran"));
+                continue;
+            }
+            Err(crate::trust::Refused::Insecure(reason)) => HookOutcome {
                 name,
                 path,
                 status: HookStatus::Insecure(reason),
                 took: Duration::ZERO,
                 output: String::new(),
             },
-            None => run_one(name, path, phase, timeout, env),
+            Err(crate::trust::Refused::Io(e)) => HookOutcome {
+                name,
+                path,
+                status: HookStatus::SpawnFailed(format!("cannot open it: {e}")),
+                took: Duration::ZERO,
+                output: String::new(),
+            },
         };
         if !outcome.status.is_ok() {
             tracing::warn!(phase = phase.arg(), "hook failed: {}", outcome.why());
@@ -249,22 +272,6 @@ fn ignored_name(name: &str) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-/// Why a hook file or directory must not be trusted, if it must not.
-fn insecure(meta: &fs::Metadata) -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != 0 && meta.uid() != me {
-        return Some(format!("owned by uid {}, not root", meta.uid()));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Some(format!(
-            "writable by group or others (mode {:o})",
-            meta.mode() & 0o7777
-        ));
-    }
-    None
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -305,6 +312,7 @@ fn signal_group(pgid: u32, sig: i32) {
 fn run_one(
     name: String,
     path: PathBuf,
+    file: &fs::File,
     phase: Phase,
     timeout: Duration,
     env: &[(&str, &str)],
@@ -319,8 +327,9 @@ fn run_one(
     };
     let spawned = pipe().and_then(|(r, w)| {
         let w2 = w.try_clone()?;
-        let mut cmd = Command::new(&path);
+        let mut cmd = crate::trust::command_for(file, &path);
         cmd.arg(phase.arg())
+            .env("FERRY_HOOK_PATH", &path)
             .env("FERRY_HOOK_PHASE", phase.arg())
             .env("FERRY_HOOK_TIMEOUT_MS", timeout.as_millis().to_string())
             .envs(env.iter().copied())

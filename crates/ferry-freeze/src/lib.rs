@@ -39,6 +39,7 @@ mod freeze;
 mod hooks;
 mod mysql;
 mod sys;
+mod trust;
 pub mod watchdog;
 
 pub use discover::{discover, parse_mountinfo, Dev, Mount, MountEntry};
@@ -50,4 +51,4 @@ pub use hooks::{
 };
 pub use mysql::{MysqlHook, MysqlTarget, DEFAULT_DB_TIMEOUT};
 pub use sys::is_root;
-pub use watchdog::{locate_watchdog, WATCHDOG_ENV, WATCHDOG_NAME};
+pub use watchdog::{locate_watchdog, WATCHDOG_NAME};

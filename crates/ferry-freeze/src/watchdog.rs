@@ -32,7 +32,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::discover::Dev;
@@ -41,8 +41,6 @@ use crate::sys;
 
 /// File name of the watchdog binary.
 pub const WATCHDOG_NAME: &str = "ferry-thaw-watchdog";
-/// Environment variable naming the watchdog binary explicitly.
-pub const WATCHDOG_ENV: &str = "FERRY_THAW_WATCHDOG";
 /// First argument: the protocol version, so a stale installed binary is refused, not misread.
 const PROTOCOL: &str = "ferry-thaw-watchdog-v1";
 
@@ -65,18 +63,43 @@ const ARM_TIMEOUT_NS: i64 = 60_000_000_000;
 /// After firing, the watchdog thaws again at this period.
 const RETHAW_NS: i64 = 100_000_000;
 
-/// Finds the watchdog binary: `$FERRY_THAW_WATCHDOG`, then next to the current executable (and
-/// one directory up, where cargo puts binaries for tests and examples), then
-/// `/usr/libexec/ferry/`, `/usr/lib/ferry/`, then `$PATH`.
+/// Directories searched for the watchdog after the agent's own: where packages put helper
+/// binaries, then the system's binary directories. Never `$PATH` or the environment: the agent
+/// runs as root and freezes filesystems with whatever it finds.
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr/libexec/ferry",
+    "/usr/lib/ferry",
+    "/usr/local/libexec/ferry",
+    "/usr/local/lib/ferry",
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+];
+
+/// Why the watchdog at `path` must not be run, if it must not: the file ([`crate::trust`]:
+/// a regular file, not a link, owned by root or the agent's user, not group/world-writable) and
+/// every directory above it.
+fn untrusted(path: &Path) -> Option<String> {
+    if let Err(why) = crate::trust::open_executable(path) {
+        return Some(match why {
+            crate::trust::Refused::Skip(w) => w.to_string(),
+            crate::trust::Refused::Insecure(w) => w,
+            crate::trust::Refused::Io(e) => e.to_string(),
+        });
+    }
+    match crate::trust::insecure_dirs(path.parent().unwrap_or(Path::new("/"))) {
+        Ok(None) => None,
+        Ok(Some((at, why))) => Some(format!("its directory {} is {why}", at.display())),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// Finds the watchdog binary: next to the agent's executable (and one directory up, where cargo
+/// puts the binaries tests run), then the [`SYSTEM_DIRS`]. A candidate that is there but not
+/// trusted is reported, not run, and the search goes on.
 pub fn locate_watchdog() -> Result<PathBuf, FreezeError> {
     let mut looked = Vec::new();
-    if let Some(p) = std::env::var_os(WATCHDOG_ENV) {
-        let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
-        }
-        looked.push(p);
-    }
     let mut dirs = Vec::new();
     if let Some(dir) = std::env::current_exe()
         .ok()
@@ -87,24 +110,23 @@ pub fn locate_watchdog() -> Result<PathBuf, FreezeError> {
             dirs.push(up.to_path_buf());
         }
     }
-    dirs.push("/usr/libexec/ferry".into());
-    dirs.push("/usr/lib/ferry".into());
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
+    dirs.extend(SYSTEM_DIRS.iter().map(PathBuf::from));
     for d in dirs {
         let p = d.join(WATCHDOG_NAME);
-        if p.is_file() {
-            return Ok(p);
+        if std::fs::symlink_metadata(&p).is_err() {
+            looked.push(p.display().to_string());
+            continue;
         }
-        looked.push(p);
+        match untrusted(&p) {
+            None => return Ok(p),
+            Some(why) => {
+                tracing::warn!(path = %p.display(), %why, "not using this thaw watchdog binary");
+                looked.push(format!("{} (not used: {why})", p.display()));
+            }
+        }
     }
     Err(FreezeError::WatchdogMissing {
-        looked: looked
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        looked: looked.join(", "),
     })
 }
 
@@ -204,8 +226,28 @@ impl Watchdog {
     /// Spawns the watchdog for `mounts` (in freeze order) and waits until it holds them all.
     pub fn spawn(binary: &Path, mounts: &[(Dev, &Path)]) -> Result<Watchdog, FreezeError> {
         let start = |what, source| FreezeError::WatchdogStart { what, source };
+        // Checked and run from one open descriptor (crate::trust), every time.
+        let file = crate::trust::open_executable(binary).map_err(|why| {
+            start(
+                "checking the binary",
+                match why {
+                    crate::trust::Refused::Io(e) => e,
+                    crate::trust::Refused::Skip(w) => io::Error::other(w),
+                    crate::trust::Refused::Insecure(w) => io::Error::other(w),
+                },
+            )
+        })?;
+        if let Some((at, why)) =
+            crate::trust::insecure_dirs(binary.parent().unwrap_or(Path::new("/")))
+                .map_err(|e| start("checking its directories", e))?
+        {
+            return Err(start(
+                "checking its directories",
+                io::Error::other(format!("{} is {why}", at.display())),
+            ));
+        }
         let (ours, theirs) = socket_pair().map_err(|e| start("socketpair", e))?;
-        let mut cmd = Command::new(binary);
+        let mut cmd = crate::trust::command_for(&file, binary);
         cmd.arg(PROTOCOL);
         for (dev, path) in mounts {
             cmd.arg(dev.to_string()).arg(path);
@@ -487,5 +529,29 @@ fn detach() {
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, -10);
         libc::mlockall(libc::MCL_CURRENT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_watchdog_others_could_change_is_not_used() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(WATCHDOG_NAME);
+        std::fs::write(&p, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(untrusted(&p), None);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(untrusted(&p).unwrap().contains("writable"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(untrusted(&p).unwrap().contains("directory"));
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(untrusted(&link).unwrap().contains("symbolic link"));
     }
 }

@@ -199,3 +199,44 @@ fn a_hook_that_cannot_start_is_a_failure() {
     );
     assert_eq!(r.consistency(), Consistency::Crash);
 }
+
+/// Issue 8, local privilege: a symbolic link in the hooks directory is not followed (even to a
+/// trusted file), a directory above the hooks directory that others may write makes nothing run,
+/// and a hook learns its own path from FERRY_HOOK_PATH (its `$0` is the descriptor it runs from).
+#[test]
+fn links_and_writable_parents_are_refused_and_a_hook_knows_its_path() {
+    let top = hooks_dir();
+    let d = top.path().join("hooks.d");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = top.path().join("path.txt");
+    hook(&d, "10-real", &format!("echo \"$FERRY_HOOK_PATH\" > {}", out.display()));
+    let marker = top.path().join("linked-ran");
+    let target = top.path().join("elsewhere");
+    fs::write(&target, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(&target, d.join("20-link")).unwrap();
+
+    let r = run_hooks(&d, Phase::Pre, Duration::from_secs(5)).unwrap();
+    assert!(r.hooks[0].status.is_ok(), "{r:?}");
+    assert_eq!(
+        fs::read_to_string(&out).unwrap().trim(),
+        d.join("10-real").display().to_string()
+    );
+    assert!(
+        matches!(&r.hooks[1].status, HookStatus::Insecure(w) if w.contains("symbolic link")),
+        "{r:?}"
+    );
+    assert!(!marker.exists(), "a linked hook must not run");
+
+    // Others may write a directory above: nothing in it runs.
+    fs::remove_file(d.join("20-link")).unwrap();
+    fs::remove_file(&out).unwrap();
+    fs::set_permissions(top.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let err = run_hooks(&d, Phase::Pre, Duration::from_secs(5)).unwrap_err();
+    assert!(
+        matches!(&err, HookError::InsecureDir { reason, .. } if reason.contains("below")),
+        "{err}"
+    );
+    assert!(!out.exists(), "no hook runs under a writable parent");
+}
