@@ -357,6 +357,7 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     let abandon = Arc::new(AtomicBool::new(false));
     let to = ShipTo {
         server: o.server.clone(),
+        state_dir: o.state_dir.clone(),
         vm: o.vm.clone(),
         disks: sources
             .iter()

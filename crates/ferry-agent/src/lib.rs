@@ -147,7 +147,7 @@ pub(crate) type Writer = AsyncFrameWriter<WriteHalf<Tls>>;
 pub(crate) async fn hello(
     server: &str,
     pin: ferry_wire::Fingerprint,
-) -> Result<(Reader, Writer, Nonce), AgentError> {
+) -> Result<(Reader, Writer, Nonce, ferry_wire::Binding), AgentError> {
     let connect_err = |detail: String| AgentError::Connect {
         server: server.to_string(),
         detail,
@@ -165,6 +165,9 @@ pub(crate) async fn hello(
     .await
     .map_err(|_| connect_err("TLS handshake timed out".into()))?
     .map_err(|e| connect_err(format!("TLS: {e}")))?;
+    // What this TLS session (and no other) derives: the Auth signature covers it.
+    let binding = ferry_wire::agentkey::tls_binding(tls.get_ref().1)
+        .map_err(|e| connect_err(format!("TLS exporter: {e}")))?;
     let (rd, wr) = split(tls);
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     w.send(&Message::Hello {
@@ -178,7 +181,7 @@ pub(crate) async fn hello(
         Some(Message::HelloAck { version, nonce }) => {
             r.set_version(version);
             w.set_version(version);
-            Ok((r, w, nonce))
+            Ok((r, w, nonce, binding))
         }
         m => Err(unexpected(m)),
     }
@@ -214,7 +217,8 @@ pub fn hostname() -> String {
 }
 
 /// `ferry-agent register`: proves the passphrase to the server (pinned by the fingerprint the
-/// passphrase carries) and saves the agent id and credential in `state_dir`.
+/// passphrase carries), sends the public half of a key it makes, and saves the agent id and the
+/// key in `state_dir`.
 pub fn register(
     server: &str,
     passphrase_file: &Path,
@@ -222,26 +226,28 @@ pub fn register(
 ) -> Result<AgentIdentity, AgentError> {
     let pass = Passphrase::read_file(passphrase_file)?;
     let rt = runtime()?;
-    let (agent_id, credential) = rt.block_on(async {
-        let (mut r, mut w, nonce) = hello(server, pass.fingerprint).await?;
+    // The agent's own key: only its public half leaves this machine.
+    let key = ferry_wire::AgentKey::generate()
+        .map_err(|e| AgentError::Usage(format!("cannot make the agent's key: {e}")))?;
+    let agent_id = rt.block_on(async {
+        let (mut r, mut w, nonce, _) = hello(server, pass.fingerprint).await?;
         w.send(&Message::Register {
             proof: pass.prove(&nonce),
             hostname: hostname(),
+            public_key: key.public(),
         })
         .await?;
         w.flush().await?;
         match r.read().await? {
-            Some(Message::Registered {
-                agent_id,
-                credential,
-            }) => Ok((agent_id, credential)),
+            Some(Message::Registered { agent_id }) => Ok(agent_id),
             m => Err(unexpected(m)),
         }
     })?;
     let id = AgentIdentity {
         server: server.to_string(),
         agent_id,
-        credential,
+        key: Some(key),
+        legacy: None,
         fingerprint: pass.fingerprint,
     };
     id.save(state_dir)?;

@@ -21,6 +21,8 @@ use crate::{hello, unexpected, AgentError, AgentIdentity};
 #[derive(Clone, Debug)]
 pub struct ShipTo {
     pub server: String,
+    /// Where the identity file is (rewritten once when an agent moves to a key).
+    pub state_dir: std::path::PathBuf,
     pub vm: String,
     /// Suggested name, size and stable identity per disk, in the engine's disk order.
     pub disks: Vec<InvDisk>,
@@ -137,7 +139,7 @@ pub(crate) fn now_ns() -> u64 {
 /// (also reported as [`Event::Failed`]).
 pub async fn ship(
     to: ShipTo,
-    id: AgentIdentity,
+    mut id: AgentIdentity,
     mut rx: mpsc::Receiver<Rec>,
     events: crossbeam_channel::Sender<Event>,
     stats: &ShipStats,
@@ -155,7 +157,17 @@ pub async fn ship(
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&to, &id, &mut rx, &mut out, stats, &mut backoff, abandon).await {
+        match session(
+            &to,
+            &mut id,
+            &mut rx,
+            &mut out,
+            stats,
+            &mut backoff,
+            abandon,
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(e) if e.is_permanent() => {
                 let msg = e.to_string();
@@ -301,7 +313,7 @@ impl Outbox {
 
 async fn session(
     to: &ShipTo,
-    id: &AgentIdentity,
+    id: &mut AgentIdentity,
     rx: &mut mpsc::Receiver<Rec>,
     out: &mut Outbox,
     stats: &ShipStats,
@@ -312,10 +324,27 @@ async fn session(
     while let Some((_, rec)) = out.unacked.pop_back() {
         out.pending.push_front(rec);
     }
-    let (mut r, mut w, nonce) = hello(&to.server, id.fingerprint).await?;
+    let (mut r, mut w, nonce, binding) = hello(&to.server, id.fingerprint).await?;
+    // An agent registered before keys makes one now, keeps it (with its old credential) before
+    // it is sent, and proves the old credential with it: the server then keeps only the public key
+    // (a retry after a lost answer sends the same key, which the server may hold already).
+    if id.key.is_none() {
+        id.key = Some(
+            ferry_wire::AgentKey::generate()
+                .map_err(|e| AgentError::Usage(format!("cannot make the agent's key: {e}")))?,
+        );
+        id.save(&to.state_dir)?;
+    }
+    let key = id.key.clone().expect("set above");
+    let legacy = match &id.legacy {
+        Some(c) => c.prove(&nonce),
+        None => [0u8; 32],
+    };
     w.send(&Message::Auth {
         agent_id: id.agent_id,
-        proof: id.credential.prove(&nonce),
+        public_key: key.public(),
+        signature: key.sign(&id.agent_id, &nonce, &binding),
+        legacy,
     })
     .await?;
     w.flush().await?;
@@ -323,6 +352,10 @@ async fn session(
         Some(Message::Welcome { credits, .. }) => credits,
         m => return Err(unexpected(m)),
     };
+    if id.legacy.take().is_some() {
+        id.save(&to.state_dir)?;
+        tracing::info!("moved from the registration credential to a key: the identity file holds the key, the process server only its public half");
+    }
     *backoff = Duration::from_millis(100);
     w.send(&Message::Inventory {
         vm: to.vm.clone(),

@@ -80,6 +80,7 @@ pub(crate) fn agents_list(
             "id": id,
             "hostname": rec.hostname,
             "registered": rfc3339(rec.registered),
+            "auth": rec.auth_kind(),
             "vms": vms,
             "connected": connected,
             "address": address,
@@ -117,6 +118,9 @@ pub(crate) fn agents_list(
                 _ => "not connected".to_string(),
             }
         );
+        if a["auth"] == "legacy credential" {
+            println!("    auth: legacy credential (registered before agent keys; moves to a key at its next connection)");
+        }
     }
     Ok(())
 }

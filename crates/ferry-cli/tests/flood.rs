@@ -107,8 +107,14 @@ async fn tls_from(ip: IpAddr, to: SocketAddr, pass: &Passphrase) -> Option<Tls> 
 type R = AsyncFrameReader<tokio::io::ReadHalf<Tls>>;
 type W = AsyncFrameWriter<tokio::io::WriteHalf<Tls>>;
 
-async fn hello(ip: IpAddr, to: SocketAddr, pass: &Passphrase) -> Option<(R, W, [u8; 32])> {
-    let (rd, wr) = split(tls_from(ip, to, pass).await?);
+async fn hello(
+    ip: IpAddr,
+    to: SocketAddr,
+    pass: &Passphrase,
+) -> Option<(R, W, [u8; 32], ferry_wire::Binding)> {
+    let tls = tls_from(ip, to, pass).await?;
+    let binding = ferry_wire::agentkey::tls_binding(tls.get_ref().1).ok()?;
+    let (rd, wr) = split(tls);
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     w.send(&Message::Hello {
         min_version: ferry_wire::WIRE_VERSION,
@@ -123,7 +129,7 @@ async fn hello(ip: IpAddr, to: SocketAddr, pass: &Passphrase) -> Option<(R, W, [
     };
     r.set_version(ferry_wire::WIRE_VERSION);
     w.set_version(ferry_wire::WIRE_VERSION);
-    Some((r, w, nonce))
+    Some((r, w, nonce, binding))
 }
 
 /// Authenticates as `agent`; the Welcome or the refusal.
@@ -131,12 +137,14 @@ async fn auth(
     ip: IpAddr,
     to: SocketAddr,
     pass: &Passphrase,
-    (id, cred): &(ferry_wire::AgentId, ferry_wire::Credential),
+    (id, key): &(ferry_wire::AgentId, ferry_wire::AgentKey),
 ) -> Option<(R, W, Message)> {
-    let (mut r, mut w, nonce) = hello(ip, to, pass).await?;
+    let (mut r, mut w, nonce, binding) = hello(ip, to, pass).await?;
     w.send(&Message::Auth {
         agent_id: *id,
-        proof: cred.prove(&nonce),
+        public_key: key.public(),
+        signature: key.sign(id, &nonce, &binding),
+        legacy: [0; 32],
     })
     .await
     .ok()?;
@@ -305,37 +313,35 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let rogue = rt.block_on(async {
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        let (mut r, mut w, nonce) = hello(ip, to, &pass).await.expect("hello");
+        let key = ferry_wire::AgentKey::generate().unwrap();
+        let (mut r, mut w, nonce, _) = hello(ip, to, &pass).await.expect("hello");
         w.send(&Message::Register {
             proof: pass.prove(&nonce),
             hostname: "rogue".into(),
+            public_key: key.public(),
         })
         .await
         .unwrap();
         w.flush().await.unwrap();
         match r.read().await.unwrap() {
-            Some(Message::Registered {
-                agent_id,
-                credential,
-            }) => (agent_id, credential),
+            Some(Message::Registered { agent_id }) => (agent_id, key),
             m => panic!("{m:?}"),
         }
     });
     let rogue2 = rt.block_on(async {
         let ip: IpAddr = "127.0.0.3".parse().unwrap();
-        let (mut r, mut w, nonce) = hello(ip, to, &pass).await.expect("hello");
+        let key = ferry_wire::AgentKey::generate().unwrap();
+        let (mut r, mut w, nonce, _) = hello(ip, to, &pass).await.expect("hello");
         w.send(&Message::Register {
             proof: pass.prove(&nonce),
             hostname: "rogue2".into(),
+            public_key: key.public(),
         })
         .await
         .unwrap();
         w.flush().await.unwrap();
         match r.read().await.unwrap() {
-            Some(Message::Registered {
-                agent_id,
-                credential,
-            }) => (agent_id, credential),
+            Some(Message::Registered { agent_id }) => (agent_id, key),
             m => panic!("{m:?}"),
         }
     });

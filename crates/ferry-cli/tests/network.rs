@@ -930,3 +930,60 @@ fn status_json(env: &Env) -> serde_json::Value {
     ok(&o, "ferry status --json");
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// Issue 8, agent credentials: an agent registered before keys (an identity file with a
+/// credential; the server holding only its verifier) moves to a key at its first connection: the
+/// real `ferry-agent` replicates, its identity file then holds a key and no credential, and the
+/// server's registry only the public key.
+#[test]
+fn an_agent_registered_with_a_credential_moves_to_a_key() {
+    let env = Env::new();
+    let srv = Server::start(&env, "127.0.0.1:0");
+    let control = ferry_serve::control::Control::new(&env.path("ps-state"));
+    let (id, cred) = {
+        let _l = control.lock().unwrap();
+        control
+            .registry()
+            .unwrap()
+            .register_legacy("old01")
+            .unwrap()
+    };
+    let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
+    let fp = fs::read_to_string(&pass).unwrap();
+    let fp: ferry_wire::Passphrase = fp.trim().parse().unwrap();
+    fs::create_dir_all(env.path("agent")).unwrap();
+    let ident = env.path("agent").join("agent.json");
+    fs::write(
+        &ident,
+        format!(
+            r#"{{"version":1,"server":"{}","agent_id":"{id}","credential":"{}","fingerprint":"{}"}}"#,
+            srv.addr,
+            hex::encode(cred.expose()),
+            fp.fingerprint
+        ),
+    )
+    .unwrap();
+    let disk = env.path("disk.img");
+    make_image(&disk, &mut Rng(5), 4 << 20);
+    std::thread::sleep(Duration::from_millis(600)); // the server reloads its registry
+    ok(
+        &run_agent(&env, &srv.addr, &disk, "agent"),
+        "the legacy agent's run",
+    );
+    let text = fs::read_to_string(&ident).unwrap();
+    assert!(
+        text.contains("\"version\": 2") && text.contains("\"key\""),
+        "{text}"
+    );
+    assert!(!text.contains("credential"), "{text}");
+    let reg = fs::read_to_string(env.path("ps-state").join("agents.json")).unwrap();
+    assert!(
+        reg.contains("public_key") && !reg.contains("verifier"),
+        "{reg}"
+    );
+    // And it goes on with the key alone.
+    ok(
+        &run_agent(&env, &srv.addr, &disk, "agent"),
+        "the agent's second run",
+    );
+}

@@ -210,7 +210,11 @@ fn links_and_writable_parents_are_refused_and_a_hook_knows_its_path() {
     fs::create_dir(&d).unwrap();
     fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
     let out = top.path().join("path.txt");
-    hook(&d, "10-real", &format!("echo \"$FERRY_HOOK_PATH\" > {}", out.display()));
+    hook(
+        &d,
+        "10-real",
+        &format!("echo \"$FERRY_HOOK_PATH\" > {}", out.display()),
+    );
     let marker = top.path().join("linked-ran");
     let target = top.path().join("elsewhere");
     fs::write(&target, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();

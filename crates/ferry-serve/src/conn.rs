@@ -64,13 +64,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     peer: String,
     pre_auth: crate::limits::PreAuthSlot,
-    deadline: tokio::time::Instant,
+    (deadline, binding): (tokio::time::Instant, ferry_wire::Binding),
 ) {
     let (rd, wr) = split(stream);
     let mut r = AsyncFrameReader::new(rd);
     r.set_max_payload(crate::limits::PRE_AUTH_MAX_PAYLOAD);
     let mut w = AsyncFrameWriter::new(wr);
-    let shook = tokio::time::timeout_at(deadline, handshake(&shared, &mut r, &mut w))
+    let shook = tokio::time::timeout_at(deadline, handshake(&shared, &mut r, &mut w, &binding))
         .await
         .unwrap_or_else(|_| {
             Err(Refusal {
@@ -168,6 +168,7 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
     shared: &Shared,
     r: &mut AsyncFrameReader<R>,
     w: &mut Writer<S>,
+    binding: &ferry_wire::Binding,
 ) -> Result<Option<(String, u64, crate::limits::AgentSlot)>, Refusal> {
     let first = r.read().await?;
     let Some(Message::Hello {
@@ -193,7 +194,11 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
     w.set_version(version);
     let second = r.read().await?;
     match second {
-        Some(Message::Register { proof, hostname }) => {
+        Some(Message::Register {
+            proof,
+            hostname,
+            public_key,
+        }) => {
             let (good, fingerprint) = {
                 let p = shared.passphrase.lock().expect("passphrase lock");
                 (p.verify(&nonce, &proof), p.fingerprint)
@@ -225,14 +230,14 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                     }
                 };
                 let mut fresh = shared.control.registry()?;
-                let (id, cred) = fresh.register(&hostname)?;
+                let id = fresh.register(&hostname, public_key)?;
                 if let Some(vm) = &vm {
                     shared.control.give_vm_locked(vm, &id.to_string())?;
                 }
                 *shared.registry.lock().expect("registry lock") = fresh;
-                Ok(Some((id, cred, vm)))
+                Ok(Some((id, vm)))
             });
-            let (agent_id, credential, token_vm) = match reg {
+            let (agent_id, token_vm) = match reg {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     return Err(refusal(
@@ -252,30 +257,69 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
             if let Some(vm) = token_vm {
                 tracing::info!(agent = %agent_id, vm = %vm, "enrollment token used: the VM now belongs to this agent");
             }
-            w.send(&Message::Registered {
-                agent_id,
-                credential,
-            })
-            .await?;
+            w.send(&Message::Registered { agent_id }).await?;
             w.flush().await?;
             Ok(None)
         }
-        Some(Message::Auth { agent_id, proof }) => {
-            let verdict = shared
-                .registry
-                .lock()
-                .expect("registry lock")
-                .verify(&agent_id, &proof, &nonce)
-                .map(|_| ());
-            if let Err(e) = verdict {
-                let code = match e {
-                    AuthError::UnknownAgent(_) => refuse::UNKNOWN_AGENT,
-                    AuthError::BadProof(_) => refuse::BAD_CREDENTIAL,
-                };
-                return Err(refusal(
-                    code,
-                    format!("{e}; register the agent again (ferry-agent register)"),
-                ));
+        Some(Message::Auth {
+            agent_id,
+            public_key,
+            signature,
+            legacy,
+        }) => {
+            let verdict = shared.registry.lock().expect("registry lock").verify(
+                &agent_id,
+                (&public_key, &signature, &legacy),
+                &nonce,
+                binding,
+            );
+            let verdict = match verdict {
+                Ok(v) => v,
+                Err(e) => {
+                    let code = match e {
+                        AuthError::UnknownAgent(_) => refuse::UNKNOWN_AGENT,
+                        AuthError::BadProof(_) => refuse::BAD_CREDENTIAL,
+                    };
+                    return Err(refusal(
+                        code,
+                        format!("{e}; register the agent again (ferry-agent register)"),
+                    ));
+                }
+            };
+            if let ferry_wire::Verified::MoveToKey(key) = verdict {
+                // An agent registered before keys: from now on the registry keeps only its key.
+                // Under the control lock, on the registry as on disk (a revocation made meanwhile
+                // is kept: then the agent is refused).
+                let moved = tokio::task::block_in_place(
+                    || -> Result<bool, crate::control::ControlError> {
+                        let _l = shared.control.lock()?;
+                        let mut fresh = shared.control.registry()?;
+                        if !fresh.agents().any(|(id, _)| *id == agent_id) {
+                            return Ok(false);
+                        }
+                        fresh.move_to_key(&agent_id, key)?;
+                        *shared.registry.lock().expect("registry lock") = fresh;
+                        Ok(true)
+                    },
+                );
+                match moved {
+                    Ok(true) => {
+                        tracing::info!(agent = %agent_id, "agent moved from its credential to a key: the server keeps only its public key now")
+                    }
+                    Ok(false) => {
+                        return Err(refusal(
+                            refuse::UNKNOWN_AGENT,
+                            "this agent was revoked; register it again (ferry-agent register)",
+                        ))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the agent's key");
+                        return Err(refusal(
+                            refuse::INTERNAL,
+                            "cannot save the agent registry; see the process server log",
+                        ));
+                    }
+                }
             }
             let Some(slot) = shared.gate.agent(&agent_id.to_string()) else {
                 return Err(refusal(

@@ -308,8 +308,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let c = Control::new(d.path());
         let mut reg = c.registry().unwrap();
-        let (a, _) = reg.register("a").unwrap();
-        let (b, _) = reg.register("b").unwrap();
+        let a = reg.register("a", [1; 32]).unwrap();
+        let b = reg.register("b", [2; 32]).unwrap();
         assert_eq!(c.claim("web01", &a.to_string()).unwrap(), Claim::New);
         assert_eq!(c.claim("web01", &a.to_string()).unwrap(), Claim::Owned);
         assert_eq!(c.claim("web01", &b.to_string()).unwrap(), Claim::NotOwner);

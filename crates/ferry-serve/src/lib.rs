@@ -625,7 +625,10 @@ async fn accept_loop(
                     let deadline = tokio::time::Instant::now() + limits::HANDSHAKE_DEADLINE;
                     let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await;
                     match tls {
-                        Ok(Ok(tls)) => conn::serve(shared, tls, peer.to_string(), slot, deadline).await,
+                        Ok(Ok(tls)) => match ferry_wire::agentkey::tls_binding(tls.get_ref().1) {
+                            Ok(binding) => conn::serve(shared, tls, peer.to_string(), slot, (deadline, binding)).await,
+                            Err(e) => tracing::warn!(%peer, error = %e, "refused connection: cannot derive the TLS session binding"),
+                        },
                         Ok(Err(e)) => {
                             if let Some(held) = shared.gate.noisy.allow() {
                                 tracing::warn!(%peer, error = %e, held_back = held, "refused connection: TLS handshake failed (not a Ferry agent, or not TLS 1.3)");

@@ -143,6 +143,7 @@ fn hostile_frames_are_refused_and_others_served() {
         w.send(&Message::Register {
             proof: pass.prove(&nonce),
             hostname: "web01".into(),
+            public_key: ferry_wire::AgentKey::generate().unwrap().public(),
         })
         .await
         .unwrap();
@@ -346,10 +347,12 @@ fn hostile_frames_are_refused_and_others_served() {
             matches!(&m, Some(Message::Refused { code: refuse::UNKNOWN_AGENT, message }) if message.contains("revoked")),
             "{m:?}"
         );
-        let (mut r, mut w, nonce) = hello(&addr, &pass).await;
+        let (mut r, mut w, nonce, binding) = hello(&addr, &pass).await;
         w.send(&Message::Auth {
             agent_id: a.0,
-            proof: a.1.prove(&nonce),
+            public_key: a.1.public(),
+            signature: a.1.sign(&a.0, &nonce, &binding),
+            legacy: [0; 32],
         })
         .await
         .unwrap();
@@ -364,10 +367,11 @@ fn hostile_frames_are_refused_and_others_served() {
         let new_pass = ferry_serve::rotate_passphrase(&dir.path().join("state")).unwrap();
         assert_ne!(new_pass, pass);
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let (mut r, mut w, nonce) = hello(&addr, &pass).await;
+        let (mut r, mut w, nonce, _) = hello(&addr, &pass).await;
         w.send(&Message::Register {
             proof: pass.prove(&nonce),
             hostname: "late".into(),
+            public_key: ferry_wire::AgentKey::generate().unwrap().public(),
         })
         .await
         .unwrap();
@@ -378,6 +382,52 @@ fn hostile_frames_are_refused_and_others_served() {
             "{m:?}"
         );
         let _c = register(&addr, &new_pass).await;
+        // Keys, not secrets: an agent registered with a credential before keys existed moves to
+        // a key at its first Auth (proving the credential once); from then on the registry holds
+        // only its public key, the credential alone is worth nothing, and a signature made for
+        // another TLS session (relayed) is refused.
+        let (old_id, old_cred) = {
+            let _l = control.lock().unwrap();
+            let mut reg = control.registry().unwrap();
+            reg.register_legacy("old01").unwrap()
+        };
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let key = ferry_wire::AgentKey::generate().unwrap();
+        let auth_with = |key: ferry_wire::AgentKey, legacy: bool, relay: bool| {
+            let (addr, pass, cred) = (addr.clone(), pass.clone(), old_cred.clone());
+            async move {
+                let (mut r, mut w, nonce, binding) = hello(&addr, &pass).await;
+                let binding = if relay { [0x42; 32] } else { binding };
+                w.send(&Message::Auth {
+                    agent_id: old_id,
+                    public_key: key.public(),
+                    signature: key.sign(&old_id, &nonce, &binding),
+                    legacy: if legacy { cred.prove(&nonce) } else { [0; 32] },
+                })
+                .await
+                .unwrap();
+                w.flush().await.unwrap();
+                r.read().await.unwrap()
+            }
+        };
+        let m = auth_with(key.clone(), true, true).await;
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::BAD_CREDENTIAL, .. })),
+            "relayed: {m:?}"
+        );
+        let m = auth_with(key.clone(), true, false).await;
+        assert!(matches!(m, Some(Message::Welcome { .. })), "{m:?}");
+        let text = std::fs::read_to_string(dir.path().join("state").join("agents.json")).unwrap();
+        assert!(text.contains(&hex::encode(key.public())), "{text}");
+        assert!(!text.contains("verifier"), "the verifier is forgotten: {text}");
+        let thief = ferry_wire::AgentKey::generate().unwrap();
+        let m = auth_with(thief, true, false).await;
+        assert!(
+            matches!(&m, Some(Message::Refused { code: refuse::BAD_CREDENTIAL, .. })),
+            "the old credential with another key: {m:?}"
+        );
+        let m = auth_with(key.clone(), false, false).await;
+        assert!(matches!(m, Some(Message::Welcome { .. })), "{m:?}");
         // B, untouched, is still connected (nothing comes: no refusal, no close).
         wb.send(&Message::Ping { token: 3 }).await.unwrap();
         wb.flush().await.unwrap();
@@ -394,7 +444,7 @@ fn hostile_frames_are_refused_and_others_served() {
 async fn sized_run(
     addr: &str,
     pass: &Passphrase,
-    agent: &(ferry_wire::AgentId, ferry_wire::Credential),
+    agent: &Agent,
     vm: &str,
     inv_size: u64,
     (disk, size): (&str, u64),
@@ -456,14 +506,16 @@ async fn read_past_credit(r: &mut R) -> Option<Message> {
 async fn auth_inventory_with(
     addr: &str,
     pass: &Passphrase,
-    (id, cred): &(ferry_wire::AgentId, ferry_wire::Credential),
+    (id, key): &Agent,
     vm: &str,
     disks: Vec<ferry_wire::InvDisk>,
 ) -> (R, W) {
-    let (mut r, mut w, nonce) = hello(addr, pass).await;
+    let (mut r, mut w, nonce, binding) = hello(addr, pass).await;
     w.send(&Message::Auth {
         agent_id: *id,
-        proof: cred.prove(&nonce),
+        public_key: key.public(),
+        signature: key.sign(id, &nonce, &binding),
+        legacy: [0; 32],
     })
     .await
     .unwrap();
@@ -481,11 +533,14 @@ async fn auth_inventory_with(
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+type Agent = (ferry_wire::AgentId, ferry_wire::AgentKey);
 type R = AsyncFrameReader<tokio::io::ReadHalf<Tls>>;
 type W = AsyncFrameWriter<tokio::io::WriteHalf<Tls>>;
 
-async fn hello(addr: &str, pass: &Passphrase) -> (R, W, [u8; 32]) {
-    let (rd, wr) = split(tls(addr, pass).await);
+async fn hello(addr: &str, pass: &Passphrase) -> (R, W, [u8; 32], ferry_wire::Binding) {
+    let tls = tls(addr, pass).await;
+    let binding = ferry_wire::agentkey::tls_binding(tls.get_ref().1).unwrap();
+    let (rd, wr) = split(tls);
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     w.send(&Message::Hello {
         min_version: ferry_wire::WIRE_VERSION,
@@ -499,32 +554,26 @@ async fn hello(addr: &str, pass: &Passphrase) -> (R, W, [u8; 32]) {
         panic!("no HelloAck")
     };
     assert!(r.set_version(ferry_wire::WIRE_VERSION) && w.set_version(ferry_wire::WIRE_VERSION));
-    (r, w, nonce)
+    (r, w, nonce, binding)
 }
 
-async fn register(addr: &str, pass: &Passphrase) -> (ferry_wire::AgentId, ferry_wire::Credential) {
-    let (mut r, mut w, nonce) = hello(addr, pass).await;
+async fn register(addr: &str, pass: &Passphrase) -> Agent {
+    let key = ferry_wire::AgentKey::generate().unwrap();
+    let (mut r, mut w, nonce, _) = hello(addr, pass).await;
     w.send(&Message::Register {
         proof: pass.prove(&nonce),
         hostname: "web01".into(),
+        public_key: key.public(),
     })
     .await
     .unwrap();
     w.flush().await.unwrap();
     match r.read().await.unwrap() {
-        Some(Message::Registered {
-            agent_id,
-            credential,
-        }) => (agent_id, credential),
+        Some(Message::Registered { agent_id }) => (agent_id, key),
         m => panic!("{m:?}"),
     }
 }
 
-async fn auth_inventory(
-    addr: &str,
-    pass: &Passphrase,
-    agent: &(ferry_wire::AgentId, ferry_wire::Credential),
-    vm: &str,
-) -> (R, W) {
+async fn auth_inventory(addr: &str, pass: &Passphrase, agent: &Agent, vm: &str) -> (R, W) {
     auth_inventory_with(addr, pass, agent, vm, vec![inv("sda", "serial:TEST1")]).await
 }

@@ -5,7 +5,7 @@ use crate::WireError;
 /// First 4 bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FWIR";
 /// The wire version this Ferry speaks (the only one it reads).
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// The version of `Hello` and `HelloAck` frames (and of a `Refused` sent before a version is
 /// agreed): always 1, so that any Ferry can read them and say "upgrade".
 pub const HELLO_VERSION: u8 = 1;
@@ -213,10 +213,10 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(1, 1), None);
-        assert_eq!(negotiate(1, 9), Some(2));
-        assert_eq!(negotiate(2, 2), Some(2));
-        assert_eq!(negotiate(3, 9), None);
+        assert_eq!(negotiate(1, 2), None);
+        assert_eq!(negotiate(1, 9), Some(3));
+        assert_eq!(negotiate(3, 3), Some(3));
+        assert_eq!(negotiate(4, 9), None);
         assert_eq!(negotiate(3, 1), None);
         assert_eq!(negotiate(0, 0), None);
     }

@@ -27,6 +27,7 @@
 //! to the agent. This crate does no blocking I/O of its own beyond the streams it is handed and its
 //! two small state files.
 
+pub mod agentkey;
 mod async_stream;
 mod durable;
 pub use durable::write_private;
@@ -40,6 +41,7 @@ mod registry;
 mod stream;
 mod tls;
 
+pub use agentkey::{AgentKey, Binding};
 pub use async_stream::{AsyncFrameReader, AsyncFrameWriter};
 pub use error::{AuthError, PassphraseError, RegistryError, TlsError, WireError};
 pub use fields::check_name;
@@ -49,14 +51,14 @@ pub use frame::{
     MAX_PAYLOAD, WIRE_VERSION,
 };
 pub use message::{
-    check_id, refuse, HeldDisk, InvDisk, Message, Nonce, Proof, RunId, MAX_DISKS, MAX_DISK_SIZE,
-    MAX_NAME, MAX_TEXT, NO_RUN,
+    check_id, refuse, HeldDisk, InvDisk, Message, Nonce, Proof, PublicKey, RunId, Signature,
+    MAX_DISKS, MAX_DISK_SIZE, MAX_NAME, MAX_TEXT, NO_RUN,
 };
 pub use passphrase::{
     new_nonce, proof_key, prove, prove_with_key, verify, verify_with_key, Passphrase,
     PASSPHRASE_CHARS, PASSPHRASE_FILE,
 };
-pub use registry::{AgentId, AgentRecord, AgentRegistry, Credential};
+pub use registry::{AgentId, AgentRecord, AgentRegistry, Credential, Verified};
 pub use stream::{FrameReader, FrameWriter};
 pub use tls::{
     client_config, provider, server_name, Fingerprint, ServerIdentity, IDENTITY_FILE, SERVER_NAME,

@@ -9,11 +9,15 @@ use crate::fields::{
     Fields,
 };
 use crate::frame::{FrameHeader, MsgType, HEADER_LEN, HELLO_VERSION, MAX_DATA, MAX_PAYLOAD};
-use crate::registry::{AgentId, Credential};
+use crate::registry::AgentId;
 use crate::WireError;
 
 /// A 32-byte proof: `blake3::keyed_hash` of a nonce (see [`crate::prove`]).
 pub type Proof = [u8; 32];
+/// An agent's Ed25519 public key.
+pub type PublicKey = [u8; 32];
+/// An Ed25519 signature.
+pub type Signature = [u8; 64];
 /// A 32-byte server nonce, fresh for every connection.
 pub type Nonce = [u8; 32];
 /// A run id: one per run of records that ends in a tag (a point).
@@ -94,17 +98,25 @@ pub enum Message {
         version: u8,
         nonce: Nonce,
     },
+    /// The passphrase (or token) proof, and the Ed25519 public key the agent made for itself
+    /// (its private key never leaves the agent).
     Register {
         proof: Proof,
         hostname: String,
+        public_key: PublicKey,
     },
     Registered {
         agent_id: AgentId,
-        credential: Credential,
     },
+    /// The agent's signature over the server's nonce and this TLS session
+    /// ([`crate::agentkey`]); `public_key` is the agent's key (the registered one, or, once, the
+    /// key an agent registered before keys existed moves to, then with `legacy` its old
+    /// credential's proof over the nonce; all zeros otherwise).
     Auth {
         agent_id: AgentId,
-        proof: Proof,
+        public_key: PublicKey,
+        signature: Signature,
+        legacy: Proof,
     },
     Welcome {
         credits: u64,
@@ -272,20 +284,28 @@ impl Message {
                 out.put_u8(*version);
                 out.put_bytes(nonce);
             }
-            Message::Register { proof, hostname } => {
+            Message::Register {
+                proof,
+                hostname,
+                public_key,
+            } => {
                 out.put_bytes(proof);
                 put_name(out, ty, "hostname", hostname)?;
+                out.put_bytes(public_key);
             }
-            Message::Registered {
+            Message::Registered { agent_id } => {
+                out.put_bytes(&agent_id.0);
+            }
+            Message::Auth {
                 agent_id,
-                credential,
+                public_key,
+                signature,
+                legacy,
             } => {
                 out.put_bytes(&agent_id.0);
-                out.put_bytes(credential.expose());
-            }
-            Message::Auth { agent_id, proof } => {
-                out.put_bytes(&agent_id.0);
-                out.put_bytes(proof);
+                out.put_bytes(public_key);
+                out.put_bytes(signature);
+                out.put_bytes(legacy);
             }
             Message::Welcome { credits, resume } => {
                 out.put_u64(*credits);
@@ -426,14 +446,16 @@ impl Message {
             MsgType::Register => Message::Register {
                 proof: f.array()?,
                 hostname: f.name("hostname")?,
+                public_key: f.array()?,
             },
             MsgType::Registered => Message::Registered {
                 agent_id: AgentId(f.array()?),
-                credential: Credential::from_bytes(f.array()?),
             },
             MsgType::Auth => Message::Auth {
                 agent_id: AgentId(f.array()?),
-                proof: f.array()?,
+                public_key: f.array()?,
+                signature: f.array()?,
+                legacy: f.array()?,
             },
             MsgType::Welcome => Message::Welcome {
                 credits: f.u64()?,

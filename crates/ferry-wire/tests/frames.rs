@@ -4,8 +4,8 @@
 use std::io::Cursor;
 
 use ferry_wire::{
-    header_checksum, AgentId, Credential, DiskCut, FrameReader, FrameWriter, Message, MsgType,
-    PointKind, PointTag, WireError, HEADER_LEN, MAX_DATA, MAX_NAME, MAX_PAYLOAD,
+    header_checksum, AgentId, DiskCut, FrameReader, FrameWriter, Message, MsgType, PointKind,
+    PointTag, WireError, HEADER_LEN, MAX_DATA, MAX_NAME, MAX_PAYLOAD,
 };
 use proptest::prelude::*;
 
@@ -28,14 +28,16 @@ fn samples() -> Vec<Message> {
         Message::Register {
             proof: [1; 32],
             hostname: "web01.example".into(),
+            public_key: [5; 32],
         },
         Message::Registered {
             agent_id: AgentId([2; 16]),
-            credential: Credential::from_bytes([3; 32]),
         },
         Message::Auth {
             agent_id: AgentId([2; 16]),
-            proof: [4; 32],
+            public_key: [5; 32],
+            signature: [6; 64],
+            legacy: [4; 32],
         },
         Message::Welcome {
             credits: 64 << 20,
@@ -499,16 +501,33 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (any::<u8>(), any::<[u8; 32]>())
             .prop_map(|(version, nonce)| Message::HelloAck { version, nonce }),
-        (any::<[u8; 32]>(), name())
-            .prop_map(|(proof, hostname)| Message::Register { proof, hostname }),
-        (any::<[u8; 16]>(), any::<[u8; 32]>()).prop_map(|(a, c)| Message::Registered {
-            agent_id: AgentId(a),
-            credential: Credential::from_bytes(c)
+        (any::<[u8; 32]>(), name(), any::<[u8; 32]>()).prop_map(|(proof, hostname, public_key)| {
+            Message::Register {
+                proof,
+                hostname,
+                public_key,
+            }
         }),
-        (any::<[u8; 16]>(), any::<[u8; 32]>()).prop_map(|(a, proof)| Message::Auth {
-            agent_id: AgentId(a),
-            proof
+        any::<[u8; 16]>().prop_map(|a| Message::Registered {
+            agent_id: AgentId(a)
         }),
+        (
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(a, public_key, s, legacy)| {
+                let mut signature = [0u8; 64];
+                signature[..32].copy_from_slice(&s);
+                signature[32..].copy_from_slice(&legacy);
+                Message::Auth {
+                    agent_id: AgentId(a),
+                    public_key,
+                    signature,
+                    legacy,
+                }
+            }),
         (any::<u64>(), disks()).prop_map(|(credits, resume)| Message::Welcome { credits, resume }),
         (any::<u16>(), ".{0,100}").prop_map(|(code, message)| Message::Refused { code, message }),
         (name(), disks(), "[a-z0-9:._-]{1,40}").prop_map(|(vm, disks, id)| Message::Inventory {

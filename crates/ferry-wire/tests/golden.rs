@@ -1,5 +1,5 @@
 //! Golden vectors: fixed bytes for a few messages, laid out field by field as `docs/WIRE.md` says.
-//! Header checksums were checked independently (`b3sum`; Python's `blake3` for the version-2
+//! Header checksums were checked independently (`b3sum`; Python's `blake3` for the version-3
 //! frames): the first 4 bytes of blake3 of the header's first 12 bytes. A change here is a wire format change: it needs a new version.
 
 use ferry_wire::{
@@ -11,7 +11,7 @@ fn hex_of(parts: &[&str]) -> Vec<u8> {
 }
 
 fn check(m: Message, bytes: Vec<u8>) {
-    // Hello and HelloAck always travel in version-1 frames; everything else in version 2.
+    // Hello and HelloAck always travel in version-1 frames; everything else in version 3.
     let version = match m.ty() {
         MsgType::Hello | MsgType::HelloAck => HELLO_VERSION,
         _ => WIRE_VERSION,
@@ -38,11 +38,11 @@ fn ping() {
         },
         hex_of(&[
             "46574952", // magic "FWIR"
-            "02",       // version 2
+            "03",       // version 3
             "30",       // type 48 = Ping
             "0000",     // flags
             "08000000", // payload length 8
-            "e78a2141", // header checksum
+            "daf78417", // header checksum
             "0807060504030201",
         ]),
     );
@@ -54,11 +54,11 @@ fn ack() {
         Message::Ack { seq: 42 },
         hex_of(&[
             "46574952",
-            "02",
+            "03",
             "20",
             "0000",
             "08000000",
-            "d0105fba",         // header, type 32
+            "22541167",         // header, type 32
             "2a00000000000000", // seq 42
         ]),
     );
@@ -93,11 +93,11 @@ fn write() {
         Message::write(7, "sda", 65536, b"hello".to_vec()),
         hex_of(&[
             "46574952",
-            "02",
+            "03",
             "11",
             "0000",
             "3a000000",
-            "17fcaa4c",         // header, type 17, 58 bytes
+            "ff7032df",         // header, type 17, 58 bytes
             "0700000000000000", // seq 7
             "0300",
             "736461",           // disk "sda"
@@ -127,11 +127,11 @@ fn tag() {
         },
         hex_of(&[
             "46574952",
-            "02",
+            "03",
             "14",
             "0000",
             "50000000",
-            "aede1952",                         // header, type 20, 80 bytes
+            "2ade109b",                         // header, type 20, 80 bytes
             "0900000000000000",                 // seq 9
             "11111111111111111111111111111111", // run id
             "00ca9a3b00000000",                 // time_ns 1e9
@@ -141,6 +141,32 @@ fn tag() {
             "736461",           // "sda"
             "0000100000000000", // size 1 MiB
             "2222222222222222222222222222222222222222222222222222222222222222",
+        ]),
+    );
+}
+
+/// Wire version 3's `Auth`: agent id, public key, signature, legacy proof, fixed widths, in that
+/// order (header checksum from Python's `blake3`).
+#[test]
+fn auth() {
+    check(
+        Message::Auth {
+            agent_id: ferry_wire::AgentId([0x11; 16]),
+            public_key: [0x22; 32],
+            signature: [0x33; 64],
+            legacy: [0x44; 32],
+        },
+        hex_of(&[
+            "46574952",
+            "03",
+            "05", // type 5 = Auth
+            "0000",
+            "90000000", // payload length 144
+            "214be442",
+            &"11".repeat(16),
+            &"22".repeat(32),
+            &"33".repeat(64),
+            &"44".repeat(32),
         ]),
     );
 }

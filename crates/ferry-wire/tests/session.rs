@@ -1,14 +1,14 @@
 //! The whole protocol over real TLS on tokio, with a minimal process server written from the
 //! crate's pieces: hello and version negotiation, registration with the passphrase (right and
-//! wrong), authentication with the credential, records under credit with cumulative acks, and
-//! revocation.
+//! wrong), authentication with the agent's key bound to the TLS session (a signature relayed from
+//! another session is refused), records under credit with cumulative acks, and revocation.
 
 use std::sync::{Arc, Mutex};
 
 use ferry_wire::{
-    client_config, negotiate, new_nonce, refuse, server_name, AgentId, AgentRegistry,
-    AsyncFrameReader, AsyncFrameWriter, AuthError, Credential, Credits, DiskCut, Message,
-    Passphrase, PointKind, PointTag, ServerIdentity, MAX_FRAME,
+    client_config, negotiate, new_nonce, refuse, server_name, AgentId, AgentKey, AgentRegistry,
+    AsyncFrameReader, AsyncFrameWriter, AuthError, Binding, Credits, DiskCut, Message, Passphrase,
+    PointKind, PointTag, ServerIdentity, MAX_FRAME,
 };
 use tokio::io::{split, AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,7 +29,7 @@ async fn refuse<S: AsyncWrite>(w: &mut Writer<S>, code: u16, message: String) {
 
 /// One agent connection, as the process server would run it (cache and fdatasync elided: records
 /// are acked as each Tag arrives).
-async fn serve<S: AsyncRead + AsyncWrite>(srv: Arc<Server>, stream: S) {
+async fn serve<S: AsyncRead + AsyncWrite>(srv: Arc<Server>, stream: S, binding: Binding) {
     let (rd, wr) = split(stream);
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     let Ok(Some(Message::Hello {
@@ -41,7 +41,7 @@ async fn serve<S: AsyncRead + AsyncWrite>(srv: Arc<Server>, stream: S) {
         return;
     };
     let Some(version) = negotiate(min_version, max_version) else {
-        let why = format!("agent speaks {min_version}..={max_version}, this server 2");
+        let why = format!("agent speaks {min_version}..={max_version}, this server 3");
         return refuse(&mut w, refuse::VERSION, why).await;
     };
     let nonce = new_nonce().unwrap();
@@ -49,25 +49,41 @@ async fn serve<S: AsyncRead + AsyncWrite>(srv: Arc<Server>, stream: S) {
     w.flush().await.unwrap();
     assert!(r.set_version(version) && w.set_version(version));
     match r.read().await {
-        Ok(Some(Message::Register { proof, hostname })) => {
+        Ok(Some(Message::Register {
+            proof,
+            hostname,
+            public_key,
+        })) => {
             if !srv.passphrase.verify(&nonce, &proof) {
                 let why = "wrong passphrase".to_string();
                 return refuse(&mut w, refuse::BAD_PASSPHRASE, why).await;
             }
-            let (agent_id, credential) = srv.registry.lock().unwrap().register(&hostname).unwrap();
-            let m = Message::Registered {
-                agent_id,
-                credential,
-            };
+            let agent_id = srv
+                .registry
+                .lock()
+                .unwrap()
+                .register(&hostname, public_key)
+                .unwrap();
+            let m = Message::Registered { agent_id };
             w.send(&m).await.unwrap();
             w.flush().await.unwrap();
         }
-        Ok(Some(Message::Auth { agent_id, proof })) => {
+        Ok(Some(Message::Auth {
+            agent_id,
+            public_key,
+            signature,
+            legacy,
+        })) => {
             let verdict = srv
                 .registry
                 .lock()
                 .unwrap()
-                .verify(&agent_id, &proof, &nonce)
+                .verify(
+                    &agent_id,
+                    (&public_key, &signature, &legacy),
+                    &nonce,
+                    &binding,
+                )
                 .map(|_| ());
             if let Err(e) = verdict {
                 let code = match e {
@@ -115,12 +131,15 @@ async fn connect(
 
 type Client = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Opens a connection and exchanges Hello/HelloAck; returns the streams and the nonce.
+/// Opens a connection and exchanges Hello/HelloAck; returns the streams, the nonce and the TLS
+/// session's binding.
 async fn hello(
     addr: std::net::SocketAddr,
     pass: &Passphrase,
-) -> (Reader<Client>, Writer<Client>, [u8; 32]) {
-    let (rd, wr) = split(connect(addr, pass).await);
+) -> (Reader<Client>, Writer<Client>, [u8; 32], Binding) {
+    let tls = connect(addr, pass).await;
+    let binding = ferry_wire::agentkey::tls_binding(tls.get_ref().1).unwrap();
+    let (rd, wr) = split(tls);
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     w.send(&Message::Hello {
         min_version: 1,
@@ -130,19 +149,25 @@ async fn hello(
     .await
     .unwrap();
     w.flush().await.unwrap();
-    let Some(Message::HelloAck { version: 2, nonce }) = r.read().await.unwrap() else {
+    let Some(Message::HelloAck { version: 3, nonce }) = r.read().await.unwrap() else {
         panic!("no HelloAck")
     };
-    assert!(r.set_version(2) && w.set_version(2));
-    (r, w, nonce)
+    assert!(r.set_version(3) && w.set_version(3));
+    (r, w, nonce, binding)
 }
 
-async fn register(addr: std::net::SocketAddr, pass: &Passphrase, secret: &[u8; 16]) -> Message {
-    let (mut r, mut w, nonce) = hello(addr, pass).await;
+async fn register(
+    addr: std::net::SocketAddr,
+    pass: &Passphrase,
+    secret: &[u8; 16],
+    key: &AgentKey,
+) -> Message {
+    let (mut r, mut w, nonce, _) = hello(addr, pass).await;
     let proof = ferry_wire::prove(secret, &nonce);
     w.send(&Message::Register {
         proof,
         hostname: "web01".into(),
+        public_key: key.public(),
     })
     .await
     .unwrap();
@@ -154,12 +179,18 @@ async fn auth(
     addr: std::net::SocketAddr,
     pass: &Passphrase,
     id: AgentId,
-    cred: &Credential,
+    key: &AgentKey,
+    relayed: bool,
 ) -> (Reader<Client>, Writer<Client>, Message) {
-    let (mut r, mut w, nonce) = hello(addr, pass).await;
+    let (mut r, mut w, nonce, binding) = hello(addr, pass).await;
+    // `relayed`: signed for another TLS session (what a server passing the agent's Auth on to
+    // this one would send).
+    let binding = if relayed { [0x42; 32] } else { binding };
     w.send(&Message::Auth {
         agent_id: id,
-        proof: cred.prove(&nonce),
+        public_key: key.public(),
+        signature: key.sign(&id, &nonce, &binding),
+        legacy: [0; 32],
     })
     .await
     .unwrap();
@@ -188,7 +219,8 @@ async fn register_authenticate_ship_and_revoke() {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(tcp).await {
-                    serve(srv, tls).await;
+                    let binding = ferry_wire::agentkey::tls_binding(tls.get_ref().1).unwrap();
+                    serve(srv, tls, binding).await;
                 }
             });
         }
@@ -199,23 +231,31 @@ async fn register_authenticate_ship_and_revoke() {
 
     // A wrong secret (same pin) is refused.
     let wrong = [0x55u8; 16];
-    match register(addr, &pass, &wrong).await {
+    let key = AgentKey::generate().unwrap();
+    match register(addr, &pass, &wrong, &key).await {
         Message::Refused { code, .. } => assert_eq!(code, refuse::BAD_PASSPHRASE),
         m => panic!("{m:?}"),
     }
 
     // The right one registers.
-    let Message::Registered {
-        agent_id,
-        credential,
-    } = register(addr, &pass, &pass.secret).await
-    else {
+    let Message::Registered { agent_id } = register(addr, &pass, &pass.secret, &key).await else {
         panic!("not registered")
     };
 
-    // A wrong credential is refused.
-    let forged = Credential::from_bytes([9; 32]);
-    let (_, _, m) = auth(addr, &pass, agent_id, &forged).await;
+    // Another key is refused, and so is the right key's signature made for another TLS session.
+    let forged = AgentKey::generate().unwrap();
+    let (_, _, m) = auth(addr, &pass, agent_id, &forged, false).await;
+    assert!(
+        matches!(
+            m,
+            Message::Refused {
+                code: refuse::BAD_CREDENTIAL,
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+    let (_, _, m) = auth(addr, &pass, agent_id, &key, true).await;
     assert!(
         matches!(
             m,
@@ -227,8 +267,8 @@ async fn register_authenticate_ship_and_revoke() {
         "{m:?}"
     );
 
-    // The credential authenticates; records flow under credit and are acked cumulatively.
-    let (mut r, mut w, m) = auth(addr, &pass, agent_id, &credential).await;
+    // The key authenticates; records flow under credit and are acked cumulatively.
+    let (mut r, mut w, m) = auth(addr, &pass, agent_id, &key, false).await;
     let Message::Welcome { credits, .. } = m else {
         panic!("{m:?}")
     };
@@ -275,14 +315,14 @@ async fn register_authenticate_ship_and_revoke() {
     );
     drop((r, w));
 
-    // Revoked: the same credential is refused from now on.
+    // Revoked: the same key is refused from now on.
     srv.registry
         .lock()
         .unwrap()
         .revoke(&agent_id)
         .unwrap()
         .unwrap();
-    let (_, _, m) = auth(addr, &pass, agent_id, &credential).await;
+    let (_, _, m) = auth(addr, &pass, agent_id, &key, false).await;
     match m {
         Message::Refused { code, message } => {
             assert_eq!(code, refuse::UNKNOWN_AGENT);

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context};
 use blake3::hazmat::ChainingValue;
 use ferry_benches::{disk_hash, SplitMix64, CHUNK};
 use ferry_wire::{
-    client_config, server_name, AgentId, AsyncFrameReader, AsyncFrameWriter, Credential, Credits,
+    client_config, server_name, AgentId, AgentKey, AsyncFrameReader, AsyncFrameWriter, Credits,
     DiskCut, Message, Nonce, Passphrase, PointKind, PointTag, RunId, WIRE_VERSION,
 };
 use tokio::io::{split, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -58,7 +58,10 @@ pub(crate) struct Conn {
 }
 
 /// TCP + pinned TLS 1.3 + Hello/HelloAck: the framed halves and the connection's nonce.
-async fn hello(server: &str, pass: &Passphrase) -> anyhow::Result<(Reader, Writer, Nonce)> {
+async fn hello(
+    server: &str,
+    pass: &Passphrase,
+) -> anyhow::Result<(Reader, Writer, Nonce, ferry_wire::Binding)> {
     let tcp = tokio::time::timeout(Duration::from_secs(30), TcpStream::connect(server))
         .await
         .map_err(|_| anyhow!("connect to {server} timed out"))?
@@ -72,6 +75,7 @@ async fn hello(server: &str, pass: &Passphrase) -> anyhow::Result<(Reader, Write
     .await
     .map_err(|_| anyhow!("TLS handshake with {server} timed out"))?
     .context("TLS handshake")?;
+    let binding = ferry_wire::agentkey::tls_binding(tls.get_ref().1)?;
     let (rd, wr) = split(tls);
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     w.send(&Message::Hello {
@@ -85,7 +89,7 @@ async fn hello(server: &str, pass: &Passphrase) -> anyhow::Result<(Reader, Write
         Some(Message::HelloAck { version, nonce }) => {
             r.set_version(version);
             w.set_version(version);
-            Ok((r, w, nonce))
+            Ok((r, w, nonce, binding))
         }
         m => Err(unexpected(m)),
     }
@@ -101,24 +105,23 @@ fn unexpected(m: Option<Message>) -> anyhow::Error {
     }
 }
 
-/// Registers agent `i` with the passphrase: its id and credential.
+/// Registers agent `i` with the passphrase and a key of its own: its id and key.
 pub(crate) async fn register(
     a: &Args,
     pass: &Passphrase,
     i: usize,
-) -> anyhow::Result<(AgentId, Credential)> {
-    let (mut r, mut w, nonce) = hello(&a.server, pass).await?;
+) -> anyhow::Result<(AgentId, AgentKey)> {
+    let key = AgentKey::generate().map_err(|e| anyhow!(e))?;
+    let (mut r, mut w, nonce, _) = hello(&a.server, pass).await?;
     w.send(&Message::Register {
         proof: pass.prove(&nonce),
         hostname: a.vm_name(i),
+        public_key: key.public(),
     })
     .await?;
     w.flush().await?;
     match r.read().await? {
-        Some(Message::Registered {
-            agent_id,
-            credential,
-        }) => Ok((agent_id, credential)),
+        Some(Message::Registered { agent_id }) => Ok((agent_id, key)),
         m => Err(unexpected(m)),
     }
 }
@@ -129,12 +132,14 @@ pub(crate) async fn connect(
     pass: &Passphrase,
     i: usize,
     id: AgentId,
-    cred: &Credential,
+    key: &AgentKey,
 ) -> anyhow::Result<Conn> {
-    let (mut r, mut w, nonce) = hello(&a.server, pass).await?;
+    let (mut r, mut w, nonce, binding) = hello(&a.server, pass).await?;
     w.send(&Message::Auth {
         agent_id: id,
-        proof: cred.prove(&nonce),
+        public_key: key.public(),
+        signature: key.sign(&id, &nonce, &binding),
+        legacy: [0; 32],
     })
     .await?;
     w.flush().await?;

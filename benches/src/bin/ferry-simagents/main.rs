@@ -29,7 +29,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use ferry_benches::{disk_hash, CHUNK, DEFAULT_SEED};
-use ferry_wire::{AgentId, Credential, Passphrase};
+use ferry_wire::{AgentId, AgentKey, Passphrase};
 use tokio::sync::{watch, Barrier, Semaphore};
 
 #[derive(Parser, Debug)]
@@ -154,7 +154,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
 async fn register_all(
     a: &Arc<Args>,
     pass: &Passphrase,
-) -> anyhow::Result<Vec<(AgentId, Credential)>> {
+) -> anyhow::Result<Vec<(AgentId, AgentKey)>> {
     let gate = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
     let mut tasks = Vec::new();
     for i in 0..a.agents {
@@ -176,7 +176,7 @@ async fn register_all(
 async fn run_all(
     a: &Arc<Args>,
     pass: &Passphrase,
-    ids: Vec<(AgentId, Credential)>,
+    ids: Vec<(AgentId, AgentKey)>,
     zero_cvs: Arc<Vec<blake3::hazmat::ChainingValue>>,
 ) -> report::Outcome {
     let gate = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
