@@ -39,6 +39,18 @@ pub struct Quarantined {
     pub since: String,
 }
 
+/// A quarantine record, or why the bytes are not one (fuzzed: `server_state_json`).
+pub fn parse(bytes: &[u8]) -> Result<Quarantined, String> {
+    let q: Quarantined = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if q.format != QUARANTINE_FORMAT || q.version != 1 {
+        return Err(format!(
+            "format {:?} version {} is not this Ferry's",
+            q.format, q.version
+        ));
+    }
+    Ok(q)
+}
+
 /// The quarantine directory of a store.
 pub fn dir(store_root: &Path) -> PathBuf {
     store_root.join("quarantine")
@@ -69,7 +81,7 @@ pub fn list(store_root: &Path) -> std::io::Result<BTreeMap<String, Quarantined>>
         };
         let q = std::fs::read(e.path())
             .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Quarantined>(&b).map_err(|e| e.to_string()))
+            .and_then(|b| parse(&b))
             .unwrap_or_else(|err| Quarantined {
                 format: QUARANTINE_FORMAT.into(),
                 version: 1,

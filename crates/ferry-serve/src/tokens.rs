@@ -63,18 +63,22 @@ fn load(dir: &Path) -> Result<Vec<Token>, ControlError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(ControlError::Io { path: p, source }),
     };
-    let f: TokensFile = serde_json::from_slice(&bytes).map_err(|e| ControlError::Damaged {
-        path: p.clone(),
-        why: e.to_string(),
-    })?;
+    parse_tokens(&bytes).map_err(|why| ControlError::Damaged { path: p, why })
+}
+
+/// How many tokens `enroll-tokens.json` holds, or why the bytes are not that file (fuzzed:
+/// `server_state_json`).
+pub fn parse(bytes: &[u8]) -> Result<usize, String> {
+    parse_tokens(bytes).map(|t| t.len())
+}
+
+fn parse_tokens(bytes: &[u8]) -> Result<Vec<Token>, String> {
+    let f: TokensFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if f.format != FORMAT || f.version != VERSION {
-        return Err(ControlError::Damaged {
-            path: p,
-            why: format!(
-                "format {:?} version {} is not this Ferry's",
-                f.format, f.version
-            ),
-        });
+        return Err(format!(
+            "format {:?} version {} is not this Ferry's",
+            f.format, f.version
+        ));
     }
     Ok(f.tokens)
 }

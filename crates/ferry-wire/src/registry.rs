@@ -158,12 +158,17 @@ impl AgentRegistry {
         if let Some(mode) = loose_mode(&path).map_err(io("stat"))? {
             return Err(RegistryError::Permissions { path, mode });
         }
+        Self::parse(path, &bytes)
+    }
+
+    /// The registry in `bytes`, as if loaded from `path` (fuzzed: `server_state_json`).
+    pub fn parse(path: PathBuf, bytes: &[u8]) -> Result<Self, RegistryError> {
         let corrupt = |detail: String| RegistryError::Corrupt {
             path: path.clone(),
             detail,
         };
         let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
         if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
             return Err(corrupt(format!("\"format\" is not {FORMAT:?}")));
         }
