@@ -826,6 +826,30 @@ fn check_record(shared: &Shared, vm: &str, m: &Message) -> Result<(), Refusal> {
                     crate::held::resize_message(vm, d, was, *size),
                 ));
             }
+            continue;
+        }
+        // No point holds the disk yet, but a replica may exist (a run that never got its tag):
+        // its page count is what the applier will hold the run to.
+        let dir = shared.store_root.join("replicas").join(vm).join(d);
+        if dir.join("current.map").exists() {
+            let pages = tokio::task::block_in_place(|| {
+                ferry_store::Replica::open_readonly(&dir).map(|r| r.pages())
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, vm, disk = %d, "cannot read the replica");
+                refusal(
+                    refuse::INTERNAL,
+                    "cannot read the disk's replica; see the process server log",
+                )
+            })?;
+            if pages != ferry_store::replica::pages_for(*size) {
+                return Err(refusal(
+                    refuse::PROTOCOL,
+                    format!(
+                        "disk '{d}' of VM '{vm}' is {size} bytes, but its replica (from a run that never became a point) was made for another size; resizes are not followed yet — protect the machine under a new --vm name or the disk as a new disk"
+                    ),
+                ));
+            }
         }
     }
     Ok(())

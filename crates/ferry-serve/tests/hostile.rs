@@ -303,6 +303,19 @@ fn hostile_frames_are_refused_and_others_served() {
                 "{size}: {got:?}"
             );
         }
+        // A replica with no point (left by a run that never got its tag, or after a quarantine
+        // release) holds a run to its size before anything is acknowledged.
+        ferry_store::Replica::open_or_create(
+            &dir.path().join("store").join("replicas").join("pre01").join("sda"),
+            1 << 20,
+        )
+        .unwrap();
+        let (mut r, _w) = sized_run(&addr, &pass, &a, "pre01", 2 << 20, ("sda", 2 << 20), 3).await;
+        let got = read_past_credit(&mut r).await;
+        assert!(
+            matches!(&got, Some(Message::Refused { code: refuse::PROTOCOL, message }) if message.contains("its replica")),
+            "{got:?}"
+        );
         // The disk's last chunk may be shorter: accepted (acknowledged).
         let (mut r, mut w) =
             sized_run(&addr, &pass, &a, "odd01", 65536 + 4096, ("sda", 65536 + 4096), 4).await;
