@@ -81,6 +81,7 @@ pub(crate) fn agents_list(
             "hostname": rec.hostname,
             "registered": rfc3339(rec.registered),
             "auth": rec.auth_kind(),
+            "only_vm": rec.only_vm,
             "vms": vms,
             "connected": connected,
             "address": address,
@@ -118,6 +119,9 @@ pub(crate) fn agents_list(
                 _ => "not connected".to_string(),
             }
         );
+        if let Some(vm) = a["only_vm"].as_str() {
+            println!("    enrolled with a token for VM {vm}: claims no other VM name");
+        }
         if a["auth"] == "legacy credential" {
             println!("    auth: legacy credential (registered before agent keys; moves to a key at its next connection)");
         }

@@ -749,6 +749,15 @@ fn operators_own_move_and_revoke_with_the_cli() {
         "the token's agent replicates web01",
     );
     latest_is(&env, &env.store(), "web01", "three", &d3);
+    // The token's agent replicates its VM only: another, unowned name is refused (code 9).
+    let o = agent_cmd_vm(&env, &addr, &d3, "agent3", "other01")
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("enrolled with a token"),
+        "a token's agent claimed another VM: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = run_agent(&env, &addr, &d2, "agent2");
     assert!(
         !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("code 9"),

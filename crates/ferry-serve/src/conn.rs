@@ -230,7 +230,7 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                     }
                 };
                 let mut fresh = shared.control.registry()?;
-                let id = fresh.register(&hostname, public_key)?;
+                let id = fresh.register_with(&hostname, public_key, vm.as_deref())?;
                 if let Some(vm) = &vm {
                     shared.control.give_vm_locked(vm, &id.to_string())?;
                 }
@@ -548,6 +548,12 @@ impl VmOwner<'_> {
                 return Err(refusal(
                     refuse::PROTOCOL,
                     format!("this agent already replicates {} VMs, the most one agent may; the operator can move VMs away (ferry vms move)", crate::control::MAX_VMS_PER_AGENT),
+                ))
+            }
+            Ok(crate::control::Claim::Restricted) => {
+                return Err(refusal(
+                    refuse::NOT_OWNER,
+                    format!("this agent was enrolled with a token for one VM and may replicate only that one; have the operator move VM '{vm}' to it (ferry vms move {vm} --to {}) or enroll this machine with the passphrase", self.agent),
                 ))
             }
             Ok(crate::control::Claim::Owned) => {}

@@ -123,6 +123,8 @@ pub enum Claim {
     Revoked,
     /// The agent owns [`MAX_VMS_PER_AGENT`] VMs already.
     TooMany,
+    /// The agent was enrolled with a token for another VM: it may claim no other name.
+    Restricted,
 }
 
 impl Control {
@@ -215,18 +217,16 @@ impl Control {
     /// longer in the registry on disk (revoked a moment ago) claims nothing.
     pub fn claim(&self, vm: &str, agent: &str) -> Result<Claim, ControlError> {
         let _l = self.lock()?;
-        if !self
-            .registry()?
-            .agents()
-            .any(|(id, _)| id.to_string() == agent)
-        {
+        let reg = self.registry()?;
+        let Some((_, rec)) = reg.agents().find(|(id, _)| id.to_string() == agent) else {
             return Ok(Claim::Revoked);
-        }
+        };
         let mut vms = self.owners()?;
         let me = agent.to_string();
         match vms.get(vm) {
             Some(o) if o.agent == me => Ok(Claim::Owned),
             Some(_) => Ok(Claim::NotOwner),
+            None if rec.only_vm.as_deref().is_some_and(|only| only != vm) => Ok(Claim::Restricted),
             None if vms.values().filter(|o| o.agent == me).count() >= MAX_VMS_PER_AGENT => {
                 Ok(Claim::TooMany)
             }

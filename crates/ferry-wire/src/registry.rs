@@ -86,6 +86,9 @@ pub struct AgentRecord {
     /// authenticated since.
     pub key: Option<PublicKey>,
     verifier: Option<[u8; 32]>,
+    /// Enrolled with a one-time token for this VM: the agent may claim no other VM name (the
+    /// operator can still move VMs to it).
+    pub only_vm: Option<String>,
 }
 
 impl AgentRecord {
@@ -119,6 +122,8 @@ struct FileAgent {
     public_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     verifier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    only_vm: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -205,6 +210,7 @@ impl AgentRegistry {
                 key,
                 // With a key, a leftover verifier is never used.
                 verifier: if key.is_some() { None } else { verifier },
+                only_vm: a.only_vm,
             };
             if agents.insert(id, record).is_some() {
                 return Err(corrupt(format!("agent {id} is listed twice")));
@@ -220,6 +226,17 @@ impl AgentRegistry {
     /// Registers a new agent for `hostname` with the agent's `key` and saves the registry. Call
     /// only after the agent proved the passphrase (or a token).
     pub fn register(&mut self, hostname: &str, key: PublicKey) -> Result<AgentId, RegistryError> {
+        self.register_with(hostname, key, None)
+    }
+
+    /// [`Self::register`] for an agent enrolled with a token for `only_vm` (see
+    /// [`AgentRecord::only_vm`]).
+    pub fn register_with(
+        &mut self,
+        hostname: &str,
+        key: PublicKey,
+        only_vm: Option<&str>,
+    ) -> Result<AgentId, RegistryError> {
         check_name("hostname", hostname).map_err(|detail| RegistryError::Hostname {
             hostname: hostname.to_string(),
             detail,
@@ -239,6 +256,7 @@ impl AgentRegistry {
                 registered,
                 key: Some(key),
                 verifier: None,
+                only_vm: only_vm.map(str::to_owned),
             },
         );
         if let Err(e) = self.save() {
@@ -268,6 +286,7 @@ impl AgentRegistry {
                 registered: 0,
                 key: None,
                 verifier: Some(proof_key(&cred)),
+                only_vm: None,
             },
         );
         self.save()?;
@@ -355,6 +374,7 @@ impl AgentRegistry {
                     registered: r.registered,
                     public_key: r.key.map(hex::encode),
                     verifier: r.verifier.map(hex::encode),
+                    only_vm: r.only_vm.clone(),
                 })
                 .collect(),
         };
