@@ -356,7 +356,6 @@ async fn session(
         id.save(&to.state_dir)?;
         tracing::info!("moved from the registration credential to a key: the identity file holds the key, the process server only its public half");
     }
-    *backoff = Duration::from_millis(100);
     w.send(&Message::Inventory {
         vm: to.vm.clone(),
         disks: to.disks.clone(),
@@ -369,6 +368,9 @@ async fn session(
         match r.read().await? {
             Some(Message::Holding { store, open, disks }) if disks.len() == to.disks.len() => {
                 out.holding(store, open, disks)?;
+                // Only a connection that got this far resets the backoff: one refused at its
+                // Inventory (a quarantined VM) keeps backing off, up to 5 s.
+                *backoff = Duration::from_millis(100);
                 break;
             }
             Some(Message::Holding { disks, .. }) => {

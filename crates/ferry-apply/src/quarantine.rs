@@ -118,8 +118,8 @@ pub struct Quarantines {
     vms: Mutex<BTreeMap<String, Quarantined>>,
     /// Newly quarantined VMs not yet taken by [`Self::take_new`].
     new: Mutex<Vec<Quarantined>>,
-    /// When this process quarantined each VM it quarantined.
-    added: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// How many VMs are quarantined: `contains` takes no lock while it is 0 (checked per record).
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Quarantines {
@@ -134,17 +134,19 @@ impl std::fmt::Debug for Quarantines {
 impl Quarantines {
     /// Reads the store's quarantine records.
     pub fn load(store_root: &Path) -> std::io::Result<Quarantines> {
+        let vms = list(store_root)?;
         Ok(Quarantines {
             root: store_root.to_owned(),
-            vms: Mutex::new(list(store_root)?),
+            count: std::sync::atomic::AtomicUsize::new(vms.len()),
+            vms: Mutex::new(vms),
             new: Mutex::new(Vec::new()),
-            added: Mutex::new(Default::default()),
         })
     }
 
     /// Whether `vm` is quarantined.
     pub fn contains(&self, vm: &str) -> bool {
-        self.vms.lock().expect("poisoned").contains_key(vm)
+        self.count.load(std::sync::atomic::Ordering::Acquire) != 0
+            && self.vms.lock().expect("poisoned").contains_key(vm)
     }
 
     /// The quarantined VMs.
@@ -177,21 +179,10 @@ impl Quarantines {
         ferry_durable::durable_write(&record_path(&self.root, vm), &bytes)?;
         tracing::error!(vm, reason, "VM quarantined: its replication stops, every other VM goes on; fix the cause, then `ferry vms release {vm}`");
         vms.insert(vm.to_owned(), q.clone());
+        self.count
+            .store(vms.len(), std::sync::atomic::Ordering::Release);
         self.new.lock().expect("poisoned").push(q);
-        self.added
-            .lock()
-            .expect("poisoned")
-            .insert(vm.to_owned(), std::time::Instant::now());
         Ok(())
-    }
-
-    /// Whether `vm` was quarantined at least `after` ago by this process, or before it started.
-    pub fn settled(&self, vm: &str, after: std::time::Duration) -> bool {
-        self.added
-            .lock()
-            .expect("poisoned")
-            .get(vm)
-            .is_none_or(|t| t.elapsed() >= after)
     }
 
     /// VMs quarantined since the last call.
@@ -222,7 +213,8 @@ impl Quarantines {
         }
         ferry_durable::fsync_dir(&dir(&self.root))?;
         vms.remove(vm);
-        self.added.lock().expect("poisoned").remove(vm);
+        self.count
+            .store(vms.len(), std::sync::atomic::Ordering::Release);
         tracing::info!(
             vm,
             "VM released from quarantine: it replicates again from its newest point"

@@ -59,6 +59,20 @@ pub fn expired_pinned(
         .collect()
 }
 
+/// Damage to stored data (not an I/O failure): what quarantines a VM.
+fn is_data(e: &ferry_store::StoreError) -> bool {
+    matches!(
+        e,
+        ferry_store::StoreError::Format { .. } | ferry_store::StoreError::WrongKey { .. }
+    )
+}
+
+/// Collects nothing this time: `vm`'s data cannot be read, so what it needs is not known.
+fn skip_gc(vm: &str, e: &ferry_store::StoreError) -> (u64, u64) {
+    tracing::warn!(vm, error = %e, "garbage collection skipped: the VM's data cannot be read (it is quarantined); no segment is removed until it is repaired or released");
+    (0, 0)
+}
+
 /// Applies retention to every VM of a local store, then collects garbage. Hold the store lock.
 pub fn prune(store: &LocalStore, retention: Duration) -> Result<Pruned, ApplyError> {
     prune_with(store, retention, &mut |_, _, _| Ok(true))
@@ -76,8 +90,15 @@ pub fn prune_with(
     let vms = ferry_store::list_vms_at(store.root())?;
     let pins = ferry_store::readers::live_pins(store.root())?;
     for vm in &vms {
-        let Some(mut m) = store.load_manifest(vm)? else {
-            continue;
+        // A VM whose manifest rotted (it is quarantined) keeps its points; the others go on.
+        let mut m = match store.load_manifest(vm) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) if is_data(&e) => {
+                tracing::warn!(vm, error = %e, "retention skips a VM whose manifest cannot be read");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         let gone = expired_pinned(&m, retention, now, pins.get(vm).copied());
         if gone.is_empty() {
@@ -129,12 +150,25 @@ pub fn collect_garbage(
             vms.push(v);
         }
     }
+    // Damaged data of one VM (it is quarantined) must neither stop retention for all nor let a
+    // segment go that something unread may need: an unreadable manifest or replica map means
+    // nothing is collected this time; an unreadable uncommitted segment is skipped (its run can
+    // only be voided); an unreadable candidate is kept.
     for vm in &vms {
-        let m = store.load_manifest(vm)?;
+        let m = match store.load_manifest(vm) {
+            Ok(m) => m,
+            Err(e) if is_data(&e) => return Ok(skip_gc(vm, &e)),
+            Err(e) => return Err(e.into()),
+        };
         for disk in crate::list_dirs(&root.join("journal").join(vm))? {
             let dir = store.replica_dir(vm, &disk);
             if dir.join("current.map").exists() {
-                Replica::open(&dir)?.live_digests(&mut live)?;
+                let r = Replica::open(&dir).and_then(|r| r.live_digests(&mut live));
+                match r {
+                    Ok(_) => {}
+                    Err(e) if is_data(&e) => return Ok(skip_gc(vm, &e)),
+                    Err(e) => return Err(e.into()),
+                }
             }
             let applied = m
                 .as_ref()
@@ -144,10 +178,18 @@ pub fn collect_garbage(
             for seq in store.list_segments(vm, &disk)? {
                 if seq >= applied {
                     // Not yet committed: everything it writes or references stays.
-                    for r in store.read_segment_index(vm, &disk, seq)?.records {
-                        if let Record::Write { digest, .. } = r {
-                            live.insert(digest);
+                    match store.read_segment_index(vm, &disk, seq) {
+                        Ok(idx) => {
+                            for r in idx.records {
+                                if let Record::Write { digest, .. } = r {
+                                    live.insert(digest);
+                                }
+                            }
                         }
+                        Err(e) if is_data(&e) => {
+                            tracing::warn!(vm, disk = %disk, seq, error = %e, "garbage collection cannot read an uncommitted segment; it stays")
+                        }
+                        Err(e) => return Err(e.into()),
                     }
                 } else {
                     candidates.push((vm.clone(), disk.clone(), seq));
@@ -159,7 +201,14 @@ pub fn collect_garbage(
     let (mut n, mut bytes) = (0, 0);
     for (vm, disk, seq) in candidates {
         let path = LocalStore::segment_path(&vm, &disk, seq);
-        let idx = store.read_segment_index(&vm, &disk, seq)?;
+        let idx = match store.read_segment_index(&vm, &disk, seq) {
+            Ok(idx) => idx,
+            Err(e) if is_data(&e) => {
+                tracing::warn!(vm, disk = %disk, seq, error = %e, "garbage collection cannot read a segment; it stays");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let own: Vec<_> = idx
             .records
             .iter()

@@ -396,8 +396,17 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
                                     })
                                     .await;
                                 let _ = w
-                                    .send(&Message::Write {
+                                    .send(&Message::Begin {
                                         seq: 1,
+                                        run: [7; 16],
+                                        time_ns: 1,
+                                        disks: vec![("sda".into(), 1 << 20)],
+                                        bases: vec![ferry_wire::NO_RUN],
+                                    })
+                                    .await;
+                                let _ = w
+                                    .send(&Message::Write {
+                                        seq: 2,
                                         disk: "sda".into(),
                                         offset: 512,
                                         digest: *blake3::hash(&[0xee; 4096]).as_bytes(),
@@ -409,10 +418,13 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
                                     match tokio::time::timeout(Duration::from_secs(5), r.read())
                                         .await
                                     {
-                                        Ok(Ok(Some(Message::Refused { .. }))) => {
+                                        Ok(Ok(Some(Message::Refused { message, .. })))
+                                            if message.contains("whole 64 KiB chunks") =>
+                                        {
                                             stats[3].fetch_add(1, Ordering::Relaxed);
                                             break;
                                         }
+                                        Ok(Ok(Some(Message::Refused { .. }))) => break,
                                         Ok(Ok(Some(_))) => continue,
                                         _ => break,
                                     }
@@ -457,8 +469,8 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
                     });
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                // 4. 3000 connections that never start TLS, from 100 addresses: the pre-auth
-                // cap in all (and per address) turns most away at once.
+                // 4. 3000 connections that never start TLS, from 75 addresses (40 each: over the
+                // per-address cap of 32): the pre-auth caps turn most away at once.
                 let mut tasks = tokio::task::JoinSet::new();
                 for i in 0..3000u32 {
                     // 3000 in about 1.5 s: faster, and the kernel's accept queue overflows,
@@ -468,7 +480,7 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
                     }
                     let stats = stats.clone();
                     tasks.spawn(async move {
-                        let Ok(mut s) = connect_from(ip(i % 100), to).await else {
+                        let Ok(mut s) = connect_from(ip(i % 75), to).await else {
                             return (false, false);
                         };
                         stats[0].fetch_add(1, Ordering::Relaxed);
@@ -542,18 +554,14 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
     );
     // Every flood connection was closed by the server (nothing lingers).
     assert_eq!(unclosed, 0, "flood connections the server did not close");
-    // The pre-auth cap held: most of the 3000 were turned away at once, and the server never
-    // held more than its cap (plus the rogue's authenticated connections).
+    // The pre-auth caps held: most of the 3000 were turned away at once.
     assert!(s[0] >= 2500, "the flood could not connect: {s:?}");
     assert!(
         s[1] >= s[0] - 600,
         "the pre-auth cap did not turn connections away: {s:?}"
     );
-    assert!(
-        peak_conns
-            <= ferry_serve::limits::MAX_PRE_AUTH + ferry_serve::limits::MAX_CONNS_PER_AGENT + 10,
-        "held {peak_conns} flood connections at once"
-    );
+    // (`peak_conns` is a figure, not a bound: it counts sockets the kernel established that the
+    // server has not accepted yet.)
     assert!(
         s[2] >= 40,
         "oversized pre-auth frames were not refused: {s:?}"

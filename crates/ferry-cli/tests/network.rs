@@ -947,7 +947,7 @@ fn status_json(env: &Env) -> serde_json::Value {
 #[test]
 fn an_agent_registered_with_a_credential_moves_to_a_key() {
     let env = Env::new();
-    let srv = Server::start(&env, "127.0.0.1:0");
+    // The legacy registration is on disk before the server starts (it reads it then).
     let control = ferry_serve::control::Control::new(&env.path("ps-state"));
     let (id, cred) = {
         let _l = control.lock().unwrap();
@@ -957,6 +957,7 @@ fn an_agent_registered_with_a_credential_moves_to_a_key() {
             .register_legacy("old01")
             .unwrap()
     };
+    let srv = Server::start(&env, "127.0.0.1:0");
     let pass = passphrase_file(&env, &env.path("ps-state"), "pass.txt");
     let fp = fs::read_to_string(&pass).unwrap();
     let fp: ferry_wire::Passphrase = fp.trim().parse().unwrap();
@@ -974,7 +975,6 @@ fn an_agent_registered_with_a_credential_moves_to_a_key() {
     .unwrap();
     let disk = env.path("disk.img");
     make_image(&disk, &mut Rng(5), 4 << 20);
-    std::thread::sleep(Duration::from_millis(600)); // the server reloads its registry
     ok(
         &run_agent(&env, &srv.addr, &disk, "agent"),
         "the legacy agent's run",

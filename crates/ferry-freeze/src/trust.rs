@@ -34,8 +34,31 @@ pub(crate) fn insecure(meta: &fs::Metadata) -> Option<String> {
     None
 }
 
-/// Why `dir` or a directory above it must not be trusted, if one must not: `(path, why)`.
+/// Why `dir` or a directory above it must not be trusted, if one must not: `(path, why)`. Both
+/// the path as given and the path it resolves to are walked: a symbolic link on the way is
+/// trusted only if root (or the agent's user) owns it and its directory (who may repoint a link
+/// is who may write its directory), so no one else can redirect the path.
 pub(crate) fn insecure_dirs(dir: &Path) -> Result<Option<(PathBuf, String)>, std::io::Error> {
+    let given = std::path::absolute(dir)?;
+    let mut p = given.as_path();
+    loop {
+        let m = fs::symlink_metadata(p)?;
+        let why = if m.file_type().is_symlink() {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            (m.uid() != 0 && m.uid() != me)
+                .then(|| format!("a symbolic link owned by uid {}, not root", m.uid()))
+        } else {
+            insecure(&m)
+        };
+        if let Some(why) = why {
+            return Ok(Some((p.to_path_buf(), why)));
+        }
+        match p.parent() {
+            Some(up) => p = up,
+            None => break,
+        }
+    }
     let real = fs::canonicalize(dir)?;
     let mut p = real.as_path();
     loop {
@@ -187,5 +210,19 @@ mod tests {
         // The sticky bit (as on /tmp) makes a world-writable directory safe to pass through.
         fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
         assert!(insecure_dirs(&inner).unwrap().is_none());
+        // A link to a trusted directory, in a directory others may write: they could repoint it.
+        let shared = d.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+        let link = shared.join("hooks");
+        std::os::unix::fs::symlink(&inner, &link).unwrap();
+        let (at, _) = insecure_dirs(&link).unwrap().expect("found");
+        assert_eq!(at, shared, "the link's own directory is checked");
+        // The same link in a private directory is fine.
+        let private = d.path().join("private");
+        fs::create_dir(&private).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&inner, private.join("hooks")).unwrap();
+        assert!(insecure_dirs(&private.join("hooks")).unwrap().is_none());
     }
 }

@@ -160,6 +160,8 @@ struct Dispatch<'s> {
     /// VMs whose records are skipped until the committer has quarantined them: VM → the flush
     /// position that carries the quarantine (`u64::MAX` until flushed).
     skipping: HashMap<String, u64>,
+    /// A record was skipped since the last flush (its position must still reach the committer).
+    skipped_unflushed: bool,
 }
 
 type Batch = Vec<((String, String), OpenSegment)>;
@@ -212,6 +214,7 @@ impl<'s> Pipeline<'s> {
                 stats: PipelineStats::default(),
                 quarantining: Vec::new(),
                 skipping: HashMap::new(),
+                skipped_unflushed: false,
             },
             workers,
             stats: PipelineStats::default(),
@@ -291,7 +294,10 @@ impl<'s> Pipeline<'s> {
                 for (vm, _) in &quarantining {
                     disp.skipping.insert(vm.clone(), through);
                 }
-                (batch.is_empty() && quarantining.is_empty())
+                // Records skipped for a quarantined VM are consumed too: an empty batch carries
+                // their position through the committer.
+                let skipped = std::mem::take(&mut disp.skipped_unflushed);
+                (batch.is_empty() && quarantining.is_empty() && !skipped)
                     || tx.send((batch, through, quarantining)).is_ok()
             };
             let dispatched = (|| -> Result<(), PipelineError> {
@@ -395,6 +401,7 @@ impl<'s> Dispatch<'s> {
             if q.contains(vm) || self.skipping.contains_key(vm) {
                 // Consumed unapplied: the release voids the VM's run and its agent sends again.
                 self.stats.skipped += 1;
+                self.skipped_unflushed = true;
                 return Ok(());
             }
             if let Err(PipelineError::BadRecord {
@@ -411,6 +418,7 @@ impl<'s> Dispatch<'s> {
                 self.skipping.insert(vm.clone(), u64::MAX);
                 self.quarantining.push((vm, reason));
                 self.stats.skipped += 1;
+                self.skipped_unflushed = true;
                 return Ok(());
             }
         }

@@ -113,12 +113,35 @@ fn a_bad_record_quarantines_its_vm_only_and_a_release_lets_it_go_on() {
         "the quarantined VM's records are consumed"
     );
 
+    // Its uncommitted journal rots on disk: retention (prune and garbage collection) still works
+    // for everyone else instead of failing on it.
+    let last = *store.list_segments("bad", "os").unwrap().last().unwrap();
+    let seg = store
+        .root()
+        .join(LocalStore::segment_path("bad", "os", last));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let n = bytes.len();
+    bytes[n - 8] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    let pruned = ferry_apply::retention::prune(&store, std::time::Duration::from_secs(1)).unwrap();
+    assert_eq!(pruned.points.len(), 1, "good's older point: {pruned:?}");
+    assert!(seg.exists(), "an unreadable segment is kept");
+
     // A restart: the record holds, nothing fails, nothing more of "bad" is applied.
     drop(cache);
     let (cache, _) = Cache::open(cfg.clone(), key.clone()).unwrap();
     let q = Arc::new(Quarantines::load(store.root()).unwrap());
     assert!(q.contains("bad"));
     assert!(drain(&store, &cache, &q).is_empty());
+    // Records of the quarantined VM last in the cache are consumed too (nothing else comes after
+    // them to carry the position: a release waits for exactly this).
+    append(&cache, &run_entries(&key, "bad", 5, 0));
+    assert!(drain(&store, &cache, &q).is_empty());
+    assert_eq!(
+        cache.backlog(),
+        0,
+        "skipped records at the tail are consumed"
+    );
 
     // The release: the applier voids the unapplied journal; then the VM replicates again.
     quarantine::request_release(store.root(), "bad").unwrap();

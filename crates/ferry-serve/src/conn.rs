@@ -131,7 +131,20 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         points: point_tx,
         ctl: ctl_tx,
     };
-    let result = read_loop(&mut owner, &mut r, &conn, &credits).await;
+    // The writer ends on its own when the agent stops reading (a write blocked for
+    // SEND_WITHIN) or its socket fails: then the reader stops too.
+    let mut writer = writer;
+    let mut writer_done = false;
+    let result = tokio::select! {
+        r = read_loop(&mut owner, &mut r, &conn, &credits) => r,
+        _ = &mut writer => {
+            writer_done = true;
+            Err(Refusal {
+                dropped: true,
+                ..refusal(refuse::PROTOCOL, "the agent does not read what the server sends")
+            })
+        }
+    };
     drop(owner);
     match result {
         Ok(()) => tracing::info!(%peer, agent = %agent, "agent disconnected"),
@@ -145,7 +158,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     }
     drop(refuse_tx);
     drop(conn);
-    let _ = writer.await;
+    if !writer_done
+        && tokio::time::timeout(SEND_WITHIN, &mut writer)
+            .await
+            .is_err()
+    {
+        writer.abort();
+    }
     shared.credit_holders.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -290,23 +309,34 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                 // An agent registered before keys: from now on the registry keeps only its key.
                 // Under the control lock, on the registry as on disk (a revocation made meanwhile
                 // is kept: then the agent is refused).
+                // Only once: if another Auth moved the agent meanwhile, this one must have used
+                // that key (two holders of the old credential cannot both move it).
                 let moved = tokio::task::block_in_place(
-                    || -> Result<bool, crate::control::ControlError> {
+                    || -> Result<Option<bool>, crate::control::ControlError> {
                         let _l = shared.control.lock()?;
                         let mut fresh = shared.control.registry()?;
-                        if !fresh.agents().any(|(id, _)| *id == agent_id) {
-                            return Ok(false);
+                        let Some((_, rec)) = fresh.agents().find(|(id, _)| **id == agent_id) else {
+                            return Ok(None);
+                        };
+                        if let Some(k) = rec.key {
+                            return Ok(Some(k == key));
                         }
                         fresh.move_to_key(&agent_id, key)?;
                         *shared.registry.lock().expect("registry lock") = fresh;
-                        Ok(true)
+                        Ok(Some(true))
                     },
                 );
                 match moved {
-                    Ok(true) => {
+                    Ok(Some(true)) => {
                         tracing::info!(agent = %agent_id, "agent moved from its credential to a key: the server keeps only its public key now")
                     }
-                    Ok(false) => {
+                    Ok(Some(false)) => {
+                        return Err(refusal(
+                            refuse::BAD_CREDENTIAL,
+                            format!("agent {agent_id} already moved to another key; register the agent again (ferry-agent register)"),
+                        ))
+                    }
+                    Ok(None) => {
                         return Err(refusal(
                             refuse::UNKNOWN_AGENT,
                             "this agent was revoked; register it again (ferry-agent register)",
@@ -713,6 +743,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let kill = (*cancel.borrow()).unwrap_or(Kill::Replaced);
                 return Err(kill.refusal(&vm));
             }
+            // Once a VM is quarantined nothing more of it reaches the committer: what a release
+            // waits for (a barrier through the committer) is then everything there is.
+            if shared.quarantine.contains(&vm) {
+                return Err(Kill::Quarantined.refusal(&vm));
+            }
             shared
                 .held
                 .record(&vm, &probe)
@@ -783,6 +818,29 @@ async fn read_loop<R: AsyncRead + Unpin>(
 }
 
 /// Waits until every record handed to the committer so far is durable.
+/// Blocks until everything handed to the committer before the call is durable (for threads off
+/// the runtime: the drain loop's releases). False if the committer is gone.
+pub(crate) fn commit_barrier_blocking(shared: &Shared) -> bool {
+    let (tx, rx) = watch::channel(Durable::default());
+    let barrier = Append {
+        conn: Arc::new(tx),
+        seq: 1,
+        cost: 0,
+        entries: Vec::new(),
+    };
+    if shared.commits.send(barrier).is_err() {
+        return false;
+    }
+    let t = std::time::Instant::now();
+    while rx.borrow().seq < 1 {
+        if rx.has_changed().is_err() || t.elapsed() > Duration::from_secs(60) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 async fn commit_barrier(shared: &Shared) -> Result<(), Refusal> {
     let (tx, mut rx) = watch::channel(Durable::default());
     let barrier = Append {
@@ -926,6 +984,15 @@ fn to_entries(key: &MasterKey, vm: String, m: &Message) -> Vec<CacheEntry> {
 
 /// Sends acks as records become durable, credit as acks free it (while the cache is under its
 /// high watermark), and a refusal if the reader hits one.
+/// How long one write to an agent may block (its socket buffer full because it does not read)
+/// before the connection is given up.
+const SEND_WITHIN: Duration = Duration::from_secs(30);
+
+/// Whether a write finished, and without error, within [`SEND_WITHIN`].
+async fn within<T, E>(f: impl std::future::Future<Output = Result<T, E>>) -> bool {
+    matches!(tokio::time::timeout(SEND_WITHIN, f).await, Ok(Ok(_)))
+}
+
 async fn write_loop<S: AsyncWrite>(
     shared: Arc<Shared>,
     mut w: Writer<S>,
@@ -962,15 +1029,15 @@ async fn write_loop<S: AsyncWrite>(
                 // Keeps a quiet agent's connection alive (its Pong is a frame: see IDLE_TIMEOUT)
                 // and finds a dead one.
                 pings += 1;
-                if w.send(&Message::Ping { token: pings }).await.is_err() || w.flush().await.is_err() {
+                if !within(w.send(&Message::Ping { token: pings })).await || !within(w.flush()).await {
                     return;
                 }
             }
             r = refusals.recv() => {
                 if let Some(why) = r {
-                    send_refusal(&mut w, &why).await;
+                    let _ = tokio::time::timeout(SEND_WITHIN, send_refusal(&mut w, &why)).await;
                 }
-                let _ = w.flush().await;
+                let _ = within(w.flush()).await;
                 return;
             }
             c = durable.changed() => {
@@ -978,19 +1045,19 @@ async fn write_loop<S: AsyncWrite>(
                     // The connection's reader is gone; finish with what is durable.
                     let d = *durable.borrow();
                     if d.seq > acked.seq {
-                        let _ = w.send(&Message::Ack { seq: d.seq }).await;
-                        let _ = w.flush().await;
+                        let _ = within(w.send(&Message::Ack { seq: d.seq })).await;
+                        let _ = within(w.flush()).await;
                         note(d.seq);
                     }
                     // Wait for a possible refusal, then close.
                     if let Some(why) = refusals.recv().await {
-                        send_refusal(&mut w, &why).await;
+                        let _ = tokio::time::timeout(SEND_WITHIN, send_refusal(&mut w, &why)).await;
                     }
-                    let _ = w.flush().await;
+                    let _ = within(w.flush()).await;
                     return;
                 }
                 let d = *durable.borrow_and_update();
-                if d.seq > acked.seq && w.send(&Message::Ack { seq: d.seq }).await.is_err() {
+                if d.seq > acked.seq && !within(w.send(&Message::Ack { seq: d.seq })).await {
                     return;
                 }
                 if d.seq > acked.seq {
@@ -999,12 +1066,12 @@ async fn write_loop<S: AsyncWrite>(
                 acked = d;
             }
             Some((run, id)) = points.recv() => {
-                if w.send(&Message::Point { run, id }).await.is_err() {
+                if !within(w.send(&Message::Point { run, id })).await {
                     return;
                 }
             }
             Some(m) = ctl.recv() => {
-                if w.send(&m).await.is_err() {
+                if !within(w.send(&m)).await {
                     return;
                 }
             }
@@ -1028,12 +1095,12 @@ async fn write_loop<S: AsyncWrite>(
         if held < share && !paused && !busy {
             let more = share - held;
             credits.lock().expect("credits lock").grant(more);
-            if w.send(&Message::Credit { bytes: more }).await.is_err() {
+            if !within(w.send(&Message::Credit { bytes: more })).await {
                 return;
             }
             granted += more;
         }
-        if w.flush().await.is_err() {
+        if !within(w.flush()).await {
             return;
         }
     }

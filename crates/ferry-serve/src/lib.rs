@@ -337,6 +337,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             board: &board,
             held: &held,
             quarantine: &quarantine,
+            shared: Arc::downgrade(&shared),
         };
         let pipe = s.spawn(move || drain.run(stop));
         let group = commit::GroupCommit {
@@ -440,11 +441,9 @@ struct Drain<'a> {
     board: &'a board::Board,
     held: &'a held::Held,
     quarantine: &'a Quarantines,
+    /// For the committer barrier of a release (weak: the committer ends when `Shared` goes).
+    shared: std::sync::Weak<Shared>,
 }
-
-/// Quarantined VMs are released no sooner than this after they were quarantined: every record a
-/// connection of the VM handed over before it was closed is in the cache by then.
-const RELEASE_SETTLE: Duration = Duration::from_secs(2);
 
 impl<'a> Drain<'a> {
     /// A pipeline that finishes whatever the journal holds past each disk's applied position.
@@ -472,18 +471,24 @@ impl<'a> Drain<'a> {
 
     /// Releases the quarantined VMs whose release the operator asked for, once the cache holds no
     /// record of theirs: the applier voids the VM's uncommitted journal, what the server holds of
-    /// it is read again from the store, and only then is the VM accepted again. `releasing`: VM →
-    /// the cache's durable position when the release was first seen. A failure is logged and tried
-    /// again: a release must not stop the server.
-    fn releases(&self, p: &mut Pipeline<'_>, releasing: &mut HashMap<String, u64>) {
+    /// it is read again from the store, and only then is the VM accepted again. No record of a
+    /// quarantined VM is handed to the committer any more (conn.rs checks under the VMs lock), so
+    /// a barrier through the committer, then the cache's durable position, bound everything of
+    /// the VM there is. `releasing`: VM → (that position, the last error logged). A failure is
+    /// logged once per distinct error and tried again: a release must not stop the server.
+    fn releases(&self, p: &mut Pipeline<'_>, releasing: &mut HashMap<String, (u64, String)>) {
         for vm in self.quarantine.releases_requested() {
-            if !self.quarantine.settled(&vm, RELEASE_SETTLE) {
-                continue;
+            if !releasing.contains_key(&vm) {
+                let Some(shared) = self.shared.upgrade() else {
+                    return; // stopping
+                };
+                if !conn::commit_barrier_blocking(&shared) {
+                    return;
+                }
+                releasing.insert(vm.clone(), (self.cache.durable_seq(), String::new()));
             }
-            let through = *releasing
-                .entry(vm.clone())
-                .or_insert_with(|| self.cache.durable_seq());
-            if self.cache.consumed_seq() < through {
+            let (through, last_error) = releasing.get_mut(&vm).expect("inserted");
+            if self.cache.consumed_seq() < *through {
                 continue;
             }
             let r = p
@@ -497,9 +502,11 @@ impl<'a> Drain<'a> {
                     releasing.remove(&vm);
                     self.board.quarantined(&vm, None);
                 }
-                Err(e) => {
-                    tracing::error!(vm, error = %e, "cannot release the VM from quarantine; trying again")
+                Err(e) if e != *last_error => {
+                    tracing::error!(vm, error = %e, "cannot release the VM from quarantine; trying again at each check (logged again only if the error changes)");
+                    *last_error = e;
                 }
+                Err(_) => {}
             }
         }
     }
@@ -551,6 +558,10 @@ impl<'a> Drain<'a> {
         let now = std::time::SystemTime::now();
         let pins = ferry_store::readers::live_pins(self.store.root())?;
         for vm in ferry_store::list_vms_at(self.store.root())? {
+            // A quarantined VM's manifest may be what rotted: it is skipped, not fatal.
+            if self.quarantine.contains(&vm) {
+                continue;
+            }
             if let Some(m) = self.store.load_manifest(&vm)? {
                 let pin = pins.get(&vm).copied();
                 if !ferry_apply::retention::expired_pinned(&m, retention, now, pin).is_empty() {

@@ -39,6 +39,21 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the server pings an authenticated connection.
 pub const PING_EVERY: Duration = Duration::from_secs(30);
 
+/// What one source is for the per-address cap: an IPv4 address, or an IPv6 address's /64 (one
+/// host usually holds a whole /64; an IPv4-mapped address counts as its IPv4 address).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// Counts connections against the limits; shared by the accept loop and the connections.
 #[derive(Default)]
 pub(crate) struct Gate {
@@ -96,6 +111,7 @@ pub(crate) enum Full {
 impl Gate {
     /// A pre-auth slot for a connection from `ip`, unless the limits are reached.
     pub fn pre_auth(self: &Arc<Self>, ip: IpAddr) -> Result<PreAuthSlot, Full> {
+        let ip = source_key(ip);
         let mut g = self.pre.lock().expect("gate lock");
         if g.0 >= MAX_PRE_AUTH {
             return Err(Full::All);
@@ -195,6 +211,20 @@ mod tests {
         );
         held.clear();
         assert_eq!(g.pre_auth_count(), 0);
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_slash_64() {
+        let g = Arc::new(Gate::default());
+        let _held: Vec<PreAuthSlot> = (0..MAX_PRE_AUTH_PER_ADDR as u16)
+            .map(|i| {
+                g.pre_auth(IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, i + 1]))
+                    .unwrap()
+            })
+            .collect();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(g.pre_auth(same_64).err(), Some(Full::Addr));
+        assert!(g.pre_auth("2001:db8:1:3::1".parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -404,7 +404,6 @@ fn hostile_frames_are_refused_and_others_served() {
             let mut reg = control.registry().unwrap();
             reg.register_legacy("old01").unwrap()
         };
-        tokio::time::sleep(Duration::from_millis(600)).await;
         let key = ferry_wire::AgentKey::generate().unwrap();
         let auth_with = |key: ferry_wire::AgentKey, legacy: bool, relay: bool| {
             let (addr, pass, cred) = (addr.clone(), pass.clone(), old_cred.clone());
@@ -423,7 +422,16 @@ fn hostile_frames_are_refused_and_others_served() {
                 r.read().await.unwrap()
             }
         };
-        let m = auth_with(key.clone(), true, true).await;
+        // The server reloads its registry within 250 ms; until then the id is unknown.
+        let t = std::time::Instant::now();
+        let m = loop {
+            let m = auth_with(key.clone(), true, true).await;
+            let unknown = matches!(&m, Some(Message::Refused { code: refuse::UNKNOWN_AGENT, .. }));
+            if !unknown || t.elapsed() > Duration::from_secs(10) {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(
             matches!(&m, Some(Message::Refused { code: refuse::BAD_CREDENTIAL, .. })),
             "relayed: {m:?}"
