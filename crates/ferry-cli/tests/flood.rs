@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{agent_bin, ferry, same_bytes, spawn_serve, write_random, Env, Proc, Rng};
+use common::{
+    agent_bin, ferry, same_bytes, spawn_serve, status_json, write_random, Env, Proc, Rng,
+};
 use ferry_testkit::loopdev::Loop;
 use ferry_testkit::sys::{missing, Need};
 use ferry_wire::{
@@ -38,16 +40,6 @@ fn ok(o: &Output, what: &str) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-fn status_json(env: &Env) -> serde_json::Value {
-    let o = ferry()
-        .args(["status", "--json", "--state-dir"])
-        .arg(env.path("ps-state"))
-        .output()
-        .unwrap();
-    ok(&o, "ferry status --json");
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// Resident and peak memory of a process, in KiB (VmRSS, VmHWM).
@@ -130,6 +122,29 @@ async fn hello(
     r.set_version(ferry_wire::WIRE_VERSION);
     w.set_version(ferry_wire::WIRE_VERSION);
     Some((r, w, nonce, binding))
+}
+
+/// Registers an agent called `hostname` from `ip` with a key of its own: its id and key.
+async fn register_as(
+    ip: IpAddr,
+    to: SocketAddr,
+    pass: &Passphrase,
+    hostname: &str,
+) -> (ferry_wire::AgentId, ferry_wire::AgentKey) {
+    let key = ferry_wire::AgentKey::generate().unwrap();
+    let (mut r, mut w, nonce, _) = hello(ip, to, pass).await.expect("hello");
+    w.send(&Message::Register {
+        proof: pass.prove(&nonce),
+        hostname: hostname.into(),
+        public_key: key.public(),
+    })
+    .await
+    .unwrap();
+    w.flush().await.unwrap();
+    match r.read().await.unwrap() {
+        Some(Message::Registered { agent_id }) => (agent_id, key),
+        m => panic!("{m:?}"),
+    }
 }
 
 /// Authenticates as `agent`; the Welcome or the refusal.
@@ -311,40 +326,18 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
 
     // A registered agent of the flood's own (its credential), then the flood.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let rogue = rt.block_on(async {
-        let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        let key = ferry_wire::AgentKey::generate().unwrap();
-        let (mut r, mut w, nonce, _) = hello(ip, to, &pass).await.expect("hello");
-        w.send(&Message::Register {
-            proof: pass.prove(&nonce),
-            hostname: "rogue".into(),
-            public_key: key.public(),
-        })
-        .await
-        .unwrap();
-        w.flush().await.unwrap();
-        match r.read().await.unwrap() {
-            Some(Message::Registered { agent_id }) => (agent_id, key),
-            m => panic!("{m:?}"),
-        }
-    });
-    let rogue2 = rt.block_on(async {
-        let ip: IpAddr = "127.0.0.3".parse().unwrap();
-        let key = ferry_wire::AgentKey::generate().unwrap();
-        let (mut r, mut w, nonce, _) = hello(ip, to, &pass).await.expect("hello");
-        w.send(&Message::Register {
-            proof: pass.prove(&nonce),
-            hostname: "rogue2".into(),
-            public_key: key.public(),
-        })
-        .await
-        .unwrap();
-        w.flush().await.unwrap();
-        match r.read().await.unwrap() {
-            Some(Message::Registered { agent_id }) => (agent_id, key),
-            m => panic!("{m:?}"),
-        }
-    });
+    let rogue = rt.block_on(register_as(
+        "127.0.0.2".parse().unwrap(),
+        to,
+        &pass,
+        "rogue",
+    ));
+    let rogue2 = rt.block_on(register_as(
+        "127.0.0.3".parse().unwrap(),
+        to,
+        &pass,
+        "rogue2",
+    ));
     let flooding = Arc::new(AtomicBool::new(true));
     let stats = Arc::new([
         AtomicU64::new(0), // 0: TCP connections opened

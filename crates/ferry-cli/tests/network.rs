@@ -14,7 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{
-    agent_bin, ferry, same_bytes, spawn_serve, write_random, write_zeros, Env, Proc, Rng,
+    agent_bin, ferry, same_bytes, spawn_serve, status_json, write_random, write_zeros, Env, Proc,
+    Rng,
 };
 
 /// A `ferry serve` process logging to `serve.log`, and the address it listens on.
@@ -224,11 +225,13 @@ fn strangers_are_refused_and_the_server_keeps_serving() {
     assert!(err.contains("wrong registration passphrase"), "{err}");
     assert!(!env.path("wrong-agent/agent.json").exists());
 
-    // A bogus credential, and an agent id never registered: refused, non-zero exit.
+    // Another key (a valid one, not the registered one), and an agent id never registered:
+    // refused, non-zero exit.
     let id: serde_json::Value =
         serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
+    let other_key = hex::encode(ferry_wire::AgentKey::generate().unwrap().pkcs8());
     for (field, value, expect) in [
-        ("credential", "ab".repeat(32), "bad credential"),
+        ("key", other_key, "bad credential"),
         ("agent_id", "cd".repeat(16), "unknown agent"),
     ] {
         let mut forged = id.clone();
@@ -928,16 +931,6 @@ fn a_vm_whose_journal_rots_is_quarantined_alone_and_released_by_the_operator() {
     latest_is(&env, &env.store(), "bad01", &disk_name("bad01"), &bad);
     assert!(!srv.proc.own_log().contains("quarantined"));
     srv.stop();
-}
-
-fn status_json(env: &Env) -> serde_json::Value {
-    let o = ferry()
-        .args(["status", "--json", "--state-dir"])
-        .arg(env.path("ps-state"))
-        .output()
-        .unwrap();
-    ok(&o, "ferry status --json");
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// Issue 8, agent credentials: an agent registered before keys (an identity file with a

@@ -166,3 +166,18 @@ pub fn spawn_serve(mut c: Command, listen: Option<&str>, log: &Path) -> (Proc, S
     );
     (p, addr)
 }
+
+/// `ferry status --json` of the process server whose state directory is `ps-state`.
+pub fn status_json(env: &Env) -> serde_json::Value {
+    let o = ferry()
+        .args(["status", "--json", "--state-dir"])
+        .arg(env.path("ps-state"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ferry status --json failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
