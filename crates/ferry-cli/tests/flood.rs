@@ -14,13 +14,13 @@ mod common;
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    agent_bin, ferry, same_bytes, spawn_serve, status_json, write_random, Env, Proc, Rng,
+    agent_bin, ferry, ok, same_bytes, spawn_serve, status_json, write_random, Env, Proc, Rng,
 };
 use ferry_testkit::loopdev::Loop;
 use ferry_testkit::sys::{missing, Need};
@@ -31,16 +31,6 @@ use ferry_wire::{
 use tokio::io::{split, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
-
-fn ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}): {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 /// Resident and peak memory of a process, in KiB (VmRSS, VmHWM).
 fn memory_kib(pid: u32) -> (u64, u64) {

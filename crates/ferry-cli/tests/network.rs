@@ -14,8 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{
-    agent_bin, ferry, same_bytes, spawn_serve, status_json, write_random, write_zeros, Env, Proc,
-    Rng,
+    agent_bin, ferry, ok, same_bytes, spawn_serve, status_json, write_random, write_zeros, Env,
+    Proc, Rng,
 };
 
 /// A `ferry serve` process logging to `serve.log`, and the address it listens on.
@@ -114,16 +114,6 @@ fn agent_cmd_vm(env: &Env, addr: &str, disk: &Path, state: &str, vm: &str) -> Co
 
 fn run_agent(env: &Env, addr: &str, disk: &Path, state: &str) -> Output {
     agent_cmd(env, addr, disk, state).output().unwrap()
-}
-
-fn ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}): {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn make_image(path: &Path, rng: &mut Rng, size: u64) {
