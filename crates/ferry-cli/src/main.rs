@@ -6,6 +6,7 @@ mod config;
 mod progress;
 mod server;
 mod status;
+mod throttle;
 mod units;
 
 use std::path::PathBuf;
@@ -119,6 +120,100 @@ enum Cmd {
     Vms {
         #[command(subcommand)]
         cmd: VmsCmd,
+    },
+    /// Bandwidth throttles of the process server, changed live.
+    ///
+    /// Two links: `ingest` (default) caps what `ferry serve` accepts from agents, for all agents
+    /// together and per VM; `upload` caps what leaves for Azure. Throttled agents are paced by
+    /// the server's credit: they send more slowly and keep their changes, so nothing is lost,
+    /// only the RPO grows. Under the global ingest throttle each VM gets a fair share
+    /// (`ferry throttle weight`), and what a VM does not use goes to the others.
+    ///
+    /// Rates: 50MiB/s, 400Mbit/s, 1.5GB/s, unlimited. Schedules are weekly, in the appliance's
+    /// local time zone (daylight saving follows the wall clock); the first rule that matches
+    /// wins, none matching means unlimited. Settings live in the server's state directory
+    /// (throttle.json): they work whether or not `ferry serve` runs, survive restarts, and a
+    /// running server applies a change within a second.
+    ///
+    /// Examples:
+    ///   ferry throttle set 50MiB/s                       # all agents together
+    ///   ferry throttle set 5MiB/s --vm web01             # one VM
+    ///   ferry throttle set 100Mbit/s --link upload       # the WAN link to Azure
+    ///   ferry throttle schedule 'mon-fri 08:00-18:00 50MiB/s; sat,sun * unlimited; * 400Mbit/s'
+    ///   ferry throttle weight 4 --vm db01
+    ///   ferry throttle show --json
+    #[command(verbatim_doc_comment)]
+    Throttle {
+        #[command(subcommand)]
+        cmd: ThrottleCmd,
+    },
+}
+
+/// Which link a throttle caps.
+#[derive(Clone, Copy, ValueEnum)]
+enum LinkArg {
+    /// What ferry serve accepts from agents (the LAN, the appliance's disk).
+    Ingest,
+    /// What leaves the appliance for Azure (the WAN).
+    Upload,
+}
+
+impl From<LinkArg> for ferry_serve::throttle::Link {
+    fn from(l: LinkArg) -> Self {
+        match l {
+            LinkArg::Ingest => ferry_serve::throttle::Link::Ingest,
+            LinkArg::Upload => ferry_serve::throttle::Link::Upload,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ThrottleCmd {
+    /// One rate all week (replaces a schedule). `unlimited` removes the throttle.
+    Set {
+        /// 50MiB/s, 400Mbit/s, 1.5GB/s or unlimited.
+        #[arg(value_parser = throttle::parse_rate_arg)]
+        rate: ferry_serve::throttle::Rate,
+        /// Throttle only this VM's ingest (default: all agents together).
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long, value_enum, default_value = "ingest")]
+        link: LinkArg,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
+    /// A weekly schedule: rules separated by ';', each `[DAYS] [HH:MM-HH:MM|*] RATE`; DAYS are
+    /// mon..sun, ranges (mon-fri), lists (sat,sun) or *; a window past midnight (22:00-06:00)
+    /// belongs to its start day; the first rule that matches local time wins, none: unlimited.
+    Schedule {
+        /// e.g. 'mon-fri 08:00-18:00 50MiB/s; sat,sun * unlimited; * 400Mbit/s'
+        #[arg(value_parser = throttle::parse_schedule_arg)]
+        spec: ferry_serve::throttle::Schedule,
+        /// Schedule only this VM's ingest (default: all agents together).
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long, value_enum, default_value = "ingest")]
+        link: LinkArg,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
+    /// A VM's weight in the share of the global ingest throttle (default 1; a VM with weight 4
+    /// gets four times the share of one with 1 when both want more than they get).
+    Weight {
+        /// 1 to 1000.
+        weight: u32,
+        #[arg(long)]
+        vm: String,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
+    /// What applies now, to whom, by which rule, and when it changes next.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: StateDirArg,
     },
 }
 
@@ -417,6 +512,24 @@ fn main() -> ExitCode {
         Cmd::Vms {
             cmd: VmsCmd::Release { vm, store, at },
         } => admin::vms_release(at.state_dir, at.config, &vm, store),
+        Cmd::Throttle {
+            cmd: ThrottleCmd::Set { rate, vm, link, at },
+        } => throttle::set(
+            at.state_dir,
+            at.config,
+            link.into(),
+            vm.as_deref(),
+            ferry_serve::throttle::Schedule::constant(rate),
+        ),
+        Cmd::Throttle {
+            cmd: ThrottleCmd::Schedule { spec, vm, link, at },
+        } => throttle::set(at.state_dir, at.config, link.into(), vm.as_deref(), spec),
+        Cmd::Throttle {
+            cmd: ThrottleCmd::Weight { weight, vm, at },
+        } => throttle::weight(at.state_dir, at.config, &vm, weight),
+        Cmd::Throttle {
+            cmd: ThrottleCmd::Show { json, at },
+        } => throttle::show(at.state_dir, at.config, json),
         Cmd::Replicate(a) => replicate(a),
         Cmd::Points {
             cmd: PointsCmd::List { store, vm, json },

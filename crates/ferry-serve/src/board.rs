@@ -286,6 +286,8 @@ impl Board {
                         since: ts(e.since),
                         state: state.into(),
                         quarantine: e.quarantine.clone(),
+                        throttled: false,
+                        ingest_limit_bytes_per_second: None,
                         backlog_bytes: e
                             .counters
                             .acked
@@ -352,6 +354,11 @@ impl AckTrack {
             disks: Vec::new(),
             pending: VecDeque::new(),
         }
+    }
+
+    /// The VM of the connection.
+    pub fn vm(&self) -> &str {
+        &self.vm
     }
 
     fn disk(&mut self, board: &Board, name: &str) -> usize {

@@ -361,10 +361,13 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                 ));
             };
             // The connection holds credit from now on: its share of the pool, none while the
-            // server is busy or the cache is above its high watermark (the writer grants it later).
+            // server is busy or the cache is above its high watermark, and none while a throttle
+            // applies (the VM is not known yet: the writer grants paced credit after the
+            // Inventory).
             shared.credit_holders.fetch_add(1, Ordering::Relaxed);
             let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT
-                || shared.cache.used_bytes() >= shared.high_watermark;
+                || shared.cache.used_bytes() >= shared.high_watermark
+                || shared.pacer.any();
             let grant = if busy { 0 } else { fair_share(shared) };
             if let Err(e) = w
                 .send(&Message::Welcome {
@@ -1023,6 +1026,8 @@ async fn write_loop<S: AsyncWrite>(
         crate::limits::PING_EVERY,
     );
     let mut pings = 0u64;
+    // The connection's VM, once its Inventory claimed it.
+    let mut vm: Option<String> = None;
     loop {
         tokio::select! {
             _ = ping.tick() => {
@@ -1091,14 +1096,41 @@ async fn write_loop<S: AsyncWrite>(
         }
         let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT;
         let held = granted.saturating_sub(acked.bytes);
-        let share = fair_share(&shared);
-        if held < share && !paused && !busy {
-            let more = share - held;
-            credits.lock().expect("credits lock").grant(more);
-            if !within(w.send(&Message::Credit { bytes: more })).await {
-                return;
+        let mut share = fair_share(&shared);
+        if vm.is_none() {
+            vm = track
+                .lock()
+                .expect("track lock")
+                .as_ref()
+                .map(|t| t.vm().to_owned());
+        }
+        // Throttled: at most a quarter second of the VM's rate outstanding, granted as its
+        // bucket fills ([`crate::pacer`]). Before the Inventory names the VM, nothing while any
+        // throttle applies.
+        let paced = match &vm {
+            Some(vm) if shared.pacer.limited(vm) => {
+                share = share.min(shared.pacer.window(vm));
+                Some(vm.as_str())
             }
-            granted += more;
+            Some(_) => None,
+            None if shared.pacer.any() => {
+                share = 0;
+                None
+            }
+            None => None,
+        };
+        if held < share && !paused && !busy {
+            let more = match paced {
+                Some(vm) => shared.pacer.take(vm, share - held),
+                None => share - held,
+            };
+            if more > 0 {
+                credits.lock().expect("credits lock").grant(more);
+                if !within(w.send(&Message::Credit { bytes: more })).await {
+                    return;
+                }
+                granted += more;
+            }
         }
         if !within(w.flush()).await {
             return;

@@ -31,7 +31,9 @@ mod conn;
 pub mod control;
 mod held;
 pub mod limits;
+pub mod pacer;
 pub mod status;
+pub mod throttle;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -147,6 +149,8 @@ pub(crate) struct Shared {
     pub quarantine: Arc<Quarantines>,
     /// Connection limits ([`limits`]).
     pub gate: Arc<limits::Gate>,
+    /// Ingest throttles ([`pacer`], set from [`throttle`]).
+    pub pacer: Arc<pacer::Pacer>,
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -292,6 +296,15 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     for (vm, q) in quarantine.all() {
         board.quarantined(&vm, Some(q.reason));
     }
+    let pacer = Arc::new(pacer::Pacer::default());
+    // The throttles in effect from the start (a bad file stops the start: the operator meant
+    // something by it).
+    let mut throttles = Throttling::new(
+        &o.state_dir,
+        pacer.clone(),
+        blobs.as_ref().map(|b| b.throttle().clone()),
+    )?;
+    throttles.apply();
     let (tx, rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
         registry: Mutex::new(registry),
@@ -312,6 +325,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         held: held.clone(),
         quarantine: quarantine.clone(),
         gate: Default::default(),
+        pacer: pacer.clone(),
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
 
@@ -355,10 +369,12 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             r
         });
         let (board, finished, status_path) = (&board, &finished, &status_path);
-        s.spawn(move || status_loop(board, cache, status_path, finished));
+        let pacer = &pacer;
+        s.spawn(move || status_loop(board, cache, pacer, status_path, finished));
         // Weak: the committer ends when the last sender of its channel (in `Shared`) is gone.
         let watched = Arc::downgrade(&shared);
         s.spawn(move || conn::watch_control(&watched, finished));
+        s.spawn(move || throttles.run(finished));
         rt.block_on(accept_loop(listener, acceptor, shared, stop));
         // Connections still open are dropped with the runtime; their unacked records are the
         // agents' to send again.
@@ -410,11 +426,133 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
 /// See [`listen`].
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// Applies `throttle.json` to the ingest pacer and the upload throttle: re-read when it changes,
+/// schedules evaluated against the local clock every [`throttle::EVALUATE_EVERY`].
+struct Throttling {
+    state_dir: PathBuf,
+    pacer: Arc<pacer::Pacer>,
+    upload: Option<Arc<ferry_azure::Throttle>>,
+    settings: throttle::Throttles,
+    stamp: Option<(u64, u64, i64, i64)>,
+    /// What was applied last, to log changes once.
+    applied: Option<Applied>,
+}
+
+/// Ingest rate, upload rate, and each VM's own rate and weight.
+type Applied = (Option<u64>, Option<u64>, Vec<(String, Option<u64>, u32)>);
+
+impl Throttling {
+    fn new(
+        state_dir: &Path,
+        pacer: Arc<pacer::Pacer>,
+        upload: Option<Arc<ferry_azure::Throttle>>,
+    ) -> Result<Self, ServeError> {
+        let stamp = throttle::stamp(state_dir);
+        let settings = throttle::load(state_dir).map_err(|e| ServeError::Io {
+            what: "cannot read the throttles".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(Throttling {
+            state_dir: state_dir.to_owned(),
+            pacer,
+            upload,
+            settings,
+            stamp,
+            applied: None,
+        })
+    }
+
+    /// Evaluates every schedule now and applies the rates.
+    fn apply(&mut self) {
+        let now = jiff::Zoned::now();
+        let rate = |s: Option<throttle::Schedule>| s.and_then(|s| s.at_time(&now).0.bytes());
+        let t = &self.settings;
+        let ingest = rate(t.schedule(throttle::Link::Ingest, None));
+        let upload = rate(t.schedule(throttle::Link::Upload, None));
+        let mut vms: HashMap<String, (Option<u64>, u32)> = HashMap::new();
+        for vm in t.ingest.vms.keys().chain(t.weights.keys()) {
+            vms.insert(
+                vm.clone(),
+                (
+                    rate(t.schedule(throttle::Link::Ingest, Some(vm))),
+                    t.weight(vm),
+                ),
+            );
+        }
+        self.pacer.set(ingest, &vms);
+        if let Some(u) = &self.upload {
+            u.set_rate(upload.map(|b| ferry_azure::RateLimit {
+                bytes_per_sec: b,
+                one_time_burst: 0,
+            }));
+        }
+        let mut list: Vec<(String, Option<u64>, u32)> =
+            vms.into_iter().map(|(vm, (r, w))| (vm, r, w)).collect();
+        list.sort();
+        let now_applied = (ingest, upload, list);
+        if self.applied.as_ref() != Some(&now_applied) {
+            let show = |r: Option<u64>| r.map_or("unlimited".to_string(), throttle::human_rate);
+            let vms: Vec<String> = now_applied
+                .2
+                .iter()
+                .map(|(vm, r, w)| format!("{vm}={} weight {w}", show(*r)))
+                .collect();
+            tracing::info!(
+                ingest = %show(now_applied.0),
+                upload = %show(now_applied.1),
+                vms = %vms.join(", "),
+                "throttles in effect"
+            );
+            self.applied = Some(now_applied);
+        }
+    }
+
+    fn run(&mut self, finished: &AtomicBool) {
+        let mut failing = false;
+        while !finished.load(Ordering::Relaxed) {
+            let stamp = throttle::stamp(&self.state_dir);
+            if stamp != self.stamp {
+                match throttle::load(&self.state_dir) {
+                    Ok(t) => {
+                        self.settings = t;
+                        self.stamp = stamp;
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        tracing::error!(error = %e, "cannot read the throttles; keeping the ones in effect");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            self.apply();
+            std::thread::sleep(throttle::EVALUATE_EVERY);
+        }
+    }
+}
+
 /// Rewrites the status file every [`status::WRITE_EVERY`] until `finished`.
-fn status_loop(board: &board::Board, cache: &Cache, path: &Path, finished: &AtomicBool) {
+fn status_loop(
+    board: &board::Board,
+    cache: &Cache,
+    pacer: &pacer::Pacer,
+    path: &Path,
+    finished: &AtomicBool,
+) {
     let mut failing = false;
     while !finished.load(Ordering::Relaxed) {
-        match status::write_status(path, &board.snapshot(true, cache.used_bytes())) {
+        let mut snap = board.snapshot(true, cache.used_bytes());
+        let paces = pacer.snapshot();
+        for v in &mut snap.vms {
+            if let Some(p) = paces.get(&v.vm) {
+                v.throttled = p.throttled;
+                v.ingest_limit_bytes_per_second = p.cap;
+                if p.throttled && v.state == "replicating" {
+                    v.state = "throttled".into();
+                }
+            }
+        }
+        match status::write_status(path, &snap) {
             Ok(()) => failing = false,
             Err(e) if !failing => {
                 // Once per failure streak: `ferry status` then reports the server as stopped.

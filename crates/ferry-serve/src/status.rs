@@ -67,6 +67,14 @@ pub struct VmStatus {
     pub quarantine: Option<String>,
     /// Acknowledged write bytes not yet in a recovery point (see the module docs).
     pub backlog_bytes: u64,
+    /// Held back by an ingest throttle within the last second (its agent sends slower than it
+    /// could; its RPO may grow).
+    #[serde(default)]
+    pub throttled: bool,
+    /// The VM's own ingest throttle in effect now, bytes/s (`null`: none; the global one may
+    /// still apply).
+    #[serde(default)]
+    pub ingest_limit_bytes_per_second: Option<u64>,
     pub last_point: Option<PointRef>,
     pub disks: Vec<DiskStatus>,
 }

@@ -1,0 +1,360 @@
+//! Ingest throttles against a real `ferry serve` and real agents on the wire protocol
+//! (`ferry-simagents`, built next to `ferry` by `cargo build --release --bins`): the rate the
+//! server accepts follows the setting, a change applies within a second, and a churning VM cannot
+//! starve a small one under the global throttle.
+//!
+//! The rate is read from the server's status file (each VM's bytes received, rewritten every
+//! second) with the test's own clock at each rewrite, over 30 s windows. Costs ~110 s.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{ferry, ok, spawn_serve, Env};
+
+const MIB: f64 = 1048576.0;
+
+fn simagents() -> PathBuf {
+    ferry_testkit::proc::sibling_bin(env!("CARGO_BIN_EXE_ferry"), "ferry-simagents")
+}
+
+fn state(env: &Env) -> PathBuf {
+    env.path("ps-state")
+}
+
+fn throttle(env: &Env, args: &[&str]) -> std::process::Output {
+    ferry()
+        .arg("throttle")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state(env))
+        .output()
+        .unwrap()
+}
+
+fn serve(env: &Env) -> (ferry_testkit::proc::Proc, String) {
+    let mut c = ferry();
+    c.args(["serve", "--cache-size", "8GiB", "--store"])
+        .arg(env.store())
+        .arg("--key-file")
+        .arg(env.key())
+        .arg("--cache-dir")
+        .arg(env.path("ps-cache"))
+        .arg("--state-dir")
+        .arg(state(env));
+    spawn_serve(c, Some("127.0.0.1:0"), &env.path("serve.log"))
+}
+
+fn passphrase(env: &Env) -> PathBuf {
+    let o = ferry()
+        .args(["passphrase", "show", "--state-dir"])
+        .arg(state(env))
+        .output()
+        .unwrap();
+    ok(&o, "passphrase show");
+    let p = env.path("pass.txt");
+    std::fs::write(&p, &o.stdout).unwrap();
+    p
+}
+
+/// One simulated agent protecting VM `PREFIX-000`, writing incompressible 64 KiB records for
+/// `seconds` (at `rate` bytes/s, 0 = as fast as credit allows).
+fn agent(addr: &str, pass: &Path, prefix: &str, seconds: u32, rate: u64, log: &Path) -> Child {
+    Command::new(simagents())
+        .args(["--server", addr, "--agents", "1", "--vm-prefix", prefix])
+        .arg("--passphrase-file")
+        .arg(pass)
+        .args(["--seconds", &seconds.to_string()])
+        .args(["--rate", &rate.to_string()])
+        .args(["--disk-size", &(256u64 << 20).to_string(), "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Each rewrite of the status file seen: when (test clock) and each VM's bytes received.
+type Samples = Arc<Mutex<Vec<(Instant, std::collections::HashMap<String, u64>)>>>;
+
+fn sample(status: PathBuf, stop: Arc<AtomicBool>) -> (Samples, std::thread::JoinHandle<()>) {
+    use std::os::unix::fs::MetadataExt;
+    let out: Samples = Default::default();
+    let o = out.clone();
+    let h = std::thread::spawn(move || {
+        let mut last = None;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+            // Every rewrite is a rename: a new inode.
+            let Ok(m) = std::fs::metadata(&status) else {
+                continue;
+            };
+            if last == Some(m.ino()) {
+                continue;
+            }
+            let at = Instant::now();
+            let Ok(b) = std::fs::read(&status) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else {
+                continue;
+            };
+            last = Some(m.ino());
+            let mut per = std::collections::HashMap::new();
+            for vm in v["vms"].as_array().into_iter().flatten() {
+                let bytes: u64 = vm["disks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| d["bytes_received"].as_u64().unwrap())
+                    .sum();
+                per.insert(vm["vm"].as_str().unwrap().to_owned(), bytes);
+            }
+            o.lock().unwrap().push((at, per));
+        }
+    });
+    (out, h)
+}
+
+/// The rate of `vm` (bytes/s) between the first samples at or after `from` and `to`.
+fn rate(s: &Samples, vm: &str, from: Instant, to: Instant) -> f64 {
+    // The file is rewritten every second: wait for the first rewrite after `to`.
+    let deadline = to + Duration::from_secs(10);
+    while !s.lock().unwrap().iter().any(|(t, _)| *t >= to) {
+        assert!(Instant::now() < deadline, "no status rewrite for 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = s.lock().unwrap();
+    let a = s
+        .iter()
+        .find(|(t, _)| *t >= from)
+        .expect("a sample after from");
+    let b = s.iter().find(|(t, _)| *t >= to).expect("a sample after to");
+    let (ba, bb) = (a.1.get(vm).copied().unwrap_or(0), b.1[vm]);
+    (bb - ba) as f64 / b.0.duration_since(a.0).as_secs_f64()
+}
+
+/// Waits until `vm` has received data; the time it was first seen doing so.
+fn started(s: &Samples, vm: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((t, _)) = s
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, m)| m.get(vm).is_some_and(|b| *b > 0))
+        {
+            return *t;
+        }
+        assert!(Instant::now() < deadline, "{vm} sent nothing in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
+
+fn within(got: f64, want: f64, tolerance: f64, what: &str) {
+    let ratio = got / want;
+    eprintln!(
+        "{what}: {:.2} MiB/s (setting {:.2} MiB/s, ratio {ratio:.3})",
+        got / MIB,
+        want / MIB
+    );
+    assert!(
+        (ratio - 1.0).abs() <= tolerance,
+        "{what}: {:.2} MiB/s is not within {:.0} % of {:.2} MiB/s",
+        got / MIB,
+        tolerance * 100.0,
+        want / MIB
+    );
+}
+
+#[test]
+fn the_ingest_rate_follows_the_throttle_and_a_change_applies_within_a_second() {
+    let env = Env::new();
+    std::fs::create_dir_all(state(&env)).unwrap();
+    // Set before the server starts: it must apply from the first byte.
+    ok(&throttle(&env, &["set", "20MiB/s"]), "throttle set");
+    let (mut srv, addr) = serve(&env);
+    let pass = passphrase(&env);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (samples, sampler) = sample(state(&env).join("status.json"), stop.clone());
+    let mut a = agent(&addr, &pass, "wire", 72, 0, &env.path("agent.log"));
+    let t0 = started(&samples, "wire-000") + Duration::from_secs(2);
+    sleep_until(t0 + Duration::from_secs(31));
+    within(
+        rate(&samples, "wire-000", t0, t0 + Duration::from_secs(30)),
+        20.0 * MIB,
+        0.05,
+        "30 s at 20MiB/s",
+    );
+    let show = throttle(&env, &["show", "--json"]);
+    ok(&show, "throttle show");
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(v["ingest"]["all"]["rate_bytes_per_second"], 20 << 20);
+    assert_eq!(v["server_running"], true);
+
+    ok(&throttle(&env, &["set", "50MiB/s"]), "throttle set");
+    let changed = Instant::now();
+    sleep_until(changed + Duration::from_secs(4) + Duration::from_millis(100));
+    // Had it taken effect only after 2 s, this would be near 40 MiB/s.
+    within(
+        rate(
+            &samples,
+            "wire-000",
+            changed + Duration::from_secs(1),
+            changed + Duration::from_secs(4),
+        ),
+        50.0 * MIB,
+        0.1,
+        "from 1 s after the change",
+    );
+    let t1 = changed + Duration::from_secs(2);
+    sleep_until(t1 + Duration::from_secs(31));
+    within(
+        rate(&samples, "wire-000", t1, t1 + Duration::from_secs(30)),
+        50.0 * MIB,
+        0.05,
+        "30 s at 50MiB/s",
+    );
+    assert!(a.wait().unwrap().success(), "the simulated agent failed");
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    srv.term();
+    let log = srv.log_text();
+    assert!(
+        log.contains("throttles in effect") && log.contains("ingest=50 MiB/s"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_churning_vm_cannot_starve_a_small_one_under_the_global_throttle() {
+    let env = Env::new();
+    std::fs::create_dir_all(state(&env)).unwrap();
+    let (mut srv, addr) = serve(&env);
+    let pass = passphrase(&env);
+    // Set while running.
+    ok(&throttle(&env, &["set", "40MiB/s"]), "throttle set");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (samples, sampler) = sample(state(&env).join("status.json"), stop.clone());
+    let small_rate = 5_000_000u64;
+    let mut churn = agent(&addr, &pass, "churn", 26, 0, &env.path("churn.log"));
+    let mut small = agent(
+        &addr,
+        &pass,
+        "small",
+        26,
+        small_rate,
+        &env.path("small.log"),
+    );
+    let t0 =
+        started(&samples, "small-000").max(started(&samples, "churn-000")) + Duration::from_secs(2);
+    sleep_until(t0 + Duration::from_secs(9));
+    let show = throttle(&env, &["show", "--json"]);
+    ok(&show, "throttle show");
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(
+        v["ingest"]["vms"]["churn-000"]["held_back_now"], true,
+        "{v:#}"
+    );
+    assert!(
+        v["ingest"]["vms"].get("small-000").is_none(),
+        "the small VM is not held back: {v:#}"
+    );
+    sleep_until(t0 + Duration::from_secs(21));
+    let (from, to) = (t0, t0 + Duration::from_secs(20));
+    let s = rate(&samples, "small-000", from, to);
+    let c = rate(&samples, "churn-000", from, to);
+    // The small VM gets all it sends; the churner the rest of the global rate.
+    within(
+        s,
+        small_rate as f64,
+        0.05,
+        "the small VM under a 40MiB/s global throttle",
+    );
+    within(s + c, 40.0 * MIB, 0.05, "both VMs together");
+    assert!(churn.wait().unwrap().success());
+    assert!(small.wait().unwrap().success());
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    srv.term();
+}
+
+#[test]
+fn throttle_commands_refuse_bad_input_and_explain() {
+    let env = Env::new();
+    let no_state = throttle(&env, &["set", "5MiB/s"]);
+    assert_eq!(no_state.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&no_state.stderr).contains("not a process server state directory")
+    );
+    std::fs::create_dir_all(state(&env)).unwrap();
+    for (args, want) in [
+        (&["set", "50Mb/s"][..], "bits or bytes"),
+        (&["set", "50"][..], "no unit"),
+        (
+            &["schedule", "mon-fri 8-18 5MiB/s"][..],
+            "not a time window",
+        ),
+        (&["set", "5MiB/s", "--vm", "bad/name"][..], "VM name"),
+        (
+            &["set", "5MiB/s", "--vm", "web01", "--link", "upload"][..],
+            "global",
+        ),
+        (&["weight", "0", "--vm", "web01"][..], "1 to 1000"),
+    ] {
+        let o = throttle(&env, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    // Nothing was written by the refusals.
+    assert!(!state(&env).join("throttle.json").exists());
+    ok(
+        &throttle(
+            &env,
+            &[
+                "schedule",
+                "mon-fri 08:00-18:00 50MiB/s; sat,sun * unlimited; * 400Mbit/s",
+            ],
+        ),
+        "schedule",
+    );
+    ok(
+        &throttle(&env, &["set", "5MiB/s", "--vm", "web01"]),
+        "set --vm",
+    );
+    ok(
+        &throttle(&env, &["set", "100Mbit/s", "--link", "upload"]),
+        "set upload",
+    );
+    ok(&throttle(&env, &["weight", "4", "--vm", "db01"]), "weight");
+    let o = throttle(&env, &["show", "--json"]);
+    ok(&o, "show");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["ingest"]["all"]["schedule"],
+        "mon-fri 08:00-18:00 50MiB/s; sat,sun * unlimited; * 400Mbit/s"
+    );
+    assert!(v["ingest"]["all"]["next_change"]["at"].is_string(), "{v:#}");
+    assert_eq!(
+        v["ingest"]["vms"]["web01"]["rate_bytes_per_second"],
+        5 << 20
+    );
+    assert_eq!(v["ingest"]["vms"]["db01"]["weight"], 4);
+    assert_eq!(v["upload"]["all"]["rate_bytes_per_second"], 12_500_000);
+    assert_eq!(v["server_running"], false);
+    // A damaged file is an error that says what to do, for the commands and for the server.
+    std::fs::write(state(&env).join("throttle.json"), b"{").unwrap();
+    let o = throttle(&env, &["show"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fix or remove it"));
+}
