@@ -24,6 +24,8 @@ pub struct AgentConfig {
     /// A duration, or "off" (app-consistent points only on demand).
     pub app_interval: Option<String>,
     pub freeze_bound: Option<String>,
+    /// Most bytes per second this agent sends (`20MiB/s`, `100Mbit/s`, `unlimited`).
+    pub max_rate: Option<String>,
     pub hooks_dir: Option<PathBuf>,
     pub hook_timeout: Option<String>,
     pub mysql: Option<MysqlConfig>,

@@ -81,6 +81,8 @@ pub struct AgentOptions {
     pub app_interval: Option<Duration>,
     /// Hard bound on a freeze (the watchdog thaws at this point, and the cut is abandoned).
     pub freeze_bound: Duration,
+    /// Most bytes per second sent to the server (`max_rate`); `None`: as fast as its credit allows.
+    pub max_rate: Option<u64>,
     pub hooks_dir: PathBuf,
     pub hook_timeout: Duration,
     pub mysql: Option<MysqlOptions>,
@@ -359,6 +361,7 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         server: o.server.clone(),
         state_dir: o.state_dir.clone(),
         vm: o.vm.clone(),
+        max_rate: o.max_rate,
         disks: sources
             .iter()
             .map(|s| InvDisk {
@@ -1541,6 +1544,7 @@ mod tests {
             tracker: TrackerChoice::Scan,
             crash_interval: Duration::from_secs(30),
             app_interval: None,
+            max_rate: None,
             freeze_bound: Duration::from_secs(2),
             hooks_dir: state.join("no-hooks"),
             hook_timeout: Duration::from_secs(1),

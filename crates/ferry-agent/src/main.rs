@@ -125,6 +125,10 @@ struct RunArgs {
     /// Longest a freeze may last; the watchdog thaws then and the cut is abandoned [default: 2s].
     #[arg(long)]
     freeze_bound: Option<String>,
+    /// Most this agent sends, for a guest on a thin uplink: 20MiB/s, 100Mbit/s or unlimited
+    /// [default: unlimited; the process server's throttles apply as well].
+    #[arg(long)]
+    max_rate: Option<String>,
     /// Pre-freeze / post-thaw hook executables [default: /etc/ferry/hooks.d].
     #[arg(long)]
     hooks_dir: Option<PathBuf>,
@@ -288,6 +292,12 @@ fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
             .or(cfg.crash_interval.as_deref())
             .unwrap_or("30s"),
     )?;
+    let max_rate = match a.max_rate.as_deref().or(cfg.max_rate.as_deref()) {
+        None => None,
+        Some(r) => ferry_wire::rate::parse_rate(r)
+            .map_err(|e| AgentError::Config(format!("max_rate: {e}")))?
+            .bytes(),
+    };
     let once = a.once;
     if crash_interval < Duration::from_secs(10) && !once {
         return Err(AgentError::Usage(format!(
@@ -357,6 +367,7 @@ fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
         crash_interval,
         app_interval,
         freeze_bound,
+        max_rate,
         hooks_dir: a
             .hooks_dir
             .or(cfg.hooks_dir)

@@ -24,6 +24,8 @@ pub struct ShipTo {
     /// Where the identity file is (rewritten once when an agent moves to a key).
     pub state_dir: std::path::PathBuf,
     pub vm: String,
+    /// Most bytes per second sent (`max_rate`), paced here; `None`: unlimited.
+    pub max_rate: Option<u64>,
     /// Suggested name, size and stable identity per disk, in the engine's disk order.
     pub disks: Vec<InvDisk>,
 }
@@ -414,6 +416,7 @@ async fn session(
     });
     let _abort = AbortOnDrop(reader);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut pace = to.max_rate.map(LocalPace::new);
     loop {
         // Events first: acks free the outbox, credit lets more go.
         while let Ok(ev) = ev_rx.try_recv() {
@@ -436,10 +439,15 @@ async fn session(
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
         }
-        if let Some(m) = out.pending.front_mut() {
+        // The local cap (`max_rate`): a record waits for its turn, credit or not.
+        let turn = pace.as_ref().and_then(|p| p.wait());
+        if let (Some(m), None) = (out.pending.front_mut(), turn) {
             set_seq(m, out.seq + 1);
             let cost = m.frame_len()? as u64;
             if credit.try_take(cost) {
+                if let Some(p) = pace.as_mut() {
+                    p.sent(cost);
+                }
                 out.seq += 1;
                 let m = out.pending.pop_front().expect("front exists");
                 if let Message::Write { data, .. } = &m {
@@ -471,7 +479,41 @@ async fn session(
             },
             // Notices `abandon` while idle.
             _ = tick.tick() => {}
+            // The local cap lets the next record go.
+            _ = tokio::time::sleep(turn.unwrap_or_default()), if turn.is_some() => {}
         }
+    }
+}
+
+/// The agent's own rate cap: records leave at most `rate` bytes/s, with at most
+/// [`LocalPace::BURST`] of saved-up time.
+struct LocalPace {
+    rate: f64,
+    /// When the next record may go.
+    next: std::time::Instant,
+}
+
+impl LocalPace {
+    const BURST: Duration = Duration::from_millis(100);
+
+    fn new(rate: u64) -> Self {
+        LocalPace {
+            rate: rate as f64,
+            next: std::time::Instant::now(),
+        }
+    }
+
+    /// How long until the next record may go; `None`: now.
+    fn wait(&self) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        (self.next > now).then(|| self.next - now)
+    }
+
+    /// A record of `bytes` went.
+    fn sent(&mut self, bytes: u64) {
+        let now = std::time::Instant::now();
+        let from = self.next.max(now.checked_sub(Self::BURST).unwrap_or(now));
+        self.next = from + Duration::from_secs_f64(bytes as f64 / self.rate);
     }
 }
 

@@ -358,3 +358,62 @@ fn throttle_commands_refuse_bad_input_and_explain() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("fix or remove it"));
 }
+
+#[test]
+fn an_agent_caps_itself_with_max_rate() {
+    let env = Env::new();
+    std::fs::create_dir_all(state(&env)).unwrap();
+    let (mut srv, addr) = serve(&env);
+    let pass = passphrase(&env);
+    let o = Command::new(common::agent_bin())
+        .args(["register", "--server", &addr, "--passphrase-file"])
+        .arg(&pass)
+        .arg("--state-dir")
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    ok(&o, "register");
+    // 128 MiB of incompressible data: an initial sync at 16 MiB/s takes 8 s.
+    let disk = env.path("disk.img");
+    std::fs::File::create(&disk).unwrap();
+    let mut rng = common::Rng(7);
+    common::write_random(&disk, &mut rng, 0, 128 << 20);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (samples, sampler) = sample(state(&env).join("status.json"), stop.clone());
+    let conf = env.path("agent.toml");
+    std::fs::write(&conf, "max_rate = \"16MiB/s\"\n").unwrap();
+    let mut agent = Command::new(common::agent_bin());
+    agent
+        .env("FERRY_LOG", "info")
+        .args([
+            "--server",
+            &addr,
+            "--vm",
+            "thin",
+            "--once",
+            "--tracker",
+            "scan",
+        ])
+        .arg("--config")
+        .arg(&conf)
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--state-dir")
+        .arg(env.path("agent"));
+    let t = Instant::now();
+    let o = agent.output().unwrap();
+    ok(&o, "agent --once");
+    let took = t.elapsed();
+    let t0 = started(&samples, "thin") + Duration::from_secs(1);
+    let r = rate(&samples, "thin", t0, t0 + Duration::from_secs(5));
+    within(r, 16.0 * MIB, 0.05, "an agent with max_rate = 16MiB/s");
+    assert!(took >= Duration::from_secs(7), "128 MiB in {took:?}");
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    srv.term();
+    // A bad max_rate is a configuration error that names the key.
+    std::fs::write(&conf, "max_rate = \"16Mb/s\"\n").unwrap();
+    let o = agent.output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("max_rate"));
+}

@@ -37,6 +37,7 @@ mod flow;
 mod frame;
 mod message;
 mod passphrase;
+pub mod rate;
 mod registry;
 mod stream;
 mod tls;
