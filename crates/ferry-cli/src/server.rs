@@ -76,6 +76,10 @@ pub(crate) struct ServeArgs {
     /// [default: 24h]
     #[arg(long, value_parser = units::parse_retention)]
     retention: Option<Duration>,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (e.g. 127.0.0.1:9464; docs/METRICS.md).
+    /// `off` serves none. [default: none]
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 fn server_state_dir(d: Option<PathBuf>) -> PathBuf {
@@ -97,6 +101,9 @@ fn serve_options(
         threads: file_threads,
         retention,
         log_json: _,
+        metrics_listen,
+        throttle_ingest,
+        throttle_upload,
     } = f;
     let store = match (a.store, store) {
         (Some(s), _) => s,
@@ -129,6 +136,11 @@ fn serve_options(
         },
         window: 32 << 20,
         retention: (!retention.is_zero()).then_some(retention),
+        metrics_listen: a
+            .metrics_listen
+            .or(metrics_listen)
+            .filter(|m| m != "off" && !m.is_empty()),
+        initial_throttles: (throttle_ingest, throttle_upload),
     })
 }
 

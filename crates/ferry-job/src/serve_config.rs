@@ -31,6 +31,12 @@ pub struct ServeFile {
     #[serde(default, deserialize_with = "retention")]
     pub retention: Option<Duration>,
     pub log_json: Option<bool>,
+    /// `IP:PORT` of the Prometheus endpoint; unset: none.
+    pub metrics_listen: Option<String>,
+    /// Initial ingest throttle schedule (used while the state directory has no throttle.json).
+    pub throttle_ingest: Option<String>,
+    /// Initial upload throttle schedule (idem).
+    pub throttle_upload: Option<String>,
 }
 
 /// Parses the text of a `ferry.toml` (unknown keys and tables are errors naming them).

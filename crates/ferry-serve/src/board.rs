@@ -288,6 +288,7 @@ impl Board {
                         quarantine: e.quarantine.clone(),
                         throttled: false,
                         ingest_limit_bytes_per_second: None,
+                        acked_bytes: e.counters.acked.load(Ordering::Relaxed),
                         backlog_bytes: e
                             .counters
                             .acked

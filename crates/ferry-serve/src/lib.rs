@@ -31,6 +31,7 @@ mod conn;
 pub mod control;
 mod held;
 pub mod limits;
+pub mod metrics;
 pub mod pacer;
 pub mod status;
 pub mod throttle;
@@ -117,6 +118,11 @@ pub struct ServeOptions {
     /// Points older than this are pruned (never a VM's newest), checked from the drain loop; None
     /// keeps everything.
     pub retention: Option<Duration>,
+    /// `IP:PORT` of the Prometheus endpoint (`/metrics`); `None`: none.
+    pub metrics_listen: Option<String>,
+    /// Throttle schedules to start with when the state directory has none yet (`throttle_ingest`,
+    /// `throttle_upload` of the config file); `ferry throttle` changes them from then on.
+    pub initial_throttles: (Option<String>, Option<String>),
 }
 
 /// State the connection tasks share.
@@ -267,6 +273,14 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             what: "cannot start the async runtime".into(),
             source,
         })?;
+    if let Some(m) = &o.metrics_listen {
+        let _in = rt.enter();
+        let bound = metrics::install(m).map_err(|e| ServeError::Io {
+            what: "metrics".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        tracing::info!(url = %format!("http://{bound}/metrics"), "serving Prometheus metrics");
+    }
     let listener = rt
         .block_on(listen(&o.listen))
         .map_err(|source| ServeError::Listen {
@@ -296,6 +310,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     for (vm, q) in quarantine.all() {
         board.quarantined(&vm, Some(q.reason));
     }
+    seed_throttles(&o.state_dir, &o.initial_throttles)?;
     let pacer = Arc::new(pacer::Pacer::default());
     // The throttles in effect from the start (a bad file stops the start: the operator meant
     // something by it).
@@ -426,6 +441,43 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
 /// See [`listen`].
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// Writes the config file's throttles as the first `throttle.json` (none there yet).
+fn seed_throttles(
+    state_dir: &Path,
+    (ingest, upload): &(Option<String>, Option<String>),
+) -> Result<(), ServeError> {
+    if (ingest.is_none() && upload.is_none()) || state_dir.join(throttle::THROTTLE_FILE).exists() {
+        return Ok(());
+    }
+    let bad = |e: String| ServeError::Io {
+        what: "config file throttles".into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    };
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let mut sched = Vec::new();
+    for (link, spec) in [
+        (throttle::Link::Ingest, ingest),
+        (throttle::Link::Upload, upload),
+    ] {
+        if let Some(spec) = spec {
+            let s = throttle::Schedule::parse(spec)
+                .map_err(|e| bad(format!("throttle_{link}: {e}")))?;
+            sched.push((link, s));
+        }
+    }
+    throttle::update(state_dir, |t| {
+        for (link, s) in &sched {
+            t.set(*link, None, s, now.clone());
+        }
+        Ok(())
+    })
+    .map_err(bad)?;
+    tracing::info!(
+        "throttles set from the config file (from now on `ferry throttle` changes them)"
+    );
+    Ok(())
+}
+
 /// Applies `throttle.json` to the ingest pacer and the upload throttle: re-read when it changes,
 /// schedules evaluated against the local clock every [`throttle::EVALUATE_EVERY`].
 struct Throttling {
@@ -490,6 +542,7 @@ impl Throttling {
             vms.into_iter().map(|(vm, (r, w))| (vm, r, w)).collect();
         list.sort();
         let now_applied = (ingest, upload, list);
+        metrics::throttles(now_applied.0, now_applied.1, &now_applied.2);
         if self.applied.as_ref() != Some(&now_applied) {
             let show = |r: Option<u64>| r.map_or("unlimited".to_string(), throttle::human_rate);
             let vms: Vec<String> = now_applied
@@ -552,6 +605,7 @@ fn status_loop(
                 }
             }
         }
+        metrics::publish(&snap, std::time::SystemTime::now());
         match status::write_status(path, &snap) {
             Ok(()) => failing = false,
             Err(e) if !failing => {
@@ -601,6 +655,7 @@ impl<'a> Drain<'a> {
     fn committed(&self, p: &mut Pipeline<'_>) {
         for c in p.take_committed() {
             self.board.point(&c.vm, &c.point);
+            metrics::point(&c.vm, &c.point.kind);
         }
         for q in self.quarantine.take_new() {
             self.board.quarantined(&q.vm, Some(q.reason));
@@ -657,9 +712,18 @@ impl<'a> Drain<'a> {
             let mut next_check = Instant::now();
             let mut next_release = Instant::now();
             let mut releasing = HashMap::new();
+            let mut counted = Default::default();
+            let mut next_metrics = Instant::now();
             loop {
                 p.drain(self.cache, &mut reader, true)?;
                 self.committed(&mut p);
+                if Instant::now() >= next_metrics {
+                    next_metrics = Instant::now() + Duration::from_secs(1);
+                    metrics::pipeline(&p.stats, &mut counted);
+                    if let Some(b) = &self.blobs {
+                        metrics::upload(&b.stats());
+                    }
+                }
                 if Instant::now() >= next_release {
                     next_release = Instant::now() + control::WATCH_EVERY;
                     self.releases(&mut p, &mut releasing);

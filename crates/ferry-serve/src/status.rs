@@ -67,6 +67,9 @@ pub struct VmStatus {
     pub quarantine: Option<String>,
     /// Acknowledged write bytes not yet in a recovery point (see the module docs).
     pub backlog_bytes: u64,
+    /// Write payload bytes acknowledged since the server started.
+    #[serde(default)]
+    pub acked_bytes: u64,
     /// Held back by an ingest throttle within the last second (its agent sends slower than it
     /// could; its RPO may grow).
     #[serde(default)]

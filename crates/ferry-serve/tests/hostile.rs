@@ -75,6 +75,8 @@ fn hostile_frames_are_refused_and_others_served() {
         },
         window: 8 << 20,
         retention: None,
+        metrics_listen: None,
+        initial_throttles: (None, None),
     };
     let pass = ferry_serve::passphrase(&o.state_dir).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
