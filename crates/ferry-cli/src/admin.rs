@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_job::JobError;
 use ferry_serve::control::{Control, ControlError};
+use ferry_serve::events::Event;
 use serde_json::json;
 
 use crate::server::{resolve_state_dir, ConfigArg};
@@ -15,6 +16,17 @@ fn err(e: ControlError) -> JobError {
     match e {
         ControlError::Usage(m) => JobError::Usage(m),
         other => JobError::Usage(other.to_string()),
+    }
+}
+
+/// Records what the operator did in the server's event log (`ferry events`); a failure to record
+/// is a warning, not a failure of the command.
+pub(crate) fn operator_event(dir: &Path, e: Event) {
+    if let Err(err) = ferry_serve::events::append(dir, &e) {
+        eprintln!(
+            "warning: cannot record the event in {}: {err}",
+            ferry_serve::events::path(dir).display()
+        );
     }
 }
 
@@ -135,7 +147,7 @@ pub(crate) fn agents_revoke(
     config: ConfigArg,
     id: &str,
 ) -> Result<(), JobError> {
-    let (_, c) = open_state(state_dir, &config)?;
+    let (dir, c) = open_state(state_dir, &config)?;
     if !c.revoke(id).map_err(err)? {
         return Err(JobError::Usage(format!(
             "no registered agent {id}; `ferry agents list` shows them"
@@ -148,6 +160,11 @@ pub(crate) fn agents_revoke(
         .filter(|(_, o)| o.agent == id)
         .map(|(vm, _)| vm)
         .collect();
+    operator_event(
+        &dir,
+        Event::new("agent", None, format!("operator revoked agent {id}"))
+            .with(json!({"agent": id, "revoked": true, "vms": vms})),
+    );
     println!(
         "revoked agent {id}: it can no longer connect, and a running ferry serve closes its connections within a second."
     );
@@ -250,6 +267,14 @@ pub(crate) fn vms_release(
             ))
         }
     })?;
+    operator_event(
+        &dir,
+        Event::new(
+            "quarantine",
+            Some(vm),
+            "operator asked for the release from quarantine",
+        ),
+    );
     println!("release of VM {vm} requested: the process server releases it once its cache holds nothing more of the VM (within seconds; at its next start if it is not running). `ferry status` shows it replicating again; its agent resyncs what its newest point does not hold.");
     Ok(())
 }
@@ -261,8 +286,19 @@ pub(crate) fn vms_move(
     vm: &str,
     to: &str,
 ) -> Result<(), JobError> {
-    let (_, c) = open_state(state_dir, &config)?;
+    let (dir, c) = open_state(state_dir, &config)?;
     let prev = c.move_vm(vm, to).map_err(err)?;
+    if prev.as_ref().is_none_or(|p| p.agent != to) {
+        operator_event(
+            &dir,
+            Event::new(
+                "agent",
+                Some(vm),
+                format!("operator moved VM {vm} to agent {to}"),
+            )
+            .with(json!({"agent": to, "from": prev.as_ref().map(|p| p.agent.clone())})),
+        );
+    }
     match prev {
         Some(p) if p.agent == to => println!("VM {vm} already belongs to agent {to}"),
         Some(p) => println!(
@@ -282,6 +318,14 @@ pub(crate) fn passphrase_rotate(
     let dir = resolve_state_dir(state_dir, &config)?;
     no_state(&dir)?;
     let p = ferry_serve::rotate_passphrase(&dir).map_err(|e| JobError::Usage(e.to_string()))?;
+    operator_event(
+        &dir,
+        Event::new(
+            "agent",
+            None,
+            "operator rotated the registration passphrase",
+        ),
+    );
     println!("{p}");
     eprintln!("the old passphrase no longer registers agents; registered agents are not affected (a running ferry serve uses the new one within a second)");
     Ok(())
@@ -299,6 +343,17 @@ pub(crate) fn agents_token(
     no_state(&dir)?;
     let (token, until) = ferry_serve::enrollment_token(&dir, vm, expires)
         .map_err(|e| JobError::Usage(e.to_string()))?;
+    operator_event(
+        &dir,
+        Event::new(
+            "agent",
+            Some(vm),
+            format!(
+                "operator made an enrollment token for VM {vm}, valid until {}",
+                humantime::format_rfc3339_seconds(until)
+            ),
+        ),
+    );
     println!("{token}");
     eprintln!(
         "one-time token for VM {vm}, valid until {}: on the machine, ferry-agent register --server HOST:PORT --passphrase-file FILE_WITH_THE_TOKEN",

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod events;
 mod progress;
 mod server;
 mod status;
@@ -146,6 +147,32 @@ enum Cmd {
     Throttle {
         #[command(subcommand)]
         cmd: ThrottleCmd,
+    },
+    /// What happened and when: agents registered, connected, revoked or moved; throttle and
+    /// policy changes; quarantines and releases; points pruned; health going bad and recovering;
+    /// the server starting and stopping. Kept in the server's state directory (events.jsonl,
+    /// about 8 MiB at most: the oldest go first), across restarts. Times in local time.
+    ///
+    /// Examples:
+    ///   ferry events --since 1h
+    ///   ferry events --vm web01 --json
+    ///   ferry events --kind health --since 7d
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Only events this recent (e.g. 30m, 1h, 7d).
+        #[arg(long, value_parser = ferry_job::serve_config::parse_interval)]
+        since: Option<Duration>,
+        /// Only events of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only events of this kind (server, agent, throttle, policy, health, quarantine, prune, cut, hook, resync).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: StateDirArg,
     },
 }
 
@@ -530,6 +557,20 @@ fn main() -> ExitCode {
         Cmd::Throttle {
             cmd: ThrottleCmd::Show { json, at },
         } => throttle::show(at.state_dir, at.config, json),
+        Cmd::Events {
+            since,
+            vm,
+            kind,
+            json,
+            at,
+        } => events::events(
+            at.state_dir,
+            at.config,
+            since,
+            vm.as_deref(),
+            kind.as_deref(),
+            json,
+        ),
         Cmd::Replicate(a) => replicate(a),
         Cmd::Points {
             cmd: PointsCmd::List { store, vm, json },

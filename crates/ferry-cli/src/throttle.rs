@@ -60,6 +60,15 @@ pub(crate) fn set(
         Ok(())
     })
     .map_err(JobError::Usage)?;
+    crate::admin::operator_event(
+        &dir,
+        ferry_serve::events::Event::new(
+            "throttle",
+            vm,
+            format!("operator set {}: '{}'", who(link, vm), schedule.spec()),
+        )
+        .with(json!({"link": link, "schedule": schedule.spec()})),
+    );
     let now = jiff::Zoned::now();
     let (rate, _) = schedule.at_time(&now);
     if schedule.rules.len() == 1 {
@@ -101,6 +110,14 @@ pub(crate) fn weight(
         Ok(())
     })
     .map_err(JobError::Usage)?;
+    crate::admin::operator_event(
+        &dir,
+        ferry_serve::events::Event::new(
+            "throttle",
+            Some(vm),
+            format!("operator set VM {vm}'s weight to {weight}"),
+        ),
+    );
     println!("VM {vm}: weight {weight} in the share of the global ingest throttle");
     Ok(())
 }

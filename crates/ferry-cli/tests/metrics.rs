@@ -132,6 +132,45 @@ fn the_metrics_endpoint_serves_prometheus_text_an_independent_parser_reads() {
         String::from_utf8_lossy(&o.stderr)
     );
     srv.term();
+    // The same run's events, persisted across the server's stop.
+    let o = ferry()
+        .args(["events", "--json", "--since", "1h", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    ok(&o, "events");
+    let ev: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let has = |kind: &str, vm: Option<&str>, text: &str| {
+        ev.iter().any(|e| {
+            e["kind"] == kind
+                && e["vm"].as_str() == vm
+                && e["message"].as_str().unwrap().contains(text)
+        })
+    };
+    for (kind, vm, text) in [
+        (
+            "throttle",
+            None,
+            "operator set ingest from all agents together: '* 50MiB/s'",
+        ),
+        ("server", None, "process server started"),
+        ("throttle", None, "throttles in effect: ingest 50 MiB/s"),
+        ("agent", None, "registered"),
+        ("agent", Some("web01"), "agent connected from 127.0.0.1"),
+        ("agent", Some("web01"), "agent disconnected"),
+        ("server", None, "process server stopped"),
+    ] {
+        assert!(has(kind, vm, text), "no {kind} event {text:?} in {ev:#?}");
+    }
+    let o = ferry()
+        .args(["events", "--vm", "web01", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    ok(&o, "events --vm");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(!text.contains("process server"), "{text}");
     // A taken metrics port stops the start with a message that says what to do.
     let mut c = ferry();
     c.args(["serve", "--cache-size", "512MiB", "--listen", "127.0.0.1:0"])

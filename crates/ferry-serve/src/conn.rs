@@ -273,6 +273,14 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
                 }
             };
             tracing::info!(agent = %agent_id, %hostname, %software, "agent registered");
+            shared.events.record(
+                crate::events::Event::new(
+                    "agent",
+                    token_vm.as_deref(),
+                    format!("agent {agent_id} registered (host {hostname}, {software})"),
+                )
+                .with(serde_json::json!({"agent": agent_id.to_string(), "hostname": hostname, "token": token_vm.is_some()})),
+            );
             if let Some(vm) = token_vm {
                 tracing::info!(agent = %agent_id, vm = %vm, "enrollment token used: the VM now belongs to this agent");
             }
@@ -638,6 +646,14 @@ impl VmOwner<'_> {
                 .board
                 .connected(vm, &self.agent, &self.peer, self.id, self.points.clone());
         *self.track.lock().expect("track lock") = Some(AckTrack::new(vm, counters));
+        self.shared.events.record(
+            crate::events::Event::new(
+                "agent",
+                Some(vm),
+                format!("agent connected from {}", self.peer),
+            )
+            .with(serde_json::json!({"agent": self.agent, "peer": self.peer, "connected": true})),
+        );
         Ok(rx)
     }
 }
@@ -651,6 +667,11 @@ impl Drop for VmOwner<'_> {
             }
             drop(vms);
             self.shared.board.disconnected(vm, self.id);
+            self.shared.events.record(
+                crate::events::Event::new("agent", Some(vm), "agent disconnected").with(
+                    serde_json::json!({"agent": self.agent, "peer": self.peer, "connected": false}),
+                ),
+            );
         }
     }
 }

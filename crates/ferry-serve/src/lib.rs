@@ -29,6 +29,7 @@ mod board;
 mod commit;
 mod conn;
 pub mod control;
+pub mod events;
 mod held;
 pub mod limits;
 pub mod metrics;
@@ -157,6 +158,8 @@ pub(crate) struct Shared {
     pub gate: Arc<limits::Gate>,
     /// Ingest throttles ([`pacer`], set from [`throttle`]).
     pub pacer: Arc<pacer::Pacer>,
+    /// `ferry events`.
+    pub events: events::Recorder,
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -235,6 +238,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     })?;
     let identity = ServerIdentity::load_or_create(&o.state_dir)?;
     let passphrase = Passphrase::load_or_generate(&o.state_dir, identity.fingerprint())?;
+    let (recorder, event_writer) = events::Recorder::new(&o.state_dir);
     let registry = AgentRegistry::load(&o.state_dir.join(REGISTRY_FILE))?;
     let blobs = match &o.store {
         ferry_job::StoreLocation::Azure { url, .. } => Some(ferry_job::azure::connect(url)?),
@@ -307,6 +311,17 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         retention: o.retention,
     }));
     board.load_points(&store_root);
+    recorder.record(
+        events::Event::new(
+            "server",
+            None,
+            format!(
+                "process server started on {addr} (pid {})",
+                std::process::id()
+            ),
+        )
+        .with(serde_json::json!({"listen": addr.to_string(), "pid": std::process::id()})),
+    );
     for (vm, q) in quarantine.all() {
         board.quarantined(&vm, Some(q.reason));
     }
@@ -318,6 +333,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         &o.state_dir,
         pacer.clone(),
         blobs.as_ref().map(|b| b.throttle().clone()),
+        recorder.clone(),
     )?;
     throttles.apply();
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -341,6 +357,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         quarantine: quarantine.clone(),
         gate: Default::default(),
         pacer: pacer.clone(),
+        events: recorder.clone(),
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
 
@@ -366,6 +383,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             board: &board,
             held: &held,
             quarantine: &quarantine,
+            events: recorder.clone(),
             shared: Arc::downgrade(&shared),
         };
         let pipe = s.spawn(move || drain.run(stop));
@@ -390,6 +408,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         let watched = Arc::downgrade(&shared);
         s.spawn(move || conn::watch_control(&watched, finished));
         s.spawn(move || throttles.run(finished));
+        s.spawn(move || event_writer.run(finished));
         rt.block_on(accept_loop(listener, acceptor, shared, stop));
         // Connections still open are dropped with the runtime; their unacked records are the
         // agents' to send again.
@@ -407,6 +426,22 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     if let Err(e) = status::write_status(&status_path, &board.snapshot(false, cache.used_bytes())) {
         tracing::warn!(file = %status_path.display(), error = %e, "cannot write the status file");
     }
+    let failure = failed
+        .lock()
+        .expect("failed lock")
+        .as_ref()
+        .map(|e| e.to_string());
+    events::record(
+        &o.state_dir,
+        events::Event::new(
+            "server",
+            None,
+            match &failure {
+                None => "process server stopped".to_string(),
+                Some(e) => format!("process server stopped on an error: {e}"),
+            },
+        ),
+    );
     match failed.into_inner().expect("failed lock") {
         Some(e) => Err(e),
         None => Ok(()),
@@ -488,6 +523,7 @@ struct Throttling {
     stamp: Option<(u64, u64, i64, i64)>,
     /// What was applied last, to log changes once.
     applied: Option<Applied>,
+    events: events::Recorder,
 }
 
 /// Ingest rate, upload rate, and each VM's own rate and weight.
@@ -498,6 +534,7 @@ impl Throttling {
         state_dir: &Path,
         pacer: Arc<pacer::Pacer>,
         upload: Option<Arc<ferry_azure::Throttle>>,
+        events: events::Recorder,
     ) -> Result<Self, ServeError> {
         let stamp = throttle::stamp(state_dir);
         let settings = throttle::load(state_dir).map_err(|e| ServeError::Io {
@@ -511,6 +548,7 @@ impl Throttling {
             settings,
             stamp,
             applied: None,
+            events,
         })
     }
 
@@ -555,6 +593,20 @@ impl Throttling {
                 upload = %show(now_applied.1),
                 vms = %vms.join(", "),
                 "throttles in effect"
+            );
+            let mut msg = format!(
+                "throttles in effect: ingest {}, upload {}",
+                show(now_applied.0),
+                show(now_applied.1)
+            );
+            if !vms.is_empty() {
+                msg.push_str(&format!("; per VM: {}", vms.join(", ")));
+            }
+            self.events.record(
+                events::Event::new("throttle", None, msg).with(serde_json::json!({
+                    "ingest_bytes_per_second": now_applied.0,
+                    "upload_bytes_per_second": now_applied.1,
+                })),
             );
             self.applied = Some(now_applied);
         }
@@ -633,6 +685,7 @@ struct Drain<'a> {
     board: &'a board::Board,
     held: &'a held::Held,
     quarantine: &'a Quarantines,
+    events: events::Recorder,
     /// For the committer barrier of a release (weak: the committer ends when `Shared` goes).
     shared: std::sync::Weak<Shared>,
 }
@@ -658,6 +711,14 @@ impl<'a> Drain<'a> {
             metrics::point(&c.vm, &c.point.kind);
         }
         for q in self.quarantine.take_new() {
+            self.events.record(events::Event::new(
+                "quarantine",
+                Some(&q.vm),
+                format!(
+                    "quarantined: {}; fix the cause, then `ferry vms release {}`",
+                    q.reason, q.vm
+                ),
+            ));
             self.board.quarantined(&q.vm, Some(q.reason));
         }
     }
@@ -694,6 +755,11 @@ impl<'a> Drain<'a> {
                 Ok(()) => {
                     releasing.remove(&vm);
                     self.board.quarantined(&vm, None);
+                    self.events.record(events::Event::new(
+                        "quarantine",
+                        Some(&vm),
+                        "released from quarantine: the agent is accepted again and resyncs what the newest point does not hold",
+                    ));
                 }
                 Err(e) if e != *last_error => {
                     tracing::error!(vm, error = %e, "cannot release the VM from quarantine; trying again at each check (logged again only if the error changes)");
@@ -784,12 +850,32 @@ impl<'a> Drain<'a> {
             }
         };
         match r {
-            Ok(p) => tracing::info!(
-                points = p.points.len(),
-                segments = p.segments,
-                segment_bytes = p.segment_bytes,
-                "retention pruned expired points"
-            ),
+            Ok(p) => {
+                tracing::info!(
+                    points = p.points.len(),
+                    segments = p.segments,
+                    segment_bytes = p.segment_bytes,
+                    "retention pruned expired points"
+                );
+                let mut by_vm: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+                for (vm, id) in &p.points {
+                    by_vm.entry(vm).or_default().push(id);
+                }
+                for (vm, ids) in by_vm {
+                    self.events.record(
+                        events::Event::new(
+                            "prune",
+                            Some(vm),
+                            format!(
+                                "retention pruned {} point(s): {}",
+                                ids.len(),
+                                ids.join(", ")
+                            ),
+                        )
+                        .with(serde_json::json!({"points": ids})),
+                    );
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "retention failed; trying again at the next check")
             }
