@@ -270,6 +270,8 @@ struct Awaiting {
 
 struct Engine<'a> {
     o: &'a AgentOptions,
+    /// Set by SIGINT/SIGTERM: checked wherever the engine could wait on the shipper.
+    stop: &'a AtomicBool,
     disks: Vec<Disk>,
     track: Track,
     tx: Option<mpsc::Sender<Rec>>,
@@ -290,6 +292,16 @@ struct Engine<'a> {
     /// Why the last drain or start-up put whole disks back in the dirty set (for the cut's error).
     resyncing: Option<String>,
     stats: Arc<ShipStats>,
+    /// Crash-consistent points this often: the server's policy if it sets one, else `--crash-interval`.
+    crash_every: Duration,
+    /// App-consistent points this often (`None`: on demand only): idem.
+    app_every: Option<Duration>,
+    /// Where the intervals come from (`agent` or `server`), for status and the server.
+    intervals_from: &'static str,
+    /// The server changed the intervals: the main loop reschedules.
+    intervals_changed: bool,
+    /// Disconnected from the server since when, and why (`None`: connected).
+    disconnected: Option<(std::time::SystemTime, String)>,
 }
 
 fn new_run() -> Result<RunId, AgentError> {
@@ -388,7 +400,16 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     };
     // Nothing is read or sent before the process server says what it holds: the chunk maps are
     // trusted only as far as it confirms them.
-    let holding = match wait_for_holding(&ev_rx, stop, &o.server) {
+    // The control socket answers from now on: `ferry-agent status` says what the agent waits for,
+    // a cut asked before the server answers fails at once.
+    let control = match crate::control::listen(&o.state_dir, req_tx) {
+        Ok(c) => c,
+        Err(e) => {
+            stop_shipper(tx, shipper);
+            return Err(e);
+        }
+    };
+    let holding = match wait_for_holding(&ev_rx, &req_rx, stop, o) {
         Ok(Some(h)) => h,
         Ok(None) => {
             stop_shipper(tx, shipper);
@@ -422,7 +443,6 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
             return Err(e);
         }
     };
-    let control = crate::control::listen(&o.state_dir, req_tx)?;
     let freezer = if ferry_freeze::is_root() {
         match ferry_freeze::Freezer::new() {
             Ok(f) => Some(f),
@@ -447,6 +467,7 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     };
     let mut e = Engine {
         o,
+        stop,
         disks,
         track,
         tx: Some(tx),
@@ -462,7 +483,17 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         scan_from,
         resyncing,
         stats: stats.clone(),
+        crash_every: o.crash_interval,
+        app_every: o.app_interval,
+        intervals_from: "agent",
+        intervals_changed: false,
+        disconnected: None,
     };
+    e.announce_intervals();
+    if let Some(why) = &e.resyncing {
+        e.stats
+            .notice(ferry_wire::notice::RESYNC, 0, &format!("at start: {why}"));
+    }
     if let Some(kind) = o.once {
         e.wants.push_back(Want { kind, reply: None });
     }
@@ -476,6 +507,8 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
             }
             Err(AgentError::Diverged(why))
         }
+        // Stopped while the server was unreachable: a clean stop all the same.
+        Err(AgentError::Stopping) => e.clean_stop(),
         r => r.and_then(|()| e.clean_stop()),
     };
     stop_shipper(
@@ -535,18 +568,52 @@ fn choose_tracker(o: &AgentOptions) -> Result<Track, AgentError> {
 /// Waits for the first connection's `Holding`; `None` if asked to stop first.
 fn wait_for_holding(
     events: &Receiver<Event>,
+    requests: &Receiver<Request>,
     stop: &AtomicBool,
-    server: &str,
+    o: &AgentOptions,
 ) -> Result<Option<ship::Holding>, AgentError> {
+    let server = &o.server;
     let started = Instant::now();
+    let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let mut said = Instant::now();
+    let mut last_error: Option<String> = None;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        let waiting = format!(
+            "not connected: waiting for the process server at {server} since {since} ({} s){}",
+            started.elapsed().as_secs(),
+            last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+        while let Ok(req) = requests.try_recv() {
+            match req {
+                Request::Status { reply } => {
+                    let _ = reply.send(serde_json::json!({
+                        "vm": o.vm,
+                        "server": server,
+                        "connected": false,
+                        "state": "waiting for the process server",
+                        "waiting_since": since,
+                        "last_error": last_error,
+                        "conditions": [{"name": "agent_disconnected", "level": "warning", "message": waiting}],
+                    }));
+                }
+                Request::Cut { reply, .. } => {
+                    let _ = reply.send(Err(format!(
+                        "{waiting}; no point can be made until it answers"
+                    )));
+                }
+                Request::Resync => {}
+            }
+        }
         match events.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Holding(h)) => return Ok(Some(h)),
             Ok(Event::Failed(e)) => return Err(e),
+            Ok(Event::Disconnected(why)) => last_error = Some(why),
             Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 return Err(AgentError::Protocol("the shipper stopped".into()))
@@ -796,11 +863,19 @@ impl Engine<'_> {
             bases: self.disks.iter().map(|d| d.base).collect(),
         })?;
         let start = Instant::now();
-        let mut next_crash = start + self.o.crash_interval;
-        let mut next_app = self.o.app_interval.map(|i| start + i);
+        let mut next_crash = start + self.crash_every;
+        let mut next_app = self.app_every.map(|i| start + i);
         let mut last_log = Instant::now();
         loop {
             self.poll_events()?;
+            if std::mem::take(&mut self.intervals_changed) {
+                // Sooner if the new interval says so; never later than the old schedule.
+                let now = Instant::now();
+                next_crash = next_crash.min(now + self.crash_every);
+                next_app = self
+                    .app_every
+                    .map(|i| next_app.map_or(now + i, |t| t.min(now + i)));
+            }
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -859,18 +934,22 @@ impl Engine<'_> {
                 let want = self.wants.pop_front().expect("front exists");
                 match self.cut(kind) {
                     Ok(reply) => {
-                        next_crash = Instant::now() + self.o.crash_interval;
+                        next_crash = Instant::now() + self.crash_every;
                         if reply.kind == PointKind::App {
-                            next_app = self.o.app_interval.map(|i| Instant::now() + i);
+                            next_app = self.app_every.map(|i| Instant::now() + i);
                         }
                         let a = self.awaiting.back_mut().expect("cut queued its run");
                         a.waiters.extend(want.reply);
                     }
                     Err(why) => {
                         tracing::warn!(%why, kind = kind.as_str(), "cut abandoned; no point was made, replication goes on");
+                        self.stats.notice(
+                            ferry_wire::notice::CUT_ABANDONED,
+                            0,
+                            &format!("{} cut abandoned: {why}", kind.as_str()),
+                        );
                         // Try again soon, not in a tight loop.
-                        next_crash =
-                            Instant::now() + self.o.crash_interval.min(Duration::from_secs(5));
+                        next_crash = Instant::now() + self.crash_every.min(Duration::from_secs(5));
                         match want.reply {
                             Some(r) => {
                                 let _ = r.send(Err(why));
@@ -948,6 +1027,11 @@ impl Engine<'_> {
 
     fn force_resync(&mut self) {
         tracing::info!("resync requested: every chunk is read and compared; only differing chunks move; points wait for it");
+        self.stats.notice(
+            ferry_wire::notice::RESYNC,
+            0,
+            "asked for (ferry-agent resync)",
+        );
         for d in &mut self.disks {
             d.todo.fill();
         }
@@ -955,8 +1039,37 @@ impl Engine<'_> {
     }
 
     fn status(&self) -> serde_json::Value {
+        let last = self.points.last();
+        let mut conditions = Vec::new();
+        if let Some((since, why)) = &self.disconnected {
+            conditions.push(serde_json::json!({
+                "name": "agent_disconnected", "level": "warning",
+                "message": format!("not connected to {} since {}: {why}; changes are tracked and sent when it answers", self.o.server, humantime::format_rfc3339_seconds(*since)),
+            }));
+        }
+        if let Some(why) = &self.resyncing {
+            conditions.push(serde_json::json!({
+                "name": "resync_in_progress", "level": "warning",
+                "message": format!("resync: {why}; no point until it is done"),
+            }));
+        }
+        let backlog: u64 = self.disks.iter().map(|d| d.todo.count() as u64).sum();
         serde_json::json!({
             "vm": self.o.vm,
+            "server": self.o.server,
+            "connected": self.disconnected.is_none(),
+            "disconnected_since": self.disconnected.as_ref().map(|d| humantime::format_rfc3339_seconds(d.0).to_string()),
+            "backlog_chunks": backlog,
+            "backlog_bytes": backlog * ferry_format::CHUNK_SIZE as u64,
+            "last_point": last.map(|p| serde_json::json!({
+                "run": p.run, "id": p.point, "kind": p.kind.as_str(),
+                "age_seconds": now_ns().saturating_sub(p.time_ns) / 1_000_000_000,
+                "freeze_ms": p.freeze_ms,
+            })),
+            "crash_every_seconds": self.crash_every.as_secs(),
+            "app_every_seconds": self.app_every.map(|a| a.as_secs()),
+            "intervals_from": self.intervals_from,
+            "conditions": conditions,
             "tracker": match self.track { Track::Ebpf(_) => "ebpf", Track::Scan => "scan" },
             "run": hex::encode(self.run),
             "resync": self.resyncing,
@@ -980,11 +1093,22 @@ impl Engine<'_> {
             .tx
             .as_ref()
             .expect("sender lives while the engine runs");
-        if tx.blocking_send(r).is_err() {
-            // The shipper stopped; its Failed event says why.
-            return Err(self.shipper_error());
+        // The shipper's queue is full while the server is unreachable: wait, but not past a stop.
+        let mut r = r;
+        loop {
+            match tx.try_send(r) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Err(AgentError::Stopping);
+                    }
+                    r = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // The shipper stopped; its Failed event says why.
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.shipper_error()),
+            }
         }
-        Ok(())
     }
 
     fn shipper_error(&self) -> AgentError {
@@ -1032,12 +1156,69 @@ impl Engine<'_> {
             }
             Event::Disconnected(why) => {
                 tracing::debug!(%why, "shipper reconnecting");
+                let since = self
+                    .disconnected
+                    .as_ref()
+                    .map_or_else(std::time::SystemTime::now, |d| d.0);
+                self.disconnected = Some((since, why));
             }
+            Event::Connected => self.disconnected = None,
             // Only the first connection's is sent, and it was taken before the engine started.
             Event::Holding(_) => {}
             Event::Failed(e) => return Err(e),
+            Event::Policy {
+                crash_every_ms,
+                app_every_ms,
+            } => self.apply_policy(crash_every_ms, app_every_ms),
         }
         Ok(())
+    }
+
+    /// The server's policy: its intervals where it sets them, this agent's own elsewhere. A crash
+    /// interval below 10 s is raised to 10 s (the agent's own floor).
+    fn apply_policy(&mut self, crash_ms: u64, app_ms: u64) {
+        let crash = match crash_ms {
+            ferry_wire::POLICY_OWN => self.o.crash_interval,
+            ms => Duration::from_millis(ms).max(Duration::from_secs(10)),
+        };
+        let app = match app_ms {
+            ferry_wire::POLICY_OWN => self.o.app_interval,
+            ferry_wire::POLICY_OFF => None,
+            ms => Some(Duration::from_millis(ms).max(Duration::from_secs(10))),
+        };
+        let from = if crash_ms == ferry_wire::POLICY_OWN && app_ms == ferry_wire::POLICY_OWN {
+            "agent"
+        } else {
+            "server"
+        };
+        if (crash, app, from) != (self.crash_every, self.app_every, self.intervals_from) {
+            tracing::info!(
+                crash_every = %humantime::format_duration(crash),
+                app_every = %app.map_or("off".to_string(), |a| humantime::format_duration(a).to_string()),
+                from,
+                "cut intervals changed by the process server's policy"
+            );
+            self.crash_every = crash;
+            self.app_every = app;
+            self.intervals_from = from;
+            self.intervals_changed = true;
+            self.announce_intervals();
+        }
+    }
+
+    /// Tells the server the cut intervals in effect.
+    fn announce_intervals(&self) {
+        self.stats.notice(
+            ferry_wire::notice::INTERVALS,
+            0,
+            &format!(
+                "{} {} {}",
+                self.crash_every.as_millis(),
+                self.app_every
+                    .map_or("off".to_string(), |a| a.as_millis().to_string()),
+                self.intervals_from
+            ),
+        );
     }
 
     /// The tag of `run` is acknowledged: its CVs become the committed ones (once).
@@ -1076,6 +1257,10 @@ impl Engine<'_> {
         for w in a.waiters {
             let _ = w.send(Ok(a.reply.clone()));
         }
+        // The newest few (a long-running agent cuts thousands a day).
+        if self.points.len() >= 64 {
+            self.points.remove(0);
+        }
         self.points.push(a.reply);
     }
 
@@ -1089,6 +1274,15 @@ impl Engine<'_> {
             if set.needs_resync() {
                 let why: Vec<String> = set.resync.iter().map(ToString::to_string).collect();
                 tracing::warn!(disk = %d.name, why = %why.join("; "), "the tracker may have missed writes: resyncing the disk (only differing chunks move); no point until it is done");
+                self.stats.notice(
+                    ferry_wire::notice::RESYNC,
+                    0,
+                    &format!(
+                        "disk {}: the tracker may have missed writes: {}",
+                        d.name,
+                        why.join("; ")
+                    ),
+                );
                 self.resyncing = Some(format!("resync of {} ({})", d.name, why.join("; ")));
                 d.todo.fill();
                 continue;
@@ -1269,6 +1463,11 @@ impl Engine<'_> {
                 Ok(rep) => {
                     for f in rep.failed() {
                         tracing::warn!(hook = %f.why(), "post-thaw hook failed");
+                        self.stats.notice(
+                            ferry_wire::notice::HOOK_FAILED,
+                            0,
+                            &format!("post-thaw hook failed: {}", f.why()),
+                        );
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "post-thaw hooks"),
@@ -1323,7 +1522,17 @@ impl Engine<'_> {
             bases: self.disks.iter().map(|d| d.base).collect(),
         })
         .map_err(|e| e.to_string())?;
-        tracing::info!(run = %reply.run, kind = kind.as_str(), freeze_ms = ?reply.freeze_ms, "cut");
+        match reply.freeze_ms {
+            Some(ms) => {
+                tracing::info!(run = %reply.run, kind = kind.as_str(), freeze_ms = ms, "cut")
+            }
+            None => tracing::info!(run = %reply.run, kind = kind.as_str(), "cut (nothing frozen)"),
+        }
+        self.stats.notice(
+            ferry_wire::notice::CUT,
+            reply.freeze_ms.map_or(0, |ms| (ms * 1000.0) as u64),
+            kind.as_str(),
+        );
         Ok(reply)
     }
 

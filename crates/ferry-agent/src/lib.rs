@@ -85,6 +85,10 @@ pub enum AgentError {
     /// server says it holds (maps that no longer match are resynced).
     #[error("the process server's state differs from this agent's: {0}")]
     Diverged(String),
+    /// Asked to stop while records could not be handed to the shipper (the process server is
+    /// unreachable): a clean stop, what was not sent stays dirty.
+    #[error("stopping")]
+    Stopping,
 }
 
 /// A problem with a file of the state directory.
@@ -260,4 +264,11 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
         .enable_all()
         .build()
         .map_err(|e| AgentError::Usage(format!("cannot start the async runtime: {e}")))
+}
+
+/// Whether log lines may carry colour escapes: only on a terminal, and never with `NO_COLOR` set
+/// (<https://no-color.org>); journald and files get plain text.
+pub fn log_colors() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -38,6 +38,9 @@ struct Cli {
     cmd: Option<Cmd>,
     #[command(flatten)]
     run: RunArgs,
+    /// Log as JSON lines on stderr (for journald or log shippers) instead of text.
+    #[arg(long, global = true, env = "FERRY_LOG_JSON")]
+    log_json: bool,
 }
 
 #[derive(Subcommand)]
@@ -168,11 +171,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
-        .init();
+        .with_ansi(ferry_agent::log_colors());
+    if cli.log_json {
+        b.json().init();
+    } else {
+        b.init();
+    }
     let r = match cli.cmd {
         Some(Cmd::Register {
             server,

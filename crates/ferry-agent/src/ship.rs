@@ -51,8 +51,15 @@ pub enum Event {
     PointMade { run: RunId, id: String },
     /// The connection dropped; the shipper reconnects by itself.
     Disconnected(String),
+    /// A later connection is up again (the first one's is [`Event::Holding`]).
+    Connected,
     /// The shipper stopped for good (a refusal, a local error).
     Failed(AgentError),
+    /// The server's replication policy for the VM's cut intervals ([`Message::Policy`]).
+    Policy {
+        crash_every_ms: u64,
+        app_every_ms: u64,
+    },
 }
 
 /// Counters of the shipper, read by the engine for its log lines.
@@ -61,6 +68,57 @@ pub struct ShipStats {
     pub records: AtomicU64,
     pub data_bytes: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Notices for the server (cuts, abandoned cuts, hook failures, resyncs), sent as soon as a
+    /// connection is up; the oldest are dropped past [`MAX_NOTICES`].
+    pub notices: std::sync::Mutex<std::collections::VecDeque<Message>>,
+    /// The agent's cut intervals as a notice, sent again at each new connection.
+    pub intervals: std::sync::Mutex<Option<Message>>,
+}
+
+/// Resolves once `abandon` is set (polled every 50 ms).
+async fn abandoned(abandon: &AtomicBool) {
+    while !abandon.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Notices kept while the server is unreachable.
+pub const MAX_NOTICES: usize = 64;
+
+impl ShipStats {
+    /// Queues a notice for the server.
+    pub fn notice(&self, kind: u8, freeze_us: u64, text: &str) {
+        let mut text = text.to_owned();
+        if text.len() > ferry_wire::MAX_TEXT {
+            let mut cut = ferry_wire::MAX_TEXT - 3;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        let m = Message::Notice {
+            kind,
+            freeze_us,
+            text,
+        };
+        if kind == ferry_wire::notice::INTERVALS {
+            *self.intervals.lock().expect("intervals lock") = Some(m.clone());
+        }
+        let mut q = self.notices.lock().expect("notices lock");
+        if q.len() >= MAX_NOTICES {
+            q.pop_front();
+        }
+        q.push_back(m);
+    }
+
+    fn take_notices(&self) -> Vec<Message> {
+        self.notices
+            .lock()
+            .expect("notices lock")
+            .drain(..)
+            .collect()
+    }
 }
 
 /// One logical record (sequence numbers are given when it is sent).
@@ -159,17 +217,17 @@ pub async fn ship(
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(
-            &to,
-            &mut id,
-            &mut rx,
-            &mut out,
-            stats,
-            &mut backoff,
-            abandon,
-        )
-        .await
-        {
+        // Stopping must not wait for a connect, a handshake or a write to an unreachable server:
+        // a session still running a second after `abandon` is dropped (what it did not get acked
+        // stays dirty on this side).
+        let r = tokio::select! {
+            r = session(&to, &mut id, &mut rx, &mut out, stats, &mut backoff, abandon) => r,
+            _ = async {
+                abandoned(abandon).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } => return Ok(()),
+        };
+        match r {
             Ok(()) => return Ok(()),
             Err(e) if e.is_permanent() => {
                 let msg = e.to_string();
@@ -183,7 +241,10 @@ pub async fn ship(
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, retry_in = ?backoff, unacked = out.unacked.len(), "connection to the process server lost; reconnecting and re-sending what was not acknowledged");
                 let _ = events.send(Event::Disconnected(e.to_string()));
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = abandoned(abandon) => return Ok(()),
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
@@ -309,6 +370,7 @@ impl Outbox {
                 )));
             }
         }
+        let _ = self.events.send(Event::Connected);
         Ok(())
     }
 }
@@ -417,7 +479,15 @@ async fn session(
     let _abort = AbortOnDrop(reader);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut pace = to.max_rate.map(LocalPace::new);
+    // A new connection: the server learns this agent's cut intervals again.
+    let intervals = stats.intervals.lock().expect("intervals lock").clone();
+    if let Some(m) = intervals {
+        w.send(&m).await?;
+    }
     loop {
+        for m in stats.take_notices() {
+            w.send(&m).await?;
+        }
         // Events first: acks free the outbox, credit lets more go.
         while let Ok(ev) = ev_rx.try_recv() {
             handle(ev?, out, &mut credit, &mut w).await?;
@@ -532,6 +602,15 @@ async fn handle(
         Message::Pong { .. } => {}
         Message::Point { run, id } => {
             let _ = out.events.send(Event::PointMade { run, id });
+        }
+        Message::Policy {
+            crash_every_ms,
+            app_every_ms,
+        } => {
+            let _ = out.events.send(Event::Policy {
+                crash_every_ms,
+                app_every_ms,
+            });
         }
         Message::CutRequest { app } => {
             tracing::info!(

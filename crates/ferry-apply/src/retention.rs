@@ -1,7 +1,8 @@
 //! Retention: expired recovery points and the data only they needed are deleted.
 //!
-//! Points expire oldest first (the newest point is never pruned), so pruning a point only drops its
-//! undo delta. Then a mark-and-sweep over every replica of the store (current maps, undo deltas) and
+//! Points go by the [`Rules`] (the newest point and the newest app-consistent point never); a
+//! replica drops only the undo deltas older than its oldest retained point, so every retained
+//! point restores exactly whichever points went. Then a mark-and-sweep over every replica of the store (current maps, undo deltas) and
 //! every unapplied journal record finds the live chunks; a segment none of whose chunks is live, and
 //! that lies before its disk's applied position, is deleted — after its dedupe-index entries, so no
 //! new reference can name it.
@@ -23,40 +24,104 @@ pub struct Pruned {
     pub segment_bytes: u64,
 }
 
+/// What retention keeps of a VM's points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rules {
+    /// Points older than this go (unless another rule keeps them).
+    pub retention: Duration,
+    /// App-consistent points are kept this long, whatever `retention` and `thin` say.
+    pub app_retention: Duration,
+    /// Thinning, youngest window first: a point younger than `.0` is kept if `.1` is `None`, else
+    /// only if it is the newest of its `.1`-long time bucket; points between the last window and
+    /// `retention` are thinned by the last rule's bucket.
+    pub thin: Vec<(Duration, Option<Duration>)>,
+}
+
+impl Rules {
+    /// One window for every point, no thinning.
+    pub fn window(retention: Duration) -> Rules {
+        Rules {
+            retention,
+            app_retention: retention,
+            thin: Vec::new(),
+        }
+    }
+}
+
 /// The points of `m` that `retention` expires at `now` (never the newest).
 pub fn expired(m: &Manifest, retention: Duration, now: SystemTime) -> Vec<u64> {
     expired_pinned(m, retention, now, None)
 }
 
-/// The points of `m` that `retention` expires at `now`: an oldest-first run by point seq that
-/// stops at the first point still within `retention`, at the newest point, and at `pinned` (the
-/// lowest point seq a live reader has pinned).
-///
-/// Only a prefix by seq is ever pruned, whatever the point times say: a replica's undo chain needs
-/// every newer undo to rebuild an older point, so pruning a middle point (a clock step on the
-/// machine that stamped the times can make a newer point look older) would make every older point
-/// restore wrong bytes.
+/// [`plan`] with one window and no thinning.
 pub fn expired_pinned(
     m: &Manifest,
     retention: Duration,
     now: SystemTime,
     pinned: Option<u64>,
 ) -> Vec<u64> {
+    plan(m, &Rules::window(retention), now, pinned)
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect()
+}
+
+/// The points of `m` that `rules` remove at `now`, each with why, oldest first. Never the
+/// newest point, never the newest app-consistent point, never a point whose time does not parse,
+/// and never one at or after `pinned` (the lowest point seq a live reader has pinned).
+///
+/// Any point may go, not only the oldest: a replica keeps every undo delta a retained point
+/// still reads through ([`Replica::gc_undo`]), and Azure snapshots stand alone. A clock step on
+/// the machine that stamped the times therefore prunes by the stamped time, and only that point.
+pub fn plan(
+    m: &Manifest,
+    rules: &Rules,
+    now: SystemTime,
+    pinned: Option<u64>,
+) -> Vec<(u64, &'static str)> {
     let mut by_seq: Vec<&ferry_format::manifest::Point> = m.points.iter().collect();
     by_seq.sort_by_key(|p| p.seq);
     let Some(newest) = by_seq.last().map(|p| p.seq) else {
         return Vec::new();
     };
-    by_seq
-        .iter()
-        .take_while(|p| p.seq != newest && pinned.is_none_or(|pin| p.seq < pin))
-        .take_while(|p| {
-            humantime::parse_rfc3339(&p.time)
-                .map(|t| now.duration_since(t).unwrap_or_default() > retention)
-                .unwrap_or(false)
-        })
-        .map(|p| p.seq)
-        .collect()
+    let newest_app = by_seq.iter().rev().find(|p| p.kind == "app").map(|p| p.seq);
+    // Newest first, so each thinning bucket keeps its newest point.
+    let mut buckets: HashSet<(usize, u64)> = HashSet::new();
+    let mut out = Vec::new();
+    for p in by_seq.iter().rev() {
+        if p.seq == newest || Some(p.seq) == newest_app || pinned.is_some_and(|pin| p.seq >= pin) {
+            continue;
+        }
+        let Ok(t) = humantime::parse_rfc3339(&p.time) else {
+            continue;
+        };
+        let age = now.duration_since(t).unwrap_or_default();
+        if p.kind == "app" && age <= rules.app_retention {
+            continue;
+        }
+        if age > rules.retention {
+            out.push((p.seq, "older than the retention"));
+            continue;
+        }
+        let rule = rules
+            .thin
+            .iter()
+            .position(|(within, _)| age <= *within)
+            .or_else(|| rules.thin.len().checked_sub(1));
+        let Some(i) = rule else { continue };
+        let Some(every) = rules.thin[i].1 else {
+            continue;
+        };
+        let at = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if !buckets.insert((i, at / every.as_secs().max(1))) {
+            out.push((p.seq, "thinned (a newer point holds its time bucket)"));
+        }
+    }
+    out.reverse();
+    out
 }
 
 /// Damage to stored data (not an I/O failure): what quarantines a VM.
@@ -75,14 +140,16 @@ fn skip_gc(vm: &str, e: &ferry_store::StoreError) -> (u64, u64) {
 
 /// Applies retention to every VM of a local store, then collects garbage. Hold the store lock.
 pub fn prune(store: &LocalStore, retention: Duration) -> Result<Pruned, ApplyError> {
-    prune_with(store, retention, &mut |_, _, _| Ok(true))
+    prune_with(store, &|_| Rules::window(retention), &mut |_, _, _| {
+        Ok(true)
+    })
 }
 
 /// [`prune`], where `may_delete(vm, disk, seq)` can veto deleting a segment and is told about every
 /// deletion it allows (split mode deletes the store's copy there, once `ferry apply` is past it).
 pub fn prune_with(
     store: &LocalStore,
-    retention: Duration,
+    rules: &dyn Fn(&str) -> Rules,
     may_delete: &mut dyn FnMut(&str, &str, u64) -> Result<bool, ApplyError>,
 ) -> Result<Pruned, ApplyError> {
     let mut out = Pruned::default();
@@ -100,7 +167,10 @@ pub fn prune_with(
             }
             Err(e) => return Err(e.into()),
         };
-        let gone = expired_pinned(&m, retention, now, pins.get(vm).copied());
+        let gone: Vec<u64> = plan(&m, &rules(vm), now, pins.get(vm).copied())
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
         if gone.is_empty() {
             continue;
         }
@@ -272,7 +342,7 @@ mod tests {
     }
 
     #[test]
-    fn a_clock_step_never_prunes_a_middle_point() {
+    fn a_clock_step_prunes_by_the_stamped_time_never_the_newest() {
         // Point 2 was stamped after a forward clock step, point 3 after the clock stepped back.
         let m = manifest(&[
             (1, "2026-12-04T08:00:00Z"),
@@ -280,7 +350,90 @@ mod tests {
             (3, "2026-12-04T08:30:00Z"),
             (4, "2026-12-04T08:40:00Z"),
         ]);
-        assert_eq!(expired(&m, Duration::from_secs(3600), now()), vec![1]);
+        assert_eq!(expired(&m, Duration::from_secs(3600), now()), vec![1, 3]);
+    }
+
+    fn kinds(m: &mut Manifest, app: &[u64]) {
+        for p in &mut m.points {
+            if app.contains(&p.seq) {
+                p.kind = "app".into();
+            }
+        }
+    }
+
+    #[test]
+    fn app_points_keep_their_own_retention_and_the_newest_app_point_stays() {
+        // Every 10 minutes from 06:00 to 12:00; app points at 06:00, 08:00 and 10:00.
+        let times: Vec<(u64, String)> = (0..=36)
+            .map(|i| {
+                (
+                    i + 1,
+                    format!("2026-12-04T{:02}:{:02}:00Z", 6 + i / 6, (i % 6) * 10),
+                )
+            })
+            .collect();
+        let refs: Vec<(u64, &str)> = times.iter().map(|(s, t)| (*s, t.as_str())).collect();
+        let mut m = manifest(&refs);
+        kinds(&mut m, &[1, 13, 25]);
+        let rules = Rules {
+            retention: Duration::from_secs(3600),
+            app_retention: Duration::from_secs(5 * 3600),
+            thin: Vec::new(),
+        };
+        let gone: Vec<u64> = plan(&m, &rules, now(), None).iter().map(|g| g.0).collect();
+        // Kept: the last hour (seq 31..=37), app points within 5 h (13 at 08:00, 25 at 10:00).
+        // App point 1 (06:00) is 6 h old: gone.
+        let want: Vec<u64> = (1..31).filter(|s| *s != 13 && *s != 25).collect();
+        assert_eq!(gone, want);
+        // With a 1 h app retention the newest app point (25) still stays.
+        let short = Rules {
+            app_retention: Duration::from_secs(3600),
+            ..rules.clone()
+        };
+        let gone: Vec<u64> = plan(&m, &short, now(), None).iter().map(|g| g.0).collect();
+        assert!(gone.contains(&13) && !gone.contains(&25));
+        // A pin keeps everything from it on.
+        let gone: Vec<u64> = plan(&m, &rules, now(), Some(10))
+            .iter()
+            .map(|g| g.0)
+            .collect();
+        assert_eq!(gone, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn thinning_keeps_all_then_the_newest_per_bucket() {
+        // Every 10 minutes from 00:00 to 12:00.
+        let times: Vec<(u64, String)> = (0..=72)
+            .map(|i| {
+                (
+                    i + 1,
+                    format!("2026-12-04T{:02}:{:02}:00Z", i / 6, (i % 6) * 10),
+                )
+            })
+            .collect();
+        let refs: Vec<(u64, &str)> = times.iter().map(|(s, t)| (*s, t.as_str())).collect();
+        let m = manifest(&refs);
+        let rules = Rules {
+            retention: Duration::from_secs(24 * 3600),
+            app_retention: Duration::from_secs(24 * 3600),
+            thin: vec![
+                (Duration::from_secs(2 * 3600), None),
+                (
+                    Duration::from_secs(6 * 3600),
+                    Some(Duration::from_secs(3600)),
+                ),
+            ],
+        };
+        let gone: Vec<(u64, &str)> = plan(&m, &rules, now(), None);
+        let kept: Vec<u64> = (1..=73)
+            .filter(|s| !gone.iter().any(|g| g.0 == *s))
+            .collect();
+        // The last 2 h (10:00..12:00, seq 61..=73) all; from 06:00 to 10:00 one an hour, the
+        // newest of each hour (xx:50); before 06:00 the last rule's hourly buckets too.
+        let mut want: Vec<u64> = (0..10).map(|h| h * 6 + 6).collect(); // 00:50 .. 09:50
+        want.extend(61..=73);
+        assert_eq!(kept, want);
+        assert!(gone.iter().all(|g| g.1.starts_with("thinned")));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod events;
+mod policy;
 mod progress;
 mod server;
 mod status;
@@ -148,6 +149,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ThrottleCmd,
     },
+    /// The replication policy: RPO threshold, how long points are kept (with thinning), and how
+    /// often agents cut points.
+    ///
+    /// Defaults (the incumbent's): RPO threshold 60m, retention 24h (or `ferry serve --retention`),
+    /// app-consistent points every 1h kept as long as the retention, crash-consistent points every
+    /// 30s. Unset cut intervals leave each agent its own (agent.toml). Set for all VMs, or per VM
+    /// with --vm (the VM's settings win). Kept in the server's state directory (policy.json); a
+    /// running server applies a change within a second: connected agents get their new cut
+    /// intervals, the next retention check prunes by the new rules. Retention never removes a
+    /// VM's newest point, its newest app-consistent point, or a point a restore is reading.
+    ///
+    /// Thinning (--thin '2h:all,24h:hourly,7d:daily'): points younger than 2h are all kept,
+    /// younger than 24h one an hour (the newest of each hour), younger than 7d one a day.
+    ///
+    /// Examples:
+    ///   ferry policy set --rpo-threshold 30m --retention 72h --app-every 1h --app-retention 7d
+    ///   ferry policy set --vm db01 --crash-every 1m --thin '2h:all,24h:hourly'
+    ///   ferry policy set --retention 12h --dry-run       # what the next prune would remove
+    ///   ferry policy show --vm db01 --json
+    #[command(verbatim_doc_comment)]
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// What happened and when: agents registered, connected, revoked or moved; throttle and
     /// policy changes; quarantines and releases; points pruned; health going bad and recovering;
     /// the server starting and stopping. Kept in the server's state directory (events.jsonl,
@@ -169,6 +194,56 @@ enum Cmd {
         #[arg(long)]
         kind: Option<String>,
         /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Change the policy of all VMs (the default) or of one (--vm); fields not given keep theirs.
+    Set {
+        /// Only this VM (its settings win over the default).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Warn when the newest point is older than this (critical at twice it), e.g. 60m.
+        #[arg(long)]
+        rpo_threshold: Option<String>,
+        /// Keep points this long, e.g. 24h or 7d.
+        #[arg(long)]
+        retention: Option<String>,
+        /// App-consistent points this often (e.g. 1h), or off.
+        #[arg(long)]
+        app_every: Option<String>,
+        /// Keep app-consistent points this long (default: the retention).
+        #[arg(long)]
+        app_retention: Option<String>,
+        /// Crash-consistent points this often (at least 10s).
+        #[arg(long)]
+        crash_every: Option<String>,
+        /// Thinning rules, e.g. '2h:all,24h:hourly,7d:daily', or none.
+        #[arg(long)]
+        thin: Option<String>,
+        /// Save nothing; print the resulting policy and what the next prune would remove.
+        #[arg(long)]
+        dry_run: bool,
+        /// The store (for --dry-run). Default: the one the server's status file names.
+        #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+        store: Option<StoreLocation>,
+        #[command(flatten)]
+        at: StateDirArg,
+    },
+    /// The policy in effect (default and per VM, and where each value comes from) and what the
+    /// next prune would remove.
+    Show {
+        #[arg(long)]
+        vm: Option<String>,
+        /// The store to preview the next prune on. Default: the one the server's status file names.
+        #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+        store: Option<StoreLocation>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -557,6 +632,44 @@ fn main() -> ExitCode {
         Cmd::Throttle {
             cmd: ThrottleCmd::Show { json, at },
         } => throttle::show(at.state_dir, at.config, json),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Set {
+                    vm,
+                    rpo_threshold,
+                    retention,
+                    app_every,
+                    app_retention,
+                    crash_every,
+                    thin,
+                    dry_run,
+                    store,
+                    at,
+                },
+        } => policy::set(
+            at.state_dir,
+            at.config,
+            vm.as_deref(),
+            ferry_serve::policy::Fields {
+                rpo_threshold,
+                retention,
+                app_every,
+                app_retention,
+                crash_every,
+                thin,
+            },
+            dry_run,
+            store,
+        ),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Show {
+                    vm,
+                    store,
+                    json,
+                    at,
+                },
+        } => policy::show(at.state_dir, at.config, vm.as_deref(), store, json),
         Cmd::Events {
             since,
             vm,
@@ -587,13 +700,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(json: bool) {
+/// Whether log lines may carry colour escapes: only on a terminal, and never with `NO_COLOR` set
+/// (<https://no-color.org>); journald and files get plain text.
+fn log_colors() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+pub(crate) fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(log_colors());
     if json {
         b.json().init();
     } else {

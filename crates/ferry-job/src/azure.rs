@@ -349,8 +349,19 @@ pub fn prune(
     retention: std::time::Duration,
     split: bool,
 ) -> Result<ferry_apply::retention::Pruned, JobError> {
+    let rules = move |_: &str| ferry_apply::retention::Rules::window(retention);
+    prune_by(store, blobs, &rules, split)
+}
+
+/// [`prune`] with each VM's own [`ferry_apply::retention::Rules`] (the server's policy).
+pub fn prune_by(
+    store: &LocalStore,
+    blobs: &AzureBlobs,
+    rules: &dyn Fn(&str) -> ferry_apply::retention::Rules,
+    split: bool,
+) -> Result<ferry_apply::retention::Pruned, JobError> {
     if !split {
-        prune_manifests(blobs, retention)?;
+        prune_manifests_by(blobs, rules)?;
     }
     // In split mode `ferry apply` owns the store's manifests (and prunes them with its own
     // --retention). Here a segment may go only once apply is past every segment this side has
@@ -384,9 +395,7 @@ pub fn prune(
             .map_err(az_apply)?;
         Ok(true)
     };
-    Ok(ferry_apply::retention::prune_with(
-        store, retention, &mut veto,
-    )?)
+    Ok(ferry_apply::retention::prune_with(store, rules, &mut veto)?)
 }
 
 /// Restores one disk of a point from its page-blob snapshot to a local raw image or fixed VHD.
@@ -555,6 +564,14 @@ pub fn prune_manifests(
     blobs: &AzureBlobs,
     retention: std::time::Duration,
 ) -> Result<usize, JobError> {
+    prune_manifests_by(blobs, &|_| ferry_apply::retention::Rules::window(retention))
+}
+
+/// [`prune_manifests`] with each VM's own rules.
+pub fn prune_manifests_by(
+    blobs: &AzureBlobs,
+    rules: &dyn Fn(&str) -> ferry_apply::retention::Rules,
+) -> Result<usize, JobError> {
     let now = std::time::SystemTime::now();
     let mut n = 0;
     let pins = crate::azure_pins::live_pins(blobs)?;
@@ -562,8 +579,11 @@ pub fn prune_manifests(
         let Some(mut m) = load_manifest(blobs, &vm)? else {
             continue;
         };
-        let gone =
-            ferry_apply::retention::expired_pinned(&m, retention, now, pins.get(&vm).copied());
+        let gone: Vec<u64> =
+            ferry_apply::retention::plan(&m, &rules(&vm), now, pins.get(&vm).copied())
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .collect();
         if gone.is_empty() {
             continue;
         }

@@ -15,7 +15,8 @@ use ferry_format::manifest::Point;
 use ferry_wire::Message;
 
 use crate::status::{
-    rfc3339, DiskStatus, PointRef, StatusFile, VmStatus, STATUS_FORMAT, STATUS_VERSION,
+    rfc3339, DiskStatus, Intervals, Note, PointRef, StatusFile, VmStatus, STATUS_FORMAT,
+    STATUS_VERSION,
 };
 
 /// Records of one disk merge into one pending entry up to this many payload bytes: the backlog may
@@ -63,8 +64,18 @@ struct VmEntry {
     counters: Arc<VmCounters>,
     disks: BTreeMap<String, DiskEntry>,
     last_point: Option<PointRef>,
+    /// The newest app-consistent point.
+    last_app: Option<PointRef>,
     /// Why the VM is quarantined, while it is.
     quarantine: Option<String>,
+    /// When this server first saw the VM (a connection, or points in the store at start).
+    first_seen: SystemTime,
+    /// The agent's cut intervals as it reported them: crash, app (`None`: off), from where.
+    intervals: Option<(Duration, Option<Duration>, String)>,
+    /// A resync the agent reported, until the next point: since when, why.
+    resync: Option<(SystemTime, String)>,
+    /// The last cut the agent abandoned: when, why.
+    abandoned: Option<(SystemTime, String)>,
 }
 
 impl VmEntry {
@@ -82,7 +93,12 @@ impl VmEntry {
             counters: Default::default(),
             disks: BTreeMap::new(),
             last_point: None,
+            last_app: None,
             quarantine: None,
+            first_seen: SystemTime::now(),
+            intervals: None,
+            resync: None,
+            abandoned: None,
         }
     }
 
@@ -241,7 +257,37 @@ impl Board {
         for d in &p.disks {
             e.disk(&d.name).last_point = Some(r.clone());
         }
+        if p.kind == "app" {
+            e.last_app = Some(r.clone());
+        }
+        // A point after a resync began means the resync is done (the agent cuts none during one).
+        if let (Some((since, _)), Ok(t)) = (&e.resync, humantime::parse_rfc3339(&p.time)) {
+            if t >= *since {
+                e.resync = None;
+            }
+        }
         e.last_point = Some(r);
+    }
+
+    /// The agent of `vm` reported its cut intervals.
+    pub fn intervals(&self, vm: &str, crash: Duration, app: Option<Duration>, from: &str) {
+        let mut vms = self.lock();
+        let e = vms.entry(vm.to_owned()).or_insert_with(VmEntry::new);
+        e.intervals = Some((crash, app, from.to_owned()));
+    }
+
+    /// The agent of `vm` started a resync (why), or it is over (`None`).
+    pub fn resync(&self, vm: &str, why: Option<String>) {
+        let mut vms = self.lock();
+        let e = vms.entry(vm.to_owned()).or_insert_with(VmEntry::new);
+        e.resync = why.map(|w| (SystemTime::now(), w));
+    }
+
+    /// The agent of `vm` abandoned a cut.
+    pub fn abandoned(&self, vm: &str, why: &str) {
+        let mut vms = self.lock();
+        let e = vms.entry(vm.to_owned()).or_insert_with(VmEntry::new);
+        e.abandoned = Some((SystemTime::now(), why.to_owned()));
     }
 
     /// Marks `vm` quarantined (with why) or released.
@@ -274,6 +320,10 @@ impl Board {
             cache_used_bytes: cache_used,
             cache_size_bytes: self.info.cache_size,
             retention_seconds: self.info.retention.map(|r| r.as_secs()),
+            conditions: Vec::new(),
+            host: None,
+            drain_rate_bytes_per_second: 0.0,
+            metrics_url: None,
             vms: vms
                 .iter()
                 .map(|(name, e)| {
@@ -295,6 +345,25 @@ impl Board {
                             .load(Ordering::Relaxed)
                             .saturating_sub(e.applied),
                         last_point: e.last_point.clone(),
+                        last_app_point: e.last_app.clone(),
+                        first_seen: Some(rfc3339(e.first_seen)),
+                        intervals: e.intervals.as_ref().map(|(c, a, from)| Intervals {
+                            crash_every_seconds: c.as_secs_f64(),
+                            app_every_seconds: a.map(|a| a.as_secs_f64()),
+                            from: from.clone(),
+                        }),
+                        resync: e.resync.as_ref().map(|(t, why)| Note {
+                            time: rfc3339(*t),
+                            why: why.clone(),
+                        }),
+                        last_abandoned_cut: e.abandoned.as_ref().map(|(t, why)| Note {
+                            time: rfc3339(*t),
+                            why: why.clone(),
+                        }),
+                        rpo_seconds: None,
+                        rate_in_bytes_per_second: 0.0,
+                        backlog_eta_seconds: None,
+                        conditions: Vec::new(),
                         disks: e
                             .disks
                             .iter()

@@ -409,6 +409,8 @@ pub(crate) struct VmSlot {
     agent: String,
     conn: u64,
     cancel: watch::Sender<Option<Kill>>,
+    /// Messages for the agent (sent in order by the connection's writer).
+    pub(crate) ctl: mpsc::UnboundedSender<Message>,
 }
 
 /// Why a connection's VM slot was taken from it.
@@ -637,6 +639,7 @@ impl VmOwner<'_> {
                 agent: self.agent.clone(),
                 conn: self.id,
                 cancel: tx,
+                ctl: self.ctl.clone(),
             },
         );
         self.vm = Some(vm.to_string());
@@ -827,7 +830,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     open,
                     disks: held,
                 });
+                // The policy's cut intervals for the VM (the agent's own where it sets none).
+                let (crash_every_ms, app_every_ms) = shared.policy_of(&v).wire();
+                let _ = owner.ctl.send(Message::Policy {
+                    crash_every_ms,
+                    app_every_ms,
+                });
                 vm = Some(v);
+            }
+            Message::Notice {
+                kind,
+                freeze_us,
+                text,
+            } => {
+                // Before the Inventory there is no VM to tell about: ignored.
+                if let Some(vm) = &vm {
+                    notice(shared, vm, kind, freeze_us, &text);
+                }
             }
             Message::Ping { .. } | Message::Pong { .. } | Message::CutDone { .. } => {}
             m => {
@@ -839,6 +858,53 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+/// What an agent reported: metrics, the status board, and the event log.
+fn notice(shared: &Shared, vm: &str, kind: u8, freeze_us: u64, text: &str) {
+    use ferry_wire::notice;
+    match kind {
+        notice::CUT => {
+            if freeze_us > 0 {
+                metrics::histogram!(crate::metrics::CUT_FREEZE_SECONDS, "kind" => text.to_owned())
+                    .record(freeze_us as f64 / 1e6);
+            }
+        }
+        notice::INTERVALS => {
+            let mut w = text.split_whitespace();
+            let crash = w.next().and_then(|c| c.parse::<u64>().ok());
+            let app = w.next().map(|a| a.parse::<u64>().ok());
+            let from = w.next().unwrap_or("agent");
+            if let (Some(crash), Some(app)) = (crash, app) {
+                shared.board.intervals(
+                    vm,
+                    Duration::from_millis(crash),
+                    app.map(Duration::from_millis),
+                    from,
+                );
+            }
+        }
+        notice::RESYNC => {
+            shared.board.resync(vm, Some(text.to_owned()));
+            shared.events.record(crate::events::Event::new(
+                "resync",
+                Some(vm),
+                format!("resync: {text}"),
+            ));
+        }
+        notice::CUT_ABANDONED => {
+            shared.board.abandoned(vm, text);
+            shared
+                .events
+                .record(crate::events::Event::new("cut", Some(vm), text.to_owned()));
+        }
+        notice::HOOK_FAILED => {
+            shared
+                .events
+                .record(crate::events::Event::new("hook", Some(vm), text.to_owned()));
+        }
+        _ => {}
+    }
 }
 
 /// Waits until every record handed to the committer so far is durable.

@@ -34,6 +34,7 @@ mod held;
 pub mod limits;
 pub mod metrics;
 pub mod pacer;
+pub mod policy;
 pub mod status;
 pub mod throttle;
 pub mod tokens;
@@ -160,6 +161,40 @@ pub(crate) struct Shared {
     pub pacer: Arc<pacer::Pacer>,
     /// `ferry events`.
     pub events: events::Recorder,
+    /// The replication policy (`policy.json`, re-read when it changes).
+    pub policies: Arc<Mutex<policy::Policies>>,
+    /// Retention where no policy sets one (`--retention`; `None`: keep everything).
+    pub retention_default: Option<Duration>,
+}
+
+impl Shared {
+    /// The effective policy of `vm`.
+    pub(crate) fn policy_of(&self, vm: &str) -> policy::Policy {
+        effective(
+            &self.policies.lock().expect("policies lock"),
+            vm,
+            self.retention_default,
+        )
+    }
+}
+
+/// `vm`'s effective policy with the server's default retention (`None`: forever).
+fn effective(p: &policy::Policies, vm: &str, retention: Option<Duration>) -> policy::Policy {
+    p.effective(Some(vm), retention.unwrap_or(Duration::MAX))
+}
+
+/// What retention keeps of `vm`'s points.
+fn rules(
+    p: &policy::Policies,
+    vm: &str,
+    retention: Option<Duration>,
+) -> ferry_apply::retention::Rules {
+    let e = effective(p, vm, retention);
+    ferry_apply::retention::Rules {
+        retention: e.retention,
+        app_retention: e.app_retention,
+        thin: e.thin.iter().map(|t| (t.within, t.every)).collect(),
+    }
 }
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
@@ -326,6 +361,12 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         board.quarantined(&vm, Some(q.reason));
     }
     seed_throttles(&o.state_dir, &o.initial_throttles)?;
+    let policies = Arc::new(Mutex::new(policy::load(&o.state_dir).map_err(|e| {
+        ServeError::Io {
+            what: "cannot read the replication policy".into(),
+            source: std::io::Error::other(e),
+        }
+    })?));
     let pacer = Arc::new(pacer::Pacer::default());
     // The throttles in effect from the start (a bad file stops the start: the operator meant
     // something by it).
@@ -358,6 +399,8 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         gate: Default::default(),
         pacer: pacer.clone(),
         events: recorder.clone(),
+        policies: policies.clone(),
+        retention_default: o.retention,
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
 
@@ -380,6 +423,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             },
             blobs,
             retention: o.retention,
+            policies: policies.clone(),
             board: &board,
             held: &held,
             quarantine: &quarantine,
@@ -409,6 +453,9 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         s.spawn(move || conn::watch_control(&watched, finished));
         s.spawn(move || throttles.run(finished));
         s.spawn(move || event_writer.run(finished));
+        let watched = Arc::downgrade(&shared);
+        let state_dir = o.state_dir.clone();
+        s.spawn(move || watch_policy(&watched, &state_dir, finished));
         rt.block_on(accept_loop(listener, acceptor, shared, stop));
         // Connections still open are dropped with the runtime; their unacked records are the
         // agents' to send again.
@@ -475,6 +522,56 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
 
 /// See [`listen`].
 const LISTEN_BACKLOG: u32 = 4096;
+
+/// Re-reads `policy.json` when it changes: the new policy applies to retention at its next check,
+/// and each connected agent whose cut intervals change is told them at once.
+fn watch_policy(shared: &std::sync::Weak<Shared>, state_dir: &Path, finished: &AtomicBool) {
+    let mut stamp = policy::stamp(state_dir);
+    let mut failing = false;
+    while !finished.load(Ordering::Relaxed) {
+        std::thread::sleep(control::WATCH_EVERY);
+        let now = policy::stamp(state_dir);
+        if now == stamp {
+            continue;
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let new = match policy::load(state_dir) {
+            Ok(p) => p,
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "cannot read the replication policy; keeping the one in effect");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        failing = false;
+        stamp = now;
+        let old = std::mem::replace(
+            &mut *shared.policies.lock().expect("policies lock"),
+            new.clone(),
+        );
+        tracing::info!("replication policy changed (ferry policy set)");
+        shared.events.record(events::Event::new(
+            "policy",
+            None,
+            "the running server applies the changed replication policy",
+        ));
+        let vms = shared.vms.lock().expect("vms lock");
+        for (vm, slot) in vms.iter() {
+            let before = effective(&old, vm, shared.retention_default).wire();
+            let after = effective(&new, vm, shared.retention_default).wire();
+            if before != after {
+                let _ = slot.ctl.send(ferry_wire::Message::Policy {
+                    crash_every_ms: after.0,
+                    app_every_ms: after.1,
+                });
+            }
+        }
+    }
+}
 
 /// Writes the config file's throttles as the first `throttle.json` (none there yet).
 fn seed_throttles(
@@ -682,6 +779,7 @@ struct Drain<'a> {
     cfg: PipelineConfig,
     blobs: Option<ferry_azure::AzureBlobs>,
     retention: Option<Duration>,
+    policies: Arc<Mutex<policy::Policies>>,
     board: &'a board::Board,
     held: &'a held::Held,
     quarantine: &'a Quarantines,
@@ -800,15 +898,14 @@ impl<'a> Drain<'a> {
                     self.committed(&mut p);
                     return Ok(());
                 }
-                if let Some(r) = self.retention.filter(|_| Instant::now() >= next_check) {
-                    next_check =
-                        Instant::now() + (r / 4).clamp(RETENTION_CHECK_MIN, RETENTION_CHECK_MAX);
-                    if self.any_expired(r)? {
+                if Instant::now() >= next_check {
+                    next_check = Instant::now() + self.check_every();
+                    if self.any_expired()? {
                         // The applier caches manifests and replicas: prune with no applier alive (as
                         // `replicate` does between runs), then start a new one, which replays any
                         // open run from the journal exactly as after a restart.
                         drop(p);
-                        self.prune(r);
+                        self.prune();
                         p = self.pipeline()?;
                     }
                 }
@@ -821,8 +918,34 @@ impl<'a> Drain<'a> {
         r
     }
 
-    /// Whether some VM has a point older than `retention` (other than its newest).
-    fn any_expired(&self, retention: Duration) -> Result<bool, PipelineError> {
+    /// How often retention is checked: a quarter of the shortest retention or thinning bucket
+    /// any policy sets, between [`RETENTION_CHECK_MIN`] and [`RETENTION_CHECK_MAX`].
+    fn check_every(&self) -> Duration {
+        let p = self.policies.lock().expect("policies lock");
+        let mut shortest = self.retention.unwrap_or(RETENTION_CHECK_MAX * 4);
+        let vms: Vec<Option<&str>> = std::iter::once(None)
+            .chain(p.vms.keys().map(|v| Some(v.as_str())))
+            .collect();
+        for vm in vms {
+            let e = p.effective(vm, self.retention.unwrap_or(Duration::MAX));
+            shortest = shortest.min(e.retention).min(e.app_retention);
+            for t in &e.thin {
+                shortest = shortest.min(t.every.unwrap_or(t.within));
+            }
+        }
+        (shortest / 4).clamp(RETENTION_CHECK_MIN, RETENTION_CHECK_MAX)
+    }
+
+    fn rules_of(&self, vm: &str) -> ferry_apply::retention::Rules {
+        rules(
+            &self.policies.lock().expect("policies lock"),
+            vm,
+            self.retention,
+        )
+    }
+
+    /// Whether the policy removes some point of some VM now.
+    fn any_expired(&self) -> Result<bool, PipelineError> {
         let now = std::time::SystemTime::now();
         let pins = ferry_store::readers::live_pins(self.store.root())?;
         for vm in ferry_store::list_vms_at(self.store.root())? {
@@ -832,7 +955,7 @@ impl<'a> Drain<'a> {
             }
             if let Some(m) = self.store.load_manifest(&vm)? {
                 let pin = pins.get(&vm).copied();
-                if !ferry_apply::retention::expired_pinned(&m, retention, now, pin).is_empty() {
+                if !ferry_apply::retention::plan(&m, &self.rules_of(&vm), now, pin).is_empty() {
                     return Ok(true);
                 }
             }
@@ -840,13 +963,15 @@ impl<'a> Drain<'a> {
         Ok(false)
     }
 
-    /// Prunes expired points and the segments only they needed. A failure is logged and tried
-    /// again at the next check: retention must not stop ingest.
-    fn prune(&self, retention: Duration) {
+    /// Prunes what the policy removes and the segments only those points needed. A failure is
+    /// logged and tried again at the next check: retention must not stop ingest.
+    fn prune(&self) {
+        let rules = |vm: &str| self.rules_of(vm);
         let r = match &self.blobs {
-            None => ferry_apply::retention::prune(self.store, retention).map_err(|e| e.to_string()),
+            None => ferry_apply::retention::prune_with(self.store, &rules, &mut |_, _, _| Ok(true))
+                .map_err(|e| e.to_string()),
             Some(b) => {
-                ferry_job::azure::prune(self.store, b, retention, false).map_err(|e| e.to_string())
+                ferry_job::azure::prune_by(self.store, b, &rules, false).map_err(|e| e.to_string())
             }
         };
         match r {

@@ -46,7 +46,61 @@ pub struct StatusFile {
     pub cache_size_bytes: u64,
     /// Points older than this are pruned; `null`: kept forever.
     pub retention_seconds: Option<u64>,
+    /// Server-wide health conditions that hold now (see docs/OPERATIONS.md#health).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The appliance's CPU and memory.
+    #[serde(default)]
+    pub host: Option<Host>,
+    /// Bytes per second the drain (cache → store) took over the last minute.
+    #[serde(default)]
+    pub drain_rate_bytes_per_second: f64,
+    /// The Prometheus endpoint, if one is served.
+    #[serde(default)]
+    pub metrics_url: Option<String>,
     pub vms: Vec<VmStatus>,
+}
+
+/// One health condition that holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    /// `rpo_over_threshold`, `cache_free_space`, `cpu`, `memory`, `upload_backlog`,
+    /// `agent_disconnected`, `no_recovery_point`, `app_point_overdue`, `resync_in_progress`,
+    /// `vm_quarantined`, `server_not_running`.
+    pub name: String,
+    /// `warning` or `critical`.
+    pub level: String,
+    /// What holds and what to do, for a person.
+    pub message: String,
+}
+
+/// The appliance's load.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    /// All cores, averaged over the last minute.
+    pub cpu_percent: f64,
+    /// (MemTotal − MemAvailable) / MemTotal.
+    pub memory_percent: f64,
+    /// Free space of the cache: what the quota and its file system both still allow, as a
+    /// percentage of the quota.
+    pub cache_free_percent: f64,
+}
+
+/// A VM's cut intervals, as its agent reported them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Intervals {
+    pub crash_every_seconds: f64,
+    /// `null`: app-consistent points only on demand.
+    pub app_every_seconds: Option<f64>,
+    /// `agent` (its own config) or `server` (the policy).
+    pub from: String,
+}
+
+/// Something that happened, with why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Note {
+    pub time: String,
+    pub why: String,
 }
 
 /// One VM the server has seen since it started, or that has points in the store.
@@ -79,6 +133,31 @@ pub struct VmStatus {
     #[serde(default)]
     pub ingest_limit_bytes_per_second: Option<u64>,
     pub last_point: Option<PointRef>,
+    /// The newest app-consistent point.
+    #[serde(default)]
+    pub last_app_point: Option<PointRef>,
+    /// When this server process first saw the VM.
+    #[serde(default)]
+    pub first_seen: Option<String>,
+    #[serde(default)]
+    pub intervals: Option<Intervals>,
+    /// A resync in progress (the agent reads and compares whole disks; no point until done).
+    #[serde(default)]
+    pub resync: Option<Note>,
+    #[serde(default)]
+    pub last_abandoned_cut: Option<Note>,
+    /// Age of the newest point (`null`: none yet).
+    #[serde(default)]
+    pub rpo_seconds: Option<f64>,
+    /// Write bytes per second received over the last status interval.
+    #[serde(default)]
+    pub rate_in_bytes_per_second: f64,
+    /// The backlog over the drain rate (`null`: no backlog, or nothing drains).
+    #[serde(default)]
+    pub backlog_eta_seconds: Option<f64>,
+    /// Health conditions of this VM that hold now.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
     pub disks: Vec<DiskStatus>,
 }
 

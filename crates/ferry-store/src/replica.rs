@@ -426,11 +426,14 @@ impl Replica {
         Ok(())
     }
 
-    /// Removes undo deltas of points that no longer exist (`keep`: the point seqs that include this
-    /// disk), except those a reader of pinned point `pinned` still needs (every seq >= it). Pruning is
-    /// oldest-first by seq, so no retained point ever needs a removed delta.
+    /// Removes the undo deltas no retained point needs: those older than the oldest point in
+    /// `keep` (the point seqs that include this disk) and than `pinned` (a reader of that point
+    /// needs every seq >= it). The page of point S is found in the oldest undo with seq >= S, so
+    /// an undo between two retained points stays even when its own point was pruned (thinning):
+    /// an older retained point still reads through it.
     pub fn gc_undo(&self, keep: &[u64], pinned: Option<u64>) -> Result<(), StoreError> {
         let d = self.dir.join("undo");
+        let oldest = keep.iter().min().copied();
         for e in fs::read_dir(&d).map_err(io(&d, "list"))? {
             let e = e.map_err(io(&d, "list"))?;
             let seq = e
@@ -439,7 +442,9 @@ impl Replica {
                 .and_then(|n| n.strip_suffix(".delta"))
                 .and_then(|n| n.parse::<u64>().ok());
             if let Some(s) = seq {
-                if !keep.contains(&s) && s < self.header.generation && pinned.is_none_or(|p| s < p)
+                if s < self.header.generation
+                    && oldest.is_none_or(|o| s < o)
+                    && pinned.is_none_or(|p| s < p)
                 {
                     let _ = fs::remove_file(e.path());
                 }

@@ -5,7 +5,7 @@ use crate::WireError;
 /// First 4 bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FWIR";
 /// The wire version this Ferry speaks (the only one it reads).
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// The version of `Hello` and `HelloAck` frames (and of a `Refused` sent before a version is
 /// agreed): always 1, so that any Ferry can read them and say "upgrade".
 pub const HELLO_VERSION: u8 = 1;
@@ -107,6 +107,11 @@ msg_types! {
     CutDone = 35,
     /// PS → agent: the tag of a run became a point in the store (its id).
     Point = 36,
+    /// PS → agent: the replication policy's cut intervals for the VM (version 4).
+    Policy = 37,
+    /// agent → PS: something the operator should know (a cut and its freeze time, a cut
+    /// abandoned, a hook failure, a resync); not a record (version 4).
+    Notice = 40,
     /// either way: liveness probe.
     Ping = 48,
     /// either way: answer to a ping.
@@ -213,11 +218,11 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(1, 2), None);
-        assert_eq!(negotiate(1, 9), Some(3));
-        assert_eq!(negotiate(3, 3), Some(3));
-        assert_eq!(negotiate(4, 9), None);
-        assert_eq!(negotiate(3, 1), None);
+        assert_eq!(negotiate(1, 3), None);
+        assert_eq!(negotiate(1, 9), Some(4));
+        assert_eq!(negotiate(4, 4), Some(4));
+        assert_eq!(negotiate(5, 9), None);
+        assert_eq!(negotiate(4, 1), None);
         assert_eq!(negotiate(0, 0), None);
     }
 

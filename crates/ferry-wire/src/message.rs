@@ -58,6 +58,40 @@ pub const MAX_DISKS: usize = 256;
 /// and a 512-byte footer) fits the largest Azure page blob (8 TiB).
 pub const MAX_DISK_SIZE: u64 = (8 << 40) - (1 << 20);
 
+/// Kinds of [`Message::Notice`].
+pub mod notice {
+    /// A point was cut: `freeze_us` is the freeze window, `text` the point kind (`crash`|`app`).
+    pub const CUT: u8 = 1;
+    /// A cut was abandoned (no point); `text` says why.
+    pub const CUT_ABANDONED: u8 = 2;
+    /// A hook failed (the point was downgraded or the hook's post step failed); `text` says which.
+    pub const HOOK_FAILED: u8 = 3;
+    /// A resync started: every chunk of a disk is read and compared; `text` says why.
+    pub const RESYNC: u8 = 4;
+    /// The agent's cut intervals now: `text` is `CRASH_MS APP_MS|off SOURCE` (source `agent` or
+    /// `server`); sent at each connection and when they change.
+    pub const INTERVALS: u8 = 5;
+    /// The highest kind this version knows.
+    pub const MAX: u8 = INTERVALS;
+
+    /// The kind's name, as events and docs spell it.
+    pub fn name(kind: u8) -> &'static str {
+        match kind {
+            CUT => "cut",
+            CUT_ABANDONED => "cut_abandoned",
+            HOOK_FAILED => "hook",
+            RESYNC => "resync",
+            INTERVALS => "intervals",
+            _ => "unknown",
+        }
+    }
+}
+
+/// [`Message::Policy`]: leave the agent's own interval.
+pub const POLICY_OWN: u64 = 0;
+/// [`Message::Policy`]: no app-consistent points on a schedule.
+pub const POLICY_OFF: u64 = u64::MAX;
+
 /// Refusal codes carried by [`Message::Refused`].
 pub mod refuse {
     /// No wire version in common (the message names both ranges).
@@ -196,6 +230,18 @@ pub enum Message {
     Pong {
         token: u64,
     },
+    /// Cut intervals in milliseconds; [`POLICY_OWN`]: the agent's own (its config);
+    /// `app_every_ms` [`POLICY_OFF`]: no scheduled app-consistent points.
+    Policy {
+        crash_every_ms: u64,
+        app_every_ms: u64,
+    },
+    /// `kind` from [`notice`]; `freeze_us` for a cut, else 0.
+    Notice {
+        kind: u8,
+        freeze_us: u64,
+        text: String,
+    },
 }
 
 impl Message {
@@ -231,6 +277,8 @@ impl Message {
             Message::CutRequest { .. } => MsgType::CutRequest,
             Message::CutDone { .. } => MsgType::CutDone,
             Message::Point { .. } => MsgType::Point,
+            Message::Policy { .. } => MsgType::Policy,
+            Message::Notice { .. } => MsgType::Notice,
             Message::Ping { .. } => MsgType::Ping,
             Message::Pong { .. } => MsgType::Pong,
         }
@@ -421,6 +469,22 @@ impl Message {
                 put_name(out, ty, "point id", id)?;
             }
             Message::Ping { token } | Message::Pong { token } => out.put_u64(*token),
+            Message::Policy {
+                crash_every_ms,
+                app_every_ms,
+            } => {
+                out.put_u64(*crash_every_ms);
+                out.put_u64(*app_every_ms);
+            }
+            Message::Notice {
+                kind,
+                freeze_us,
+                text,
+            } => {
+                out.put_u8(*kind);
+                out.put_u64(*freeze_us);
+                put_text(out, ty, "text", text, MAX_TEXT)?;
+            }
         }
         Ok(&[])
     }
@@ -586,6 +650,18 @@ impl Message {
             },
             MsgType::Ping => Message::Ping { token: f.u64()? },
             MsgType::Pong => Message::Pong { token: f.u64()? },
+            MsgType::Policy => Message::Policy {
+                crash_every_ms: f.u64()?,
+                app_every_ms: f.u64()?,
+            },
+            MsgType::Notice => Message::Notice {
+                kind: match f.u8()? {
+                    k @ 1..=notice::MAX => k,
+                    k => return Err(f.malformed(format!("notice kind {k} is unknown"))),
+                },
+                freeze_us: f.u64()?,
+                text: f.text("text", MAX_TEXT)?,
+            },
         };
         let extra = f.r.remaining();
         if extra != 0 {

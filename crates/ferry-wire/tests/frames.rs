@@ -115,6 +115,15 @@ fn samples() -> Vec<Message> {
         },
         Message::Ping { token: 77 },
         Message::Pong { token: 77 },
+        Message::Policy {
+            crash_every_ms: 30_000,
+            app_every_ms: ferry_wire::POLICY_OFF,
+        },
+        Message::Notice {
+            kind: ferry_wire::notice::CUT,
+            freeze_us: 4_200,
+            text: "app".into(),
+        },
     ];
     let mut types: Vec<MsgType> = v.iter().map(|m| m.ty()).collect();
     types.dedup();
@@ -592,6 +601,17 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<[u8; 16]>(), name()).prop_map(|(run, id)| Message::Point { run, id }),
         any::<u64>().prop_map(|token| Message::Ping { token }),
         any::<u64>().prop_map(|token| Message::Pong { token }),
+        (any::<u64>(), any::<u64>()).prop_map(|(crash_every_ms, app_every_ms)| Message::Policy {
+            crash_every_ms,
+            app_every_ms
+        }),
+        (1..=ferry_wire::notice::MAX, any::<u64>(), ".{0,100}").prop_map(
+            |(kind, freeze_us, text)| Message::Notice {
+                kind,
+                freeze_us,
+                text
+            }
+        ),
     ]
 }
 

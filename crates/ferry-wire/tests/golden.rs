@@ -1,5 +1,5 @@
 //! Golden vectors: fixed bytes for a few messages, laid out field by field as `docs/WIRE.md` says.
-//! Header checksums were checked independently (`b3sum`; Python's `blake3` for the version-3
+//! Header checksums were checked independently (`b3sum`; Python's `blake3` for the version-4
 //! frames): the first 4 bytes of blake3 of the header's first 12 bytes. A change here is a wire format change: it needs a new version.
 
 use ferry_wire::{
@@ -11,7 +11,7 @@ fn hex_of(parts: &[&str]) -> Vec<u8> {
 }
 
 fn check(m: Message, bytes: Vec<u8>) {
-    // Hello and HelloAck always travel in version-1 frames; everything else in version 3.
+    // Hello and HelloAck always travel in version-1 frames; everything else in version 4.
     let version = match m.ty() {
         MsgType::Hello | MsgType::HelloAck => HELLO_VERSION,
         _ => WIRE_VERSION,
@@ -38,11 +38,11 @@ fn ping() {
         },
         hex_of(&[
             "46574952", // magic "FWIR"
-            "03",       // version 3
+            "04",       // version 4
             "30",       // type 48 = Ping
             "0000",     // flags
             "08000000", // payload length 8
-            "daf78417", // header checksum
+            "0708f083", // header checksum
             "0807060504030201",
         ]),
     );
@@ -54,11 +54,11 @@ fn ack() {
         Message::Ack { seq: 42 },
         hex_of(&[
             "46574952",
-            "03",
+            "04",
             "20",
             "0000",
             "08000000",
-            "22541167",         // header, type 32
+            "ea6b432b",         // header, type 32
             "2a00000000000000", // seq 42
         ]),
     );
@@ -93,11 +93,11 @@ fn write() {
         Message::write(7, "sda", 65536, b"hello".to_vec()),
         hex_of(&[
             "46574952",
-            "03",
+            "04",
             "11",
             "0000",
             "3a000000",
-            "ff7032df",         // header, type 17, 58 bytes
+            "c2c8ef88",         // header, type 17, 58 bytes
             "0700000000000000", // seq 7
             "0300",
             "736461",           // disk "sda"
@@ -127,11 +127,11 @@ fn tag() {
         },
         hex_of(&[
             "46574952",
-            "03",
+            "04",
             "14",
             "0000",
             "50000000",
-            "2ade109b",                         // header, type 20, 80 bytes
+            "039622e4",                         // header, type 20, 80 bytes
             "0900000000000000",                 // seq 9
             "11111111111111111111111111111111", // run id
             "00ca9a3b00000000",                 // time_ns 1e9
@@ -158,15 +158,58 @@ fn auth() {
         },
         hex_of(&[
             "46574952",
-            "03",
+            "04",
             "05", // type 5 = Auth
             "0000",
             "90000000", // payload length 144
-            "214be442",
+            "265657c9",
             &"11".repeat(16),
             &"22".repeat(32),
             &"33".repeat(64),
             &"44".repeat(32),
+        ]),
+    );
+}
+
+#[test]
+fn policy() {
+    check(
+        Message::Policy {
+            crash_every_ms: 30_000,
+            app_every_ms: ferry_wire::POLICY_OFF,
+        },
+        hex_of(&[
+            "46574952",
+            "04",
+            "25", // type 37 = Policy
+            "0000",
+            "10000000",
+            "a82f1c34",         // header checksum (Python's blake3)
+            "3075000000000000", // crash every 30000 ms
+            "ffffffffffffffff", // app: off
+        ]),
+    );
+}
+
+#[test]
+fn notice() {
+    check(
+        Message::Notice {
+            kind: ferry_wire::notice::CUT,
+            freeze_us: 4200,
+            text: "app".into(),
+        },
+        hex_of(&[
+            "46574952",
+            "04",
+            "28", // type 40 = Notice
+            "0000",
+            "0e000000",
+            "526ba3ac",         // header checksum (Python's blake3)
+            "01",               // kind 1 = cut
+            "6810000000000000", // freeze 4200 µs
+            "0300",             // text length 3 (u16)
+            "617070",           // "app"
         ]),
     );
 }

@@ -143,16 +143,16 @@ async fn hello(
     let (mut r, mut w) = (AsyncFrameReader::new(rd), AsyncFrameWriter::new(wr));
     w.send(&Message::Hello {
         min_version: 1,
-        max_version: 4,
+        max_version: 5,
         software: "ferry-agent test".into(),
     })
     .await
     .unwrap();
     w.flush().await.unwrap();
-    let Some(Message::HelloAck { version: 3, nonce }) = r.read().await.unwrap() else {
+    let Some(Message::HelloAck { version: 4, nonce }) = r.read().await.unwrap() else {
         panic!("no HelloAck")
     };
-    assert!(r.set_version(3) && w.set_version(3));
+    assert!(r.set_version(4) && w.set_version(4));
     (r, w, nonce, binding)
 }
 
