@@ -1782,6 +1782,8 @@ mod tests {
             .unwrap()
     }
 
+    static NEVER_STOP: AtomicBool = AtomicBool::new(false);
+
     fn engine<'a>(o: &'a AgentOptions, disks: Vec<Disk>) -> (Engine<'a>, mpsc::Receiver<Rec>) {
         let (tx, rx) = mpsc::channel(1024);
         let e = Engine {
@@ -1801,6 +1803,12 @@ mod tests {
             scan_from: Vec::new(),
             resyncing: None,
             stats: Arc::new(ShipStats::default()),
+            stop: &NEVER_STOP,
+            crash_every: o.crash_interval,
+            app_every: o.app_interval,
+            intervals_from: "agent",
+            intervals_changed: false,
+            disconnected: None,
         };
         (e, rx)
     }

@@ -35,7 +35,7 @@ ferry points list --store ./store                   # what can be restored\n  \
 ferry restore --store ./store --point latest --out restored.img --verify\n\n\
 Everything in a store is encrypted with a master key (--key-file; created on first use, mode 0600). \
 Keep a copy of it: without it nothing can be restored.",
-    after_help = "Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage."
+    after_help = "Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage, 3 `ferry status`: a critical condition holds."
 )]
 struct Cli {
     /// Log as JSON lines (for journald / log shippers) instead of text.
@@ -80,11 +80,23 @@ enum Cmd {
     ///   ferry serve --listen 0.0.0.0:7443 --store ./store --cache-dir ./cache --state-dir ./ps
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
-    /// Per VM and disk: state, RPO, backlog, last points — from the process server's status file
-    /// and the store's manifests.
+    /// Health, and per VM and disk: state, RPO, backlog and its ETA, rates, last points, and the
+    /// health conditions that hold — from the process server's status file and the store's
+    /// manifests.
     ///
     /// RPO is the time since the newest recovery point. Reads STATE_DIR/status.json, which a
-    /// running `ferry serve` rewrites every second; an older file means the server is not running.
+    /// running `ferry serve` rewrites every second (an older file whose process still runs is
+    /// reported as running but not writing its status).
+    ///
+    /// Exit status: 0 healthy or warnings only, 3 while a critical condition holds (an RPO over
+    /// twice its threshold, a quarantined VM, the server not running, … see docs/OPERATIONS.md),
+    /// 1 and 2 on errors. Monitoring can run `ferry status >/dev/null || alert`.
+    ///
+    /// Examples:
+    ///   ferry status
+    ///   ferry status --watch
+    ///   ferry status --json | jq '.vms[] | {vm, rpo_seconds, conditions}'
+    #[command(verbatim_doc_comment)]
     Status(StatusArgs),
     /// The registration passphrase agents need (`ferry-agent register --passphrase-file`).
     Passphrase {
@@ -592,7 +604,11 @@ fn main() -> ExitCode {
         Cmd::Passphrase {
             cmd: PassphraseCmd::Show { state_dir, config },
         } => return server::passphrase_show(state_dir, config),
-        Cmd::Status(a) => server::status_cmd(a),
+        Cmd::Status(a) => match server::status_cmd(a) {
+            Ok(server::StatusOutcome::Ok) => Ok(()),
+            Ok(server::StatusOutcome::Critical) => return ExitCode::from(3),
+            Err(e) => Err(e),
+        },
         Cmd::Passphrase {
             cmd: PassphraseCmd::Rotate { at },
         } => admin::passphrase_rotate(at.state_dir, at.config),

@@ -39,6 +39,12 @@ pub(crate) struct StatusArgs {
     /// One JSON object on stdout (fields in docs/OPERATIONS.md).
     #[arg(long)]
     json: bool,
+    /// Show it again every --interval until Ctrl-C (with --json: one object per interval).
+    #[arg(long)]
+    watch: bool,
+    /// How often --watch refreshes.
+    #[arg(long, default_value = "2s", value_parser = units::parse_interval)]
+    interval: std::time::Duration,
     #[command(flatten)]
     config: ConfigArg,
 }
@@ -174,9 +180,9 @@ pub(crate) fn serve(a: ServeArgs, cfg: config::Loaded, log_json: bool) -> ExitCo
     }
 }
 
-pub(crate) fn status_cmd(a: StatusArgs) -> Result<(), JobError> {
+pub(crate) fn status_cmd(a: StatusArgs) -> Result<StatusOutcome, JobError> {
     let cfg = a.config.load()?;
-    let state_dir = server_state_dir(a.state_dir.or(cfg.serve.state_dir));
+    let state_dir = server_state_dir(a.state_dir.clone().or(cfg.serve.state_dir));
     let now = std::time::SystemTime::now();
     let server = status::read_server(&state_dir, now);
     let store = match a.store {
@@ -195,14 +201,37 @@ pub(crate) fn status_cmd(a: StatusArgs) -> Result<(), JobError> {
             server.problem.as_deref().unwrap_or("no status file")
         )));
     }
-    let manifests = store.as_ref().map(status::read_store);
-    let r = status::report(&server, store.as_ref().zip(manifests.as_ref()), now);
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
-    } else {
-        status::print_human(&r);
+    loop {
+        let now = std::time::SystemTime::now();
+        let server = status::read_server(&state_dir, now);
+        let manifests = store.as_ref().map(status::read_store);
+        let r = status::report(&server, store.as_ref().zip(manifests.as_ref()), now);
+        if a.watch && !a.json {
+            // Clear the screen, home the cursor.
+            print!("\x1b[2J\x1b[H");
+        }
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+        } else {
+            status::print_human(&r);
+        }
+        if !a.watch {
+            return Ok(if r["health"] == "critical" {
+                StatusOutcome::Critical
+            } else {
+                StatusOutcome::Ok
+            });
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(a.interval);
     }
-    Ok(())
+}
+
+/// What `ferry status` found: [`StatusOutcome::Critical`] exits 3.
+pub(crate) enum StatusOutcome {
+    Ok,
+    Critical,
 }
 
 /// `--state-dir`, else the config file's `[serve] state_dir`, else STATE_ROOT/server.

@@ -48,8 +48,22 @@ pub fn read_server(state_dir: &Path, now: SystemTime) -> ServerView {
         .as_ref()
         .and_then(|f| humantime::parse_rfc3339_weak(&f.written_at).ok())
         .map(|t| now.duration_since(t).unwrap_or_default());
-    let running =
-        file.as_ref().is_some_and(|f| f.running) && age.is_some_and(|a| a <= st::STALE_AFTER);
+    let fresh = age.is_some_and(|a| a <= st::STALE_AFTER);
+    // A stale file of a process that still runs is a server that cannot write its status (a full
+    // or read-only disk, a hang): running, and said so, never reported as stopped.
+    let alive = file
+        .as_ref()
+        .is_some_and(|f| f.running && !fresh && serve_alive(f.pid));
+    let running = file.as_ref().is_some_and(|f| f.running) && (fresh || alive);
+    let problem = match (problem, alive) {
+        (None, true) => Some(format!(
+            "ferry serve (pid {}) runs but has not written {} for {}s: its state directory may be full or read-only, or it hangs; see its log",
+            file.as_ref().map_or(0, |f| f.pid),
+            path.display(),
+            age.map_or(0, |a| a.as_secs())
+        )),
+        (p, _) => p,
+    };
     ServerView {
         path,
         file,
@@ -57,6 +71,17 @@ pub fn read_server(state_dir: &Path, now: SystemTime) -> ServerView {
         running,
         age,
     }
+}
+
+/// Whether `pid` is a running `ferry serve`.
+fn serve_alive(pid: u32) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    args.first()
+        .is_some_and(|a| a.ends_with(b"ferry") || a.ends_with(b"ferry (deleted)"))
+        && args.iter().any(|a| *a == b"serve")
 }
 
 /// Each VM's manifest, or why the store could not be read.
@@ -156,9 +181,24 @@ pub fn report(
                     );
                 }
             }
+            let conditions: Vec<Value> = match v {
+                Some(v) if server.running => v
+                    .conditions
+                    .iter()
+                    .map(|c| json!({"name": c.name, "level": c.level, "message": c.message}))
+                    .collect(),
+                _ => Vec::new(),
+            };
             json!({
                 "vm": name,
                 "state": state,
+                "conditions": conditions,
+                "rate_in_bytes_per_second": v.filter(|_| server.running).map(|v| v.rate_in_bytes_per_second.round()),
+                "backlog_eta_seconds": v.filter(|_| server.running).and_then(|v| v.backlog_eta_seconds.map(f64::round)),
+                "throttled": v.is_some_and(|v| v.throttled && server.running),
+                "intervals": v.and_then(|v| v.intervals.clone()),
+                "resync": v.and_then(|v| v.resync.clone()),
+                "last_abandoned_cut": v.and_then(|v| v.last_abandoned_cut.clone()),
                 "connected": server.running && v.is_some_and(|v| v.connected),
                 "agent": v.and_then(|v| v.agent.clone()),
                 "peer": v.and_then(|v| v.peer.clone()),
@@ -173,8 +213,44 @@ pub fn report(
             })
         })
         .collect();
+    let mut conditions: Vec<Value> = f
+        .filter(|_| server.running)
+        .map(|f| {
+            f.conditions
+                .iter()
+                .map(|c| json!({"name": c.name, "level": c.level, "message": c.message}))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let (true, Some(p)) = (server.running, &server.problem) {
+        conditions.push(json!({"name": "server_status_stale", "level": "warning", "message": p}));
+    }
+    if !server.running {
+        conditions.push(json!({
+            "name": "server_not_running",
+            "level": "critical",
+            "message": format!(
+                "ferry serve is not running ({}); agents cannot replicate: start it (systemctl start ferry-serve)",
+                server.problem.clone().unwrap_or_else(|| "its last status says it stopped".into())
+            ),
+        }));
+    }
+    let critical = conditions.iter().any(|c| c["level"] == "critical")
+        || vms.iter().any(|v| {
+            v["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["level"] == "critical"))
+        });
+    let warning = conditions.iter().any(|c| c["level"] == "warning")
+        || vms.iter().any(|v| {
+            v["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["level"] == "warning"))
+        });
     json!({
         "time": st::rfc3339(now),
+        "health": if critical { "critical" } else if warning { "warning" } else { "ok" },
+        "conditions": conditions,
         "server": {
             "running": server.running,
             "status_file": server.path,
@@ -188,6 +264,8 @@ pub fn report(
             "cache_used_bytes": f.map(|f| f.cache_used_bytes),
             "cache_size_bytes": f.map(|f| f.cache_size_bytes),
             "retention_seconds": f.and_then(|f| f.retention_seconds),
+            "host": f.filter(|_| server.running).and_then(|f| f.host.clone()),
+            "drain_rate_bytes_per_second": f.filter(|_| server.running).map(|f| f.drain_rate_bytes_per_second.round()),
         },
         "store": {
             "location": store.map(|(l, _)| location(l)),
@@ -243,6 +321,31 @@ pub fn print_human(r: &Value) {
         (Some(l), Some(e)) => println!("store {l}: cannot read its manifests: {e}"),
         _ => {}
     }
+    if let Some(h) = s["host"].as_object() {
+        println!(
+            "appliance: CPU {}%, memory {}%, cache {}% free; draining {}/s",
+            h["cpu_percent"],
+            h["memory_percent"],
+            h["cache_free_percent"],
+            units::human(s["drain_rate_bytes_per_second"].as_f64().unwrap_or(0.0) as u64)
+        );
+    }
+    let show = |c: &Value, indent: &str| {
+        println!(
+            "{indent}{} {}: {}",
+            c["level"].as_str().unwrap_or("?").to_uppercase(),
+            c["name"].as_str().unwrap_or("?"),
+            c["message"].as_str().unwrap_or("")
+        );
+    };
+    for c in r["conditions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        show(c, "");
+    }
+    println!("health: {}", r["health"].as_str().unwrap_or("?"));
     let vms = r["vms"].as_array().map(Vec::as_slice).unwrap_or_default();
     if vms.is_empty() {
         println!("no VMs yet");
@@ -283,6 +386,13 @@ pub fn print_human(r: &Value) {
             point(v),
             detail.trim_end_matches("; "),
         );
+        for c in v["conditions"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            show(c, "  ");
+        }
         if let Some(q) = v["quarantine"].as_str() {
             println!(
                 "  QUARANTINED: {q}\n  every other VM goes on; fix the cause, then: ferry vms release {}",

@@ -30,6 +30,7 @@ mod commit;
 mod conn;
 pub mod control;
 pub mod events;
+pub mod health;
 mod held;
 pub mod limits;
 pub mod metrics;
@@ -412,6 +413,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         stop.store(true, Ordering::Relaxed);
     };
     let finished = AtomicBool::new(false);
+    let drained = Arc::new(AtomicU64::new(0));
     std::thread::scope(|s| {
         let (store, cache, stop) = (&store, &cache, &stop);
         let drain = Drain {
@@ -424,6 +426,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             blobs,
             retention: o.retention,
             policies: policies.clone(),
+            drained: drained.clone(),
             board: &board,
             held: &held,
             quarantine: &quarantine,
@@ -447,7 +450,14 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         });
         let (board, finished, status_path) = (&board, &finished, &status_path);
         let pacer = &pacer;
-        s.spawn(move || status_loop(board, cache, pacer, status_path, finished));
+        let health = health::Health::new(
+            policies.clone(),
+            o.retention,
+            o.cache_dir.clone(),
+            drained.clone(),
+            recorder.clone(),
+        );
+        s.spawn(move || status_loop(board, cache, pacer, health, status_path, finished));
         // Weak: the committer ends when the last sender of its channel (in `Shared`) is gone.
         let watched = Arc::downgrade(&shared);
         s.spawn(move || conn::watch_control(&watched, finished));
@@ -738,6 +748,7 @@ fn status_loop(
     board: &board::Board,
     cache: &Cache,
     pacer: &pacer::Pacer,
+    mut health: health::Health,
     path: &Path,
     finished: &AtomicBool,
 ) {
@@ -754,6 +765,7 @@ fn status_loop(
                 }
             }
         }
+        health.evaluate(&mut snap);
         metrics::publish(&snap, std::time::SystemTime::now());
         match status::write_status(path, &snap) {
             Ok(()) => failing = false,
@@ -780,6 +792,8 @@ struct Drain<'a> {
     blobs: Option<ferry_azure::AzureBlobs>,
     retention: Option<Duration>,
     policies: Arc<Mutex<policy::Policies>>,
+    /// Chunk bytes the drain took from the cache (for the health's drain rate).
+    drained: Arc<AtomicU64>,
     board: &'a board::Board,
     held: &'a held::Held,
     quarantine: &'a Quarantines,
@@ -883,7 +897,8 @@ impl<'a> Drain<'a> {
                 self.committed(&mut p);
                 if Instant::now() >= next_metrics {
                     next_metrics = Instant::now() + Duration::from_secs(1);
-                    metrics::pipeline(&p.stats, &mut counted);
+                    let took = metrics::pipeline(&p.stats, &mut counted);
+                    self.drained.fetch_add(took, Ordering::Relaxed);
                     if let Some(b) = &self.blobs {
                         metrics::upload(&b.stats());
                     }

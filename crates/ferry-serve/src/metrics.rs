@@ -203,8 +203,12 @@ pub fn throttles(ingest: Option<u64>, upload: Option<u64>, vms: &[(String, Optio
     }
 }
 
-/// Adds what the pipeline did since `last` (its counters restart when it is rebuilt).
-pub fn pipeline(now: &ferry_pipeline::PipelineStats, last: &mut ferry_pipeline::PipelineStats) {
+/// Adds what the pipeline did since `last` (its counters restart when it is rebuilt); returns
+/// the chunk data bytes it took from the cache since.
+pub fn pipeline(
+    now: &ferry_pipeline::PipelineStats,
+    last: &mut ferry_pipeline::PipelineStats,
+) -> u64 {
     let d = |n: u64, l: u64| if n >= l { n - l } else { n };
     let restarted = now.records < last.records;
     let zero = ferry_pipeline::PipelineStats::default();
@@ -215,7 +219,9 @@ pub fn pipeline(now: &ferry_pipeline::PipelineStats, last: &mut ferry_pipeline::
     let saved = |s: &ferry_pipeline::PipelineStats| s.unique_bytes.saturating_sub(s.sealed_bytes);
     counter!(COMPRESSION_SAVED_BYTES).increment(d(saved(now), saved(last_ref)));
     counter!(STORED_BYTES).increment(d(now.segment_bytes, last_ref.segment_bytes));
+    let data = d(now.data_bytes, last_ref.data_bytes);
     *last = now.clone();
+    data
 }
 
 /// Publishes the Azure client's counters.
