@@ -55,8 +55,8 @@ impl Fields {
         }
         if let Some(v) = &self.retention {
             let d = duration("retention", v)?;
-            if d < Duration::from_secs(60) {
-                return Err(format!("retention {v}: at least 1m"));
+            if d < Duration::from_secs(10) {
+                return Err(format!("retention {v}: at least 10s"));
             }
         }
         if let Some(v) = &self.app_every {

@@ -1,0 +1,282 @@
+//! The operator's controls against a real `ferry serve` and a real `ferry-agent` (scan tracker on
+//! an image file): a policy change reaches a running agent (its cut interval), retention prunes by
+//! the policy and the points left restore exactly, health conditions and `ferry status`'s exit
+//! status follow what holds, and the agent answers and stops while its server is unreachable.
+//! Costs ~70 s.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{agent_bin, ferry, ok, spawn_serve, Env};
+use ferry_testkit::proc::Proc;
+
+fn state(env: &Env) -> std::path::PathBuf {
+    env.path("ps-state")
+}
+
+fn run(env: &Env, args: &[&str]) -> std::process::Output {
+    ferry()
+        .args(args)
+        .arg("--state-dir")
+        .arg(state(env))
+        .output()
+        .unwrap()
+}
+
+fn serve(env: &Env) -> (Proc, String) {
+    let mut c = ferry();
+    c.args(["serve", "--cache-size", "512MiB", "--store"])
+        .arg(env.store())
+        .arg("--key-file")
+        .arg(env.key())
+        .arg("--cache-dir")
+        .arg(env.path("ps-cache"))
+        .arg("--state-dir")
+        .arg(state(env));
+    spawn_serve(c, Some("127.0.0.1:0"), &env.path("serve.log"))
+}
+
+fn register(env: &Env, addr: &str) {
+    let pass = env.path("pass.txt");
+    let o = ferry()
+        .args(["passphrase", "show", "--state-dir"])
+        .arg(state(env))
+        .output()
+        .unwrap();
+    std::fs::write(&pass, &o.stdout).unwrap();
+    let o = Command::new(agent_bin())
+        .args(["register", "--server", addr, "--passphrase-file"])
+        .arg(&pass)
+        .arg("--state-dir")
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    ok(&o, "register");
+}
+
+/// A continuous agent for VM web01 on `disk` that cuts on its own only once an hour.
+fn agent(env: &Env, addr: &str, disk: &Path) -> Proc {
+    let mut c = Command::new(agent_bin());
+    c.env("FERRY_LOG", "info")
+        .args(["--server", addr, "--vm", "web01", "--tracker", "scan"])
+        .args(["--crash-interval", "1h", "--app-interval", "off", "--disk"])
+        .arg(disk)
+        .arg("--state-dir")
+        .arg(env.path("agent"));
+    Proc::spawn(c, &env.path("agent.log"))
+}
+
+fn points(env: &Env) -> Vec<serde_json::Value> {
+    let o = ferry()
+        .args(["points", "list", "--json", "--store"])
+        .arg(env.store())
+        .output()
+        .unwrap();
+    ok(&o, "points list");
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn status(env: &Env) -> (Option<i32>, serde_json::Value) {
+    let o = run(env, &["status", "--json"]);
+    (o.status.code(), serde_json::from_slice(&o.stdout).unwrap())
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_policy_reaches_the_running_agent_prunes_by_its_rules_and_health_follows() {
+    let env = Env::new();
+    std::fs::create_dir_all(state(&env)).unwrap();
+    let (mut srv, addr) = serve(&env);
+    register(&env, &addr);
+    let disk = env.path("disk.img");
+    std::fs::File::create(&disk).unwrap();
+    common::write_random(&disk, &mut common::Rng(5), 0, 4 << 20);
+    let mut a = agent(&env, &addr, &disk);
+    // Without a policy the agent keeps its own hour: no point for a while.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(points(&env).is_empty());
+    let (_, st) = status(&env);
+    let vm = &st["vms"][0];
+    assert_eq!(vm["intervals"]["from"], "agent", "{st:#}");
+    assert_eq!(vm["intervals"]["crash_every_seconds"], 3600.0);
+    assert!(
+        vm["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "no_recovery_point" && c["level"] == "warning"),
+        "{vm:#}"
+    );
+
+    // The server's policy takes over the crash interval within a second of the change.
+    ok(
+        &run(&env, &["policy", "set", "--vm", "web01", "--crash-every", "10s"]),
+        "policy set",
+    );
+    let set = Instant::now();
+    wait_for("two points at the policy's interval", Duration::from_secs(40), || {
+        points(&env).len() >= 2
+    });
+    let took = set.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "two 10 s points took {took:?}"
+    );
+    let (_, st) = status(&env);
+    assert_eq!(st["vms"][0]["intervals"]["from"], "server", "{st:#}");
+    assert_eq!(st["vms"][0]["intervals"]["crash_every_seconds"], 10.0);
+    let o = Command::new(agent_bin())
+        .args(["status", "--state-dir"])
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    ok(&o, "ferry-agent status");
+    let ast: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ast["connected"], true, "{ast:#}");
+    assert_eq!(ast["intervals_from"], "server");
+    assert_eq!(ast["crash_every_seconds"], 10);
+    assert!(ast["last_point"]["id"].is_string(), "{ast:#}");
+
+    // Three points at least, then a 15 s retention: a dry run lists what goes, nothing goes.
+    wait_for("a third point", Duration::from_secs(30), || points(&env).len() >= 3);
+    std::thread::sleep(Duration::from_secs(16));
+    let before = points(&env);
+    let o = ferry()
+        .args(["policy", "set", "--retention", "15s", "--dry-run", "--state-dir"])
+        .arg(state(&env))
+        .output()
+        .unwrap();
+    ok(&o, "policy set --dry-run");
+    let dry: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let gone = dry["next_prune"]["web01"]["would_remove"].as_array().unwrap().clone();
+    assert!(!gone.is_empty(), "{dry:#}");
+    assert!(
+        gone.iter().all(|g| g["why"] == "older than the retention"),
+        "{dry:#}"
+    );
+    // Never the newest.
+    let newest = before.iter().map(|p| p["id"].as_str().unwrap()).max().unwrap();
+    assert!(gone.iter().all(|g| g["id"] != newest));
+    std::thread::sleep(Duration::from_secs(5));
+    let still: Vec<String> = points(&env)
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        gone.iter().all(|g| still.iter().any(|s| g["id"] == s.as_str())),
+        "a dry run removed points"
+    );
+    assert!(before.len() >= 3);
+    ok(&run(&env, &["policy", "set", "--retention", "15s"]), "policy set");
+    let ids: Vec<String> = gone.iter().map(|g| g["id"].as_str().unwrap().to_owned()).collect();
+    wait_for("the prune", Duration::from_secs(20), || {
+        let now: Vec<String> = points(&env)
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.iter().all(|i| !now.contains(i))
+    });
+    // The oldest point left restores exactly what the agent read then: the image has not changed
+    // since the first point, so every point is the image.
+    let left = points(&env);
+    let oldest = left.iter().map(|p| p["id"].as_str().unwrap()).min().unwrap().to_owned();
+    let out = env.path("restored.img");
+    let o = ferry()
+        .args(["restore", "--point", &oldest, "--verify", "--store"])
+        .arg(env.store())
+        .arg("--key-file")
+        .arg(env.key())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    ok(&o, "restore");
+    assert!(common::same_bytes(&disk, &out));
+    let o = run(&env, &["events", "--kind", "prune", "--json"]);
+    ok(&o, "events");
+    let ev: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(ev.iter().any(|e| e["vm"] == "web01"), "{ev:#?}");
+
+    // Health: an RPO threshold far below the points' cadence is critical, and `ferry status` says
+    // so in its exit status; relaxed again, it clears.
+    ok(&run(&env, &["policy", "set", "--rpo-threshold", "1s", "--crash-every", "1h", "--vm", "web01"]), "policy set");
+    wait_for("a critical RPO", Duration::from_secs(15), || {
+        let (code, st) = status(&env);
+        code == Some(3)
+            && st["vms"][0]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == "rpo_over_threshold" && c["level"] == "critical")
+    });
+    ok(&run(&env, &["policy", "set", "--rpo-threshold", "1h", "--vm", "web01"]), "policy set");
+    wait_for("health ok", Duration::from_secs(15), || status(&env).0 == Some(0));
+    let o = run(&env, &["events", "--kind", "health", "--vm", "web01", "--json"]);
+    let ev: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        ev.iter().any(|e| e["data"]["condition"] == "rpo_over_threshold" && e["data"]["level"] == "critical"),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter().any(|e| e["data"]["condition"] == "rpo_over_threshold" && e["data"]["level"] == "ok"),
+        "{ev:#?}"
+    );
+    a.term();
+    srv.term();
+    // Stopped: critical, exit 3, whatever the VMs.
+    let (code, st) = status(&env);
+    assert_eq!(code, Some(3), "{st:#}");
+    assert_eq!(st["conditions"][0]["name"], "server_not_running");
+}
+
+#[test]
+fn the_agent_answers_and_stops_while_its_server_is_unreachable() {
+    let env = Env::new();
+    std::fs::create_dir_all(state(&env)).unwrap();
+    let (mut srv, addr) = serve(&env);
+    register(&env, &addr);
+    srv.term();
+    let disk = env.path("disk.img");
+    std::fs::File::create(&disk).unwrap();
+    common::write_random(&disk, &mut common::Rng(9), 0, 1 << 20);
+    let mut a = agent(&env, &addr, &disk);
+    let sock = env.path("agent/agent.sock");
+    wait_for("the control socket", Duration::from_secs(10), || sock.exists());
+    let o = Command::new(agent_bin())
+        .args(["status", "--state-dir"])
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    ok(&o, "status while waiting");
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["connected"], false, "{st:#}");
+    assert_eq!(st["conditions"][0]["name"], "agent_disconnected");
+    let t = Instant::now();
+    let o = Command::new(agent_bin())
+        .args(["cut", "--timeout", "60s", "--state-dir"])
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not connected"), "{o:?}");
+    let t = Instant::now();
+    a.term();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
+    // Logs to a file carry no colour escapes.
+    assert!(!a.log_text().contains('\u{1b}'), "{}", a.log_text());
+}
