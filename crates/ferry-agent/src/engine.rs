@@ -93,6 +93,8 @@ pub struct AgentOptions {
     pub once: Option<PointKind>,
     /// How often the eBPF tracker is drained between cuts.
     pub drain_every: Duration,
+    /// `ferry-agent resync` asked before the server answered: done once it does.
+    pub resync_asked: Arc<AtomicBool>,
 }
 
 /// What a finished agent did (for `--once` output and logs).
@@ -494,6 +496,9 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         e.stats
             .notice(ferry_wire::notice::RESYNC, 0, &format!("at start: {why}"));
     }
+    if o.resync_asked.swap(false, Ordering::Relaxed) {
+        e.force_resync();
+    }
     if let Some(kind) = o.once {
         e.wants.push_back(Want { kind, reply: None });
     }
@@ -575,6 +580,7 @@ fn wait_for_holding(
     let server = &o.server;
     let started = Instant::now();
     let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let resync_asked = &o.resync_asked;
     let mut said = Instant::now();
     let mut last_error: Option<String> = None;
     loop {
@@ -607,7 +613,8 @@ fn wait_for_holding(
                         "{waiting}; no point can be made until it answers"
                     )));
                 }
-                Request::Resync => {}
+                // Done once the server answers (the agent resyncs then).
+                Request::Resync => resync_asked.store(true, Ordering::Relaxed),
             }
         }
         match events.recv_timeout(Duration::from_millis(100)) {
@@ -903,6 +910,13 @@ impl Engine<'_> {
                 let left: u64 = self.disks.iter().map(|d| d.todo.count()).sum();
                 if left > 0 {
                     tracing::info!(chunks_left = left, "reading changed chunks");
+                    let total: u64 = self
+                        .disks
+                        .iter()
+                        .map(|d| d.size.div_ceil(ferry_format::CHUNK_SIZE as u64))
+                        .sum();
+                    self.stats
+                        .notice(ferry_wire::notice::PROGRESS, 0, &format!("{left} {total}"));
                 }
                 last_log = Instant::now();
             }
@@ -1053,7 +1067,7 @@ impl Engine<'_> {
                 "message": format!("resync: {why}; no point until it is done"),
             }));
         }
-        let backlog: u64 = self.disks.iter().map(|d| d.todo.count() as u64).sum();
+        let backlog: u64 = self.disks.iter().map(|d| d.todo.count()).sum();
         serde_json::json!({
             "vm": self.o.vm,
             "server": self.o.server,
@@ -1754,6 +1768,7 @@ mod tests {
             crash_interval: Duration::from_secs(30),
             app_interval: None,
             max_rate: None,
+            resync_asked: Default::default(),
             freeze_bound: Duration::from_secs(2),
             hooks_dir: state.join("no-hooks"),
             hook_timeout: Duration::from_secs(1),

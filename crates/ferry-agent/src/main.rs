@@ -388,6 +388,7 @@ fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
             _ => PointKind::Crash,
         }),
         drain_every: Duration::from_millis(250),
+        resync_asked: Default::default(),
     };
     Ok((o, a.json))
 }

@@ -449,6 +449,16 @@ async fn session(
             Some(Message::Point { run, id }) => {
                 let _ = out.events.send(Event::PointMade { run, id });
             }
+            // A policy change may overtake the Holding.
+            Some(Message::Policy {
+                crash_every_ms,
+                app_every_ms,
+            }) => {
+                let _ = out.events.send(Event::Policy {
+                    crash_every_ms,
+                    app_every_ms,
+                });
+            }
             Some(Message::Ping { token }) => {
                 w.send(&Message::Pong { token }).await?;
                 w.flush().await?;

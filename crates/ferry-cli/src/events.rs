@@ -65,11 +65,12 @@ pub(crate) fn events(
                     .to_string()
             })
             .unwrap_or_else(|_| e.time.clone());
+        // The file may have been edited: nothing reaches the terminal as a control character.
         println!(
             "{when}  {:<10} {:<12} {}",
-            e.kind,
-            e.vm.as_deref().unwrap_or("-"),
-            e.message
+            ferry_serve::events::printable(&e.kind),
+            ferry_serve::events::printable(e.vm.as_deref().unwrap_or("-")),
+            ferry_serve::events::printable(&e.message)
         );
     }
     Ok(())

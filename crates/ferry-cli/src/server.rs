@@ -206,7 +206,7 @@ pub(crate) fn status_cmd(a: StatusArgs) -> Result<StatusOutcome, JobError> {
         let server = status::read_server(&state_dir, now);
         let manifests = store.as_ref().map(status::read_store);
         let r = status::report(&server, store.as_ref().zip(manifests.as_ref()), now);
-        if a.watch && !a.json {
+        if a.watch && !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             // Clear the screen, home the cursor.
             print!("\x1b[2J\x1b[H");
         }

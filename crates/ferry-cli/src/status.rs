@@ -193,6 +193,11 @@ pub fn report(
                 "vm": name,
                 "state": state,
                 "conditions": conditions,
+                "protection": match v {
+                    _ if !server.running => "unknown (server not running)".to_string(),
+                    Some(v) => v.protection.clone(),
+                    None => "disconnected".to_string(),
+                },
                 "rate_in_bytes_per_second": v.filter(|_| server.running).map(|v| v.rate_in_bytes_per_second.round()),
                 "backlog_eta_seconds": v.filter(|_| server.running).and_then(|v| v.backlog_eta_seconds.map(f64::round)),
                 "throttled": v.is_some_and(|v| v.throttled && server.running),
@@ -223,7 +228,13 @@ pub fn report(
         })
         .unwrap_or_default();
     if let (true, Some(p)) = (server.running, &server.problem) {
-        conditions.push(json!({"name": "server_status_stale", "level": "warning", "message": p}));
+        // A minute without a status is a server that does not work, whatever its process does.
+        let level = if server.age.is_some_and(|a| a > Duration::from_secs(60)) {
+            "critical"
+        } else {
+            "warning"
+        };
+        conditions.push(json!({"name": "server_status_stale", "level": level, "message": p}));
     }
     if !server.running {
         conditions.push(json!({
@@ -334,8 +345,8 @@ pub fn print_human(r: &Value) {
         println!(
             "{indent}{} {}: {}",
             c["level"].as_str().unwrap_or("?").to_uppercase(),
-            c["name"].as_str().unwrap_or("?"),
-            c["message"].as_str().unwrap_or("")
+            ferry_serve::events::printable(c["name"].as_str().unwrap_or("?")),
+            ferry_serve::events::printable(c["message"].as_str().unwrap_or(""))
         );
     };
     for c in r["conditions"]
@@ -376,6 +387,10 @@ pub fn print_human(r: &Value) {
         let detail = match v["points"].as_u64() {
             Some(n) => format!("{n} point(s); {detail}"),
             None => detail,
+        };
+        let detail = match v["protection"].as_str() {
+            Some(p) if !p.is_empty() => format!("{p}; {detail}"),
+            _ => detail,
         };
         println!(
             "{:<20} {:<12} {:>8} {:>10}  {:<30} {}",

@@ -169,8 +169,14 @@ fn the_metrics_endpoint_serves_prometheus_text_an_independent_parser_reads() {
         .unwrap();
     ok(&o, "events --vm");
     let text = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(text.lines().count(), 2, "{text}");
-    assert!(!text.contains("process server"), "{text}");
+    assert!(
+        text.lines().all(|l| l.contains(" web01 ")),
+        "another VM's or the server's events: {text}"
+    );
+    assert!(
+        text.contains("agent connected from") && text.contains("agent disconnected"),
+        "{text}"
+    );
     // A taken metrics port stops the start with a message that says what to do.
     let mut c = ferry();
     c.args(["serve", "--cache-size", "512MiB", "--listen", "127.0.0.1:0"])

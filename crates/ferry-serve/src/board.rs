@@ -72,10 +72,13 @@ struct VmEntry {
     first_seen: SystemTime,
     /// The agent's cut intervals as it reported them: crash, app (`None`: off), from where.
     intervals: Option<(Duration, Option<Duration>, String)>,
-    /// A resync the agent reported, until the next point: since when, why.
-    resync: Option<(SystemTime, String)>,
+    /// A resync the agent reported, until the point of the first tag received after it: since
+    /// when, why, and that tag's run once received (the agent tags nothing during a resync).
+    resync: Option<(SystemTime, String, Option<String>)>,
     /// The last cut the agent abandoned: when, why.
     abandoned: Option<(SystemTime, String)>,
+    /// Chunks left to read and in all, as the agent last reported (while it had any), and when.
+    progress: Option<(u64, u64, SystemTime)>,
 }
 
 impl VmEntry {
@@ -99,6 +102,7 @@ impl VmEntry {
             intervals: None,
             resync: None,
             abandoned: None,
+            progress: None,
         }
     }
 
@@ -126,6 +130,31 @@ impl VmEntry {
     }
 }
 
+/// How protected the VM is, in the operator's words: `initial sync N %`, `resyncing N %`,
+/// `paused` (cache backpressure), `protected`, `disconnected` or `quarantined` (`throttled` is set
+/// by the status writer from the pacer).
+fn protection(e: &VmEntry, paused: bool) -> String {
+    let pct = || {
+        e.progress
+            .filter(|(_, total, _)| *total > 0)
+            .map(|(left, total, _)| format!(" {}%", 100 - (left * 100).div_ceil(total)))
+            .unwrap_or_default()
+    };
+    if e.quarantine.is_some() {
+        "quarantined".into()
+    } else if !e.connected {
+        "disconnected".into()
+    } else if e.last_point.is_none() {
+        format!("initial sync{}", pct())
+    } else if e.resync.is_some() {
+        format!("resyncing{}", pct())
+    } else if paused {
+        "paused".into()
+    } else {
+        "protected".into()
+    }
+}
+
 /// What the server is, for the status file.
 #[derive(Clone, Debug)]
 pub(crate) struct ServerInfo {
@@ -139,6 +168,8 @@ pub(crate) struct ServerInfo {
 /// The server's view of every VM, shared by connections, the drain loop and the status writer.
 pub(crate) struct Board {
     vms: Mutex<BTreeMap<String, VmEntry>>,
+    /// Credit paused by the cache's high watermark (backpressure).
+    paused: std::sync::atomic::AtomicBool,
     started: SystemTime,
     info: ServerInfo,
 }
@@ -147,6 +178,7 @@ impl Board {
     pub fn new(info: ServerInfo) -> Self {
         Board {
             vms: Mutex::new(BTreeMap::new()),
+            paused: Default::default(),
             started: SystemTime::now(),
             info,
         }
@@ -236,6 +268,9 @@ impl Board {
             if e.tags.len() >= 1024 {
                 e.tags.pop_front();
             }
+            if let Some((_, _, after @ None)) = &mut e.resync {
+                *after = Some(run.clone());
+            }
             e.tags.push_back((run, at));
         }
     }
@@ -260,12 +295,16 @@ impl Board {
         if p.kind == "app" {
             e.last_app = Some(r.clone());
         }
-        // A point after a resync began means the resync is done (the agent cuts none during one).
-        if let (Some((since, _)), Ok(t)) = (&e.resync, humantime::parse_rfc3339(&p.time)) {
-            if t >= *since {
-                e.resync = None;
-            }
+        // The point of the first tag after a resync began: the resync is done (by order, not by
+        // the agent's clock).
+        if e.resync
+            .as_ref()
+            .is_some_and(|(_, _, after)| after.as_deref() == Some(p.run.as_str()))
+        {
+            e.resync = None;
         }
+        // A point means the agent caught up.
+        e.progress = None;
         e.last_point = Some(r);
     }
 
@@ -280,7 +319,19 @@ impl Board {
     pub fn resync(&self, vm: &str, why: Option<String>) {
         let mut vms = self.lock();
         let e = vms.entry(vm.to_owned()).or_insert_with(VmEntry::new);
-        e.resync = why.map(|w| (SystemTime::now(), w));
+        e.resync = why.map(|w| (SystemTime::now(), w, None));
+    }
+
+    /// Credit is paused (or granted again) because of the cache's watermarks.
+    pub fn paused(&self, on: bool) {
+        self.paused.store(on, Ordering::Relaxed);
+    }
+
+    /// The agent of `vm` reported how many chunks it has left to read.
+    pub fn progress(&self, vm: &str, left: u64, total: u64) {
+        let mut vms = self.lock();
+        let e = vms.entry(vm.to_owned()).or_insert_with(VmEntry::new);
+        e.progress = Some((left, total, SystemTime::now()));
     }
 
     /// The agent of `vm` abandoned a cut.
@@ -352,7 +403,7 @@ impl Board {
                             app_every_seconds: a.map(|a| a.as_secs_f64()),
                             from: from.clone(),
                         }),
-                        resync: e.resync.as_ref().map(|(t, why)| Note {
+                        resync: e.resync.as_ref().map(|(t, why, _)| Note {
                             time: rfc3339(*t),
                             why: why.clone(),
                         }),
@@ -361,6 +412,7 @@ impl Board {
                             why: why.clone(),
                         }),
                         rpo_seconds: None,
+                        protection: protection(e, self.paused.load(Ordering::Relaxed)),
                         rate_in_bytes_per_second: 0.0,
                         backlog_eta_seconds: None,
                         conditions: Vec::new(),

@@ -860,15 +860,54 @@ async fn read_loop<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Events an agent's notices may make per VM: a burst of [`NOTICE_BURST`], then one every
+/// [`NOTICE_EVERY`]; the rest are counted and said with the next one (an agent cannot flood the
+/// event log and rotate the history away).
+const NOTICE_BURST: f64 = 10.0;
+const NOTICE_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether `vm` may record a notice event now, and how many were held back before it.
+fn notice_allowed(shared: &Shared, vm: &str) -> Option<u64> {
+    let mut m = shared.notice_budget.lock().expect("notice budget lock");
+    let now = std::time::Instant::now();
+    let b = m.entry(vm.to_owned()).or_insert((NOTICE_BURST, now, 0));
+    b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() / NOTICE_EVERY.as_secs_f64())
+        .min(NOTICE_BURST);
+    b.1 = now;
+    if b.0 >= 1.0 {
+        b.0 -= 1.0;
+        Some(std::mem::take(&mut b.2))
+    } else {
+        b.2 += 1;
+        None
+    }
+}
+
+/// An event from what an agent said, rate-limited per VM.
+fn notice_event(shared: &Shared, kind: &str, vm: &str, text: String) {
+    if let Some(held) = notice_allowed(shared, vm) {
+        let text = if held > 0 {
+            format!("{text} ({held} earlier notice(s) of this VM not recorded: too many)")
+        } else {
+            text
+        };
+        shared
+            .events
+            .record(crate::events::Event::new(kind, Some(vm), text));
+    }
+}
+
 /// What an agent reported: metrics, the status board, and the event log.
 fn notice(shared: &Shared, vm: &str, kind: u8, freeze_us: u64, text: &str) {
     use ferry_wire::notice;
+    // Agent text reaches terminals (`ferry events`, `ferry status`): no control characters.
+    let text = &crate::events::printable(text);
     match kind {
-        notice::CUT => {
-            if freeze_us > 0 {
-                metrics::histogram!(crate::metrics::CUT_FREEZE_SECONDS, "kind" => text.to_owned())
-                    .record(freeze_us as f64 / 1e6);
-            }
+        notice::CUT if freeze_us > 0 => {
+            // The kind is one of two words; anything else an agent sends is not a label.
+            let kind = if text == "app" { "app" } else { "crash" };
+            metrics::histogram!(crate::metrics::CUT_FREEZE_SECONDS, "kind" => kind)
+                .record(freeze_us as f64 / 1e6);
         }
         notice::INTERVALS => {
             let mut w = text.split_whitespace();
@@ -884,25 +923,21 @@ fn notice(shared: &Shared, vm: &str, kind: u8, freeze_us: u64, text: &str) {
                 );
             }
         }
+        notice::PROGRESS => {
+            let mut w = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+            if let (Some(Some(left)), Some(Some(total))) = (w.next(), w.next()) {
+                shared.board.progress(vm, left.min(total), total);
+            }
+        }
         notice::RESYNC => {
             shared.board.resync(vm, Some(text.to_owned()));
-            shared.events.record(crate::events::Event::new(
-                "resync",
-                Some(vm),
-                format!("resync: {text}"),
-            ));
+            notice_event(shared, "resync", vm, format!("resync: {text}"));
         }
         notice::CUT_ABANDONED => {
             shared.board.abandoned(vm, text);
-            shared
-                .events
-                .record(crate::events::Event::new("cut", Some(vm), text.to_owned()));
+            notice_event(shared, "cut", vm, text.to_owned());
         }
-        notice::HOOK_FAILED => {
-            shared
-                .events
-                .record(crate::events::Event::new("hook", Some(vm), text.to_owned()));
-        }
+        notice::HOOK_FAILED => notice_event(shared, "hook", vm, text.to_owned()),
         _ => {}
     }
 }
@@ -1173,9 +1208,11 @@ async fn write_loop<S: AsyncWrite>(
         let used = shared.cache.used_bytes();
         if paused && used <= shared.low_watermark {
             paused = false;
+            shared.board.paused(false);
             tracing::info!(used, "cache below its low watermark: granting credit again");
         } else if !paused && used >= shared.high_watermark {
             paused = true;
+            shared.board.paused(true);
             tracing::info!(
                 used,
                 "cache above its high watermark: pausing credit (backpressure)"

@@ -49,7 +49,7 @@ pub struct Event {
 
 impl Event {
     pub fn new(kind: &str, vm: Option<&str>, message: impl Into<String>) -> Event {
-        let mut message: String = message.into();
+        let mut message = printable(&message.into());
         if message.len() > MAX_MESSAGE {
             let mut cut = MAX_MESSAGE;
             while !message.is_char_boundary(cut) {
@@ -78,6 +78,22 @@ impl Event {
     }
 }
 
+/// `s` with control characters (terminal escapes an agent could send) written as `\u{..}`.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Appends `e` to the log of `state_dir` (see the module docs).
 pub fn append(state_dir: &Path, e: &Event) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(e).map_err(std::io::Error::other)?;
@@ -87,7 +103,10 @@ pub fn append(state_dir: &Path, e: &Event) -> std::io::Result<()> {
         .truncate(false)
         .write(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(state_dir.join(LOCK_FILE))?;
+    // Made by root (an operator's command) while the server runs as its own user: the server's.
+    ferry_durable::adopt_owner(&lock, state_dir)?;
     // SAFETY: flock on an fd this function owns; released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -103,7 +122,9 @@ pub fn append(state_dir: &Path, e: &Event) -> std::io::Result<()> {
         .append(true)
         .read(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
+    ferry_durable::adopt_owner(&f, state_dir)?;
     // A line torn by a crash has no newline: end it, so this event is not glued to it.
     let len = f.metadata()?.len();
     if len > 0 {

@@ -299,7 +299,7 @@ impl Health {
                 ));
             }
             match rpo {
-                Some(r) if r > 2 * threshold => c.push(cond(
+                Some(r) if r > threshold.saturating_mul(2) => c.push(cond(
                     "rpo_over_threshold",
                     "critical",
                     format!(

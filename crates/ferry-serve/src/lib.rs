@@ -166,6 +166,8 @@ pub(crate) struct Shared {
     pub policies: Arc<Mutex<policy::Policies>>,
     /// Retention where no policy sets one (`--retention`; `None`: keep everything).
     pub retention_default: Option<Duration>,
+    /// Per VM: notice events left, when counted, how many held back ([`conn`]'s rate limit).
+    pub notice_budget: Mutex<HashMap<String, (f64, Instant, u64)>>,
 }
 
 impl Shared {
@@ -402,6 +404,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         events: recorder.clone(),
         policies: policies.clone(),
         retention_default: o.retention,
+        notice_budget: Default::default(),
     });
     let acceptor = TlsAcceptor::from(identity.server_config()?);
 
@@ -688,6 +691,14 @@ impl Throttling {
         list.sort();
         let now_applied = (ingest, upload, list);
         metrics::throttles(now_applied.0, now_applied.1, &now_applied.2);
+        // A VM whose own throttle went: its gauge says unlimited, not the old rate.
+        if let Some(old) = &self.applied {
+            for (vm, _, _) in &old.2 {
+                if !now_applied.2.iter().any(|(v, _, _)| v == vm) {
+                    metrics::throttles(now_applied.0, now_applied.1, &[(vm.clone(), None, 1)]);
+                }
+            }
+        }
         if self.applied.as_ref() != Some(&now_applied) {
             let show = |r: Option<u64>| r.map_or("unlimited".to_string(), throttle::human_rate);
             let vms: Vec<String> = now_applied
@@ -762,6 +773,9 @@ fn status_loop(
                 v.ingest_limit_bytes_per_second = p.cap;
                 if p.throttled && v.state == "replicating" {
                     v.state = "throttled".into();
+                }
+                if p.throttled && v.protection == "protected" {
+                    v.protection = "throttled".into();
                 }
             }
         }
@@ -899,6 +913,9 @@ impl<'a> Drain<'a> {
                     next_metrics = Instant::now() + Duration::from_secs(1);
                     let took = metrics::pipeline(&p.stats, &mut counted);
                     self.drained.fetch_add(took, Ordering::Relaxed);
+                    // A policy change that shortens the retention checks applies now, not after
+                    // the longer wait it replaced.
+                    next_check = next_check.min(Instant::now() + self.check_every());
                     if let Some(b) = &self.blobs {
                         metrics::upload(&b.stats());
                     }

@@ -99,9 +99,16 @@ impl Fields {
     }
 }
 
+/// The longest duration a policy may give (a century: "forever" for any purpose).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
 fn duration(field: &str, v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v.trim())
-        .map_err(|e| format!("{field} {v:?}: {e}; write e.g. 30s, 60m, 24h or 7d"))
+    let d = humantime::parse_duration(v.trim())
+        .map_err(|e| format!("{field} {v:?}: {e}; write e.g. 30s, 60m, 24h or 7d"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{field} {v:?}: at most 100 years"));
+    }
+    Ok(d)
 }
 
 /// One thinning rule: points younger than `within` keep at most one per `every` (`None`: all).
@@ -139,6 +146,9 @@ pub fn parse_thin(s: &str) -> Result<Vec<Thin>, String> {
         };
         if every == Some(Duration::ZERO) {
             return Err(format!("thin rule {part:?}: a bucket of 0; {help}"));
+        }
+        if within > MAX_DURATION || every.is_some_and(|e| e > MAX_DURATION) {
+            return Err(format!("thin rule {part:?}: at most 100 years"));
         }
         if out.last().is_some_and(|l| l.within >= within) {
             return Err(format!(

@@ -149,6 +149,10 @@ pub struct VmStatus {
     /// Age of the newest point (`null`: none yet).
     #[serde(default)]
     pub rpo_seconds: Option<f64>,
+    /// `initial sync N%`, `resyncing N%`, `throttled`, `paused`, `protected`, `disconnected` or
+    /// `quarantined`.
+    #[serde(default)]
+    pub protection: String,
     /// Write bytes per second received over the last status interval.
     #[serde(default)]
     pub rate_in_bytes_per_second: f64,

@@ -172,11 +172,23 @@ fn hostile_frames_are_refused_and_others_served() {
         let (mut ra2, mut wa2) = auth_inventory(&addr, &pass, &a, "web01").await;
         let m = ra2.read().await.unwrap();
         assert!(matches!(&m, Some(Message::Holding { disks, .. }) if disks[0].replica == "sda"), "{m:?}");
+        // The policy's cut intervals follow the Holding (none set: the agent's own).
+        let m = ra2.read().await.unwrap();
+        assert!(
+            matches!(
+                m,
+                Some(Message::Policy {
+                    crash_every_ms: ferry_wire::POLICY_OWN,
+                    app_every_ms: ferry_wire::POLICY_OWN
+                })
+            ),
+            "{m:?}"
+        );
         // The server closes the old connection (after the Holding it had sent it)...
         let old = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 match ra1.read().await {
-                    Ok(Some(Message::Holding { .. })) => continue,
+                    Ok(Some(Message::Holding { .. } | Message::Policy { .. })) => continue,
                     other => return other,
                 }
             }
@@ -520,7 +532,12 @@ async fn read_past_credit(r: &mut R) -> Option<Message> {
             .expect("the server answers")
             .ok()?;
         match m {
-            Some(Message::Ack { .. } | Message::Credit { .. } | Message::Ping { .. }) => continue,
+            Some(
+                Message::Ack { .. }
+                | Message::Credit { .. }
+                | Message::Ping { .. }
+                | Message::Policy { .. },
+            ) => continue,
             m => return m,
         }
     }

@@ -71,8 +71,11 @@ pub mod notice {
     /// The agent's cut intervals now: `text` is `CRASH_MS APP_MS|off SOURCE` (source `agent` or
     /// `server`); sent at each connection and when they change.
     pub const INTERVALS: u8 = 5;
+    /// Chunks still to read, every 10 s while there are any: `text` is `LEFT TOTAL` (chunks of all
+    /// disks), for the initial sync's or a resync's progress.
+    pub const PROGRESS: u8 = 6;
     /// The highest kind this version knows.
-    pub const MAX: u8 = INTERVALS;
+    pub const MAX: u8 = PROGRESS;
 
     /// The kind's name, as events and docs spell it.
     pub fn name(kind: u8) -> &'static str {
@@ -82,6 +85,7 @@ pub mod notice {
             HOOK_FAILED => "hook",
             RESYNC => "resync",
             INTERVALS => "intervals",
+            PROGRESS => "progress",
             _ => "unknown",
         }
     }

@@ -170,6 +170,8 @@ pub(crate) async fn connect(
                 break disks[0].last_run;
             }
             Some(Message::Credit { bytes }) => credits += bytes,
+            // The replication policy's cut intervals: a simulated agent cuts once, at its end.
+            Some(Message::Policy { .. }) => {}
             m => return Err(unexpected(m)),
         }
     };
@@ -304,7 +306,7 @@ impl Session {
             // A point committed while the connection is still open (usually it is not: the
             // pipeline commits after the agent has left; benches/agents.sh reads the server log).
             Message::Point { .. } => self.st.point_notices += 1,
-            Message::Pong { .. } | Message::CutRequest { .. } => {}
+            Message::Pong { .. } | Message::CutRequest { .. } | Message::Policy { .. } => {}
             m => return Err(unexpected(Some(m))),
         }
         Ok(())
