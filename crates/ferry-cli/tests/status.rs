@@ -136,9 +136,7 @@ fn status(env: &Env, json: bool) -> Output {
 }
 
 fn status_json(env: &Env) -> Value {
-    let o = status(env, true);
-    ok(&o, "status --json");
-    serde_json::from_slice(&o.stdout).unwrap()
+    common::status_answer(&status(env, true))
 }
 
 fn vm<'a>(s: &'a Value, name: &str) -> Option<&'a Value> {
@@ -235,7 +233,9 @@ fn status_shows_the_vm_its_disk_and_last_point_then_a_stopped_server() {
 
     srv.stop();
     let o = status(&env, false);
-    ok(&o, "status after stop");
+    // A stopped server is a critical condition: exit 3.
+    assert_eq!(o.status.code(), Some(3), "status after stop: {o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("CRITICAL server_not_running"));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         text.starts_with("ferry serve is not running (status last written at "),

@@ -74,8 +74,11 @@ fn parse_day(s: &str) -> Option<u8> {
 }
 
 fn parse_days(s: &str) -> Result<u8, String> {
-    if s == "*" {
-        return Ok(0x7f);
+    match s.to_ascii_lowercase().as_str() {
+        "*" | "daily" | "everyday" => return Ok(0x7f),
+        "weekdays" => return Ok(0x1f),
+        "weekends" | "weekend" => return Ok(0x60),
+        _ => {}
     }
     let mut mask = 0u8;
     for part in s.split(',') {
@@ -84,7 +87,7 @@ fn parse_days(s: &str) -> Result<u8, String> {
             None => (part, None),
         };
         let a = parse_day(a).ok_or_else(|| {
-            format!("{part:?} is not a day (mon, tue, wed, thu, fri, sat, sun, a range like mon-fri, or *)")
+            format!("{part:?} is not a day (mon, tue, wed, thu, fri, sat, sun, a range like mon-fri, weekdays, weekends, or *)")
         })?;
         match b {
             None => mask |= 1 << a,
@@ -107,8 +110,11 @@ fn parse_days(s: &str) -> Result<u8, String> {
 
 fn parse_clock(s: &str) -> Option<u16> {
     let (h, m) = s.split_once(':')?;
+    if !(1..=2).contains(&h.len()) || m.len() != 2 {
+        return None;
+    }
     let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
-    if m >= 60 || h > 24 || (h == 24 && m != 0) || s.len() != 5 {
+    if m >= 60 || h > 24 || (h == 24 && m != 0) {
         return None;
     }
     Some(h * 60 + m)
@@ -507,6 +513,10 @@ mod tests {
             .contains("unknown unit"));
         assert_eq!(Rate::Bytes(50 << 20).to_string(), "50 MiB/s");
         assert_eq!(Rate::Bytes(50_000_000).to_string(), "50 MB/s");
+        assert_eq!(Rate::Bytes(12_500_000).to_string(), "100 Mbit/s");
+        assert_eq!(Rate::Bytes(125_000_000).to_string(), "125 MB/s");
+        assert_eq!(Rate::Bytes(312_500_000).to_string(), "2500 Mbit/s");
+        assert_eq!(Rate::Bytes(1_000_000).to_string(), "1 MB/s");
     }
 
     #[test]
@@ -521,6 +531,11 @@ mod tests {
         assert_eq!(s.at(4, h(18, 0)), (Rate::Bytes(50_000_000), Some(2)));
         assert_eq!(s.at(5, h(12, 0)), (Rate::Unlimited, Some(1)));
         assert_eq!(s.at(6, h(9, 0)), (Rate::Unlimited, Some(1)));
+        // Aliases, and an hour of one digit.
+        let a = Schedule::parse("weekdays 8:00-18:00 1MiB/s; weekends * 2MiB/s").unwrap();
+        assert_eq!(a.at(4, h(8, 0)).0, Rate::Bytes(1 << 20));
+        assert_eq!(a.at(4, h(7, 59)).0, Rate::Unlimited);
+        assert_eq!(a.at(6, h(7, 0)).0, Rate::Bytes(2 << 20));
         let only = Schedule::parse("mon 09:00-10:00 1MiB/s").unwrap();
         assert_eq!(only.at(1, h(9, 30)), (Rate::Unlimited, None));
         assert_eq!(

@@ -33,7 +33,8 @@ impl fmt::Display for Rate {
     }
 }
 
-/// `52428800` → `50 MiB/s`; `50000000` → `50 MB/s`; other values with two decimals in MiB/s.
+/// `52428800` → `50 MiB/s`; `12500000` → `100 Mbit/s`; `50000000` → `50 MB/s`; other values
+/// with two decimals in MiB/s.
 pub fn human_rate(b: u64) -> String {
     for (unit, size) in [
         ("GiB/s", 1u64 << 30),
@@ -44,14 +45,21 @@ pub fn human_rate(b: u64) -> String {
             return format!("{} {unit}", b / size);
         }
     }
-    for (unit, size) in [
-        ("GB/s", 1_000_000_000u64),
-        ("MB/s", 1_000_000),
-        ("kB/s", 1000),
-    ] {
+    for (unit, size) in [("GB/s", 1_000_000_000u64), ("MB/s", 1_000_000)] {
         if b >= size && b.is_multiple_of(size) {
             return format!("{} {unit}", b / size);
         }
+    }
+    // Network rates are set in bits: 12500000 B/s is 100 Mbit/s.
+    for (unit, bits) in [("Gbit/s", 1_000_000_000u64), ("Mbit/s", 1_000_000)] {
+        if let Some(x) = b.checked_mul(8) {
+            if x >= bits && x.is_multiple_of(bits) {
+                return format!("{} {unit}", x / bits);
+            }
+        }
+    }
+    if b >= 1000 && b.is_multiple_of(1000) && b < 1_000_000 {
+        return format!("{} kB/s", b / 1000);
     }
     if b >= 1 << 20 {
         format!("{:.2} MiB/s", b as f64 / (1u64 << 20) as f64)

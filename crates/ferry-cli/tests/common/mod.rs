@@ -167,19 +167,36 @@ pub fn spawn_serve(mut c: Command, listen: Option<&str>, log: &Path) -> (Proc, S
     (p, addr)
 }
 
-/// `ferry status --json` of the process server whose state directory is `ps-state`.
+/// `ferry status --json` of the process server whose state directory is `ps-state`. Exit 3 (a
+/// critical condition holds) is a valid answer, and then the JSON must say `critical`.
 pub fn status_json(env: &Env) -> serde_json::Value {
     let o = ferry()
         .args(["status", "--json", "--state-dir"])
         .arg(env.path("ps-state"))
         .output()
         .unwrap();
+    status_answer(&o)
+}
+
+/// The JSON of a `ferry status --json` run: exit 0 with health `ok` or `warning`, or exit 3 with
+/// health `critical`; anything else fails the test.
+pub fn status_answer(o: &std::process::Output) -> serde_json::Value {
     assert!(
-        o.status.success(),
-        "ferry status --json failed: {}",
+        matches!(o.status.code(), Some(0 | 3)),
+        "ferry status --json failed ({}): {}",
+        o.status,
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_slice(&o.stdout).unwrap()
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let critical = v["health"] == "critical";
+    assert_eq!(
+        o.status.code() == Some(3),
+        critical,
+        "exit status {} with health {}",
+        o.status,
+        v["health"]
+    );
+    v
 }
 
 /// Panics, showing its output, unless the command succeeded.
