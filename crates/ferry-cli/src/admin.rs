@@ -51,6 +51,16 @@ fn open_state(
     Ok((dir, c))
 }
 
+/// The state directory the operator means, which must exist.
+pub(crate) fn existing_state_dir(
+    state_dir: Option<PathBuf>,
+    config: &ConfigArg,
+) -> Result<PathBuf, JobError> {
+    let dir = resolve_state_dir(state_dir, config)?;
+    no_state(&dir)?;
+    Ok(dir)
+}
+
 fn no_state(dir: &Path) -> Result<(), JobError> {
     if dir.is_dir() {
         return Ok(());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ferry_job::JobError;
 
-use crate::server::{resolve_state_dir, ConfigArg};
+use crate::server::ConfigArg;
 
 pub(crate) fn events(
     state_dir: Option<PathBuf>,
@@ -16,13 +16,7 @@ pub(crate) fn events(
     kind: Option<&str>,
     as_json: bool,
 ) -> Result<(), JobError> {
-    let dir = resolve_state_dir(state_dir, &config)?;
-    if !dir.is_dir() {
-        return Err(JobError::Usage(format!(
-            "{} is not a process server state directory (it does not exist); give the one `ferry serve` uses (--state-dir, or state_dir in the config file)",
-            dir.display()
-        )));
-    }
+    let dir = crate::admin::existing_state_dir(state_dir, &config)?;
     let r = ferry_serve::events::read(&dir, since, vm).map_err(|e| {
         JobError::Usage(format!(
             "cannot read {}: {e}",

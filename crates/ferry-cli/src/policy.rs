@@ -9,17 +9,10 @@ use ferry_job::{JobError, StoreLocation};
 use ferry_serve::policy::{self, Fields, Policies, Policy};
 use serde_json::{json, Value};
 
-use crate::server::{resolve_state_dir, ConfigArg};
+use crate::server::ConfigArg;
 
 fn state(state_dir: Option<PathBuf>, config: &ConfigArg) -> Result<PathBuf, JobError> {
-    let dir = resolve_state_dir(state_dir, config)?;
-    if !dir.is_dir() {
-        return Err(JobError::Usage(format!(
-            "{} is not a process server state directory (it does not exist); give the one `ferry serve` uses (--state-dir, or state_dir in the config file)",
-            dir.display()
-        )));
-    }
-    Ok(dir)
+    crate::admin::existing_state_dir(state_dir, config)
 }
 
 fn status(dir: &Path) -> Option<ferry_serve::status::StatusFile> {

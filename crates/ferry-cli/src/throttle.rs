@@ -8,17 +8,10 @@ use ferry_job::JobError;
 use ferry_serve::throttle::{self, Link, Rate, Schedule, Setting, Throttles};
 use serde_json::{json, Value};
 
-use crate::server::{resolve_state_dir, ConfigArg};
+use crate::server::ConfigArg;
 
 fn state(state_dir: Option<PathBuf>, config: &ConfigArg) -> Result<PathBuf, JobError> {
-    let dir = resolve_state_dir(state_dir, config)?;
-    if !dir.is_dir() {
-        return Err(JobError::Usage(format!(
-            "{} is not a process server state directory (it does not exist); give the one `ferry serve` uses (--state-dir, or state_dir in the config file)",
-            dir.display()
-        )));
-    }
-    Ok(dir)
+    crate::admin::existing_state_dir(state_dir, config)
 }
 
 fn check_vm(link: Link, vm: Option<&str>) -> Result<(), JobError> {

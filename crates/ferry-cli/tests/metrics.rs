@@ -68,21 +68,7 @@ fn the_metrics_endpoint_serves_prometheus_text_an_independent_parser_reads() {
         let (_, rest) = l.split_once("url=http://")?;
         Some(rest.split('/').next()?.to_owned())
     });
-    let pass = env.path("pass.txt");
-    let o = ferry()
-        .args(["passphrase", "show", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    std::fs::write(&pass, &o.stdout).unwrap();
-    let reg = Command::new(agent_bin())
-        .args(["register", "--server", &addr, "--passphrase-file"])
-        .arg(&pass)
-        .arg("--state-dir")
-        .arg(env.path("agent"))
-        .output()
-        .unwrap();
-    ok(&reg, "register");
+    common::register_agent(&env, &addr, "agent");
     let disk = env.path("disk.img");
     std::fs::File::create(&disk).unwrap();
     common::write_random(&disk, &mut common::Rng(3), 0, 16 << 20);
@@ -178,17 +164,8 @@ fn the_metrics_endpoint_serves_prometheus_text_an_independent_parser_reads() {
         "{text}"
     );
     // A taken metrics port stops the start with a message that says what to do.
-    let mut c = ferry();
-    c.args(["serve", "--cache-size", "512MiB", "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", &metrics])
-        .arg("--store")
-        .arg(env.store())
-        .arg("--key-file")
-        .arg(env.key())
-        .arg("--cache-dir")
-        .arg(env.path("ps-cache"))
-        .arg("--state-dir")
-        .arg(&state);
+    let mut c = common::serve_cmd(&env, "512MiB");
+    c.args(["--listen", "127.0.0.1:0", "--metrics-listen", &metrics]);
     let _hold = std::net::TcpListener::bind(&metrics).unwrap();
     let o = c.output().unwrap();
     assert!(!o.status.success());

@@ -27,34 +27,15 @@ fn run(env: &Env, args: &[&str]) -> std::process::Output {
 }
 
 fn serve(env: &Env) -> (Proc, String) {
-    let mut c = ferry();
-    c.args(["serve", "--cache-size", "512MiB", "--store"])
-        .arg(env.store())
-        .arg("--key-file")
-        .arg(env.key())
-        .arg("--cache-dir")
-        .arg(env.path("ps-cache"))
-        .arg("--state-dir")
-        .arg(state(env));
-    spawn_serve(c, Some("127.0.0.1:0"), &env.path("serve.log"))
+    spawn_serve(
+        common::serve_cmd(env, "512MiB"),
+        Some("127.0.0.1:0"),
+        &env.path("serve.log"),
+    )
 }
 
 fn register(env: &Env, addr: &str) {
-    let pass = env.path("pass.txt");
-    let o = ferry()
-        .args(["passphrase", "show", "--state-dir"])
-        .arg(state(env))
-        .output()
-        .unwrap();
-    std::fs::write(&pass, &o.stdout).unwrap();
-    let o = Command::new(agent_bin())
-        .args(["register", "--server", addr, "--passphrase-file"])
-        .arg(&pass)
-        .arg("--state-dir")
-        .arg(env.path("agent"))
-        .output()
-        .unwrap();
-    ok(&o, "register");
+    common::register_agent(env, addr, "agent");
 }
 
 /// A continuous agent for VM web01 on `disk` that cuts on its own only once an hour.

@@ -37,28 +37,15 @@ fn throttle(env: &Env, args: &[&str]) -> std::process::Output {
 }
 
 fn serve(env: &Env) -> (ferry_testkit::proc::Proc, String) {
-    let mut c = ferry();
-    c.args(["serve", "--cache-size", "8GiB", "--store"])
-        .arg(env.store())
-        .arg("--key-file")
-        .arg(env.key())
-        .arg("--cache-dir")
-        .arg(env.path("ps-cache"))
-        .arg("--state-dir")
-        .arg(state(env));
-    spawn_serve(c, Some("127.0.0.1:0"), &env.path("serve.log"))
+    spawn_serve(
+        common::serve_cmd(env, "8GiB"),
+        Some("127.0.0.1:0"),
+        &env.path("serve.log"),
+    )
 }
 
 fn passphrase(env: &Env) -> PathBuf {
-    let o = ferry()
-        .args(["passphrase", "show", "--state-dir"])
-        .arg(state(env))
-        .output()
-        .unwrap();
-    ok(&o, "passphrase show");
-    let p = env.path("pass.txt");
-    std::fs::write(&p, &o.stdout).unwrap();
-    p
+    common::passphrase_txt(env)
 }
 
 /// One simulated agent protecting VM `PREFIX-000`, writing incompressible 64 KiB records for
@@ -384,15 +371,7 @@ fn an_agent_caps_itself_with_max_rate() {
     let env = Env::new();
     std::fs::create_dir_all(state(&env)).unwrap();
     let (mut srv, addr) = serve(&env);
-    let pass = passphrase(&env);
-    let o = Command::new(common::agent_bin())
-        .args(["register", "--server", &addr, "--passphrase-file"])
-        .arg(&pass)
-        .arg("--state-dir")
-        .arg(env.path("agent"))
-        .output()
-        .unwrap();
-    ok(&o, "register");
+    common::register_agent(&env, &addr, "agent");
     // 128 MiB of incompressible data: an initial sync at 16 MiB/s takes 8 s.
     let disk = env.path("disk.img");
     std::fs::File::create(&disk).unwrap();

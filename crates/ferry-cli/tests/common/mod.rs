@@ -209,3 +209,44 @@ pub fn ok(o: &std::process::Output, what: &str) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `ferry serve` on `env`'s store, key, cache (`ps-cache`) and state (`ps-state`) with a cache of
+/// `cache_size`; add flags, then [`spawn_serve`] it.
+pub fn serve_cmd(env: &Env, cache_size: &str) -> Command {
+    let mut c = ferry();
+    c.args(["serve", "--cache-size", cache_size, "--store"])
+        .arg(env.store())
+        .arg("--key-file")
+        .arg(env.key())
+        .arg("--cache-dir")
+        .arg(env.path("ps-cache"))
+        .arg("--state-dir")
+        .arg(env.path("ps-state"));
+    c
+}
+
+/// The registration passphrase of the server in `ps-state`, in `pass.txt`.
+pub fn passphrase_txt(env: &Env) -> PathBuf {
+    let o = ferry()
+        .args(["passphrase", "show", "--state-dir"])
+        .arg(env.path("ps-state"))
+        .output()
+        .unwrap();
+    ok(&o, "passphrase show");
+    let p = env.path("pass.txt");
+    fs::write(&p, &o.stdout).unwrap();
+    p
+}
+
+/// Registers an agent with state directory `agent_state` (under `env`) at `addr`.
+pub fn register_agent(env: &Env, addr: &str, agent_state: &str) {
+    let pass = passphrase_txt(env);
+    let o = Command::new(agent_bin())
+        .args(["register", "--server", addr, "--passphrase-file"])
+        .arg(&pass)
+        .arg("--state-dir")
+        .arg(env.path(agent_state))
+        .output()
+        .unwrap();
+    ok(&o, "register");
+}
