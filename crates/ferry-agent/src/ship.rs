@@ -216,6 +216,8 @@ pub async fn ship(
         open_acked: None,
     };
     let mut backoff = Duration::from_millis(100);
+    // The last reconnect warning: when, its error, how many the same since (not logged).
+    let mut warned: Option<(std::time::Instant, String, u64)> = None;
     loop {
         // Stopping must not wait for a connect, a handshake or a write to an unreachable server:
         // a session still running a second after `abandon` is dropped (what it did not get acked
@@ -239,7 +241,21 @@ pub async fn ship(
                     return Ok(());
                 }
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, retry_in = ?backoff, unacked = out.unacked.len(), "connection to the process server lost; reconnecting and re-sending what was not acknowledged");
+                // The same failure every few seconds while the server is down: said once a minute
+                // (with how often it happened meanwhile), a new one at once.
+                let text = e.to_string();
+                let now = std::time::Instant::now();
+                let say = warned.as_ref().is_none_or(|(t, last, _)| {
+                    *last != text || now.duration_since(*t) >= Duration::from_secs(60)
+                });
+                if say {
+                    let repeated = warned.as_ref().map_or(0, |w| w.2);
+                    tracing::warn!(error = %e, retry_in = ?backoff, unacked = out.unacked.len(), repeated, "connection to the process server lost; reconnecting and re-sending what was not acknowledged");
+                    warned = Some((now, text, 0));
+                } else if let Some(w) = warned.as_mut() {
+                    w.2 += 1;
+                    tracing::debug!(error = %e, "reconnecting");
+                }
                 let _ = events.send(Event::Disconnected(e.to_string()));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
