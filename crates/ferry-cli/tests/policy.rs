@@ -51,13 +51,7 @@ fn agent(env: &Env, addr: &str, disk: &Path) -> Proc {
 }
 
 fn points(env: &Env) -> Vec<serde_json::Value> {
-    let o = ferry()
-        .args(["points", "list", "--json", "--store"])
-        .arg(env.store())
-        .output()
-        .unwrap();
-    ok(&o, "points list");
-    serde_json::from_slice(&o.stdout).unwrap()
+    env.points()
 }
 
 fn status(env: &Env) -> (Option<i32>, serde_json::Value) {
@@ -273,16 +267,7 @@ fn a_policy_reaches_the_running_agent_prunes_by_its_rules_and_health_follows() {
     for p in points(&env) {
         let id = p["id"].as_str().unwrap();
         let out = env.path(&format!("restored-{id}.img"));
-        let o = ferry()
-            .args(["restore", "--point", id, "--verify", "--store"])
-            .arg(env.store())
-            .arg("--key-file")
-            .arg(env.key())
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
-        ok(&o, "restore");
+        ok(&env.restore(id, &out, &["--verify"]), "restore");
         assert!(
             common::same_bytes(&content(seq_of(id)), &out),
             "point {id} does not restore what was cut (left {left:?}, pruned {pruned:?})"
