@@ -23,7 +23,7 @@ fn err(e: ControlError) -> JobError {
 /// is a warning, not a failure of the command.
 pub(crate) fn operator_event(dir: &Path, e: Event) {
     if let Err(err) = ferry_serve::events::append(dir, &e) {
-        eprintln!(
+        errln!(
             "warning: cannot record the event in {}: {err}",
             ferry_serve::events::path(dir).display()
         );
@@ -111,11 +111,11 @@ pub(crate) fn agents_list(
         }));
     }
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
     }
     if out.is_empty() {
-        println!("no agents registered (ferry-agent register, with the passphrase from `ferry passphrase show`)");
+        outln!("no agents registered (ferry-agent register, with the passphrase from `ferry passphrase show`)");
         return Ok(());
     }
     for a in &out {
@@ -125,7 +125,7 @@ pub(crate) fn agents_list(
             .flatten()
             .filter_map(|v| v.as_str())
             .collect();
-        println!(
+        outln!(
             "{}  {}  registered {}  VMs: {}  {}",
             a["id"].as_str().unwrap_or(""),
             a["hostname"].as_str().unwrap_or(""),
@@ -142,10 +142,10 @@ pub(crate) fn agents_list(
             }
         );
         if let Some(vm) = a["only_vm"].as_str() {
-            println!("    enrolled with a token for VM {vm}: claims no other VM name");
+            outln!("    enrolled with a token for VM {vm}: claims no other VM name");
         }
         if a["auth"] == "legacy credential" {
-            println!("    auth: legacy credential (registered before agent keys; moves to a key at its next connection)");
+            outln!("    auth: legacy credential (registered before agent keys; moves to a key at its next connection)");
         }
     }
     Ok(())
@@ -175,11 +175,11 @@ pub(crate) fn agents_revoke(
         Event::new("agent", None, format!("operator revoked agent {id}"))
             .with(json!({"agent": id, "revoked": true, "vms": vms})),
     );
-    println!(
+    outln!(
         "revoked agent {id}: it can no longer connect, and a running ferry serve closes its connections within a second."
     );
     if !vms.is_empty() {
-        println!(
+        outln!(
             "its VMs ({}) keep their points and stay reserved; give them to the rebuilt machine's agent with: ferry vms move VM --to AGENT",
             vms.join(", ")
         );
@@ -219,14 +219,14 @@ pub(crate) fn vms_list(
         })
         .collect();
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
     }
     if out.is_empty() {
-        println!("no VM has an owner yet (a VM belongs to the first agent that replicates it)");
+        outln!("no VM has an owner yet (a VM belongs to the first agent that replicates it)");
     }
     for v in &out {
-        println!(
+        outln!(
             "{}  owner {} ({})  since {}",
             v["vm"].as_str().unwrap_or(""),
             v["owner"].as_str().unwrap_or(""),
@@ -236,7 +236,7 @@ pub(crate) fn vms_list(
             v["since"].as_str().unwrap_or("")
         );
         if let Some(q) = v["quarantine"].as_str() {
-            println!(
+            outln!(
                 "    QUARANTINED: {q}\n    fix the cause, then: ferry vms release {}",
                 v["vm"].as_str().unwrap_or("")
             );
@@ -285,7 +285,7 @@ pub(crate) fn vms_release(
             "operator asked for the release from quarantine",
         ),
     );
-    println!("release of VM {vm} requested: the process server releases it once its cache holds nothing more of the VM (within seconds; at its next start if it is not running). `ferry status` shows it replicating again; its agent resyncs what its newest point does not hold.");
+    outln!("release of VM {vm} requested: the process server releases it once its cache holds nothing more of the VM (within seconds; at its next start if it is not running). `ferry status` shows it replicating again; its agent resyncs what its newest point does not hold.");
     Ok(())
 }
 
@@ -310,12 +310,12 @@ pub(crate) fn vms_move(
         );
     }
     match prev {
-        Some(p) if p.agent == to => println!("VM {vm} already belongs to agent {to}"),
-        Some(p) => println!(
+        Some(p) if p.agent == to => outln!("VM {vm} already belongs to agent {to}"),
+        Some(p) => outln!(
             "VM {vm} now belongs to agent {to} (was {}); a running ferry serve disconnects the former owner within a second",
             p.agent
         ),
-        None => println!("VM {vm} now belongs to agent {to}"),
+        None => outln!("VM {vm} now belongs to agent {to}"),
     }
     Ok(())
 }
@@ -336,8 +336,8 @@ pub(crate) fn passphrase_rotate(
             "operator rotated the registration passphrase",
         ),
     );
-    println!("{p}");
-    eprintln!("the old passphrase no longer registers agents; registered agents are not affected (a running ferry serve uses the new one within a second)");
+    outln!("{p}");
+    errln!("the old passphrase no longer registers agents; registered agents are not affected (a running ferry serve uses the new one within a second)");
     Ok(())
 }
 
@@ -364,8 +364,8 @@ pub(crate) fn agents_token(
             ),
         ),
     );
-    println!("{token}");
-    eprintln!(
+    outln!("{token}");
+    errln!(
         "one-time token for VM {vm}, valid until {}: on the machine, ferry-agent register --server HOST:PORT --passphrase-file FILE_WITH_THE_TOKEN",
         humantime::format_rfc3339_seconds(until)
     );

@@ -29,20 +29,20 @@ pub(crate) fn events(
         .filter(|e| kind.is_none_or(|k| e.kind == k))
         .collect();
     if r.skipped > 0 {
-        eprintln!(
+        errln!(
             "note: {} damaged line(s) of the event log skipped (a write cut short by a crash)",
             r.skipped
         );
     }
     if as_json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&events).expect("events are JSON")
         );
         return Ok(());
     }
     if events.is_empty() {
-        eprintln!(
+        errln!(
             "no events{}",
             if since.is_some() { " in that time" } else { "" }
         );
@@ -60,7 +60,7 @@ pub(crate) fn events(
             })
             .unwrap_or_else(|_| e.time.clone());
         // The file may have been edited: nothing reaches the terminal as a control character.
-        println!(
+        outln!(
             "{when}  {:<10} {:<12} {}",
             ferry_serve::events::printable(&e.kind),
             ferry_serve::events::printable(e.vm.as_deref().unwrap_or("-")),

@@ -1,11 +1,14 @@
 //! `ferry`: the operator's command. Thin: parse arguments, call `ferry-job`, print, map errors to exit
 //! codes (0 ok, 1 error, 2 usage).
 
+#[macro_use]
+mod out;
 mod admin;
 mod config;
 mod events;
 mod policy;
 mod progress;
+mod remote;
 mod server;
 mod status;
 mod throttle;
@@ -35,7 +38,7 @@ ferry points list --store ./store                   # what can be restored\n  \
 ferry restore --store ./store --point latest --out restored.img --verify\n\n\
 Everything in a store is encrypted with a master key (--key-file; created on first use, mode 0600). \
 Keep a copy of it: without it nothing can be restored.",
-    after_help = "Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage, 3 `ferry status`: a critical condition holds."
+    after_help = "Operator commands (status, throttle, policy, events, agents, vms, passphrase rotate) run inside a running `ferry serve` through its admin socket STATE_DIR/admin.sock (root, or a member of the group ferry), and on the state directory when none runs.\n\nLogs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage, 3 `ferry status`: a critical condition holds."
 )]
 struct Cli {
     /// Log as JSON lines (for journald / log shippers) instead of text.
@@ -105,8 +108,9 @@ enum Cmd {
     },
     /// Registered agents: list them, revoke one.
     ///
-    /// Works on the process server's state directory whether or not `ferry serve` runs; a running
-    /// server applies a revocation within a second.
+    /// A running `ferry serve` runs it through its admin socket (as root or a member of the group
+    /// ferry); with none running it works on the state directory. A revocation applies within a
+    /// second.
     ///
     /// Examples:
     ///   ferry agents list
@@ -146,8 +150,9 @@ enum Cmd {
     /// Rates: 50MiB/s, 400Mbit/s, 1.5GB/s, unlimited. Schedules are weekly, in the appliance's
     /// local time zone (daylight saving follows the wall clock); the first rule that matches
     /// wins, none matching means unlimited. Settings live in the server's state directory
-    /// (throttle.json): they work whether or not `ferry serve` runs, survive restarts, and a
-    /// running server applies a change within a second.
+    /// (throttle.json): they go through a running server's admin socket (root or the group
+    /// ferry), work on the files when none runs, survive restarts, and a running server applies
+    /// a change within a second.
     ///
     /// Examples:
     ///   ferry throttle set 50MiB/s                       # all agents together
@@ -587,7 +592,7 @@ fn threads(t: Option<usize>) -> usize {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Cmd::Serve(a) = cli.cmd {
         // The config file may turn on JSON logs: read it before logging starts.
         return match a.config.load() {
@@ -599,14 +604,48 @@ fn main() -> ExitCode {
         };
     }
     init_logging(cli.log_json);
-    let r = match cli.cmd {
-        Cmd::Serve(_) => unreachable!("handled above"),
+    let cli_cmd = match cli.cmd {
         Cmd::Passphrase {
             cmd: PassphraseCmd::Show { state_dir, config },
         } => return server::passphrase_show(state_dir, config),
+        other => other,
+    };
+    cli.cmd = cli_cmd;
+    if let Some(code) = remote::through_server(&mut cli.cmd) {
+        return ExitCode::from(code);
+    }
+    let r = match cli.cmd {
+        Cmd::Replicate(a) => replicate(a),
+        Cmd::Points {
+            cmd: PointsCmd::List { store, vm, json },
+        } => points_list(store, vm, json),
+        Cmd::Restore(a) => restore(a),
+        Cmd::Apply(a) => apply(a),
+        Cmd::Serve(_)
+        | Cmd::Passphrase {
+            cmd: PassphraseCmd::Show { .. },
+        } => {
+            unreachable!("handled above")
+        }
+        operator => return ExitCode::from(run_operator(operator)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// The operator's commands on a process server (status, throttle, policy, events, agents, vms,
+/// passphrase rotate): run here on its state directory, or inside the running server for a
+/// client of its admin socket ([`remote`]). Returns the exit status.
+fn run_operator(cmd: Cmd) -> u8 {
+    let r = match cmd {
         Cmd::Status(a) => match server::status_cmd(a) {
             Ok(server::StatusOutcome::Ok) => Ok(()),
-            Ok(server::StatusOutcome::Critical) => return ExitCode::from(3),
+            Ok(server::StatusOutcome::Critical) => return 3,
             Err(e) => Err(e),
         },
         Cmd::Passphrase {
@@ -700,18 +739,23 @@ fn main() -> ExitCode {
             kind.as_deref(),
             json,
         ),
-        Cmd::Replicate(a) => replicate(a),
-        Cmd::Points {
-            cmd: PointsCmd::List { store, vm, json },
-        } => points_list(store, vm, json),
-        Cmd::Restore(a) => restore(a),
-        Cmd::Apply(a) => apply(a),
+        Cmd::Serve(_)
+        | Cmd::Passphrase {
+            cmd: PassphraseCmd::Show { .. },
+        }
+        | Cmd::Replicate(_)
+        | Cmd::Points { .. }
+        | Cmd::Restore(_)
+        | Cmd::Apply(_) => {
+            errln!("error: not an operator command");
+            return 2;
+        }
     };
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code() as u8)
+            errln!("error: {e}");
+            e.exit_code() as u8
         }
     }
 }

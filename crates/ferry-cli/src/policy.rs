@@ -161,7 +161,7 @@ pub(crate) fn set(
             ));
         };
         let pv = preview(&p, retention, &store, vm)?;
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "dry_run": true,
@@ -195,9 +195,9 @@ pub(crate) fn set(
         .with(serde_json::to_value(&fields).expect("json")),
     );
     let e = describe(&p, vm, retention);
-    println!("policy of {who}: {}", set.join(", "));
-    println!("{}", summary(&e));
-    eprintln!("a running ferry serve applies it within a second (connected agents get their new cut intervals); `ferry policy show` shows what the next prune would remove");
+    outln!("policy of {who}: {}", set.join(", "));
+    outln!("{}", summary(&e));
+    errln!("a running ferry serve applies it within a second (connected agents get their new cut intervals); `ferry policy show` shows what the next prune would remove");
     Ok(())
 }
 
@@ -269,11 +269,11 @@ pub(crate) fn show(
         "next_prune": next,
     });
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
     }
     if vm.is_none() {
-        println!("default:\n{}", summary(&out["default"]));
+        outln!("default:\n{}", summary(&out["default"]));
     }
     for (n, e) in &vms {
         let own: Vec<&str> = e["from"]
@@ -285,7 +285,7 @@ pub(crate) fn show(
                     .collect()
             })
             .unwrap_or_default();
-        println!(
+        outln!(
             "{n}{}:\n{}",
             if own.is_empty() {
                 " (the default)".to_string()
@@ -304,14 +304,14 @@ pub(crate) fn show(
                     continue;
                 }
                 any = true;
-                println!(
+                outln!(
                     "next prune would remove {} of {}'s {} points:",
                     list.len(),
                     vm,
                     v["points"]
                 );
                 for x in list {
-                    println!(
+                    outln!(
                         "  {} {} {} ({})",
                         x["id"].as_str().unwrap_or("?"),
                         x["time"].as_str().unwrap_or("?"),
@@ -321,10 +321,10 @@ pub(crate) fn show(
                 }
             }
             if !any {
-                println!("next prune would remove nothing");
+                outln!("next prune would remove nothing");
             }
         }
-        _ => println!("(what the next prune would remove: give --store; the server's status file names no store)"),
+        _ => outln!("(what the next prune would remove: give --store; the server's status file names no store)"),
     }
     Ok(())
 }

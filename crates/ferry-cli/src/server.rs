@@ -31,22 +31,22 @@ pub(crate) struct StatusArgs {
     /// The process server's state directory (as given to `ferry serve`). Default: state_dir of
     /// the config file's [serve] table, else STATE_ROOT/server.
     #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
-    state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     /// Read the last points from this store's manifests. Default: the store the server's status
     /// file names, else store of the config file's [serve] table.
     #[arg(long, value_parser = parse_store)]
-    store: Option<StoreLocation>,
+    pub(crate) store: Option<StoreLocation>,
     /// One JSON object on stdout (fields in docs/OPERATIONS.md).
     #[arg(long)]
     json: bool,
     /// Show it again every --interval until Ctrl-C (with --json: one object per interval).
     #[arg(long)]
-    watch: bool,
+    pub(crate) watch: bool,
     /// How often --watch refreshes.
     #[arg(long, default_value = "2s", value_parser = units::parse_interval)]
-    interval: std::time::Duration,
+    pub(crate) interval: std::time::Duration,
     #[command(flatten)]
-    config: ConfigArg,
+    pub(crate) config: ConfigArg,
 }
 
 #[derive(Args)]
@@ -96,6 +96,7 @@ fn server_state_dir(d: Option<PathBuf>) -> PathBuf {
 fn serve_options(
     a: ServeArgs,
     f: config::ServeFile,
+    config_path: Option<PathBuf>,
 ) -> Result<ferry_serve::ServeOptions, JobError> {
     let config::ServeFile {
         listen,
@@ -110,6 +111,7 @@ fn serve_options(
         metrics_listen,
         throttle_ingest,
         throttle_upload,
+        admin_group,
     } = f;
     let store = match (a.store, store) {
         (Some(s), _) => s,
@@ -122,6 +124,7 @@ fn serve_options(
         }
     };
     let retention = a.retention.or(retention).unwrap_or(DEFAULT_RETENTION);
+    let state_dir = server_state_dir(a.state_dir.or(state_dir));
     Ok(ferry_serve::ServeOptions {
         listen: a.listen.or(listen).unwrap_or_else(|| "0.0.0.0:7443".into()),
         store,
@@ -134,7 +137,7 @@ fn serve_options(
             .cache_dir
             .or(cache_dir)
             .unwrap_or_else(|| ferry_job::default_state_root().join("server-cache")),
-        state_dir: server_state_dir(a.state_dir.or(state_dir)),
+        state_dir: state_dir.clone(),
         cache_size: a.cache_size.or(cache_size).unwrap_or(4 << 30),
         pipeline: ferry_pipeline::PipelineConfig {
             threads: threads(a.threads.or(file_threads)),
@@ -147,6 +150,10 @@ fn serve_options(
             .or(metrics_listen)
             .filter(|m| m != "off" && !m.is_empty()),
         initial_throttles: (throttle_ingest, throttle_upload),
+        admin: Some(ferry_serve::AdminSetup {
+            group: admin_group.unwrap_or_else(|| ferry_serve::admin::DEFAULT_GROUP.into()),
+            handler: crate::remote::handler(state_dir.clone(), config_path),
+        }),
     })
 }
 
@@ -157,7 +164,8 @@ pub(crate) fn serve(a: ServeArgs, cfg: config::Loaded, log_json: bool) -> ExitCo
     if let Some(p) = &cfg.path {
         tracing::info!(config = %p.display(), "read the config file");
     }
-    let o = match serve_options(a, cfg.serve) {
+    let config_path = cfg.path.clone();
+    let o = match serve_options(a, cfg.serve, config_path) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
@@ -208,10 +216,10 @@ pub(crate) fn status_cmd(a: StatusArgs) -> Result<StatusOutcome, JobError> {
         let r = status::report(&server, store.as_ref().zip(manifests.as_ref()), now);
         if a.watch && !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             // Clear the screen, home the cursor.
-            print!("\x1b[2J\x1b[H");
+            out!("\x1b[2J\x1b[H");
         }
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+            outln!("{}", serde_json::to_string_pretty(&r).expect("json"));
         } else {
             status::print_human(&r);
         }

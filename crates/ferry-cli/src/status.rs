@@ -308,7 +308,7 @@ pub fn print_human(r: &Value) {
     let s = &r["server"];
     let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
     if s["running"].as_bool() == Some(true) {
-        println!(
+        outln!(
             "ferry serve is running (pid {}, listening on {}; status written {}s ago); cache {} used of {}",
             s["pid"],
             text(&s["listen"]),
@@ -317,9 +317,9 @@ pub fn print_human(r: &Value) {
             units::human(s["cache_size_bytes"].as_u64().unwrap_or(0)),
         );
     } else if let Some(w) = s["written_at"].as_str() {
-        println!("ferry serve is not running (status last written at {w})");
+        outln!("ferry serve is not running (status last written at {w})");
     } else {
-        println!(
+        outln!(
             "ferry serve is not running ({})",
             s["problem"].as_str().unwrap_or("no status file")
         );
@@ -328,12 +328,12 @@ pub fn print_human(r: &Value) {
         r["store"]["location"].as_str(),
         r["store"]["error"].as_str(),
     ) {
-        (Some(l), None) => println!("store {l}"),
-        (Some(l), Some(e)) => println!("store {l}: cannot read its manifests: {e}"),
+        (Some(l), None) => outln!("store {l}"),
+        (Some(l), Some(e)) => outln!("store {l}: cannot read its manifests: {e}"),
         _ => {}
     }
     if let Some(h) = s["host"].as_object() {
-        println!(
+        outln!(
             "appliance: CPU {}%, memory {}%, cache {}% free; draining {}/s",
             h["cpu_percent"],
             h["memory_percent"],
@@ -342,7 +342,7 @@ pub fn print_human(r: &Value) {
         );
     }
     let show = |c: &Value, indent: &str| {
-        println!(
+        outln!(
             "{indent}{} {}: {}",
             c["level"].as_str().unwrap_or("?").to_uppercase(),
             ferry_serve::events::printable(c["name"].as_str().unwrap_or("?")),
@@ -356,16 +356,20 @@ pub fn print_human(r: &Value) {
     {
         show(c, "");
     }
-    println!("health: {}", r["health"].as_str().unwrap_or("?"));
+    outln!("health: {}", r["health"].as_str().unwrap_or("?"));
     let vms = r["vms"].as_array().map(Vec::as_slice).unwrap_or_default();
     if vms.is_empty() {
-        println!("no VMs yet");
+        outln!("no VMs yet");
         return;
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<20} {:<12} {:>8} {:>10}  {:<30} DETAIL",
-        "VM / DISK", "STATE", "RPO", "BACKLOG", "LAST POINT"
+        "VM / DISK",
+        "STATE",
+        "RPO",
+        "BACKLOG",
+        "LAST POINT"
     );
     let rpo = |v: &Value| v["rpo_seconds"].as_u64().map_or("-".into(), age);
     let point = |v: &Value| match v["last_point"]["id"].as_str() {
@@ -392,7 +396,7 @@ pub fn print_human(r: &Value) {
             Some(p) if !p.is_empty() => format!("{p}; {detail}"),
             _ => detail,
         };
-        println!(
+        outln!(
             "{:<20} {:<12} {:>8} {:>10}  {:<30} {}",
             text(&v["vm"]),
             text(&v["state"]),
@@ -409,13 +413,13 @@ pub fn print_human(r: &Value) {
             show(c, "  ");
         }
         if let Some(q) = v["quarantine"].as_str() {
-            println!(
+            outln!(
                 "  QUARANTINED: {q}\n  every other VM goes on; fix the cause, then: ferry vms release {}",
                 text(&v["vm"])
             );
         }
         for d in v["disks"].as_array().map(Vec::as_slice).unwrap_or_default() {
-            println!(
+            outln!(
                 "  {:<18} {:<12} {:>8} {:>10}  {:<30} {} records, {} received, acked seq {}",
                 text(&d["name"]),
                 text(&d["state"]),

@@ -65,15 +65,15 @@ pub(crate) fn set(
     let now = jiff::Zoned::now();
     let (rate, _) = schedule.at_time(&now);
     if schedule.rules.len() == 1 {
-        println!("{}: {rate}", who(link, vm));
+        outln!("{}: {rate}", who(link, vm));
     } else {
-        println!(
+        outln!(
             "{}: schedule '{}'; now {rate}",
             who(link, vm),
             schedule.spec()
         );
     }
-    eprintln!(
+    errln!(
         "a running ferry serve applies it within a second; `ferry throttle show` says what applies"
     );
     Ok(())
@@ -111,7 +111,7 @@ pub(crate) fn weight(
             format!("operator set VM {vm}'s weight to {weight}"),
         ),
     );
-    println!("VM {vm}: weight {weight} in the share of the global ingest throttle");
+    outln!("VM {vm}: weight {weight} in the share of the global ingest throttle");
     Ok(())
 }
 
@@ -210,10 +210,10 @@ pub(crate) fn show(
         "upload": { "all": describe(t.upload.all.as_ref(), &now) },
     });
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
     }
-    println!(
+    outln!(
         "Throttles now ({}, {tz}){}",
         now.strftime("%a %Y-%m-%d %H:%M"),
         if st.is_some() {
@@ -222,20 +222,20 @@ pub(crate) fn show(
             "; ferry serve is not running: they apply when it starts"
         }
     );
-    println!(
+    outln!(
         "{}",
         line("ingest, all agents together:", &out["ingest"]["all"])
     );
-    println!("{}", line("upload to Azure:", &out["upload"]["all"]));
+    outln!("{}", line("upload to Azure:", &out["upload"]["all"]));
     if !names.is_empty() {
-        println!("per VM (ingest; the global ingest throttle is shared by weight):");
+        outln!("per VM (ingest; the global ingest throttle is shared by weight):");
         for (vm, v) in &vms {
             let mut l = line(&format!("  {vm}"), v);
             l.push_str(&format!("; weight {}", v["weight"]));
             if v["held_back_now"] == json!(true) {
                 l.push_str("; held back now");
             }
-            println!("{l}");
+            outln!("{l}");
         }
     }
     Ok(())

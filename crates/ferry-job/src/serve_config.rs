@@ -37,6 +37,8 @@ pub struct ServeFile {
     pub throttle_ingest: Option<String>,
     /// Initial upload throttle schedule (idem).
     pub throttle_upload: Option<String>,
+    /// Members of this group may use the admin socket (default `ferry`, when it exists).
+    pub admin_group: Option<String>,
 }
 
 /// Parses the text of a `ferry.toml` (unknown keys and tables are errors naming them).

@@ -25,6 +25,7 @@
 //! Must not: read sources or decide when points are cut (the agent does); hold the master key
 //! anywhere but in this process.
 
+pub mod admin;
 mod board;
 mod commit;
 mod conn;
@@ -126,6 +127,25 @@ pub struct ServeOptions {
     /// Throttle schedules to start with when the state directory has none yet (`throttle_ingest`,
     /// `throttle_upload` of the config file); `ferry throttle` changes them from then on.
     pub initial_throttles: (Option<String>, Option<String>),
+    /// The admin socket (`STATE_DIR/admin.sock`, [`admin`]): the group allowed besides root and
+    /// the server's user, and what runs the commands. `None`: no socket.
+    pub admin: Option<AdminSetup>,
+}
+
+/// How the admin socket runs commands (the CLI's handler) and who may use it.
+#[derive(Clone)]
+pub struct AdminSetup {
+    /// Members of this group may use the socket (when it exists).
+    pub group: String,
+    pub handler: admin::Handler,
+}
+
+impl std::fmt::Debug for AdminSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSetup")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
 }
 
 /// State the connection tasks share.
@@ -288,6 +308,19 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     if let (Some(b), ferry_job::StoreLocation::Azure { url, .. }) = (&blobs, &o.store) {
         ferry_job::identity::bind_azure(&store, b, url)?;
     }
+    // After the store's lock: one server per store, so a socket that answers is another
+    // server's on the same state directory, and one that does not is a dead server's.
+    let admin = match &o.admin {
+        Some(a) => Some(
+            admin::AdminServer::bind(&o.state_dir, &a.group, a.handler.clone()).map_err(|e| {
+                ServeError::Io {
+                    what: "cannot open the admin socket".into(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?,
+        ),
+        None => None,
+    };
     let (cache, recovery) = ferry_job::open_cache_recovering(&store, &o.cache_dir, o.cache_size)?;
     let held = Arc::new(
         held::Held::load(&store, &recovery.marks).map_err(|e| ServeError::Io {
@@ -469,6 +502,15 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         let watched = Arc::downgrade(&shared);
         let state_dir = o.state_dir.clone();
         s.spawn(move || watch_policy(&watched, &state_dir, finished));
+        if let Some(a) = admin {
+            let group = o.admin.as_ref().map_or("", |x| x.group.as_str());
+            if a.group_id().is_some() {
+                tracing::info!(socket = %a.path().display(), group, "admin socket ready (mode 0660): `ferry throttle|policy|status|events|agents|vms` reach this server through it");
+            } else {
+                tracing::info!(socket = %a.path().display(), "admin socket ready (mode 0600; create group {group} to let its members use it)");
+            }
+            s.spawn(move || a.run(finished));
+        }
         rt.block_on(accept_loop(listener, acceptor, shared, stop));
         // Connections still open are dropped with the runtime; their unacked records are the
         // agents' to send again.

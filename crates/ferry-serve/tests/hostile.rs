@@ -77,6 +77,7 @@ fn hostile_frames_are_refused_and_others_served() {
         retention: None,
         metrics_listen: None,
         initial_throttles: (None, None),
+        admin: None,
     };
     let pass = ferry_serve::passphrase(&o.state_dir).unwrap();
     let stop = Arc::new(AtomicBool::new(false));

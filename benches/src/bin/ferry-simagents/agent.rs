@@ -39,6 +39,8 @@ pub(crate) struct AgentStats {
     /// Ack covering it, in microseconds.
     pub ack_us: Vec<u64>,
     pub tag_ack_us: u64,
+    /// Tags acknowledged (the last one and those of --cut-every).
+    pub points_acked: u64,
     /// Time spent with a record ready but not enough credit for it (backpressure).
     pub credit_wait: Duration,
     pub credit_grants: u64,
@@ -267,6 +269,8 @@ struct Session {
     unacked: VecDeque<Sent>,
     st: AgentStats,
     deadline: Instant,
+    /// The seq of the Tag sent at the end (its Ack ends the run).
+    final_tag: Option<u64>,
 }
 
 impl Session {
@@ -287,8 +291,11 @@ impl Session {
                             st.ack_us.push(us);
                         }
                         Kind::Zero => st.ack_us.push(us),
+                        // A cut before the end (--cut-every) is a point like the last.
+                        Kind::Tag if Some(sent.seq) != self.final_tag => st.points_acked += 1,
                         Kind::Tag => {
                             st.tag_ack_us = us;
+                            st.points_acked += 1;
                             st.done = Some(at);
                         }
                         // Begin makes the server read the VM's manifest: not a data record.
@@ -371,7 +378,12 @@ pub(crate) async fn run(
         unacked: VecDeque::new(),
         st: AgentStats::default(),
         deadline: start + Duration::from_secs_f64(a.seconds),
+        final_tag: None,
     };
+    // --cut-every: a point every so often while writing, as a real agent's crash points.
+    let every = (a.cut_every > 0.0).then(|| Duration::from_secs_f64(a.cut_every));
+    let mut next_cut = every.map(|e| start + e);
+    let mut last_is_final = false;
     let mut disk = SimDisk {
         rng: SplitMix64::new(a.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         size: a.disk_size,
@@ -399,7 +411,12 @@ pub(crate) async fn run(
             s.on_event(at, ev?).await?;
         }
         if !tagged && pending.is_none() {
-            pending = Some(if Instant::now() >= s.deadline {
+            let now = Instant::now();
+            pending = Some(if now >= s.deadline {
+                last_is_final = true;
+                disk.tag(seq + 1, run_id)
+            } else if let Some((c, e)) = next_cut.zip(every).filter(|(c, _)| now >= *c) {
+                next_cut = Some(c + e);
                 disk.tag(seq + 1, run_id)
             } else {
                 disk.next_record(seq + 1)
@@ -428,7 +445,11 @@ pub(crate) async fn run(
             seq += 1;
             match s.send(&m, seq, now).await? {
                 Kind::Write(_) | Kind::Zero => paced += a.write_size,
-                Kind::Tag => tagged = true,
+                Kind::Tag if last_is_final => {
+                    s.final_tag = Some(seq);
+                    tagged = true;
+                }
+                Kind::Tag => {}
                 Kind::Begin => {}
             }
             continue;

@@ -77,6 +77,10 @@ pub(crate) struct Args {
     /// Give up waiting for a Tag's Ack after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     tag_timeout: f64,
+    /// Also cut a crash-consistent point every this many seconds while writing (0: only at the
+    /// end), as a real agent does; the server's status then shows each VM's RPO.
+    #[arg(long, default_value_t = 0.0)]
+    cut_every: f64,
 }
 
 impl Args {

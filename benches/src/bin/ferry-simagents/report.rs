@@ -96,6 +96,7 @@ pub(crate) fn report(a: &Args, register_s: f64, o: Outcome, cpu_s: f64) -> serde
         "register_seconds": round(register_s, 3),
         "connect_seconds": round(o.connect_s, 3),
         "records": sum(|s| s.records),
+        "points_acked": sum(|s| s.points_acked),
         "zero_records": sum(|s| s.zero_records),
         "write_bytes_sent": sum(|s| s.write_bytes_sent),
         "write_bytes_acked": acked,

@@ -1,0 +1,72 @@
+//! Where the operator commands print. Run from a terminal they print to stdout and stderr; run by
+//! `ferry serve` for a client of its admin socket (`ferry_serve::admin`) the same lines are
+//! captured, on the command's own thread, and sent back as the reply.
+
+use std::cell::RefCell;
+
+thread_local! {
+    static CAPTURE: RefCell<Option<(String, String)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's output captured; returns its result and (stdout, stderr).
+pub(crate) fn captured<T>(f: impl FnOnce() -> T) -> (T, String, String) {
+    CAPTURE.with(|c| *c.borrow_mut() = Some((String::new(), String::new())));
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CAPTURE.with(|c| *c.borrow_mut() = None);
+        }
+    }
+    let reset = Reset;
+    let r = f();
+    let (o, e) = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    drop(reset);
+    (r, o, e)
+}
+
+/// Writes to stdout, or to the capture.
+pub(crate) fn stdout(s: std::fmt::Arguments<'_>) {
+    let done = CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+        Some((o, _)) => {
+            use std::fmt::Write;
+            let _ = o.write_fmt(s);
+            true
+        }
+        None => false,
+    });
+    if !done {
+        use std::io::Write;
+        let _ = std::io::stdout().lock().write_fmt(s);
+    }
+}
+
+/// Writes to stderr, or to the capture.
+pub(crate) fn stderr(s: std::fmt::Arguments<'_>) {
+    let done = CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+        Some((_, e)) => {
+            use std::fmt::Write;
+            let _ = e.write_fmt(s);
+            true
+        }
+        None => false,
+    });
+    if !done {
+        use std::io::Write;
+        let _ = std::io::stderr().lock().write_fmt(s);
+    }
+}
+
+/// `println!` that a server-side run captures.
+macro_rules! outln {
+    () => { $crate::out::stdout(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::out::stdout(format_args!("{}\n", format_args!($($t)*))) };
+}
+/// `print!` that a server-side run captures.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::out::stdout(format_args!($($t)*)) };
+}
+/// `eprintln!` that a server-side run captures.
+macro_rules! errln {
+    () => { $crate::out::stderr(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::out::stderr(format_args!("{}\n", format_args!($($t)*))) };
+}
