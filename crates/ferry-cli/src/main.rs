@@ -38,7 +38,7 @@ ferry points list --store ./store                   # what can be restored\n  \
 ferry restore --store ./store --point latest --out restored.img --verify\n\n\
 Everything in a store is encrypted with a master key (--key-file; created on first use, mode 0600). \
 Keep a copy of it: without it nothing can be restored.",
-    after_help = "Operator commands (status, throttle, policy, events, agents, vms, passphrase rotate) run inside a running `ferry serve` through its admin socket STATE_DIR/admin.sock (root, or a member of the group ferry), and on the state directory when none runs.\n\nLogs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage, 3 `ferry status`: a critical condition holds."
+    after_help = "Operator commands (status, throttle, policy, events, agents, vms, passphrase rotate) run inside a running `ferry serve` through its admin socket STATE_DIR/admin.sock (root, or a member of the server's admin group, ferry by default), and on the state directory when none runs.\n\nLogs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage, 3 `ferry status`: a critical condition holds, 75 the server runs too many operator commands: try again."
 )]
 struct Cli {
     /// Log as JSON lines (for journald / log shippers) instead of text.

@@ -36,7 +36,13 @@ pub(crate) fn stdout(s: std::fmt::Arguments<'_>) {
     });
     if !done {
         use std::io::Write;
-        let _ = std::io::stdout().lock().write_fmt(s);
+        if let Err(e) = std::io::stdout().lock().write_fmt(s) {
+            // The reader went away (`ferry status --watch | head -1`): stop, as a shell tool
+            // killed by SIGPIPE would (status 128 + 13).
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(141);
+            }
+        }
     }
 }
 

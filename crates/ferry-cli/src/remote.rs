@@ -11,7 +11,11 @@
 //! - A server that runs but refuses (permission) or fails: the command says so and exits 1; it
 //!   does not silently fall back to files the server may not be reading.
 //! - A command that names a store (`--store`, `FERRY_STORE`) runs here: it reads what the
-//!   operator named, which need not be the server's.
+//!   operator named, which need not be the server's; the server refuses a `--store` sent to it.
+//! - `status` waits 15 s at most for the server and then reads the files (monitoring must not
+//!   hang); the other commands wait up to 5 minutes (a prune preview reads every manifest). A
+//!   command the server has started runs to its end even if the client gives up or is killed.
+//! - Log lines a command writes (tracing) go to the server's log, not to the client.
 //! - `FERRY_ADMIN_SOCKET=off` makes every command work on the files (for debugging).
 
 use std::path::{Path, PathBuf};
@@ -99,12 +103,18 @@ fn candidates(state_dir: &Option<PathBuf>, config: &ConfigArg) -> Vec<PathBuf> {
     let Ok(dir) = crate::server::resolve_state_dir(state_dir.clone(), config) else {
         return Vec::new();
     };
-    let mut v = vec![dir];
+    // The system server, only for a user with no server state of their own: a group member
+    // whose own server is stopped must not reach the production one by accident.
     let system = Path::new("/var/lib/ferry/server");
-    if !named && !is_root() && std::env::var_os("FERRY_STATE_DIR").is_none() && v[0] != system {
-        v.push(system.to_owned());
+    if !named
+        && !is_root()
+        && std::env::var_os("FERRY_STATE_DIR").is_none()
+        && dir != system
+        && !dir.exists()
+    {
+        return vec![system.to_owned()];
     }
-    v
+    vec![dir]
 }
 
 /// Runs an operator command through the running server's admin socket, if one answers. Returns
@@ -114,6 +124,7 @@ pub(crate) fn through_server(cmd: &mut Cmd) -> Option<u8> {
     if std::env::var_os("FERRY_ADMIN_SOCKET").is_some_and(|v| v == "off") {
         return None;
     }
+    let is_status = matches!(cmd, Cmd::Status(_));
     let (watch, interval) = match cmd {
         Cmd::Status(a) => (a.watch, a.interval),
         _ => (false, Duration::ZERO),
@@ -127,17 +138,29 @@ pub(crate) fn through_server(cmd: &mut Cmd) -> Option<u8> {
         args.push(a.into_string().ok()?);
     }
     let dirs = candidates(state_dir, config);
+    // `status` is what monitoring runs: it must not hang on a server that does not answer.
+    let timeout = if is_status {
+        Duration::from_secs(15)
+    } else {
+        TIMEOUT
+    };
     let mut first = true;
     loop {
         let mut answered = None;
         for d in &dirs {
-            match admin::call(d, args.clone(), TIMEOUT) {
+            match admin::call(d, args.clone(), timeout) {
                 Reach::Ran(r) => {
                     tracing::debug!(socket = %d.join(admin::SOCKET).display(), "ran in the server");
                     answered = Some(r);
                     break;
                 }
                 Reach::NoServer => {}
+                // Status reads the files when the server cannot answer (it then reports what
+                // they say, e.g. a server that stopped writing its status).
+                Reach::Failed(why) if is_status && !why.contains("permission denied") => {
+                    eprintln!("warning: {why}; reading the state directory instead");
+                    break;
+                }
                 Reach::Failed(why) => {
                     eprintln!("error: {why}");
                     return Some(1);
@@ -158,17 +181,22 @@ pub(crate) fn through_server(cmd: &mut Cmd) -> Option<u8> {
             && !r.stdout.starts_with('{')
         {
             // Clear the screen, home the cursor.
-            print!("\x1b[2J\x1b[H");
+            crate::out::stdout(format_args!("\x1b[2J\x1b[H"));
         }
-        print!("{}", r.stdout);
-        eprint!("{}", r.stderr);
+        crate::out::stdout(format_args!("{}", r.stdout));
+        crate::out::stderr(format_args!("{}", r.stderr));
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        if !watch || r.exit != 0 && r.exit != 3 {
+        if !watch || !matches!(r.exit, 0 | 3 | admin::EXIT_BUSY) {
             return Some(r.exit);
         }
         std::thread::sleep(interval);
     }
+}
+
+fn args_name_store(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a == "--store" || a.starts_with("--store="))
 }
 
 /// The server's handler of admin-socket commands: parses the client's command line as `ferry`
@@ -176,7 +204,16 @@ pub(crate) fn through_server(cmd: &mut Cmd) -> Option<u8> {
 /// captured. Only operator commands run; `--watch` is the client's to repeat.
 pub(crate) fn handler(state_dir: PathBuf, config: Option<PathBuf>) -> admin::Handler {
     std::sync::Arc::new(move |args: Vec<String>| {
-        let parsed = Cli::try_parse_from(std::iter::once("ferry".to_owned()).chain(args));
+        let parsed = Cli::try_parse_from(std::iter::once("ferry".to_owned()).chain(args.clone()));
+        // A store other than the server's is the caller's to read, in the caller's process,
+        // with the caller's credentials: never through the server (the client sends none).
+        if args_name_store(&args) {
+            return Reply::new(
+                2,
+                String::new(),
+                "error: through the admin socket a command uses the server's own store; leave out --store, or run it with FERRY_ADMIN_SOCKET=off where you can read that store\n".into(),
+            );
+        }
         let mut cli = match parsed {
             Ok(c) => c,
             Err(e) => {

@@ -1,7 +1,8 @@
 //! The admin socket against a real `ferry serve`: an operator in the admin group (here `nogroup`,
-//! named by `admin_group`) runs the commands as user `nobody`, who cannot read or write a single
-//! state file, so every success below went through the running server; others are refused;
-//! a stopped server removes its socket, a killed one's is replaced at the next start.
+//! named by `admin_group`) runs the commands as user `nobody`, who cannot read or write the state
+//! files (checked: the same reads with `FERRY_ADMIN_SOCKET=off` fail), so the changes and reads
+//! below went through the running server; others are refused; a stopped server removes its
+//! socket, a killed one's is replaced at the next start.
 //!
 //! Needs root (it runs commands as `nobody` with `setpriv`) and the `nogroup` group (Debian).
 
@@ -12,15 +13,26 @@ use std::process::{Command, Output};
 
 use common::{ferry, ok, spawn_serve, Env};
 
-fn as_user(uid: u32, gid: u32, args: &[&str]) -> Output {
+/// The `ferry` binary where `nobody` may run it (the build may sit under a 0700 home).
+fn ferry_for_all(env: &Env) -> std::path::PathBuf {
+    let p = env.path("ferry-bin");
+    if !p.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    p
+}
+
+fn as_user_env(env: &Env, uid: u32, gid: u32, args: &[&str], vars: &[(&str, &str)]) -> Output {
     let mut c = Command::new("setpriv");
     c.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
         .arg("--clear-groups")
-        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .arg(ferry_for_all(env))
         .args(args)
         .env("FERRY_LOG", "warn")
-        .env("HOME", "/nonexistent");
+        .env("HOME", "/nonexistent")
+        .envs(vars.iter().copied());
     c.output().unwrap()
 }
 
@@ -76,6 +88,7 @@ fn the_admin_group_operates_a_running_server_through_its_socket() {
         c.arg("serve").arg("--config").arg(&cfg);
         spawn_serve(c, Some("127.0.0.1:0"), &env.path("serve.log"))
     };
+    let as_user = |uid: u32, gid: u32, args: &[&str]| as_user_env(&env, uid, gid, args, &[]);
     let (mut server, _addr) = serve();
     let sock = state.join("admin.sock");
     let sd = state.to_str().unwrap();
@@ -101,17 +114,12 @@ fn the_admin_group_operates_a_running_server_through_its_socket() {
         "state directory group and mode"
     );
 
-    // nobody cannot touch the files themselves...
+    // nobody cannot read the files themselves (passphrase show never uses the socket)...
+    let o = as_user(NOBODY, NOGROUP, &["passphrase", "show", "--state-dir", sd]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("Permission denied"), "{}", text(&o));
     let o = as_user(NOBODY, NOGROUP, &["throttle", "show", "--state-dir", sd]);
     ok(&o, "throttle show as nobody:nogroup");
-    assert!(
-        std::fs::File::open(state.join("tls-identity.pem")).is_ok()
-            && as_user(NOBODY, NOGROUP, &["passphrase", "show", "--state-dir", sd])
-                .status
-                .code()
-                != Some(0),
-        "nobody must not read the state files directly (passphrase show never uses the socket)"
-    );
     // ...but changes the throttle through the server, which applies it and records who asked.
     let o = as_user(
         NOBODY,
@@ -167,6 +175,31 @@ fn the_admin_group_operates_a_running_server_through_its_socket() {
         &as_user(NOBODY, NOGROUP, &["agents", "list", "--state-dir", sd]),
         "agents list",
     );
+    // The same reads as nobody without the socket fail: what passed above went through it.
+    for args in [
+        &["throttle", "show", "--state-dir", sd][..],
+        &["policy", "show", "--state-dir", sd],
+        &["events", "--state-dir", sd],
+    ] {
+        let o = as_user_env(
+            &env,
+            NOBODY,
+            NOGROUP,
+            args,
+            &[("FERRY_ADMIN_SOCKET", "off")],
+        );
+        assert_ne!(
+            o.status.code(),
+            Some(0),
+            "{args:?} without the socket: {}",
+            text(&o)
+        );
+        assert!(
+            text(&o).contains("Permission denied"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
     // Usage errors come back as the command's own, with its exit status.
     let o = as_user(
         NOBODY,
@@ -190,15 +223,6 @@ fn the_admin_group_operates_a_running_server_through_its_socket() {
     // Only operator commands run inside the server.
     for args in [
         vec!["serve".to_string()],
-        vec![
-            "restore".into(),
-            "--store".into(),
-            "/".into(),
-            "--point".into(),
-            "latest".into(),
-            "--out".into(),
-            "/tmp/x".into(),
-        ],
         vec!["passphrase".into(), "show".into()],
     ] {
         let r = raw_call(&sock, args.clone());
@@ -209,11 +233,22 @@ fn the_admin_group_operates_a_running_server_through_its_socket() {
         );
     }
 
+    // A store sent to the server is refused: the caller's store is the caller's to read.
+    for args in [
+        vec!["status".to_string(), "--store".into(), "/".into()],
+        vec!["policy".into(), "show".into(), "--store=/etc".into()],
+    ] {
+        let r = raw_call(&sock, args.clone());
+        assert_eq!(r.exit, 2, "{args:?}: {r:?}");
+        assert!(r.stderr.contains("server's own store"), "{args:?}: {r:?}");
+    }
+
     // Stopped: the socket goes, and nobody gets the files' own refusal.
     server.term();
     assert!(!sock.exists(), "the socket outlived the server");
     let o = as_user(NOBODY, NOGROUP, &["throttle", "show", "--state-dir", sd]);
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("Permission denied"), "{}", text(&o));
     // Root works on the files while it is stopped.
     ok(
         &ferry()

@@ -16,17 +16,23 @@
 //!
 //! Who may connect is the kernel's check of the socket file's permissions, as for Docker's or
 //! libvirt's sockets:
-//! - The socket is bound under umask 0177 (mode 0600, the server's user only, from its first
-//!   instant). If the admin group (`ferry` unless `admin_group` says otherwise) exists, the socket
-//!   is then given to that group, mode 0660, and the state directory gets the group's search bit
-//!   (`g+x`, never read: members can reach the socket by name, not list or open the 0600 files).
-//! - Root passes every permission check. Nobody else can connect.
+//! - The socket is bound in a private 0700 directory, given mode 0600 (the server's user; root
+//!   passes every check), or 0660 and the admin group (`ferry` unless `admin_group` says
+//!   otherwise) when that group exists and the server's user may give it the socket, then renamed
+//!   into place: no one can connect before its permissions are final. The state directory then
+//!   gets the group's search bit (`g+x`, never read: members reach the socket by name, and cannot
+//!   list the directory).
 //! - The server does not check `SO_PEERCRED` against a list: under the shipped unit it runs in a
-//!   private user namespace (`PrivateUsers=yes`), where every caller but root shows as `nobody`.
-//!   It logs the peer's pid and uid at debug level.
+//!   private user namespace (`PrivateUsers=yes`) where callers other than root and its own user
+//!   show as `nobody`. It logs the peer's pid and uid with each command (changes at info level,
+//!   reads at debug).
+//! - A socket that cannot be made (a file in the way, a path too long for a socket address) is a
+//!   warning: the server runs without one, and the commands work on the files. Only a socket that
+//!   answers (another server on the same state directory) stops the start.
 //!
-//! At most [`MAX_CLIENTS`] commands run at once; more are answered "busy" (exit 75). A client
-//! that sends nothing for [`READ_TIMEOUT`] is dropped.
+//! At most [`MAX_CLIENTS`] commands run at once, the last slot kept for root; more are answered
+//! "busy" (exit 75). A request must arrive whole within [`READ_TIMEOUT`], and a reply that the
+//! client does not read within 30 s is dropped.
 
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -219,98 +225,135 @@ pub fn group_id(name: &str) -> Option<u32> {
     (r == 0 && !out.is_null()).then_some(grp.gr_gid)
 }
 
-/// Errors of the socket.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Other(String),
+/// The admin socket of a running server. Accepts on its own thread from [`AdminServer::start`]
+/// until dropped; the drop stops the thread and removes the socket if it is still this one.
+pub struct AdminServer {
+    path: PathBuf,
+    /// (dev, ino) of the socket bound: a drop removes only that one.
+    ident: (u64, u64),
+    admin_gid: Option<u32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The admin socket of a running server: accepts until `finished`, then removes the socket.
-pub struct AdminServer {
-    listener: UnixListener,
-    path: PathBuf,
+/// Why the socket could not be opened: [`StartError::Taken`] stops the start (two servers on one
+/// state directory); any other is a warning and the server runs without a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Taken(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+struct Conns {
     handler: Handler,
-    admin_gid: Option<u32>,
-    running: Arc<AtomicUsize>,
+    running: AtomicUsize,
+}
+
+/// Gives back a command slot when dropped (also when the command panics).
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AdminServer {
-    /// Binds `STATE_DIR/admin.sock`, replacing a socket left by a server that is gone (one that
-    /// refuses connections). Call only while holding the store's lock (one server per state).
-    pub fn bind(
+    /// Binds `STATE_DIR/admin.sock` and starts accepting. Call only while holding the store's
+    /// lock (one server per store). The socket is bound in a private 0700 directory, given its
+    /// mode (and group) there, and renamed into place: no one can connect before its permissions
+    /// are final, and a socket a killed server left is replaced in one step.
+    pub fn start(
         state_dir: &Path,
         group: &str,
         handler: Handler,
-    ) -> Result<AdminServer, AdminError> {
+    ) -> Result<AdminServer, StartError> {
+        use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
         let path = state_dir.join(SOCKET);
-        let io = |source| AdminError::Io {
-            path: path.clone(),
-            source,
-        };
+        let fail = |what: &str, e: std::io::Error| StartError::Failed(format!("{what}: {e}"));
         match std::fs::symlink_metadata(&path) {
-            Ok(m) => {
-                use std::os::unix::fs::FileTypeExt;
-                if !m.file_type().is_socket() {
-                    return Err(AdminError::Other(format!(
-                        "{} exists and is not a socket; move it away (ferry serve makes its admin socket there)",
-                        path.display()
-                    )));
-                }
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(StartError::Failed(format!(
+                    "{} exists and is not a socket; move it away (ferry serve makes its admin socket there)",
+                    path.display()
+                )));
+            }
+            Ok(_) => {
                 if UnixStream::connect(&path).is_ok() {
-                    return Err(AdminError::Other(format!(
+                    return Err(StartError::Taken(format!(
                         "{} answers: another ferry serve uses this state directory; stop it first",
                         path.display()
                     )));
                 }
-                std::fs::remove_file(&path).map_err(io)?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
+            Err(e) => return Err(fail(&path.display().to_string(), e)),
         }
-        // The socket is created with the process umask; no one may use it before its mode and
-        // group are set: bind under a umask of 0177 (mode 0600).
-        // SAFETY: umask has no preconditions; it is process-wide, restored at once.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(&path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        let listener = bound.map_err(io)?;
+        let private = state_dir.join(format!(".admin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&private);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(|e| fail(&private.display().to_string(), e))?;
+        struct Cleanup<'a>(&'a Path);
+        impl Drop for Cleanup<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(self.0);
+            }
+        }
+        let _cleanup = Cleanup(&private);
+        let tmp = private.join("s");
+        let listener = UnixListener::bind(&tmp).map_err(|e| fail(&tmp.display().to_string(), e))?;
         let admin_gid = group_id(group);
+        let mut mode = 0o600;
         if let Some(g) = admin_gid {
-            std::os::unix::fs::chown(&path, None, Some(g)).map_err(io)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
-            // The group must reach the socket: search (not read) permission on the state
-            // directory, whose group becomes the admin group if it was another.
-            let dio = |source| AdminError::Io {
-                path: state_dir.to_owned(),
-                source,
+            // The server's own group needs no chown (and the shipped unit's system-call filter
+            // refuses chown): only another group does, which the server's user must be in.
+            let own = std::fs::metadata(&tmp).map(|m| m.gid()).ok();
+            let r = if own == Some(g) {
+                Ok(())
+            } else {
+                std::os::unix::fs::chown(&tmp, None, Some(g))
             };
-            let m = std::fs::metadata(state_dir).map_err(dio)?;
-            use std::os::unix::fs::MetadataExt;
-            if m.gid() != g {
-                std::os::unix::fs::chown(state_dir, None, Some(g)).map_err(dio)?;
-            }
-            if m.mode() & 0o010 == 0 {
-                std::fs::set_permissions(
-                    state_dir,
-                    std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o010),
-                )
-                .map_err(dio)?;
+            match r {
+                Ok(()) => mode = 0o660,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "cannot give the admin socket to the admin group: root and the server's user only (mode 0600)")
+                }
             }
         }
-        listener.set_nonblocking(true).map_err(io)?;
-        Ok(AdminServer {
-            listener,
-            path,
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fail(&tmp.display().to_string(), e))?;
+        if mode == 0o660 {
+            if let Some(g) = admin_gid {
+                group_may_search(state_dir, g);
+            }
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| fail(&path.display().to_string(), e))?;
+        let m =
+            std::fs::symlink_metadata(&path).map_err(|e| fail(&path.display().to_string(), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| fail(&path.display().to_string(), e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Conns {
             handler,
-            admin_gid,
-            running: Arc::new(AtomicUsize::new(0)),
+            running: AtomicUsize::new(0),
+        });
+        let st = stop.clone();
+        let shown = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferry-admin-accept".into())
+            .spawn(move || accept_loop(&listener, &conns, &st, &shown))
+            .map_err(|e| fail("cannot start the admin socket's thread", e))?;
+        Ok(AdminServer {
+            path,
+            ident: (m.dev(), m.ino()),
+            admin_gid: (mode == 0o660).then_some(admin_gid).flatten(),
+            stop,
+            thread: Some(thread),
         })
     }
 
@@ -319,101 +362,187 @@ impl AdminServer {
         &self.path
     }
 
-    /// Whether the admin group exists (the socket is then mode 0660, group-owned by it).
+    /// The admin group, when the socket is its (mode 0660).
     pub fn group_id(&self) -> Option<u32> {
         self.admin_gid
     }
+}
 
-    /// Accepts connections until `finished`, each on its own thread; the socket is removed when
-    /// the server is dropped.
-    pub fn run(self, finished: &AtomicBool) {
-        while !finished.load(Ordering::Relaxed) {
-            match self.listener.accept() {
-                Ok((s, _)) => self.serve_one(s),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => {
-                    tracing::warn!(socket = %self.path.display(), error = %e, "admin socket: accept failed");
-                    std::thread::sleep(Duration::from_millis(200));
-                }
+/// Gives group `g` search permission (never read) on the state directory, through a descriptor
+/// opened without following a symlink. Failures are warnings: the group then cannot reach the
+/// socket, root still can.
+fn group_may_search(state_dir: &Path, g: u32) {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let r = (|| -> std::io::Result<()> {
+        let d = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(state_dir)?;
+        let m = d.metadata()?;
+        if m.gid() != g {
+            std::os::unix::fs::fchown(&d, None, Some(g))?;
+        }
+        if m.mode() & 0o010 == 0 {
+            d.set_permissions(std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o010))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        tracing::warn!(dir = %state_dir.display(), error = %e, "cannot let the admin group into the state directory (g+x): only root and the server's user can reach the admin socket");
+    }
+}
+
+fn accept_loop(listener: &UnixListener, conns: &Arc<Conns>, stop: &AtomicBool, path: &Path) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((s, _)) => serve_one(conns, s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "admin socket: accept failed");
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
+}
 
-    fn serve_one(&self, s: UnixStream) {
-        let _ = s.set_nonblocking(false);
-        let peer = match peer(&s) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin socket: cannot read the peer's credentials; connection refused");
-                return;
-            }
-        };
-        if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            let _ = answer(
-                &s,
-                &Reply::error(
-                    EXIT_BUSY,
-                    format!("the server runs {MAX_CLIENTS} admin commands already; try again"),
-                ),
-            );
+/// Commands that change nothing: logged at debug level, the others at info (who asked what).
+fn read_only(args: &[String]) -> bool {
+    let a: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    matches!(
+        a.as_slice(),
+        ["status", ..] | ["events", ..] | [_, "show", ..] | [_, "list", ..]
+    ) && !args.iter().any(|a| a == "set")
+}
+
+fn serve_one(conns: &Arc<Conns>, s: UnixStream) {
+    let _ = s.set_nonblocking(false);
+    let peer = match peer(&s) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "admin socket: cannot read the peer's credentials; connection refused");
             return;
         }
-        let handler = self.handler.clone();
-        let running = self.running.clone();
-        let spawned = std::thread::Builder::new()
-            .name("ferry-admin".into())
-            .spawn(move || {
-                let reply = match read_request(&s) {
-                    Ok(r) => {
+    };
+    // The last slot is root's: others filling the rest cannot lock root out.
+    let n = conns.running.fetch_add(1, Ordering::SeqCst);
+    let slot = Slot(&conns.running);
+    if n >= MAX_CLIENTS || (n + 1 >= MAX_CLIENTS && peer.uid != 0) {
+        drop(slot);
+        let _ = answer(
+            &s,
+            &Reply::error(
+                EXIT_BUSY,
+                format!("the server runs {MAX_CLIENTS} admin commands already; try again"),
+            ),
+        );
+        return;
+    }
+    std::mem::forget(slot);
+    let c = conns.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ferry-admin".into())
+        .spawn(move || {
+            let _slot = Slot(&c.running);
+            let reply = match read_request(&s) {
+                Ok(r) => {
+                    if read_only(&r.args) {
                         tracing::debug!(uid = peer.uid, pid = peer.pid, args = ?r.args, "admin command");
-                        // A command that panics answers an error; the server goes on.
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(r.args)))
-                            .unwrap_or_else(|_| {
-                                Reply::error(1, "the command failed inside the server (see its log)")
-                            })
+                    } else {
+                        tracing::info!(uid = peer.uid, pid = peer.pid, args = ?r.args, "admin command");
                     }
-                    Err(e) => Reply::error(2, e),
-                };
-                let _ = answer(&s, &reply);
-                running.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(error = %e, "admin socket: cannot start a thread");
-        }
+                    // A command that panics answers an error; the server goes on.
+                    let h = c.handler.clone();
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(r.args)))
+                        .unwrap_or_else(|_| {
+                            Reply::error(1, "the command failed inside the server (see its log)")
+                        })
+                }
+                Err(e) => Reply::error(2, e),
+            };
+            let _ = answer(&s, &reply);
+        });
+    if let Err(e) = spawned {
+        conns.running.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(error = %e, "admin socket: cannot start a thread");
     }
 }
 
 impl Drop for AdminServer {
-    /// The socket goes with the server (run ended, or the start failed after binding it).
+    /// Stops accepting; removes the socket if it is still the one this server bound.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        use std::os::unix::fs::MetadataExt;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.ident) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
-fn read_request(s: &UnixStream) -> Result<Request, String> {
-    s.set_read_timeout(Some(READ_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+/// Reads one request line, within [`READ_TIMEOUT`] in all.
+fn read_request(mut s: &UnixStream) -> Result<Request, String> {
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
     let mut line = Vec::new();
-    let mut r = BufReader::new(s).take(MAX_REQUEST as u64 + 1);
-    r.read_until(b'\n', &mut line)
-        .map_err(|e| format!("cannot read the request: {e}"))?;
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    } else if line.len() > MAX_REQUEST {
-        return Err(format!("request longer than {MAX_REQUEST} bytes"));
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no whole request within {}",
+                humantime::format_duration(READ_TIMEOUT)
+            ));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        let n = match s.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(format!("cannot read the request: {e}")),
+        };
+        if n == 0 {
+            return Err("the request ended without a newline".into());
+        }
+        line.extend_from_slice(&buf[..n]);
+        if let Some(i) = line.iter().position(|b| *b == b'\n') {
+            line.truncate(i);
+            return parse_request(&line);
+        }
+        if line.len() > MAX_REQUEST {
+            return Err(format!("request longer than {MAX_REQUEST} bytes"));
+        }
     }
-    parse_request(&line)
 }
 
+/// Writes the reply, giving up after 30 s in all (a client that does not read).
 fn answer(mut s: &UnixStream, r: &Reply) -> std::io::Result<()> {
-    let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut b = serde_json::to_vec(r).map_err(std::io::Error::other)?;
     b.push(b'\n');
-    s.write_all(&b)?;
+    for piece in b.chunks(64 << 10) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client does not read",
+            ));
+        }
+        s.set_write_timeout(Some(left))?;
+        s.write_all(piece)?;
+    }
     s.flush()
 }
 
@@ -437,7 +566,10 @@ pub fn call(state_dir: &Path, args: Vec<String>, timeout: Duration) -> Reach {
         Err(e)
             if matches!(
                 e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
+                    // A path too long for a socket address: no server can be there either.
+                    | std::io::ErrorKind::InvalidInput
             ) =>
         {
             return Reach::NoServer
@@ -518,12 +650,9 @@ mod tests {
     fn a_server_answers_and_refuses_a_second_one_then_cleans_up() {
         let d = tempfile::tempdir().unwrap();
         let h: Handler = Arc::new(|args: Vec<String>| Reply::new(4, args.join(" "), "e".into()));
-        let s = AdminServer::bind(d.path(), "no-such-group-ferry-test", h.clone()).unwrap();
+        let s = AdminServer::start(d.path(), "no-such-group-ferry-test", h.clone()).unwrap();
         let mode = std::fs::metadata(s.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let finished = Arc::new(AtomicBool::new(false));
-        let f = finished.clone();
-        let t = std::thread::spawn(move || s.run(&f));
         match call(
             d.path(),
             vec!["a".into(), "b c".into()],
@@ -543,21 +672,61 @@ mod tests {
         let r = parse_reply(line.trim_end().as_bytes()).unwrap();
         assert_eq!(r.exit, 2);
         assert!(r.stderr.contains("bad request"), "{}", r.stderr);
-        assert!(AdminServer::bind(d.path(), "x", h.clone()).is_err());
-        finished.store(true, Ordering::Relaxed);
-        t.join().unwrap();
+        // A client that sends part of a line and stalls is dropped within READ_TIMEOUT, and
+        // holds no slot after that.
+        let stalled = UnixStream::connect(d.path().join(SOCKET)).unwrap();
+        (&stalled).write_all(b"{\"format\"").unwrap();
+        assert!(matches!(
+            AdminServer::start(d.path(), "x", h.clone()),
+            Err(StartError::Taken(_))
+        ));
+        // Nothing but the socket is left of the private bind directory.
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(SOCKET)]);
+        drop(s);
         assert!(!d.path().join(SOCKET).exists());
         assert!(matches!(
             call(d.path(), vec!["x".into()], Duration::from_secs(1)),
             Reach::NoServer
         ));
-        // A socket left behind (server killed) is replaced.
+        drop(stalled);
+        // A socket left behind (server killed) is replaced; a drop removes only its own.
         let stale = UnixListener::bind(d.path().join(SOCKET)).unwrap();
         drop(stale);
         assert!(matches!(
             call(d.path(), vec!["x".into()], Duration::from_secs(1)),
             Reach::NoServer
         ));
-        AdminServer::bind(d.path(), "x", h).unwrap();
+        let s = AdminServer::start(d.path(), "x", h.clone()).unwrap();
+        std::fs::remove_file(d.path().join(SOCKET)).unwrap();
+        let other = UnixListener::bind(d.path().join(SOCKET)).unwrap();
+        drop(s);
+        assert!(
+            d.path().join(SOCKET).exists(),
+            "a drop removed a socket it did not bind"
+        );
+        drop(other);
+        // A file that is not a socket is left alone, and is no reason to stop the server.
+        std::fs::remove_file(d.path().join(SOCKET)).unwrap();
+        std::fs::write(d.path().join(SOCKET), b"keep").unwrap();
+        assert!(matches!(
+            AdminServer::start(d.path(), "x", h),
+            Err(StartError::Failed(_))
+        ));
+        assert_eq!(std::fs::read(d.path().join(SOCKET)).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn reads_and_changes_are_told_apart_for_the_log() {
+        let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert!(read_only(&v("status --json")));
+        assert!(read_only(&v("throttle show")));
+        assert!(read_only(&v("vms list --json")));
+        assert!(!read_only(&v("throttle set 5MiB/s")));
+        assert!(!read_only(&v("agents revoke abc")));
+        assert!(!read_only(&v("policy set --vm show")));
     }
 }

@@ -310,15 +310,28 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     }
     // After the store's lock: one server per store, so a socket that answers is another
     // server's on the same state directory, and one that does not is a dead server's.
-    let admin = match &o.admin {
-        Some(a) => Some(
-            admin::AdminServer::bind(&o.state_dir, &a.group, a.handler.clone()).map_err(|e| {
-                ServeError::Io {
-                    what: "cannot open the admin socket".into(),
-                    source: std::io::Error::other(e.to_string()),
+    let _admin = match &o.admin {
+        Some(a) => match admin::AdminServer::start(&o.state_dir, &a.group, a.handler.clone()) {
+            Ok(s) => {
+                if s.group_id().is_some() {
+                    tracing::info!(socket = %s.path().display(), group = %a.group, "admin socket ready (mode 0660): operator commands reach this server through it");
+                } else {
+                    tracing::info!(socket = %s.path().display(), "admin socket ready (mode 0600: root and this server's user; see admin_group)");
                 }
-            })?,
-        ),
+                Some(s)
+            }
+            Err(admin::StartError::Taken(why)) => {
+                return Err(ServeError::Io {
+                    what: "cannot open the admin socket".into(),
+                    source: std::io::Error::other(why),
+                })
+            }
+            // Replication does not depend on the socket: run without it, commands use the files.
+            Err(admin::StartError::Failed(why)) => {
+                tracing::warn!(error = %why, "no admin socket: operator commands work on the state directory's files instead");
+                None
+            }
+        },
         None => None,
     };
     let (cache, recovery) = ferry_job::open_cache_recovering(&store, &o.cache_dir, o.cache_size)?;
@@ -502,15 +515,6 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         let watched = Arc::downgrade(&shared);
         let state_dir = o.state_dir.clone();
         s.spawn(move || watch_policy(&watched, &state_dir, finished));
-        if let Some(a) = admin {
-            let group = o.admin.as_ref().map_or("", |x| x.group.as_str());
-            if a.group_id().is_some() {
-                tracing::info!(socket = %a.path().display(), group, "admin socket ready (mode 0660): `ferry throttle|policy|status|events|agents|vms` reach this server through it");
-            } else {
-                tracing::info!(socket = %a.path().display(), "admin socket ready (mode 0600; create group {group} to let its members use it)");
-            }
-            s.spawn(move || a.run(finished));
-        }
         rt.block_on(accept_loop(listener, acceptor, shared, stop));
         // Connections still open are dropped with the runtime; their unacked records are the
         // agents' to send again.

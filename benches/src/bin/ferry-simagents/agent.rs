@@ -384,6 +384,7 @@ pub(crate) async fn run(
     let every = (a.cut_every > 0.0).then(|| Duration::from_secs_f64(a.cut_every));
     let mut next_cut = every.map(|e| start + e);
     let mut last_is_final = false;
+    let mut reopen: Option<RunId> = None;
     let mut disk = SimDisk {
         rng: SplitMix64::new(a.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         size: a.disk_size,
@@ -409,6 +410,16 @@ pub(crate) async fn run(
     while s.st.done.is_none() {
         while let Ok((at, ev)) = events.try_recv() {
             s.on_event(at, ev?).await?;
+        }
+        if pending.is_none() {
+            // A Tag closes its run: the next records belong to a new one based on it.
+            pending = reopen.take().map(|base| Message::Begin {
+                seq: seq + 1,
+                run: run_id,
+                time_ns: now_ns(),
+                disks: vec![(DISK.into(), a.disk_size)],
+                bases: vec![base],
+            });
         }
         if !tagged && pending.is_none() {
             let now = Instant::now();
@@ -449,7 +460,10 @@ pub(crate) async fn run(
                     s.final_tag = Some(seq);
                     tagged = true;
                 }
-                Kind::Tag => {}
+                Kind::Tag => {
+                    reopen = Some(run_id);
+                    disk.rng.fill(&mut run_id);
+                }
                 Kind::Begin => {}
             }
             continue;
