@@ -51,7 +51,21 @@ fn passphrase(env: &Env) -> PathBuf {
 /// One simulated agent protecting VM `PREFIX-000`, writing incompressible 64 KiB records for
 /// `seconds` (at `rate` bytes/s, 0 = as fast as credit allows).
 fn agent(addr: &str, pass: &Path, prefix: &str, seconds: u32, rate: u64, log: &Path) -> Child {
+    agent_cutting(addr, pass, prefix, seconds, rate, 0, log)
+}
+
+/// [`agent`], also cutting a crash-consistent point every `cut_every` seconds (0: only at its end).
+fn agent_cutting(
+    addr: &str,
+    pass: &Path,
+    prefix: &str,
+    seconds: u32,
+    rate: u64,
+    cut_every: u32,
+    log: &Path,
+) -> Child {
     Command::new(simagents())
+        .args(["--cut-every", &cut_every.to_string()])
         .args(["--server", addr, "--agents", "1", "--vm-prefix", prefix])
         .arg("--passphrase-file")
         .arg(pass)
@@ -251,14 +265,32 @@ fn a_churning_vm_cannot_starve_a_small_one_under_the_global_throttle() {
     ok(&throttle(&env, &["set", "40MiB/s"]), "throttle set");
     let stop = Arc::new(AtomicBool::new(false));
     let (samples, sampler) = sample(state(&env).join("status.json"), stop.clone());
+    // The small VM's RPO threshold: 30 s. Both VMs cut a point every 2 s while writing.
+    ok(
+        &ferry()
+            .args([
+                "policy",
+                "set",
+                "--vm",
+                "small-000",
+                "--rpo-threshold",
+                "30s",
+                "--state-dir",
+            ])
+            .arg(state(&env))
+            .output()
+            .unwrap(),
+        "policy set",
+    );
     let small_rate = 5_000_000u64;
-    let mut churn = agent(&addr, &pass, "churn", 26, 0, &env.path("churn.log"));
-    let mut small = agent(
+    let mut churn = agent_cutting(&addr, &pass, "churn", 26, 0, 2, &env.path("churn.log"));
+    let mut small = agent_cutting(
         &addr,
         &pass,
         "small",
         26,
         small_rate,
+        2,
         &env.path("small.log"),
     );
     let t0 =
@@ -274,6 +306,27 @@ fn a_churning_vm_cannot_starve_a_small_one_under_the_global_throttle() {
     assert!(
         v["ingest"]["vms"].get("small-000").is_none(),
         "the small VM is not held back: {v:#}"
+    );
+    // While both write flat out, the server reports the small VM's points as they commit: its
+    // RPO stays near its cut interval, far under the threshold, and no condition holds.
+    let st = common::status_json(&env);
+    let small_vm = st["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm"] == "small-000")
+        .unwrap_or_else(|| panic!("{st:#}"));
+    let rpo = small_vm["rpo_seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no RPO: {small_vm:#}"));
+    assert!(
+        rpo < 10.0,
+        "small VM RPO {rpo} s with a point every 2 s: {small_vm:#}"
+    );
+    assert_eq!(
+        small_vm["conditions"],
+        serde_json::json!([]),
+        "{small_vm:#}"
     );
     sleep_until(t0 + Duration::from_secs(21));
     let (from, to) = (t0, t0 + Duration::from_secs(20));

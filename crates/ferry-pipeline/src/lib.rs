@@ -234,7 +234,8 @@ impl<'s> Pipeline<'s> {
     }
 
     /// Drains `reader` until the cache is closed (or, with `until_idle`, until nothing is durable
-    /// and unread). Segments are sealed as they fill, at every tag, and whenever input pauses; a
+    /// and unread, or [`DRAIN_TURN`] has passed: a caller draining a cache that never goes idle
+    /// still gets control back to report committed points, prune and release). Segments are sealed as they fill, at every tag, and whenever input pauses; a
     /// committer thread stores, indexes and applies them in order while dispatching goes on, and the
     /// cache is told records are consumed only once the committer is past them.
     pub fn drain(
@@ -300,6 +301,7 @@ impl<'s> Pipeline<'s> {
                 (batch.is_empty() && quarantining.is_empty() && !skipped)
                     || tx.send((batch, through, quarantining)).is_ok()
             };
+            let started = std::time::Instant::now();
             let dispatched = (|| -> Result<(), PipelineError> {
                 loop {
                     let d = done.load(Ordering::Acquire);
@@ -317,6 +319,10 @@ impl<'s> Pipeline<'s> {
                                 && !flush(disp, reader.next_seq())
                             {
                                 return Ok(()); // the committer failed; its error is reported
+                            }
+                            if until_idle && started.elapsed() >= DRAIN_TURN {
+                                flush(disp, reader.next_seq());
+                                return Ok(());
                             }
                         }
                         Next::Idle => {
@@ -349,6 +355,10 @@ impl<'s> Pipeline<'s> {
         r
     }
 }
+
+/// The longest a [`Pipeline::drain`] with `until_idle` runs before it hands back control, even
+/// when records keep coming (it then seals what is open, as a pause in the input would).
+pub const DRAIN_TURN: Duration = Duration::from_secs(1);
 
 impl<'s> Dispatch<'s> {
     fn segment(&mut self, vm: &str, disk: &str) -> Result<&mut OpenSegment, PipelineError> {
