@@ -142,6 +142,8 @@ pub struct Pipeline<'s> {
     pub stats: PipelineStats,
     committed: Vec<Committed>,
     sink: Option<SegmentSink<'s>>,
+    /// See [`Pipeline::set_turn`].
+    turn: Option<Duration>,
 }
 
 /// The dispatching half: reads records in order, dedupes, hands chunks to the workers and fills
@@ -220,6 +222,7 @@ impl<'s> Pipeline<'s> {
             stats: PipelineStats::default(),
             committed,
             sink,
+            turn: None,
         })
     }
 
@@ -233,9 +236,16 @@ impl<'s> Pipeline<'s> {
         &mut self.applier
     }
 
+    /// Makes every [`Pipeline::drain`] with `until_idle` also return once `turn` has passed, even
+    /// when records keep coming (it then seals what is open, as a pause in the input would): a
+    /// server draining a cache that never goes idle gets control back to report committed
+    /// points, prune and release. None (the default): only when idle.
+    pub fn set_turn(&mut self, turn: Option<Duration>) {
+        self.turn = turn;
+    }
+
     /// Drains `reader` until the cache is closed (or, with `until_idle`, until nothing is durable
-    /// and unread, or [`DRAIN_TURN`] has passed: a caller draining a cache that never goes idle
-    /// still gets control back to report committed points, prune and release). Segments are sealed as they fill, at every tag, and whenever input pauses; a
+    /// and unread, or the turn of [`Pipeline::set_turn`] has passed). Segments are sealed as they fill, at every tag, and whenever input pauses; a
     /// committer thread stores, indexes and applies them in order while dispatching goes on, and the
     /// cache is told records are consumed only once the committer is past them.
     pub fn drain(
@@ -251,6 +261,7 @@ impl<'s> Pipeline<'s> {
             committed,
             sink,
             stats,
+            turn,
             ..
         } = self;
         let index: &ChunkIndex = index;
@@ -302,6 +313,7 @@ impl<'s> Pipeline<'s> {
                     || tx.send((batch, through, quarantining)).is_ok()
             };
             let started = std::time::Instant::now();
+            let turn = *turn;
             let dispatched = (|| -> Result<(), PipelineError> {
                 loop {
                     let d = done.load(Ordering::Acquire);
@@ -320,7 +332,7 @@ impl<'s> Pipeline<'s> {
                             {
                                 return Ok(()); // the committer failed; its error is reported
                             }
-                            if until_idle && started.elapsed() >= DRAIN_TURN {
+                            if until_idle && turn.is_some_and(|t| started.elapsed() >= t) {
                                 flush(disp, reader.next_seq());
                                 return Ok(());
                             }
@@ -356,8 +368,7 @@ impl<'s> Pipeline<'s> {
     }
 }
 
-/// The longest a [`Pipeline::drain`] with `until_idle` runs before it hands back control, even
-/// when records keep coming (it then seals what is open, as a pause in the input would).
+/// The turn `ferry serve` gives its drain ([`Pipeline::set_turn`]).
 pub const DRAIN_TURN: Duration = Duration::from_secs(1);
 
 impl<'s> Dispatch<'s> {

@@ -226,11 +226,23 @@ pub const MAX_INFLIGHT: u64 = 256 << 20;
 
 /// The appliance's registration passphrase (created with the TLS identity on first use).
 pub fn passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
+    Ok(identity_and_passphrase(state_dir)?.1)
+}
+
+/// The TLS identity and the registration passphrase, each created once: under `control.lock`,
+/// so a first `ferry serve` and a `ferry passphrase show` racing on an empty state directory
+/// agree on one identity (before, one of them failed with "File exists", or printed a passphrase
+/// pinning a certificate the server then did not use).
+fn identity_and_passphrase(state_dir: &Path) -> Result<(ServerIdentity, Passphrase), ServeError> {
+    let _lock = control::Control::new(state_dir)
+        .lock()
+        .map_err(|e| ServeError::Io {
+            what: "cannot lock the state directory to create the server's identity".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     let identity = ServerIdentity::load_or_create(state_dir)?;
-    Ok(Passphrase::load_or_generate(
-        state_dir,
-        identity.fingerprint(),
-    )?)
+    let passphrase = Passphrase::load_or_generate(state_dir, identity.fingerprint())?;
+    Ok((identity, passphrase))
 }
 
 /// Replaces the registration passphrase with a new one (`ferry passphrase rotate`): new agents need
@@ -294,8 +306,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         what: format!("cannot create state directory {}", o.state_dir.display()),
         source,
     })?;
-    let identity = ServerIdentity::load_or_create(&o.state_dir)?;
-    let passphrase = Passphrase::load_or_generate(&o.state_dir, identity.fingerprint())?;
+    let (identity, passphrase) = identity_and_passphrase(&o.state_dir)?;
     let (recorder, event_writer) = events::Recorder::new(&o.state_dir);
     let registry = AgentRegistry::load(&o.state_dir.join(REGISTRY_FILE))?;
     let blobs = match &o.store {
@@ -872,6 +883,8 @@ impl<'a> Drain<'a> {
             )) as Box<dyn ferry_apply::ReplicaTarget>
         });
         let mut p = Pipeline::with(self.store, self.cfg.clone(), target, None)?;
+        // Agents write without pause: points must still reach the board within a second.
+        p.set_turn(Some(ferry_pipeline::DRAIN_TURN));
         self.committed(&mut p);
         Ok(p)
     }
@@ -1150,6 +1163,31 @@ async fn accept_loop(
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod first_start {
+    /// Many first starts at once on an empty state directory (a `ferry serve` and `ferry
+    /// passphrase show`s) all succeed and agree on one identity and one passphrase.
+    #[test]
+    fn racing_first_starts_agree_on_one_identity() {
+        for _ in 0..5 {
+            let d = tempfile::tempdir().unwrap();
+            let dir = d.path().join("state");
+            let got: Vec<String> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| super::passphrase(&dir).map(|p| p.to_string())))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap().expect("a racing first start failed"))
+                    .collect()
+            });
+            assert!(got.windows(2).all(|w| w[0] == w[1]), "{got:?}");
+            let id = ferry_wire::ServerIdentity::load(&dir).unwrap();
+            let p: ferry_wire::Passphrase = got[0].parse().unwrap();
+            assert_eq!(p.fingerprint, id.fingerprint());
         }
     }
 }
