@@ -6,6 +6,7 @@ mod out;
 mod admin;
 mod config;
 mod events;
+mod failover;
 mod policy;
 mod progress;
 mod remote;
@@ -68,6 +69,21 @@ enum Cmd {
     ///   ferry restore --store ./store --point 0003 --vm web01 --disk os --out os.vhd
     #[command(verbatim_doc_comment)]
     Restore(RestoreArgs),
+    /// Test failover: every disk of a VM at one recovery point, as new fixed VHDs (or raw
+    /// images) in a directory, while replication goes on; `--cleanup` removes exactly what it made.
+    ///
+    /// The point is held against retention until the cleanup (`STORE/pins/…hold`), and a record in
+    /// `STORE/failovers/` lists what was made, so a cleanup after Ctrl-C or a crash removes only
+    /// that. `--point latest` is the newest committed point (the incumbent's "latest processed").
+    /// The output says how to boot it with QEMU. One test failover per VM at a time.
+    ///
+    /// Examples:
+    ///   ferry failover --test --vm web01 --store /srv/ferry-store --to /var/tmp/tf
+    ///   ferry failover --test --vm web01 --point latest-app --json
+    ///   ferry failover --test --cleanup --vm web01
+    ///   ferry failover list
+    #[command(verbatim_doc_comment)]
+    Failover(FailoverArgs),
     /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them
     /// at each cut and publish recovery points. Idempotent and resumable: run it again after any
     /// interruption. Without --once it keeps polling every --interval.
@@ -216,6 +232,95 @@ enum Cmd {
         #[command(flatten)]
         at: StateDirArg,
     },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct FailoverArgs {
+    #[command(subcommand)]
+    cmd: Option<FailoverCmd>,
+    /// A test failover (this version makes test failovers only: a real failover is `ferry
+    /// restore` of each disk).
+    #[arg(long)]
+    test: bool,
+    /// Remove the VM's test failover: its files, its directory if it made it and it is empty, and
+    /// its hold on the point.
+    #[arg(long, requires = "test")]
+    cleanup: bool,
+    /// The VM.
+    #[arg(long)]
+    vm: Option<String>,
+    /// `latest` (the newest committed point), `latest-app`, or a point id (or unique prefix).
+    #[arg(long, default_value = "latest")]
+    point: PointSelector,
+    /// Directory for the disks (created if missing). Default: ./ferry-test-failover-VM-SEQ.
+    #[arg(long)]
+    to: Option<PathBuf>,
+    /// Disk files: fixed VHD (`vhd`, bootable as they are) or raw images (`raw`).
+    #[arg(long, value_enum, default_value = "vhd")]
+    format: DiskFormat,
+    /// Re-read each disk and check it against the point's blake3.
+    #[arg(long)]
+    verify: bool,
+    /// The store (a local directory).
+    #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+    store: Option<StoreLocation>,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Worker threads. Default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DiskFormat {
+    Vhd,
+    Raw,
+}
+
+#[derive(Subcommand)]
+enum FailoverCmd {
+    /// Test failovers of the store, present and cleaned up, with their points and files.
+    List {
+        #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+        store: StoreLocation,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn failover_cmd(a: FailoverArgs) -> Result<(), JobError> {
+    if let Some(FailoverCmd::List { store, json }) = a.cmd {
+        return failover::list(&store, json);
+    }
+    if !a.test {
+        return Err(JobError::Usage(
+            "give --test (a test failover) or `list`; this version makes test failovers only: for a real failover restore each disk with `ferry restore`".into(),
+        ));
+    }
+    let vm = a.vm.ok_or_else(|| JobError::Usage("give --vm VM".into()))?;
+    let store = a.store.ok_or_else(|| {
+        JobError::Usage(
+            "give --store STORE (or set FERRY_STORE): the store the VM replicates into".into(),
+        )
+    })?;
+    if a.cleanup {
+        return failover::cleanup(&store, &vm, a.json);
+    }
+    failover::test(failover::TestArgs {
+        store,
+        key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
+        vm,
+        point: a.point,
+        to: a.to,
+        raw: matches!(a.format, DiskFormat::Raw),
+        verify: a.verify,
+        threads: threads(a.threads),
+        json: a.json,
+    })
 }
 
 #[derive(Subcommand)]
@@ -620,6 +725,7 @@ fn main() -> ExitCode {
             cmd: PointsCmd::List { store, vm, json },
         } => points_list(store, vm, json),
         Cmd::Restore(a) => restore(a),
+        Cmd::Failover(a) => failover_cmd(a),
         Cmd::Apply(a) => apply(a),
         Cmd::Serve(_)
         | Cmd::Passphrase {
@@ -746,6 +852,7 @@ fn run_operator(cmd: Cmd) -> u8 {
         | Cmd::Replicate(_)
         | Cmd::Points { .. }
         | Cmd::Restore(_)
+        | Cmd::Failover(_)
         | Cmd::Apply(_) => {
             errln!("error: not an operator command");
             return 2;

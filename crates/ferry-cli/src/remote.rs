@@ -82,6 +82,7 @@ fn target(cmd: &mut Cmd) -> Option<Target<'_>> {
         | Cmd::Replicate(_)
         | Cmd::Points { .. }
         | Cmd::Restore(_)
+        | Cmd::Failover(_)
         | Cmd::Apply(_) => None,
     }
 }

@@ -11,6 +11,10 @@
 //!   done. Retention never unlists a pinned point, and never deletes an undo delta (nor, through
 //!   the garbage collector's mark phase, a chunk) that a pinned point still needs. Pins of dead
 //!   processes are ignored and removed by the writer.
+//! - **Holds**: a test failover keeps its point for as long as it exists, across restarts of every
+//!   process: `pins/VM.SEQ.ID.hold`, written durably before the point is read and removed by its
+//!   cleanup ([`hold_point`], [`release_hold`]). Retention treats a hold as a pin that is always
+//!   live.
 //! - **Exact reads under a moving writer**: committing point N+1 makes `undo/N.delta` durable before
 //!   it touches `current.map` (see [`crate::replica`]). [`LiveReader`] reads a window of
 //!   `current.map` and only then lists the undo directory, so every page the writer changed under
@@ -275,8 +279,63 @@ fn pin_name(name: &str) -> Option<(String, u64)> {
     Some((vm.to_owned(), seq.parse().ok()?))
 }
 
-/// The lowest pinned point seq per VM, from pins some live process holds locked. Pins nobody holds
-/// (their reader is gone) are removed.
+/// Whether `id` may name a hold: 1 to 64 of `[A-Za-z0-9_-]` (no dot: the file name is parsed from
+/// the right).
+fn hold_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The hold file of point `seq` of `vm` for `id`.
+pub fn hold_path(root: &Path, vm: &str, seq: u64, id: &str) -> PathBuf {
+    root.join("pins").join(format!("{vm}.{seq}.{id}.hold"))
+}
+
+/// Keeps point `seq` of `vm` against retention until [`release_hold`] (a test failover): durable
+/// before it returns, so no prune after it can remove the point. `why` is stored in the file for
+/// whoever lists the pins.
+pub fn hold_point(
+    root: &Path,
+    vm: &str,
+    seq: u64,
+    id: &str,
+    why: &str,
+) -> Result<PathBuf, StoreError> {
+    if !hold_id_ok(id) {
+        return Err(StoreError::Index(format!(
+            "hold id {id:?}: use 1 to 64 of A-Z a-z 0-9 - _"
+        )));
+    }
+    let path = hold_path(root, vm, seq, id);
+    let body =
+        serde_json::json!({"vm": vm, "seq": seq, "id": id, "why": why, "pid": std::process::id()});
+    crate::durable::durable_write(&path, body.to_string().as_bytes())
+        .map_err(io(&path, "write"))?;
+    Ok(path)
+}
+
+/// Removes a hold made by [`hold_point`] (absent: fine).
+pub fn release_hold(root: &Path, vm: &str, seq: u64, id: &str) -> Result<(), StoreError> {
+    let path = hold_path(root, vm, seq, id);
+    ferry_durable::remove_durable(&path).map_err(io(&path, "remove"))
+}
+
+/// (VM, SEQ) from a hold file name `VM.SEQ.ID.hold`.
+fn hold_name(name: &str) -> Option<(String, u64)> {
+    let stem = name.strip_suffix(".hold")?;
+    let (head, id) = stem.rsplit_once('.')?;
+    if !hold_id_ok(id) {
+        return None;
+    }
+    let (vm, seq) = head.rsplit_once('.')?;
+    Some((vm.to_owned(), seq.parse().ok()?))
+}
+
+/// The lowest pinned point seq per VM, from pins some live process holds locked and from holds.
+/// Pins nobody holds (their reader is gone) are removed.
 pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
     let dir = root.join("pins");
     let mut out: HashMap<String, u64> = HashMap::new();
@@ -288,6 +347,14 @@ pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
     for e in it {
         let e = e.map_err(io(&dir, "list"))?;
         let p = e.path();
+        if p.extension().is_some_and(|x| x == "hold") {
+            // A test failover's: held until its cleanup, whoever runs.
+            if let Some((vm, seq)) = hold_name(&e.file_name().to_string_lossy()) {
+                let m = out.entry(vm).or_insert(seq);
+                *m = (*m).min(seq);
+            }
+            continue;
+        }
         if p.extension().is_none_or(|x| x != "pin") {
             continue;
         }
@@ -570,4 +637,37 @@ fn list_dirs(d: &Path) -> Result<Vec<String>, StoreError> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod hold_tests {
+    use super::*;
+
+    #[test]
+    fn a_hold_pins_its_point_until_released_and_survives_its_maker() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        assert!(live_pins(root).unwrap().is_empty());
+        let p = hold_point(root, "web.01", 7, "test-web-7-x", "test failover").unwrap();
+        assert!(p.ends_with("pins/web.01.7.test-web-7-x.hold"));
+        // No process holds it locked: still live (a reader's pin would be removed here).
+        assert_eq!(live_pins(root).unwrap().get("web.01"), Some(&7));
+        assert_eq!(live_pins(root).unwrap().get("web.01"), Some(&7));
+        let reader = pin_point(root, "web.01", 9).unwrap();
+        assert_eq!(
+            live_pins(root).unwrap().get("web.01"),
+            Some(&7),
+            "the lowest wins"
+        );
+        release_hold(root, "web.01", 7, "test-web-7-x").unwrap();
+        assert_eq!(live_pins(root).unwrap().get("web.01"), Some(&9));
+        drop(reader);
+        assert!(live_pins(root).unwrap().is_empty());
+        release_hold(root, "web.01", 7, "test-web-7-x").unwrap();
+        for bad in ["", "a.b", "a/b", &"x".repeat(65)] {
+            assert!(hold_point(root, "v", 1, bad, "").is_err(), "{bad:?}");
+        }
+        assert_eq!(hold_name("a.b.3.id-1.hold"), Some(("a.b".into(), 3)));
+        assert_eq!(hold_name("v.x.id.hold"), None);
+    }
 }

@@ -1,0 +1,440 @@
+//! `ferry failover --test`: bring every disk of a VM up at one recovery point, beside running
+//! replication, and take it all away again with `--cleanup`; `ferry failover list` shows what
+//! exists and what existed.
+//!
+//! - Each test failover has a record, `STORE/failovers/ID.json` (durable), written **before**
+//!   anything is made and naming every file it will make, so a cleanup after a crash or Ctrl-C
+//!   removes exactly those and nothing else.
+//! - Its point is held against retention (`STORE/pins/VM.SEQ.ID.hold`, durable) from before it is
+//!   read until the cleanup: the server's retention keeps it (and what it needs) however long the
+//!   test lasts.
+//! - Disks are restored with the same code as `ferry restore` (exact, page map read without the
+//!   writer's lock), as fixed VHDs (`--format vhd`, bootable as they are on Hyper-V, Azure or
+//!   QEMU's `vpc` driver) or raw images.
+//! - One test failover per VM at a time (as the incumbent's): clean up the last one first.
+//! - A cleaned-up record stays, marked `cleaned`, as the audit trail `list` shows.
+
+use std::path::{Path, PathBuf};
+
+use ferry_job::{JobError, PointSelector, RestoreRequest, StoreLocation};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+const FORMAT: &str = "ferry-failover";
+const VERSION: u32 = 1;
+
+/// One failover's record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Record {
+    format: String,
+    version: u32,
+    pub id: String,
+    /// `test` (this version makes only test failovers).
+    pub kind: String,
+    pub vm: String,
+    pub point: String,
+    pub point_seq: u64,
+    pub point_time: String,
+    pub point_kind: String,
+    pub created: String,
+    /// `creating` until every disk is written, then `ready`; `cleaned` after the cleanup.
+    pub state: String,
+    /// The directory the disks are in, and whether this failover created it.
+    pub dir: PathBuf,
+    pub dir_created: bool,
+    pub disks: Vec<DiskOut>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleaned: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DiskOut {
+    pub disk: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub blake3: String,
+    /// Whether the file was written whole (false: the failover stopped while writing it).
+    pub written: bool,
+}
+
+fn records_dir(root: &Path) -> PathBuf {
+    root.join("failovers")
+}
+
+fn record_path(root: &Path, id: &str) -> PathBuf {
+    records_dir(root).join(format!("{id}.json"))
+}
+
+fn save(root: &Path, r: &Record) -> Result<(), JobError> {
+    let p = record_path(root, &r.id);
+    let bytes = serde_json::to_vec_pretty(r).expect("record serializes");
+    ferry_durable::write_private(&p, &bytes)
+        .map_err(|e| JobError::Usage(format!("cannot write {}: {e}", p.display())))
+}
+
+/// Every record of the store, oldest first. A damaged one is an error naming it.
+pub(crate) fn records(root: &Path) -> Result<Vec<Record>, JobError> {
+    let dir = records_dir(root);
+    let it = match std::fs::read_dir(&dir) {
+        Ok(it) => it,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(JobError::Usage(format!(
+                "cannot list {}: {e}",
+                dir.display()
+            )))
+        }
+    };
+    let mut out = Vec::new();
+    for e in it {
+        let e = e.map_err(|e| JobError::Usage(format!("cannot list {}: {e}", dir.display())))?;
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let b = std::fs::read(&p)
+            .map_err(|e| JobError::Usage(format!("cannot read {}: {e}", p.display())))?;
+        let r: Record = serde_json::from_slice(&b).map_err(|e| {
+            JobError::Usage(format!(
+                "{}: {e}; it is written only by Ferry: restore it from a backup, or move it aside (its files and its hold then stay until removed by hand)",
+                p.display()
+            ))
+        })?;
+        if r.format != FORMAT || r.version != VERSION {
+            return Err(JobError::Usage(format!(
+                "{}: not a failover record of this Ferry (format {:?} version {})",
+                p.display(),
+                r.format,
+                r.version
+            )));
+        }
+        out.push(r);
+    }
+    out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+    Ok(out)
+}
+
+fn local_root(store: &StoreLocation) -> Result<PathBuf, JobError> {
+    match store {
+        StoreLocation::Local(p) => Ok(std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        StoreLocation::Azure { .. } => Err(JobError::Usage(
+            "test failover of an azure:// store is not in this version; restore each disk with `ferry restore --store azure://… --out azure://…/NAME.vhd` (a server-side copy)".into(),
+        )),
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Disk file extension for the format.
+fn ext(raw: bool) -> &'static str {
+    if raw {
+        "img"
+    } else {
+        "vhd"
+    }
+}
+
+/// What `ferry failover --test` was asked.
+pub(crate) struct TestArgs {
+    pub store: StoreLocation,
+    pub key_file: PathBuf,
+    pub vm: String,
+    pub point: PointSelector,
+    pub to: Option<PathBuf>,
+    pub raw: bool,
+    pub verify: bool,
+    pub threads: usize,
+    pub json: bool,
+}
+
+/// `ferry failover --test --vm VM`.
+pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
+    let root = local_root(&a.store)?;
+    if let Some(open) = records(&root)?
+        .into_iter()
+        .find(|r| r.vm == a.vm && r.state != "cleaned")
+    {
+        return Err(JobError::Usage(format!(
+            "VM {} has a test failover already ({}, at point {}, in {}); remove it first: ferry failover --test --cleanup --vm {} --store {}",
+            a.vm,
+            open.id,
+            open.point,
+            open.dir.display(),
+            a.vm,
+            root.display()
+        )));
+    }
+    let store = ferry_job::open_recovery(&a.store, Some(&a.key_file))?;
+    let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &a.point)?;
+    drop(store);
+    let id = format!(
+        "test-{}-{}-{}",
+        point.seq,
+        std::process::id(),
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            .to_string()
+            .replace([':', '-'], "")
+            .trim_end_matches('Z')
+    );
+    let dir = match &a.to {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()
+            .map_err(|e| JobError::Usage(format!("cannot read the current directory: {e}")))?
+            .join(format!("ferry-test-failover-{vm}-{}", point.seq)),
+    };
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    let dir_created = !dir.exists();
+    let disks: Vec<DiskOut> = point
+        .disks
+        .iter()
+        .map(|d| DiskOut {
+            disk: d.name.clone(),
+            path: dir.join(format!("{vm}-{}.{}", d.name, ext(a.raw))),
+            size: d.size,
+            blake3: d.blake3.clone(),
+            written: false,
+        })
+        .collect();
+    for d in &disks {
+        if std::fs::symlink_metadata(&d.path).is_ok() {
+            return Err(JobError::Usage(format!(
+                "{} exists; a test failover writes only new files: choose another --to",
+                d.path.display()
+            )));
+        }
+    }
+    let mut rec = Record {
+        format: FORMAT.into(),
+        version: VERSION,
+        id: id.clone(),
+        kind: "test".into(),
+        vm: vm.clone(),
+        point: point.id.clone(),
+        point_seq: point.seq,
+        point_time: point.time.clone(),
+        point_kind: point.kind.clone(),
+        created: now_rfc3339(),
+        state: "creating".into(),
+        dir: dir.clone(),
+        dir_created,
+        disks,
+        cleaned: None,
+    };
+    // The record first (what a cleanup must remove), then the hold, then the disks.
+    save(&root, &rec)?;
+    ferry_store::readers::hold_point(&root, &vm, point.seq, &id, "test failover")
+        .map_err(|e| JobError::Usage(format!("cannot hold the point: {e}")))?;
+    ferry_durable::create_dir_durable(&dir)
+        .map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    let progress = crate::progress::Bars::new();
+    for i in 0..rec.disks.len() {
+        let d = rec.disks[i].clone();
+        let req = RestoreRequest {
+            store: a.store.clone(),
+            key_file: a.key_file.clone(),
+            vm: Some(vm.clone()),
+            disk: Some(d.disk.clone()),
+            point: PointSelector::Id(point.id.clone()),
+            out: d.path.display().to_string(),
+            verify: a.verify,
+            force: false,
+            threads: a.threads,
+        };
+        ferry_job::restore_point(&req, &progress).map_err(|e| {
+            JobError::Usage(format!(
+                "test failover {id} stopped at disk {}: {e}; `ferry failover --test --cleanup --vm {vm} --store {}` removes what it made",
+                d.disk,
+                root.display()
+            ))
+        })?;
+        rec.disks[i].written = true;
+        save(&root, &rec)?;
+    }
+    rec.state = "ready".into();
+    save(&root, &rec)?;
+    if a.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&describe(&rec)).expect("json")
+        );
+        return Ok(());
+    }
+    outln!(
+        "test failover {id}: VM {vm} at point {} ({}, {}), held against retention until cleanup",
+        point.id,
+        point.kind,
+        point.time
+    );
+    for d in &rec.disks {
+        outln!(
+            "  {:<10} {}  ({})",
+            d.disk,
+            d.path.display(),
+            crate::units::human(d.size)
+        );
+    }
+    outln!();
+    outln!("Boot it with QEMU (first disk first; add -enable-kvm where available):");
+    outln!("  {}", qemu_command(&rec, a.raw));
+    outln!("Or attach the .vhd files to a Hyper-V or Azure VM (fixed VHDs, as they are).");
+    outln!(
+        "When done: ferry failover --test --cleanup --vm {vm} --store {}",
+        root.display()
+    );
+    Ok(())
+}
+
+fn qemu_command(r: &Record, raw: bool) -> String {
+    let mut c = String::from("qemu-system-x86_64 -m 2048 -smp 2 -nographic");
+    for d in &r.disks {
+        c.push_str(&format!(
+            " -drive file={},format={},if=virtio",
+            shell_quote(&d.path.display().to_string()),
+            if raw { "raw" } else { "vpc" }
+        ));
+    }
+    c
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+:=@".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn describe(r: &Record) -> serde_json::Value {
+    json!({
+        "id": r.id,
+        "kind": r.kind,
+        "vm": r.vm,
+        "point": r.point,
+        "point_kind": r.point_kind,
+        "point_time": r.point_time,
+        "state": r.state,
+        "created": r.created,
+        "cleaned": r.cleaned,
+        "dir": r.dir,
+        "disks": r.disks.iter().map(|d| json!({
+            "disk": d.disk, "path": d.path, "size": d.size, "blake3": d.blake3, "written": d.written,
+        })).collect::<Vec<_>>(),
+        "qemu": (r.state == "ready").then(|| qemu_command(r, r.disks.first().is_some_and(|d| d.path.extension().is_some_and(|x| x == "img")))),
+    })
+}
+
+/// `ferry failover --test --cleanup --vm VM`: removes exactly what the VM's test failover made
+/// (its disk files, its directory if it made it and it is empty), then its hold; keeps the record
+/// as `cleaned`.
+pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result<(), JobError> {
+    let root = local_root(store)?;
+    let Some(mut rec) = records(&root)?
+        .into_iter()
+        .find(|r| r.vm == vm && r.state != "cleaned")
+    else {
+        return Err(JobError::Usage(format!(
+            "VM {vm} has no test failover to clean up (`ferry failover list --store {}` shows them)",
+            root.display()
+        )));
+    };
+    let mut removed = Vec::new();
+    for d in &rec.disks {
+        match std::fs::symlink_metadata(&d.path) {
+            Ok(m) if m.file_type().is_file() => {
+                std::fs::remove_file(&d.path).map_err(|e| {
+                    JobError::Usage(format!("cannot remove {}: {e}", d.path.display()))
+                })?;
+                removed.push(d.path.clone());
+            }
+            Ok(_) => {
+                return Err(JobError::Usage(format!(
+                    "{} is not the file the test failover wrote (not a regular file); move it away and run the cleanup again",
+                    d.path.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(JobError::Usage(format!(
+                    "cannot check {}: {e}",
+                    d.path.display()
+                )))
+            }
+        }
+    }
+    let mut dir_removed = false;
+    if rec.dir_created {
+        // Only if empty: anything else in it is someone else's.
+        match std::fs::remove_dir(&rec.dir) {
+            Ok(()) => dir_removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => {}
+        }
+    }
+    if let Some(parent) = rec.dir.parent() {
+        let _ = ferry_durable::fsync_dir(parent);
+    }
+    ferry_store::readers::release_hold(&root, &rec.vm, rec.point_seq, &rec.id)
+        .map_err(|e| JobError::Usage(format!("cannot release the point's hold: {e}")))?;
+    rec.state = "cleaned".into();
+    rec.cleaned = Some(now_rfc3339());
+    save(&root, &rec)?;
+    if json_out {
+        outln!(
+            "{}",
+            json!({"id": rec.id, "vm": rec.vm, "removed": removed, "dir_removed": dir_removed, "point_released": rec.point})
+        );
+    } else {
+        outln!(
+            "test failover {} of {} cleaned up: removed {} file(s){}; point {} is no longer held",
+            rec.id,
+            rec.vm,
+            removed.len(),
+            if dir_removed {
+                format!(" and {}", rec.dir.display())
+            } else if rec.dir_created {
+                format!(" ({} kept: it holds other files)", rec.dir.display())
+            } else {
+                String::new()
+            },
+            rec.point
+        );
+    }
+    Ok(())
+}
+
+/// `ferry failover list`.
+pub(crate) fn list(store: &StoreLocation, json_out: bool) -> Result<(), JobError> {
+    let root = local_root(store)?;
+    let all = records(&root)?;
+    if json_out {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&all.iter().map(describe).collect::<Vec<_>>())
+                .expect("json")
+        );
+        return Ok(());
+    }
+    if all.is_empty() {
+        outln!("no failovers yet (ferry failover --test --vm VM makes one)");
+        return Ok(());
+    }
+    for r in &all {
+        outln!(
+            "{}  {:<5} {:<12} point {} ({})  {}  {}",
+            r.created,
+            r.kind,
+            r.vm,
+            r.point,
+            r.point_kind,
+            r.state,
+            r.dir.display()
+        );
+    }
+    Ok(())
+}
