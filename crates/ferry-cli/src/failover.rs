@@ -3,8 +3,14 @@
 //! exists and what existed.
 //!
 //! - Each test failover has a record, `STORE/failovers/ID.json` (durable), written **before**
-//!   anything is made and naming every file it will make, so a cleanup after a crash or Ctrl-C
-//!   removes exactly those and nothing else.
+//!   anything is made and naming every file it will make (under a lock: two at once for one VM
+//!   cannot both start).
+//! - Its disks go into a new directory `--to/VM-ID`, made mode 0700 by the failover itself: no one
+//!   can plant a file or a link where they are written. A cleanup removes only the files named in
+//!   the record, in that directory, and the directory if nothing else is in it; it first checks
+//!   the record is one a failover of this id writes (names, paths, the directory's owner), since
+//!   the store's owner could edit it.
+//! - A test failover that fails removes what it made, hold included.
 //! - Its point is held against retention (`STORE/pins/VM.SEQ.ID.hold`, durable) from before it is
 //!   read until the cleanup: the server's retention keeps it (and what it needs) however long the
 //!   test lasts.
@@ -151,26 +157,83 @@ pub(crate) struct TestArgs {
     pub json: bool,
 }
 
+/// Held around "no open failover of this VM? then write its record": two at once cannot both
+/// start.
+struct RecordsLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_records(root: &Path) -> Result<RecordsLock, JobError> {
+    use std::os::unix::io::AsRawFd;
+    let dir = records_dir(root);
+    ferry_durable::create_dir_durable(&dir)
+        .map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+    let p = dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(|e| JobError::Usage(format!("cannot open {}: {e}", p.display())))?;
+    // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(JobError::Usage(format!(
+            "cannot lock {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(RecordsLock(f))
+}
+
+fn id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The directory a failover writes into: new, under `--to`, named by VM and id.
+fn dir_name(vm: &str, id: &str) -> String {
+    format!("{vm}-{id}")
+}
+
+fn disk_file(vm: &str, disk: &str, raw: bool) -> String {
+    format!("{vm}-{disk}.{}", ext(raw))
+}
+
 /// `ferry failover --test --vm VM`.
 pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
     let root = local_root(&a.store)?;
-    if let Some(open) = records(&root)?
-        .into_iter()
-        .find(|r| r.vm == a.vm && r.state != "cleaned")
-    {
+    ferry_job::validate_name("VM", &a.vm)?;
+    let parent = match &a.to {
+        Some(d) => {
+            let s = d.to_str().ok_or_else(|| {
+                JobError::Usage(format!("--to {}: use a path in UTF-8", d.display()))
+            })?;
+            if s.starts_with("azure://") {
+                return Err(JobError::Usage(
+                    "--to azure://…: test failover into Azure is not in this version; give a local directory".into(),
+                ));
+            }
+            d.clone()
+        }
+        None => std::env::current_dir()
+            .map_err(|e| JobError::Usage(format!("cannot read the current directory: {e}")))?,
+    };
+    let parent = std::path::absolute(&parent).unwrap_or(parent);
+    if !parent.is_dir() {
         return Err(JobError::Usage(format!(
-            "VM {} has a test failover already ({}, at point {}, in {}); remove it first: ferry failover --test --cleanup --vm {} --store {}",
-            a.vm,
-            open.id,
-            open.point,
-            open.dir.display(),
-            a.vm,
-            root.display()
+            "--to {}: not a directory; give an existing directory (the failover makes its own directory in it)",
+            parent.display()
         )));
     }
     let store = ferry_job::open_recovery(&a.store, Some(&a.key_file))?;
     let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &a.point)?;
     drop(store);
+    for d in &point.disks {
+        ferry_job::validate_name("disk", &d.name)?;
+    }
     let id = format!(
         "test-{}-{}-{}",
         point.seq,
@@ -180,33 +243,18 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
             .replace([':', '-'], "")
             .trim_end_matches('Z')
     );
-    let dir = match &a.to {
-        Some(d) => d.clone(),
-        None => std::env::current_dir()
-            .map_err(|e| JobError::Usage(format!("cannot read the current directory: {e}")))?
-            .join(format!("ferry-test-failover-{vm}-{}", point.seq)),
-    };
-    let dir = std::path::absolute(&dir).unwrap_or(dir);
-    let dir_created = !dir.exists();
+    let dir = parent.join(dir_name(&vm, &id));
     let disks: Vec<DiskOut> = point
         .disks
         .iter()
         .map(|d| DiskOut {
             disk: d.name.clone(),
-            path: dir.join(format!("{vm}-{}.{}", d.name, ext(a.raw))),
+            path: dir.join(disk_file(&vm, &d.name, a.raw)),
             size: d.size,
             blake3: d.blake3.clone(),
             written: false,
         })
         .collect();
-    for d in &disks {
-        if std::fs::symlink_metadata(&d.path).is_ok() {
-            return Err(JobError::Usage(format!(
-                "{} exists; a test failover writes only new files: choose another --to",
-                d.path.display()
-            )));
-        }
-    }
     let mut rec = Record {
         format: FORMAT.into(),
         version: VERSION,
@@ -220,42 +268,42 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         created: now_rfc3339(),
         state: "creating".into(),
         dir: dir.clone(),
-        dir_created,
+        dir_created: true,
         disks,
         cleaned: None,
     };
-    // The record first (what a cleanup must remove), then the hold, then the disks.
-    save(&root, &rec)?;
-    ferry_store::readers::hold_point(&root, &vm, point.seq, &id, "test failover")
-        .map_err(|e| JobError::Usage(format!("cannot hold the point: {e}")))?;
-    ferry_durable::create_dir_durable(&dir)
-        .map_err(|e| JobError::Usage(format!("cannot create {}: {e}", dir.display())))?;
-    let progress = crate::progress::Bars::new();
-    for i in 0..rec.disks.len() {
-        let d = rec.disks[i].clone();
-        let req = RestoreRequest {
-            store: a.store.clone(),
-            key_file: a.key_file.clone(),
-            vm: Some(vm.clone()),
-            disk: Some(d.disk.clone()),
-            point: PointSelector::Id(point.id.clone()),
-            out: d.path.display().to_string(),
-            verify: a.verify,
-            force: false,
-            threads: a.threads,
-        };
-        ferry_job::restore_point(&req, &progress).map_err(|e| {
-            JobError::Usage(format!(
-                "test failover {id} stopped at disk {}: {e}; `ferry failover --test --cleanup --vm {vm} --store {}` removes what it made",
-                d.disk,
+    {
+        let _lock = lock_records(&root)?;
+        if let Some(open) = records(&root)?
+            .into_iter()
+            .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
+        {
+            return Err(JobError::Usage(format!(
+                "VM {vm} has a test failover already ({}, at point {}, in {}); remove it first: ferry failover --test --cleanup --vm {vm} --store {}",
+                open.id,
+                open.point,
+                open.dir.display(),
                 root.display()
-            ))
-        })?;
-        rec.disks[i].written = true;
+            )));
+        }
+        // The record first (what a cleanup must remove), then the hold, then the disks.
         save(&root, &rec)?;
     }
-    rec.state = "ready".into();
-    save(&root, &rec)?;
+    match make(&a, &root, &mut rec) {
+        Ok(()) => {}
+        Err(e) => {
+            // Nothing half-made stays behind: a failed test failover removes what it made.
+            return Err(match remove_made(&root, &mut rec, "failed") {
+                Ok(_) => JobError::Usage(format!(
+                    "test failover of {vm} failed, and what it had made is removed: {e}"
+                )),
+                Err(c) => JobError::Usage(format!(
+                    "test failover of {vm} failed ({e}), and removing what it made failed too ({c}): run `ferry failover --test --cleanup --vm {vm} --store {}`",
+                    root.display()
+                )),
+            });
+        }
+    }
     if a.json {
         outln!(
             "{}",
@@ -278,9 +326,11 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         );
     }
     outln!();
-    outln!("Boot it with QEMU (first disk first; add -enable-kvm where available):");
+    outln!("Boot it with QEMU (BIOS guests; the boot disk first: reorder if needed; add -enable-kvm where available):");
     outln!("  {}", qemu_command(&rec, a.raw));
-    outln!("Or attach the .vhd files to a Hyper-V or Azure VM (fixed VHDs, as they are).");
+    if !a.raw {
+        outln!("Or attach the .vhd files to a Hyper-V or Azure VM (fixed VHDs, as they are).");
+    }
     outln!(
         "When done: ferry failover --test --cleanup --vm {vm} --store {}",
         root.display()
@@ -288,12 +338,63 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
     Ok(())
 }
 
+/// The making half of a test failover, after its record: hold, check the point is still there,
+/// a new private directory, each disk.
+fn make(a: &TestArgs, root: &Path, rec: &mut Record) -> Result<(), JobError> {
+    let (vm, id) = (rec.vm.clone(), rec.id.clone());
+    ferry_store::readers::hold_point(root, &vm, rec.point_seq, &id, "test failover")
+        .map_err(|e| JobError::Usage(format!("cannot hold the point: {e}")))?;
+    // Pruned between the choice and the hold? Then it is gone for good: say so, make nothing.
+    let store = ferry_job::open_recovery(&a.store, Some(&a.key_file))?;
+    ferry_job::resolve_point(
+        store.as_ref(),
+        Some(&vm),
+        &PointSelector::Id(rec.point.clone()),
+    )?;
+    drop(store);
+    // New, 0700, ours: no one can plant a file or a link where the disks go.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&rec.dir)
+            .map_err(|e| JobError::Usage(format!("cannot create {}: {e}", rec.dir.display())))?;
+        if let Some(p) = rec.dir.parent() {
+            ferry_durable::fsync_dir(p)
+                .map_err(|e| JobError::Usage(format!("cannot sync {}: {e}", p.display())))?;
+        }
+    }
+    let progress = crate::progress::Bars::new();
+    for i in 0..rec.disks.len() {
+        let d = rec.disks[i].clone();
+        let req = RestoreRequest {
+            store: a.store.clone(),
+            key_file: a.key_file.clone(),
+            vm: Some(vm.clone()),
+            disk: Some(d.disk.clone()),
+            point: PointSelector::Id(rec.point.clone()),
+            out: d.path.to_str().expect("checked UTF-8").to_owned(),
+            verify: a.verify,
+            force: false,
+            threads: a.threads,
+        };
+        ferry_job::restore_point(&req, &progress)?;
+        ferry_durable::fsync_dir(&rec.dir)
+            .map_err(|e| JobError::Usage(format!("cannot sync {}: {e}", rec.dir.display())))?;
+        rec.disks[i].written = true;
+        save(root, rec)?;
+    }
+    rec.state = "ready".into();
+    save(root, rec)
+}
+
 fn qemu_command(r: &Record, raw: bool) -> String {
     let mut c = String::from("qemu-system-x86_64 -m 2048 -smp 2 -nographic");
     for d in &r.disks {
         c.push_str(&format!(
             " -drive file={},format={},if=virtio",
-            shell_quote(&d.path.display().to_string()),
+            // QEMU's option syntax doubles a comma in a value.
+            shell_quote(&d.path.display().to_string().replace(',', ",,")),
             if raw { "raw" } else { "vpc" }
         ));
     }
@@ -329,20 +430,67 @@ fn describe(r: &Record) -> serde_json::Value {
     })
 }
 
-/// `ferry failover --test --cleanup --vm VM`: removes exactly what the VM's test failover made
-/// (its disk files, its directory if it made it and it is empty), then its hold; keeps the record
-/// as `cleaned`.
-pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result<(), JobError> {
-    let root = local_root(store)?;
-    let Some(mut rec) = records(&root)?
-        .into_iter()
-        .find(|r| r.vm == vm && r.state != "cleaned")
-    else {
-        return Err(JobError::Usage(format!(
-            "VM {vm} has no test failover to clean up (`ferry failover list --store {}` shows them)",
-            root.display()
-        )));
+/// Checks a record before its cleanup deletes anything by it (records live in the store, which
+/// the service user may write): every name valid, the directory the one a failover of this id
+/// makes, each file the one it writes there, the directory ours and no link.
+fn check_record(r: &Record) -> Result<(), JobError> {
+    let bad = |why: String| {
+        JobError::Usage(format!(
+            "failover record {} is not one Ferry wrote ({why}); nothing removed: check it, then remove its files by hand",
+            r.id
+        ))
     };
+    if !id_ok(&r.id) {
+        return Err(bad("its id".into()));
+    }
+    ferry_job::validate_name("VM", &r.vm).map_err(|e| bad(e.to_string()))?;
+    if !r.dir.is_absolute()
+        || r.dir.file_name() != Some(std::ffi::OsStr::new(&dir_name(&r.vm, &r.id)))
+    {
+        return Err(bad(format!("its directory {}", r.dir.display())));
+    }
+    for d in &r.disks {
+        ferry_job::validate_name("disk", &d.disk).map_err(|e| bad(e.to_string()))?;
+        let ok = [false, true]
+            .iter()
+            .any(|raw| d.path == r.dir.join(disk_file(&r.vm, &d.disk, *raw)));
+        if !ok {
+            return Err(bad(format!("its file {}", d.path.display())));
+        }
+    }
+    match std::fs::symlink_metadata(&r.dir) {
+        Ok(m) => {
+            use std::os::unix::fs::MetadataExt;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if !m.file_type().is_dir() || (m.uid() != me && me != 0) {
+                return Err(bad(format!(
+                    "{} is not a directory of this user",
+                    r.dir.display()
+                )));
+            }
+            if me == 0 && m.uid() != 0 {
+                return Err(bad(format!(
+                    "{} is not root's, and root runs this cleanup",
+                    r.dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bad(format!("{}: {e}", r.dir.display()))),
+    }
+    Ok(())
+}
+
+/// Removes what a failover made (its files, its directory if empty, then its hold) and saves its
+/// record as `state` (`cleaned`, or `failed` after a failed start). Returns the files removed and
+/// whether the directory went.
+fn remove_made(
+    root: &Path,
+    rec: &mut Record,
+    state: &str,
+) -> Result<(Vec<PathBuf>, bool), JobError> {
+    check_record(rec)?;
     let mut removed = Vec::new();
     for d in &rec.disks {
         match std::fs::symlink_metadata(&d.path) {
@@ -368,22 +516,47 @@ pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result
         }
     }
     let mut dir_removed = false;
-    if rec.dir_created {
-        // Only if empty: anything else in it is someone else's.
+    if rec.dir.exists() {
+        ferry_durable::fsync_dir(&rec.dir)
+            .map_err(|e| JobError::Usage(format!("cannot sync {}: {e}", rec.dir.display())))?;
         match std::fs::remove_dir(&rec.dir) {
             Ok(()) => dir_removed = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {}
+            Err(e) => {
+                return Err(JobError::Usage(format!(
+                    "cannot remove {}: {e}",
+                    rec.dir.display()
+                )))
+            }
+        }
+        if let Some(p) = rec.dir.parent() {
+            ferry_durable::fsync_dir(p)
+                .map_err(|e| JobError::Usage(format!("cannot sync {}: {e}", p.display())))?;
         }
     }
-    if let Some(parent) = rec.dir.parent() {
-        let _ = ferry_durable::fsync_dir(parent);
-    }
-    ferry_store::readers::release_hold(&root, &rec.vm, rec.point_seq, &rec.id)
+    ferry_store::readers::release_hold(root, &rec.vm, rec.point_seq, &rec.id)
         .map_err(|e| JobError::Usage(format!("cannot release the point's hold: {e}")))?;
-    rec.state = "cleaned".into();
+    rec.state = state.into();
     rec.cleaned = Some(now_rfc3339());
-    save(&root, &rec)?;
+    save(root, rec)?;
+    Ok((removed, dir_removed))
+}
+
+/// `ferry failover --test --cleanup --vm VM`: removes exactly what the VM's test failover made
+/// (its disk files in the directory it made, that directory when nothing else is in it), then its
+/// hold; keeps the record as `cleaned`.
+pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result<(), JobError> {
+    let root = local_root(store)?;
+    let Some(mut rec) = records(&root)?
+        .into_iter()
+        .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
+    else {
+        return Err(JobError::Usage(format!(
+            "VM {vm} has no test failover to clean up (`ferry failover list --store {}` shows them)",
+            root.display()
+        )));
+    };
+    let (removed, dir_removed) = remove_made(&root, &mut rec, "cleaned")?;
     if json_out {
         outln!(
             "{}",
@@ -397,7 +570,7 @@ pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result
             removed.len(),
             if dir_removed {
                 format!(" and {}", rec.dir.display())
-            } else if rec.dir_created {
+            } else if rec.dir.exists() {
                 format!(" ({} kept: it holds other files)", rec.dir.display())
             } else {
                 String::new()

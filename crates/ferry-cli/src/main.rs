@@ -74,14 +74,15 @@ enum Cmd {
     ///
     /// The point is held against retention until the cleanup (`STORE/pins/…hold`), and a record in
     /// `STORE/failovers/` lists what was made, so a cleanup after Ctrl-C or a crash removes only
-    /// that. `--point latest` is the newest committed point (the incumbent's "latest processed").
-    /// The output says how to boot it with QEMU. One test failover per VM at a time.
+    /// that; a failover that fails removes what it made. `--point latest` is the newest point in
+    /// the store (the incumbent's "latest processed"). The disks go into a new directory VM-ID
+    /// under --to; the output says how to boot them with QEMU. One test failover per VM at a time.
     ///
     /// Examples:
-    ///   ferry failover --test --vm web01 --store /srv/ferry-store --to /var/tmp/tf
-    ///   ferry failover --test --vm web01 --point latest-app --json
-    ///   ferry failover --test --cleanup --vm web01
-    ///   ferry failover list
+    ///   ferry failover --test --vm web01 --store /srv/ferry-store --to /var/tmp
+    ///   ferry failover --test --vm web01 --point latest-app --json --store /srv/ferry-store
+    ///   ferry failover --test --cleanup --vm web01 --store /srv/ferry-store
+    ///   ferry failover list --store /srv/ferry-store
     #[command(verbatim_doc_comment)]
     Failover(FailoverArgs),
     /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them
@@ -250,10 +251,12 @@ struct FailoverArgs {
     /// The VM.
     #[arg(long)]
     vm: Option<String>,
-    /// `latest` (the newest committed point), `latest-app`, or a point id (or unique prefix).
+    /// `latest` (the newest point in the store, by its time), `latest-app`, or a point id (or
+    /// unique prefix).
     #[arg(long, default_value = "latest")]
     point: PointSelector,
-    /// Directory for the disks (created if missing). Default: ./ferry-test-failover-VM-SEQ.
+    /// An existing directory: the failover makes a new directory VM-ID in it (mode 0700) for the
+    /// disks. Default: the current directory.
     #[arg(long)]
     to: Option<PathBuf>,
     /// Disk files: fixed VHD (`vhd`, bootable as they are) or raw images (`raw`).

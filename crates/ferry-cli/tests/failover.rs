@@ -1,8 +1,9 @@
 //! `ferry failover --test` on a local store, against the real binaries: a VM of two disks at an
 //! older point, made while `ferry serve` holds the store, as fixed VHDs whose payloads are the
-//! disks at that point byte for byte (and that `qemu-img` reads as VHDs); the point is held
-//! against retention until `--cleanup`, which removes exactly what the failover made; `list`
-//! keeps the audit record. Costs ~5 s.
+//! disks at that point byte for byte (and that `qemu-img` reads as VHDs), in a new private
+//! directory; the point is held against retention (and still restores) until `--cleanup`, which
+//! removes exactly what the failover made; a failed failover removes what it made; `list` keeps
+//! the audit record. Costs ~6 s.
 
 mod common;
 
@@ -76,6 +77,7 @@ fn a_test_failover_is_exact_held_against_retention_and_cleaned_up_exactly() {
         .arg(env.path("ps-state"));
     let (mut server, _) = spawn_serve(serve, Some("127.0.0.1:0"), &env.path("serve.log"));
     let tf = env.path("tf");
+    std::fs::create_dir(&tf).unwrap();
     let o = failover(
         &env,
         &[
@@ -96,7 +98,16 @@ fn a_test_failover_is_exact_held_against_retention_and_cleaned_up_exactly() {
     assert_eq!(r["state"], "ready", "{r:#}");
     let disks = r["disks"].as_array().unwrap();
     assert_eq!(disks.len(), 2, "{r:#}");
-    let (os_vhd, data_vhd) = (tf.join("web01-os.vhd"), tf.join("web01-data.vhd"));
+    // In a new directory of its own, private.
+    let made = std::path::PathBuf::from(r["dir"].as_str().unwrap());
+    assert_eq!(made.parent(), Some(tf.as_path()), "{r:#}");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&made).unwrap().permissions())
+            & 0o777,
+        0o700
+    );
+    let (os_vhd, data_vhd) = (made.join("web01-os.vhd"), made.join("web01-data.vhd"));
+    assert_eq!(disks[0]["path"], os_vhd.to_str().unwrap(), "{r:#}");
     assert!(
         payload_equals(&os_vhd, &env.path("os-at-1.img")),
         "os disk differs from point 1"
@@ -160,12 +171,20 @@ fn a_test_failover_is_exact_held_against_retention_and_cleaned_up_exactly() {
         "{hold:?}"
     );
 
+    // ... and it still restores exactly.
+    let back = env.path("back.img");
+    ok(
+        &env.restore(&p1, &back, &["--vm", "web01", "--disk", "os"]),
+        "restore of the held point",
+    );
+    assert!(common::same_bytes(&back, &env.path("os-at-1.img")));
+
     // Cleanup removes the failover's files, not another file in its directory, and the hold.
-    std::fs::write(tf.join("notes.txt"), b"mine").unwrap();
+    std::fs::write(made.join("notes.txt"), b"mine").unwrap();
     let o = failover(&env, &["--test", "--cleanup", "--vm", "web01", "--json"]);
     ok(&o, "cleanup");
     assert!(!os_vhd.exists() && !data_vhd.exists());
-    assert_eq!(std::fs::read(tf.join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(std::fs::read(made.join("notes.txt")).unwrap(), b"mine");
     assert!(std::fs::read_dir(env.store().join("pins"))
         .unwrap()
         .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".hold")));
@@ -193,9 +212,8 @@ fn a_test_failover_is_exact_held_against_retention_and_cleaned_up_exactly() {
     rep(&["--retention", "1s"]);
     assert!(!ids(&env).contains(&p1), "{:?}", ids(&env));
 
-    // A failover into a directory it did not make, then its cleanup leaves the directory.
-    let mine = env.path("mine");
-    std::fs::create_dir(&mine).unwrap();
+    // Raw images, exact; a cleanup with nothing else there removes the directory it made, and
+    // leaves --to as it was.
     let o = failover(
         &env,
         &[
@@ -205,16 +223,60 @@ fn a_test_failover_is_exact_held_against_retention_and_cleaned_up_exactly() {
             "--format",
             "raw",
             "--to",
-            mine.to_str().unwrap(),
+            tf.to_str().unwrap(),
+            "--json",
         ],
     );
     ok(&o, "raw failover");
-    assert!(mine.join("web01-os.img").exists());
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let made2 = std::path::PathBuf::from(r["dir"].as_str().unwrap());
+    assert!(common::same_bytes(&made2.join("web01-os.img"), &os));
+    assert!(common::same_bytes(&made2.join("web01-data.img"), &data));
     ok(
         &failover(&env, &["--test", "--cleanup", "--vm", "web01"]),
         "cleanup 2",
     );
-    assert!(mine.is_dir() && std::fs::read_dir(&mine).unwrap().next().is_none());
+    assert!(!made2.exists(), "the cleanup left the directory it made");
+    let left: Vec<_> = std::fs::read_dir(&tf)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![made.file_name().unwrap().to_owned()],
+        "only the first one's kept directory"
+    );
+
+    // A failover that fails after its record removes what it made, hold included.
+    let pins = env.store().join("pins");
+    std::fs::rename(&pins, env.path("pins.away")).unwrap();
+    std::fs::write(&pins, b"not a directory").unwrap();
+    let o = failover(
+        &env,
+        &["--test", "--vm", "web01", "--to", tf.to_str().unwrap()],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("is removed"), "{e}");
+    std::fs::remove_file(&pins).unwrap();
+    std::fs::rename(env.path("pins.away"), &pins).unwrap();
+    assert_eq!(
+        std::fs::read_dir(&tf).unwrap().count(),
+        1,
+        "a failed failover left a directory"
+    );
+    // ... and does not block the next one.
+    ok(
+        &failover(
+            &env,
+            &["--test", "--vm", "web01", "--to", tf.to_str().unwrap()],
+        ),
+        "failover after a failed one",
+    );
+    ok(
+        &failover(&env, &["--test", "--cleanup", "--vm", "web01"]),
+        "cleanup 3",
+    );
 }
 
 #[test]
@@ -231,6 +293,15 @@ fn failover_mistakes_get_clear_errors() {
         (&["--test"][..], "--vm"),
         (&["--test", "--vm", "nope"][..], "nope"),
         (&["--test", "--vm", "v1", "--point", "9999"][..], "9999"),
+        (
+            &["--test", "--vm", "v1", "--to", "/nonexistent/x"][..],
+            "not a directory",
+        ),
+        (
+            &["--test", "--vm", "v1", "--to", "azure://a/c/p"][..],
+            "Azure",
+        ),
+        (&["--test", "--vm", "../v1"][..], "not allowed"),
     ] {
         let o = failover(&env, args);
         assert_eq!(
@@ -244,4 +315,37 @@ fn failover_mistakes_get_clear_errors() {
     }
     // Nothing was made by a refused failover.
     assert!(!env.store().join("failovers").exists());
+
+    // A record edited to name another file (the store's owner can write records): the cleanup
+    // refuses and removes nothing.
+    let o = failover(
+        &env,
+        &[
+            "--test",
+            "--vm",
+            "v1",
+            "--to",
+            env.dir.path().to_str().unwrap(),
+        ],
+    );
+    ok(&o, "failover");
+    let victim = env.path("victim.txt");
+    std::fs::write(&victim, b"keep").unwrap();
+    let rec = std::fs::read_dir(env.store().join("failovers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap();
+    let mut r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    r["disks"][0]["path"] = victim.to_str().unwrap().into();
+    std::fs::write(&rec, serde_json::to_vec(&r).unwrap()).unwrap();
+    let o = failover(&env, &["--test", "--cleanup", "--vm", "v1"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not one Ferry wrote"));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
 }

@@ -309,6 +309,7 @@ pub fn hold_point(
             "hold id {id:?}: use 1 to 64 of A-Z a-z 0-9 - _"
         )));
     }
+    check_hold_vm(vm)?;
     let path = hold_path(root, vm, seq, id);
     let body =
         serde_json::json!({"vm": vm, "seq": seq, "id": id, "why": why, "pid": std::process::id()});
@@ -319,8 +320,23 @@ pub fn hold_point(
 
 /// Removes a hold made by [`hold_point`] (absent: fine).
 pub fn release_hold(root: &Path, vm: &str, seq: u64, id: &str) -> Result<(), StoreError> {
+    check_hold_vm(vm)?;
     let path = hold_path(root, vm, seq, id);
-    ferry_durable::remove_durable(&path).map_err(io(&path, "remove"))
+    match ferry_durable::remove_durable(&path) {
+        // No pins directory (something else there): no hold either.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(()),
+        r => r.map_err(io(&path, "remove")),
+    }
+}
+
+/// A VM name in a hold's file name: no path separator, no leading dot, nothing empty.
+fn check_hold_vm(vm: &str) -> Result<(), StoreError> {
+    if vm.is_empty() || vm.starts_with('.') || vm.contains('/') || vm.contains('\0') {
+        return Err(StoreError::Index(format!(
+            "VM name {vm:?} cannot name a hold"
+        )));
+    }
+    Ok(())
 }
 
 /// (VM, SEQ) from a hold file name `VM.SEQ.ID.hold`.
@@ -349,10 +365,22 @@ pub fn live_pins(root: &Path) -> Result<HashMap<String, u64>, StoreError> {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "hold") {
             // A test failover's: held until its cleanup, whoever runs.
-            if let Some((vm, seq)) = hold_name(&e.file_name().to_string_lossy()) {
-                let m = out.entry(vm).or_insert(seq);
-                *m = (*m).min(seq);
+            let Some((vm, seq)) = hold_name(&e.file_name().to_string_lossy()) else {
+                tracing::warn!(hold = %p.display(), "a .hold file whose name is not VM.SEQ.ID.hold: not counted; remove it if it is not Ferry's");
+                continue;
+            };
+            // Retention keeps the point and every newer one while the hold lasts: say so when it
+            // has lasted long (once per hold and process).
+            let age = fs::metadata(&p)
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok());
+            if age.is_some_and(|a| a >= PIN_WARN_AGE) && warn_once(&p) {
+                tracing::warn!(hold = %p.display(), vm = ?vm, seq, hours = age.map_or(0, |a| a.as_secs() / 3600),
+                    "a test failover has held point {seq} for over an hour: retention keeps it and every newer point of the VM until `ferry failover --test --cleanup`");
             }
+            let m = out.entry(vm).or_insert(seq);
+            *m = (*m).min(seq);
             continue;
         }
         if p.extension().is_none_or(|x| x != "pin") {
@@ -667,6 +695,15 @@ mod hold_tests {
         for bad in ["", "a.b", "a/b", &"x".repeat(65)] {
             assert!(hold_point(root, "v", 1, bad, "").is_err(), "{bad:?}");
         }
+        for bad in ["", "../x", "a/b", ".x"] {
+            assert!(hold_point(root, bad, 1, "id", "").is_err(), "{bad:?}");
+            assert!(release_hold(root, bad, 1, "id").is_err(), "{bad:?}");
+        }
+        // Three holds: the lowest seq wins, whatever the directory order.
+        for (seq, id) in [(12, "a"), (5, "b"), (9, "c")] {
+            hold_point(root, "w", seq, id, "").unwrap();
+        }
+        assert_eq!(live_pins(root).unwrap().get("w"), Some(&5));
         assert_eq!(hold_name("a.b.3.id-1.hold"), Some(("a.b".into(), 3)));
         assert_eq!(hold_name("v.x.id.hold"), None);
     }
