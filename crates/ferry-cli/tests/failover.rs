@@ -65,16 +65,7 @@ fn a_test_failover_is_exact_held_against_retention_and_cleaned_up_exactly() {
     assert_eq!(ids(&env).len(), 2);
 
     // While `ferry serve` holds the store's writer lock.
-    let mut serve = ferry();
-    serve
-        .args(["serve", "--cache-size", "256MiB", "--store"])
-        .arg(env.store())
-        .arg("--key-file")
-        .arg(env.key())
-        .arg("--cache-dir")
-        .arg(env.path("ps-cache"))
-        .arg("--state-dir")
-        .arg(env.path("ps-state"));
+    let serve = common::serve_cmd(&env, "256MiB");
     let (mut server, _) = spawn_serve(serve, Some("127.0.0.1:0"), &env.path("serve.log"));
     let tf = env.path("tf");
     std::fs::create_dir(&tf).unwrap();
