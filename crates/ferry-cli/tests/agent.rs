@@ -108,38 +108,18 @@ impl Site {
     fn new() -> Site {
         let env = Env::new();
         let (server, addr) = Site::spawn_server(&env, "127.0.0.1:0");
-        let o = ferry()
-            .args(["passphrase", "show", "--state-dir"])
-            .arg(env.path("ps-state"))
-            .output()
-            .unwrap();
-        ok(&o, "passphrase show");
-        let pass = env.path("pass");
-        fs::write(&pass, &o.stdout).unwrap();
-        let o = Command::new(agent_bin())
-            .args(["register", "--server", &addr, "--passphrase-file"])
-            .arg(&pass)
-            .arg("--state-dir")
-            .arg(env.path("agent-state"))
-            .output()
-            .unwrap();
-        ok(&o, "register");
+        common::register_agent(&env, &addr, "agent-state");
         Site { env, addr, server }
     }
 
     /// `ferry serve` for this site (its log appended to serve.log) on `listen`, once it listens;
     /// and the address it bound.
     fn spawn_server(env: &Env, listen: &str) -> (Proc, String) {
-        let mut c = ferry();
-        c.args(["serve", "--cache-size", "1GiB", "--store"])
-            .arg(env.store())
-            .arg("--key-file")
-            .arg(env.key())
-            .arg("--cache-dir")
-            .arg(env.path("ps-cache"))
-            .arg("--state-dir")
-            .arg(env.path("ps-state"));
-        spawn_serve(c, Some(listen), &env.path("serve.log"))
+        spawn_serve(
+            common::serve_cmd(env, "1GiB"),
+            Some(listen),
+            &env.path("serve.log"),
+        )
     }
 
     fn agent_cmd(&self, disks: &[&str], extra: &[&str]) -> Command {

@@ -209,16 +209,7 @@ fn a_flood_of_hostile_connections_leaves_a_real_agent_replicating() {
     }
     raise_nofile(8192);
     let env = Env::new();
-    let mut c = ferry();
-    c.args(["serve", "--cache-size", "512MiB"])
-        .arg("--store")
-        .arg(env.store())
-        .arg("--key-file")
-        .arg(env.key())
-        .arg("--cache-dir")
-        .arg(env.path("ps-cache"))
-        .arg("--state-dir")
-        .arg(env.path("ps-state"));
+    let c = common::serve_cmd(&env, "512MiB");
     let (mut srv, addr) = spawn_serve(c, Some("127.0.0.1:0"), &env.path("serve.log"));
     let to: SocketAddr = addr.parse().unwrap();
     let pid = srv.pid().unwrap();
