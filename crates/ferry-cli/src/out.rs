@@ -24,39 +24,36 @@ pub(crate) fn captured<T>(f: impl FnOnce() -> T) -> (T, String, String) {
     (r, o, e)
 }
 
-/// Writes to stdout, or to the capture.
-pub(crate) fn stdout(s: std::fmt::Arguments<'_>) {
-    let done = CAPTURE.with(|c| match c.borrow_mut().as_mut() {
-        Some((o, _)) => {
+/// Appends to this thread's capture, if one is on: stderr's half when `err`. False: none is.
+fn to_capture(err: bool, s: std::fmt::Arguments<'_>) -> bool {
+    CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+        Some((o, e)) => {
             use std::fmt::Write;
-            let _ = o.write_fmt(s);
+            let _ = if err { e } else { o }.write_fmt(s);
             true
         }
         None => false,
-    });
-    if !done {
-        use std::io::Write;
-        if let Err(e) = std::io::stdout().lock().write_fmt(s) {
-            // The reader went away (`ferry status --watch | head -1`): stop, as a shell tool
-            // killed by SIGPIPE would (status 128 + 13).
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(141);
-            }
+    })
+}
+
+/// Writes to stdout, or to the capture.
+pub(crate) fn stdout(s: std::fmt::Arguments<'_>) {
+    if to_capture(false, s) {
+        return;
+    }
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(s) {
+        // The reader went away (`ferry status --watch | head -1`): stop, as a shell tool killed
+        // by SIGPIPE would (status 128 + 13).
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
         }
     }
 }
 
 /// Writes to stderr, or to the capture.
 pub(crate) fn stderr(s: std::fmt::Arguments<'_>) {
-    let done = CAPTURE.with(|c| match c.borrow_mut().as_mut() {
-        Some((_, e)) => {
-            use std::fmt::Write;
-            let _ = e.write_fmt(s);
-            true
-        }
-        None => false,
-    });
-    if !done {
+    if !to_capture(true, s) {
         use std::io::Write;
         let _ = std::io::stderr().lock().write_fmt(s);
     }
