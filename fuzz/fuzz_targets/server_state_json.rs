@@ -1,7 +1,8 @@
 //! The process server's own JSON files, as an operator, a restore or a damaged disk may leave them:
 //! the agent registry (`agents.json`, `AgentRegistry::parse`), the VM owners (`vm-owners.json`,
 //! `control::parse_owners`), the enrollment tokens (`enroll-tokens.json`, `tokens::parse`) and a
-//! store's quarantine records (`quarantine/VM.json`, `quarantine::parse`). Nothing may panic; a
+//! store's quarantine records (`quarantine/VM.json`, `quarantine::parse`) and its VMs' lifecycle
+//! records (`lifecycle/VM.json`, `lifecycle::parse`). Nothing may panic; a
 //! registry that parses saves and parses again to the same agents.
 #![no_main]
 
@@ -19,5 +20,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(q) = ferry_apply::quarantine::parse(data) {
         let again = serde_json::to_vec(&q).expect("a record serializes");
         assert_eq!(ferry_apply::quarantine::parse(&again), Ok(q));
+    }
+    if let Ok(l) = ferry_apply::lifecycle::parse(data) {
+        let again = serde_json::to_vec(&l).expect("a record serializes");
+        assert_eq!(ferry_apply::lifecycle::parse(&again), Ok(l));
     }
 });

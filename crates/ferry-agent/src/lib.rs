@@ -113,6 +113,7 @@ pub fn refusal_name(code: u16) -> &'static str {
         refuse::STALE_BASE => "run built on a state the server does not hold",
         refuse::NOT_OWNER => "VM owned by another agent",
         refuse::QUARANTINED => "VM quarantined on the process server",
+        refuse::RETIRED => "VM migrated: its replication ended (complete-migration)",
         _ => "unknown code",
     }
 }

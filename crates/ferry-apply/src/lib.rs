@@ -15,6 +15,7 @@
 //!
 //! Must not: read sources or decide when points are taken.
 
+pub mod lifecycle;
 pub mod quarantine;
 mod restore;
 pub mod retention;
@@ -238,6 +239,11 @@ impl<'s> Applier<'s> {
         }
         let mut out = Vec::new();
         for vm in vms {
+            // A VM whose migration was completed: what is left of its journal (segments other
+            // VMs' data still uses) is never applied again.
+            if lifecycle::is_retired(&root, &vm) {
+                continue;
+            }
             if self.quarantined(&vm) {
                 tracing::warn!(
                     vm,

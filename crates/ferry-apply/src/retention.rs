@@ -230,6 +230,18 @@ pub fn collect_garbage(
             Err(e) if is_data(&e) => return Ok(skip_gc(vm, &e)),
             Err(e) => return Err(e.into()),
         };
+        // A VM whose migration completed (its points and replicas gone): every segment of its
+        // journal is a candidate, and none of its records keeps anything alive.
+        let retired =
+            m.is_none() && matches!(crate::lifecycle::load(&root, vm), Ok(Some(l)) if l.retired());
+        if retired {
+            for disk in crate::list_dirs(&root.join("journal").join(vm))? {
+                for seq in store.list_segments(vm, &disk)? {
+                    candidates.push((vm.clone(), disk.clone(), seq));
+                }
+            }
+            continue;
+        }
         for disk in crate::list_dirs(&root.join("journal").join(vm))? {
             let dir = store.replica_dir(vm, &disk);
             if dir.join("current.map").exists() {

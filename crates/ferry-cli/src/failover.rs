@@ -155,6 +155,10 @@ pub(crate) struct TestArgs {
     pub verify: bool,
     pub threads: usize,
     pub json: bool,
+    /// A real failover (the VM's permanent disks), not a test.
+    pub real: bool,
+    /// The process server's state directory, for its event log (if there is one).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Held around "no open failover of this VM? then write its record": two at once cannot both
@@ -193,19 +197,74 @@ fn id_ok(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The directory a failover writes into: new, under `--to`, named by VM and id.
+/// The directory a failover writes into: new, under `--to`, named by VM and id (a test), or by
+/// the VM alone (a real failover: the VM's permanent disks).
 fn dir_name(vm: &str, id: &str) -> String {
-    format!("{vm}-{id}")
+    if id.starts_with("failover-") {
+        vm.to_owned()
+    } else {
+        format!("{vm}-{id}")
+    }
+}
+
+/// Records an event in the process server's log when there is a server state here (best
+/// effort: a failover does not need a server).
+fn event(state_dir: &Option<PathBuf>, e: ferry_serve::events::Event) {
+    let dir = state_dir
+        .clone()
+        .unwrap_or_else(|| ferry_job::default_state_root().join("server"));
+    if dir.join(ferry_serve::status::STATUS_FILE).exists() || state_dir.is_some() {
+        crate::admin::operator_event(&dir, e);
+    }
 }
 
 fn disk_file(vm: &str, disk: &str, raw: bool) -> String {
     format!("{vm}-{disk}.{}", ext(raw))
 }
 
-/// `ferry failover --test --vm VM`.
+/// `ferry failover [--test] --vm VM`.
 pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
     let root = local_root(&a.store)?;
     ferry_job::validate_name("VM", &a.vm)?;
+    let kind = if a.real { "failover" } else { "test" };
+    let what = if a.real { "failover" } else { "test failover" };
+    let lifecycle =
+        ferry_apply::lifecycle::load(&root, &a.vm).map_err(|e| JobError::Usage(e.to_string()))?;
+    if a.real {
+        if let Some(l) = lifecycle
+            .as_ref()
+            .filter(|l| l.state != ferry_apply::lifecycle::CUT_OVER)
+        {
+            return Err(JobError::Usage(format!(
+                "VM {} was failed over already ({}, since {}{}); `ferry failover list --store {}` shows its disks",
+                a.vm,
+                l.state,
+                l.since,
+                l.failover.as_deref().map(|f| format!(", failover {f}")).unwrap_or_default(),
+                root.display()
+            )));
+        }
+    } else if lifecycle.as_ref().is_some_and(|l| l.retired()) {
+        return Err(JobError::Usage(format!(
+            "VM {}'s migration was completed: its points are gone",
+            a.vm
+        )));
+    }
+    // `final`: the point `ferry-agent cutover` made on the source.
+    let selector = match &a.point {
+        PointSelector::Id(f) if f == "final" => {
+            match lifecycle.as_ref().and_then(|l| l.final_point.clone()) {
+                Some(id) => PointSelector::Id(id),
+                None => {
+                    return Err(JobError::Usage(format!(
+                        "VM {} has no final point: run `ferry-agent cutover` on the source first (a planned failover), or fail over to --point latest (the newest point the server committed: an unplanned failover loses what the source wrote after it)",
+                        a.vm
+                    )))
+                }
+            }
+        }
+        p => p.clone(),
+    };
     let parent = match &a.to {
         Some(d) => {
             let s = d.to_str().ok_or_else(|| {
@@ -229,13 +288,13 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         )));
     }
     let store = ferry_job::open_recovery(&a.store, Some(&a.key_file))?;
-    let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &a.point)?;
+    let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &selector)?;
     drop(store);
     for d in &point.disks {
         ferry_job::validate_name("disk", &d.name)?;
     }
     let id = format!(
-        "test-{}-{}-{}",
+        "{kind}-{}-{}-{}",
         point.seq,
         std::process::id(),
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -244,6 +303,12 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
             .trim_end_matches('Z')
     );
     let dir = parent.join(dir_name(&vm, &id));
+    if a.real && std::fs::symlink_metadata(&dir).is_ok() {
+        return Err(JobError::Usage(format!(
+            "{} exists already: the failover writes the VM's disks into a new directory of that name; move it away, or give another --to",
+            dir.display()
+        )));
+    }
     let disks: Vec<DiskOut> = point
         .disks
         .iter()
@@ -259,7 +324,7 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         format: FORMAT.into(),
         version: VERSION,
         id: id.clone(),
-        kind: "test".into(),
+        kind: kind.into(),
         vm: vm.clone(),
         point: point.id.clone(),
         point_seq: point.seq,
@@ -268,7 +333,9 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         created: now_rfc3339(),
         state: "creating".into(),
         dir: dir.clone(),
-        dir_created: true,
+        // Set once the failover has made it: a rollback removes nothing from a directory that
+        // was there before.
+        dir_created: false,
         disks,
         cleaned: None,
     };
@@ -276,8 +343,17 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         let _lock = lock_records(&root)?;
         if let Some(open) = records(&root)?
             .into_iter()
-            .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
+            .find(|r| r.vm == vm && r.kind == kind && r.state != "cleaned" && r.state != "failed")
         {
+            if a.real {
+                return Err(JobError::Usage(format!(
+                    "VM {vm} has a failover already ({}, at point {}, in {}, {})",
+                    open.id,
+                    open.point,
+                    open.dir.display(),
+                    open.state
+                )));
+            }
             return Err(JobError::Usage(format!(
                 "VM {vm} has a test failover already ({}, at point {}, in {}); remove it first: ferry failover --test --cleanup --vm {vm} --store {}",
                 open.id,
@@ -295,15 +371,45 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
             // Nothing half-made stays behind: a failed test failover removes what it made.
             return Err(match remove_made(&root, &mut rec, "failed") {
                 Ok(_) => JobError::Usage(format!(
-                    "test failover of {vm} failed, and what it had made is removed: {e}"
+                    "{what} of {vm} failed, and what it had made is removed: {e}"
                 )),
                 Err(c) => JobError::Usage(format!(
-                    "test failover of {vm} failed ({e}), and removing what it made failed too ({c}): run `ferry failover --test --cleanup --vm {vm} --store {}`",
-                    root.display()
+                    "{what} of {vm} failed ({e}), and removing what it made failed too ({c}): remove {} by hand, and {}",
+                    rec.dir.display(),
+                    ferry_store::readers::hold_path(&root, &vm, rec.point_seq, &rec.id).display()
                 )),
             });
         }
     }
+    if a.real {
+        // The server stops expecting the agent; `final` stays known.
+        let mut l = lifecycle.unwrap_or_else(|| {
+            ferry_apply::lifecycle::Lifecycle::new(&vm, ferry_apply::lifecycle::FAILED_OVER)
+        });
+        l.failover = Some(id.clone());
+        if l.state != ferry_apply::lifecycle::FAILED_OVER {
+            l.enter(ferry_apply::lifecycle::FAILED_OVER);
+        }
+        ferry_apply::lifecycle::save(&root, &l).map_err(|e| {
+            JobError::Usage(format!(
+                "the disks are written, but the VM's lifecycle record cannot be: {e}"
+            ))
+        })?;
+    }
+    event(
+        &a.state_dir,
+        ferry_serve::events::Event::new(
+            "failover",
+            Some(&vm),
+            format!(
+                "{what} {id} at point {} ({}) into {}",
+                point.id,
+                point.kind,
+                rec.dir.display()
+            ),
+        )
+        .with(describe(&rec)),
+    );
     if a.json {
         outln!(
             "{}",
@@ -311,12 +417,21 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         );
         return Ok(());
     }
-    outln!(
-        "test failover {id}: VM {vm} at point {} ({}, {}), held against retention until cleanup",
-        point.id,
-        point.kind,
-        point.time
-    );
+    if a.real {
+        outln!(
+            "failover {id}: VM {vm} at point {} ({}, {}); these are its disks now, and the point is held until the migration is completed",
+            point.id,
+            point.kind,
+            point.time
+        );
+    } else {
+        outln!(
+            "test failover {id}: VM {vm} at point {} ({}, {}), held against retention until cleanup",
+            point.id,
+            point.kind,
+            point.time
+        );
+    }
     for d in &rec.disks {
         outln!(
             "  {:<10} {}  ({})",
@@ -331,10 +446,18 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
     if !a.raw {
         outln!("Or attach the .vhd files to a Hyper-V or Azure VM (fixed VHDs, as they are).");
     }
-    outln!(
-        "When done: ferry failover --test --cleanup --vm {vm} --store {}",
-        root.display()
-    );
+    if a.real {
+        outln!("The process server no longer expects the source's agent (no RPO alarm for {vm}).");
+        outln!(
+            "Once the VM runs from these disks: ferry complete-migration --vm {vm} --store {} (ends replication, removes its points; keeps these disks)",
+            root.display()
+        );
+    } else {
+        outln!(
+            "When done: ferry failover --test --cleanup --vm {vm} --store {}",
+            root.display()
+        );
+    }
     Ok(())
 }
 
@@ -342,7 +465,12 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
 /// a new private directory, each disk.
 fn make(a: &TestArgs, root: &Path, rec: &mut Record) -> Result<(), JobError> {
     let (vm, id) = (rec.vm.clone(), rec.id.clone());
-    ferry_store::readers::hold_point(root, &vm, rec.point_seq, &id, "test failover")
+    let why = if rec.kind == "test" {
+        "test failover"
+    } else {
+        "failover (until complete-migration)"
+    };
+    ferry_store::readers::hold_point(root, &vm, rec.point_seq, &id, why)
         .map_err(|e| JobError::Usage(format!("cannot hold the point: {e}")))?;
     // Pruned between the choice and the hold? Then it is gone for good: say so, make nothing.
     let store = ferry_job::open_recovery(&a.store, Some(&a.key_file))?;
@@ -363,6 +491,8 @@ fn make(a: &TestArgs, root: &Path, rec: &mut Record) -> Result<(), JobError> {
             ferry_durable::fsync_dir(p)
                 .map_err(|e| JobError::Usage(format!("cannot sync {}: {e}", p.display())))?;
         }
+        rec.dir_created = true;
+        save(root, rec)?;
     }
     let progress = crate::progress::Bars::new();
     for i in 0..rec.disks.len() {
@@ -440,7 +570,7 @@ fn check_record(r: &Record) -> Result<(), JobError> {
             r.id
         ))
     };
-    if !id_ok(&r.id) {
+    if !id_ok(&r.id) || !r.id.starts_with(&format!("{}-", r.kind)) {
         return Err(bad("its id".into()));
     }
     ferry_job::validate_name("VM", &r.vm).map_err(|e| bad(e.to_string()))?;
@@ -492,7 +622,9 @@ fn remove_made(
 ) -> Result<(Vec<PathBuf>, bool), JobError> {
     check_record(rec)?;
     let mut removed = Vec::new();
-    for d in &rec.disks {
+    // A directory the failover did not make holds nothing of its making.
+    let disks = if rec.dir_created { &rec.disks[..] } else { &[] };
+    for d in disks {
         match std::fs::symlink_metadata(&d.path) {
             Ok(m) if m.file_type().is_file() => {
                 std::fs::remove_file(&d.path).map_err(|e| {
@@ -516,7 +648,7 @@ fn remove_made(
         }
     }
     let mut dir_removed = false;
-    if rec.dir.exists() {
+    if rec.dir_created && rec.dir.exists() {
         ferry_durable::fsync_dir(&rec.dir)
             .map_err(|e| JobError::Usage(format!("cannot sync {}: {e}", rec.dir.display())))?;
         match std::fs::remove_dir(&rec.dir) {
@@ -549,7 +681,7 @@ pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result
     let root = local_root(store)?;
     let Some(mut rec) = records(&root)?
         .into_iter()
-        .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
+        .find(|r| r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed")
     else {
         return Err(JobError::Usage(format!(
             "VM {vm} has no test failover to clean up (`ferry failover list --store {}` shows them)",
@@ -585,15 +717,29 @@ pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result
 pub(crate) fn list(store: &StoreLocation, json_out: bool) -> Result<(), JobError> {
     let root = local_root(store)?;
     let all = records(&root)?;
+    let lifecycle = ferry_apply::lifecycle::list(&root).map_err(|e| {
+        JobError::Usage(format!(
+            "cannot list {}: {e}",
+            ferry_apply::lifecycle::dir(&root).display()
+        ))
+    })?;
     if json_out {
-        outln!(
-            "{}",
-            serde_json::to_string_pretty(&all.iter().map(describe).collect::<Vec<_>>())
-                .expect("json")
-        );
+        let out: Vec<serde_json::Value> = all
+            .iter()
+            .map(|r| {
+                let mut d = describe(r);
+                d["vm_lifecycle"] = match lifecycle.get(&r.vm) {
+                    Some(Ok(l)) => serde_json::to_value(l).expect("json"),
+                    Some(Err(e)) => json!({"error": e}),
+                    None => serde_json::Value::Null,
+                };
+                d
+            })
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
     }
-    if all.is_empty() {
+    if all.is_empty() && lifecycle.is_empty() {
         outln!("no failovers yet (ferry failover --test --vm VM makes one)");
         return Ok(());
     }
@@ -609,5 +755,192 @@ pub(crate) fn list(store: &StoreLocation, json_out: bool) -> Result<(), JobError
             r.dir.display()
         );
     }
+    for (vm, l) in &lifecycle {
+        match l {
+            Ok(l) => {
+                let mut line = format!("VM {vm}: {} since {}", l.state, l.since);
+                if let Some(p) = &l.final_point {
+                    line.push_str(&format!(", final point {p}"));
+                }
+                if let Some(f) = &l.failover {
+                    line.push_str(&format!(", failover {f}"));
+                }
+                if let Some(r) = &l.removed {
+                    line.push_str(&format!(
+                        "; removed {} point(s), {} replica(s), {} segment(s)",
+                        r.points,
+                        r.disks.len(),
+                        r.segments
+                    ));
+                }
+                outln!("{line}");
+            }
+            Err(e) => outln!("VM {vm}: lifecycle record unreadable: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// What `ferry complete-migration` was asked.
+pub(crate) struct CompleteArgs {
+    pub store: StoreLocation,
+    pub key_file: PathBuf,
+    pub vm: String,
+    pub force: bool,
+    pub json: bool,
+    pub state_dir: Option<PathBuf>,
+    /// How long to wait for a running server to remove the data.
+    pub wait: std::time::Duration,
+}
+
+/// `ferry complete-migration --vm VM`: ends the VM's replication for good (see
+/// `ferry_apply::lifecycle`): its agent is refused from the moment the request is durable, and
+/// its points, replicas, holds and the journal segments only it needs are removed by whoever
+/// holds the store (the running server, or this command when none runs). The failed-over disks
+/// and the records stay.
+pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
+    use ferry_apply::lifecycle::{self, Lifecycle};
+    let root = match &a.store {
+        StoreLocation::Local(_) => local_root(&a.store)?,
+        StoreLocation::Azure { .. } => {
+            return Err(JobError::Usage(
+                "complete-migration of a VM in an azure:// store is not in this version: stop its agent and remove it (ferry agents revoke), then delete its blobs (replicas/VM/, manifests/VM.json) with az storage blob delete-batch".into(),
+            ))
+        }
+    };
+    ferry_job::validate_name("VM", &a.vm)?;
+    let vm = a.vm.clone();
+    let state = lifecycle::load(&root, &vm).map_err(|e| JobError::Usage(e.to_string()))?;
+    let mut l = match state {
+        Some(l) if l.state == lifecycle::RETIRED => {
+            return report(&a, &l, "was completed already");
+        }
+        Some(l) if l.state == lifecycle::RETIRING => l,
+        other => {
+            let known = ferry_store::list_vms_at(&root)?.contains(&vm)
+                || root.join("journal").join(&vm).is_dir();
+            if !known && other.is_none() {
+                return Err(JobError::Usage(format!(
+                    "store {} has no VM '{vm}' (ferry points list --store {} shows them)",
+                    root.display(),
+                    root.display()
+                )));
+            }
+            let failed_over = other
+                .as_ref()
+                .is_some_and(|l| l.state == lifecycle::FAILED_OVER);
+            if !failed_over && !a.force {
+                return Err(JobError::Usage(format!(
+                    "VM {vm} has not been failed over{}: complete-migration deletes every point of it. Fail over first (ferry failover --vm {vm} --store {}), or give --force to end its replication and delete its points anyway",
+                    if other.is_some() { " (it is cut over: run ferry failover --vm VM --point final)" } else { "" },
+                    root.display()
+                )));
+            }
+            if let Some(t) = records(&root)?.into_iter().find(|r| {
+                r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed"
+            }) {
+                return Err(JobError::Usage(format!(
+                    "VM {vm} has a test failover ({}, in {}): clean it up first (ferry failover --test --cleanup --vm {vm} --store {})",
+                    t.id,
+                    t.dir.display(),
+                    root.display()
+                )));
+            }
+            let mut l = other.unwrap_or_else(|| Lifecycle::new(&vm, lifecycle::RETIRING));
+            l.forced = !failed_over;
+            if l.state != lifecycle::RETIRING {
+                l.enter(lifecycle::RETIRING);
+            }
+            // From here on the server refuses the VM's agent.
+            lifecycle::save(&root, &l).map_err(|e| {
+                JobError::Usage(format!("cannot write the VM's lifecycle record: {e}"))
+            })?;
+            event(
+                &a.state_dir,
+                ferry_serve::events::Event::new(
+                    "migration",
+                    Some(&vm),
+                    format!(
+                        "operator completed the migration{}: replication ends, the agent is refused",
+                        if l.forced { " (forced, no failover)" } else { "" }
+                    ),
+                ),
+            );
+            l
+        }
+    };
+    // Whoever holds the store removes the data: this command when it can take the lock, else
+    // the server that holds it (its drain loop, once the VM's last records are applied).
+    if let Some(lock) = ferry_store::readers::try_lock(&root.join(".lock"))? {
+        let store = ferry_job::open_store(&root, &a.key_file, false)?;
+        lifecycle::retire(&store, &vm)?;
+        drop(lock);
+    } else {
+        errln!("the process server holds the store: it removes {vm}'s data once it has applied the VM's last records…");
+        let until = std::time::Instant::now() + a.wait;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            match lifecycle::load(&root, &vm) {
+                Ok(Some(x)) if x.state == lifecycle::RETIRED => break,
+                Ok(_) if std::time::Instant::now() < until => {}
+                Ok(_) => {
+                    return Err(JobError::Usage(format!(
+                        "the process server has not removed {vm}'s data within {}s (it does so once its cache has drained the VM's last records; its log says why it cannot): the agent is refused already; `ferry failover list --store {}` shows when it is done",
+                        a.wait.as_secs(),
+                        root.display()
+                    )))
+                }
+                Err(e) => return Err(JobError::Usage(e.to_string())),
+            }
+        }
+    }
+    l = lifecycle::load(&root, &vm)
+        .map_err(|e| JobError::Usage(e.to_string()))?
+        .unwrap_or(l);
+    report(&a, &l, "is completed")
+}
+
+fn report(
+    a: &CompleteArgs,
+    l: &ferry_apply::lifecycle::Lifecycle,
+    how: &str,
+) -> Result<(), JobError> {
+    let removed = l.removed.clone().unwrap_or_default();
+    if a.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "vm": l.vm, "state": l.state, "since": l.since, "failover": l.failover,
+                "final_point": l.final_point, "forced": l.forced, "removed": removed,
+                "history": l.history,
+            }))
+            .expect("json")
+        );
+        return Ok(());
+    }
+    outln!(
+        "migration of {} {how} ({}): replication ended; its agent is refused from now on",
+        l.vm,
+        l.since
+    );
+    outln!(
+        "  removed: {} point(s), {} disk replica(s) ({}), {} journal segment(s) ({}), {} hold(s)",
+        removed.points,
+        removed.disks.len(),
+        crate::units::human(removed.replica_bytes),
+        removed.segments,
+        crate::units::human(removed.segment_bytes),
+        removed.holds
+    );
+    if removed.segments_kept > 0 {
+        outln!(
+            "  kept: {} segment(s) other VMs' data uses (deduplicated chunks); retention removes them with that data",
+            removed.segments_kept
+        );
+    }
+    if let Some(f) = &l.failover {
+        outln!("  the failed-over disks stay (failover {f}; ferry failover list shows where)");
+    }
+    outln!("  on the source machine, if it still runs: systemctl disable --now ferry-agent");
     Ok(())
 }

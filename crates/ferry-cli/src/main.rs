@@ -69,22 +69,43 @@ enum Cmd {
     ///   ferry restore --store ./store --point 0003 --vm web01 --disk os --out os.vhd
     #[command(verbatim_doc_comment)]
     Restore(RestoreArgs),
-    /// Test failover: every disk of a VM at one recovery point, as new fixed VHDs (or raw
-    /// images) in a directory, while replication goes on; `--cleanup` removes exactly what it made.
+    /// Failover and test failover: every disk of a VM at one recovery point, as new fixed VHDs
+    /// (or raw images) in a new directory.
     ///
-    /// The point is held against retention until the cleanup (`STORE/pins/…hold`), and a record in
+    /// --test: while replication goes on, into a new directory VM-ID under --to; `--cleanup`
+    /// removes exactly what it made. One test failover per VM at a time.
+    /// Without --test (a real failover, the source gone or cut over): into the new directory
+    /// --to/VM, for good; the process server stops expecting the VM's agent, and the point is
+    /// held until `ferry complete-migration`.
+    ///
+    /// The point is held against retention (`STORE/pins/…hold`), and a record in
     /// `STORE/failovers/` lists what was made, so a cleanup after Ctrl-C or a crash removes only
-    /// that; a failover that fails removes what it made. `--point latest` is the newest point in
-    /// the store (the incumbent's "latest processed"). The disks go into a new directory VM-ID
-    /// under --to; the output says how to boot them with QEMU. One test failover per VM at a time.
+    /// that; a failover that fails removes what it made. `--point latest` is the newest point the
+    /// server committed (the incumbent's "latest processed"); `--point final` is the point
+    /// `ferry-agent cutover` made after blocking the source's writes (nothing written on the
+    /// source is missing from it). The output says how to boot the disks with QEMU.
     ///
     /// Examples:
     ///   ferry failover --test --vm web01 --store /srv/ferry-store --to /var/tmp
     ///   ferry failover --test --vm web01 --point latest-app --json --store /srv/ferry-store
     ///   ferry failover --test --cleanup --vm web01 --store /srv/ferry-store
+    ///   ferry failover --vm web01 --point final --store /srv/ferry-store --to /srv/vms
     ///   ferry failover list --store /srv/ferry-store
     #[command(verbatim_doc_comment)]
     Failover(FailoverArgs),
+    /// End a failed-over VM's replication for good: its agent is refused from now on, and its
+    /// points, replicas, holds and the journal segments no other VM needs are removed. The
+    /// failed-over disks, the failover records and the event log stay.
+    ///
+    /// Refused for a VM that was not failed over (`--force` ends it anyway) or that has a test
+    /// failover open. With `ferry serve` running, the server removes the data once it has applied
+    /// the VM's last records; the command waits for it (--wait).
+    ///
+    /// Examples:
+    ///   ferry complete-migration --vm web01 --store /srv/ferry-store
+    ///   ferry complete-migration --vm old-test-vm --force --store /srv/ferry-store --json
+    #[command(verbatim_doc_comment)]
+    CompleteMigration(CompleteMigrationArgs),
     /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them
     /// at each cut and publish recovery points. Idempotent and resumable: run it again after any
     /// interruption. Without --once it keeps polling every --interval.
@@ -240,8 +261,7 @@ enum Cmd {
 struct FailoverArgs {
     #[command(subcommand)]
     cmd: Option<FailoverCmd>,
-    /// A test failover (this version makes test failovers only: a real failover is `ferry
-    /// restore` of each disk).
+    /// A test failover (without it: a real failover).
     #[arg(long)]
     test: bool,
     /// Remove the VM's test failover: its files, its directory if it made it and it is empty, and
@@ -251,12 +271,12 @@ struct FailoverArgs {
     /// The VM.
     #[arg(long)]
     vm: Option<String>,
-    /// `latest` (the newest point in the store, by its time), `latest-app`, or a point id (or
-    /// unique prefix).
+    /// `latest` (the newest point in the store, by its time), `latest-app`, `final` (the point
+    /// `ferry-agent cutover` made), or a point id (or unique prefix).
     #[arg(long, default_value = "latest")]
     point: PointSelector,
-    /// An existing directory: the failover makes a new directory VM-ID in it (mode 0700) for the
-    /// disks. Default: the current directory.
+    /// An existing directory: the failover makes a new directory in it (mode 0700) for the
+    /// disks: VM-ID for a test, VM for a real failover. Default: the current directory.
     #[arg(long)]
     to: Option<PathBuf>,
     /// Disk files: fixed VHD (`vhd`, bootable as they are) or raw images (`raw`).
@@ -276,6 +296,39 @@ struct FailoverArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// The process server's state directory, for its event log. Default: STATE_ROOT/server
+    /// when it exists.
+    #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CompleteMigrationArgs {
+    /// The VM.
+    #[arg(long)]
+    vm: String,
+    /// End the replication of a VM that was not failed over (its points are deleted).
+    #[arg(long)]
+    force: bool,
+    /// The store (a local directory).
+    #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
+    store: StoreLocation,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// The process server's state directory, for its event log. Default: STATE_ROOT/server
+    /// when it exists.
+    #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// How long to wait for a running server to remove the data, e.g. 2m.
+    #[arg(long, default_value = "2m", value_parser = parse_wait)]
+    wait: std::time::Duration,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 2m)"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -286,7 +339,8 @@ enum DiskFormat {
 
 #[derive(Subcommand)]
 enum FailoverCmd {
-    /// Test failovers of the store, present and cleaned up, with their points and files.
+    /// Failovers and test failovers of the store, present and cleaned up, with their points and
+    /// files, and each failed-over or migrated VM's state.
     List {
         #[arg(long, env = "FERRY_STORE", value_parser = parse_store)]
         store: StoreLocation,
@@ -298,11 +352,6 @@ enum FailoverCmd {
 fn failover_cmd(a: FailoverArgs) -> Result<(), JobError> {
     if let Some(FailoverCmd::List { store, json }) = a.cmd {
         return failover::list(&store, json);
-    }
-    if !a.test {
-        return Err(JobError::Usage(
-            "give --test (a test failover) or `list`; this version makes test failovers only: for a real failover restore each disk with `ferry restore`".into(),
-        ));
     }
     let vm = a.vm.ok_or_else(|| JobError::Usage("give --vm VM".into()))?;
     let store = a.store.ok_or_else(|| {
@@ -323,6 +372,8 @@ fn failover_cmd(a: FailoverArgs) -> Result<(), JobError> {
         verify: a.verify,
         threads: threads(a.threads),
         json: a.json,
+        real: !a.test,
+        state_dir: a.state_dir,
     })
 }
 
@@ -729,6 +780,15 @@ fn main() -> ExitCode {
         } => points_list(store, vm, json),
         Cmd::Restore(a) => restore(a),
         Cmd::Failover(a) => failover_cmd(a),
+        Cmd::CompleteMigration(a) => failover::complete_migration(failover::CompleteArgs {
+            store: a.store,
+            key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
+            vm: a.vm,
+            force: a.force,
+            json: a.json,
+            state_dir: a.state_dir,
+            wait: a.wait,
+        }),
         Cmd::Apply(a) => apply(a),
         Cmd::Serve(_)
         | Cmd::Passphrase {
@@ -856,6 +916,7 @@ fn run_operator(cmd: Cmd) -> u8 {
         | Cmd::Points { .. }
         | Cmd::Restore(_)
         | Cmd::Failover(_)
+        | Cmd::CompleteMigration(_)
         | Cmd::Apply(_) => {
             errln!("error: not an operator command");
             return 2;

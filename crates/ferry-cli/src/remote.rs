@@ -83,6 +83,7 @@ fn target(cmd: &mut Cmd) -> Option<Target<'_>> {
         | Cmd::Points { .. }
         | Cmd::Restore(_)
         | Cmd::Failover(_)
+        | Cmd::CompleteMigration(_)
         | Cmd::Apply(_) => None,
     }
 }

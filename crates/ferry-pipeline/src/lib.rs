@@ -162,6 +162,9 @@ struct Dispatch<'s> {
     /// VMs whose records are skipped until the committer has quarantined them: VM → the flush
     /// position that carries the quarantine (`u64::MAX` until flushed).
     skipping: HashMap<String, u64>,
+    /// VMs whose migration was completed (`ferry_apply::lifecycle`): whatever a cache still
+    /// holds of them is consumed unapplied (their data is gone, and must not come back).
+    retired: std::collections::HashSet<String>,
     /// A record was skipped since the last flush (its position must still reach the committer).
     skipped_unflushed: bool,
 }
@@ -216,6 +219,12 @@ impl<'s> Pipeline<'s> {
                 stats: PipelineStats::default(),
                 quarantining: Vec::new(),
                 skipping: HashMap::new(),
+                retired: ferry_apply::lifecycle::list(store.root())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(_, l)| l.as_ref().map_or(true, |l| l.retired()))
+                    .map(|(vm, _)| vm)
+                    .collect(),
                 skipped_unflushed: false,
             },
             workers,
@@ -412,6 +421,19 @@ impl<'s> Dispatch<'s> {
 
     fn dispatch(&mut self, index: &ChunkIndex, e: CacheEntry) -> Result<(), PipelineError> {
         self.stats.records += 1;
+        if !self.retired.is_empty() {
+            let vm = match &e {
+                CacheEntry::Begin { vm, .. }
+                | CacheEntry::Zero { vm, .. }
+                | CacheEntry::Tag { vm, .. }
+                | CacheEntry::Write { vm, .. } => vm,
+            };
+            if self.retired.contains(vm) {
+                self.stats.skipped += 1;
+                self.skipped_unflushed = true;
+                return Ok(());
+            }
+        }
         if let Some(q) = self.cfg.quarantine.clone() {
             let vm = match &e {
                 CacheEntry::Begin { vm, .. }

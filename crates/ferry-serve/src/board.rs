@@ -188,6 +188,11 @@ impl Board {
         self.vms.lock().expect("status board lock")
     }
 
+    /// Forgets a VM (its migration completed: it has no points, and no agent may connect for it).
+    pub fn forget(&self, vm: &str) {
+        self.lock().remove(vm);
+    }
+
     /// Seeds each VM's last points from the store's manifests.
     pub fn load_points(&self, root: &Path) {
         let vms = match ferry_store::list_vms_at(root) {

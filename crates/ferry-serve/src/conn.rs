@@ -408,7 +408,7 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
 pub(crate) struct VmSlot {
     agent: String,
     conn: u64,
-    cancel: watch::Sender<Option<Kill>>,
+    pub(crate) cancel: watch::Sender<Option<Kill>>,
     /// Messages for the agent (sent in order by the connection's writer).
     pub(crate) ctl: mpsc::UnboundedSender<Message>,
 }
@@ -424,6 +424,8 @@ pub(crate) enum Kill {
     Moved,
     /// The VM's stored data failed to apply: it is quarantined until the operator releases it.
     Quarantined,
+    /// The VM's migration was completed (`ferry complete-migration`): it is never replicated again.
+    Retired,
 }
 
 impl Kill {
@@ -443,6 +445,10 @@ impl Kill {
             Kill::Moved => refusal(
                 refuse::NOT_OWNER,
                 format!("VM '{vm}' was moved to another agent by the operator (ferry vms move); this agent no longer replicates it"),
+            ),
+            Kill::Retired => refusal(
+                refuse::RETIRED,
+                format!("VM '{vm}' was migrated and its replication ended (ferry complete-migration on the process server): this agent no longer protects it; remove it from the machine (apt purge ferry-agent) or, to protect the machine again as a new VM, give it another name"),
             ),
             Kill::Quarantined => refusal(
                 refuse::QUARANTINED,
@@ -528,6 +534,14 @@ pub(crate) fn watch_control(
             .agents()
             .map(|(id, _)| id.to_string())
             .collect();
+        // VMs whose migration was completed (or an unreadable record: refused until it reads).
+        let retired: std::collections::HashSet<String> =
+            ferry_apply::lifecycle::list(&shared.store_root)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, l)| l.as_ref().map_or(true, |l| l.retired()))
+                .map(|(vm, _)| vm)
+                .collect();
         let mut vms = shared.vms.lock().expect("vms lock");
         vms.retain(|vm, slot| {
             let kill = if !known.contains(&slot.agent) {
@@ -539,6 +553,8 @@ pub(crate) fn watch_control(
                 Kill::Moved
             } else if shared.quarantine.contains(vm) {
                 Kill::Quarantined
+            } else if retired.contains(vm) {
+                Kill::Retired
             } else {
                 return true;
             };
@@ -620,6 +636,12 @@ impl VmOwner<'_> {
         }
         if self.shared.quarantine.contains(vm) {
             return Err(Kill::Quarantined.refusal(vm));
+        }
+        if tokio::task::block_in_place(|| {
+            ferry_apply::lifecycle::is_retired(&self.shared.store_root, vm)
+        }) {
+            tracing::info!(vm, agent = %self.agent, "refused: the VM's migration was completed");
+            return Err(Kill::Retired.refusal(vm));
         }
         let mut vms = self.shared.vms.lock().expect("vms lock");
         if let Some(slot) = vms.get(vm) {

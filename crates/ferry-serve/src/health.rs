@@ -60,7 +60,19 @@ pub struct Health {
     received: BTreeMap<String, (Instant, u64)>,
     /// The level of each (vm or `*`, condition) last time.
     levels: BTreeMap<(String, String), String>,
+    /// The store (its VMs' lifecycle records: a failed-over VM is no longer expected).
+    store_root: PathBuf,
 }
+
+/// Conditions that say a VM's protection is behind: a VM cut over or failed over is expected to
+/// stop making points, so none of them is raised for it.
+const PROTECTION_CONDITIONS: [&str; 5] = [
+    "rpo_over_threshold",
+    "no_recovery_point",
+    "agent_disconnected",
+    "app_point_overdue",
+    "resync_in_progress",
+];
 
 fn cond(name: &str, level: &str, message: String) -> Condition {
     Condition {
@@ -133,6 +145,7 @@ impl Health {
         cache_dir: PathBuf,
         drained: Arc<AtomicU64>,
         events: Recorder,
+        store_root: PathBuf,
     ) -> Health {
         Health {
             policies,
@@ -145,6 +158,7 @@ impl Health {
             stuck_since: None,
             received: BTreeMap::new(),
             levels: BTreeMap::new(),
+            store_root,
         }
     }
 
@@ -266,6 +280,7 @@ impl Health {
         snap.conditions = server;
         // VMs.
         let policies = self.policies.lock().expect("policies lock").clone();
+        let lifecycle = ferry_apply::lifecycle::list(&self.store_root).unwrap_or_default();
         for v in &mut snap.vms {
             let p =
                 policies.effective(Some(&v.vm), self.retention_default.unwrap_or(Duration::MAX));
@@ -394,6 +409,14 @@ impl Health {
                         r.why
                     ),
                 ));
+            }
+            if let Some(Ok(l)) = lifecycle.get(&v.vm) {
+                v.protection = match l.state.as_str() {
+                    ferry_apply::lifecycle::CUT_OVER => "cut over".into(),
+                    ferry_apply::lifecycle::FAILED_OVER => "failed over".into(),
+                    _ => "completing migration".into(),
+                };
+                c.retain(|c| !PROTECTION_CONDITIONS.contains(&c.name.as_str()));
             }
             v.conditions = c;
         }

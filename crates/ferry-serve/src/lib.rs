@@ -443,7 +443,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         passphrase: Mutex::new(passphrase),
         control: control::Control::new(&o.state_dir),
         key: store.key().clone(),
-        store_root,
+        store_root: store_root.clone(),
         cache: cache.clone(),
         commits: tx,
         window: o.window.max(MAX_FRAME),
@@ -516,6 +516,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             o.cache_dir.clone(),
             drained.clone(),
             recorder.clone(),
+            store_root.clone(),
         );
         s.spawn(move || status_loop(board, cache, pacer, health, status_path, finished));
         // Weak: the committer ends when the last sender of its channel (in `Shared`) is gone.
@@ -955,6 +956,87 @@ impl<'a> Drain<'a> {
         }
     }
 
+    /// Whether a VM whose migration the operator completed is ready to have its data removed:
+    /// its connection is closed (no new one is accepted: conn.rs checks the lifecycle record),
+    /// then a barrier through the committer and the cache's durable position bound everything of
+    /// it there is, and the drain has consumed that far (its last records are applied: removing
+    /// the data under a record still to come would leave that record's chunks behind).
+    /// `retiring`: VM → (that position, the last error logged).
+    fn retirements_due(&self, retiring: &mut HashMap<String, (u64, String)>) -> bool {
+        let wanted = ferry_apply::lifecycle::retiring(self.store.root());
+        retiring.retain(|vm, _| wanted.contains(vm));
+        if wanted.is_empty() {
+            return false;
+        }
+        if self.blobs.is_some() {
+            // The CLI refuses this for an Azure store; a record written by hand waits here.
+            return false;
+        }
+        let Some(shared) = self.shared.upgrade() else {
+            return false; // stopping
+        };
+        let mut due = false;
+        for vm in wanted {
+            // A connection that claimed the VM just before its record was written: closed, and
+            // the wait starts again (nothing of it reaches the committer once its slot is gone).
+            let slot = shared.vms.lock().expect("vms lock").remove(&vm);
+            if let Some(slot) = &slot {
+                let _ = slot.cancel.send(Some(conn::Kill::Retired));
+            }
+            if slot.is_some() || !retiring.contains_key(&vm) {
+                if !conn::commit_barrier_blocking(&shared) {
+                    return false;
+                }
+                retiring.insert(vm.clone(), (self.cache.durable_seq(), String::new()));
+            }
+            due |= self.cache.consumed_seq() >= retiring[&vm].0;
+        }
+        due
+    }
+
+    /// Removes the replication data of every VM [`Self::retirements_due`] found ready. A
+    /// failure is logged once per distinct error and tried again: it must not stop the server.
+    fn retire(&self, retiring: &mut HashMap<String, (u64, String)>) {
+        let ready: Vec<String> = retiring
+            .iter()
+            .filter(|(_, (through, _))| self.cache.consumed_seq() >= *through)
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        for vm in ready {
+            match ferry_apply::lifecycle::retire(self.store, &vm) {
+                Ok(r) => {
+                    retiring.remove(&vm);
+                    if let Err(e) = self.held.reseed(self.store, &vm) {
+                        tracing::warn!(vm, error = %e, "cannot forget what the server held of the retired VM");
+                    }
+                    self.board.forget(&vm);
+                    self.events.record(
+                        events::Event::new(
+                            "migration",
+                            Some(&vm),
+                            format!(
+                                "migration completed: replication ended, {} point(s), {} replica(s) and {} journal segment(s) removed ({} kept: other VMs' data uses them); the agent is refused from now on",
+                                r.points,
+                                r.disks.len(),
+                                r.segments,
+                                r.segments_kept
+                            ),
+                        )
+                        .with(serde_json::json!({"removed": r})),
+                    );
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    let last = &mut retiring.get_mut(&vm).expect("listed").1;
+                    if *last != e {
+                        tracing::error!(vm, error = %e, "cannot remove the retired VM's data; trying again at each check (logged again only if the error changes)");
+                        *last = e;
+                    }
+                }
+            }
+        }
+    }
+
     /// Drains until the cache is closed.
     fn run(self, stop: &AtomicBool) -> Result<(), PipelineError> {
         let r = (|| {
@@ -963,6 +1045,7 @@ impl<'a> Drain<'a> {
             let mut next_check = Instant::now();
             let mut next_release = Instant::now();
             let mut releasing = HashMap::new();
+            let mut retiring = HashMap::new();
             let mut counted = Default::default();
             let mut next_metrics = Instant::now();
             loop {
@@ -982,6 +1065,12 @@ impl<'a> Drain<'a> {
                 if Instant::now() >= next_release {
                     next_release = Instant::now() + control::WATCH_EVERY;
                     self.releases(&mut p, &mut releasing);
+                    if self.retirements_due(&mut retiring) {
+                        // As for retention: no applier alive while a VM's data goes.
+                        drop(p);
+                        self.retire(&mut retiring);
+                        p = self.pipeline()?;
+                    }
                 }
                 if stop.load(Ordering::Relaxed) {
                     // Take what the committer still makes durable, until it closes the cache.

@@ -163,7 +163,7 @@ pub(crate) fn write_holder(file: &File, path: &Path) -> Result<(), StoreError> {
 }
 
 /// Tries the lock without waiting: Some(file) if taken (hold the file to keep it).
-pub(crate) fn try_lock(path: &Path) -> Result<Option<File>, StoreError> {
+pub fn try_lock(path: &Path) -> Result<Option<File>, StoreError> {
     let f = open_lock_file(path)?;
     // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

@@ -121,6 +121,9 @@ pub mod refuse {
     /// The VM is quarantined on the process server (its stored data failed to apply); retried
     /// until the operator releases it (`ferry vms release`).
     pub const QUARANTINED: u16 = 10;
+    /// The VM's migration was completed (`ferry complete-migration`): its replication ended for
+    /// good and this agent is retired for it. Permanent.
+    pub const RETIRED: u16 = 11;
 }
 
 /// One protocol message. Records ([`MsgType::is_record`]) carry `seq`, a per-connection-stream
