@@ -1,5 +1,6 @@
 //! The agent's state files: `pending/RUN.bin` (`parse_pending`), the chunk map header of
-//! `maps/REPLICA.cv` (`CvHeader::decode`) and `clean.json` (`CleanStop::parse`). Whatever parses
+//! `maps/REPLICA.cv` (`CvHeader::decode`), `clean.json` (`CleanStop::parse`) and `cutover.json`
+//! (`ferry_agent::cutover::parse`). Whatever parses
 //! must re-encode to the same bytes (pending, version-3 map header) or to a record that parses to
 //! itself (clean stop, any map header); nothing may panic or allocate without bound.
 #![no_main]
@@ -21,5 +22,9 @@ fuzz_target!(|data: &[u8]| {
     if let Some(c) = CleanStop::parse(data) {
         let again = serde_json::to_vec(&c).expect("serializable");
         assert_eq!(CleanStop::parse(&again), Some(c));
+    }
+    if let Ok(c) = ferry_agent::cutover::parse(data) {
+        let again = serde_json::to_vec(&c).expect("serializable");
+        assert_eq!(ferry_agent::cutover::parse(&again), Ok(c));
     }
 });

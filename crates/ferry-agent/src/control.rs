@@ -69,6 +69,17 @@ pub enum Request {
     },
     /// Read every chunk again and send what differs (a checksum resync).
     Resync,
+    /// The cutover's final point: the application was stopped by the cutover hooks and every
+    /// filesystem of the disks is read-only, so the point is app-consistent without hooks or a
+    /// freeze of its own (and whatever the tracker).
+    CutQuiesced {
+        reply: Sender<Result<CutReply, String>>,
+    },
+    /// A notice for the process server (cutover, rollback).
+    Notice {
+        kind: u8,
+        text: String,
+    },
 }
 
 /// A request on the socket, as [`parse_request`] reads it and [`encode_request`] writes it.
@@ -77,6 +88,8 @@ pub enum Command {
     Cut(PointKind),
     Status,
     Resync,
+    Cutover,
+    Rollback,
 }
 
 /// Reads one request line: the command, or the error the agent answers with.
@@ -90,6 +103,13 @@ pub fn parse_request(line: &str) -> Result<Command, String> {
         Ok(Wire {
             resync: Some(true), ..
         }) => Ok(Command::Resync),
+        Ok(Wire {
+            cutover: Some(c), ..
+        }) => match c.as_str() {
+            "start" => Ok(Command::Cutover),
+            "rollback" => Ok(Command::Rollback),
+            _ => Err(format!("unknown cutover step '{c}' (start or rollback)")),
+        },
         Ok(Wire {
             status: Some(true), ..
         }) => Ok(Command::Status),
@@ -110,6 +130,17 @@ pub fn encode_request(c: Command) -> Result<String, serde_json::Error> {
         },
         Command::Resync => Wire {
             resync: Some(true),
+            ..Default::default()
+        },
+        Command::Cutover | Command::Rollback => Wire {
+            cutover: Some(
+                if c == Command::Cutover {
+                    "start"
+                } else {
+                    "rollback"
+                }
+                .into(),
+            ),
             ..Default::default()
         },
     };
@@ -145,6 +176,8 @@ struct Wire {
     status: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     resync: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cutover: Option<String>,
 }
 
 use crate::state_err;
@@ -185,8 +218,13 @@ impl Drop for Control {
     }
 }
 
-/// Listens on `STATE_DIR/agent.sock` and forwards requests to the engine.
-pub fn listen(state_dir: &Path, to_engine: Sender<Request>) -> Result<Control, AgentError> {
+/// Listens on `STATE_DIR/agent.sock` and forwards requests to the engine; a cutover is run here
+/// ([`crate::cutover`]), with the engine cutting its final point.
+pub fn listen(
+    state_dir: &Path,
+    to_engine: Sender<Request>,
+    cutover: Arc<crate::cutover::Ctx>,
+) -> Result<Control, AgentError> {
     let path = state_dir.join(SOCKET_FILE);
     // We hold the state lock, so a leftover socket is stale.
     let _ = fs::remove_file(&path);
@@ -205,8 +243,9 @@ pub fn listen(state_dir: &Path, to_engine: Sender<Request>) -> Result<Control, A
                 match listener.accept() {
                     Ok((s, _)) => {
                         let to = to_engine.clone();
+                        let cutover = cutover.clone();
                         std::thread::spawn(move || {
-                            if let Err(e) = serve_one(s, &to) {
+                            if let Err(e) = serve_one(s, &to, &cutover) {
                                 tracing::debug!(error = %e, "control connection");
                             }
                         });
@@ -225,7 +264,11 @@ pub fn listen(state_dir: &Path, to_engine: Sender<Request>) -> Result<Control, A
     Ok(Control { path, done })
 }
 
-fn serve_one(s: UnixStream, to: &Sender<Request>) -> std::io::Result<()> {
+fn serve_one(
+    s: UnixStream,
+    to: &Sender<Request>,
+    cutover: &crate::cutover::Ctx,
+) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
@@ -245,6 +288,14 @@ fn serve_one(s: UnixStream, to: &Sender<Request>) -> std::io::Result<()> {
                 }
             }
         }
+        Ok(Command::Cutover) => match crate::cutover::start(cutover, to) {
+            Ok(v) => serde_json::json!({"ok": true, "cutover": v}),
+            Err(why) => serde_json::json!({"ok": false, "error": why}),
+        },
+        Ok(Command::Rollback) => match crate::cutover::rollback(cutover, to) {
+            Ok(v) => serde_json::json!({"ok": true, "rollback": v}),
+            Err(why) => serde_json::json!({"ok": false, "error": why}),
+        },
         Ok(Command::Resync) => match to.send(Request::Resync) {
             Ok(()) => serde_json::json!({"ok": true}),
             Err(_) => serde_json::json!({"ok": false, "error": "the agent is stopping"}),
@@ -311,6 +362,28 @@ pub fn request_cut(state_dir: &Path, app: bool, timeout: Duration) -> Result<Cut
 pub fn request_status(state_dir: &Path) -> Result<serde_json::Value, AgentError> {
     let v = call(state_dir, Command::Status, Duration::from_secs(35))?;
     Ok(v["status"].clone())
+}
+
+/// Asks the running agent to cut over (`rollback`: to undo it) and waits up to `timeout`.
+pub fn request_cutover(
+    state_dir: &Path,
+    rollback: bool,
+    timeout: Duration,
+) -> Result<serde_json::Value, AgentError> {
+    let v = call(
+        state_dir,
+        if rollback {
+            Command::Rollback
+        } else {
+            Command::Cutover
+        },
+        timeout,
+    )
+    .map_err(|e| match e {
+        AgentError::Cut(why) => AgentError::Cutover(why),
+        e => e,
+    })?;
+    Ok(v[if rollback { "rollback" } else { "cutover" }].clone())
 }
 
 /// Asks the running agent for a checksum resync of every disk (returns at once; points wait for it).

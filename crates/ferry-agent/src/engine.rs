@@ -257,9 +257,14 @@ impl Witness {
 }
 
 /// A cut that was asked for.
+/// How long the cutover's final point may take to read what the read-only remount flushed.
+const QUIESCED_SETTLE: Duration = Duration::from_secs(600);
+
 struct Want {
     kind: PointKind,
     reply: Option<Sender<Result<CutReply, String>>>,
+    /// The cutover's final point (`crate::cutover`): no hooks, no freeze of its own.
+    quiesced: bool,
 }
 
 /// A tagged run waiting for its acknowledgement (and then for the server's point id).
@@ -404,14 +409,21 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     // trusted only as far as it confirms them.
     // The control socket answers from now on: `ferry-agent status` says what the agent waits for,
     // a cut asked before the server answers fails at once.
-    let control = match crate::control::listen(&o.state_dir, req_tx) {
+    let cutover = Arc::new(crate::cutover::Ctx {
+        state_dir: o.state_dir.clone(),
+        disks: o.disks.clone(),
+        vm: o.vm.clone(),
+        hooks_dir: o.hooks_dir.clone(),
+        hook_timeout: o.hook_timeout,
+    });
+    let control = match crate::control::listen(&o.state_dir, req_tx, cutover) {
         Ok(c) => c,
         Err(e) => {
             stop_shipper(tx, shipper);
             return Err(e);
         }
     };
-    let holding = match wait_for_holding(&ev_rx, &req_rx, stop, o) {
+    let holding = match wait_for_holding(&ev_rx, &req_rx, stop, o, &stats) {
         Ok(Some(h)) => h,
         Ok(None) => {
             stop_shipper(tx, shipper);
@@ -500,7 +512,11 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         e.force_resync();
     }
     if let Some(kind) = o.once {
-        e.wants.push_back(Want { kind, reply: None });
+        e.wants.push_back(Want {
+            kind,
+            reply: None,
+            quiesced: false,
+        });
     }
     let r = match e.main_loop(stop) {
         // Starting again against what the server holds: keep the dirty set like a clean stop
@@ -576,6 +592,7 @@ fn wait_for_holding(
     requests: &Receiver<Request>,
     stop: &AtomicBool,
     o: &AgentOptions,
+    stats: &ShipStats,
 ) -> Result<Option<ship::Holding>, AgentError> {
     let server = &o.server;
     let started = Instant::now();
@@ -608,11 +625,13 @@ fn wait_for_holding(
                         "conditions": [{"name": "agent_disconnected", "level": "warning", "message": waiting}],
                     }));
                 }
-                Request::Cut { reply, .. } => {
+                Request::Cut { reply, .. } | Request::CutQuiesced { reply } => {
                     let _ = reply.send(Err(format!(
                         "{waiting}; no point can be made until it answers"
                     )));
                 }
+                // Queued: sent once connected.
+                Request::Notice { kind, text } => stats.notice(kind, 0, &text),
                 // Done once the server answers (the agent resyncs then).
                 Request::Resync => resync_asked.store(true, Ordering::Relaxed),
             }
@@ -894,7 +913,14 @@ impl Engine<'_> {
                     Request::Cut { kind, reply } => self.wants.push_back(Want {
                         kind,
                         reply: Some(reply),
+                        quiesced: false,
                     }),
+                    Request::CutQuiesced { reply } => self.wants.push_back(Want {
+                        kind: PointKind::App,
+                        reply: Some(reply),
+                        quiesced: true,
+                    }),
+                    Request::Notice { kind, text } => self.stats.notice(kind, 0, &text),
                     Request::Status { reply } => {
                         let _ = reply.send(self.status());
                     }
@@ -930,11 +956,13 @@ impl Engine<'_> {
                     self.wants.push_back(Want {
                         kind: PointKind::App,
                         reply: None,
+                        quiesced: false,
                     });
                 } else if now >= next_crash {
                     self.wants.push_back(Want {
                         kind: PointKind::Crash,
                         reply: None,
+                        quiesced: false,
                     });
                 }
             }
@@ -946,7 +974,7 @@ impl Engine<'_> {
                 }
                 self.scan_pass = false;
                 let want = self.wants.pop_front().expect("front exists");
-                match self.cut(kind) {
+                match self.cut(kind, want.quiesced) {
                     Ok(reply) => {
                         next_crash = Instant::now() + self.crash_every;
                         if reply.kind == PointKind::App {
@@ -987,7 +1015,9 @@ impl Engine<'_> {
             crossbeam_channel::select! {
                 recv(self.events) -> ev => { if let Ok(ev) = ev { self.on_event(ev)?; } }
                 recv(self.requests) -> req => match req {
-                    Ok(Request::Cut { kind, reply }) => self.wants.push_back(Want { kind, reply: Some(reply) }),
+                    Ok(Request::Cut { kind, reply }) => self.wants.push_back(Want { kind, reply: Some(reply), quiesced: false }),
+                    Ok(Request::CutQuiesced { reply }) => self.wants.push_back(Want { kind: PointKind::App, reply: Some(reply), quiesced: true }),
+                    Ok(Request::Notice { kind, text }) => self.stats.notice(kind, 0, &text),
                     Ok(Request::Status { reply }) => { let _ = reply.send(self.status()); }
                     Ok(Request::Resync) => self.force_resync(),
                     Err(_) => {}
@@ -1067,8 +1097,16 @@ impl Engine<'_> {
                 "message": format!("resync: {why}; no point until it is done"),
             }));
         }
+        let cutover = crate::cutover::load(&self.o.state_dir);
+        if let Ok(Some(c)) = &cutover {
+            conditions.push(serde_json::json!({
+                "name": "cut_over", "level": "warning",
+                "message": format!("cut over since {} (final point {}): the protected filesystems were made read-only; `ferry-agent cutover --rollback` undoes it", c.started, c.final_point.as_deref().unwrap_or("not made")),
+            }));
+        }
         let backlog: u64 = self.disks.iter().map(|d| d.todo.count()).sum();
         serde_json::json!({
+            "cutover": cutover.ok().flatten(),
             "vm": self.o.vm,
             "server": self.o.server,
             "connected": self.disconnected.is_none(),
@@ -1404,7 +1442,7 @@ impl Engine<'_> {
 
     /// Cuts a point: hooks, freeze, drain to empty, tag, thaw. Returns after the tag is handed to
     /// the shipper (its acknowledgement comes as an event).
-    fn cut(&mut self, asked: PointKind) -> Result<CutReply, String> {
+    fn cut(&mut self, asked: PointKind, quiesced: bool) -> Result<CutReply, String> {
         if let Some(why) = &self.resyncing {
             return Err(format!(
                 "{why} is still running; a point can only be cut after it"
@@ -1413,6 +1451,12 @@ impl Engine<'_> {
         let mut kind = asked;
         let mut notes: Vec<String> = Vec::new();
         let scan = matches!(self.track, Track::Scan);
+        if quiesced {
+            // The cutover stopped the application and made every filesystem read-only: nothing
+            // writes, everything is on disk. The point is app-consistent as it is.
+            let (tag, _) = self.frozen_cut(kind, true, Some(QUIESCED_SETTLE))?;
+            return self.tagged(tag, kind, asked, notes, None);
+        }
         if kind == PointKind::App && scan {
             kind = PointKind::Crash;
             notes.push("app-consistent points need the eBPF tracker (the scan tracker cannot read a whole disk within a freeze); made a crash-consistent point".into());
@@ -1461,7 +1505,7 @@ impl Engine<'_> {
                 }
             }
         }
-        let r = self.frozen_cut(kind, scan);
+        let r = self.frozen_cut(kind, scan, None);
         if let Some(mut h) = mysql {
             if let Err(e) = h.unlock() {
                 tracing::warn!(error = %e, "releasing FLUSH TABLES WITH READ LOCK");
@@ -1488,6 +1532,18 @@ impl Engine<'_> {
             }
         }
         let (tag, freeze) = r?;
+        self.tagged(tag, kind, asked, notes, freeze)
+    }
+
+    /// The rest of a cut once its tag is made: the pending state, the tag, the next run.
+    fn tagged(
+        &mut self,
+        tag: PointTag,
+        kind: PointKind,
+        asked: PointKind,
+        notes: Vec<String>,
+        freeze: Option<ferry_freeze::FreezeStats>,
+    ) -> Result<CutReply, String> {
         if kind != asked {
             tracing::warn!(notes = %notes.join("; "), "the point was downgraded to crash-consistent");
         }
@@ -1556,8 +1612,9 @@ impl Engine<'_> {
         &mut self,
         kind: PointKind,
         scan: bool,
+        settle_within: Option<Duration>,
     ) -> Result<(PointTag, Option<ferry_freeze::FreezeStats>), String> {
-        let mounts = if scan {
+        let mounts = if scan || settle_within.is_some() {
             Vec::new()
         } else {
             ferry_freeze::discover(&self.o.disks).map_err(|e| e.to_string())?
@@ -1583,7 +1640,7 @@ impl Engine<'_> {
         // Leave a margin for the thaw itself.
         let deadline = match &guard {
             Some(g) => g.deadline() - self.o.freeze_bound / 4,
-            None => Instant::now() + self.o.freeze_bound,
+            None => Instant::now() + settle_within.unwrap_or(self.o.freeze_bound),
         };
         let settled = self.settle(deadline);
         let time_ns = now_ns();
@@ -1893,7 +1950,7 @@ mod tests {
         // A quiet pass: the cut is made.
         e.begin_scan_pass();
         while e.process(0, BATCH).unwrap() > 0 {}
-        e.cut(PointKind::Crash)
+        e.cut(PointKind::Crash, false)
             .expect("a pass over an idle disk is an instant");
         assert!(sent(&mut rx).iter().any(|r| matches!(r, Rec::Tag(_))));
         // A write lands while the next pass reads: no point.
@@ -1906,7 +1963,7 @@ mod tests {
             .write_all_at(&[9u8; 4096], 0)
             .unwrap();
         while e.process(0, BATCH).unwrap() > 0 {}
-        let err = e.cut(PointKind::Crash).unwrap_err();
+        let err = e.cut(PointKind::Crash, false).unwrap_err();
         assert!(err.contains("was written during the scan pass"), "{err}");
         assert!(!sent(&mut rx).iter().any(|r| matches!(r, Rec::Tag(_))));
     }
@@ -2123,7 +2180,7 @@ mod tests {
                 let run = e.run;
                 // The tag goes to the shipper once its pending file is durable: from then on
                 // the server may hold the run.
-                e.cut(PointKind::Crash).unwrap();
+                e.cut(PointKind::Crash, false).unwrap();
                 known.lock().unwrap().1 = Some(run);
                 // A power cut right after the tag left (no sync marks that instant).
                 let at = dir.path().join(format!("crashes/tag-{round}"));

@@ -20,6 +20,7 @@
 mod bits;
 pub mod config;
 pub mod control;
+pub mod cutover;
 pub mod cv;
 mod engine;
 pub mod ident;
@@ -27,7 +28,7 @@ mod persist;
 mod ship;
 mod state;
 
-pub use control::{request_cut, request_resync, request_status, CutReply};
+pub use control::{request_cut, request_cutover, request_resync, request_status, CutReply};
 pub use engine::{run_agent, AgentOptions, AgentSummary, MysqlOptions, TrackerChoice};
 pub use state::{AgentIdentity, IDENTITY_FILE};
 
@@ -65,6 +66,9 @@ pub enum AgentError {
     /// a cut failed
     #[error("cut failed: {0}")]
     Cut(String),
+    /// a cutover or its rollback failed (the message says what state the source is in)
+    #[error("{0}")]
+    Cutover(String),
     /// the configuration file is wrong
     #[error("{0}")]
     Config(String),

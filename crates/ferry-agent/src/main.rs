@@ -71,6 +71,36 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Planned failover (migration): stop the application (hooks with `cutover`), make every
+    /// filesystem of the protected disks read-only, cut the final app-consistent point, wait
+    /// until the process server has committed it, and print its id. The source stays
+    /// write-blocked until `--rollback`; on the appliance, `ferry failover --vm VM --point final`
+    /// materializes that point.
+    ///
+    /// A process that keeps a file open for writing on a protected filesystem stops the cutover
+    /// (the error names the mount point): stop it in a hook. Any failure rolls everything back.
+    /// `--rollback`: filesystems writable again, hooks with `cutover-rollback` (start the
+    /// application), replication goes on from where it was (no full resync).
+    ///
+    /// Examples:
+    ///   ferry-agent cutover
+    ///   ferry-agent cutover --json
+    ///   ferry-agent cutover --rollback
+    #[command(verbatim_doc_comment)]
+    Cutover {
+        /// Undo the cutover: the source writable and replicating again.
+        #[arg(long)]
+        rollback: bool,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Give up waiting after this long (the final point may have to send what the
+        /// application wrote last).
+        #[arg(long, default_value = "30min", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the running agent read every chunk again and send what differs (a checksum resync);
     /// points wait until it is done.
     Resync {
@@ -195,6 +225,34 @@ fn main() -> ExitCode {
             timeout,
             json,
         }) => ferry_agent::request_cut(&state_dir, app, timeout).map(|p| print_point(&p, json)),
+        Some(Cmd::Cutover {
+            rollback,
+            state_dir,
+            timeout,
+            json,
+        }) => ferry_agent::request_cutover(&state_dir, rollback, timeout).map(|v| {
+            if json {
+                println!("{v}");
+            } else if rollback {
+                println!("cutover rolled back: the source is writable and replicates again");
+            } else {
+                println!(
+                    "cut over: final point {} ({}); the protected filesystems are read-only ({}).",
+                    v["final_point"].as_str().unwrap_or("?"),
+                    v["kind"].as_str().unwrap_or("?"),
+                    v["mounts_read_only"]
+                        .as_array()
+                        .map(|m| m
+                            .iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                );
+                println!("On the appliance: ferry failover --vm VM --point final");
+                println!("To undo: ferry-agent cutover --rollback");
+            }
+        }),
         Some(Cmd::Resync { state_dir }) => ferry_agent::request_resync(&state_dir)
             .map(|()| println!("resync started; `ferry-agent status` shows the chunks left")),
         Some(Cmd::Status { state_dir }) => ferry_agent::request_status(&state_dir).map(|s| {

@@ -908,3 +908,293 @@ fn chaos_kill_9_of_server_or_agent_loses_nothing_and_every_point_is_exact() {
     );
     drop(d);
 }
+
+/// `ferry-agent cutover` on a VM of two disks with MariaDB inserting: the cutover hook stops the
+/// database, both filesystems become read-only (no insert, no write succeeds after it), the final
+/// point is app-consistent and holds every row committed before; `ferry failover --point final`
+/// materializes it (the time from the cutover to the disks ready is printed); `--rollback` makes
+/// the source writable again, inserts resume and replication goes on without a full resync.
+#[test]
+fn cutover_with_mariadb_inserting_blocks_writes_and_the_final_point_holds_every_row() {
+    if skip(
+        "cutover_with_mariadb_inserting_blocks_writes_and_the_final_point_holds_every_row",
+        &ferry_testkit::mariadb::TOOLS,
+    ) {
+        return;
+    }
+    let site = Site::new();
+    let env = &site.env;
+    let mut d = LoopDisk::new(&env.path("db.img"), 256 << 20);
+    let mut d2 = LoopDisk::new(&env.path("files.img"), 64 << 20);
+    sh(&format!("mkfs.ext4 -q -F {}", d.dev));
+    sh(&format!("mkfs.ext4 -q -F {}", d2.dev));
+    let (mnt, mnt2) = (env.path("mnt"), env.path("mnt2"));
+    d.mount(&d.dev.clone(), &mnt);
+    d2.mount(&d2.dev.clone(), &mnt2);
+    fs::write(mnt2.join("before.txt"), b"written before the cutover\n").unwrap();
+    let mo = MariadbOptions::new(&mnt.join("datadir"), &env.path("mariadb"));
+    let db = Mariadb::start(&mo).unwrap();
+    let sock = db.socket();
+    db.sql("create database t; create table t.r (id int primary key) engine=innodb;")
+        .unwrap();
+    let mut agent = site.start_agent(&[&d.dev, &d2.dev], &[]);
+    site.cut(false).unwrap();
+    // A process holding a file open for writing stops the cutover, which rolls back whatever
+    // it did: every filesystem is writable, nothing is recorded.
+    let mut holder = background(
+        format!("exec 3>>{}; exec sleep 30", mnt2.join("held.txt").display()),
+        &env.path("holder.log"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let o = Command::new(agent_bin())
+        .args(["cutover", "--state-dir"])
+        .arg(env.path("agent-state"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("open for writing") && e.contains("fuser -vm") && e.contains("rolled back"),
+        "{e}"
+    );
+    holder.kill9();
+    fs::write(mnt.join("still-writable"), b"x").unwrap();
+    fs::write(mnt2.join("still-writable"), b"x").unwrap();
+    assert!(!env.path("agent-state/cutover.json").exists());
+    // The cutover hook stops the database (as `systemctl stop mariadb` would); the rollback hook
+    // only records (the test starts the database again).
+    let hooks = env.path("hooks.d");
+    fs::create_dir_all(&hooks).unwrap();
+    fs::set_permissions(&hooks, fs::Permissions::from_mode(0o755)).unwrap();
+    let log = env.path("hooks.log");
+    let hook = hooks.join("10-mariadb");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n  cutover) mariadb-admin -S {s} -u root shutdown && echo \"cutover $FERRY_VM\" >> {l} ;;\n  cutover-rollback) echo \"rollback $FERRY_VM\" >> {l} ;;\nesac\n",
+            s = sock.display(),
+            l = log.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let committed = env.path("committed.log");
+    let mut ins = background(
+        format!(
+            "i=0; while [ ! -e {stop} ]; do i=$((i+1)); mariadb -S {s} -u root -e \"insert into t.r values ($i)\" 2>/dev/null && echo $i >> {log}; sleep 0.01; done",
+            stop = env.path("stop-ins").display(),
+            s = sock.display(),
+            log = committed.display()
+        ),
+        &env.path("ins.log"),
+    );
+    let count = || -> usize {
+        fs::read_to_string(&committed)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let t = Instant::now();
+    while count() < 20 {
+        assert!(t.elapsed() < Duration::from_secs(30), "inserts do not run");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = |what: &str| -> serde_json::Value {
+        let o = Command::new(agent_bin())
+            .args(["status", "--state-dir"])
+            .arg(env.path("agent-state"))
+            .output()
+            .unwrap();
+        ok(&o, what);
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+
+    // The cutover.
+    let started = Instant::now();
+    let o = Command::new(agent_bin())
+        .args(["cutover", "--json", "--state-dir"])
+        .arg(env.path("agent-state"))
+        .output()
+        .unwrap();
+    ok(&o, "ferry-agent cutover");
+    let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let final_point = c["final_point"].as_str().unwrap().to_owned();
+    assert_eq!(c["kind"], "app", "{c:#}");
+    assert_eq!(c["mounts_read_only"].as_array().unwrap().len(), 2, "{c:#}");
+    assert_eq!(fs::read_to_string(&log).unwrap(), "cutover vm1\n");
+    // Nothing is written on the source any more: no insert, no file.
+    let at_cutover = count();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(count(), at_cutover, "an insert succeeded after the cutover");
+    let e = fs::write(mnt2.join("after.txt"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let st = status("status while cut over");
+    assert_eq!(st["cutover"]["final_point"], final_point.as_str(), "{st:#}");
+    // A second cutover is refused while this one lasts.
+    let o = Command::new(agent_bin())
+        .args(["cutover", "--state-dir"])
+        .arg(env.path("agent-state"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cut over already"));
+
+    // The appliance materializes the final point (a test failover here, so that the rollback
+    // below can be tried too; a real failover makes the same disks).
+    let to = env.path("failover");
+    fs::create_dir(&to).unwrap();
+    let wait = Instant::now();
+    let r = loop {
+        let o = ferry()
+            .args([
+                "failover", "--test", "--vm", "vm1", "--point", "final", "--format", "raw",
+            ])
+            .args(["--json", "--to"])
+            .arg(&to)
+            .arg("--store")
+            .arg(env.store())
+            .arg("--key-file")
+            .arg(env.key())
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
+        }
+        // The server records the final point when the agent's notice arrives (within a second).
+        assert!(
+            wait.elapsed() < Duration::from_secs(10),
+            "failover --point final: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ready = started.elapsed();
+    eprintln!(
+        "MEASURE cutover to failed-over disks ready: {:.2} s (2 disks, {} MiB, MariaDB; cutover itself {:.0} ms, writes blocked {:.0} ms before the point)",
+        ready.as_secs_f64(),
+        (256 + 64),
+        c["took_ms"].as_f64().unwrap(),
+        c["writes_blocked_for_ms"].as_f64().unwrap()
+    );
+    assert_eq!(r["point"], final_point.as_str(), "{r:#}");
+    let db_img = r["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["disk"] == disk_name(&d.dev).as_str())
+        .map(|x| PathBuf::from(x["path"].as_str().unwrap()))
+        .unwrap();
+    let mut rd = LoopDisk::attach(&db_img, 0);
+    let rmnt = env.path("rmnt");
+    rd.mount(&rd.dev.clone(), &rmnt);
+    let db2 = Mariadb::start(&MariadbOptions {
+        install: false,
+        ..MariadbOptions::new(&rmnt.join("datadir"), &env.path("mariadb2"))
+    })
+    .unwrap();
+    let max: usize = db2
+        .sql("select coalesce(max(id),0) from t.r")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let n: usize = db2
+        .sql("select count(*) from t.r")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        max >= at_cutover && n == max,
+        "the final point holds {n} rows up to {max}; {at_cutover} were committed before the cutover"
+    );
+    db2.stop();
+    let log2 = fs::read_to_string(env.path("mariadb2/error.log")).unwrap_or_default();
+    assert!(
+        !log2.contains("[ERROR]"),
+        "MariaDB on the final point:\n{log2}"
+    );
+    assert!(
+        !log2.contains("crash recovery"),
+        "not a clean shutdown:\n{log2}"
+    );
+    rd.umount_all();
+    drop(rd);
+    ok(
+        &ferry()
+            .args(["failover", "--test", "--cleanup", "--vm", "vm1", "--store"])
+            .arg(env.store())
+            .output()
+            .unwrap(),
+        "cleanup",
+    );
+
+    // The rollback: writable again, the application back, replication on with no full resync.
+    let sent_before = status("status before the rollback")["data_bytes_sent"]
+        .as_u64()
+        .unwrap();
+    let o = Command::new(agent_bin())
+        .args(["cutover", "--rollback", "--state-dir"])
+        .arg(env.path("agent-state"))
+        .output()
+        .unwrap();
+    ok(&o, "ferry-agent cutover --rollback");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "cutover vm1\nrollback vm1\n"
+    );
+    fs::write(mnt2.join("after.txt"), b"written after the rollback\n").unwrap();
+    drop(db);
+    let db = Mariadb::start(&MariadbOptions {
+        install: false,
+        ..mo.clone()
+    })
+    .unwrap();
+    let t = Instant::now();
+    while count() < at_cutover + 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "inserts did not resume"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = site.cut(false).unwrap();
+    let sent = status("status after the rollback")["data_bytes_sent"]
+        .as_u64()
+        .unwrap()
+        - sent_before;
+    assert!(
+        sent < 64 << 20,
+        "{sent} bytes sent after the rollback: a full resync of 320 MiB?"
+    );
+    assert!(status("status")["cutover"].is_null());
+    // The server forgot the final point.
+    let life = env.store().join("lifecycle/vm1.json");
+    let t = Instant::now();
+    while life.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the server kept the cutover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = ferry()
+        .args([
+            "failover", "--test", "--vm", "vm1", "--point", "final", "--store",
+        ])
+        .arg(env.store())
+        .arg("--key-file")
+        .arg(env.key())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no final point"));
+    fs::write(env.path("stop-ins"), b"").unwrap();
+    ins.wait();
+    assert!(p["point"].is_string(), "{p}");
+    agent.term();
+    db.stop();
+    d.umount_all();
+    d2.umount_all();
+    drop(site);
+}

@@ -10,7 +10,8 @@
 //!   (file). A hook is a regular file, never a symbolic link; it is opened once, checked on the
 //!   open descriptor and executed from it, so a file swapped in after the check never runs. The
 //!   agent runs as root: a writable hook would be a root shell.
-//! - Call: `HOOK pre-freeze` or `HOOK post-thaw`, stdin `/dev/null`, environment inherited
+//! - Call: `HOOK pre-freeze` or `HOOK post-thaw` (and `HOOK cutover` / `HOOK cutover-rollback`
+//!   around a migration's cutover: see `ferry_agent::cutover`), stdin `/dev/null`, environment inherited
 //!   plus `FERRY_HOOK_PATH` (the hook's path: a script's `$0` is `/proc/self/fd/N`),
 //!   `FERRY_HOOK_PHASE` and `FERRY_HOOK_TIMEOUT_MS`, and whatever the caller adds
 //!   (the cutter adds the cut id and the mount points). Each hook runs in its own process group.
@@ -48,6 +49,12 @@ pub enum Phase {
     Pre,
     /// After the thaw: resume it.
     Post,
+    /// `ferry-agent cutover`, before the source's filesystems are made read-only for the final
+    /// point: stop the application (a failure stops the cutover; nothing is changed).
+    Cutover,
+    /// `ferry-agent cutover --rollback` (or a cutover that failed), after the filesystems are
+    /// writable again: start the application again.
+    CutoverRollback,
 }
 
 impl Phase {
@@ -56,6 +63,8 @@ impl Phase {
         match self {
             Phase::Pre => "pre-freeze",
             Phase::Post => "post-thaw",
+            Phase::Cutover => "cutover",
+            Phase::CutoverRollback => "cutover-rollback",
         }
     }
 }

@@ -960,7 +960,78 @@ fn notice(shared: &Shared, vm: &str, kind: u8, freeze_us: u64, text: &str) {
             notice_event(shared, "cut", vm, text.to_owned());
         }
         notice::HOOK_FAILED => notice_event(shared, "hook", vm, text.to_owned()),
+        notice::CUTOVER | notice::CUTOVER_ROLLBACK => {
+            // Not rate-limited: they are rare, and `--point final` depends on the first.
+            let (kind, text) = (kind, text.to_owned());
+            let e = tokio::task::block_in_place(|| cutover_notice(shared, vm, kind, &text));
+            shared.events.record(e);
+        }
         _ => {}
+    }
+}
+
+/// `ferry-agent cutover` (or its rollback) on the VM's source: the VM's lifecycle record says
+/// which point is `final` (only a point the store lists), or goes again. Returns the event.
+fn cutover_notice(shared: &Shared, vm: &str, kind: u8, text: &str) -> crate::events::Event {
+    use ferry_apply::lifecycle::{self, Lifecycle};
+    let root = &shared.store_root;
+    let ev = |msg: String| crate::events::Event::new("cutover", Some(vm), msg);
+    let current = match lifecycle::load(root, vm) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(vm, error = %e, "cannot read the VM's lifecycle record for its cutover");
+            return ev(format!("cutover notice not recorded: {e}"));
+        }
+    };
+    if kind == ferry_wire::notice::CUTOVER_ROLLBACK {
+        return match current {
+            Some(l) if l.state == lifecycle::CUT_OVER => match lifecycle::remove(root, vm) {
+                Ok(()) => ev("cutover rolled back: the source is writable and replicates again".into()),
+                Err(e) => {
+                    tracing::error!(vm, error = %e, "cannot remove the VM's lifecycle record");
+                    ev(format!("cutover rolled back on the source, but the record stays: {e}"))
+                }
+            },
+            Some(l) => ev(format!(
+                "the source rolled its cutover back, but the VM is {} already: replication does not resume for it",
+                l.state
+            )),
+            None => ev("cutover rolled back (no cutover was recorded)".into()),
+        };
+    }
+    let listed = ferry_store::load_manifest_at(root, vm)
+        .ok()
+        .flatten()
+        .is_some_and(|m| m.points.iter().any(|p| p.id == text));
+    if !listed {
+        tracing::warn!(
+            vm,
+            point = text,
+            "a cutover notice names a point the store does not list; ignored"
+        );
+        return ev(format!(
+            "cutover notice ignored: point {text} is not in the store"
+        ));
+    }
+    let mut l = match current {
+        Some(l) if l.state != lifecycle::CUT_OVER => {
+            return ev(format!(
+                "cutover notice ignored: the VM is {} already",
+                l.state
+            ))
+        }
+        Some(l) => l,
+        None => Lifecycle::new(vm, lifecycle::CUT_OVER),
+    };
+    l.final_point = Some(text.to_owned());
+    match lifecycle::save(root, &l) {
+        Ok(()) => ev(format!(
+            "cutover: the source's writes are blocked; final point {text} (fail over with: ferry failover --vm {vm} --point final)"
+        )),
+        Err(e) => {
+            tracing::error!(vm, error = %e, "cannot record the VM's final point");
+            ev(format!("cutover final point {text} not recorded: {e}"))
+        }
     }
 }
 

@@ -74,8 +74,13 @@ pub mod notice {
     /// Chunks still to read, every 10 s while there are any: `text` is `LEFT TOTAL` (chunks of all
     /// disks), for the initial sync's or a resync's progress.
     pub const PROGRESS: u8 = 6;
+    /// `ferry-agent cutover` made the source's final point: `text` is its id (the process server
+    /// named it when it acknowledged it). The source's filesystems are read-only until a rollback.
+    pub const CUTOVER: u8 = 7;
+    /// `ferry-agent cutover --rollback`: the source is writable again; `text` says so.
+    pub const CUTOVER_ROLLBACK: u8 = 8;
     /// The highest kind this version knows.
-    pub const MAX: u8 = PROGRESS;
+    pub const MAX: u8 = CUTOVER_ROLLBACK;
 
     /// The kind's name, as events and docs spell it.
     pub fn name(kind: u8) -> &'static str {
@@ -86,6 +91,8 @@ pub mod notice {
             RESYNC => "resync",
             INTERVALS => "intervals",
             PROGRESS => "progress",
+            CUTOVER => "cutover",
+            CUTOVER_ROLLBACK => "cutover_rollback",
             _ => "unknown",
         }
     }
