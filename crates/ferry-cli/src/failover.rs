@@ -209,7 +209,7 @@ fn dir_name(vm: &str, id: &str) -> String {
 
 /// Records an event in the process server's log when there is a server state here (best
 /// effort: a failover does not need a server).
-fn event(state_dir: &Option<PathBuf>, e: ferry_serve::events::Event) {
+pub(crate) fn event(state_dir: &Option<PathBuf>, e: ferry_serve::events::Event) {
     let dir = state_dir
         .clone()
         .unwrap_or_else(|| ferry_job::default_state_root().join("server"));

@@ -6,6 +6,7 @@ mod out;
 mod admin;
 mod config;
 mod events;
+mod failback;
 mod failover;
 mod policy;
 mod progress;
@@ -106,6 +107,20 @@ enum Cmd {
     ///   ferry complete-migration --vm old-test-vm --force --store /srv/ferry-store --json
     #[command(verbatim_doc_comment)]
     CompleteMigration(CompleteMigrationArgs),
+    /// Failback: bring on-premises disks (the originals, or new ones) to the state of the
+    /// failed-over disks, writing only the 64 KiB chunks that differ.
+    ///
+    /// Each --from (a fixed VHD or a raw image: the failed-over disk, downloaded) pairs with the
+    /// --to in the same position (a block device, unmounted, or an image file; a file that does
+    /// not exist is created). The targets are synced before it reports; --verify reads them back.
+    /// Then protect the disks again: only what the store does not hold is sent.
+    ///
+    /// Examples:
+    ///   ferry failback --vm web01 --from web01-os.vhd --to /dev/sdb --verify
+    ///   ferry failback --vm web01 --from os.vhd --to /dev/sdb --from data.vhd --to /dev/sdc
+    ///   ferry failback --vm web01 --from os.vhd --to /dev/sdb --dry-run
+    #[command(verbatim_doc_comment)]
+    Failback(FailbackArgs),
     /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them
     /// at each cut and publish recovery points. Idempotent and resumable: run it again after any
     /// interruption. Without --once it keeps polling every --interval.
@@ -322,6 +337,33 @@ struct CompleteMigrationArgs {
     /// How long to wait for a running server to remove the data, e.g. 2m.
     #[arg(long, default_value = "2m", value_parser = parse_wait)]
     wait: std::time::Duration,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FailbackArgs {
+    /// The VM (for the event log and the report).
+    #[arg(long)]
+    vm: String,
+    /// A failed-over disk: a fixed VHD or a raw image (repeat, one per disk).
+    #[arg(long, required = true)]
+    from: Vec<PathBuf>,
+    /// The on-premises disk to bring to that state: a block device or an image file (repeat, in
+    /// the order of --from).
+    #[arg(long, required = true)]
+    to: Vec<PathBuf>,
+    /// Read each target back and compare it with its source (blake3).
+    #[arg(long)]
+    verify: bool,
+    /// Compare only: say how much would be written, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The process server's state directory, for its event log. Default: STATE_ROOT/server
+    /// when it exists.
+    #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -780,6 +822,15 @@ fn main() -> ExitCode {
         } => points_list(store, vm, json),
         Cmd::Restore(a) => restore(a),
         Cmd::Failover(a) => failover_cmd(a),
+        Cmd::Failback(a) => failback::run(failback::Args {
+            vm: a.vm,
+            from: a.from,
+            to: a.to,
+            verify: a.verify,
+            dry_run: a.dry_run,
+            json: a.json,
+            state_dir: a.state_dir,
+        }),
         Cmd::CompleteMigration(a) => failover::complete_migration(failover::CompleteArgs {
             store: a.store,
             key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
@@ -917,6 +968,7 @@ fn run_operator(cmd: Cmd) -> u8 {
         | Cmd::Restore(_)
         | Cmd::Failover(_)
         | Cmd::CompleteMigration(_)
+        | Cmd::Failback(_)
         | Cmd::Apply(_) => {
             errln!("error: not an operator command");
             return 2;

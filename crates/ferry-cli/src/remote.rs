@@ -84,6 +84,7 @@ fn target(cmd: &mut Cmd) -> Option<Target<'_>> {
         | Cmd::Restore(_)
         | Cmd::Failover(_)
         | Cmd::CompleteMigration(_)
+        | Cmd::Failback(_)
         | Cmd::Apply(_) => None,
     }
 }
