@@ -1,6 +1,7 @@
 //! What an operator types and what the server keeps of it: throttle rates and weekly schedules
 //! (`ferry throttle`), thinning rules (`ferry policy --thin`), the `throttle.json`,
-//! `policy.json` and `events.jsonl` files as a damaged disk or a hand edit may leave them. Nothing
+//! `policy.json` and `events.jsonl` files as a damaged disk or a hand edit may leave them, and
+//! recovery plans (`plans/NAME.toml`, `ferry_job::plan::parse`). Nothing
 //! may panic; a schedule that parses prints a spec that parses to the same schedule, and is
 //! evaluated at every minute of a week without panicking; a settings file that parses saves and
 //! parses again to the same settings.
@@ -21,6 +22,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let _ = ferry_serve::policy::parse_thin(s);
+        if let Ok(p) = ferry_job::plan::parse(s) {
+            assert!(!p.groups.is_empty() && p.groups.iter().all(|g| !g.vms.is_empty()));
+        }
     }
     if let Ok(t) = ferry_serve::throttle::Throttles::parse(data) {
         assert_eq!(ferry_serve::throttle::Throttles::parse(&t.to_json()), Ok(t));

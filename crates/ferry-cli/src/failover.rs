@@ -224,6 +224,12 @@ fn disk_file(vm: &str, disk: &str, raw: bool) -> String {
 
 /// `ferry failover [--test] --vm VM`.
 pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
+    let rec = failover_vm(&a)?;
+    print_made(&a, &rec)
+}
+
+/// Makes one VM's failover (or test failover) and returns its record (ready).
+pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
     let root = local_root(&a.store)?;
     ferry_job::validate_name("VM", &a.vm)?;
     let kind = if a.real { "failover" } else { "test" };
@@ -293,10 +299,18 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
     for d in &point.disks {
         ferry_job::validate_name("disk", &d.name)?;
     }
+    // Unique: the pid and a counter (a plan makes several in one process within a second).
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let id = format!(
-        "{kind}-{}-{}-{}",
+        "{kind}-{}-{}{}-{}",
         point.seq,
         std::process::id(),
+        if n == 0 {
+            String::new()
+        } else {
+            format!("x{n}")
+        },
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
             .to_string()
             .replace([':', '-'], "")
@@ -362,10 +376,15 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
                 root.display()
             )));
         }
+        if record_path(&root, &id).exists() {
+            return Err(JobError::Usage(format!(
+                "a failover record {id} exists already; try again in a second"
+            )));
+        }
         // The record first (what a cleanup must remove), then the hold, then the disks.
         save(&root, &rec)?;
     }
-    match make(&a, &root, &mut rec) {
+    match make(a, &root, &mut rec) {
         Ok(()) => {}
         Err(e) => {
             // Nothing half-made stays behind: a failed test failover removes what it made.
@@ -410,26 +429,33 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
         )
         .with(describe(&rec)),
     );
+    Ok(rec)
+}
+
+/// What `ferry failover [--test]` prints about the failover it made.
+fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
+    let root = local_root(&a.store)?;
+    let (id, vm) = (&rec.id, &rec.vm);
     if a.json {
         outln!(
             "{}",
-            serde_json::to_string_pretty(&describe(&rec)).expect("json")
+            serde_json::to_string_pretty(&describe(rec)).expect("json")
         );
         return Ok(());
     }
     if a.real {
         outln!(
             "failover {id}: VM {vm} at point {} ({}, {}); these are its disks now, and the point is held until the migration is completed",
-            point.id,
-            point.kind,
-            point.time
+            rec.point,
+            rec.point_kind,
+            rec.point_time
         );
     } else {
         outln!(
             "test failover {id}: VM {vm} at point {} ({}, {}), held against retention until cleanup",
-            point.id,
-            point.kind,
-            point.time
+            rec.point,
+            rec.point_kind,
+            rec.point_time
         );
     }
     for d in &rec.disks {
@@ -442,7 +468,7 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
     }
     outln!();
     outln!("Boot it with QEMU (BIOS guests; the boot disk first: reorder if needed; add -enable-kvm where available):");
-    outln!("  {}", qemu_command(&rec, a.raw));
+    outln!("  {}", qemu_command(rec, a.raw));
     if !a.raw {
         outln!("Or attach the .vhd files to a Hyper-V or Azure VM (fixed VHDs, as they are).");
     }
@@ -539,6 +565,11 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// A failover's record as `--json` and `list --json` show it.
+pub(crate) fn describe_pub(r: &Record) -> serde_json::Value {
+    describe(r)
 }
 
 fn describe(r: &Record) -> serde_json::Value {
@@ -678,17 +709,7 @@ fn remove_made(
 /// (its disk files in the directory it made, that directory when nothing else is in it), then its
 /// hold; keeps the record as `cleaned`.
 pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result<(), JobError> {
-    let root = local_root(store)?;
-    let Some(mut rec) = records(&root)?
-        .into_iter()
-        .find(|r| r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed")
-    else {
-        return Err(JobError::Usage(format!(
-            "VM {vm} has no test failover to clean up (`ferry failover list --store {}` shows them)",
-            root.display()
-        )));
-    };
-    let (removed, dir_removed) = remove_made(&root, &mut rec, "cleaned")?;
+    let (rec, removed, dir_removed) = cleanup_vm(store, vm)?;
     if json_out {
         outln!(
             "{}",
@@ -711,6 +732,33 @@ pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result
         );
     }
     Ok(())
+}
+
+/// Whether the VM has a test failover to clean up.
+pub(crate) fn has_open_test(store: &StoreLocation, vm: &str) -> Result<bool, JobError> {
+    let root = local_root(store)?;
+    Ok(records(&root)?
+        .iter()
+        .any(|r| r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed"))
+}
+
+/// Cleans up the VM's test failover: its record, the files removed, whether its directory went.
+pub(crate) fn cleanup_vm(
+    store: &StoreLocation,
+    vm: &str,
+) -> Result<(Record, Vec<PathBuf>, bool), JobError> {
+    let root = local_root(store)?;
+    let Some(mut rec) = records(&root)?
+        .into_iter()
+        .find(|r| r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed")
+    else {
+        return Err(JobError::Usage(format!(
+            "VM {vm} has no test failover to clean up (`ferry failover list --store {}` shows them)",
+            root.display()
+        )));
+    };
+    let (removed, dir_removed) = remove_made(&root, &mut rec, "cleaned")?;
+    Ok((rec, removed, dir_removed))
 }
 
 /// `ferry failover list`.

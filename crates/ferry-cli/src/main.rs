@@ -8,6 +8,7 @@ mod config;
 mod events;
 mod failback;
 mod failover;
+mod plan;
 mod policy;
 mod progress;
 mod remote;
@@ -92,6 +93,8 @@ enum Cmd {
     ///   ferry failover --test --cleanup --vm web01 --store /srv/ferry-store
     ///   ferry failover --vm web01 --point final --store /srv/ferry-store --to /srv/vms
     ///   ferry failover list --store /srv/ferry-store
+    ///   ferry failover --plan shop --test --store /srv/ferry-store --to /var/tmp
+    ///   ferry failover --plan shop --test --cleanup --store /srv/ferry-store
     #[command(verbatim_doc_comment)]
     Failover(FailoverArgs),
     /// End a failed-over VM's replication for good: its agent is refused from now on, and its
@@ -287,9 +290,18 @@ struct FailoverArgs {
     #[arg(long)]
     vm: Option<String>,
     /// `latest` (the newest point in the store, by its time), `latest-app`, `final` (the point
-    /// `ferry-agent cutover` made), or a point id (or unique prefix).
-    #[arg(long, default_value = "latest")]
-    point: PointSelector,
+    /// `ferry-agent cutover` made), or a point id (or unique prefix). Default: latest (for a
+    /// plan: the plan's `point`, else latest).
+    #[arg(long)]
+    point: Option<PointSelector>,
+    /// A recovery plan: PLANS_DIR/NAME.toml (or a path): its groups of VMs in order, with their
+    /// scripts and waits; with --test a test failover of each, with --test --cleanup their
+    /// cleanup.
+    #[arg(long, conflicts_with = "vm")]
+    plan: Option<String>,
+    /// Where plans are [default: /etc/ferry/plans].
+    #[arg(long, env = "FERRY_PLANS_DIR")]
+    plans_dir: Option<PathBuf>,
     /// An existing directory: the failover makes a new directory in it (mode 0700) for the
     /// disks: VM-ID for a test, VM for a real failover. Default: the current directory.
     #[arg(long)]
@@ -395,12 +407,36 @@ fn failover_cmd(a: FailoverArgs) -> Result<(), JobError> {
     if let Some(FailoverCmd::List { store, json }) = a.cmd {
         return failover::list(&store, json);
     }
-    let vm = a.vm.ok_or_else(|| JobError::Usage("give --vm VM".into()))?;
     let store = a.store.ok_or_else(|| {
         JobError::Usage(
             "give --store STORE (or set FERRY_STORE): the store the VM replicates into".into(),
         )
     })?;
+    if let Some(name) = a.plan {
+        if a.vm.is_some() {
+            return Err(JobError::Usage(
+                "give --plan or --vm, not both (the plan names its VMs)".into(),
+            ));
+        }
+        return plan::run(plan::Args {
+            name,
+            plans_dir: a
+                .plans_dir
+                .unwrap_or_else(|| PathBuf::from(plan::DEFAULT_PLANS_DIR)),
+            test: a.test,
+            cleanup: a.cleanup,
+            store,
+            key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
+            point: a.point,
+            to: a.to,
+            raw: matches!(a.format, DiskFormat::Raw),
+            threads: threads(a.threads),
+            json: a.json,
+            state_dir: a.state_dir,
+        });
+    }
+    let vm =
+        a.vm.ok_or_else(|| JobError::Usage("give --vm VM (or --plan NAME)".into()))?;
     if a.cleanup {
         return failover::cleanup(&store, &vm, a.json);
     }
@@ -408,7 +444,7 @@ fn failover_cmd(a: FailoverArgs) -> Result<(), JobError> {
         store,
         key_file: a.key.key_file.unwrap_or_else(ferry_job::default_key_file),
         vm,
-        point: a.point,
+        point: a.point.unwrap_or(PointSelector::Latest),
         to: a.to,
         raw: matches!(a.format, DiskFormat::Raw),
         verify: a.verify,

@@ -15,6 +15,7 @@ pub mod azure;
 pub mod azure_pins;
 pub mod identity;
 mod paths;
+pub mod plan;
 mod points;
 pub mod remote;
 pub mod serve_config;
