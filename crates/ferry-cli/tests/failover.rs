@@ -281,7 +281,10 @@ fn failover_mistakes_get_clear_errors() {
     env.replicate_ok(&[&img], &["--vm", "v1"]);
     for (args, want) in [
         (&["--vm", "v1", "--point", "final"][..], "no final point"),
-        (&["--test", "--vm", "v1", "--point", "final"][..], "ferry-agent cutover"),
+        (
+            &["--test", "--vm", "v1", "--point", "final"][..],
+            "ferry-agent cutover",
+        ),
         (&["--test"][..], "--vm"),
         (&["--test", "--vm", "nope"][..], "nope"),
         (&["--test", "--vm", "v1", "--point", "9999"][..], "9999"),
