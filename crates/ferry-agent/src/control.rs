@@ -74,6 +74,8 @@ pub enum Request {
     /// freeze of its own (and whatever the tracker).
     CutQuiesced {
         reply: Sender<Result<CutReply, String>>,
+        /// Some protected filesystem stays writable: freeze for the point.
+        freeze: bool,
     },
     /// A notice for the process server (cutover, rollback).
     Notice {
@@ -88,7 +90,8 @@ pub enum Command {
     Cut(PointKind),
     Status,
     Resync,
-    Cutover,
+    /// `allow_writable`.
+    Cutover(bool),
     Rollback,
 }
 
@@ -106,7 +109,8 @@ pub fn parse_request(line: &str) -> Result<Command, String> {
         Ok(Wire {
             cutover: Some(c), ..
         }) => match c.as_str() {
-            "start" => Ok(Command::Cutover),
+            "start" => Ok(Command::Cutover(false)),
+            "start-allow-writable" => Ok(Command::Cutover(true)),
             "rollback" => Ok(Command::Rollback),
             _ => Err(format!("unknown cutover step '{c}' (start or rollback)")),
         },
@@ -132,15 +136,19 @@ pub fn encode_request(c: Command) -> Result<String, serde_json::Error> {
             resync: Some(true),
             ..Default::default()
         },
-        Command::Cutover | Command::Rollback => Wire {
+        Command::Cutover(allow) => Wire {
             cutover: Some(
-                if c == Command::Cutover {
-                    "start"
+                if allow {
+                    "start-allow-writable"
                 } else {
-                    "rollback"
+                    "start"
                 }
                 .into(),
             ),
+            ..Default::default()
+        },
+        Command::Rollback => Wire {
+            cutover: Some("rollback".into()),
             ..Default::default()
         },
     };
@@ -288,7 +296,7 @@ fn serve_one(
                 }
             }
         }
-        Ok(Command::Cutover) => match crate::cutover::start(cutover, to) {
+        Ok(Command::Cutover(allow)) => match crate::cutover::start(cutover, to, allow) {
             Ok(v) => serde_json::json!({"ok": true, "cutover": v}),
             Err(why) => serde_json::json!({"ok": false, "error": why}),
         },
@@ -368,6 +376,7 @@ pub fn request_status(state_dir: &Path) -> Result<serde_json::Value, AgentError>
 pub fn request_cutover(
     state_dir: &Path,
     rollback: bool,
+    allow_writable: bool,
     timeout: Duration,
 ) -> Result<serde_json::Value, AgentError> {
     let v = call(
@@ -375,7 +384,7 @@ pub fn request_cutover(
         if rollback {
             Command::Rollback
         } else {
-            Command::Cutover
+            Command::Cutover(allow_writable)
         },
         timeout,
     )

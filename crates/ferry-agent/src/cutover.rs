@@ -23,9 +23,18 @@
 //! (start the services again), the server is told, the record goes. The agent never stopped
 //! tracking, so replication resumes from where it was: no full resync.
 //!
+//! Filesystems that stay writable: the one holding the agent's own state directory (the agent
+//! writes there until the end: keep `/var/lib/ferry-agent` off the protected disks, or accept
+//! that this filesystem is frozen for the final point rather than blocked), and, with
+//! `--allow-writable`, those a process keeps a file open for writing on (the root filesystem of a
+//! running system, usually: journald). They are listed in the result; the final point then
+//! freezes them like an app point does, so it is still consistent, but writes to them after it
+//! reach no point.
+//!
 //! Limits: raw block devices without a mounted filesystem are not write-blocked (stop their
 //! writers in a cutover hook); a reboot of the source mounts its filesystems writable again
-//! (`ferry-agent status` still says cut over: roll back, or cut over again).
+//! (`ferry-agent status` still says cut over: roll back, or cut over again). Scheduled cuts stop
+//! while cut over (nothing changes; the final point stays the newest).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -46,7 +55,12 @@ pub struct Ctx {
     pub vm: String,
     pub hooks_dir: PathBuf,
     pub hook_timeout: Duration,
+    /// Set while cut over (the engine cuts no scheduled point then).
+    pub active: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// One cutover or rollback at a time.
+static BUSY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `STATE_DIR/cutover.json`: the cutover in effect.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +70,9 @@ pub struct State {
     pub vm: String,
     /// The mount points made read-only (to make writable again on rollback).
     pub mounts: Vec<PathBuf>,
+    /// Protected filesystems left writable (frozen for the final point), with why.
+    #[serde(default)]
+    pub writable: Vec<(PathBuf, String)>,
     pub started: String,
     /// The final point's id, once the server acknowledged it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,7 +116,7 @@ fn now() -> String {
 
 /// `mount -o remount,ro|rw MOUNT` (util-linux keeps the other options).
 fn remount(at: &Path, ro: bool) -> Result<(), String> {
-    let o = std::process::Command::new("mount")
+    let o = std::process::Command::new("/bin/mount")
         .args(["-o", if ro { "remount,ro" } else { "remount,rw" }])
         .arg(at)
         .stdin(std::process::Stdio::null())
@@ -161,9 +178,31 @@ fn undo(ctx: &Ctx, mounts: &[PathBuf]) -> Vec<String> {
     errors
 }
 
+/// Whether the filesystem at `at` is mounted read-only already.
+fn read_only(at: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(at.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    unsafe { libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0 }
+}
+
 /// Runs a cutover (see the module docs); the JSON `ferry-agent cutover --json` prints.
-pub fn start(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, String> {
+/// `allow_writable`: a filesystem that cannot be made read-only stays writable (and is frozen
+/// for the final point) instead of stopping the cutover.
+pub fn start(
+    ctx: &Ctx,
+    engine: &Sender<Request>,
+    allow_writable: bool,
+) -> Result<serde_json::Value, String> {
+    let _one = BUSY.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
+    // A cutover that stopped half-way (the agent was killed): the mounts it made read-only are
+    // this one's to undo too.
+    let mut prior: Vec<PathBuf> = Vec::new();
     if let Some(s) = load(&ctx.state_dir)? {
         if let Some(p) = &s.final_point {
             return Err(format!(
@@ -171,6 +210,7 @@ pub fn start(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, S
                 s.started
             ));
         }
+        prior = s.mounts;
     }
     // 1. Stop the application.
     let ran = match hooks(ctx, ferry_freeze::Phase::Cutover) {
@@ -188,18 +228,44 @@ pub fn start(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, S
         }
     };
     // 2. Block writes: record, then remount read-only.
-    let mounts: Vec<PathBuf> = ferry_freeze::discover(&ctx.disks)
-        .map_err(|e| {
-            let _ = undo(ctx, &[]);
-            format!("cutover stopped, the application hooks rolled back: {e}")
-        })?
-        .into_iter()
-        .map(|m| m.mount_point)
-        .collect();
+    let found = ferry_freeze::discover(&ctx.disks).map_err(|e| {
+        let _ = undo(ctx, &[]);
+        format!("cutover stopped, the application hooks rolled back: {e}")
+    })?;
+    let own = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&ctx.state_dir)
+            .map(|m| ferry_freeze::Dev::from_dev_t(m.dev()))
+            .ok()
+    };
+    let mut mounts: Vec<PathBuf> = Vec::new();
+    let mut writable: Vec<(PathBuf, String)> = Vec::new();
+    let mut already: Vec<PathBuf> = Vec::new();
+    for m in found {
+        if read_only(&m.mount_point) {
+            // Read-only already: nothing to block; to undo only if a cutover made it so.
+            if prior.contains(&m.mount_point) {
+                already.push(m.mount_point);
+            }
+            continue;
+        }
+        if own == Some(m.fs_dev) {
+            writable.push((
+                m.mount_point,
+                format!(
+                    "holds the agent's state directory {}",
+                    ctx.state_dir.display()
+                ),
+            ));
+        } else {
+            mounts.push(m.mount_point);
+        }
+    }
     let mut state = State {
         format: FORMAT.into(),
         vm: ctx.vm.clone(),
-        mounts: mounts.clone(),
+        mounts: already.iter().chain(&mounts).cloned().collect(),
+        writable: writable.clone(),
         started: now(),
         final_point: None,
     };
@@ -217,14 +283,28 @@ pub fn start(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, S
     };
     save(&ctx.state_dir, &state).map_err(|e| fail(e, &[]))?;
     let blocked = Instant::now();
-    for (i, m) in mounts.iter().enumerate() {
-        if let Err(e) = remount(m, true) {
-            return Err(fail(e, &mounts[..i]));
+    let mut done: Vec<PathBuf> = already;
+    for m in &mounts {
+        match remount(m, true) {
+            Ok(()) => done.push(m.clone()),
+            Err(e) if allow_writable && e.contains("open for writing") => {
+                tracing::warn!(mount = %m.display(), error = %e, "cutover: this filesystem stays writable (--allow-writable); it is frozen for the final point");
+                writable.push((m.clone(), e));
+            }
+            Err(e) => return Err(fail(e, &done)),
         }
     }
+    let mounts = done;
+    state.mounts = mounts.clone();
+    state.writable = writable.clone();
+    save(&ctx.state_dir, &state).map_err(|e| fail(e, &mounts))?;
     // 3. The final point, acknowledged by the server.
     let (tx, rx) = crossbeam_channel::bounded(1);
-    if engine.send(Request::CutQuiesced { reply: tx }).is_err() {
+    let req = Request::CutQuiesced {
+        reply: tx,
+        freeze: !writable.is_empty(),
+    };
+    if engine.send(req).is_err() {
         return Err(fail("the agent is stopping".into(), &mounts));
     }
     let point = match rx.recv() {
@@ -246,6 +326,7 @@ pub fn start(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, S
     };
     state.final_point = Some(id.clone());
     save(&ctx.state_dir, &state).map_err(|e| fail(e, &mounts))?;
+    ctx.active.store(true, std::sync::atomic::Ordering::SeqCst);
     // 4. Tell the server.
     let _ = engine.send(Request::Notice {
         kind: ferry_wire::notice::CUTOVER,
@@ -257,6 +338,7 @@ pub fn start(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, S
         "final_point": id,
         "kind": point.kind.as_str(),
         "mounts_read_only": mounts,
+        "mounts_writable": writable.iter().map(|(m, why)| serde_json::json!({"mount": m, "why": why})).collect::<Vec<_>>(),
         "hooks": ran,
         "writes_blocked_for_ms": blocked.elapsed().as_secs_f64() * 1e3,
         "took_ms": t0.elapsed().as_secs_f64() * 1e3,
@@ -265,6 +347,7 @@ pub fn start(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, S
 
 /// Undoes the cutover in effect (see the module docs).
 pub fn rollback(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, String> {
+    let _one = BUSY.lock().unwrap_or_else(|e| e.into_inner());
     let Some(s) = load(&ctx.state_dir)? else {
         return Err("not cut over (no cutover to roll back)".into());
     };
@@ -277,6 +360,7 @@ pub fn rollback(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value
     }
     ferry_durable::remove_durable(&path(&ctx.state_dir))
         .map_err(|e| format!("cannot remove {}: {e}", path(&ctx.state_dir).display()))?;
+    ctx.active.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = engine.send(Request::Notice {
         kind: ferry_wire::notice::CUTOVER_ROLLBACK,
         text: "rolled back".into(),

@@ -265,6 +265,8 @@ struct Want {
     reply: Option<Sender<Result<CutReply, String>>>,
     /// The cutover's final point (`crate::cutover`): no hooks, no freeze of its own.
     quiesced: bool,
+    /// With `quiesced`: some protected filesystem stayed writable, so freeze for the point.
+    freeze_writable: bool,
 }
 
 /// A tagged run waiting for its acknowledgement (and then for the server's point id).
@@ -276,6 +278,8 @@ struct Awaiting {
 }
 
 struct Engine<'a> {
+    /// Cut over (`crate::cutover`): no scheduled point.
+    cut_over: Arc<AtomicBool>,
     o: &'a AgentOptions,
     /// Set by SIGINT/SIGTERM: checked wherever the engine could wait on the shipper.
     stop: &'a AtomicBool,
@@ -409,12 +413,27 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     // trusted only as far as it confirms them.
     // The control socket answers from now on: `ferry-agent status` says what the agent waits for,
     // a cut asked before the server answers fails at once.
+    // A cutover in effect (the agent restarted during it): the server hears of it again, and no
+    // scheduled point is cut until it is rolled back.
+    let cut_over = Arc::new(AtomicBool::new(false));
+    match crate::cutover::load(&o.state_dir) {
+        Ok(Some(c)) => {
+            if let Some(p) = &c.final_point {
+                cut_over.store(true, Ordering::SeqCst);
+                stats.notice(ferry_wire::notice::CUTOVER, 0, p);
+            }
+            tracing::warn!(final_point = ?c.final_point, mounts = ?c.mounts, "cut over: `ferry-agent cutover --rollback` makes the source writable again");
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "cannot read the cutover record"),
+    }
     let cutover = Arc::new(crate::cutover::Ctx {
         state_dir: o.state_dir.clone(),
         disks: o.disks.clone(),
         vm: o.vm.clone(),
         hooks_dir: o.hooks_dir.clone(),
         hook_timeout: o.hook_timeout,
+        active: cut_over.clone(),
     });
     let control = match crate::control::listen(&o.state_dir, req_tx, cutover) {
         Ok(c) => c,
@@ -502,6 +521,7 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         intervals_from: "agent",
         intervals_changed: false,
         disconnected: None,
+        cut_over,
     };
     e.announce_intervals();
     if let Some(why) = &e.resyncing {
@@ -516,6 +536,7 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
             kind,
             reply: None,
             quiesced: false,
+            freeze_writable: false,
         });
     }
     let r = match e.main_loop(stop) {
@@ -625,7 +646,7 @@ fn wait_for_holding(
                         "conditions": [{"name": "agent_disconnected", "level": "warning", "message": waiting}],
                     }));
                 }
-                Request::Cut { reply, .. } | Request::CutQuiesced { reply } => {
+                Request::Cut { reply, .. } | Request::CutQuiesced { reply, .. } => {
                     let _ = reply.send(Err(format!(
                         "{waiting}; no point can be made until it answers"
                     )));
@@ -914,11 +935,13 @@ impl Engine<'_> {
                         kind,
                         reply: Some(reply),
                         quiesced: false,
+                        freeze_writable: false,
                     }),
-                    Request::CutQuiesced { reply } => self.wants.push_back(Want {
+                    Request::CutQuiesced { reply, freeze } => self.wants.push_back(Want {
                         kind: PointKind::App,
                         reply: Some(reply),
                         quiesced: true,
+                        freeze_writable: freeze,
                     }),
                     Request::Notice { kind, text } => self.stats.notice(kind, 0, &text),
                     Request::Status { reply } => {
@@ -951,18 +974,20 @@ impl Engine<'_> {
             }
             // Caught up with the tracker. A cut due?
             let now = Instant::now();
-            if self.wants.is_empty() {
+            if self.wants.is_empty() && !self.cut_over.load(Ordering::Relaxed) {
                 if next_app.is_some_and(|t| now >= t) {
                     self.wants.push_back(Want {
                         kind: PointKind::App,
                         reply: None,
                         quiesced: false,
+                        freeze_writable: false,
                     });
                 } else if now >= next_crash {
                     self.wants.push_back(Want {
                         kind: PointKind::Crash,
                         reply: None,
                         quiesced: false,
+                        freeze_writable: false,
                     });
                 }
             }
@@ -974,7 +999,7 @@ impl Engine<'_> {
                 }
                 self.scan_pass = false;
                 let want = self.wants.pop_front().expect("front exists");
-                match self.cut(kind, want.quiesced) {
+                match self.cut(kind, want.quiesced.then_some(want.freeze_writable)) {
                     Ok(reply) => {
                         next_crash = Instant::now() + self.crash_every;
                         if reply.kind == PointKind::App {
@@ -1015,8 +1040,8 @@ impl Engine<'_> {
             crossbeam_channel::select! {
                 recv(self.events) -> ev => { if let Ok(ev) = ev { self.on_event(ev)?; } }
                 recv(self.requests) -> req => match req {
-                    Ok(Request::Cut { kind, reply }) => self.wants.push_back(Want { kind, reply: Some(reply), quiesced: false }),
-                    Ok(Request::CutQuiesced { reply }) => self.wants.push_back(Want { kind: PointKind::App, reply: Some(reply), quiesced: true }),
+                    Ok(Request::Cut { kind, reply }) => self.wants.push_back(Want { kind, reply: Some(reply), quiesced: false, freeze_writable: false }),
+                    Ok(Request::CutQuiesced { reply, freeze }) => self.wants.push_back(Want { kind: PointKind::App, reply: Some(reply), quiesced: true, freeze_writable: freeze }),
                     Ok(Request::Notice { kind, text }) => self.stats.notice(kind, 0, &text),
                     Ok(Request::Status { reply }) => { let _ = reply.send(self.status()); }
                     Ok(Request::Resync) => self.force_resync(),
@@ -1442,7 +1467,8 @@ impl Engine<'_> {
 
     /// Cuts a point: hooks, freeze, drain to empty, tag, thaw. Returns after the tag is handed to
     /// the shipper (its acknowledgement comes as an event).
-    fn cut(&mut self, asked: PointKind, quiesced: bool) -> Result<CutReply, String> {
+    /// `quiesced`: the cutover's final point (`Some(freeze_writable)`), see [`Want`].
+    fn cut(&mut self, asked: PointKind, quiesced: Option<bool>) -> Result<CutReply, String> {
         if let Some(why) = &self.resyncing {
             return Err(format!(
                 "{why} is still running; a point can only be cut after it"
@@ -1451,11 +1477,24 @@ impl Engine<'_> {
         let mut kind = asked;
         let mut notes: Vec<String> = Vec::new();
         let scan = matches!(self.track, Track::Scan);
-        if quiesced {
-            // The cutover stopped the application and made every filesystem read-only: nothing
-            // writes, everything is on disk. The point is app-consistent as it is.
-            let (tag, _) = self.frozen_cut(kind, true, Some(QUIESCED_SETTLE))?;
-            return self.tagged(tag, kind, asked, notes, None);
+        match quiesced {
+            Some(false) => {
+                // The cutover stopped the application and made every filesystem read-only:
+                // nothing writes, everything is on disk. The point is app-consistent as it is.
+                let (tag, _) = self.frozen_cut(kind, true, Some(QUIESCED_SETTLE))?;
+                return self.tagged(tag, kind, asked, notes, None);
+            }
+            Some(true) => {
+                // Some filesystem stayed writable: frozen for the point, as an app point is
+                // (the application is stopped already: no hooks).
+                if scan {
+                    kind = PointKind::Crash;
+                    notes.push("a protected filesystem stayed writable and the scan tracker cannot freeze: the final point is crash-consistent for it".into());
+                }
+                let (tag, freeze) = self.frozen_cut(kind, scan, None)?;
+                return self.tagged(tag, kind, asked, notes, freeze);
+            }
+            None => {}
         }
         if kind == PointKind::App && scan {
             kind = PointKind::Crash;
@@ -1859,6 +1898,7 @@ mod tests {
     fn engine<'a>(o: &'a AgentOptions, disks: Vec<Disk>) -> (Engine<'a>, mpsc::Receiver<Rec>) {
         let (tx, rx) = mpsc::channel(1024);
         let e = Engine {
+            cut_over: Arc::new(AtomicBool::new(false)),
             o,
             disks,
             track: Track::Scan,
@@ -1950,7 +1990,7 @@ mod tests {
         // A quiet pass: the cut is made.
         e.begin_scan_pass();
         while e.process(0, BATCH).unwrap() > 0 {}
-        e.cut(PointKind::Crash, false)
+        e.cut(PointKind::Crash, None)
             .expect("a pass over an idle disk is an instant");
         assert!(sent(&mut rx).iter().any(|r| matches!(r, Rec::Tag(_))));
         // A write lands while the next pass reads: no point.
@@ -1963,7 +2003,7 @@ mod tests {
             .write_all_at(&[9u8; 4096], 0)
             .unwrap();
         while e.process(0, BATCH).unwrap() > 0 {}
-        let err = e.cut(PointKind::Crash, false).unwrap_err();
+        let err = e.cut(PointKind::Crash, None).unwrap_err();
         assert!(err.contains("was written during the scan pass"), "{err}");
         assert!(!sent(&mut rx).iter().any(|r| matches!(r, Rec::Tag(_))));
     }
@@ -2180,7 +2220,7 @@ mod tests {
                 let run = e.run;
                 // The tag goes to the shipper once its pending file is durable: from then on
                 // the server may hold the run.
-                e.cut(PointKind::Crash, false).unwrap();
+                e.cut(PointKind::Crash, None).unwrap();
                 known.lock().unwrap().1 = Some(run);
                 // A power cut right after the tag left (no sync marks that instant).
                 let at = dir.path().join(format!("crashes/tag-{round}"));

@@ -139,10 +139,12 @@ impl AgentError {
         }
     }
 
-    /// 2 for usage errors, 1 otherwise.
+    /// 2 for usage errors, 3 when the VM's replication ended for good (its migration was
+    /// completed: the unit must not restart the agent), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             AgentError::Usage(_) | AgentError::Config(_) => 2,
+            AgentError::Refused { code, .. } if *code == ferry_wire::refuse::RETIRED => 3,
             _ => 1,
         }
     }

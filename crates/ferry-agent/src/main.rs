@@ -91,6 +91,11 @@ enum Cmd {
         /// Undo the cutover: the source writable and replicating again.
         #[arg(long)]
         rollback: bool,
+        /// A filesystem that cannot be made read-only (a process keeps a file open for writing
+        /// there, as journald does on /) stays writable, is frozen for the final point and is
+        /// listed, instead of stopping the cutover.
+        #[arg(long, conflicts_with = "rollback")]
+        allow_writable: bool,
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Give up waiting after this long (the final point may have to send what the
@@ -227,10 +232,11 @@ fn main() -> ExitCode {
         }) => ferry_agent::request_cut(&state_dir, app, timeout).map(|p| print_point(&p, json)),
         Some(Cmd::Cutover {
             rollback,
+            allow_writable,
             state_dir,
             timeout,
             json,
-        }) => ferry_agent::request_cutover(&state_dir, rollback, timeout).map(|v| {
+        }) => ferry_agent::request_cutover(&state_dir, rollback, allow_writable, timeout).map(|v| {
             if json {
                 println!("{v}");
             } else if rollback {
@@ -249,6 +255,15 @@ fn main() -> ExitCode {
                             .join(", "))
                         .unwrap_or_default()
                 );
+                if let Some(w) = v["mounts_writable"].as_array().filter(|w| !w.is_empty()) {
+                    for m in w {
+                        println!(
+                            "  still writable (frozen for the final point; later writes are in no point): {} ({})",
+                            m["mount"].as_str().unwrap_or("?"),
+                            m["why"].as_str().unwrap_or("")
+                        );
+                    }
+                }
                 println!("On the appliance: ferry failover --vm VM --point final");
                 println!("To undo: ferry-agent cutover --rollback");
             }

@@ -73,6 +73,9 @@ pub struct ShipStats {
     pub notices: std::sync::Mutex<std::collections::VecDeque<Message>>,
     /// The agent's cut intervals as a notice, sent again at each new connection.
     pub intervals: std::sync::Mutex<Option<Message>>,
+    /// The cutover in effect as a notice, sent again at each new connection until rolled back
+    /// (a notice lost with a connection must not leave the server without the final point).
+    pub cutover: std::sync::Mutex<Option<Message>>,
 }
 
 /// Resolves once `abandon` is set (polled every 50 ms).
@@ -104,6 +107,12 @@ impl ShipStats {
         };
         if kind == ferry_wire::notice::INTERVALS {
             *self.intervals.lock().expect("intervals lock") = Some(m.clone());
+        }
+        if kind == ferry_wire::notice::CUTOVER {
+            *self.cutover.lock().expect("cutover lock") = Some(m.clone());
+        }
+        if kind == ferry_wire::notice::CUTOVER_ROLLBACK {
+            *self.cutover.lock().expect("cutover lock") = None;
         }
         let mut q = self.notices.lock().expect("notices lock");
         if q.len() >= MAX_NOTICES {
@@ -508,6 +517,10 @@ async fn session(
     // A new connection: the server learns this agent's cut intervals again.
     let intervals = stats.intervals.lock().expect("intervals lock").clone();
     if let Some(m) = intervals {
+        w.send(&m).await?;
+    }
+    let cutover = stats.cutover.lock().expect("cutover lock").clone();
+    if let Some(m) = cutover {
         w.send(&m).await?;
     }
     loop {

@@ -241,8 +241,13 @@ impl<'s> Applier<'s> {
         for vm in vms {
             // A VM whose migration was completed: what is left of its journal (segments other
             // VMs' data still uses) is never applied again.
-            if lifecycle::is_retired(&root, &vm) {
-                continue;
+            match lifecycle::is_retired(&root, &vm) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                // Unreadable: applied as before (nothing is dropped on a record's say-so).
+                Err(e) => {
+                    tracing::warn!(vm, error = %e, "cannot read the VM's lifecycle record; its journal is applied as usual")
+                }
             }
             if self.quarantined(&vm) {
                 tracing::warn!(

@@ -21,7 +21,12 @@
 //!   crash anywhere later leaves a VM that [`retire`] finishes again), then the replicas, the
 //!   holds, the quarantine record, the disk identities, and last the journal segments no other VM's data names (the
 //!   dedupe index may point another VM's writes into this VM's segments; those stay).
-//! - An unreadable record counts as `retiring`: the agent is refused, nothing is deleted by it.
+//! - Only a record that reads as `retiring` or `retired` retires anything. An unreadable one
+//!   (damaged, a newer format, an I/O error) neither drops the VM's cached records nor deletes
+//!   anything: the VM replicates on, its agent is refused with a retryable error until the record
+//!   can be read, and the server logs why.
+//! - Every read-modify-write of a record holds `lifecycle/.lock` ([`update`]): a failover, a
+//!   `complete-migration` and the server's cutover notices never lose each other's change.
 //!
 //! Must not: touch the failed-over disks (they are the migration's result, outside the store).
 
@@ -205,18 +210,74 @@ pub fn list(store_root: &Path) -> std::io::Result<BTreeMap<String, Result<Lifecy
     Ok(out)
 }
 
-/// Whether the VM's agent must be refused: its record says `retiring` or `retired`, or cannot be
-/// read.
-pub fn is_retired(store_root: &Path, vm: &str) -> bool {
+/// Whether the VM's replication ended (its record reads `retiring` or `retired`); `Err` when the
+/// record exists but cannot be read (the caller must neither drop nor accept blindly).
+pub fn is_retired(store_root: &Path, vm: &str) -> Result<bool, String> {
     match load(store_root, vm) {
-        Ok(Some(l)) => l.retired(),
-        Ok(None) => false,
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => true,
-        Err(e) => {
-            tracing::warn!(vm, error = %e, "cannot read the VM's lifecycle record; refusing its agent until it can be read");
-            true
-        }
+        Ok(Some(l)) => Ok(l.retired()),
+        Ok(None) => Ok(false),
+        Err(e) => Err(e.to_string()),
     }
+}
+
+/// The VMs whose record reads `retiring` or `retired` (unreadable records are not among them).
+pub fn retired_set(store_root: &Path) -> std::collections::HashSet<String> {
+    list(store_root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(vm, l)| match l {
+            Ok(l) if l.retired() => Some(vm),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Held around every read-modify-write of a record.
+struct Lock(#[allow(dead_code)] std::fs::File);
+
+fn lock(store_root: &Path) -> std::io::Result<Lock> {
+    use std::os::unix::io::AsRawFd;
+    let d = dir(store_root);
+    ferry_durable::create_dir_durable(&d)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(d.join(".lock"))?;
+    ferry_durable::adopt_owner(&f, &d)?;
+    // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Lock(f))
+}
+
+/// Reads the VM's record under the lock, lets `f` decide (`Ok(Some(new))`: write it,
+/// `Ok(None)`: remove it, `Err`: change nothing and return the error), and returns what `f`
+/// returned. The record `f` sees is the current one, whatever was read before.
+pub fn update<T>(
+    store_root: &Path,
+    vm: &str,
+    f: impl FnOnce(Option<Lifecycle>) -> Result<(Option<Lifecycle>, T), String>,
+) -> Result<T, String> {
+    let _l = lock(store_root).map_err(|e| {
+        format!(
+            "cannot lock {}: {e}",
+            dir(store_root).join(".lock").display()
+        )
+    })?;
+    let cur = load(store_root, vm).map_err(|e| e.to_string())?;
+    let (new, out) = f(cur.clone())?;
+    match new {
+        Some(n) if Some(&n) != cur.as_ref() => save(store_root, &n)
+            .map_err(|e| format!("cannot write {}: {e}", path(store_root, vm).display()))?,
+        Some(_) => {}
+        None if cur.is_some() => remove(store_root, vm)
+            .map_err(|e| format!("cannot remove {}: {e}", path(store_root, vm).display()))?,
+        None => {}
+    }
+    Ok(out)
 }
 
 /// VMs whose record says `retiring`: their data is to be removed.
@@ -273,6 +334,32 @@ fn remove_tree(dir: &Path) -> Result<(), ApplyError> {
 /// alive. Running it again after a crash finishes the job.
 pub fn retire(store: &LocalStore, vm: &str) -> Result<Removed, ApplyError> {
     let root = store.root().to_owned();
+    // Run as root on a store the service user owns: a directory swapped for a link must not
+    // lead the removal elsewhere. Every directory removed from is a real one, the store's owner's.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&root).map_err(io(&root, "stat"))?.uid();
+        for top in [
+            "manifests",
+            "replicas",
+            "journal",
+            "pins",
+            "disk-ids",
+            "quarantine",
+        ] {
+            for p in [root.join(top), root.join(top).join(vm)] {
+                match std::fs::symlink_metadata(&p) {
+                    Ok(m) if m.file_type().is_symlink() || (m.is_dir() && m.uid() != owner) => {
+                        return Err(ApplyError::Store(ferry_store::StoreError::Index(format!(
+                            "{} is a link or not the store owner's: nothing removed; check the store (a link there is not Ferry's)",
+                            p.display()
+                        ))))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
     let mut l = match load(&root, vm).map_err(io(&path(&root, vm), "read"))? {
         Some(l) if l.state == RETIRING => l,
         Some(l) if l.state == RETIRED => return Ok(l.removed.unwrap_or_default()),
@@ -358,7 +445,11 @@ pub fn retire(store: &LocalStore, vm: &str) -> Result<Removed, ApplyError> {
     }
     l.removed = Some(out.clone());
     l.enter(RETIRED);
-    save(&root, &l).map_err(io(&path(&root, vm), "write"))?;
+    update(&root, vm, |_| Ok((Some(l), ()))).map_err(|e| {
+        ApplyError::Store(ferry_store::StoreError::Index(format!(
+            "the VM's data is removed, but its record is not updated: {e}"
+        )))
+    })?;
     tracing::info!(
         vm,
         points = out.points,

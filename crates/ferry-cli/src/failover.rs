@@ -189,6 +189,20 @@ fn lock_records(root: &Path) -> Result<RecordsLock, JobError> {
     Ok(RecordsLock(f))
 }
 
+/// Whether the process that made failover `id` (`KIND-SEQ-PID[xN]-TIME`) still runs.
+fn maker_alive(id: &str) -> bool {
+    let pid = id
+        .split('-')
+        .nth(2)
+        .and_then(|p| p.split('x').next())
+        .and_then(|p| p.parse::<i32>().ok());
+    match pid {
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        Some(p) if p > 0 => unsafe { libc::kill(p, 0) == 0 },
+        _ => true,
+    }
+}
+
 fn id_ok(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -359,7 +373,21 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
             .into_iter()
             .find(|r| r.vm == vm && r.kind == kind && r.state != "cleaned" && r.state != "failed")
         {
-            if a.real {
+            if a.real && open.state == "creating" && !maker_alive(&open.id) {
+                // A failover killed while it wrote (Ctrl-C, a crash, a power cut): what it made
+                // goes, and this one starts over.
+                let mut stale = open.clone();
+                remove_made(&root, &mut stale, "failed").map_err(|e| {
+                    JobError::Usage(format!(
+                        "VM {vm} has an unfinished failover {} whose process is gone, and removing what it made failed: {e}",
+                        stale.id
+                    ))
+                })?;
+                errln!(
+                    "note: failover {} of {vm} was interrupted; what it had made is removed",
+                    stale.id
+                );
+            } else if a.real {
                 return Err(JobError::Usage(format!(
                     "VM {vm} has a failover already ({}, at point {}, in {}, {})",
                     open.id,
@@ -367,14 +395,15 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
                     open.dir.display(),
                     open.state
                 )));
+            } else {
+                return Err(JobError::Usage(format!(
+                    "VM {vm} has a test failover already ({}, at point {}, in {}); remove it first: ferry failover --test --cleanup --vm {vm} --store {}",
+                    open.id,
+                    open.point,
+                    open.dir.display(),
+                    root.display()
+                )));
             }
-            return Err(JobError::Usage(format!(
-                "VM {vm} has a test failover already ({}, at point {}, in {}); remove it first: ferry failover --test --cleanup --vm {vm} --store {}",
-                open.id,
-                open.point,
-                open.dir.display(),
-                root.display()
-            )));
         }
         if record_path(&root, &id).exists() {
             return Err(JobError::Usage(format!(
@@ -402,18 +431,33 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
     }
     if a.real {
         // The server stops expecting the agent; `final` stays known.
-        let mut l = lifecycle.unwrap_or_else(|| {
-            ferry_apply::lifecycle::Lifecycle::new(&vm, ferry_apply::lifecycle::FAILED_OVER)
+        // Re-read under the lock: the record may have changed while the disks were written.
+        let r = ferry_apply::lifecycle::update(&root, &vm, |cur| match cur {
+            Some(l) if l.state != ferry_apply::lifecycle::CUT_OVER => Err(format!(
+                "the VM became {} while its disks were written",
+                l.state
+            )),
+            cur => {
+                let mut l = cur.unwrap_or_else(|| {
+                    ferry_apply::lifecycle::Lifecycle::new(&vm, ferry_apply::lifecycle::FAILED_OVER)
+                });
+                l.failover = Some(id.clone());
+                if l.state != ferry_apply::lifecycle::FAILED_OVER {
+                    l.enter(ferry_apply::lifecycle::FAILED_OVER);
+                }
+                Ok((Some(l), ()))
+            }
         });
-        l.failover = Some(id.clone());
-        if l.state != ferry_apply::lifecycle::FAILED_OVER {
-            l.enter(ferry_apply::lifecycle::FAILED_OVER);
+        if let Err(e) = r {
+            return Err(JobError::Usage(format!(
+                "the disks are written in {}, but the VM's lifecycle record is not: {e}",
+                rec.dir.display()
+            )));
         }
-        ferry_apply::lifecycle::save(&root, &l).map_err(|e| {
-            JobError::Usage(format!(
-                "the disks are written, but the VM's lifecycle record cannot be: {e}"
-            ))
-        })?;
+        // The disks exist now, outside the store: the point need not be held any longer
+        // (retention goes on for a source that still replicates).
+        ferry_store::readers::release_hold(&root, &vm, rec.point_seq, &rec.id)
+            .map_err(|e| JobError::Usage(format!("cannot release the point's hold: {e}")))?;
     }
     event(
         &a.state_dir,
@@ -894,15 +938,22 @@ pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
                     root.display()
                 )));
             }
-            let mut l = other.unwrap_or_else(|| Lifecycle::new(&vm, lifecycle::RETIRING));
+            let mut l = other
+                .clone()
+                .unwrap_or_else(|| Lifecycle::new(&vm, lifecycle::RETIRING));
             l.forced = !failed_over;
             if l.state != lifecycle::RETIRING {
                 l.enter(lifecycle::RETIRING);
             }
             // From here on the server refuses the VM's agent.
-            lifecycle::save(&root, &l).map_err(|e| {
-                JobError::Usage(format!("cannot write the VM's lifecycle record: {e}"))
-            })?;
+            let new = l.clone();
+            lifecycle::update(&root, &vm, |cur| {
+                if cur != other {
+                    return Err("the VM's lifecycle record changed meanwhile (a cutover, a failover?): run the command again".into());
+                }
+                Ok((Some(new), ()))
+            })
+            .map_err(JobError::Usage)?;
             event(
                 &a.state_dir,
                 ferry_serve::events::Event::new(

@@ -33,6 +33,7 @@
 //! - `--test --cleanup` cleans up the test failovers of the plan's VMs, last group first (VMs
 //!   with none are skipped).
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -54,24 +55,50 @@ fn plan_path(name: &str, dir: &Path) -> Result<PathBuf, JobError> {
     Ok(dir.join(format!("{name}.toml")))
 }
 
-/// A script may run if it is a regular file of root or the caller that no one else may write.
+/// A script may run if it is a regular file of root or the caller that no one else may write,
+/// in directories no one else may change (a sticky one, like /tmp, excepted).
 fn check_script(p: &Path) -> Result<(), JobError> {
+    check_trusted(p, "plan script")?;
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(p)
         .map_err(|e| JobError::Usage(format!("plan script {}: {e}", p.display())))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if !m.file_type().is_file() || (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
-        return Err(JobError::Usage(format!(
-            "plan script {} is not run: it must be a regular file (no link) owned by root or you, writable by no one else (chmod go-w)",
-            p.display()
-        )));
-    }
     if m.mode() & 0o111 == 0 {
         return Err(JobError::Usage(format!(
             "plan script {} is not executable (chmod +x)",
             p.display()
         )));
+    }
+    Ok(())
+}
+
+/// A file that decides what runs as this user (a plan, its scripts): a regular file of root or
+/// the caller, writable by no one else, in directories no one else may change.
+fn check_trusted(p: &Path, what: &str) -> Result<(), JobError> {
+    use std::os::unix::fs::MetadataExt;
+    let p = &std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let m = std::fs::symlink_metadata(p)
+        .map_err(|e| JobError::Usage(format!("{what} {}: {e}", p.display())))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !m.file_type().is_file() || (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+        return Err(JobError::Usage(format!(
+            "{what} {} is not used: it must be a regular file (no link) owned by root or you, writable by no one else (chmod go-w)",
+            p.display()
+        )));
+    }
+    let mut dir = p.parent();
+    while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+        let dm = std::fs::symlink_metadata(d)
+            .map_err(|e| JobError::Usage(format!("{}: {e}", d.display())))?;
+        let open = dm.mode() & 0o022 != 0 && dm.mode() & 0o1000 == 0;
+        if dm.file_type().is_symlink() || (dm.uid() != 0 && dm.uid() != me) || open {
+            return Err(JobError::Usage(format!(
+                "{what} {} is not used: its directory {} is a link, or another user's, or writable by others",
+                p.display(),
+                d.display()
+            )));
+        }
+        dir = d.parent();
     }
     Ok(())
 }
@@ -84,7 +111,15 @@ fn run_script(
     result: &Path,
 ) -> Result<(), JobError> {
     check_script(p)?;
+    use std::os::unix::process::CommandExt;
+    // Its output goes to stderr: stdout is the plan's report (`--json`).
+    let out = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| JobError::Usage(format!("cannot pass stderr to {}: {e}", p.display())))?;
     let mut child = std::process::Command::new(p)
+        .process_group(0)
+        .stdout(std::process::Stdio::from(out))
         .env("FERRY_PLAN", plan)
         .env("FERRY_GROUP", &group.name)
         .env("FERRY_PLAN_MODE", mode)
@@ -105,7 +140,9 @@ fn run_script(
                 )))
             }
             Ok(None) if t.elapsed() > SCRIPT_TIMEOUT => {
-                let _ = child.kill();
+                // The whole group: what the script started goes too.
+                // SAFETY: kill(2) of the process group the child leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 return Err(JobError::Usage(format!(
                     "plan script {} ran over {} s and was killed: the plan stops here",
@@ -139,6 +176,9 @@ pub(crate) struct Args {
 /// `ferry failover --plan NAME [--test] [--cleanup]`.
 pub(crate) fn run(a: Args) -> Result<(), JobError> {
     let path = plan_path(&a.name, &a.plans_dir)?;
+    if path.exists() {
+        check_trusted(&path, "plan")?;
+    }
     let text = std::fs::read_to_string(&path).map_err(|e| {
         JobError::Usage(format!(
             "plan {}: {e} (plans are {}/NAME.toml; --plans-dir, or give a path)",
@@ -202,11 +242,25 @@ pub(crate) fn run(a: Args) -> Result<(), JobError> {
     };
     let to = a.to.clone().or(plan.to.clone());
     // Every VM's failovers so far, for the scripts (FERRY_PLAN_RESULT) and the report.
-    let result = std::env::temp_dir().join(format!(
-        "ferry-plan-{}-{}.json",
-        a.name.replace('/', "_"),
-        std::process::id()
-    ));
+    // In a new private directory: no one can plant or pre-create the file.
+    let tmp = {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut n = 0u32;
+        loop {
+            let d = std::env::temp_dir().join(format!("ferry-plan-{}-{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+                Ok(()) => break d,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => {
+                    return Err(JobError::Usage(format!(
+                        "cannot create {}: {e}",
+                        d.display()
+                    )))
+                }
+            }
+        }
+    };
+    let result = tmp.join("result.json");
     let mut done: Vec<serde_json::Value> = Vec::new();
     let write_result = |done: &Vec<serde_json::Value>| -> Result<(), JobError> {
         ferry_durable::write_private(
@@ -296,6 +350,7 @@ pub(crate) fn run(a: Args) -> Result<(), JobError> {
         Ok(())
     })();
     let _ = std::fs::remove_file(&result);
+    let _ = std::fs::remove_dir(&tmp);
     let msg = match &outcome {
         Ok(()) => format!("plan {} done ({mode}): {} VM(s)", a.name, done.len()),
         Err(e) => format!(

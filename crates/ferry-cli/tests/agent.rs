@@ -957,10 +957,34 @@ fn cutover_with_mariadb_inserting_blocks_writes_and_the_final_point_holds_every_
         e.contains("open for writing") && e.contains("fuser -vm") && e.contains("rolled back"),
         "{e}"
     );
-    holder.kill9();
     fs::write(mnt.join("still-writable"), b"x").unwrap();
     fs::write(mnt2.join("still-writable"), b"x").unwrap();
     assert!(!env.path("agent-state/cutover.json").exists());
+    // With --allow-writable the busy filesystems stay writable, are frozen for the final point,
+    // and are listed; a rollback undoes the rest.
+    let o = Command::new(agent_bin())
+        .args(["cutover", "--allow-writable", "--json", "--state-dir"])
+        .arg(env.path("agent-state"))
+        .output()
+        .unwrap();
+    ok(&o, "cutover --allow-writable");
+    let aw: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        !aw["mounts_writable"].as_array().unwrap().is_empty(),
+        "{aw:#}"
+    );
+    assert_eq!(aw["kind"], "app", "{aw:#}");
+    ok(
+        &Command::new(agent_bin())
+            .args(["cutover", "--rollback", "--state-dir"])
+            .arg(env.path("agent-state"))
+            .output()
+            .unwrap(),
+        "rollback of the --allow-writable cutover",
+    );
+    holder.kill9();
+    fs::write(mnt.join("still-writable"), b"y").unwrap();
+    fs::write(mnt2.join("still-writable"), b"y").unwrap();
     // The cutover hook stops the database (as `systemctl stop mariadb` would); the rollback hook
     // only records (the test starts the database again).
     let hooks = env.path("hooks.d");
@@ -1030,6 +1054,27 @@ fn cutover_with_mariadb_inserting_blocks_writes_and_the_final_point_holds_every_
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     let st = status("status while cut over");
     assert_eq!(st["cutover"]["final_point"], final_point.as_str(), "{st:#}");
+    assert!(c["mounts_writable"].as_array().unwrap().is_empty(), "{c:#}");
+    // The server holds the final point against retention while the source is cut over.
+    let held = || {
+        fs::read_dir(env.store().join("pins"))
+            .map(|d| {
+                d.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .ends_with(".cutover-final.hold")
+                })
+            })
+            .unwrap_or(false)
+    };
+    let t = Instant::now();
+    while !held() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the final point is not held"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // A second cutover is refused while this one lasts.
     let o = Command::new(agent_bin())
         .args(["cutover", "--state-dir"])
@@ -1062,7 +1107,7 @@ fn cutover_with_mariadb_inserting_blocks_writes_and_the_final_point_holds_every_
         }
         // The server records the final point when the agent's notice arrives (within a second).
         assert!(
-            wait.elapsed() < Duration::from_secs(10),
+            wait.elapsed() < Duration::from_secs(20),
             "failover --point final: {}",
             String::from_utf8_lossy(&o.stderr)
         );
@@ -1168,12 +1213,12 @@ fn cutover_with_mariadb_inserting_blocks_writes_and_the_final_point_holds_every_
         "{sent} bytes sent after the rollback: a full resync of 320 MiB?"
     );
     assert!(status("status")["cutover"].is_null());
-    // The server forgot the final point.
+    // The server forgot the final point, and released it.
     let life = env.store().join("lifecycle/vm1.json");
     let t = Instant::now();
-    while life.exists() {
+    while life.exists() || held() {
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(20),
             "the server kept the cutover"
         );
         std::thread::sleep(Duration::from_millis(100));

@@ -299,7 +299,7 @@ fn replicate_run(
     };
     let wan0 = blobs.as_ref().map_or(0, |b| b.stats().bytes_sent);
     let store = open_store(&o.store.local_dir(), &o.key_file, true)?;
-    if ferry_apply::lifecycle::is_retired(store.root(), &o.vm) {
+    if ferry_apply::lifecycle::is_retired(store.root(), &o.vm).map_err(JobError::Usage)? {
         return Err(JobError::Usage(format!(
             "VM {}'s migration was completed in this store (ferry failover list says when): its replication ended for good; replicate the machine under another --vm name",
             o.vm

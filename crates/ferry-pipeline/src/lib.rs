@@ -219,12 +219,7 @@ impl<'s> Pipeline<'s> {
                 stats: PipelineStats::default(),
                 quarantining: Vec::new(),
                 skipping: HashMap::new(),
-                retired: ferry_apply::lifecycle::list(store.root())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|(_, l)| l.as_ref().map_or(true, |l| l.retired()))
-                    .map(|(vm, _)| vm)
-                    .collect(),
+                retired: ferry_apply::lifecycle::retired_set(store.root()),
                 skipped_unflushed: false,
             },
             workers,

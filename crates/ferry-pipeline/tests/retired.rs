@@ -126,4 +126,12 @@ fn a_retired_vm_is_neither_applied_from_the_cache_nor_replayed_from_its_kept_jou
     assert_eq!(store.read_chunk(&loc).unwrap(), shared);
     let r = lifecycle::load(store.root(), "old").unwrap().unwrap();
     assert_eq!(r.state, lifecycle::RETIRED);
+
+    // A record that cannot be read (damaged, from a newer Ferry) decides nothing: the VM's
+    // records are applied as before, nothing of it is dropped.
+    std::fs::write(lifecycle::dir(store.root()).join("new.json"), b"{ not json").unwrap();
+    assert!(lifecycle::is_retired(store.root(), "new").is_err());
+    append(&cache, &run_entries(&key, "new", 3, &[0x33; CHUNK]));
+    assert_eq!(drain(&store, &cache), ["new"]);
+    assert_eq!(store.load_manifest("new").unwrap().unwrap().points.len(), 3);
 }

@@ -535,13 +535,7 @@ pub(crate) fn watch_control(
             .map(|(id, _)| id.to_string())
             .collect();
         // VMs whose migration was completed (or an unreadable record: refused until it reads).
-        let retired: std::collections::HashSet<String> =
-            ferry_apply::lifecycle::list(&shared.store_root)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(_, l)| l.as_ref().map_or(true, |l| l.retired()))
-                .map(|(vm, _)| vm)
-                .collect();
+        let retired = ferry_apply::lifecycle::retired_set(&shared.store_root);
         let mut vms = shared.vms.lock().expect("vms lock");
         vms.retain(|vm, slot| {
             let kill = if !known.contains(&slot.agent) {
@@ -637,11 +631,22 @@ impl VmOwner<'_> {
         if self.shared.quarantine.contains(vm) {
             return Err(Kill::Quarantined.refusal(vm));
         }
-        if tokio::task::block_in_place(|| {
+        match tokio::task::block_in_place(|| {
             ferry_apply::lifecycle::is_retired(&self.shared.store_root, vm)
         }) {
-            tracing::info!(vm, agent = %self.agent, "refused: the VM's migration was completed");
-            return Err(Kill::Retired.refusal(vm));
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(vm, agent = %self.agent, "refused: the VM's migration was completed");
+                return Err(Kill::Retired.refusal(vm));
+            }
+            Err(e) => {
+                // Retried by the agent: nothing is decided on a record that cannot be read.
+                tracing::error!(vm, error = %e, "cannot read the VM's lifecycle record; its agent is asked to retry until it can be read");
+                return Err(refusal(
+                    refuse::INTERNAL,
+                    "the process server cannot read this VM's lifecycle record; retrying (see its log)",
+                ));
+            }
         }
         let mut vms = self.shared.vms.lock().expect("vms lock");
         if let Some(slot) = vms.get(vm) {
@@ -961,49 +966,58 @@ fn notice(shared: &Shared, vm: &str, kind: u8, freeze_us: u64, text: &str) {
         }
         notice::HOOK_FAILED => notice_event(shared, "hook", vm, text.to_owned()),
         notice::CUTOVER | notice::CUTOVER_ROLLBACK => {
-            // Not rate-limited: they are rare, and `--point final` depends on the first.
+            // Not rate-limited: rare, and a repeated cutover notice records nothing.
             let (kind, text) = (kind, text.to_owned());
-            let e = tokio::task::block_in_place(|| cutover_notice(shared, vm, kind, &text));
-            shared.events.record(e);
+            if let Some(e) = tokio::task::block_in_place(|| cutover_notice(shared, vm, kind, &text))
+            {
+                shared.events.record(e);
+            }
         }
         _ => {}
     }
 }
 
 /// `ferry-agent cutover` (or its rollback) on the VM's source: the VM's lifecycle record says
-/// which point is `final` (only a point the store lists), or goes again. Returns the event.
-fn cutover_notice(shared: &Shared, vm: &str, kind: u8, text: &str) -> crate::events::Event {
+/// which point is `final` (only a point the store lists), held against retention, or goes again.
+/// The agent sends the cutover at every connection until it is rolled back: recording the same
+/// point again changes nothing and says nothing. Returns the event, if any.
+fn cutover_notice(shared: &Shared, vm: &str, kind: u8, text: &str) -> Option<crate::events::Event> {
     use ferry_apply::lifecycle::{self, Lifecycle};
     let root = &shared.store_root;
-    let ev = |msg: String| crate::events::Event::new("cutover", Some(vm), msg);
-    let current = match lifecycle::load(root, vm) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(vm, error = %e, "cannot read the VM's lifecycle record for its cutover");
-            return ev(format!("cutover notice not recorded: {e}"));
-        }
-    };
+    let ev = |msg: String| Some(crate::events::Event::new("cutover", Some(vm), msg));
+    const HOLD: &str = "cutover-final";
     if kind == ferry_wire::notice::CUTOVER_ROLLBACK {
-        return match current {
-            Some(l) if l.state == lifecycle::CUT_OVER => match lifecycle::remove(root, vm) {
-                Ok(()) => ev("cutover rolled back: the source is writable and replicates again".into()),
-                Err(e) => {
-                    tracing::error!(vm, error = %e, "cannot remove the VM's lifecycle record");
-                    ev(format!("cutover rolled back on the source, but the record stays: {e}"))
+        let r = lifecycle::update(root, vm, |cur| match cur {
+            Some(l) if l.state == lifecycle::CUT_OVER => {
+                let seq = l
+                    .final_point
+                    .as_deref()
+                    .and_then(|p| p.split('-').next()?.parse::<u64>().ok());
+                Ok((None, Some(seq)))
+            }
+            other => Ok((other, None)),
+        });
+        return match r {
+            Ok(Some(seq)) => {
+                if let Some(seq) = seq {
+                    if let Err(e) = ferry_store::readers::release_hold(root, vm, seq, HOLD) {
+                        tracing::warn!(vm, error = %e, "cannot release the final point's hold");
+                    }
                 }
-            },
-            Some(l) => ev(format!(
-                "the source rolled its cutover back, but the VM is {} already: replication does not resume for it",
-                l.state
-            )),
-            None => ev("cutover rolled back (no cutover was recorded)".into()),
+                ev("cutover rolled back: the source is writable and replicates again".into())
+            }
+            Ok(None) => ev("the source rolled a cutover back; the VM is not cut over here (failed over already, or never recorded)".into()),
+            Err(e) => {
+                tracing::error!(vm, error = %e, "cannot record the cutover's rollback");
+                ev(format!("cutover rolled back on the source, but not recorded here: {e}"))
+            }
         };
     }
-    let listed = ferry_store::load_manifest_at(root, vm)
+    let point = ferry_store::load_manifest_at(root, vm)
         .ok()
         .flatten()
-        .is_some_and(|m| m.points.iter().any(|p| p.id == text));
-    if !listed {
+        .and_then(|m| m.points.into_iter().find(|p| p.id == text));
+    let Some(point) = point else {
         tracing::warn!(
             vm,
             point = text,
@@ -1012,25 +1026,35 @@ fn cutover_notice(shared: &Shared, vm: &str, kind: u8, text: &str) -> crate::eve
         return ev(format!(
             "cutover notice ignored: point {text} is not in the store"
         ));
-    }
-    let mut l = match current {
-        Some(l) if l.state != lifecycle::CUT_OVER => {
-            return ev(format!(
-                "cutover notice ignored: the VM is {} already",
-                l.state
-            ))
-        }
-        Some(l) => l,
-        None => Lifecycle::new(vm, lifecycle::CUT_OVER),
     };
-    l.final_point = Some(text.to_owned());
-    match lifecycle::save(root, &l) {
-        Ok(()) => ev(format!(
+    // Held first: retention must not take the final point while the record names it.
+    if let Err(e) =
+        ferry_store::readers::hold_point(root, vm, point.seq, HOLD, "the cutover's final point")
+    {
+        tracing::error!(vm, error = %e, "cannot hold the cutover's final point");
+        return ev(format!(
+            "cutover final point {text} not recorded: cannot hold it: {e}"
+        ));
+    }
+    let r = lifecycle::update(root, vm, |cur| match cur {
+        Some(l) if l.state == lifecycle::CUT_OVER && l.final_point.as_deref() == Some(text) => {
+            Ok((Some(l), false))
+        }
+        Some(l) if l.state != lifecycle::CUT_OVER => Err(format!("the VM is {} already", l.state)),
+        cur => {
+            let mut l = cur.unwrap_or_else(|| Lifecycle::new(vm, lifecycle::CUT_OVER));
+            l.final_point = Some(text.to_owned());
+            Ok((Some(l), true))
+        }
+    });
+    match r {
+        Ok(false) => None,
+        Ok(true) => ev(format!(
             "cutover: the source's writes are blocked; final point {text} (fail over with: ferry failover --vm {vm} --point final)"
         )),
         Err(e) => {
-            tracing::error!(vm, error = %e, "cannot record the VM's final point");
-            ev(format!("cutover final point {text} not recorded: {e}"))
+            tracing::warn!(vm, error = %e, "cutover notice not recorded");
+            ev(format!("cutover notice for point {text} not recorded: {e}"))
         }
     }
 }

@@ -4,11 +4,9 @@
 //! state byte for byte, moving at most 1.1× the changed bytes (the figure is printed), a dry run
 //! writes nothing, and protecting the disk again stores only what the store lacks. Costs ~3 s.
 
-mod common;
-
 use std::path::Path;
 
-use common::{b3, ferry, ok, write_random, Env, Rng};
+use crate::common::{b3, ferry, ok, write_random, Env, Rng};
 
 const SIZE: u64 = 64 << 20;
 const CHUNK: u64 = 64 << 10;
@@ -128,6 +126,7 @@ fn failback_moves_only_what_diverged_and_leaves_the_disk_identical() {
             "--json",
         ],
     );
+    ok(&o, "failback again");
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["bytes_moved"], 0, "{r:#}");
 

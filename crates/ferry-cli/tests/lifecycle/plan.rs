@@ -4,12 +4,10 @@
 //! the next group, a script others may write is refused, and the real plan fails every VM over.
 //! Costs ~3 s.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{ferry, ok, write_random, Env, Rng};
+use crate::common::{ferry, ok, write_random, Env, Rng};
 
 fn plan_cmd(env: &Env, args: &[&str]) -> std::process::Output {
     ferry()
@@ -68,7 +66,7 @@ fn a_two_group_plan_fails_over_in_order_with_its_scripts_test_and_cleanup_includ
     script(
         &pre_web,
         &format!(
-            "echo \"pre $FERRY_GROUP $FERRY_PLAN_MODE $FERRY_VMS\" >> {}",
+            "echo noise; echo \"pre $FERRY_GROUP $FERRY_PLAN_MODE $FERRY_VMS\" >> {}",
             log.display()
         ),
         0o755,
