@@ -244,6 +244,9 @@ pub(crate) fn test(a: TestArgs) -> Result<(), JobError> {
 
 /// Makes one VM's failover (or test failover) and returns its record (ready).
 pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
+    if matches!(a.store, StoreLocation::Azure { .. }) {
+        return azure::test(a);
+    }
     let root = local_root(&a.store)?;
     ferry_job::validate_name("VM", &a.vm)?;
     let kind = if a.real { "failover" } else { "test" };
@@ -478,6 +481,44 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
 
 /// What `ferry failover [--test]` prints about the failover it made.
 fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
+    if matches!(a.store, StoreLocation::Azure { .. }) {
+        let cmds = azure::az_commands(&a.store, rec);
+        if a.json {
+            let mut d = describe(rec);
+            d["qemu"] = serde_json::Value::Null;
+            d["az"] = json!(cmds);
+            outln!("{}", serde_json::to_string_pretty(&d).expect("json"));
+            return Ok(());
+        }
+        outln!(
+            "test failover {}: VM {} at point {} ({}, {}): page blobs, copied server-side in {}",
+            rec.id,
+            rec.vm,
+            rec.point,
+            rec.point_kind,
+            rec.point_time,
+            a.store
+        );
+        for d in &rec.disks {
+            outln!(
+                "  {:<10} {}  ({})",
+                d.disk,
+                d.path.display(),
+                crate::units::human(d.size)
+            );
+        }
+        outln!();
+        outln!("Make managed disks and a test VM of them (an isolated network: it is a copy of production):");
+        for c in &cmds {
+            outln!("  {c}");
+        }
+        outln!(
+            "When done (delete the VM and disks first): ferry failover --test --cleanup --vm {} --store {}",
+            rec.vm,
+            a.store
+        );
+        return Ok(());
+    }
     let root = local_root(&a.store)?;
     let (id, vm) = (&rec.id, &rec.vm);
     if a.json {
@@ -780,6 +821,9 @@ pub(crate) fn cleanup(store: &StoreLocation, vm: &str, json_out: bool) -> Result
 
 /// Whether the VM has a test failover to clean up.
 pub(crate) fn has_open_test(store: &StoreLocation, vm: &str) -> Result<bool, JobError> {
+    if matches!(store, StoreLocation::Azure { .. }) {
+        return azure::has_open_test(store, vm);
+    }
     let root = local_root(store)?;
     Ok(records(&root)?
         .iter()
@@ -791,6 +835,9 @@ pub(crate) fn cleanup_vm(
     store: &StoreLocation,
     vm: &str,
 ) -> Result<(Record, Vec<PathBuf>, bool), JobError> {
+    if matches!(store, StoreLocation::Azure { .. }) {
+        return azure::cleanup(store, vm);
+    }
     let root = local_root(store)?;
     let Some(mut rec) = records(&root)?
         .into_iter()
@@ -807,6 +854,41 @@ pub(crate) fn cleanup_vm(
 
 /// `ferry failover list`.
 pub(crate) fn list(store: &StoreLocation, json_out: bool) -> Result<(), JobError> {
+    if matches!(store, StoreLocation::Azure { .. }) {
+        let all = azure::all(store)?;
+        if json_out {
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &all.iter()
+                        .map(|r| {
+                            let mut d = describe(r);
+                            d["qemu"] = serde_json::Value::Null;
+                            d
+                        })
+                        .collect::<Vec<_>>()
+                )
+                .expect("json")
+            );
+        } else if all.is_empty() {
+            outln!("no test failovers yet (ferry failover --test --vm VM makes one)");
+        }
+        if !json_out {
+            for r in &all {
+                outln!(
+                    "{}  {:<5} {:<12} point {} ({})  {}  {}",
+                    r.created,
+                    r.kind,
+                    r.vm,
+                    r.point,
+                    r.point_kind,
+                    r.state,
+                    r.dir.display()
+                );
+            }
+        }
+        return Ok(());
+    }
     let root = local_root(store)?;
     let all = records(&root)?;
     let lifecycle = ferry_apply::lifecycle::list(&root).map_err(|e| {
@@ -1042,4 +1124,337 @@ fn report(
     }
     outln!("  on the source machine, if it still runs: systemctl disable --now ferry-agent");
     Ok(())
+}
+
+/// Test failovers of an Azure store: each disk of the point becomes a new page blob in the
+/// store's container, by server-side copy of the point's snapshot (no data through this
+/// machine), under `PREFIX/VM-ID/` (`--to azure://ACCOUNT/CONTAINER/PREFIX`, default prefix
+/// `test-failover`); the record is the blob `failovers/ID.json`. The copies stand alone: the
+/// point is pinned only while they are made. `--cleanup` deletes exactly the blobs the record
+/// names. The output gives the `az` commands that make managed disks and a VM of them.
+pub(crate) mod azure {
+    use super::*;
+
+    /// The default blob prefix of test failovers.
+    pub const DEFAULT_PREFIX: &str = "test-failover";
+
+    fn az(e: impl std::fmt::Display) -> JobError {
+        JobError::Azure(e.to_string())
+    }
+
+    fn record_blob(id: &str) -> String {
+        format!("failovers/{id}.json")
+    }
+
+    fn put(blobs: &ferry_azure::AzureBlobs, r: &Record) -> Result<(), JobError> {
+        blobs
+            .put_block_blob(
+                &record_blob(&r.id),
+                serde_json::to_vec_pretty(r).expect("record serializes"),
+            )
+            .map_err(az)
+    }
+
+    /// Every test failover record of the container.
+    pub(crate) fn records(blobs: &ferry_azure::AzureBlobs) -> Result<Vec<Record>, JobError> {
+        let mut out = Vec::new();
+        for (name, _) in blobs.list("failovers/").map_err(az)? {
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let Some(b) = blobs.get_blob(&name).map_err(az)? else {
+                continue;
+            };
+            let r: Record = serde_json::from_slice(&b).map_err(|e| {
+                JobError::Usage(format!(
+                    "blob {name}: {e}; it is written only by Ferry: delete it by hand if it is not Ferry's"
+                ))
+            })?;
+            out.push(r);
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    fn open(store: &StoreLocation) -> Result<(ferry_azure::AzureBlobs, String, String), JobError> {
+        match store {
+            StoreLocation::Azure {
+                url,
+                account,
+                container,
+            } => Ok((
+                ferry_job::azure::connect(url)?,
+                account.clone(),
+                container.clone(),
+            )),
+            StoreLocation::Local(_) => unreachable!("an Azure store"),
+        }
+    }
+
+    /// The blob paths a test failover of `vm` with `id` under `prefix` writes.
+    fn blob_dir(prefix: &str, vm: &str, id: &str) -> String {
+        format!("{prefix}/{}", dir_name(vm, id))
+    }
+
+    /// Checks a record before its cleanup deletes blobs by it: every name valid, every blob the
+    /// one a test failover of this id writes.
+    fn check(r: &Record) -> Result<(), JobError> {
+        let bad = |why: String| {
+            JobError::Usage(format!(
+                "failover record {} is not one Ferry wrote ({why}); nothing deleted",
+                r.id
+            ))
+        };
+        if r.kind != "test" || !id_ok(&r.id) || !r.id.starts_with("test-") {
+            return Err(bad("its id or kind".into()));
+        }
+        ferry_job::validate_name("VM", &r.vm).map_err(|e| bad(e.to_string()))?;
+        let dir = r.dir.to_str().unwrap_or("");
+        let Some(prefix) = dir.strip_suffix(&format!("/{}", dir_name(&r.vm, &r.id))) else {
+            return Err(bad(format!("its prefix {dir}")));
+        };
+        if prefix.is_empty()
+            || prefix
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(bad(format!("its prefix {prefix}")));
+        }
+        for d in &r.disks {
+            ferry_job::validate_name("disk", &d.disk).map_err(|e| bad(e.to_string()))?;
+            if d.path.to_str() != Some(&format!("{dir}/{}", disk_file(&r.vm, &d.disk, false))) {
+                return Err(bad(format!("its blob {}", d.path.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes what the record's test failover made and marks it `state`.
+    fn remove(
+        blobs: &ferry_azure::AzureBlobs,
+        r: &mut Record,
+        state: &str,
+    ) -> Result<Vec<PathBuf>, JobError> {
+        check(r)?;
+        let mut removed = Vec::new();
+        for d in &r.disks {
+            let name = d.path.to_str().expect("checked");
+            if blobs.blob_size(name).map_err(az)?.is_some() {
+                blobs.delete_blob(name).map_err(az)?;
+                removed.push(d.path.clone());
+            }
+        }
+        r.state = state.into();
+        r.cleaned = Some(now_rfc3339());
+        put(blobs, r)?;
+        Ok(removed)
+    }
+
+    /// `ferry failover --test --vm VM --store azure://…`.
+    pub(crate) fn test(a: &TestArgs) -> Result<Record, JobError> {
+        if a.real {
+            return Err(JobError::Usage(
+                "a real failover of an azure:// store is not in this version: test failovers only (--test), or restore each disk with `ferry restore --out azure://…`".into(),
+            ));
+        }
+        if a.raw {
+            return Err(JobError::Usage(
+                "--format raw: an Azure test failover makes page blobs (fixed VHDs, what managed disks are made of)".into(),
+            ));
+        }
+        ferry_job::validate_name("VM", &a.vm)?;
+        let (blobs, account, container) = open(&a.store)?;
+        let prefix = match &a.to {
+            None => DEFAULT_PREFIX.to_string(),
+            Some(t) => {
+                let t = t.to_str().unwrap_or("");
+                let rest = t.strip_prefix("azure://").ok_or_else(|| {
+                    JobError::Usage(format!(
+                        "--to {t}: for an azure:// store give azure://{account}/{container}/PREFIX (the test failover's blobs go under it)"
+                    ))
+                })?;
+                let mut it = rest.splitn(3, '/');
+                let (acc, con, p) = (
+                    it.next().unwrap_or(""),
+                    it.next().unwrap_or(""),
+                    it.next().unwrap_or(""),
+                );
+                let p = p.trim_matches('/');
+                if acc != account || con != container {
+                    return Err(JobError::Usage(format!(
+                        "--to {t}: the blobs are server-side copies in the store's own container: azure://{account}/{container}/PREFIX"
+                    )));
+                }
+                if p.is_empty()
+                    || p.split('/')
+                        .any(|c| ferry_job::validate_name("prefix", c).is_err())
+                {
+                    return Err(JobError::Usage(format!(
+                        "--to {t}: PREFIX must be names of A-Z a-z 0-9 . _ - separated by /"
+                    )));
+                }
+                p.to_string()
+            }
+        };
+        if matches!(&a.point, PointSelector::Id(f) if f == "final") {
+            return Err(JobError::Usage(
+                "--point final needs a local store in this version; give the final point's id (ferry-agent cutover prints it)".into(),
+            ));
+        }
+        let store = ferry_job::open_recovery(&a.store, None)?;
+        let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &a.point)?;
+        drop(store);
+        if let Some(open) = records(&blobs)?
+            .into_iter()
+            .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
+        {
+            return Err(JobError::Usage(format!(
+                "VM {vm} has a test failover already ({}, in {}); remove it first: ferry failover --test --cleanup --vm {vm} --store {}",
+                open.id,
+                open.dir.display(),
+                a.store
+            )));
+        }
+        let id = format!(
+            "test-{}-{}-{}",
+            point.seq,
+            std::process::id(),
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string()
+                .replace([':', '-'], "")
+                .trim_end_matches('Z')
+        );
+        let dir = blob_dir(&prefix, &vm, &id);
+        let mut rec = Record {
+            format: FORMAT.into(),
+            version: VERSION,
+            id: id.clone(),
+            kind: "test".into(),
+            vm: vm.clone(),
+            point: point.id.clone(),
+            point_seq: point.seq,
+            point_time: point.time.clone(),
+            point_kind: point.kind.clone(),
+            created: now_rfc3339(),
+            state: "creating".into(),
+            dir: PathBuf::from(&dir),
+            dir_created: true,
+            disks: point
+                .disks
+                .iter()
+                .map(|d| DiskOut {
+                    disk: d.name.clone(),
+                    path: PathBuf::from(format!("{dir}/{}", disk_file(&vm, &d.name, false))),
+                    size: d.size,
+                    blake3: d.blake3.clone(),
+                    written: false,
+                })
+                .collect(),
+            cleaned: None,
+        };
+        check(&rec)?;
+        put(&blobs, &rec)?;
+        let made = (|| -> Result<(), JobError> {
+            let _pin = ferry_job::azure_pins::pin_point(&blobs, &vm, point.seq)?;
+            let listed = ferry_job::azure::load_manifest(&blobs, &vm)?
+                .is_some_and(|m| m.points.iter().any(|p| p.seq == point.seq));
+            if !listed {
+                return Err(JobError::Usage(format!(
+                    "point {} was just pruned by retention; choose another",
+                    point.id
+                )));
+            }
+            for i in 0..rec.disks.len() {
+                let d = rec.disks[i].clone();
+                let name = d.path.to_str().expect("utf-8");
+                if blobs.blob_size(name).map_err(az)?.is_some() {
+                    return Err(JobError::Usage(format!("blob {name} exists already")));
+                }
+                ferry_job::azure::restore_to_blob(&blobs, &vm, &point, &d.disk, name, a.verify)?;
+                rec.disks[i].written = true;
+                put(&blobs, &rec)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            return Err(match remove(&blobs, &mut rec, "failed") {
+                Ok(_) => JobError::Usage(format!(
+                    "test failover of {vm} failed, and what it had made is deleted: {e}"
+                )),
+                Err(c) => JobError::Usage(format!(
+                    "test failover of {vm} failed ({e}), and deleting what it made failed too ({c}): run `ferry failover --test --cleanup --vm {vm} --store {}`",
+                    a.store
+                )),
+            });
+        }
+        rec.state = "ready".into();
+        put(&blobs, &rec)?;
+        Ok(rec)
+    }
+
+    /// The `az` commands that make managed disks and a test VM of the record's page blobs.
+    pub(crate) fn az_commands(store: &StoreLocation, r: &Record) -> Vec<String> {
+        let base = match open(store) {
+            Ok((b, _, _)) => b.container_url().trim_end_matches('/').to_string(),
+            Err(_) => String::from("https://ACCOUNT.blob.core.windows.net/CONTAINER"),
+        };
+        let mut c = Vec::new();
+        let mut names = Vec::new();
+        for d in &r.disks {
+            let n = format!(
+                "{}-{}-{}",
+                r.vm,
+                d.disk,
+                r.id.split('-').next().unwrap_or("test")
+            );
+            c.push(format!(
+                "az disk create -g RESOURCE_GROUP -n {n} --source {base}/{} --source-storage-account-id STORAGE_ACCOUNT_ID",
+                d.path.display()
+            ));
+            names.push(n);
+        }
+        if let Some((os, data)) = names.split_first() {
+            let mut vm = format!(
+                "az vm create -g RESOURCE_GROUP -n {}-test --attach-os-disk {os} --os-type linux --vnet-name ISOLATED_TEST_VNET --subnet SUBNET --public-ip-address \"\"",
+                r.vm
+            );
+            if !data.is_empty() {
+                vm.push_str(&format!(" --attach-data-disks {}", data.join(" ")));
+            }
+            c.push(vm);
+        }
+        c
+    }
+
+    /// `--cleanup` of an Azure store's test failover.
+    pub(crate) fn cleanup(
+        store: &StoreLocation,
+        vm: &str,
+    ) -> Result<(Record, Vec<PathBuf>, bool), JobError> {
+        let (blobs, _, _) = open(store)?;
+        let Some(mut rec) = records(&blobs)?
+            .into_iter()
+            .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
+        else {
+            return Err(JobError::Usage(format!(
+                "VM {vm} has no test failover to clean up (`ferry failover list --store {store}` shows them)"
+            )));
+        };
+        let removed = remove(&blobs, &mut rec, "cleaned")?;
+        Ok((rec, removed, true))
+    }
+
+    /// Whether the VM has a test failover to clean up.
+    pub(crate) fn has_open_test(store: &StoreLocation, vm: &str) -> Result<bool, JobError> {
+        let (blobs, _, _) = open(store)?;
+        Ok(records(&blobs)?
+            .iter()
+            .any(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed"))
+    }
+
+    /// The records, for `list`.
+    pub(crate) fn all(store: &StoreLocation) -> Result<Vec<Record>, JobError> {
+        let (blobs, _, _) = open(store)?;
+        records(&blobs)
+    }
 }

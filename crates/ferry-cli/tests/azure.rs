@@ -497,3 +497,149 @@ fn a_pinned_point_survives_retention_and_an_expired_pin_does_not_count() {
         "the expired pin was not removed"
     );
 }
+
+/// A test failover of an Azure store: each disk a new page blob under the test prefix (a
+/// server-side copy of the point's snapshot), exact as Microsoft's Python SDK reads it, with the
+/// `az` commands to make a VM of them; `--cleanup` deletes exactly those blobs; mistakes get
+/// clear errors.
+#[test]
+fn an_azure_test_failover_makes_page_blobs_an_independent_client_reads_and_cleanup_deletes_them() {
+    let Some(az) = Az::start() else { return };
+    let size = 8 << 20;
+    let (disk, mut rng) = make_disk(&az.env, "os.img", size, 5);
+    az.replicate(&disk, &["--vm", "web01", "--disk", "os"]);
+    let at1 = az.env.path("os-at-1.img");
+    fs::copy(&disk, &at1).unwrap();
+    let p1 = az.points()[0]["id"].as_str().unwrap().to_owned();
+    write_random(&disk, &mut rng, 1 << 20, 1 << 20);
+    az.replicate(&disk, &["--vm", "web01", "--disk", "os"]);
+    let url = az.url();
+    let fo = |extra: &[&str]| {
+        let mut a = vec!["failover", "--store", url.as_str()];
+        a.extend_from_slice(extra);
+        az.run(&a)
+    };
+    let o = fo(&[
+        "--test",
+        "--vm",
+        "web01",
+        "--point",
+        &p1,
+        "--verify",
+        "--json",
+        "--to",
+        "azure://devstoreaccount1/ferry/tf",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["state"], "ready", "{r:#}");
+    let blob = r["disks"][0]["path"].as_str().unwrap().to_owned();
+    assert!(
+        blob.starts_with("tf/web01-test-") && blob.ends_with("/web01-os.vhd"),
+        "{blob}"
+    );
+    let cmds: Vec<&str> = r["az"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(
+        cmds[0].starts_with("az disk create") && cmds[0].contains(&blob),
+        "{cmds:?}"
+    );
+    assert!(cmds.last().unwrap().starts_with("az vm create"), "{cmds:?}");
+    // One at a time per VM.
+    let o = fo(&["--test", "--vm", "web01"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has a test failover already"));
+
+    // Microsoft's SDK reads the page blob: the disk at point 1, a fixed VHD.
+    let py = python();
+    let blobs_under = |prefix: &str| -> Option<usize> {
+        let py = py.as_ref()?;
+        let o = Command::new(py)
+            .env("AZURE_STORAGE_CONNECTION_STRING", az.azurite.connection_string())
+            .args([
+                "-c",
+                "import os,sys\nfrom azure.storage.blob import BlobServiceClient\nc=BlobServiceClient.from_connection_string(os.environ['AZURE_STORAGE_CONNECTION_STRING']).get_container_client(sys.argv[1])\nprint(sum(1 for _ in c.list_blobs(name_starts_with=sys.argv[2])))",
+                CONTAINER,
+                prefix,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Some(String::from_utf8_lossy(&o.stdout).trim().parse().unwrap())
+    };
+    match &py {
+        Some(py) => {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/py/check_page_blob.py");
+            let o = Command::new(py)
+                .env(
+                    "AZURE_STORAGE_CONNECTION_STRING",
+                    az.azurite.connection_string(),
+                )
+                .arg(&script)
+                .arg(CONTAINER)
+                .arg(&blob)
+                .arg(size.to_string())
+                .arg(&at1)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "python check: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert_eq!(blobs_under("tf/"), Some(1));
+        }
+        None if std::env::var_os("FERRY_REQUIRE_AZURITE").is_some() => {
+            panic!("python azure-storage-blob is required (scripts/test installs it)")
+        }
+        None => eprintln!("SKIP (partial): python azure-storage-blob not installed"),
+    }
+
+    // Cleanup deletes exactly its blobs; the record stays as `cleaned`.
+    let o = fo(&["--test", "--cleanup", "--vm", "web01"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    if py.is_some() {
+        assert_eq!(blobs_under("tf/"), Some(0));
+        assert_eq!(blobs_under("replicas/web01/"), Some(1), "the replica stays");
+    }
+    let o = az.run(&["failover", "list", "--json", "--store", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(l[0]["state"], "cleaned", "{l:#}");
+
+    // Mistakes.
+    for (args, want) in [
+        (
+            &["--test", "--vm", "web01", "--to", "azure://other/ferry/x"][..],
+            "store's own container",
+        ),
+        (
+            &["--test", "--vm", "web01", "--format", "raw"][..],
+            "page blobs",
+        ),
+        (&["--vm", "web01"][..], "not in this version"),
+        (
+            &["--test", "--vm", "web01", "--point", "final"][..],
+            "final",
+        ),
+    ] {
+        let o = fo(args);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
