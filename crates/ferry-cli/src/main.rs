@@ -77,10 +77,13 @@ enum Cmd {
     /// --test: while replication goes on, into a new directory VM-ID under --to; `--cleanup`
     /// removes exactly what it made. One test failover per VM at a time.
     /// Without --test (a real failover, the source gone or cut over): into the new directory
-    /// --to/VM, for good; the process server stops expecting the VM's agent, and the point is
-    /// held until `ferry complete-migration`.
+    /// --to/VM, for good; the process server stops expecting the VM's agent; `ferry
+    /// complete-migration` ends its replication once the VM runs from these disks.
+    /// An Azure store (test failovers only): page blobs by server-side copy under
+    /// --to azure://ACCOUNT/CONTAINER/PREFIX, and the `az` commands that make a VM of them.
     ///
-    /// The point is held against retention (`STORE/pins/…hold`), and a record in
+    /// The point is held against retention while it is read (`STORE/pins/…hold`; a test
+    /// failover's until its cleanup), and a record in
     /// `STORE/failovers/` lists what was made, so a cleanup after Ctrl-C or a crash removes only
     /// that; a failover that fails removes what it made. `--point latest` is the newest point the
     /// server committed (the incumbent's "latest processed"); `--point final` is the point
