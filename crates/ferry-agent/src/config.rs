@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub max_rate: Option<String>,
     pub hooks_dir: Option<PathBuf>,
     pub hook_timeout: Option<String>,
+    /// Let the process server ask for a cutover (`ferry failover --shutdown-source`).
+    pub allow_remote_cutover: Option<bool>,
     pub mysql: Option<MysqlConfig>,
 }
 

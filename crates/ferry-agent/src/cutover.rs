@@ -228,7 +228,17 @@ pub fn start(
         }
     };
     // 2. Block writes: record, then remount read-only.
-    let found = ferry_freeze::discover(&ctx.disks).map_err(|e| {
+    // Image files (the scan tracker's) carry no mount the agent can see: only block devices
+    // are looked up (a loop-mounted image is not write-blocked: stop its writer in a hook).
+    let devices: Vec<&PathBuf> = ctx
+        .disks
+        .iter()
+        .filter(|d| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(d).is_ok_and(|m| m.file_type().is_block_device())
+        })
+        .collect();
+    let found = ferry_freeze::discover(&devices).map_err(|e| {
         let _ = undo(ctx, &[]);
         format!("cutover stopped, the application hooks rolled back: {e}")
     })?;

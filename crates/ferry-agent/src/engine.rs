@@ -85,6 +85,9 @@ pub struct AgentOptions {
     pub max_rate: Option<u64>,
     pub hooks_dir: PathBuf,
     pub hook_timeout: Duration,
+    /// Whether the process server may ask this agent to cut over (`ferry failover
+    /// --shutdown-source`); off unless the operator of this machine opts in.
+    pub allow_remote_cutover: bool,
     pub mysql: Option<MysqlOptions>,
     /// A program run while the filesystems are frozen (tests, diagnostics); its time counts
     /// against the freeze bound.
@@ -280,6 +283,10 @@ struct Awaiting {
 struct Engine<'a> {
     /// Cut over (`crate::cutover`): no scheduled point.
     cut_over: Arc<AtomicBool>,
+    /// What a cutover the server asks for needs, and the engine's own request channel (the
+    /// cutover runs on its own thread and asks the engine for the final point).
+    cutover: Arc<crate::cutover::Ctx>,
+    self_tx: Sender<Request>,
     o: &'a AgentOptions,
     /// Set by SIGINT/SIGTERM: checked wherever the engine could wait on the shipper.
     stop: &'a AtomicBool,
@@ -435,7 +442,12 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         hook_timeout: o.hook_timeout,
         active: cut_over.clone(),
     });
-    let control = match crate::control::listen(&o.state_dir, req_tx, cutover) {
+    if o.allow_remote_cutover {
+        // Sent at every connection: the server may ask for a cutover.
+        stats.notice(ferry_wire::notice::REMOTE_CUTOVER, 0, "allowed");
+    }
+    let self_tx = req_tx.clone();
+    let control = match crate::control::listen(&o.state_dir, req_tx, cutover.clone()) {
         Ok(c) => c,
         Err(e) => {
             stop_shipper(tx, shipper);
@@ -522,6 +534,8 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
         intervals_changed: false,
         disconnected: None,
         cut_over,
+        cutover,
+        self_tx,
     };
     e.announce_intervals();
     if let Some(why) = &e.resyncing {
@@ -1218,6 +1232,40 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// The process server asked for a cutover (`ferry failover --shutdown-source`): run it, as
+    /// `ferry-agent cutover --allow-writable` would, on its own thread (it waits for the engine's
+    /// final point); a failure goes back as a notice.
+    fn remote_cutover(&mut self) {
+        let failed = |why: String| Request::Notice {
+            kind: ferry_wire::notice::CUTOVER_FAILED,
+            text: why,
+        };
+        if !self.o.allow_remote_cutover {
+            tracing::warn!(
+                "the process server asked for a cutover; refused: allow_remote_cutover is off"
+            );
+            let _ = self.self_tx.send(failed(
+                "this agent does not allow a cutover from the process server (allow_remote_cutover = true in /etc/ferry/agent.toml enables it); run `ferry-agent cutover` on the machine".into(),
+            ));
+            return;
+        }
+        tracing::warn!("the process server asked for a cutover (ferry failover --shutdown-source)");
+        let (ctx, tx) = (self.cutover.clone(), self.self_tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name("remote-cutover".into())
+            .spawn(move || {
+                if let Err(why) = crate::cutover::start(&ctx, &tx, true) {
+                    tracing::error!(%why, "the cutover the process server asked for failed");
+                    let _ = tx.send(failed(why));
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = self
+                .self_tx
+                .send(failed(format!("cannot start the cutover: {e}")));
+        }
+    }
+
     fn on_event(&mut self, ev: Event) -> Result<(), AgentError> {
         match ev {
             Event::TagAcked(run) => self.committed(run)?,
@@ -1247,6 +1295,7 @@ impl Engine<'_> {
                 crash_every_ms,
                 app_every_ms,
             } => self.apply_policy(crash_every_ms, app_every_ms),
+            Event::CutoverAsked => self.remote_cutover(),
         }
         Ok(())
     }
@@ -1868,6 +1917,7 @@ mod tests {
             freeze_bound: Duration::from_secs(2),
             hooks_dir: state.join("no-hooks"),
             hook_timeout: Duration::from_secs(1),
+            allow_remote_cutover: false,
             mysql: None,
             frozen_hook: None,
             once: None,
@@ -1899,6 +1949,15 @@ mod tests {
         let (tx, rx) = mpsc::channel(1024);
         let e = Engine {
             cut_over: Arc::new(AtomicBool::new(false)),
+            cutover: Arc::new(crate::cutover::Ctx {
+                state_dir: o.state_dir.clone(),
+                disks: o.disks.clone(),
+                vm: o.vm.clone(),
+                hooks_dir: o.hooks_dir.clone(),
+                hook_timeout: o.hook_timeout,
+                active: Arc::new(AtomicBool::new(false)),
+            }),
+            self_tx: crossbeam_channel::unbounded().0,
             o,
             disks,
             track: Track::Scan,
@@ -1948,6 +2007,28 @@ mod tests {
             .collect();
         out.sort_unstable();
         out
+    }
+
+    #[test]
+    fn a_cutover_the_server_asks_for_is_refused_unless_the_machine_allows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let img = image(dir.path(), "a", 4, 1);
+        let o = options(&state, &[&img], &["a"]);
+        let (mut e, _rx) = engine(&o, vec![open_disk(&state, &img, "a", 1)]);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        e.self_tx = tx;
+        // Even if the server sent it to an agent that never allowed it: refused, nothing done.
+        e.on_event(Event::CutoverAsked).unwrap();
+        match rx.try_recv() {
+            Ok(Request::Notice { kind, text }) => {
+                assert_eq!(kind, ferry_wire::notice::CUTOVER_FAILED);
+                assert!(text.contains("allow_remote_cutover"), "{text}");
+            }
+            _ => panic!("no refusal sent"),
+        }
+        assert!(rx.try_recv().is_err());
+        assert!(!state.join("cutover.json").exists());
     }
 
     #[test]

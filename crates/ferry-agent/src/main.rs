@@ -173,6 +173,11 @@ struct RunArgs {
     /// Timeout of each hook [default: 30s].
     #[arg(long)]
     hook_timeout: Option<String>,
+    /// Let the process server ask this machine to cut over (`ferry failover --vm VM
+    /// --shutdown-source`: hooks with `cutover`, filesystems read-only, final point), as
+    /// `ferry-agent cutover --allow-writable` would [default: off; key allow_remote_cutover].
+    #[arg(long)]
+    allow_remote_cutover: bool,
     /// MariaDB/MySQL hook: the server's unix socket (enables the hook).
     #[arg(long)]
     mysql_socket: Option<PathBuf>,
@@ -454,6 +459,7 @@ fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
             .or(cfg.hooks_dir)
             .unwrap_or_else(|| PathBuf::from(ferry_freeze::DEFAULT_HOOKS_DIR)),
         hook_timeout,
+        allow_remote_cutover: a.allow_remote_cutover || cfg.allow_remote_cutover.unwrap_or(false),
         mysql,
         frozen_hook: a.frozen_hook,
         once: once.then_some(match a.point {

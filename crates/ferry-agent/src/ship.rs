@@ -60,6 +60,8 @@ pub enum Event {
         crash_every_ms: u64,
         app_every_ms: u64,
     },
+    /// The server asks for a cutover ([`Message::CutoverRequest`]).
+    CutoverAsked,
 }
 
 /// Counters of the shipper, read by the engine for its log lines.
@@ -76,6 +78,8 @@ pub struct ShipStats {
     /// The cutover in effect as a notice, sent again at each new connection until rolled back
     /// (a notice lost with a connection must not leave the server without the final point).
     pub cutover: std::sync::Mutex<Option<Message>>,
+    /// That this agent allows a cutover asked by the server, sent again at each connection.
+    pub remote_cutover: std::sync::Mutex<Option<Message>>,
 }
 
 /// Resolves once `abandon` is set (polled every 50 ms).
@@ -107,6 +111,9 @@ impl ShipStats {
         };
         if kind == ferry_wire::notice::INTERVALS {
             *self.intervals.lock().expect("intervals lock") = Some(m.clone());
+        }
+        if kind == ferry_wire::notice::REMOTE_CUTOVER {
+            *self.remote_cutover.lock().expect("remote cutover lock") = Some(m.clone());
         }
         if kind == ferry_wire::notice::CUTOVER {
             *self.cutover.lock().expect("cutover lock") = Some(m.clone());
@@ -519,8 +526,15 @@ async fn session(
     if let Some(m) = intervals {
         w.send(&m).await?;
     }
-    let cutover = stats.cutover.lock().expect("cutover lock").clone();
-    if let Some(m) = cutover {
+    let sticky = [
+        stats.cutover.lock().expect("cutover lock").clone(),
+        stats
+            .remote_cutover
+            .lock()
+            .expect("remote cutover lock")
+            .clone(),
+    ];
+    for m in sticky.into_iter().flatten() {
         w.send(&m).await?;
     }
     loop {
@@ -650,6 +664,9 @@ async fn handle(
                 crash_every_ms,
                 app_every_ms,
             });
+        }
+        Message::CutoverRequest => {
+            let _ = out.events.send(Event::CutoverAsked);
         }
         Message::CutRequest { app } => {
             tracing::info!(

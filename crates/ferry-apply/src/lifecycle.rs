@@ -459,3 +459,80 @@ pub fn retire(store: &LocalStore, vm: &str) -> Result<Removed, ApplyError> {
     );
     Ok(out)
 }
+
+/// `ferry failover --shutdown-source`: the operator asks the VM's agent (through the process
+/// server) to cut over. `lifecycle/VM.cutover-request` (durable) until the server has sent it
+/// (then `.cutover-asked`); the outcome is the record's `final_point` (success) or
+/// `lifecycle/VM.cutover-result` (why not).
+pub mod remote {
+    use super::*;
+
+    fn file(store_root: &Path, vm: &str, ext: &str) -> PathBuf {
+        dir(store_root).join(format!("{vm}.{ext}"))
+    }
+
+    /// Asks for a cutover of `vm` (clears an older outcome first).
+    pub fn request(store_root: &Path, vm: &str) -> std::io::Result<()> {
+        for ext in ["cutover-result", "cutover-asked"] {
+            ferry_durable::remove_durable(&file(store_root, vm, ext))?;
+        }
+        ferry_durable::durable_write(&file(store_root, vm, "cutover-request"), b"cutover\n")
+    }
+
+    /// Withdraws a request (the operator gave up waiting).
+    pub fn withdraw(store_root: &Path, vm: &str) {
+        for ext in ["cutover-request", "cutover-asked"] {
+            let _ = ferry_durable::remove_durable(&file(store_root, vm, ext));
+        }
+    }
+
+    /// VMs with a request not yet sent.
+    pub fn requested(store_root: &Path) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(dir(store_root)) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_suffix(".cutover-request")
+                    .filter(|vm| !vm.starts_with('.') && !vm.is_empty())
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// The request of `vm` was sent to its agent.
+    pub fn sent(store_root: &Path, vm: &str) -> std::io::Result<()> {
+        std::fs::rename(
+            file(store_root, vm, "cutover-request"),
+            file(store_root, vm, "cutover-asked"),
+        )?;
+        ferry_durable::fsync_dir(&dir(store_root))
+    }
+
+    /// Whether a request of `vm` is outstanding (asked or sent).
+    pub fn pending(store_root: &Path, vm: &str) -> bool {
+        file(store_root, vm, "cutover-request").exists()
+            || file(store_root, vm, "cutover-asked").exists()
+    }
+
+    /// The cutover asked for `vm` failed: why (the request goes).
+    pub fn failed(store_root: &Path, vm: &str, why: &str) -> std::io::Result<()> {
+        ferry_durable::durable_write(&file(store_root, vm, "cutover-result"), why.as_bytes())?;
+        withdraw(store_root, vm);
+        Ok(())
+    }
+
+    /// Why the cutover asked for `vm` failed, if it did.
+    pub fn failure(store_root: &Path, vm: &str) -> Option<String> {
+        std::fs::read(file(store_root, vm, "cutover-result"))
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// The request succeeded (the final point is recorded): its files go.
+    pub fn done(store_root: &Path, vm: &str) {
+        withdraw(store_root, vm);
+        let _ = ferry_durable::remove_durable(&file(store_root, vm, "cutover-result"));
+    }
+}

@@ -159,6 +159,9 @@ pub(crate) struct TestArgs {
     pub real: bool,
     /// The process server's state directory, for its event log (if there is one).
     pub state_dir: Option<PathBuf>,
+    /// `--shutdown-source`: ask the VM's agent (through the running server) to cut over first,
+    /// waiting this long for its final point.
+    pub shutdown_source: Option<std::time::Duration>,
 }
 
 /// Held around "no open failover of this VM? then write its record": two at once cannot both
@@ -187,6 +190,46 @@ fn lock_records(root: &Path) -> Result<RecordsLock, JobError> {
         )));
     }
     Ok(RecordsLock(f))
+}
+
+/// Asks the VM's agent, through the running process server, to cut over, and waits for the final
+/// point (see `ferry_apply::lifecycle::remote`).
+fn shutdown_source(
+    root: &Path,
+    vm: &str,
+    wait: std::time::Duration,
+) -> Result<ferry_apply::lifecycle::Lifecycle, JobError> {
+    use ferry_apply::lifecycle::{self, remote};
+    remote::request(root, vm)
+        .map_err(|e| JobError::Usage(format!("cannot ask for the cutover: {e}")))?;
+    errln!(
+        "asked {vm}'s agent to cut over (through the process server); waiting for its final point…"
+    );
+    let until = std::time::Instant::now() + wait;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if let Some(why) = remote::failure(root, vm) {
+            remote::done(root, vm);
+            return Err(JobError::Usage(format!(
+                "the source did not cut over: {why}; nothing was failed over"
+            )));
+        }
+        match lifecycle::load(root, vm) {
+            Ok(Some(l)) if l.final_point.is_some() => {
+                remote::done(root, vm);
+                return Ok(l);
+            }
+            Err(e) => return Err(JobError::Usage(e.to_string())),
+            _ => {}
+        }
+        if std::time::Instant::now() >= until {
+            remote::withdraw(root, vm);
+            return Err(JobError::Usage(format!(
+                "the source did not cut over within {}s (is `ferry serve` running, and the VM's agent connected? `ferry status` says); nothing was failed over, the request is withdrawn",
+                wait.as_secs()
+            )));
+        }
+    }
 }
 
 /// Whether the process that made failover `id` (`KIND-SEQ-PID[xN]-TIME`) still runs.
@@ -273,8 +316,26 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
             a.vm
         )));
     }
+    // `--shutdown-source`: the source cuts over first (asked through the server), then the
+    // failover takes its final point.
+    let mut lifecycle = lifecycle;
+    if let Some(wait) = a.shutdown_source {
+        if !a.real {
+            return Err(JobError::Usage(
+                "--shutdown-source is for a real failover (without --test)".into(),
+            ));
+        }
+        if lifecycle.as_ref().is_none_or(|l| l.final_point.is_none()) {
+            lifecycle = Some(shutdown_source(&root, &a.vm, wait)?);
+        }
+    }
+    let point_asked = if a.shutdown_source.is_some() {
+        PointSelector::Id("final".into())
+    } else {
+        a.point.clone()
+    };
     // `final`: the point `ferry-agent cutover` made on the source.
-    let selector = match &a.point {
+    let selector = match &point_asked {
         PointSelector::Id(f) if f == "final" => {
             match lifecycle.as_ref().and_then(|l| l.final_point.clone()) {
                 Some(id) => PointSelector::Id(id),

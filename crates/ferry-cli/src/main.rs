@@ -330,6 +330,15 @@ struct FailoverArgs {
     /// when it exists.
     #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Planned failover from the appliance: ask the VM's agent, through the running `ferry
+    /// serve`, to cut over (as `ferry-agent cutover --allow-writable` on the machine: hooks,
+    /// filesystems read-only, final point), then fail over to that final point. Only agents
+    /// whose configuration allows it (`allow_remote_cutover = true`) accept.
+    #[arg(long, conflicts_with_all = ["test", "point"])]
+    shutdown_source: bool,
+    /// With --shutdown-source: how long to wait for the final point.
+    #[arg(long, default_value = "10m", value_parser = parse_wait, requires = "shutdown_source")]
+    shutdown_wait: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -455,6 +464,7 @@ fn failover_cmd(a: FailoverArgs) -> Result<(), JobError> {
         json: a.json,
         real: !a.test,
         state_dir: a.state_dir,
+        shutdown_source: a.shutdown_source.then_some(a.shutdown_wait),
     })
 }
 

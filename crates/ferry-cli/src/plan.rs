@@ -311,6 +311,7 @@ pub(crate) fn run(a: Args) -> Result<(), JobError> {
                     json: a.json,
                     real: !a.test,
                     state_dir: a.state_dir.clone(),
+                    shutdown_source: None,
                 })
                 .map_err(|e| {
                     JobError::Usage(format!(

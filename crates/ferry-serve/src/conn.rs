@@ -411,6 +411,8 @@ pub(crate) struct VmSlot {
     pub(crate) cancel: watch::Sender<Option<Kill>>,
     /// Messages for the agent (sent in order by the connection's writer).
     pub(crate) ctl: mpsc::UnboundedSender<Message>,
+    /// The agent said it allows a cutover asked by the server (its `allow_remote_cutover`).
+    pub(crate) remote_cutover: bool,
 }
 
 /// Why a connection's VM slot was taken from it.
@@ -536,6 +538,53 @@ pub(crate) fn watch_control(
             .collect();
         // VMs whose migration was completed (or an unreadable record: refused until it reads).
         let retired = ferry_apply::lifecycle::retired_set(&shared.store_root);
+        // Cutovers the operator asked for (`ferry failover --shutdown-source`): sent to the
+        // VM's agent if it is connected and allows it; refused at once if it does not; left for
+        // a later tick while it is not connected (the command gives up on its own).
+        for vm in ferry_apply::lifecycle::remote::requested(&shared.store_root) {
+            let allowed = shared
+                .vms
+                .lock()
+                .expect("vms lock")
+                .get(&vm)
+                .map(|slot| (slot.remote_cutover, slot.ctl.clone()));
+            match allowed {
+                // Recorded as sent first: a request is never sent twice.
+                Some((true, ctl)) => {
+                    match ferry_apply::lifecycle::remote::sent(&shared.store_root, &vm) {
+                        Err(e) => {
+                            tracing::error!(vm, error = %e, "cannot record that the cutover is asked; trying again")
+                        }
+                        Ok(()) if ctl.send(Message::CutoverRequest).is_ok() => {
+                            tracing::warn!(
+                            vm,
+                            "asked the VM's agent to cut over (ferry failover --shutdown-source)"
+                        );
+                            shared.events.record(crate::events::Event::new(
+                            "cutover",
+                            Some(&vm),
+                            "asked the source's agent to cut over (ferry failover --shutdown-source)",
+                        ));
+                        }
+                        Ok(()) => {
+                            let _ = ferry_apply::lifecycle::remote::failed(
+                            &shared.store_root,
+                            &vm,
+                            "the agent's connection closed before the request could be sent; try again",
+                        );
+                        }
+                    }
+                }
+                Some((false, _)) => {
+                    let _ = ferry_apply::lifecycle::remote::failed(
+                        &shared.store_root,
+                        &vm,
+                        "the VM's agent does not allow a cutover from the process server: set allow_remote_cutover = true in its /etc/ferry/agent.toml (and restart it), or run `ferry-agent cutover` on the machine",
+                    );
+                }
+                None => {}
+            }
+        }
         let mut vms = shared.vms.lock().expect("vms lock");
         vms.retain(|vm, slot| {
             let kill = if !known.contains(&slot.agent) {
@@ -667,6 +716,7 @@ impl VmOwner<'_> {
                 conn: self.id,
                 cancel: tx,
                 ctl: self.ctl.clone(),
+                remote_cutover: false,
             },
         );
         self.vm = Some(vm.to_string());
@@ -965,6 +1015,26 @@ fn notice(shared: &Shared, vm: &str, kind: u8, freeze_us: u64, text: &str) {
             notice_event(shared, "cut", vm, text.to_owned());
         }
         notice::HOOK_FAILED => notice_event(shared, "hook", vm, text.to_owned()),
+        notice::REMOTE_CUTOVER => {
+            if let Some(slot) = shared.vms.lock().expect("vms lock").get_mut(vm) {
+                slot.remote_cutover = true;
+            }
+        }
+        notice::CUTOVER_FAILED => {
+            let root = shared.store_root.clone();
+            let why = text.to_owned();
+            // Only the answer to a request: an agent cannot make up outcomes nobody asked for.
+            if tokio::task::block_in_place(|| {
+                ferry_apply::lifecycle::remote::pending(&root, vm)
+                    && ferry_apply::lifecycle::remote::failed(&root, vm, &why).is_ok()
+            }) {
+                shared.events.record(crate::events::Event::new(
+                    "cutover",
+                    Some(vm),
+                    format!("the cutover asked of the source failed: {why}"),
+                ));
+            }
+        }
         notice::CUTOVER | notice::CUTOVER_ROLLBACK => {
             // Not rate-limited: rare, and a repeated cutover notice records nothing.
             let (kind, text) = (kind, text.to_owned());
@@ -1047,6 +1117,10 @@ fn cutover_notice(shared: &Shared, vm: &str, kind: u8, text: &str) -> Option<cra
             Ok((Some(l), true))
         }
     });
+    if r.is_ok() {
+        // A cutover asked by `ferry failover --shutdown-source` is answered.
+        ferry_apply::lifecycle::remote::done(root, vm);
+    }
     match r {
         Ok(false) => None,
         Ok(true) => ev(format!(

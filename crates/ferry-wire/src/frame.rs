@@ -109,6 +109,10 @@ msg_types! {
     Point = 36,
     /// PS → agent: the replication policy's cut intervals for the VM (version 4).
     Policy = 37,
+    /// PS → agent: cut over now (`ferry failover --shutdown-source`); sent only to an agent
+    /// that announced `allow_remote_cutover` (a `REMOTE_CUTOVER` notice). The outcome comes back
+    /// as a `CUTOVER` or `CUTOVER_FAILED` notice.
+    CutoverRequest = 38,
     /// agent → PS: something the operator should know (a cut and its freeze time, a cut
     /// abandoned, a hook failure, a resync); not a record (version 4).
     Notice = 40,

@@ -79,8 +79,13 @@ pub mod notice {
     pub const CUTOVER: u8 = 7;
     /// `ferry-agent cutover --rollback`: the source is writable again; `text` says so.
     pub const CUTOVER_ROLLBACK: u8 = 8;
+    /// The agent accepts a [`crate::Message::CutoverRequest`] (its `allow_remote_cutover`);
+    /// sent at each connection by an agent that does.
+    pub const REMOTE_CUTOVER: u8 = 9;
+    /// A cutover the process server asked for failed (or is not allowed); `text` says why.
+    pub const CUTOVER_FAILED: u8 = 10;
     /// The highest kind this version knows.
-    pub const MAX: u8 = CUTOVER_ROLLBACK;
+    pub const MAX: u8 = CUTOVER_FAILED;
 
     /// The kind's name, as events and docs spell it.
     pub fn name(kind: u8) -> &'static str {
@@ -93,6 +98,8 @@ pub mod notice {
             PROGRESS => "progress",
             CUTOVER => "cutover",
             CUTOVER_ROLLBACK => "cutover_rollback",
+            REMOTE_CUTOVER => "remote_cutover",
+            CUTOVER_FAILED => "cutover_failed",
             _ => "unknown",
         }
     }
@@ -250,6 +257,8 @@ pub enum Message {
         crash_every_ms: u64,
         app_every_ms: u64,
     },
+    /// The process server asks the agent to cut over (no payload).
+    CutoverRequest,
     /// `kind` from [`notice`]; `freeze_us` for a cut, else 0.
     Notice {
         kind: u8,
@@ -292,6 +301,7 @@ impl Message {
             Message::CutDone { .. } => MsgType::CutDone,
             Message::Point { .. } => MsgType::Point,
             Message::Policy { .. } => MsgType::Policy,
+            Message::CutoverRequest => MsgType::CutoverRequest,
             Message::Notice { .. } => MsgType::Notice,
             Message::Ping { .. } => MsgType::Ping,
             Message::Pong { .. } => MsgType::Pong,
@@ -490,6 +500,7 @@ impl Message {
                 out.put_u64(*crash_every_ms);
                 out.put_u64(*app_every_ms);
             }
+            Message::CutoverRequest => {}
             Message::Notice {
                 kind,
                 freeze_us,
@@ -668,6 +679,7 @@ impl Message {
                 crash_every_ms: f.u64()?,
                 app_every_ms: f.u64()?,
             },
+            MsgType::CutoverRequest => Message::CutoverRequest,
             MsgType::Notice => Message::Notice {
                 kind: match f.u8()? {
                     k @ 1..=notice::MAX => k,

@@ -119,6 +119,7 @@ fn samples() -> Vec<Message> {
             crash_every_ms: 30_000,
             app_every_ms: ferry_wire::POLICY_OFF,
         },
+        Message::CutoverRequest,
         Message::Notice {
             kind: ferry_wire::notice::CUT,
             freeze_us: 4_200,
@@ -596,6 +597,7 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         any::<u64>().prop_map(|bytes| Message::Credit { bytes }),
         any::<bool>().prop_map(|app| Message::CutRequest { app }),
+        Just(Message::CutoverRequest),
         name().prop_map(|p| Message::CutDone { result: Ok(p) }),
         ".{0,200}".prop_map(|e| Message::CutDone { result: Err(e) }),
         (any::<[u8; 16]>(), name()).prop_map(|(run, id)| Message::Point { run, id }),

@@ -23,13 +23,20 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 fn agent(env: &Env, addr: &str, vm: &str, disk: &Path) -> Proc {
+    agent_with(env, addr, vm, disk, &[])
+}
+
+fn agent_with(env: &Env, addr: &str, vm: &str, disk: &Path, extra: &[&str]) -> Proc {
     let mut c = Command::new(agent_bin());
     c.env("FERRY_LOG", "info")
         .args(["--server", addr, "--vm", vm, "--tracker", "scan"])
         .args(["--crash-interval", "1h", "--app-interval", "off", "--disk"])
         .arg(disk)
+        .arg("--hooks-dir")
+        .arg(env.path("hooks.d"))
         .arg("--state-dir")
-        .arg(env.path(&format!("agent-{vm}")));
+        .arg(env.path(&format!("agent-{vm}")))
+        .args(extra);
     Proc::spawn(c, &env.path(&format!("agent-{vm}.log")))
 }
 
@@ -342,4 +349,110 @@ fn failover_then_complete_migration_ends_replication_and_removes_only_that_vm_da
         l.contains("VM web01: retired") && l.contains("VM db01: retired"),
         "{l}"
     );
+}
+
+/// `ferry failover --vm VM --shutdown-source`: the appliance asks the source's agent, through the
+/// running server, to cut over (hooks with `cutover`, final point), then fails over to that final
+/// point; an agent that does not allow it refuses, and nothing is failed over. Costs ~4 s.
+#[test]
+fn shutdown_source_cuts_the_source_over_through_the_server_then_fails_over_to_its_final_point() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("ps-state")).unwrap();
+    let hooks = env.path("hooks.d");
+    std::fs::create_dir(&hooks).unwrap();
+    std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = env.path("hooks.log");
+    let hook = hooks.join("10-app");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1 $FERRY_VM\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mut srv, addr) = spawn_serve(
+        crate::common::serve_cmd(&env, "512MiB"),
+        Some("127.0.0.1:0"),
+        &env.path("serve.log"),
+    );
+    crate::common::register_agent(&env, &addr, "agent-web01");
+    crate::common::register_agent(&env, &addr, "agent-db01");
+    let (web, db) = (env.path("web01.img"), env.path("db01.img"));
+    for (p, seed) in [(&web, 31), (&db, 32)] {
+        std::fs::File::create(p).unwrap().set_len(8 << 20).unwrap();
+        crate::common::write_random(p, &mut crate::common::Rng(seed), 0, 2 << 20);
+    }
+    let mut a_web = agent_with(&env, &addr, "web01", &web, &["--allow-remote-cutover"]);
+    let mut a_db = agent(&env, &addr, "db01", &db);
+    cut(&env, "web01");
+    cut(&env, "db01");
+    let to = env.path("vms");
+    std::fs::create_dir(&to).unwrap();
+
+    // db01's agent does not allow it: refused, nothing failed over, the source untouched.
+    let o = cmd(
+        &env,
+        &[
+            "failover",
+            "--vm",
+            "db01",
+            "--shutdown-source",
+            "--shutdown-wait",
+            "30s",
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    // Refused by the server itself: the agent never said it allows it.
+    assert!(
+        e.contains("the VM's agent does not allow")
+            && e.contains("allow_remote_cutover")
+            && e.contains("nothing was failed over"),
+        "{e}"
+    );
+    assert!(!to.join("db01").exists());
+    assert!(!env.path("agent-db01/cutover.json").exists());
+
+    // web01's does: the source cuts over, then the failover takes its final point.
+    let o = cmd(
+        &env,
+        &[
+            "failover",
+            "--vm",
+            "web01",
+            "--shutdown-source",
+            "--shutdown-wait",
+            "60s",
+            "--json",
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    ok(&o, "failover --shutdown-source");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let st: serde_json::Value = {
+        let o = Command::new(agent_bin())
+            .args(["status", "--state-dir"])
+            .arg(env.path("agent-web01"))
+            .output()
+            .unwrap();
+        ok(&o, "agent status");
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    assert_eq!(st["cutover"]["final_point"], r["point"], "{st:#} {r:#}");
+    assert_eq!(r["point_kind"], "app", "{r:#}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "cutover web01\n");
+    let vhd = PathBuf::from(r["disks"][0]["path"].as_str().unwrap());
+    assert_eq!(payload_b3(&vhd), r["disks"][0]["blake3"].as_str().unwrap());
+    // The server's record names the same final point.
+    let life: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.store().join("lifecycle/web01.json")).unwrap())
+            .unwrap();
+    assert_eq!(life["final_point"], r["point"], "{life:#}");
+    assert_eq!(life["state"], "failed-over", "{life:#}");
+    a_web.term();
+    a_db.term();
+    srv.term();
 }
