@@ -62,6 +62,14 @@ pub struct Ctx {
 /// One cutover or rollback at a time.
 static BUSY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+fn busy() -> Option<std::sync::MutexGuard<'static, ()>> {
+    match BUSY.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// `STATE_DIR/cutover.json`: the cutover in effect.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +125,8 @@ fn now() -> String {
 /// `mount -o remount,ro|rw MOUNT` (util-linux keeps the other options).
 fn remount(at: &Path, ro: bool) -> Result<(), String> {
     let o = std::process::Command::new("/bin/mount")
+        // Its messages in English: "busy" is matched below.
+        .env("LC_ALL", "C")
         .args(["-o", if ro { "remount,ro" } else { "remount,rw" }])
         .arg(at)
         .stdin(std::process::Stdio::null())
@@ -198,7 +208,12 @@ pub fn start(
     engine: &Sender<Request>,
     allow_writable: bool,
 ) -> Result<serde_json::Value, String> {
-    let _one = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_one) = busy() else {
+        return Err(
+            "a cutover or its rollback is running already; wait for it (`ferry-agent status` says)"
+                .into(),
+        );
+    };
     let t0 = Instant::now();
     // A cutover that stopped half-way (the agent was killed): the mounts it made read-only are
     // this one's to undo too.
@@ -281,7 +296,22 @@ pub fn start(
     };
     let fail = |why: String, done: &[PathBuf]| -> String {
         let undone = undo(ctx, done);
-        let _ = ferry_durable::remove_durable(&path(&ctx.state_dir));
+        if undone.is_empty() {
+            let _ = ferry_durable::remove_durable(&path(&ctx.state_dir));
+        } else {
+            // Kept, naming what is still read-only: `--rollback` finishes the job.
+            let _ = save(
+                &ctx.state_dir,
+                &State {
+                    format: FORMAT.into(),
+                    vm: ctx.vm.clone(),
+                    mounts: done.to_vec(),
+                    writable: Vec::new(),
+                    started: now(),
+                    final_point: None,
+                },
+            );
+        }
         if undone.is_empty() {
             format!("cutover failed and was rolled back (the source is writable, replication goes on): {why}")
         } else {
@@ -357,7 +387,11 @@ pub fn start(
 
 /// Undoes the cutover in effect (see the module docs).
 pub fn rollback(ctx: &Ctx, engine: &Sender<Request>) -> Result<serde_json::Value, String> {
-    let _one = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+    // Refused, not queued, while a cutover runs: a rollback must never run after the cutover it
+    // was meant to stop has been failed over.
+    let Some(_one) = busy() else {
+        return Err("a cutover is running; wait for it to end (`ferry-agent status` says), then roll it back".into());
+    };
     let Some(s) = load(&ctx.state_dir)? else {
         return Err("not cut over (no cutover to roll back)".into());
     };

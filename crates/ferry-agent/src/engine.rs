@@ -1249,6 +1249,14 @@ impl Engine<'_> {
             ));
             return;
         }
+        // Cut over already (the request of an operator who does not know, or one that crossed
+        // a reconnection): the answer is the final point it has.
+        if let Ok(Some(c)) = crate::cutover::load(&self.o.state_dir) {
+            if let Some(p) = c.final_point {
+                self.stats.notice(ferry_wire::notice::CUTOVER, 0, &p);
+                return;
+            }
+        }
         tracing::warn!("the process server asked for a cutover (ferry failover --shutdown-source)");
         let (ctx, tx) = (self.cutover.clone(), self.self_tx.clone());
         let spawned = std::thread::Builder::new()

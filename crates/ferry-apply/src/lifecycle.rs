@@ -239,13 +239,22 @@ fn lock(store_root: &Path) -> std::io::Result<Lock> {
     use std::os::unix::io::AsRawFd;
     let d = dir(store_root);
     ferry_durable::create_dir_durable(&d)?;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(d.join(".lock"))?;
-    ferry_durable::adopt_owner(&f, &d)?;
+    // No link followed: root takes this lock in a directory the service user owns (and
+    // `adopt_owner` would hand whatever it opened to that user).
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(d.join(".lock"))?
+    };
+    if f.metadata()?.is_file() {
+        ferry_durable::adopt_owner(&f, &d)?;
+    }
     // SAFETY: flock on a valid, owned file descriptor has no memory-safety preconditions.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -471,12 +480,55 @@ pub mod remote {
         dir(store_root).join(format!("{vm}.{ext}"))
     }
 
-    /// Asks for a cutover of `vm` (clears an older outcome first).
-    pub fn request(store_root: &Path, vm: &str) -> std::io::Result<()> {
-        for ext in ["cutover-result", "cutover-asked"] {
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    /// Reads a small file of the lifecycle directory without following a link (root reads
+    /// what the service user may have placed there).
+    fn read_small(p: &Path) -> Option<String> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
+            .ok()?;
+        let mut s = String::new();
+        f.take(4096).read_to_string(&mut s).ok()?;
+        Some(s)
+    }
+
+    /// The deadline (Unix seconds) a request file carries; 0 when unreadable.
+    fn deadline(p: &Path) -> u64 {
+        read_small(p)
+            .and_then(|s| s.trim().strip_prefix("until ")?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Asks for a cutover of `vm`, valid for `wait` (the server drops it after). Refused while
+    /// another live request of the VM is pending (two `--shutdown-source` at once).
+    pub fn request(store_root: &Path, vm: &str, wait: std::time::Duration) -> std::io::Result<()> {
+        let _l = lock(store_root)?;
+        for ext in ["cutover-request", "cutover-asked"] {
+            let p = file(store_root, vm, ext);
+            if p.symlink_metadata().is_ok() && deadline(&p) > now() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("a cutover of {vm} is asked already (another `ferry failover --shutdown-source`?); wait for it, or remove {}", p.display()),
+                ));
+            }
+        }
+        for ext in ["cutover-result", "cutover-asked", "cutover-request"] {
             ferry_durable::remove_durable(&file(store_root, vm, ext))?;
         }
-        ferry_durable::durable_write(&file(store_root, vm, "cutover-request"), b"cutover\n")
+        let until = now() + wait.as_secs().max(1);
+        ferry_durable::durable_write(
+            &file(store_root, vm, "cutover-request"),
+            format!("until {until}\n").as_bytes(),
+        )
     }
 
     /// Withdraws a request (the operator gave up waiting).
@@ -486,19 +538,32 @@ pub mod remote {
         }
     }
 
-    /// VMs with a request not yet sent.
+    /// VMs with a live request not yet sent; expired ones are dropped (a command that was
+    /// killed must not shut a source down days later).
     pub fn requested(store_root: &Path) -> Vec<String> {
         let Ok(rd) = std::fs::read_dir(dir(store_root)) else {
             return Vec::new();
         };
-        rd.flatten()
-            .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.strip_suffix(".cutover-request")
-                    .filter(|vm| !vm.starts_with('.') && !vm.is_empty())
-                    .map(str::to_owned)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let Some(vm) = n
+                .strip_suffix(".cutover-request")
+                .filter(|vm| !vm.starts_with('.') && !vm.is_empty())
+            else {
+                continue;
+            };
+            if deadline(&e.path()) <= now() {
+                tracing::warn!(
+                    vm,
+                    "dropping an expired cutover request (its command gave up)"
+                );
+                let _ = ferry_durable::remove_durable(&e.path());
+                continue;
+            }
+            out.push(vm.to_owned());
+        }
+        out
     }
 
     /// The request of `vm` was sent to its agent.
@@ -510,10 +575,19 @@ pub mod remote {
         ferry_durable::fsync_dir(&dir(store_root))
     }
 
+    /// Whether a request of `vm` was sent to its agent (and not answered yet).
+    pub fn asked(store_root: &Path, vm: &str) -> bool {
+        file(store_root, vm, "cutover-asked")
+            .symlink_metadata()
+            .is_ok()
+    }
+
     /// Whether a request of `vm` is outstanding (asked or sent).
     pub fn pending(store_root: &Path, vm: &str) -> bool {
-        file(store_root, vm, "cutover-request").exists()
-            || file(store_root, vm, "cutover-asked").exists()
+        file(store_root, vm, "cutover-request")
+            .symlink_metadata()
+            .is_ok()
+            || asked(store_root, vm)
     }
 
     /// The cutover asked for `vm` failed: why (the request goes).
@@ -525,14 +599,70 @@ pub mod remote {
 
     /// Why the cutover asked for `vm` failed, if it did.
     pub fn failure(store_root: &Path, vm: &str) -> Option<String> {
-        std::fs::read(file(store_root, vm, "cutover-result"))
-            .ok()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        read_small(&file(store_root, vm, "cutover-result"))
     }
 
     /// The request succeeded (the final point is recorded): its files go.
     pub fn done(store_root: &Path, vm: &str) {
         withdraw(store_root, vm);
         let _ = ferry_durable::remove_durable(&file(store_root, vm, "cutover-result"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cutover_request_expires_and_two_at_once_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        remote::request(root, "web01", std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(remote::requested(root), ["web01".to_string()]);
+        // A second command while the first waits: refused, the first's request intact.
+        let e = remote::request(root, "web01", std::time::Duration::from_secs(60)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert!(remote::pending(root, "web01"));
+        // One whose command gave up long ago (its deadline passed): dropped, never sent.
+        std::fs::write(dir(root).join("web01.cutover-request"), "until 1\n").unwrap();
+        assert!(remote::requested(root).is_empty());
+        assert!(!remote::pending(root, "web01"));
+        // Then a new one may be asked.
+        remote::request(root, "web01", std::time::Duration::from_secs(60)).unwrap();
+        remote::sent(root, "web01").unwrap();
+        assert!(remote::asked(root, "web01") && remote::requested(root).is_empty());
+        remote::failed(root, "web01", "not allowed").unwrap();
+        assert_eq!(
+            remote::failure(root, "web01").as_deref(),
+            Some("not allowed")
+        );
+        assert!(!remote::pending(root, "web01"));
+    }
+
+    #[test]
+    fn the_lock_follows_no_link() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("store");
+        std::fs::create_dir_all(dir(&root)).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"secret").unwrap();
+        std::os::unix::fs::symlink(&victim, dir(&root).join(".lock")).unwrap();
+        let r = update(&root, "web01", |_| {
+            Ok((Some(Lifecycle::new("web01", CUT_OVER)), ()))
+        });
+        assert!(r.is_err(), "a linked lock was used");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"secret");
+        assert!(load(&root, "web01").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_unreadable_record_retires_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(dir(root)).unwrap();
+        std::fs::write(dir(root).join("web01.json"), b"{ damaged").unwrap();
+        assert!(is_retired(root, "web01").is_err());
+        assert!(retired_set(root).is_empty());
+        assert!(retiring(root).is_empty());
     }
 }

@@ -200,7 +200,7 @@ fn shutdown_source(
     wait: std::time::Duration,
 ) -> Result<ferry_apply::lifecycle::Lifecycle, JobError> {
     use ferry_apply::lifecycle::{self, remote};
-    remote::request(root, vm)
+    remote::request(root, vm, wait)
         .map_err(|e| JobError::Usage(format!("cannot ask for the cutover: {e}")))?;
     errln!(
         "asked {vm}'s agent to cut over (through the process server); waiting for its final point…"
@@ -214,20 +214,32 @@ fn shutdown_source(
                 "the source did not cut over: {why}; nothing was failed over"
             )));
         }
-        match lifecycle::load(root, vm) {
-            Ok(Some(l)) if l.final_point.is_some() => {
-                remote::done(root, vm);
-                return Ok(l);
+        // Answered: the server removed the request when it recorded the final point.
+        if !remote::pending(root, vm) {
+            match lifecycle::load(root, vm) {
+                Ok(Some(l)) if l.final_point.is_some() => return Ok(l),
+                Err(e) => return Err(JobError::Usage(e.to_string())),
+                _ => {
+                    return Err(JobError::Usage(
+                        "the cutover request was withdrawn (by another command?); nothing was failed over".into(),
+                    ))
+                }
             }
-            Err(e) => return Err(JobError::Usage(e.to_string())),
-            _ => {}
         }
         if std::time::Instant::now() >= until {
+            let sent = remote::asked(root, vm);
             remote::withdraw(root, vm);
-            return Err(JobError::Usage(format!(
-                "the source did not cut over within {}s (is `ferry serve` running, and the VM's agent connected? `ferry status` says); nothing was failed over, the request is withdrawn",
-                wait.as_secs()
-            )));
+            return Err(JobError::Usage(if sent {
+                format!(
+                    "the source's agent was asked to cut over but did not report a final point within {}s: it may still be cutting over (`ferry-agent status` on the source says; `ferry-agent cutover --rollback` undoes it). Nothing was failed over; once it reports, `ferry failover --vm {vm} --point final` fails over",
+                    wait.as_secs()
+                )
+            } else {
+                format!(
+                    "the source was not asked to cut over within {}s: is `ferry serve` running, and the VM's agent connected (`ferry status` says)? Nothing was failed over; the request is withdrawn",
+                    wait.as_secs()
+                )
+            }));
         }
     }
 }
@@ -240,8 +252,15 @@ fn maker_alive(id: &str) -> bool {
         .and_then(|p| p.split('x').next())
         .and_then(|p| p.parse::<i32>().ok());
     match pid {
-        // SAFETY: kill(pid, 0) only checks that the process exists.
-        Some(p) if p > 0 => unsafe { libc::kill(p, 0) == 0 },
+        Some(p) if p > 0 => {
+            // SAFETY: kill(pid, 0) only checks that the process exists.
+            let exists = unsafe { libc::kill(p, 0) == 0 }
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            // A pid reused after a reboot is some other program: only a `ferry` counts.
+            exists
+                && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .map_or(true, |c| c.trim() == "ferry")
+        }
         _ => true,
     }
 }
@@ -316,39 +335,6 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
             a.vm
         )));
     }
-    // `--shutdown-source`: the source cuts over first (asked through the server), then the
-    // failover takes its final point.
-    let mut lifecycle = lifecycle;
-    if let Some(wait) = a.shutdown_source {
-        if !a.real {
-            return Err(JobError::Usage(
-                "--shutdown-source is for a real failover (without --test)".into(),
-            ));
-        }
-        if lifecycle.as_ref().is_none_or(|l| l.final_point.is_none()) {
-            lifecycle = Some(shutdown_source(&root, &a.vm, wait)?);
-        }
-    }
-    let point_asked = if a.shutdown_source.is_some() {
-        PointSelector::Id("final".into())
-    } else {
-        a.point.clone()
-    };
-    // `final`: the point `ferry-agent cutover` made on the source.
-    let selector = match &point_asked {
-        PointSelector::Id(f) if f == "final" => {
-            match lifecycle.as_ref().and_then(|l| l.final_point.clone()) {
-                Some(id) => PointSelector::Id(id),
-                None => {
-                    return Err(JobError::Usage(format!(
-                        "VM {} has no final point: run `ferry-agent cutover` on the source first (a planned failover), or fail over to --point latest (the newest point the server committed: an unplanned failover loses what the source wrote after it)",
-                        a.vm
-                    )))
-                }
-            }
-        }
-        p => p.clone(),
-    };
     let parent = match &a.to {
         Some(d) => {
             let s = d.to_str().ok_or_else(|| {
@@ -371,6 +357,55 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
             parent.display()
         )));
     }
+    // `--shutdown-source`: the source cuts over first (asked through the server), then the
+    // failover takes its final point.
+    let mut lifecycle = lifecycle;
+    if let Some(wait) = a.shutdown_source {
+        if !a.real {
+            return Err(JobError::Usage(
+                "--shutdown-source is for a real failover (without --test)".into(),
+            ));
+        }
+        // What would make the failover fail is checked before the source is shut down.
+        let target = parent.join(&a.vm);
+        if std::fs::symlink_metadata(&target).is_ok() {
+            return Err(JobError::Usage(format!(
+                "{} exists already: the failover writes the VM's disks into a new directory of that name; move it away, or give another --to (the source was not asked to cut over)",
+                target.display()
+            )));
+        }
+        if let Some(open) = records(&root)?.into_iter().find(|r| {
+            r.vm == a.vm && r.kind == "failover" && r.state != "cleaned" && r.state != "failed"
+        }) {
+            return Err(JobError::Usage(format!(
+                "VM {} has a failover already ({}, {}); the source was not asked to cut over",
+                a.vm, open.id, open.state
+            )));
+        }
+        // Asked every time: a final point recorded earlier may be from a cutover since rolled
+        // back (an agent already cut over answers with its final point at once).
+        lifecycle = Some(shutdown_source(&root, &a.vm, wait)?);
+    }
+    let point_asked = if a.shutdown_source.is_some() {
+        PointSelector::Id("final".into())
+    } else {
+        a.point.clone()
+    };
+    // `final`: the point `ferry-agent cutover` made on the source.
+    let selector = match &point_asked {
+        PointSelector::Id(f) if f == "final" => {
+            match lifecycle.as_ref().and_then(|l| l.final_point.clone()) {
+                Some(id) => PointSelector::Id(id),
+                None => {
+                    return Err(JobError::Usage(format!(
+                        "VM {} has no final point: run `ferry-agent cutover` on the source first (a planned failover), or fail over to --point latest (the newest point the server committed: an unplanned failover loses what the source wrote after it)",
+                        a.vm
+                    )))
+                }
+            }
+        }
+        p => p.clone(),
+    };
     let store = ferry_job::open_recovery(&a.store, Some(&a.key_file))?;
     let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &selector)?;
     drop(store);
@@ -1226,12 +1261,14 @@ pub(crate) mod azure {
             let Some(b) = blobs.get_blob(&name).map_err(az)? else {
                 continue;
             };
-            let r: Record = serde_json::from_slice(&b).map_err(|e| {
-                JobError::Usage(format!(
-                    "blob {name}: {e}; it is written only by Ferry: delete it by hand if it is not Ferry's"
-                ))
-            })?;
-            out.push(r);
+            // One bad blob must not stop every VM's test failovers: it is skipped and said.
+            match serde_json::from_slice::<Record>(&b) {
+                Ok(r) if name == record_blob(&r.id) => out.push(r),
+                Ok(_) => errln!("warning: blob {name} names another failover id: ignored"),
+                Err(e) => errln!(
+                    "warning: blob {name}: {e}; it is written only by Ferry: ignored (delete it if it is not Ferry's)"
+                ),
+            }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
         Ok(out)
@@ -1346,12 +1383,22 @@ pub(crate) mod azure {
                         "--to {t}: the blobs are server-side copies in the store's own container: azure://{account}/{container}/PREFIX"
                     )));
                 }
+                const RESERVED: [&str; 7] = [
+                    "pins",
+                    "journal",
+                    "manifests",
+                    "replicas",
+                    "failovers",
+                    "lifecycle",
+                    "segments",
+                ];
                 if p.is_empty()
                     || p.split('/')
                         .any(|c| ferry_job::validate_name("prefix", c).is_err())
+                    || RESERVED.contains(&p.split('/').next().unwrap_or(""))
                 {
                     return Err(JobError::Usage(format!(
-                        "--to {t}: PREFIX must be names of A-Z a-z 0-9 . _ - separated by /"
+                        "--to {t}: PREFIX must be names of A-Z a-z 0-9 . _ - separated by /, not starting with one of Ferry's own (pins, journal, manifests, replicas, failovers, lifecycle, segments)"
                     )));
                 }
                 p.to_string()

@@ -413,6 +413,8 @@ pub(crate) struct VmSlot {
     pub(crate) ctl: mpsc::UnboundedSender<Message>,
     /// The agent said it allows a cutover asked by the server (its `allow_remote_cutover`).
     pub(crate) remote_cutover: bool,
+    /// When the connection claimed the VM (its notices follow within moments).
+    pub(crate) claimed: std::time::Instant,
 }
 
 /// Why a connection's VM slot was taken from it.
@@ -547,6 +549,10 @@ pub(crate) fn watch_control(
                 .lock()
                 .expect("vms lock")
                 .get(&vm)
+                // A connection a moment old may not have said it allows it yet.
+                .filter(|slot| {
+                    slot.remote_cutover || slot.claimed.elapsed() > Duration::from_secs(5)
+                })
                 .map(|slot| (slot.remote_cutover, slot.ctl.clone()));
             match allowed {
                 // Recorded as sent first: a request is never sent twice.
@@ -576,11 +582,13 @@ pub(crate) fn watch_control(
                     }
                 }
                 Some((false, _)) => {
-                    let _ = ferry_apply::lifecycle::remote::failed(
-                        &shared.store_root,
-                        &vm,
-                        "the VM's agent does not allow a cutover from the process server: set allow_remote_cutover = true in its /etc/ferry/agent.toml (and restart it), or run `ferry-agent cutover` on the machine",
-                    );
+                    let why = "the VM's agent does not allow a cutover from the process server: set allow_remote_cutover = true in its /etc/ferry/agent.toml (and restart it), or run `ferry-agent cutover` on the machine";
+                    let _ = ferry_apply::lifecycle::remote::failed(&shared.store_root, &vm, why);
+                    shared.events.record(crate::events::Event::new(
+                        "cutover",
+                        Some(&vm),
+                        format!("cutover asked of the source refused: {why}"),
+                    ));
                 }
                 None => {}
             }
@@ -717,6 +725,7 @@ impl VmOwner<'_> {
                 cancel: tx,
                 ctl: self.ctl.clone(),
                 remote_cutover: false,
+                claimed: std::time::Instant::now(),
             },
         );
         self.vm = Some(vm.to_string());
@@ -1056,30 +1065,42 @@ fn cutover_notice(shared: &Shared, vm: &str, kind: u8, text: &str) -> Option<cra
     let root = &shared.store_root;
     let ev = |msg: String| Some(crate::events::Event::new("cutover", Some(vm), msg));
     const HOLD: &str = "cutover-final";
+    let seq_of = |id: &str| id.split('-').next()?.parse::<u64>().ok();
+    let release = |id: Option<&str>| {
+        if let Some(seq) = id.and_then(seq_of) {
+            if let Err(e) = ferry_store::readers::release_hold(root, vm, seq, HOLD) {
+                tracing::warn!(vm, error = %e, "cannot release the final point's hold");
+            }
+        }
+    };
     if kind == ferry_wire::notice::CUTOVER_ROLLBACK {
         let r = lifecycle::update(root, vm, |cur| match cur {
             Some(l) if l.state == lifecycle::CUT_OVER => {
-                let seq = l
-                    .final_point
-                    .as_deref()
-                    .and_then(|p| p.split('-').next()?.parse::<u64>().ok());
-                Ok((None, Some(seq)))
+                let p = l.final_point.clone();
+                Ok((None, (true, p)))
             }
-            other => Ok((other, None)),
+            // Failed over already: the record stays, the final point's hold goes (the disks
+            // exist; retention may take it).
+            Some(l) => {
+                let p = l.final_point.clone();
+                Ok((Some(l), (false, p)))
+            }
+            None => Ok((None, (false, None))),
         });
         return match r {
-            Ok(Some(seq)) => {
-                if let Some(seq) = seq {
-                    if let Err(e) = ferry_store::readers::release_hold(root, vm, seq, HOLD) {
-                        tracing::warn!(vm, error = %e, "cannot release the final point's hold");
-                    }
-                }
+            Ok((true, p)) => {
+                release(p.as_deref());
                 ev("cutover rolled back: the source is writable and replicates again".into())
             }
-            Ok(None) => ev("the source rolled a cutover back; the VM is not cut over here (failed over already, or never recorded)".into()),
+            Ok((false, p)) => {
+                release(p.as_deref());
+                ev("the source rolled a cutover back; the VM is not cut over here (failed over already, or never recorded)".into())
+            }
             Err(e) => {
                 tracing::error!(vm, error = %e, "cannot record the cutover's rollback");
-                ev(format!("cutover rolled back on the source, but not recorded here: {e}"))
+                ev(format!(
+                    "cutover rolled back on the source, but not recorded here: {e}"
+                ))
             }
         };
     }
@@ -1106,27 +1127,43 @@ fn cutover_notice(shared: &Shared, vm: &str, kind: u8, text: &str) -> Option<cra
             "cutover final point {text} not recorded: cannot hold it: {e}"
         ));
     }
+    // (changed, the final point it replaced)
     let r = lifecycle::update(root, vm, |cur| match cur {
         Some(l) if l.state == lifecycle::CUT_OVER && l.final_point.as_deref() == Some(text) => {
-            Ok((Some(l), false))
+            Ok((Some(l), (false, None)))
         }
         Some(l) if l.state != lifecycle::CUT_OVER => Err(format!("the VM is {} already", l.state)),
         cur => {
             let mut l = cur.unwrap_or_else(|| Lifecycle::new(vm, lifecycle::CUT_OVER));
-            l.final_point = Some(text.to_owned());
-            Ok((Some(l), true))
+            let before = l.final_point.replace(text.to_owned());
+            Ok((Some(l), (true, before)))
         }
     });
-    if r.is_ok() {
-        // A cutover asked by `ferry failover --shutdown-source` is answered.
-        ferry_apply::lifecycle::remote::done(root, vm);
-    }
     match r {
-        Ok(false) => None,
-        Ok(true) => ev(format!(
-            "cutover: the source's writes are blocked; final point {text} (fail over with: ferry failover --vm {vm} --point final)"
-        )),
+        Ok((changed, before)) => {
+            // A cutover asked by `ferry failover --shutdown-source` is answered.
+            ferry_apply::lifecycle::remote::done(root, vm);
+            if before.as_deref() != Some(text) {
+                release(before.as_deref());
+            }
+            if !changed {
+                return None;
+            }
+            ev(format!(
+                "cutover: the source's writes are blocked; final point {text} (fail over with: ferry failover --vm {vm} --point final)"
+            ))
+        }
         Err(e) => {
+            // Not recorded: not held either (unless the record names it already).
+            let named = lifecycle::load(root, vm)
+                .ok()
+                .flatten()
+                .is_some_and(|l| l.final_point.as_deref() == Some(text));
+            if named {
+                // The agent repeats the cutover at each connection: nothing new to say.
+                return None;
+            }
+            release(Some(text));
             tracing::warn!(vm, error = %e, "cutover notice not recorded");
             ev(format!("cutover notice for point {text} not recorded: {e}"))
         }
