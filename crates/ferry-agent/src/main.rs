@@ -247,18 +247,19 @@ fn main() -> ExitCode {
             } else if rollback {
                 println!("cutover rolled back: the source is writable and replicates again");
             } else {
+                let ro: Vec<&str> = v["mounts_read_only"]
+                    .as_array()
+                    .map(|m| m.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
                 println!(
-                    "cut over: final point {} ({}); the protected filesystems are read-only ({}).",
+                    "cut over: final point {} ({}); {}",
                     v["final_point"].as_str().unwrap_or("?"),
                     v["kind"].as_str().unwrap_or("?"),
-                    v["mounts_read_only"]
-                        .as_array()
-                        .map(|m| m
-                            .iter()
-                            .filter_map(|x| x.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "))
-                        .unwrap_or_default()
+                    if ro.is_empty() {
+                        "no filesystem of the protected disks is mounted here to make read-only: what writes them must be stopped by a cutover hook".to_string()
+                    } else {
+                        format!("read-only now: {}", ro.join(", "))
+                    }
                 );
                 if let Some(w) = v["mounts_writable"].as_array().filter(|w| !w.is_empty()) {
                     for m in w {

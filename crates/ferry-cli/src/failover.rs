@@ -575,6 +575,19 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
     Ok(rec)
 }
 
+/// Each disk of a failover and where it is, then a blank line.
+fn print_disks(rec: &Record) {
+    for d in &rec.disks {
+        outln!(
+            "  {:<10} {}  ({})",
+            d.disk,
+            d.path.display(),
+            crate::units::human(d.size)
+        );
+    }
+    outln!();
+}
+
 /// What `ferry failover [--test]` prints about the failover it made.
 fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
     if matches!(a.store, StoreLocation::Azure { .. }) {
@@ -595,15 +608,7 @@ fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
             rec.point_time,
             a.store
         );
-        for d in &rec.disks {
-            outln!(
-                "  {:<10} {}  ({})",
-                d.disk,
-                d.path.display(),
-                crate::units::human(d.size)
-            );
-        }
-        outln!();
+        print_disks(rec);
         outln!("Make managed disks and a test VM of them (an isolated network: it is a copy of production):");
         for c in &cmds {
             outln!("  {c}");
@@ -626,7 +631,7 @@ fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
     }
     if a.real {
         outln!(
-            "failover {id}: VM {vm} at point {} ({}, {}); these are its disks now, and the point is held until the migration is completed",
+            "failover {id}: VM {vm} at point {} ({}, {}); these are its disks now",
             rec.point,
             rec.point_kind,
             rec.point_time
@@ -639,15 +644,7 @@ fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
             rec.point_time
         );
     }
-    for d in &rec.disks {
-        outln!(
-            "  {:<10} {}  ({})",
-            d.disk,
-            d.path.display(),
-            crate::units::human(d.size)
-        );
-    }
-    outln!();
+    print_disks(rec);
     outln!("Boot it with QEMU (BIOS guests; the boot disk first: reorder if needed; add -enable-kvm where available):");
     outln!("  {}", qemu_command(rec, a.raw));
     if !a.raw {

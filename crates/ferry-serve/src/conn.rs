@@ -452,7 +452,7 @@ impl Kill {
             ),
             Kill::Retired => refusal(
                 refuse::RETIRED,
-                format!("VM '{vm}' was migrated and its replication ended (ferry complete-migration on the process server): this agent no longer protects it; remove it from the machine (apt purge ferry-agent) or, to protect the machine again as a new VM, give it another name"),
+                format!("VM '{vm}' was migrated and its replication ended (ferry complete-migration on the process server): this agent no longer protects it; stop it (systemctl disable --now ferry-agent) or, to protect the machine again as a new VM, give it another name (--vm)"),
             ),
             Kill::Quarantined => refusal(
                 refuse::QUARANTINED,

@@ -1022,11 +1022,15 @@ impl<'a> Drain<'a> {
                             "migration",
                             Some(&vm),
                             format!(
-                                "migration completed: replication ended, {} point(s), {} replica(s) and {} journal segment(s) removed ({} kept: other VMs' data uses them); the agent is refused from now on",
+                                "migration completed: replication ended, {} point(s), {} replica(s) and {} journal segment(s) removed{}; the agent is refused from now on",
                                 r.points,
                                 r.disks.len(),
                                 r.segments,
-                                r.segments_kept
+                                if r.segments_kept > 0 {
+                                    format!(" ({} kept: other VMs' data uses them)", r.segments_kept)
+                                } else {
+                                    String::new()
+                                }
                             ),
                         )
                         .with(serde_json::json!({"removed": r})),
