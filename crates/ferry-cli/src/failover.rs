@@ -945,6 +945,20 @@ pub(crate) fn cleanup_vm(
     Ok((rec, removed, dir_removed))
 }
 
+/// One record as `ferry failover list` shows it.
+fn list_line(r: &Record) -> String {
+    format!(
+        "{}  {:<5} {:<12} point {} ({})  {}  {}",
+        r.created,
+        r.kind,
+        r.vm,
+        r.point,
+        r.point_kind,
+        r.state,
+        r.dir.display()
+    )
+}
+
 /// `ferry failover list`.
 pub(crate) fn list(store: &StoreLocation, json_out: bool) -> Result<(), JobError> {
     if matches!(store, StoreLocation::Azure { .. }) {
@@ -968,16 +982,7 @@ pub(crate) fn list(store: &StoreLocation, json_out: bool) -> Result<(), JobError
         }
         if !json_out {
             for r in &all {
-                outln!(
-                    "{}  {:<5} {:<12} point {} ({})  {}  {}",
-                    r.created,
-                    r.kind,
-                    r.vm,
-                    r.point,
-                    r.point_kind,
-                    r.state,
-                    r.dir.display()
-                );
+                outln!("{}", list_line(r));
             }
         }
         return Ok(());
@@ -1011,16 +1016,7 @@ pub(crate) fn list(store: &StoreLocation, json_out: bool) -> Result<(), JobError
         return Ok(());
     }
     for r in &all {
-        outln!(
-            "{}  {:<5} {:<12} point {} ({})  {}  {}",
-            r.created,
-            r.kind,
-            r.vm,
-            r.point,
-            r.point_kind,
-            r.state,
-            r.dir.display()
-        );
+        outln!("{}", list_line(r));
     }
     for (vm, l) in &lifecycle {
         match l {

@@ -159,41 +159,24 @@ fn failback_moves_only_what_diverged_and_leaves_the_disk_identical() {
         .unwrap()
         .set_len(SIZE / 2)
         .unwrap();
-    let o = failback(
-        &env,
-        &[
-            "--from",
-            vhd.to_str().unwrap(),
-            "--to",
-            small.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("at least as large"));
-    let o = failback(
-        &env,
-        &[
-            "--from",
-            vhd.to_str().unwrap(),
-            "--from",
-            vhd.to_str().unwrap(),
-            "--to",
-            small.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("one --to per --from"));
     let fake = env.path("fake.vhd");
     std::fs::write(&fake, vec![1u8; 4096]).unwrap();
-    let o = failback(
-        &env,
-        &[
-            "--from",
-            fake.to_str().unwrap(),
-            "--to",
-            small.to_str().unwrap(),
-        ],
+    let (v, sm, fk) = (
+        vhd.to_str().unwrap(),
+        small.to_str().unwrap(),
+        fake.to_str().unwrap(),
     );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no VHD footer"));
+    for (args, want) in [
+        (&["--from", v, "--to", sm][..], "at least as large"),
+        (
+            &["--from", v, "--from", v, "--to", sm][..],
+            "one --to per --from",
+        ),
+        (&["--from", fk, "--to", sm][..], "no VHD footer"),
+    ] {
+        let o = failback(&env, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
 }
