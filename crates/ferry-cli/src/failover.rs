@@ -600,7 +600,8 @@ fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
             return Ok(());
         }
         outln!(
-            "test failover {}: VM {} at point {} ({}, {}): page blobs, copied server-side in {}",
+            "{} {}: VM {} at point {} ({}, {}): page blobs, copied server-side in {}",
+            if a.real { "failover" } else { "test failover" },
             rec.id,
             rec.vm,
             rec.point,
@@ -609,15 +610,28 @@ fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
             a.store
         );
         print_disks(rec);
-        outln!("Make managed disks and a test VM of them (an isolated network: it is a copy of production):");
+        if a.real {
+            outln!("These are the VM's disks now. Make managed disks and the VM of them:");
+        } else {
+            outln!("Make managed disks and a test VM of them (an isolated network: it is a copy of production):");
+        }
         for c in &cmds {
             outln!("  {c}");
         }
-        outln!(
-            "When done (delete the VM and disks first): ferry failover --test --cleanup --vm {} --store {}",
-            rec.vm,
-            a.store
-        );
+        if a.real {
+            outln!(
+                "When the migration is confirmed: ferry complete-migration --vm {} --store {}; to bring the site back later: ferry failback --vm {} --from azure://…/DISK.vhd --to DEVICE",
+                rec.vm,
+                a.store,
+                rec.vm
+            );
+        } else {
+            outln!(
+                "When done (delete the VM and disks first): ferry failover --test --cleanup --vm {} --store {}",
+                rec.vm,
+                a.store
+            );
+        }
         return Ok(());
     }
     let root = local_root(&a.store)?;
@@ -1063,12 +1077,21 @@ pub(crate) struct CompleteArgs {
 /// and the records stay.
 pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
     use ferry_apply::lifecycle::{self, Lifecycle};
+    let azure = matches!(a.store, StoreLocation::Azure { .. });
+    // An Azure store: the lifecycle lives in the process server's staging directory (it must
+    // refuse the VM's agent), the data in the container and there.
     let root = match &a.store {
         StoreLocation::Local(_) => local_root(&a.store)?,
         StoreLocation::Azure { .. } => {
-            return Err(JobError::Usage(
-                "complete-migration of a VM in an azure:// store is not in this version: stop its agent and remove it (ferry agents revoke), then delete its blobs (replicas/VM/, manifests/VM.json) with az storage blob delete-batch".into(),
-            ))
+            let d = a.store.local_dir();
+            if !d.is_dir() {
+                return Err(JobError::Usage(format!(
+                    "no process server state for {} here ({} is missing): run complete-migration on the appliance, where `ferry serve` replicates this store (it refuses the VM's agent from then on)",
+                    a.store,
+                    d.display()
+                )));
+            }
+            d
         }
     };
     ferry_job::validate_name("VM", &a.vm)?;
@@ -1081,12 +1104,15 @@ pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
         Some(l) if l.state == lifecycle::RETIRING => l,
         other => {
             let known = ferry_store::list_vms_at(&root)?.contains(&vm)
-                || root.join("journal").join(&vm).is_dir();
+                || root.join("journal").join(&vm).is_dir()
+                || (azure
+                    && ferry_job::azure::load_manifest(&azure::blobs(&a.store)?, &vm)
+                        .map_err(|e| JobError::Azure(e.to_string()))?
+                        .is_some());
             if !known && other.is_none() {
                 return Err(JobError::Usage(format!(
                     "store {} has no VM '{vm}' (ferry points list --store {} shows them)",
-                    root.display(),
-                    root.display()
+                    a.store, a.store
                 )));
             }
             let failed_over = other
@@ -1096,17 +1122,22 @@ pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
                 return Err(JobError::Usage(format!(
                     "VM {vm} has not been failed over{}: complete-migration deletes every point of it. Fail over first (ferry failover --vm {vm} --store {}), or give --force to end its replication and delete its points anyway",
                     if other.is_some() { " (it is cut over: run ferry failover --vm VM --point final)" } else { "" },
-                    root.display()
+                    a.store
                 )));
             }
-            if let Some(t) = records(&root)?.into_iter().find(|r| {
+            let tests = if azure {
+                azure::all(&a.store)?
+            } else {
+                records(&root)?
+            };
+            if let Some(t) = tests.into_iter().find(|r| {
                 r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed"
             }) {
                 return Err(JobError::Usage(format!(
                     "VM {vm} has a test failover ({}, in {}): clean it up first (ferry failover --test --cleanup --vm {vm} --store {})",
                     t.id,
                     t.dir.display(),
-                    root.display()
+                    a.store
                 )));
             }
             let mut l = other
@@ -1143,6 +1174,19 @@ pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
     // the server that holds it (its drain loop, once the VM's last records are applied).
     if let Some(lock) = ferry_store::readers::try_lock(&root.join(".lock"))? {
         let store = ferry_job::open_store(&root, &a.key_file, false)?;
+        if azure {
+            // The container's data first (manifest, page blobs with their snapshots, segments,
+            // pins): the staging store's retire records the VM retired, so it comes last.
+            let r = ferry_job::azure::remove_vm(&azure::blobs(&a.store)?, &vm)?;
+            errln!(
+                "deleted from {}: {vm}'s manifest ({} point(s)), {} replica page blob(s) with their snapshots ({}), {} other blob(s)",
+                a.store,
+                r.points,
+                r.replicas,
+                crate::units::human(r.replica_bytes),
+                r.other
+            );
+        }
         lifecycle::retire(&store, &vm)?;
         drop(lock);
     } else {
@@ -1157,7 +1201,7 @@ pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
                     return Err(JobError::Usage(format!(
                         "the process server has not removed {vm}'s data within {}s (it does so once its cache has drained the VM's last records; its log says why it cannot): the agent is refused already; `ferry failover list --store {}` shows when it is done",
                         a.wait.as_secs(),
-                        root.display()
+                        a.store
                     )))
                 }
                 Err(e) => return Err(JobError::Usage(e.to_string())),
@@ -1226,6 +1270,8 @@ pub(crate) mod azure {
 
     /// The default blob prefix of test failovers.
     pub const DEFAULT_PREFIX: &str = "test-failover";
+    /// The default blob prefix of (real) failovers: `failover/VM-ID/VM-DISK.vhd`.
+    pub const REAL_PREFIX: &str = "failover";
 
     fn az(e: impl std::fmt::Display) -> JobError {
         JobError::Azure(e.to_string())
@@ -1296,7 +1342,12 @@ pub(crate) mod azure {
                 r.id
             ))
         };
-        if r.kind != "test" || !id_ok(&r.id) || !r.id.starts_with("test-") {
+        let kind_ok = match r.kind.as_str() {
+            "test" => r.id.starts_with("test-"),
+            "failover" => r.id.starts_with("failover-"),
+            _ => false,
+        };
+        if !kind_ok || !id_ok(&r.id) {
             return Err(bad("its id or kind".into()));
         }
         ferry_job::validate_name("VM", &r.vm).map_err(|e| bad(e.to_string()))?;
@@ -1341,21 +1392,78 @@ pub(crate) mod azure {
         Ok(removed)
     }
 
-    /// `ferry failover --test --vm VM --store azure://…`.
+    /// `ferry failover [--test] --vm VM --store azure://…`.
     pub(crate) fn test(a: &TestArgs) -> Result<Record, JobError> {
-        if a.real {
-            return Err(JobError::Usage(
-                "a real failover of an azure:// store is not in this version: test failovers only (--test), or restore each disk with `ferry restore --out azure://…`".into(),
-            ));
-        }
+        use ferry_apply::lifecycle;
         if a.raw {
             return Err(JobError::Usage(
-                "--format raw: an Azure test failover makes page blobs (fixed VHDs, what managed disks are made of)".into(),
+                "--format raw: an Azure failover makes page blobs (fixed VHDs, what managed disks are made of)".into(),
             ));
         }
         ferry_job::validate_name("VM", &a.vm)?;
+        let (kind, what) = if a.real {
+            ("failover", "failover")
+        } else {
+            ("test", "test failover")
+        };
+        // The process server of an Azure store keeps the VMs' lifecycle (cutover, final point,
+        // failed over) in its staging directory: present where it runs (the appliance).
+        let lroot = a.store.local_dir();
+        let here = lroot.is_dir();
+        let mut life = if here {
+            lifecycle::load(&lroot, &a.vm).map_err(|e| JobError::Usage(e.to_string()))?
+        } else {
+            None
+        };
+        if life.as_ref().is_some_and(|l| l.retired()) {
+            return Err(JobError::Usage(format!(
+                "VM {}'s migration was completed: its points are gone",
+                a.vm
+            )));
+        }
         let (blobs, account, container) = open(&a.store)?;
+        if a.real {
+            if let Some(l) = life.as_ref().filter(|l| l.state != lifecycle::CUT_OVER) {
+                return Err(JobError::Usage(format!(
+                    "VM {} was failed over already ({}, since {}); `ferry failover list --store {}` shows its disks",
+                    a.vm, l.state, l.since, a.store
+                )));
+            }
+            if let Some(open) = records(&blobs)?.into_iter().find(|r| {
+                r.vm == a.vm && r.kind == "failover" && r.state != "cleaned" && r.state != "failed"
+            }) {
+                return Err(JobError::Usage(format!(
+                    "VM {} has a failover already ({}, at point {}, in {}, {}){}",
+                    a.vm,
+                    open.id,
+                    open.point,
+                    open.dir.display(),
+                    open.state,
+                    if open.state == "creating" {
+                        "; if no failover runs any more, delete its record blob failovers/ID.json and its blobs, and try again"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        if let Some(wait) = a.shutdown_source {
+            if !a.real {
+                return Err(JobError::Usage(
+                    "--shutdown-source is for a real failover (without --test)".into(),
+                ));
+            }
+            if !here {
+                return Err(JobError::Usage(format!(
+                    "--shutdown-source asks the source through the process server: run it on the appliance (no process server state for {} in {})",
+                    a.store,
+                    lroot.display()
+                )));
+            }
+            life = Some(shutdown_source(&lroot, &a.vm, wait)?);
+        }
         let prefix = match &a.to {
+            None if a.real => REAL_PREFIX.to_string(),
             None => DEFAULT_PREFIX.to_string(),
             Some(t) => {
                 let t = t.to_str().unwrap_or("");
@@ -1376,7 +1484,8 @@ pub(crate) mod azure {
                         "--to {t}: the blobs are server-side copies in the store's own container: azure://{account}/{container}/PREFIX"
                     )));
                 }
-                const RESERVED: [&str; 7] = [
+                const RESERVED: [&str; 8] = [
+                    "failover",
                     "pins",
                     "journal",
                     "manifests",
@@ -1385,30 +1494,45 @@ pub(crate) mod azure {
                     "lifecycle",
                     "segments",
                 ];
+                let first = p.split('/').next().unwrap_or("");
                 if p.is_empty()
                     || p.split('/')
                         .any(|c| ferry_job::validate_name("prefix", c).is_err())
-                    || RESERVED.contains(&p.split('/').next().unwrap_or(""))
+                    || (RESERVED.contains(&first) && !(a.real && first == REAL_PREFIX))
                 {
                     return Err(JobError::Usage(format!(
-                        "--to {t}: PREFIX must be names of A-Z a-z 0-9 . _ - separated by /, not starting with one of Ferry's own (pins, journal, manifests, replicas, failovers, lifecycle, segments)"
+                        "--to {t}: PREFIX must be names of A-Z a-z 0-9 . _ - separated by /, not starting with one of Ferry's own (failover, pins, journal, manifests, replicas, failovers, lifecycle, segments)"
                     )));
                 }
                 p.to_string()
             }
         };
-        if matches!(&a.point, PointSelector::Id(f) if f == "final") {
-            return Err(JobError::Usage(
-                "--point final needs a local store in this version; give the final point's id (ferry-agent cutover prints it)".into(),
-            ));
-        }
+        let asked = if a.shutdown_source.is_some() {
+            PointSelector::Id("final".into())
+        } else {
+            a.point.clone()
+        };
+        let selector = match &asked {
+            PointSelector::Id(f) if f == "final" => {
+                match life.as_ref().and_then(|l| l.final_point.clone()) {
+                    Some(id) => PointSelector::Id(id),
+                    None => {
+                        return Err(JobError::Usage(format!(
+                            "VM {} has no final point{}: run `ferry-agent cutover` on the source first (a planned failover), or fail over to --point latest (the newest point the server committed: an unplanned failover loses what the source wrote after it)",
+                            a.vm,
+                            if here { "" } else { " known here (the process server records it; run this on the appliance, or give the point's id, which ferry-agent cutover printed)" }
+                        )))
+                    }
+                }
+            }
+            p => p.clone(),
+        };
         let store = ferry_job::open_recovery(&a.store, None)?;
-        let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &a.point)?;
+        let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &selector)?;
         drop(store);
-        if let Some(open) = records(&blobs)?
-            .into_iter()
-            .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
-        {
+        if let Some(open) = records(&blobs)?.into_iter().find(|r| {
+            !a.real && r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed"
+        }) {
             return Err(JobError::Usage(format!(
                 "VM {vm} has a test failover already ({}, in {}); remove it first: ferry failover --test --cleanup --vm {vm} --store {}",
                 open.id,
@@ -1417,7 +1541,7 @@ pub(crate) mod azure {
             )));
         }
         let id = format!(
-            "test-{}-{}-{}",
+            "{kind}-{}-{}-{}",
             point.seq,
             std::process::id(),
             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -1430,7 +1554,7 @@ pub(crate) mod azure {
             format: FORMAT.into(),
             version: VERSION,
             id: id.clone(),
-            kind: "test".into(),
+            kind: kind.into(),
             vm: vm.clone(),
             point: point.id.clone(),
             point_seq: point.seq,
@@ -1480,16 +1604,58 @@ pub(crate) mod azure {
         if let Err(e) = made {
             return Err(match remove(&blobs, &mut rec, "failed") {
                 Ok(_) => JobError::Usage(format!(
-                    "test failover of {vm} failed, and what it had made is deleted: {e}"
+                    "{what} of {vm} failed, and what it had made is deleted: {e}"
                 )),
                 Err(c) => JobError::Usage(format!(
-                    "test failover of {vm} failed ({e}), and deleting what it made failed too ({c}): run `ferry failover --test --cleanup --vm {vm} --store {}`",
-                    a.store
+                    "{what} of {vm} failed ({e}), and deleting what it made failed too ({c}): {}",
+                    if a.real {
+                        format!("delete the blobs under {dir}/ and failovers/{id}.json by hand")
+                    } else {
+                        format!(
+                            "run `ferry failover --test --cleanup --vm {vm} --store {}`",
+                            a.store
+                        )
+                    }
                 )),
             });
         }
         rec.state = "ready".into();
         put(&blobs, &rec)?;
+        if a.real && here {
+            // The process server stops expecting the agent; `final` stays known.
+            let r = lifecycle::update(&lroot, &vm, |cur| match cur {
+                Some(l) if l.state != lifecycle::CUT_OVER => Err(format!(
+                    "the VM became {} while its disks were written",
+                    l.state
+                )),
+                cur => {
+                    let mut l = cur
+                        .unwrap_or_else(|| lifecycle::Lifecycle::new(&vm, lifecycle::FAILED_OVER));
+                    l.failover = Some(id.clone());
+                    if l.state != lifecycle::FAILED_OVER {
+                        l.enter(lifecycle::FAILED_OVER);
+                    }
+                    Ok((Some(l), ()))
+                }
+            });
+            if let Err(e) = r {
+                return Err(JobError::Usage(format!(
+                    "the disks are written under {dir}/, but the VM's lifecycle record is not: {e}"
+                )));
+            }
+        }
+        event(
+            &a.state_dir,
+            ferry_serve::events::Event::new(
+                "failover",
+                Some(&vm),
+                format!(
+                    "{what} {id} at point {} ({}) into {}/{dir}/",
+                    point.id, point.kind, a.store
+                ),
+            )
+            .with(describe(&rec)),
+        );
         Ok(rec)
     }
 
@@ -1515,10 +1681,17 @@ pub(crate) mod azure {
             names.push(n);
         }
         if let Some((os, data)) = names.split_first() {
-            let mut vm = format!(
-                "az vm create -g RESOURCE_GROUP -n {}-test --attach-os-disk {os} --os-type linux --vnet-name ISOLATED_TEST_VNET --subnet SUBNET --public-ip-address \"\"",
-                r.vm
-            );
+            let mut vm = if r.kind == "test" {
+                format!(
+                    "az vm create -g RESOURCE_GROUP -n {}-test --attach-os-disk {os} --os-type linux --vnet-name ISOLATED_TEST_VNET --subnet SUBNET --public-ip-address \"\"",
+                    r.vm
+                )
+            } else {
+                format!(
+                    "az vm create -g RESOURCE_GROUP -n {} --attach-os-disk {os} --os-type linux --vnet-name VNET --subnet SUBNET",
+                    r.vm
+                )
+            };
             if !data.is_empty() {
                 vm.push_str(&format!(" --attach-data-disks {}", data.join(" ")));
             }
@@ -1533,10 +1706,9 @@ pub(crate) mod azure {
         vm: &str,
     ) -> Result<(Record, Vec<PathBuf>, bool), JobError> {
         let (blobs, _, _) = open(store)?;
-        let Some(mut rec) = records(&blobs)?
-            .into_iter()
-            .find(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed")
-        else {
+        let Some(mut rec) = records(&blobs)?.into_iter().find(|r| {
+            r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed"
+        }) else {
             return Err(JobError::Usage(format!(
                 "VM {vm} has no test failover to clean up (`ferry failover list --store {store}` shows them)"
             )));
@@ -1545,12 +1717,17 @@ pub(crate) mod azure {
         Ok((rec, removed, true))
     }
 
+    /// The container of an Azure store.
+    pub(crate) fn blobs(store: &StoreLocation) -> Result<ferry_azure::AzureBlobs, JobError> {
+        open(store).map(|(b, _, _)| b)
+    }
+
     /// Whether the VM has a test failover to clean up.
     pub(crate) fn has_open_test(store: &StoreLocation, vm: &str) -> Result<bool, JobError> {
         let (blobs, _, _) = open(store)?;
         Ok(records(&blobs)?
             .iter()
-            .any(|r| r.vm == vm && r.state != "cleaned" && r.state != "failed"))
+            .any(|r| r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed"))
     }
 
     /// The records, for `list`.

@@ -111,12 +111,14 @@ enum Cmd {
     /// Examples:
     ///   ferry complete-migration --vm web01 --store /srv/ferry-store
     ///   ferry complete-migration --vm old-test-vm --force --store /srv/ferry-store --json
+    ///   ferry complete-migration --vm web01 --store azure://ferrydr/ferry   # on the appliance
     #[command(verbatim_doc_comment)]
     CompleteMigration(CompleteMigrationArgs),
     /// Failback: bring on-premises disks (the originals, or new ones) to the state of the
     /// failed-over disks, writing only the 64 KiB chunks that differ.
     ///
-    /// Each --from (a fixed VHD or a raw image: the failed-over disk, downloaded) pairs with the
+    /// Each --from (a fixed VHD or a raw image, or the failed-over page blob as
+    /// azure://ACCOUNT/CONTAINER/PATH.vhd: only its written pages are downloaded) pairs with the
     /// --to in the same position (a block device, unmounted, or an image file; a file that does
     /// not exist is created). The targets are synced before it reports; --verify reads them back.
     /// Then protect the disks again: only what the store does not hold is sent.
@@ -125,6 +127,8 @@ enum Cmd {
     ///   ferry failback --vm web01 --from web01-os.vhd --to /dev/sdb --verify
     ///   ferry failback --vm web01 --from os.vhd --to /dev/sdb --from data.vhd --to /dev/sdc
     ///   ferry failback --vm web01 --from os.vhd --to /dev/sdb --dry-run
+    ///   ferry failback --vm web01 --to /dev/sdb \
+    ///       --from azure://ferrydr/ferry/failover/web01/web01-os.vhd
     #[command(verbatim_doc_comment)]
     Failback(FailbackArgs),
     /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them

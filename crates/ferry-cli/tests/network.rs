@@ -378,6 +378,64 @@ fn azure_store_through_the_process_server() {
         ok(&o, "restore from azure");
         assert!(same_bytes(&out, copy), "point {id} differs from its copy");
     }
+
+    // The end of the VM's migration with the server running: a real failover (page blobs under
+    // failover/), then complete-migration, which the server carries out (the container's
+    // manifest, replica and snapshots deleted; the failed-over disk kept) and after which the
+    // agent is refused.
+    let mut srv = Server::start_with(&env, &addr, url, &vars);
+    let cli = |args: &[&str]| {
+        ferry()
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .args(["--store", url, "--key-file"])
+            .arg(env.key())
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["failover", "--vm", "web01", "--json"]);
+    ok(&o, "failover on azure");
+    let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let blob = f["disks"][0]["path"].as_str().unwrap().to_owned();
+    let o = cli(&[
+        "complete-migration",
+        "--vm",
+        "web01",
+        "--wait",
+        "60s",
+        "--json",
+    ]);
+    ok(&o, "complete-migration on azure with the server running");
+    // The server did the removal (it holds the staging store), not the command.
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the process server holds the store"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(c["state"], "retired", "{c:#}");
+    let o = ferry()
+        .envs(vars.iter().map(|(k, v)| (k, v)))
+        .args(["points", "list", "--json", "--store", url])
+        .output()
+        .unwrap();
+    ok(&o, "points list");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+    let blobs = ferry_azure::AzureBlobs::new(azurite.config("ferry-serve")).unwrap();
+    assert!(blobs.list("replicas/web01/").unwrap().is_empty());
+    assert!(blobs.blob_size("manifests/web01.json").unwrap().is_none());
+    assert!(
+        blobs.blob_size(&blob).unwrap().is_some(),
+        "the failed-over disk stays"
+    );
+    let o = run_agent(&env, &addr, &disk, "agent");
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    srv.stop();
 }
 
 #[test]

@@ -613,3 +613,43 @@ pub fn prune_manifests_by(
     }
     Ok(n)
 }
+
+/// What [`remove_vm`] deleted from the container.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AzureRemoved {
+    /// Points the VM's manifest listed.
+    pub points: usize,
+    /// Replica page blobs (each with its snapshots: the points' data).
+    pub replicas: usize,
+    pub replica_bytes: u64,
+    /// Other blobs: journal segments (split mode) and pins.
+    pub other: usize,
+}
+
+/// Deletes a VM's replication data from an Azure store, for `ferry complete-migration`: its
+/// manifest first (the commit: its points are no longer listed, nothing restores them), then its
+/// replica page blobs with their snapshots, its journal segments and its pins. Idempotent: a
+/// retry after a failure deletes what is left. Failed-over disks (`failover/…`) and records
+/// (`failovers/…`) are not the VM's replication data and stay.
+pub fn remove_vm(blobs: &AzureBlobs, vm: &str) -> Result<AzureRemoved, JobError> {
+    crate::validate_name("VM", vm)?;
+    let mut r = AzureRemoved {
+        points: load_manifest(blobs, vm)
+            .map_err(|e| JobError::Azure(e.to_string()))?
+            .map_or(0, |m| m.points.len()),
+        ..Default::default()
+    };
+    blobs.delete_blob(&manifest_blob(vm)).map_err(az)?;
+    for (name, size) in blobs.list(&format!("replicas/{vm}/")).map_err(az)? {
+        blobs.delete_blob(&name).map_err(az)?;
+        r.replicas += 1;
+        r.replica_bytes += size;
+    }
+    for prefix in [format!("journal/{vm}/"), format!("pins/{vm}/")] {
+        for (name, _) in blobs.list(&prefix).map_err(az)? {
+            blobs.delete_blob(&name).map_err(az)?;
+            r.other += 1;
+        }
+    }
+    Ok(r)
+}

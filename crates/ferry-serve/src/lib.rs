@@ -968,17 +968,6 @@ impl<'a> Drain<'a> {
         if wanted.is_empty() {
             return false;
         }
-        if self.blobs.is_some() {
-            // Not for an Azure store in this version (the CLI is given the staging directory
-            // by mistake, or a record was written by hand): said once per VM, nothing removed.
-            for vm in wanted {
-                retiring.entry(vm.clone()).or_insert_with(|| {
-                    tracing::error!(vm, "complete-migration was asked for a VM of an Azure store: not in this version; its agent is refused, its data stays (remove STORE/lifecycle/VM.json to let it replicate again)");
-                    (u64::MAX, "azure".into())
-                });
-            }
-            return false;
-        }
         let Some(shared) = self.shared.upgrade() else {
             return false; // stopping
         };
@@ -1010,6 +999,23 @@ impl<'a> Drain<'a> {
             .map(|(vm, _)| vm.clone())
             .collect();
         for vm in ready {
+            // An Azure store: the container's data of the VM first (its manifest, then its page
+            // blobs, segments and pins), then the staging store's, which records the VM retired.
+            let azure = match &self.blobs {
+                Some(b) => match ferry_job::azure::remove_vm(b, &vm) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        let e = e.to_string();
+                        let last = &mut retiring.get_mut(&vm).expect("listed").1;
+                        if *last != e {
+                            tracing::error!(vm, error = %e, "cannot delete the retired VM's blobs; trying again at each check (logged again only if the error changes)");
+                            *last = e;
+                        }
+                        continue;
+                    }
+                },
+                None => None,
+            };
             match ferry_apply::lifecycle::retire(self.store, &vm) {
                 Ok(r) => {
                     retiring.remove(&vm);
@@ -1023,8 +1029,8 @@ impl<'a> Drain<'a> {
                             Some(&vm),
                             format!(
                                 "migration completed: replication ended, {} point(s), {} replica(s) and {} journal segment(s) removed{}; the agent is refused from now on",
-                                r.points,
-                                r.disks.len(),
+                                azure.as_ref().map_or(r.points, |a| (a.points as u64).max(r.points)),
+                                azure.as_ref().map_or(r.disks.len(), |a| a.replicas),
                                 r.segments,
                                 if r.segments_kept > 0 {
                                     format!(" ({} kept: other VMs' data uses them)", r.segments_kept)
@@ -1033,7 +1039,7 @@ impl<'a> Drain<'a> {
                                 }
                             ),
                         )
-                        .with(serde_json::json!({"removed": r})),
+                        .with(serde_json::json!({"removed": r, "azure": azure})),
                     );
                 }
                 Err(e) => {
