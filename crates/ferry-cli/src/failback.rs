@@ -11,8 +11,10 @@
 //!   in use), synced (`fdatasync`) before the command reports success, and with `--verify` read
 //!   back and compared (blake3) with the source as a whole.
 //! - A target smaller than the source is refused; a larger one keeps what lies past the disk.
-//! - A page blob is read by its written page ranges (Get Page Ranges): pages never written are
-//!   zeros and are not downloaded; every written range is downloaded once and compared. (Get Page
+//! - A page blob is read from a snapshot taken at the start (deleted at the end), by its written
+//!   page ranges (Get Page Ranges): pages never written are zeros and are not downloaded; every
+//!   written range is downloaded once and compared. A target smaller than the blob's payload
+//!   (rounded up to 1 MiB) is enough if it holds every written page. (Get Page
 //!   Ranges against a snapshot — only what changed since the failover — is not offered by the
 //!   `azure_storage_blob` crate this version uses, and Azurite ignores it.)
 //! - Afterwards the disk holds the failed-over disk's bytes: protecting it again sends only what
@@ -79,21 +81,41 @@ fn device_len(p: &Path, f: &File) -> Result<u64, JobError> {
 /// Where the failed-over disk is read from.
 enum Source {
     File(File),
-    /// A fixed-VHD page blob: its written ranges (`(start, end)`, sorted, within the payload).
+    /// A fixed-VHD page blob, read through a snapshot taken when the failback starts (one
+    /// consistent state even if something writes the blob meanwhile; deleted at the end): its
+    /// written ranges (`(start, end)`, sorted, within the payload).
     Blob {
         blobs: ferry_azure::AzureBlobs,
         name: String,
+        snapshot: String,
         written: Vec<(u64, u64)>,
     },
 }
 
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Source::Blob {
+            blobs,
+            name,
+            snapshot,
+            ..
+        } = self
+        {
+            if let Err(e) = blobs.delete_snapshot(name, snapshot) {
+                errln!("warning: cannot delete the snapshot {snapshot} of {name} this failback read: {e}; delete it by hand (it costs storage only)");
+            }
+        }
+    }
+}
+
 impl Source {
-    /// Opens `from` and returns it with its payload size and format.
-    fn open(from: &Path) -> Result<(Source, u64, &'static str), JobError> {
+    /// Opens `from` and returns it with its payload size, format, and the disk's own size when a
+    /// failover record names it (a page blob's payload is rounded up to 1 MiB).
+    fn open(from: &Path) -> Result<(Source, u64, &'static str, Option<u64>), JobError> {
         let Some(url) = from.to_str().and_then(|s| s.strip_prefix("azure://")) else {
             let f = File::open(from).map_err(io(from, "open"))?;
             let (size, format) = source_size(from, &f)?;
-            return Ok((Source::File(f), size, format));
+            return Ok((Source::File(f), size, format, None));
         };
         let mut it = url.splitn(3, '/');
         let (account, container, name) = (
@@ -113,8 +135,13 @@ impl Source {
                 from.display()
             )));
         }
-        let blobs = ferry_job::azure::connect(&format!("azure://{account}/{container}"))?;
         let az = |e: ferry_azure::AzureError| JobError::Azure(e.to_string());
+        // Not ferry_job::azure::connect: a mistyped container must not be created.
+        let blobs = ferry_azure::AzureBlobs::new(
+            ferry_azure::AzureConfig::from_url(&format!("azure://{account}/{container}"))
+                .map_err(az)?,
+        )
+        .map_err(az)?;
         let len = blobs.blob_size(name).map_err(az)?.ok_or_else(|| {
             JobError::Usage(format!(
                 "--from {}: no such blob (`ferry failover list --store azure://{account}/{container}` shows the failed-over disks)",
@@ -128,26 +155,56 @@ impl Source {
         };
         if foot.len() != 512 || &foot[..8] != b"conectix" {
             return Err(JobError::Usage(format!(
-                "--from {}: not a fixed VHD page blob (no VHD footer); give a disk `ferry failover` made",
+                "--from {}: not a fixed VHD page blob (no VHD footer); give a disk `ferry failover` made, or a managed disk exported into the container",
                 from.display()
             )));
         }
         let size = len - 512;
-        let written = blobs
-            .list_page_ranges(name, None)
+        // The disk as the failover made it: a VM made of it with `az disk create` writes to its
+        // managed disk (a copy), not to this blob.
+        let recorded = crate::failover::azure::records(&blobs)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.kind == "failover")
+            .find_map(|r| {
+                r.disks
+                    .iter()
+                    .find(|d| d.path.to_str() == Some(name))
+                    .map(|d| d.size)
+            });
+        if recorded.is_some() {
+            errln!(
+                "note: {} is the disk as the failover made it. A VM made of it with `az disk create` writes to its managed disk, not to this blob: to fail back what that VM wrote, export the managed disk into the container first (az disk grant-access --access Read …; az storage blob copy start --source-uri SAS --destination-blob failback/DISK.vhd …) and give that blob",
+                from.display()
+            );
+        }
+        let snapshot = blobs.snapshot(name).map_err(az)?;
+        let src = Source::Blob {
+            blobs,
+            name: name.to_owned(),
+            snapshot,
+            written: Vec::new(),
+        };
+        let Source::Blob {
+            blobs,
+            name,
+            snapshot,
+            ..
+        } = &src
+        else {
+            unreachable!()
+        };
+        let written: Vec<(u64, u64)> = blobs
+            .list_page_ranges(name, Some(snapshot))
             .map_err(az)?
             .into_iter()
             .filter_map(|(a, b)| (a < size).then_some((a, b.min(size))))
             .collect();
-        Ok((
-            Source::Blob {
-                blobs,
-                name: name.to_owned(),
-                written,
-            },
-            size,
-            "page blob",
-        ))
+        let mut src = src;
+        if let Source::Blob { written: w, .. } = &mut src {
+            *w = written;
+        }
+        Ok((src, size, "page blob", recorded))
     }
 
     /// Fills `buf` with the disk's bytes at `off`; counts what was downloaded in `fetched`.
@@ -163,6 +220,7 @@ impl Source {
             Source::Blob {
                 blobs,
                 name,
+                snapshot,
                 written,
             } => {
                 buf.fill(0);
@@ -174,7 +232,7 @@ impl Source {
                     }
                     let (s, e) = (a.max(off), b.min(end));
                     let data = blobs
-                        .get_range(name, None, s, e - s)
+                        .get_range(name, Some(snapshot), s, e - s)
                         .map_err(|e| JobError::Azure(e.to_string()))?;
                     if data.len() as u64 != e - s {
                         return Err(JobError::Azure(format!(
@@ -225,7 +283,7 @@ fn one(
     progress: &dyn Progress,
 ) -> Result<DiskReport, JobError> {
     let t0 = Instant::now();
-    let (src, mut size, format) = Source::open(from)?;
+    let (src, mut size, format, recorded) = Source::open(from)?;
     let mut created = false;
     let dst = match std::fs::metadata(to) {
         Ok(m) if m.file_type().is_block_device() => OpenOptions::new()
@@ -258,6 +316,10 @@ fn one(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dry_run => {
             // A new disk: a sparse file of the disk's size (its holes read as zeros).
             created = true;
+            // A disk named by a failover record is made at the disk's own size.
+            if let Some(r) = recorded.filter(|r| *r <= size && src.data_end(size) <= *r) {
+                size = r;
+            }
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -325,20 +387,25 @@ fn one(
         }
     }
     let verified = if verify && !dry_run {
-        // The target read back through the page cache after fdatasync: what a reader sees.
-        let want = want.finalize().to_hex().to_string();
-        let got = {
+        let mut digest = |f: &File, p: &Path| -> Result<String, JobError> {
             let mut h = blake3::Hasher::new();
             let mut off = 0u64;
             while off < size {
                 let n = (size - off).min(BLOCK as u64) as usize;
-                dst.read_exact_at(&mut a[..n], off)
-                    .map_err(io(to, "read"))?;
+                f.read_exact_at(&mut a[..n], off).map_err(io(p, "read"))?;
                 h.update(&a[..n]);
                 off += n as u64;
             }
-            h.finalize().to_hex().to_string()
+            Ok(h.finalize().to_hex().to_string())
         };
+        // A file is read again (it may have changed meanwhile); a page blob was read from a
+        // snapshot, which cannot change: its digest is the one taken while comparing.
+        let want = match &src {
+            Source::File(f) => digest(f, from)?,
+            Source::Blob { .. } => want.finalize().to_hex().to_string(),
+        };
+        // The target read back through the page cache after fdatasync: what a reader sees.
+        let got = digest(&dst, to)?;
         if want != got {
             return Err(JobError::Usage(format!(
                 "verification failed: {} reads back as blake3 {got}, the failed-over disk is {want}",

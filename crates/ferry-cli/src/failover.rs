@@ -620,7 +620,7 @@ fn print_made(a: &TestArgs, rec: &Record) -> Result<(), JobError> {
         }
         if a.real {
             outln!(
-                "When the migration is confirmed: ferry complete-migration --vm {} --store {}; to bring the site back later: ferry failback --vm {} --from azure://…/DISK.vhd --to DEVICE",
+                "When the migration is confirmed: ferry complete-migration --vm {} --store {}. To bring the site back later: export the VM's managed disks into the container, then ferry failback --vm {} --from azure://…/DISK.vhd --to DEVICE (docs/OPERATIONS.md, Failback from Azure)",
                 rec.vm,
                 a.store,
                 rec.vm
@@ -1085,11 +1085,7 @@ pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
         StoreLocation::Azure { .. } => {
             let d = a.store.local_dir();
             if !d.is_dir() {
-                return Err(JobError::Usage(format!(
-                    "no process server state for {} here ({} is missing): run complete-migration on the appliance, where `ferry serve` replicates this store (it refuses the VM's agent from then on)",
-                    a.store,
-                    d.display()
-                )));
+                return azure::complete_offline(&a);
             }
             d
         }
@@ -1115,9 +1111,15 @@ pub(crate) fn complete_migration(a: CompleteArgs) -> Result<(), JobError> {
                     a.store, a.store
                 )));
             }
+            // An Azure store's failover may have been made on another machine: its record in the
+            // container counts too.
             let failed_over = other
                 .as_ref()
-                .is_some_and(|l| l.state == lifecycle::FAILED_OVER);
+                .is_some_and(|l| l.state == lifecycle::FAILED_OVER)
+                || (azure
+                    && azure::all(&a.store)?
+                        .iter()
+                        .any(|r| r.vm == vm && r.kind == "failover" && r.state == "ready"));
             if !failed_over && !a.force {
                 return Err(JobError::Usage(format!(
                     "VM {vm} has not been failed over{}: complete-migration deletes every point of it. Fail over first (ferry failover --vm {vm} --store {}), or give --force to end its replication and delete its points anyway",
@@ -1270,7 +1272,7 @@ pub(crate) mod azure {
 
     /// The default blob prefix of test failovers.
     pub const DEFAULT_PREFIX: &str = "test-failover";
-    /// The default blob prefix of (real) failovers: `failover/VM-ID/VM-DISK.vhd`.
+    /// The default blob prefix of (real) failovers: `failover/VM/VM-DISK.vhd`.
     pub const REAL_PREFIX: &str = "failover";
 
     fn az(e: impl std::fmt::Display) -> JobError {
@@ -1371,15 +1373,20 @@ pub(crate) mod azure {
         Ok(())
     }
 
-    /// Deletes what the record's test failover made and marks it `state`.
+    /// Deletes what the record's failover made (`only`: the disks whose copy it started) and
+    /// marks it `state`.
     fn remove(
         blobs: &ferry_azure::AzureBlobs,
         r: &mut Record,
         state: &str,
+        only: Option<&[bool]>,
     ) -> Result<Vec<PathBuf>, JobError> {
         check(r)?;
         let mut removed = Vec::new();
-        for d in &r.disks {
+        for (i, d) in r.disks.iter().enumerate() {
+            if only.is_some_and(|o| !o[i]) {
+                continue;
+            }
             let name = d.path.to_str().expect("checked");
             if blobs.blob_size(name).map_err(az)?.is_some() {
                 blobs.delete_blob(name).map_err(az)?;
@@ -1447,21 +1454,6 @@ pub(crate) mod azure {
                 )));
             }
         }
-        if let Some(wait) = a.shutdown_source {
-            if !a.real {
-                return Err(JobError::Usage(
-                    "--shutdown-source is for a real failover (without --test)".into(),
-                ));
-            }
-            if !here {
-                return Err(JobError::Usage(format!(
-                    "--shutdown-source asks the source through the process server: run it on the appliance (no process server state for {} in {})",
-                    a.store,
-                    lroot.display()
-                )));
-            }
-            life = Some(shutdown_source(&lroot, &a.vm, wait)?);
-        }
         let prefix = match &a.to {
             None if a.real => REAL_PREFIX.to_string(),
             None => DEFAULT_PREFIX.to_string(),
@@ -1507,6 +1499,52 @@ pub(crate) mod azure {
                 p.to_string()
             }
         };
+        if a.real {
+            // What would make the failover fail is checked before the source is shut down.
+            let dir = format!("{prefix}/{}/", a.vm);
+            if let Some((b, _)) = blobs.list(&dir).map_err(az)?.into_iter().next() {
+                return Err(JobError::Usage(format!(
+                    "blob {b} exists already: a failover writes the VM's disks under {dir}; delete them or give another --to azure://{account}/{container}/PREFIX{}",
+                    if a.shutdown_source.is_some() { " (the source was not asked to cut over)" } else { "" }
+                )));
+            }
+        }
+        // One real failover of a VM at a time, across machines: a claim blob made with
+        // If-None-Match, removed when this one ends.
+        let _claim = if a.real {
+            let c = Claim::take(&blobs, &a.vm)?;
+            // Looked at again under the claim: one may have finished just before it.
+            if let Some(open) = records(&blobs)?.into_iter().find(|r| {
+                r.vm == a.vm && r.kind == "failover" && r.state != "cleaned" && r.state != "failed"
+            }) {
+                return Err(JobError::Usage(format!(
+                    "VM {} has a failover already ({}, at point {}, in {}, {})",
+                    a.vm,
+                    open.id,
+                    open.point,
+                    open.dir.display(),
+                    open.state
+                )));
+            }
+            Some(c)
+        } else {
+            None
+        };
+        if let Some(wait) = a.shutdown_source {
+            if !a.real {
+                return Err(JobError::Usage(
+                    "--shutdown-source is for a real failover (without --test)".into(),
+                ));
+            }
+            if !here {
+                return Err(JobError::Usage(format!(
+                    "--shutdown-source asks the source through the process server: run it on the appliance (no process server state for {} in {})",
+                    a.store,
+                    lroot.display()
+                )));
+            }
+            life = Some(shutdown_source(&lroot, &a.vm, wait)?);
+        }
         let asked = if a.shutdown_source.is_some() {
             PointSelector::Id("final".into())
         } else {
@@ -1540,10 +1578,18 @@ pub(crate) mod azure {
                 a.store
             )));
         }
+        // Unique: the pid and a counter (a plan makes several in one process within a second).
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!(
-            "{kind}-{}-{}-{}",
+            "{kind}-{}-{}{}-{}",
             point.seq,
             std::process::id(),
+            if n == 0 {
+                String::new()
+            } else {
+                format!("x{n}")
+            },
             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string()
                 .replace([':', '-'], "")
@@ -1578,7 +1624,19 @@ pub(crate) mod azure {
             cleaned: None,
         };
         check(&rec)?;
-        put(&blobs, &rec)?;
+        if !blobs
+            .create_block_blob(
+                &record_blob(&rec.id),
+                serde_json::to_vec_pretty(&rec).expect("record serializes"),
+            )
+            .map_err(az)?
+        {
+            return Err(JobError::Usage(format!(
+                "a failover record {id} exists already; try again in a second"
+            )));
+        }
+        // Disks whose copy this failover started: only those are its to delete if it fails.
+        let mut started = vec![false; rec.disks.len()];
         let made = (|| -> Result<(), JobError> {
             let _pin = ferry_job::azure_pins::pin_point(&blobs, &vm, point.seq)?;
             let listed = ferry_job::azure::load_manifest(&blobs, &vm)?
@@ -1589,12 +1647,13 @@ pub(crate) mod azure {
                     point.id
                 )));
             }
-            for i in 0..rec.disks.len() {
+            for (i, started) in started.iter_mut().enumerate() {
                 let d = rec.disks[i].clone();
                 let name = d.path.to_str().expect("utf-8");
                 if blobs.blob_size(name).map_err(az)?.is_some() {
                     return Err(JobError::Usage(format!("blob {name} exists already")));
                 }
+                *started = true;
                 ferry_job::azure::restore_to_blob(&blobs, &vm, &point, &d.disk, name, a.verify)?;
                 rec.disks[i].written = true;
                 put(&blobs, &rec)?;
@@ -1602,7 +1661,7 @@ pub(crate) mod azure {
             Ok(())
         })();
         if let Err(e) = made {
-            return Err(match remove(&blobs, &mut rec, "failed") {
+            return Err(match remove(&blobs, &mut rec, "failed", Some(&started)) {
                 Ok(_) => JobError::Usage(format!(
                     "{what} of {vm} failed, and what it had made is deleted: {e}"
                 )),
@@ -1621,6 +1680,13 @@ pub(crate) mod azure {
         }
         rec.state = "ready".into();
         put(&blobs, &rec)?;
+        if a.real && !here {
+            errln!(
+                "note: no process server state for {} here ({}): the failover is recorded in the container (failovers/{id}.json); if the appliance still runs, its server keeps accepting the VM's agent until complete-migration runs there",
+                a.store,
+                lroot.display()
+            );
+        }
         if a.real && here {
             // The process server stops expecting the agent; `final` stays known.
             let r = lifecycle::update(&lroot, &vm, |cur| match cur {
@@ -1713,8 +1779,138 @@ pub(crate) mod azure {
                 "VM {vm} has no test failover to clean up (`ferry failover list --store {store}` shows them)"
             )));
         };
-        let removed = remove(&blobs, &mut rec, "cleaned")?;
+        let removed = remove(&blobs, &mut rec, "cleaned", None)?;
         Ok((rec, removed, true))
+    }
+
+    /// `ferry complete-migration` of an Azure store where no process server state is (the
+    /// appliance is lost, or this is another machine): the container's data of the VM is deleted
+    /// (the VM is marked retired there first: `ferry apply` skips it); no agent can be refused
+    /// from here.
+    pub(crate) fn complete_offline(a: &CompleteArgs) -> Result<(), JobError> {
+        ferry_job::validate_name("VM", &a.vm)?;
+        let vm = &a.vm;
+        let blobs = blobs(&a.store)?;
+        let all = records(&blobs)?;
+        let failed_over = all
+            .iter()
+            .find(|r| &r.vm == vm && r.kind == "failover" && r.state == "ready");
+        if ferry_job::azure::load_manifest(&blobs, vm)
+            .map_err(|e| JobError::Azure(e.to_string()))?
+            .is_none()
+            && !ferry_job::azure::is_retired(&blobs, vm)?
+        {
+            return Err(JobError::Usage(format!(
+                "store {} has no VM '{vm}' (ferry points list --store {} shows them)",
+                a.store, a.store
+            )));
+        }
+        if failed_over.is_none() && !a.force {
+            return Err(JobError::Usage(format!(
+                "VM {vm} has not been failed over (no failover record in {}): complete-migration deletes every point of it. Fail over first (ferry failover --vm {vm} --store {}), or give --force",
+                a.store, a.store
+            )));
+        }
+        if let Some(t) = all.iter().find(|r| {
+            &r.vm == vm && r.kind == "test" && r.state != "cleaned" && r.state != "failed"
+        }) {
+            return Err(JobError::Usage(format!(
+                "VM {vm} has a test failover ({}, in {}): clean it up first (ferry failover --test --cleanup --vm {vm} --store {})",
+                t.id,
+                t.dir.display(),
+                a.store
+            )));
+        }
+        let r = ferry_job::azure::remove_vm(&blobs, vm)?;
+        event(
+            &a.state_dir,
+            ferry_serve::events::Event::new(
+                "migration",
+                Some(vm),
+                format!(
+                    "operator completed the migration without the process server: {} point(s), {} replica(s) deleted from {}",
+                    r.points, r.replicas, a.store
+                ),
+            ),
+        );
+        if a.json {
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "vm": vm, "state": "retired", "failover": failed_over.map(|f| &f.id),
+                    "forced": failed_over.is_none(), "azure": r, "process_server": false,
+                }))
+                .expect("json")
+            );
+        } else {
+            outln!(
+                "migration of {vm} is completed: deleted from {} its manifest ({} point(s)), {} replica page blob(s) with their snapshots ({}) and {} other blob(s)",
+                a.store,
+                r.points,
+                r.replicas,
+                crate::units::human(r.replica_bytes),
+                r.other
+            );
+            if let Some(f) = failed_over {
+                outln!(
+                    "  the failed-over disks stay (failover {}, under {})",
+                    f.id,
+                    f.dir.display()
+                );
+            }
+        }
+        errln!(
+            "note: no process server state for {} here ({}): if the appliance still runs, run complete-migration there too, so that its server refuses the VM's agent",
+            a.store,
+            a.store.local_dir().display()
+        );
+        Ok(())
+    }
+
+    /// `failovers/VM.claim`: a real failover of the VM is running (on any machine).
+    struct Claim<'a> {
+        blobs: &'a ferry_azure::AzureBlobs,
+        name: String,
+    }
+
+    impl<'a> Claim<'a> {
+        fn take(blobs: &'a ferry_azure::AzureBlobs, vm: &str) -> Result<Claim<'a>, JobError> {
+            let name = format!("failovers/{vm}.claim");
+            let body = format!(
+                "{{\"pid\": {}, \"host\": {:?}, \"since\": {:?}}}\n",
+                std::process::id(),
+                std::fs::read_to_string("/etc/hostname")
+                    .unwrap_or_default()
+                    .trim(),
+                now_rfc3339()
+            );
+            if blobs
+                .create_block_blob(&name, body.into_bytes())
+                .map_err(az)?
+            {
+                return Ok(Claim { blobs, name });
+            }
+            let who = blobs
+                .get_blob(&name)
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+                .unwrap_or_default();
+            Err(JobError::Usage(format!(
+                "another failover of {vm} is running ({name}: {who}); if none runs any more (it was killed), delete that blob and try again"
+            )))
+        }
+    }
+
+    impl Drop for Claim<'_> {
+        fn drop(&mut self) {
+            if let Err(e) = self.blobs.delete_blob(&self.name) {
+                errln!(
+                    "warning: cannot delete {}: {e}; delete it before the next failover of this VM",
+                    self.name
+                );
+            }
+        }
     }
 
     /// The container of an Azure store.

@@ -128,7 +128,7 @@ enum Cmd {
     ///   ferry failback --vm web01 --from os.vhd --to /dev/sdb --from data.vhd --to /dev/sdc
     ///   ferry failback --vm web01 --from os.vhd --to /dev/sdb --dry-run
     ///   ferry failback --vm web01 --to /dev/sdb \
-    ///       --from azure://ferrydr/ferry/failover/web01/web01-os.vhd
+    ///       --from azure://ferrydr/ferry/failback/web01-os.vhd   # exported
     #[command(verbatim_doc_comment)]
     Failback(FailbackArgs),
     /// Split mode, near the store: apply uploaded segments to the replica page blobs, snapshot them

@@ -635,7 +635,7 @@ fn an_azure_test_failover_makes_page_blobs_an_independent_client_reads_and_clean
         ),
         (
             &["--test", "--vm", "web01", "--point", "final"][..],
-            "final",
+            "has no final point",
         ),
     ] {
         let o = fo(args);
@@ -665,8 +665,24 @@ fn an_azure_failover_then_failback_from_the_page_blob_moves_only_what_differs() 
     let (disk, _) = make_disk(&az.env, "os.img", size, 9);
     az.replicate(&disk, &["--vm", "web02", "--disk", "os"]);
     let url = az.url();
+    // One real failover of a VM at a time, across machines: a claim blob another one holds
+    // refuses this one, which makes nothing.
+    let blobs = ferry_azure::AzureBlobs::new(az.azurite.config(CONTAINER)).unwrap();
+    blobs
+        .put_block_blob("failovers/web02.claim", b"{\"pid\": 1}".to_vec())
+        .unwrap();
+    let o = az.run(&["failover", "--vm", "web02", "--store", &url]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("another failover of web02 is running"), "{e}");
+    assert!(blobs.list("failover/").unwrap().is_empty());
+    blobs.delete_blob("failovers/web02.claim").unwrap();
     let o = az.run(&["failover", "--vm", "web02", "--json", "--store", &url]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        blobs.blob_size("failovers/web02.claim").unwrap().is_none(),
+        "the claim is released"
+    );
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         (r["kind"].as_str(), r["state"].as_str()),
@@ -775,6 +791,17 @@ fn an_azure_failover_then_failback_from_the_page_blob_moves_only_what_differs() 
         fb["disks"][0]["bytes_downloaded"]
     );
     assert_eq!(moved, changed, "{fb:#}");
+    // Only written pages are downloaded: the disk's first third (random) and the VM's writes.
+    let down = fb["disks"][0]["bytes_downloaded"].as_u64().unwrap();
+    assert!(
+        down >= changed - (1 << 20) && down < size / 2,
+        "{down} bytes downloaded: {fb:#}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("export the managed disk"),
+        "no note that the failover's own blob is not the running VM's disk"
+    );
+
     assert!(fb["disks"][0]["blake3"].is_string(), "{fb:#}");
     assert!(
         fs::read(&disk).unwrap() == expect,
@@ -839,7 +866,12 @@ fn an_azure_failover_then_failback_from_the_page_blob_moves_only_what_differs() 
         ),
         (0, 0, 0)
     );
-    assert_eq!(count(&blob), 1, "the failed-over disk stays");
+    // Snapshots included: the disk stays, and the snapshots the failbacks read are deleted.
+    assert_eq!(
+        count(&blob),
+        1,
+        "the failed-over disk stays, with no snapshot left"
+    );
     assert!(count("failovers/") >= 1, "the records stay");
     let o = az.run(&["points", "list", "--json", "--store", &url]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -861,6 +893,40 @@ fn an_azure_failover_then_failback_from_the_page_blob_moves_only_what_differs() 
         "a retired VM replicates again: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+
+    // Off the appliance (no process server state here, as after losing the site): a failover is
+    // recorded in the container only, and complete-migration deletes the container's data.
+    let (d3, _) = make_disk(&az.env, "db.img", 4 << 20, 3);
+    az.replicate(&d3, &["--vm", "db03", "--disk", "os"]);
+    let elsewhere = |args: &[&str]| {
+        let mut c = az.cmd(args);
+        c.env("FERRY_STATE_DIR", az.env.path("another-machine"));
+        c.output().unwrap()
+    };
+    let o = elsewhere(&["failover", "--vm", "db03", "--store", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no process server state"));
+    let o = elsewhere(&[
+        "complete-migration",
+        "--vm",
+        "db03",
+        "--json",
+        "--store",
+        &url,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (c["state"].as_str(), c["forced"].as_bool()),
+        (Some("retired"), Some(false)),
+        "{c:#}"
+    );
+    assert_eq!(
+        (count("replicas/db03/"), count("manifests/db03.json")),
+        (0, 0)
+    );
+    assert_eq!(count("failover/db03/"), 1, "the failed-over disk stays");
+    assert_eq!(count("lifecycle/db03.retired"), 1);
 
     // Mistakes: no such blob, a blob that is not a VHD.
     for (f, want) in [

@@ -639,17 +639,44 @@ pub fn remove_vm(blobs: &AzureBlobs, vm: &str) -> Result<AzureRemoved, JobError>
             .map_or(0, |m| m.points.len()),
         ..Default::default()
     };
+    // A reader (a restore, a test failover, on any machine) still copying a point: not under it.
+    if let Some(seq) = crate::azure_pins::live_pins(blobs)?.get(vm) {
+        return Err(JobError::Usage(format!(
+            "a restore or test failover is reading {vm}'s point {seq} (its pin is under pins/{vm}/): the VM's data is deleted once it ends (a pin expires {} min after its reader stops)",
+            crate::azure_pins::LIFETIME.as_secs() / 60
+        )));
+    }
+    // Marked first: a split-mode `ferry apply` skips the VM from then on (it would otherwise
+    // make the manifest and replicas again from segments not yet deleted).
+    blobs
+        .put_block_blob(
+            &retired_blob(vm),
+            format!("{{\"vm\": {vm:?}, \"retired\": true}}\n").into_bytes(),
+        )
+        .map_err(az)?;
+    for (name, _) in blobs.list(&format!("journal/{vm}/")).map_err(az)? {
+        blobs.delete_blob(&name).map_err(az)?;
+        r.other += 1;
+    }
     blobs.delete_blob(&manifest_blob(vm)).map_err(az)?;
     for (name, size) in blobs.list(&format!("replicas/{vm}/")).map_err(az)? {
         blobs.delete_blob(&name).map_err(az)?;
         r.replicas += 1;
         r.replica_bytes += size;
     }
-    for prefix in [format!("journal/{vm}/"), format!("pins/{vm}/")] {
-        for (name, _) in blobs.list(&prefix).map_err(az)? {
-            blobs.delete_blob(&name).map_err(az)?;
-            r.other += 1;
-        }
+    for (name, _) in blobs.list(&format!("pins/{vm}/")).map_err(az)? {
+        blobs.delete_blob(&name).map_err(az)?;
+        r.other += 1;
     }
     Ok(r)
+}
+
+/// `lifecycle/VM.retired`: the VM's migration was completed; its data is (being) deleted.
+pub fn retired_blob(vm: &str) -> String {
+    format!("lifecycle/{vm}.retired")
+}
+
+/// Whether [`remove_vm`] marked the VM retired in the container.
+pub fn is_retired(blobs: &AzureBlobs, vm: &str) -> Result<bool, JobError> {
+    Ok(blobs.blob_size(&retired_blob(vm)).map_err(az)?.is_some())
 }

@@ -114,6 +114,12 @@ pub fn apply_all(
         }
     }
     for (vm, disks) in journal {
+        // A VM whose migration was completed: its segments are being deleted, nothing of it is
+        // applied (that would make its manifest and replicas again).
+        if crate::azure::is_retired(blobs, &vm)? {
+            tracing::info!(vm = %vm, "skipped: its migration was completed (lifecycle/VM.retired)");
+            continue;
+        }
         let mut m =
             load_manifest(blobs, &vm)?.unwrap_or_else(|| Manifest::new(&vm, &key.id().to_string()));
         if m.key_id != key.id().to_string() {
