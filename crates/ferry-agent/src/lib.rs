@@ -139,11 +139,12 @@ impl AgentError {
         }
     }
 
-    /// 2 for usage errors, 3 when the VM's replication ended for good (its migration was
-    /// completed: the unit must not restart the agent), 1 otherwise.
+    /// 2 for usage and configuration errors (an agent not registered yet included: restarting
+    /// cannot fix them, and the unit does not), 3 when the VM's replication ended for good (its
+    /// migration was completed: the unit must not restart the agent), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            AgentError::Usage(_) | AgentError::Config(_) => 2,
+            AgentError::Usage(_) | AgentError::Config(_) | AgentError::NotRegistered(_) => 2,
             AgentError::Refused { code, .. } if *code == ferry_wire::refuse::RETIRED => 3,
             _ => 1,
         }
