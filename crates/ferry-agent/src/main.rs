@@ -31,7 +31,9 @@ are shipped as they happen); otherwise the scan tracker (each point reads every 
 automatically with a log line saying why. Points: crash-consistent every --crash-interval, \
 app-consistent every --app-interval (pre-freeze/post-thaw hooks from --hooks-dir, the MariaDB/MySQL \
 hook with --mysql-*), each with every filesystem on the disks frozen (at most --freeze-bound).\n\
-Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error, 2 usage. docs/AGENT.md."
+Logs go to stderr (FERRY_LOG=debug for more). Exit codes: 0 ok, 1 error (transient: the unit \
+restarts the agent), 2 usage or configuration (an agent not registered yet included), 3 the VM's \
+migration was completed (neither is restarted). docs/AGENT.md."
 )]
 struct Cli {
     #[command(subcommand)]

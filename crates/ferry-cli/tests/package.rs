@@ -29,19 +29,17 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Builds the .deb from the binaries next to the test's `ferry-agent` into `out`.
-fn build(out: &Path) -> PathBuf {
-    // target/release/ferry-agent → target
-    let target = common::agent_bin()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_owned();
+/// Builds the .deb from the binaries next to the test's `ferry-agent` into `out`, under `umask`.
+fn build(out: &Path, umask: &str) -> PathBuf {
+    let bins = common::agent_bin().parent().unwrap().to_owned();
     let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!("umask {umask}; exec bash \"$0\" \"$@\""))
         .arg(repo().join("packaging/deb/build-agent"))
-        .args(["--no-build", "--out"])
+        .args(["--no-build", "--bin-dir"])
+        .arg(&bins)
+        .arg("--out")
         .arg(out)
-        .env("CARGO_TARGET_DIR", &target)
         .output()
         .unwrap();
     PathBuf::from(ok(&o, "packaging/deb/build-agent").trim())
@@ -63,8 +61,9 @@ fn the_agent_deb_installs_starts_nothing_unregistered_and_purge_removes_its_stat
         return;
     }
     let env = common::Env::new();
-    let deb = build(&env.path("out1"));
-    let deb2 = build(&env.path("out2"));
+    let deb = build(&env.path("out1"), "0022");
+    // Another umask: the same package (its modes are the script's, not the builder's).
+    let deb2 = build(&env.path("out2"), "0002");
     assert_eq!(
         fs::read(&deb).unwrap(),
         fs::read(&deb2).unwrap(),
@@ -192,16 +191,43 @@ fn the_agent_deb_installs_starts_nothing_unregistered_and_purge_removes_its_stat
         "remove dropped the agent's state"
     );
     assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
-    // Reinstalled over the kept state: registered, so no "next steps" message.
+    // Reinstalled over the kept state: registered, so no "next steps"; not enabled, so it says
+    // how to resume.
     let said = ok(&dpkg(&["-i", deb.to_str().unwrap()]), "dpkg -i again");
     assert!(!said.contains("protects nothing yet"), "{said}");
+    assert!(
+        said.contains("systemctl enable --now ferry-agent resumes"),
+        "{said}"
+    );
     assert_eq!(
         fs::read_to_string(&conf).unwrap(),
         edited,
         "the edited conffile was replaced"
     );
-    // Purge removes the state and the configuration.
+    // Enabled (as `systemctl enable` does): an upgrade says nothing; the enablement outlives a
+    // remove and goes with a purge, with the state and the configuration.
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(
+        "/lib/systemd/system/ferry-agent.service",
+        wants.join("ferry-agent.service"),
+    )
+    .unwrap();
+    let said = ok(&dpkg(&["-i", deb.to_str().unwrap()]), "dpkg -i (upgrade)");
+    assert!(
+        !said.contains("protects nothing yet") && !said.contains("resumes protection"),
+        "{said}"
+    );
+    ok(&dpkg(&["-r", "ferry-agent"]), "dpkg -r");
+    assert!(
+        fs::symlink_metadata(wants.join("ferry-agent.service")).is_ok(),
+        "remove dropped the enablement"
+    );
     ok(&dpkg(&["-P", "ferry-agent"]), "dpkg -P");
     assert!(!state.exists(), "purge left {}", state.display());
     assert!(!conf.exists(), "purge left {}", conf.display());
+    assert!(
+        fs::symlink_metadata(wants.join("ferry-agent.service")).is_err(),
+        "purge left the enablement"
+    );
 }
