@@ -244,6 +244,30 @@ fn shutdown_source(
     }
 }
 
+/// The point a failover takes: `--point` (`final` being the point `ferry-agent cutover` made on
+/// the source, from the VM's lifecycle record), or `final` after `--shutdown-source`.
+fn selector(
+    a: &TestArgs,
+    life: Option<&ferry_apply::lifecycle::Lifecycle>,
+    unknown_here: &str,
+) -> Result<PointSelector, JobError> {
+    let asked = if a.shutdown_source.is_some() {
+        PointSelector::Id("final".into())
+    } else {
+        a.point.clone()
+    };
+    match &asked {
+        PointSelector::Id(f) if f == "final" => match life.and_then(|l| l.final_point.clone()) {
+            Some(id) => Ok(PointSelector::Id(id)),
+            None => Err(JobError::Usage(format!(
+                "VM {} has no final point{unknown_here}: run `ferry-agent cutover` on the source first (a planned failover), or fail over to --point latest (the newest point the server committed: an unplanned failover loses what the source wrote after it)",
+                a.vm
+            ))),
+        },
+        p => Ok(p.clone()),
+    }
+}
+
 /// Whether the process that made failover `id` (`KIND-SEQ-PID[xN]-TIME`) still runs.
 fn maker_alive(id: &str) -> bool {
     let pid = id
@@ -386,26 +410,7 @@ pub(crate) fn failover_vm(a: &TestArgs) -> Result<Record, JobError> {
         // back (an agent already cut over answers with its final point at once).
         lifecycle = Some(shutdown_source(&root, &a.vm, wait)?);
     }
-    let point_asked = if a.shutdown_source.is_some() {
-        PointSelector::Id("final".into())
-    } else {
-        a.point.clone()
-    };
-    // `final`: the point `ferry-agent cutover` made on the source.
-    let selector = match &point_asked {
-        PointSelector::Id(f) if f == "final" => {
-            match lifecycle.as_ref().and_then(|l| l.final_point.clone()) {
-                Some(id) => PointSelector::Id(id),
-                None => {
-                    return Err(JobError::Usage(format!(
-                        "VM {} has no final point: run `ferry-agent cutover` on the source first (a planned failover), or fail over to --point latest (the newest point the server committed: an unplanned failover loses what the source wrote after it)",
-                        a.vm
-                    )))
-                }
-            }
-        }
-        p => p.clone(),
-    };
+    let selector = selector(a, lifecycle.as_ref(), "")?;
     let store = ferry_job::open_recovery(&a.store, Some(&a.key_file))?;
     let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &selector)?;
     drop(store);
@@ -1545,26 +1550,15 @@ pub(crate) mod azure {
             }
             life = Some(shutdown_source(&lroot, &a.vm, wait)?);
         }
-        let asked = if a.shutdown_source.is_some() {
-            PointSelector::Id("final".into())
-        } else {
-            a.point.clone()
-        };
-        let selector = match &asked {
-            PointSelector::Id(f) if f == "final" => {
-                match life.as_ref().and_then(|l| l.final_point.clone()) {
-                    Some(id) => PointSelector::Id(id),
-                    None => {
-                        return Err(JobError::Usage(format!(
-                            "VM {} has no final point{}: run `ferry-agent cutover` on the source first (a planned failover), or fail over to --point latest (the newest point the server committed: an unplanned failover loses what the source wrote after it)",
-                            a.vm,
-                            if here { "" } else { " known here (the process server records it; run this on the appliance, or give the point's id, which ferry-agent cutover printed)" }
-                        )))
-                    }
-                }
-            }
-            p => p.clone(),
-        };
+        let selector = selector(
+            a,
+            life.as_ref(),
+            if here {
+                ""
+            } else {
+                " known here (the process server records it; run this on the appliance, or give the point's id, which ferry-agent cutover printed)"
+            },
+        )?;
         let store = ferry_job::open_recovery(&a.store, None)?;
         let (vm, point) = ferry_job::resolve_point(store.as_ref(), Some(&a.vm), &selector)?;
         drop(store);

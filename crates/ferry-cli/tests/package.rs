@@ -14,14 +14,9 @@ use std::process::{Command, Output};
 
 use ferry_testkit::sys::{missing, Need};
 
+/// The command's stdout, once it succeeded (`common::ok` panics otherwise, showing both streams).
 fn ok(o: &Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}): {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::ok(o, what);
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
