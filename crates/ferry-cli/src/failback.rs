@@ -179,30 +179,26 @@ impl Source {
             );
         }
         let snapshot = blobs.snapshot(name).map_err(az)?;
-        let src = Source::Blob {
+        // Made before the listing: dropping it (on an error below too) deletes the snapshot.
+        let mut src = Source::Blob {
             blobs,
             name: name.to_owned(),
             snapshot,
             written: Vec::new(),
         };
-        let Source::Blob {
+        if let Source::Blob {
             blobs,
             name,
             snapshot,
-            ..
-        } = &src
-        else {
-            unreachable!()
-        };
-        let written: Vec<(u64, u64)> = blobs
-            .list_page_ranges(name, Some(snapshot))
-            .map_err(az)?
-            .into_iter()
-            .filter_map(|(a, b)| (a < size).then_some((a, b.min(size))))
-            .collect();
-        let mut src = src;
-        if let Source::Blob { written: w, .. } = &mut src {
-            *w = written;
+            written,
+        } = &mut src
+        {
+            *written = blobs
+                .list_page_ranges(name, Some(snapshot))
+                .map_err(az)?
+                .into_iter()
+                .filter_map(|(a, b)| (a < size).then_some((a, b.min(size))))
+                .collect();
         }
         Ok((src, size, "page blob", recorded))
     }

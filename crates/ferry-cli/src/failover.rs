@@ -1441,23 +1441,7 @@ pub(crate) mod azure {
                     a.vm, l.state, l.since, a.store
                 )));
             }
-            if let Some(open) = records(&blobs)?.into_iter().find(|r| {
-                r.vm == a.vm && r.kind == "failover" && r.state != "cleaned" && r.state != "failed"
-            }) {
-                return Err(JobError::Usage(format!(
-                    "VM {} has a failover already ({}, at point {}, in {}, {}){}",
-                    a.vm,
-                    open.id,
-                    open.point,
-                    open.dir.display(),
-                    open.state,
-                    if open.state == "creating" {
-                        "; if no failover runs any more, delete its record blob failovers/ID.json and its blobs, and try again"
-                    } else {
-                        ""
-                    }
-                )));
-            }
+            no_open_failover(&blobs, &a.vm)?;
         }
         let prefix = match &a.to {
             None if a.real => REAL_PREFIX.to_string(),
@@ -1519,18 +1503,7 @@ pub(crate) mod azure {
         let _claim = if a.real {
             let c = Claim::take(&blobs, &a.vm)?;
             // Looked at again under the claim: one may have finished just before it.
-            if let Some(open) = records(&blobs)?.into_iter().find(|r| {
-                r.vm == a.vm && r.kind == "failover" && r.state != "cleaned" && r.state != "failed"
-            }) {
-                return Err(JobError::Usage(format!(
-                    "VM {} has a failover already ({}, at point {}, in {}, {})",
-                    a.vm,
-                    open.id,
-                    open.point,
-                    open.dir.display(),
-                    open.state
-                )));
-            }
+            no_open_failover(&blobs, &a.vm)?;
             Some(c)
         } else {
             None
@@ -1859,6 +1832,27 @@ pub(crate) mod azure {
             a.store.local_dir().display()
         );
         Ok(())
+    }
+
+    /// Refuses a real failover of a VM that has one (made, or being made) in the container.
+    fn no_open_failover(blobs: &ferry_azure::AzureBlobs, vm: &str) -> Result<(), JobError> {
+        match records(blobs)?.into_iter().find(|r| {
+            r.vm == vm && r.kind == "failover" && r.state != "cleaned" && r.state != "failed"
+        }) {
+            None => Ok(()),
+            Some(open) => Err(JobError::Usage(format!(
+                "VM {vm} has a failover already ({}, at point {}, in {}, {}){}",
+                open.id,
+                open.point,
+                open.dir.display(),
+                open.state,
+                if open.state == "creating" {
+                    "; if no failover runs any more, delete its record blob failovers/ID.json and its blobs, and try again"
+                } else {
+                    ""
+                }
+            ))),
+        }
     }
 
     /// `failovers/VM.claim`: a real failover of the VM is running (on any machine).
