@@ -4,6 +4,7 @@
 #[macro_use]
 mod out;
 mod admin;
+mod appliance;
 mod config;
 mod events;
 mod failback;
@@ -164,6 +165,17 @@ enum Cmd {
     ///   ferry status --json | jq '.vms[] | {vm, rpo_seconds, conditions}'
     #[command(verbatim_doc_comment)]
     Status(StatusArgs),
+    /// The appliance's boot-time configuration from OVF properties or a cloud-init NoCloud
+    /// volume (docs/APPLIANCE.md).
+    Appliance {
+        #[command(subcommand)]
+        cmd: appliance::ApplianceCmd,
+    },
+    /// The master key's backup: `ferry key export` (keep it offline) and `ferry key import`.
+    Key {
+        #[command(subcommand)]
+        cmd: appliance::KeyCmd,
+    },
     /// The registration passphrase agents need (`ferry-agent register --passphrase-file`).
     Passphrase {
         #[command(subcommand)]
@@ -862,6 +874,10 @@ fn main() -> ExitCode {
         Cmd::Passphrase {
             cmd: PassphraseCmd::Show { state_dir, config },
         } => return server::passphrase_show(state_dir, config),
+        Cmd::Appliance {
+            cmd: appliance::ApplianceCmd::Configure(a),
+        } => return appliance::configure(a),
+        Cmd::Key { cmd } => return appliance::key(cmd),
         other => other,
     };
     cli.cmd = cli_cmd;
@@ -895,6 +911,8 @@ fn main() -> ExitCode {
         }),
         Cmd::Apply(a) => apply(a),
         Cmd::Serve(_)
+        | Cmd::Appliance { .. }
+        | Cmd::Key { .. }
         | Cmd::Passphrase {
             cmd: PassphraseCmd::Show { .. },
         } => {
@@ -1013,6 +1031,8 @@ fn run_operator(cmd: Cmd) -> u8 {
             json,
         ),
         Cmd::Serve(_)
+        | Cmd::Appliance { .. }
+        | Cmd::Key { .. }
         | Cmd::Passphrase {
             cmd: PassphraseCmd::Show { .. },
         }

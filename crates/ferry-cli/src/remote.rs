@@ -76,6 +76,8 @@ fn target(cmd: &mut Cmd) -> Option<Target<'_>> {
         }
         Cmd::Events { at: a, .. } => at(a, false),
         Cmd::Serve(_)
+        | Cmd::Appliance { .. }
+        | Cmd::Key { .. }
         | Cmd::Passphrase {
             cmd: PassphraseCmd::Show { .. },
         }

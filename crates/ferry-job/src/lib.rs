@@ -11,6 +11,7 @@
 //!
 //! Must not: print. Progress goes through [`Progress`]; the binary decides how to show it.
 
+pub mod appliance;
 pub mod azure;
 pub mod azure_pins;
 pub mod identity;
