@@ -19,7 +19,7 @@ pub(crate) enum ApplianceCmd {
     /// or a cloud-init NoCloud volume (--nocloud, the mounted `cidata` volume: user-data as
     /// #cloud-config YAML with a `ferry:` mapping, meta-data, network-config version 2). Keys:
     /// hostname, network (dhcp|static), address, gateway, dns, store, azure_connection_string,
-    /// azure_account_key, azure_sas_token, listen_port, metrics_port, downloads_port,
+    /// azure_account_key, azure_sas_token, azure_allow_http, listen_port, metrics_port, downloads_port,
     /// cache_size, retention, throttle_ingest, throttle_upload, master_key, root_password_hash
     /// (docs/APPLIANCE.md says what each takes).
     ///
@@ -175,6 +175,7 @@ fn put(path: &Path, text: &str, mode: u32, written: &mut Vec<String>) -> Result<
 fn default_cache(fs: &Path) -> u64 {
     // 80 % of the cache disk; 4 GiB where it cannot be measured (the serve default).
     let c = std::ffi::CString::new(fs.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    // SAFETY: statvfs is plain old data; all zeroes is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid C string and a zeroed statvfs to fill.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
@@ -424,21 +425,6 @@ fn export(k: &KeyFileArg, out: Option<&Path>) -> Result<(), (u8, String)> {
     Ok(())
 }
 
-/// The 64 hex digits of an exported key (comment lines allowed).
-pub(crate) fn parse_export(text: &str) -> Result<String, String> {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    match lines.as_slice() {
-        [one] if one.len() == 64 && one.chars().all(|c| c.is_ascii_hexdigit()) => {
-            Ok(one.to_ascii_lowercase())
-        }
-        _ => Err("not an exported master key: expected one line of 64 hex digits (`ferry key export` writes it)".into()),
-    }
-}
-
 fn import(k: &KeyFileArg, from: &Path) -> Result<(), (u8, String)> {
     let path = k.resolve().map_err(|e| (2, e))?;
     let text = if from == Path::new("-") {
@@ -448,7 +434,8 @@ fn import(k: &KeyFileArg, from: &Path) -> Result<(), (u8, String)> {
         std::fs::read_to_string(from)
             .map_err(|e| (1, format!("cannot read {}: {e}", from.display())))?
     };
-    let hex = parse_export(&text).map_err(|e| (1, format!("{}: {e}", from.display())))?;
+    let hex =
+        appliance::parse_key_export(&text).map_err(|e| (1, format!("{}: {e}", from.display())))?;
     let fresh = import_key(&path, &hex).map_err(|e| (1, e))?;
     let key = ferry_crypto::MasterKey::load(&path).map_err(|e| (1, e.to_string()))?;
     if fresh {

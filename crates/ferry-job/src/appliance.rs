@@ -29,6 +29,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("azure_connection_string", "Azure Storage connection string (or the next two)"),
     ("azure_account_key", "the storage account's key"),
     ("azure_sas_token", "a SAS token for the container"),
+    ("azure_allow_http", "`true` to allow a plain-http blob endpoint on another host (a trusted lab network only; default false)"),
     ("listen_port", "TCP port agents connect to (default 7443)"),
     ("metrics_port", "port of the Prometheus endpoint, 0 for none (default 9464)"),
     ("downloads_port", "port the agent packages are served on, 0 for none (default 8080)"),
@@ -70,6 +71,7 @@ pub struct Settings {
     pub azure_connection_string: Option<String>,
     pub azure_account_key: Option<String>,
     pub azure_sas_token: Option<String>,
+    pub azure_allow_http: Option<bool>,
     pub listen_port: Option<u16>,
     pub metrics_port: Option<u16>,
     pub downloads_port: Option<u16>,
@@ -200,6 +202,13 @@ impl Settings {
             "azure_connection_string" => self.azure_connection_string = Some(one_line(key, v)?),
             "azure_account_key" => self.azure_account_key = Some(one_line(key, v)?),
             "azure_sas_token" => self.azure_sas_token = Some(one_line(key, v)?),
+            "azure_allow_http" => {
+                self.azure_allow_http = Some(match v {
+                    "true" | "yes" | "1" => true,
+                    "false" | "no" | "0" => false,
+                    _ => return Err(bad(key, format!("'{v}' is neither true nor false"))),
+                })
+            }
             "listen_port" => match port(key, v)? {
                 0 => return Err(bad(key, "agents need a port: 0 is not one")),
                 p => self.listen_port = Some(p),
@@ -280,6 +289,9 @@ impl Settings {
         .iter()
         .filter(|c| c.is_some())
         .count();
+        if self.azure_allow_http == Some(true) && !is_azure {
+            return Err("azure_allow_http is set but the store is not azure://ACCOUNT/CONTAINER (setting store)".into());
+        }
         if creds > 0 && !is_azure {
             return Err("Azure credentials are set but the store is not azure://ACCOUNT/CONTAINER (setting store)".into());
         }
@@ -582,6 +594,22 @@ fn glob(what: &str, v: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
+/// The 64 hex digits of an exported master key (`ferry key export`'s output: comment lines
+/// starting with `#`, blank lines, one line of 64 hex digits), lower-case.
+pub fn parse_key_export(text: &str) -> Result<String, String> {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    match lines.as_slice() {
+        [one] if one.len() == 64 && one.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Ok(one.to_ascii_lowercase())
+        }
+        _ => Err("not an exported master key: expected one line of 64 hex digits (`ferry key export` writes it)".into()),
+    }
+}
+
 /// Where things live on the appliance.
 pub const STATE_ROOT: &str = "/var/lib/ferry";
 pub const DEFAULT_STORE: &str = "/var/lib/ferry/store";
@@ -635,22 +663,33 @@ pub fn ferry_toml(s: &Settings, default_cache: u64) -> String {
 
 /// `/etc/ferry/serve.env` (systemd EnvironmentFile) with the Azure credentials; None without any.
 pub fn serve_env(s: &Settings) -> Option<String> {
-    let (name, v) = if let Some(v) = &s.azure_connection_string {
-        ("AZURE_STORAGE_CONNECTION_STRING", v)
+    let cred = if let Some(v) = &s.azure_connection_string {
+        Some(("AZURE_STORAGE_CONNECTION_STRING", v))
     } else if let Some(v) = &s.azure_account_key {
-        ("AZURE_STORAGE_KEY", v)
-    } else if let Some(v) = &s.azure_sas_token {
-        ("AZURE_STORAGE_SAS_TOKEN", v)
+        Some(("AZURE_STORAGE_KEY", v))
     } else {
-        return None;
+        s.azure_sas_token
+            .as_ref()
+            .map(|v| ("AZURE_STORAGE_SAS_TOKEN", v))
     };
-    let esc = v
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('$', "$$");
-    Some(format!(
-        "# Written by `ferry appliance configure` from the appliance's settings. Mode 0600.\n{name}=\"{esc}\"\n"
-    ))
+    let allow = s.azure_allow_http == Some(true);
+    if cred.is_none() && !allow {
+        return None;
+    }
+    let mut t = String::from(
+        "# Written by `ferry appliance configure` from the appliance's settings. Mode 0600.\n",
+    );
+    if let Some((name, v)) = cred {
+        let esc = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('$', "$$");
+        let _ = writeln!(t, "{name}=\"{esc}\"");
+    }
+    if allow {
+        t.push_str("FERRY_AZURE_ALLOW_HTTP=1\n");
+    }
+    Some(t)
 }
 
 /// systemd-networkd files (name, content) for the network settings; DHCP on every Ethernet
@@ -735,6 +774,10 @@ pub fn summary(s: &Settings) -> BTreeMap<String, String> {
     put("azure_connection_string", s.azure_connection_string.clone());
     put("azure_account_key", s.azure_account_key.clone());
     put("azure_sas_token", s.azure_sas_token.clone());
+    put(
+        "azure_allow_http",
+        s.azure_allow_http.map(|b| b.to_string()),
+    );
     put("listen_port", s.listen_port.map(|p| p.to_string()));
     put("metrics_port", s.metrics_port.map(|p| p.to_string()));
     put("downloads_port", s.downloads_port.map(|p| p.to_string()));

@@ -1,0 +1,814 @@
+//! The appliance (docs/APPLIANCE.md): `ferry appliance configure` on a scratch root, the master
+//! key's export and import, racing first starts, and the whole OVA: built by
+//! appliance-image/build, checked (descriptor, manifest, disks), booted under QEMU (TCG) with a
+//! NoCloud volume and forwarded ports, an agent installed from its download page's package,
+//! registered through it, a loop disk protected, points cut and restored exactly from the store
+//! the appliance writes (Azurite on the host).
+//!
+//! The OVA test needs root, debootstrap and a Debian mirror once per machine (the base is cached
+//! in /var/cache/ferry-appliance), QEMU, dosfstools, mtools, syslinux, xmllint, curl and Azurite;
+//! it skips loudly otherwise, and fails instead when FERRY_REQUIRE_APPLIANCE_TEST=1 (scripts/test
+//! as root). Cost here: build ~35 s with the base cached (~1.5 min more without), boot ~25-60 s.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{agent_bin, ferry, ok, same_bytes, write_random, Env, Proc, Rng};
+use ferry_testkit::loopdev::Loop;
+use ferry_testkit::sys::{missing, Need};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn configure(root: &Path, args: &[&str]) -> Output {
+    ferry()
+        .args(["appliance", "configure", "--root"])
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+const KEY_A: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+#[test]
+fn configure_writes_the_appliance_files_and_a_bad_setting_changes_nothing() {
+    let env = Env::new();
+    let root = env.path("root");
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(
+        root.join("etc/shadow"),
+        "root::0:0:99999:7:::\nferry:!:20000::::::\n",
+    )
+    .unwrap();
+    let cid = env.path("cidata");
+    fs::create_dir_all(&cid).unwrap();
+    fs::write(
+        cid.join("meta-data"),
+        "instance-id: i-1\nlocal-hostname: ps07\n",
+    )
+    .unwrap();
+    fs::write(
+        cid.join("user-data"),
+        format!(
+            "#cloud-config\nferry:\n  store: azure://acct/replicas\n  azure_sas_token: \"sv=2024&sig=a%2Fb\"\n  cache_size: 8GiB\n  retention: 7d\n  throttle_ingest: 'mon-fri 08:00-18:00 20MiB/s; * unlimited'\n  master_key: {KEY_A}\n  root_password_hash: '$6$abc$def'\n"
+        ),
+    )
+    .unwrap();
+    fs::write(
+        cid.join("network-config"),
+        "version: 2\nethernets:\n  en:\n    match: {name: 'en*'}\n    addresses: [192.0.2.10/24]\n    gateway4: 192.0.2.1\n    nameservers: {addresses: [192.0.2.53]}\n",
+    )
+    .unwrap();
+    let o = configure(&root, &["--nocloud", cid.to_str().unwrap(), "--json"]);
+    ok(&o, "configure");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["master_key"], "imported");
+    assert_eq!(v["settings"]["azure_sas_token"], "(set)");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("sig=")
+            && !String::from_utf8_lossy(&o.stdout).contains(KEY_A),
+        "secrets never printed: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // ferry.toml: what ferry serve reads, and `ferry serve` itself accepts it (a dry check through
+    // the same parser: ferry_job::serve_config).
+    let toml = fs::read_to_string(root.join("etc/ferry/ferry.toml")).unwrap();
+    let parsed = ferry_job::serve_config::parse_file_config(&toml).unwrap();
+    assert_eq!(parsed.serve.store.as_deref(), Some("azure://acct/replicas"));
+    assert_eq!(parsed.serve.cache_size, Some(8 << 30));
+    assert_eq!(parsed.serve.retention, Some(Duration::from_secs(7 * 86400)));
+    assert_eq!(
+        parsed.serve.key_file.as_deref(),
+        Some(Path::new("/var/lib/ferry/master.key"))
+    );
+    assert_eq!(
+        parsed.serve.throttle_ingest.as_deref(),
+        Some("mon-fri 08:00-18:00 20MiB/s; * unlimited")
+    );
+    assert_eq!(mode(&root.join("etc/ferry/ferry.toml")), 0o640);
+    let env_file = root.join("etc/ferry/serve.env");
+    assert_eq!(mode(&env_file), 0o600);
+    assert_eq!(
+        fs::read_to_string(&env_file)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+        "AZURE_STORAGE_SAS_TOKEN=\"sv=2024&sig=a%2Fb\""
+    );
+    let net = fs::read_to_string(root.join("etc/systemd/network/10-ferry-0.network")).unwrap();
+    assert!(
+        net.ends_with("[Match]\nName=en*\n\n[Network]\nAddress=192.0.2.10/24\nGateway=192.0.2.1\nDNS=192.0.2.53\n"),
+        "{net}"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "ps07\n"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/shadow")).unwrap(),
+        "root:$6$abc$def::0:99999:7:::\nferry:!:20000::::::\n"
+    );
+    let key = root.join("var/lib/ferry/master.key");
+    assert_eq!(fs::read_to_string(&key).unwrap().trim(), KEY_A);
+    assert_eq!(mode(&key), 0o600);
+
+    // Every boot again: the same files, the key "already in place".
+    let o = configure(&root, &["--nocloud", cid.to_str().unwrap(), "--json"]);
+    ok(&o, "configure again");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["master_key"], "already in place");
+
+    // A bad setting: exit 2 naming it, and no file changes (ferry.toml keeps the good settings).
+    let before: Vec<(PathBuf, Vec<u8>)> = [
+        "etc/ferry/ferry.toml",
+        "etc/ferry/serve.env",
+        "etc/hostname",
+    ]
+    .iter()
+    .map(|p| (root.join(p), fs::read(root.join(p)).unwrap()))
+    .collect();
+    let ud = fs::read_to_string(cid.join("user-data")).unwrap();
+    for (good, bad, named) in [
+        ("cache_size: 8GiB", "cache_size: plenty", "cache_size"),
+        ("retention: 7d", "retention: forever", "retention"),
+        (
+            "throttle_ingest: 'mon-fri",
+            "throttle_ingest: 'mon-fry",
+            "throttle_ingest",
+        ),
+        (KEY_A, "ffff", "master_key"),
+        (
+            "store: azure://acct/replicas",
+            "store: azure://acct",
+            "store",
+        ),
+    ] {
+        assert!(ud.contains(good), "{good}");
+        fs::write(cid.join("user-data"), ud.replace(good, bad)).unwrap();
+        let o = configure(&root, &["--nocloud", cid.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains(named), "{bad}: {err}");
+        for (p, b) in &before {
+            assert_eq!(
+                &fs::read(p).unwrap(),
+                b,
+                "{} changed by a bad setting",
+                p.display()
+            );
+        }
+    }
+    // Another key in the cidata while one is in place: refused, the key file unchanged.
+    fs::write(cid.join("user-data"), ud.replace(KEY_A, &"e".repeat(64))).unwrap();
+    let o = configure(&root, &["--nocloud", cid.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to replace"));
+    assert_eq!(fs::read_to_string(&key).unwrap().trim(), KEY_A);
+
+    // No settings source: the operator's edits stay; a fresh root gets the defaults.
+    fs::write(
+        root.join("etc/ferry/ferry.toml"),
+        "[serve]\nstore = \"/srv/mine\"\n",
+    )
+    .unwrap();
+    ok(&configure(&root, &[]), "configure without a source");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/ferry/ferry.toml")).unwrap(),
+        "[serve]\nstore = \"/srv/mine\"\n"
+    );
+    let fresh = env.path("fresh");
+    fs::create_dir_all(&fresh).unwrap();
+    ok(
+        &configure(&fresh, &["--cache-fs", "/"]),
+        "configure a fresh root",
+    );
+    let toml = fs::read_to_string(fresh.join("etc/ferry/ferry.toml")).unwrap();
+    assert!(toml.contains("store = \"/var/lib/ferry/store\""), "{toml}");
+    assert!(toml.contains("metrics_listen = \"0.0.0.0:9464\""), "{toml}");
+    assert!(
+        fs::read_to_string(fresh.join("etc/systemd/network/10-ferry-dhcp.network"))
+            .unwrap()
+            .contains("DHCP=ipv4")
+    );
+    assert!(!fresh.join("etc/ferry/serve.env").exists());
+}
+
+#[test]
+fn key_export_then_import_round_trips_and_never_replaces_another_key() {
+    let env = Env::new();
+    let key = env.path("master.key");
+    // A key made the usual way: by the first replicate into a new store.
+    let img = env.path("d.img");
+    fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    env.replicate_ok(&[&img], &[]);
+    let o = ferry()
+        .args(["key", "export", "--key-file"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    ok(&o, "key export");
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.starts_with("# Ferry master key (id "), "{text}");
+    assert_eq!(
+        text.lines().last().unwrap(),
+        fs::read_to_string(&key).unwrap().trim(),
+        "the export holds the key"
+    );
+    let marker = env.path("master.key.exported");
+    assert!(fs::read_to_string(&marker).unwrap().contains("exported at"));
+    let saved = env.path("backup.txt");
+    fs::write(&saved, &text).unwrap();
+
+    // The appliance is lost with its key: the key file from the export reads the store exactly.
+    fs::rename(&key, env.path("lost.key")).unwrap();
+    let key2 = key.clone();
+    let o = ferry()
+        .args(["key", "import"])
+        .arg(&saved)
+        .arg("--key-file")
+        .arg(&key2)
+        .output()
+        .unwrap();
+    ok(&o, "key import");
+    assert_eq!(mode(&key2), 0o600);
+    let pts = env.points();
+    let id = pts[0]["id"].as_str().unwrap();
+    let out = env.path("restored.img");
+    let o = env.restore(id, &out, &[]);
+    ok(&o, "restore with the imported key");
+    assert!(same_bytes(&out, &img));
+
+    // --out: a new 0600 file, never overwriting.
+    let o = ferry()
+        .args(["key", "export", "--key-file"])
+        .arg(&key)
+        .arg("--out")
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "an existing --out file is refused"
+    );
+    let o2 = env.path("second.txt");
+    ok(
+        &ferry()
+            .args(["key", "export", "--key-file"])
+            .arg(&key)
+            .arg("--out")
+            .arg(&o2)
+            .output()
+            .unwrap(),
+        "key export --out",
+    );
+    assert_eq!(mode(&o2), 0o600);
+
+    // Importing another key over one in place: refused, nothing changed.
+    let other = env.path("other.txt");
+    fs::write(&other, format!("# another\n{}\n", "a".repeat(64))).unwrap();
+    let before = fs::read(&key2).unwrap();
+    let o = ferry()
+        .args(["key", "import"])
+        .arg(&other)
+        .arg("--key-file")
+        .arg(&key2)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to replace"));
+    assert_eq!(fs::read(&key2).unwrap(), before);
+    // Not a key at all.
+    fs::write(&other, "hello\n").unwrap();
+    let o = ferry()
+        .args(["key", "import"])
+        .arg(&other)
+        .arg("--key-file")
+        .arg(env.path("k3"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("64 hex digits"));
+    assert!(!env.path("k3").exists());
+    // Exporting a key that is not there.
+    let o = ferry()
+        .args(["key", "export", "--key-file"])
+        .arg(env.path("nope.key"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+}
+
+/// A first `ferry serve` and several `ferry passphrase show` racing on an empty state directory
+/// agree on one identity: every passphrase printed is the one the server uses, and an agent
+/// registers with it.
+#[test]
+fn racing_first_starts_agree_on_one_identity() {
+    for round in 0..3 {
+        let env = Env::new();
+        let state = env.path("ps-state");
+        let mut shows: Vec<std::process::Child> = (0..6)
+            .map(|_| {
+                ferry()
+                    .args(["passphrase", "show", "--state-dir"])
+                    .arg(&state)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let (mut srv, addr) = {
+            let (p, a) = common::spawn_serve(
+                common::serve_cmd(&env, "64MiB"),
+                Some("127.0.0.1:0"),
+                &env.path("serve.log"),
+            );
+            (p, a)
+        };
+        let mut seen = Vec::new();
+        for c in shows.drain(..) {
+            let o = c.wait_with_output().unwrap();
+            ok(&o, "passphrase show racing the first start");
+            seen.push(String::from_utf8(o.stdout).unwrap());
+        }
+        seen.dedup();
+        assert_eq!(
+            seen.len(),
+            1,
+            "round {round}: different passphrases: {seen:?}"
+        );
+        let pass = env.path("pass.txt");
+        fs::write(&pass, &seen[0]).unwrap();
+        let o = Command::new(agent_bin())
+            .args(["register", "--server", &addr, "--passphrase-file"])
+            .arg(&pass)
+            .arg("--state-dir")
+            .arg(env.path("agent"))
+            .output()
+            .unwrap();
+        ok(&o, "register with the raced passphrase");
+        srv.term();
+    }
+}
+
+// --- The OVA -------------------------------------------------------------------------------------
+
+const TEST: &str = "the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly";
+const REQUIRE: &str = "FERRY_REQUIRE_APPLIANCE_TEST";
+
+fn sh_ok(cmd: &str) -> String {
+    let o = Command::new("bash").args(["-c", cmd]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Every attribute `name="…"` of the element lines holding `elem` in `xml`, in order.
+fn attrs(xml: &str, elem: &str, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find(&format!("<{elem} ")) {
+        let tag = &rest[i..];
+        let end = tag.find('>').unwrap();
+        let tag = &tag[..end];
+        if let Some(j) = tag.find(&format!(" {name}=\"")) {
+            let v = &tag[j + name.len() + 3..];
+            out.push(v[..v.find('"').unwrap()].to_string());
+        }
+        rest = &rest[i + end..];
+    }
+    out
+}
+
+/// The OVA's structure: the descriptor first, then the manifest; every referenced file present
+/// with its size; the manifest's digests right; each disk's capacity what the VMDK holds; the
+/// ProductSection's properties exactly the appliance's settings. The two VMDKs' paths.
+fn check_ova(ova: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let list = sh_ok(&format!("tar -tf {}", ova.display()));
+    let names: Vec<&str> = list.lines().collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(
+        names[0].ends_with(".ovf") && names[1].ends_with(".mf"),
+        "{names:?}"
+    );
+    sh_ok(&format!("tar -C {} -xf {}", dir.display(), ova.display()));
+    let ovf_path = dir.join(names[0]);
+    sh_ok(&format!("xmllint --noout {}", ovf_path.display()));
+    let ovf = fs::read_to_string(&ovf_path).unwrap();
+    assert!(ovf.contains("<Envelope") && ovf.contains("ovf:version=\"1.0\""));
+    let hrefs = attrs(&ovf, "File", "ovf:href");
+    let sizes = attrs(&ovf, "File", "ovf:size");
+    assert_eq!(hrefs.len(), 2, "{hrefs:?}");
+    for (h, s) in hrefs.iter().zip(&sizes) {
+        assert_eq!(
+            fs::metadata(dir.join(h)).unwrap().len().to_string(),
+            *s,
+            "{h}: size in the descriptor"
+        );
+    }
+    let mf = fs::read_to_string(dir.join(names[1])).unwrap();
+    let mut listed = 0;
+    for line in mf.lines() {
+        let (f, d) = line
+            .strip_prefix("SHA256(")
+            .and_then(|l| l.split_once(")= "))
+            .unwrap_or_else(|| panic!("manifest line {line:?}"));
+        let got = sh_ok(&format!("sha256sum {}", dir.join(f).display()));
+        assert_eq!(got.split_whitespace().next().unwrap(), d, "{f}: digest");
+        listed += 1;
+    }
+    assert_eq!(listed, 3, "the descriptor and both disks: {mf}");
+    // Capacities: what qemu-img reads from each VMDK.
+    let caps = attrs(&ovf, "Disk", "ovf:capacity");
+    let units = attrs(&ovf, "Disk", "ovf:capacityAllocationUnits");
+    for ((h, c), u) in hrefs.iter().zip(&caps).zip(&units) {
+        let info: serde_json::Value = serde_json::from_str(&sh_ok(&format!(
+            "qemu-img info --output=json {}",
+            dir.join(h).display()
+        )))
+        .unwrap();
+        let shift = match u.as_str() {
+            "byte * 2^20" => 20,
+            "byte * 2^30" => 30,
+            other => panic!("units {other}"),
+        };
+        assert_eq!(
+            info["virtual-size"].as_u64().unwrap(),
+            c.parse::<u64>().unwrap() << shift,
+            "{h}: capacity"
+        );
+        assert_eq!(
+            info["format-specific"]["data"]["create-type"], "streamOptimized",
+            "{h}"
+        );
+    }
+    // The properties: ferry.KEY for every appliance setting, nothing else.
+    let mut props: Vec<String> = attrs(&ovf, "Property", "ovf:key")
+        .into_iter()
+        .map(|k| k.strip_prefix("ferry.").expect("ferry.KEY").to_string())
+        .collect();
+    props.sort();
+    let mut keys: Vec<String> = ferry_job::appliance::KEYS
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        props, keys,
+        "the OVF properties are the appliance's settings"
+    );
+    (dir.join(&hrefs[0]), dir.join(&hrefs[1]))
+}
+
+fn http(url: &str) -> Option<Vec<u8>> {
+    let o = Command::new("curl")
+        .args(["-sf", "--max-time", "10", url])
+        .output()
+        .ok()?;
+    o.status.success().then_some(o.stdout)
+}
+
+#[test]
+fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
+    let why = missing(&[
+        Need::Root,
+        Need::LoopDevices,
+        Need::Tool("debootstrap"),
+        Need::Tool("qemu-system-x86_64"),
+        Need::Tool("qemu-img"),
+        Need::Tool("mkfs.vfat"),
+        Need::Tool("mcopy"),
+        Need::Tool("syslinux"),
+        Need::Tool("sfdisk"),
+        Need::Tool("xmllint"),
+        Need::Tool("curl"),
+    ]);
+    if let Some(why) = why {
+        ferry_testkit::skip(TEST, &why, REQUIRE);
+        return;
+    }
+    let Some(azurite) = ferry_azure::azurite::Azurite::start_or_skip() else {
+        return;
+    };
+    let env = Env::new();
+    let out = env.path("out");
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_ferry")).parent().unwrap();
+    let t0 = Instant::now();
+    let o = Command::new("bash")
+        .arg(repo().join("appliance-image/build"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--no-build")
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() && err.contains("debootstrap failed") {
+        ferry_testkit::skip(TEST, &format!("no Debian base: {}", err.trim()), REQUIRE);
+        return;
+    }
+    assert!(o.status.success(), "appliance-image/build failed: {err}");
+    let build_s = t0.elapsed().as_secs_f64();
+    let ova = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let ova_size = fs::metadata(&ova).unwrap().len();
+    let deb = fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("the agent package next to the OVA");
+    let info = fs::read_to_string(ova.with_extension("build.txt")).unwrap();
+    assert!(
+        info.contains("(BTF: yes)") && info.contains("\n  systemd "),
+        "{info}"
+    );
+
+    let unpacked = env.path("ova");
+    fs::create_dir_all(&unpacked).unwrap();
+    let (os_vmdk, cache_vmdk) = check_ova(&ova, &unpacked);
+    // What a Proxmox or plain-QEMU operator does: convert the disks.
+    let os = env.path("os.qcow2");
+    let cache = env.path("cache.qcow2");
+    sh_ok(&format!(
+        "qemu-img convert -O qcow2 {} {} && qemu-img convert -O qcow2 {} {} && rm -rf {}",
+        os_vmdk.display(),
+        os.display(),
+        cache_vmdk.display(),
+        cache.display(),
+        unpacked.display()
+    ));
+
+    // The NoCloud volume: the store is Azurite on the host (10.0.2.2 from the guest), the master
+    // key an existing one (the host restores with it).
+    let container = "appliance";
+    let url = format!("azure://devstoreaccount1/{container}");
+    let host_cs = azurite.connection_string();
+    let guest_cs = host_cs.replace("127.0.0.1", "10.0.2.2");
+    assert_ne!(host_cs, guest_cs, "{host_cs}");
+    let key_hex = "5eed".repeat(16);
+    let key_file = env.path("master.key");
+    fs::write(&key_file, format!("{key_hex}\n")).unwrap();
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let cid = env.path("cid");
+    fs::create_dir_all(&cid).unwrap();
+    fs::write(cid.join("meta-data"), "instance-id: ferry-test-1\n").unwrap();
+    fs::write(
+        cid.join("user-data"),
+        format!(
+            "#cloud-config\nhostname: ps-under-test\nferry:\n  store: {url}\n  azure_connection_string: \"{guest_cs}\"\n  master_key: {key_hex}\n  cache_size: 2GiB\n  azure_allow_http: true\n"
+        ),
+    )
+    .unwrap();
+    let cidata = env.path("cidata.img");
+    sh_ok(&format!(
+        "mkfs.vfat -n CIDATA -C {img} 1024 >/dev/null && MTOOLS_SKIP_CHECK=1 mcopy -i {img} {d}/user-data {d}/meta-data ::/",
+        img = cidata.display(),
+        d = cid.display()
+    ));
+
+    // Boot: TCG, 2 vCPUs, virtio disks, the OVF's E1000 NIC, forwarded agent/metrics/download
+    // ports. A port taken between picking and binding makes QEMU fail at once: pick again.
+    let serial = env.path("serial.log");
+    let (mut vm, ports) = (0..3)
+        .find_map(|_| {
+            let ports = (free_port(), free_port(), free_port());
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-display", "none"])
+                .args(["-monitor", "none", "-no-reboot", "-serial"])
+                .arg(format!("file:{}", serial.display()))
+                .arg("-drive")
+                .arg(format!("file={},format=qcow2,if=virtio", os.display()))
+                .arg("-drive")
+                .arg(format!("file={},format=qcow2,if=virtio", cache.display()))
+                .arg("-drive")
+                .arg(format!("file={},format=raw,if=virtio,readonly=on", cidata.display()))
+                .args(["-netdev"])
+                .arg(format!(
+                    "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:7443,hostfwd=tcp:127.0.0.1:{}-:9464,hostfwd=tcp:127.0.0.1:{}-:8080",
+                    ports.0, ports.1, ports.2
+                ))
+                .args(["-device", "e1000,netdev=n0"]);
+            let mut p = Proc::spawn(c, &env.path("qemu.log"));
+            std::thread::sleep(Duration::from_secs(2));
+            match p.exited() {
+                None => Some((p, ports)),
+                Some(_) => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("qemu did not start: {}", fs::read_to_string(env.path("qemu.log")).unwrap_or_default()));
+    let booted = Instant::now();
+    let serial_text =
+        || ferry_testkit::proc::strip_ansi(&fs::read_to_string(&serial).unwrap_or_default());
+    let metrics = format!("http://127.0.0.1:{}/metrics", ports.1);
+    let healthy = loop {
+        if let Some(m) = http(&metrics) {
+            let m = String::from_utf8_lossy(&m).into_owned();
+            if m.contains("ferry_cache_quota_bytes") {
+                break booted.elapsed().as_secs_f64();
+            }
+        }
+        assert!(vm.exited().is_none(), "QEMU exited: {}", serial_text());
+        assert!(
+            booted.elapsed() < Duration::from_secs(420),
+            "ferry serve in the appliance did not answer within 7 min; serial console:\n{}",
+            serial_text()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    // The console shows the passphrase (the banner runs after the server started).
+    let pass = loop {
+        let s = serial_text();
+        if let Some(l) = s
+            .lines()
+            .find(|l| l.contains("Registration passphrase:") && l.contains("FERRY1-"))
+        {
+            break l.split_whitespace().last().unwrap().to_string();
+        }
+        assert!(
+            booted.elapsed() < Duration::from_secs(480),
+            "no passphrase on the console:\n{s}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let s = serial_text();
+    assert!(s.contains("THE MASTER KEY IS NOT BACKED UP"), "{s}");
+    assert!(s.contains("settings from: nocloud"), "{s}");
+    assert!(s.contains("formatting the blank disk"), "{s}");
+    assert!(!s.contains("SETUP FAILED"), "{s}");
+
+    // The download page and the package it serves: the one built, never the passphrase.
+    let page =
+        String::from_utf8(http(&format!("http://127.0.0.1:{}/", ports.2)).expect("download page"))
+            .unwrap();
+    let deb_name = deb.file_name().unwrap().to_str().unwrap();
+    let deb_sum = sh_ok(&format!("sha256sum {}", deb.display()));
+    let deb_sum = deb_sum.split_whitespace().next().unwrap();
+    assert!(page.contains(deb_name) && page.contains(deb_sum), "{page}");
+    assert!(
+        !page.contains(&pass),
+        "the page must not show the passphrase"
+    );
+    let got = http(&format!("http://127.0.0.1:{}/{deb_name}", ports.2)).expect("the package");
+    assert_eq!(
+        got,
+        fs::read(&deb).unwrap(),
+        "the served package is the built one"
+    );
+    let install =
+        String::from_utf8(http(&format!("http://127.0.0.1:{}/install.sh", ports.2)).unwrap())
+            .unwrap();
+    assert!(install.contains(&format!("{deb_sum}  {deb_name}")) && !install.contains(&pass));
+    // The package as downloaded installs into a throwaway root (tests/package.rs checks its
+    // maintainer scripts in depth).
+    let dl = env.path(deb_name);
+    fs::write(&dl, &got).unwrap();
+    let droot = env.path("dpkg-root");
+    for d in [
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/info",
+        "etc",
+        "usr/bin",
+    ] {
+        fs::create_dir_all(droot.join(d)).unwrap();
+    }
+    fs::write(droot.join("var/lib/dpkg/status"), "").unwrap();
+    sh_ok(&format!(
+        "DPKG_ROOT={r} dpkg --root={r} --force-depends --force-script-chrootless -i {deb} >/dev/null && test -x {r}/usr/bin/ferry-agent",
+        r = droot.display(),
+        deb = dl.display()
+    ));
+
+    // Register through the forwarded port with the console's passphrase; protect a loop disk.
+    let pass_file = env.path("pass.txt");
+    fs::write(&pass_file, format!("{pass}\n")).unwrap();
+    let agent_addr = format!("127.0.0.1:{}", ports.0);
+    let o = Command::new(agent_bin())
+        .args(["register", "--server", &agent_addr, "--passphrase-file"])
+        .arg(&pass_file)
+        .arg("--state-dir")
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    ok(&o, "register through the appliance");
+    let backing = env.path("disk.img");
+    let size: u64 = 24 << 20;
+    fs::File::create(&backing).unwrap().set_len(size).unwrap();
+    let mut rng = Rng(7);
+    for i in 0..12u64 {
+        write_random(&backing, &mut rng, i * (2 << 20), 1 << 20);
+    }
+    let lo = Loop::attach(&backing).unwrap();
+    let dev = lo.path().to_string();
+    let azure_env = [("AZURE_STORAGE_CONNECTION_STRING", host_cs.clone())];
+    let mut copies = Vec::new();
+    for run in 0..2 {
+        if run == 1 {
+            for _ in 0..8 {
+                let off = rng.below(size / 4096 - 16) * 4096;
+                write_random(Path::new(&dev), &mut rng, off, 16 << 10);
+            }
+        }
+        let o = Command::new(agent_bin())
+            .env("FERRY_LOG", "info")
+            .args([
+                "--server",
+                &agent_addr,
+                "--vm",
+                "app01",
+                "--once",
+                "--disk",
+                &dev,
+                "--state-dir",
+            ])
+            .arg(env.path("agent"))
+            .output()
+            .unwrap();
+        ok(&o, "agent run through the appliance");
+        let copy = env.path(&format!("copy{run}.img"));
+        fs::write(&copy, fs::read(&dev).unwrap()).unwrap();
+        copies.push(copy);
+    }
+    // The points land in the appliance's store (Azure); the host restores them with the key.
+    let waited = Instant::now();
+    let pts = loop {
+        let o = ferry()
+            .envs(azure_env.iter().cloned())
+            .args(["points", "list", "--json", "--vm", "app01", "--store", &url])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+            if v.len() == 2 {
+                break v;
+            }
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(180),
+            "two points never appeared: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    for (p, copy) in pts.iter().zip(&copies) {
+        let id = p["id"].as_str().unwrap();
+        let restored = env.path(&format!("restored-{id}.img"));
+        let o = ferry()
+            .envs(azure_env.iter().cloned())
+            .args([
+                "restore",
+                "--store",
+                &url,
+                "--point",
+                id,
+                "--vm",
+                "app01",
+                "--force",
+                "--verify",
+                "--key-file",
+            ])
+            .arg(&key_file)
+            .arg("--out")
+            .arg(&restored)
+            .output()
+            .unwrap();
+        ok(&o, "restore from the appliance's store");
+        assert!(
+            same_bytes(&restored, copy),
+            "point {id} differs from the disk at its cut"
+        );
+    }
+    drop(lo);
+    vm.kill9();
+    let line = format!(
+        "appliance: OVA {:.0} MiB, build {build_s:.0} s, boot to healthy {healthy:.0} s (TCG)",
+        ova_size as f64 / (1 << 20) as f64
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
+}
