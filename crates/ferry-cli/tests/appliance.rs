@@ -494,6 +494,84 @@ fn http(url: &str) -> Option<Vec<u8>> {
     o.status.success().then_some(o.stdout)
 }
 
+/// Boots the appliance: TCG, 2 vCPUs, virtio disks, the OVF's E1000 NIC, the agent, metrics and
+/// download ports forwarded. A port taken between picking and binding makes QEMU fail at once:
+/// pick again.
+fn boot(
+    env: &Env,
+    os: &Path,
+    cache: &Path,
+    cidata: &Path,
+    serial: &Path,
+) -> (Proc, (u16, u16, u16)) {
+    for _ in 0..3 {
+        let ports = (free_port(), free_port(), free_port());
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-display", "none"])
+            .args(["-monitor", "none", "-no-reboot", "-serial"])
+            .arg(format!("file:{}", serial.display()))
+            .arg("-drive")
+            .arg(format!("file={},format=qcow2,if=virtio", os.display()))
+            .arg("-drive")
+            .arg(format!("file={},format=qcow2,if=virtio", cache.display()))
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio,readonly=on", cidata.display()))
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:7443,hostfwd=tcp:127.0.0.1:{}-:9464,hostfwd=tcp:127.0.0.1:{}-:8080",
+                ports.0, ports.1, ports.2
+            ))
+            .args(["-device", "e1000,netdev=n0"]);
+        let mut p = Proc::spawn(c, &env.path("qemu.log"));
+        std::thread::sleep(Duration::from_secs(2));
+        if p.exited().is_none() {
+            return (p, ports);
+        }
+    }
+    panic!(
+        "qemu did not start: {}",
+        fs::read_to_string(env.path("qemu.log")).unwrap_or_default()
+    );
+}
+
+/// Seconds from `since` until `ferry serve` in the guest answers on its metrics port.
+fn wait_healthy(vm: &mut Proc, port: u16, serial: &Path, since: Instant) -> f64 {
+    let console =
+        || ferry_testkit::proc::strip_ansi(&fs::read_to_string(serial).unwrap_or_default());
+    loop {
+        if let Some(m) = http(&format!("http://127.0.0.1:{port}/metrics")) {
+            if String::from_utf8_lossy(&m).contains("ferry_cache_quota_bytes") {
+                return since.elapsed().as_secs_f64();
+            }
+        }
+        assert!(vm.exited().is_none(), "QEMU exited: {}", console());
+        assert!(
+            since.elapsed() < Duration::from_secs(420),
+            "ferry serve in the appliance did not answer within 7 min; serial console:\n{}",
+            console()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// The registration passphrase the console shows.
+fn console_passphrase(serial: &Path, since: Instant) -> String {
+    loop {
+        let s = ferry_testkit::proc::strip_ansi(&fs::read_to_string(serial).unwrap_or_default());
+        if let Some(l) = s
+            .lines()
+            .find(|l| l.contains("Registration passphrase:") && l.contains("FERRY1-"))
+        {
+            return l.split_whitespace().last().unwrap().to_string();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(480),
+            "no passphrase on the console:\n{s}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 #[test]
 fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
     let why = missing(&[
@@ -554,16 +632,26 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
     fs::create_dir_all(&unpacked).unwrap();
     let (os_vmdk, cache_vmdk) = check_ova(&ova, &unpacked);
     // What a Proxmox or plain-QEMU operator does: convert the disks.
-    let os = env.path("os.qcow2");
+    let os_base = env.path("os-base.qcow2");
     let cache = env.path("cache.qcow2");
     sh_ok(&format!(
         "qemu-img convert -O qcow2 {} {} && qemu-img convert -O qcow2 {} {} && rm -rf {}",
         os_vmdk.display(),
-        os.display(),
+        os_base.display(),
         cache_vmdk.display(),
         cache.display(),
         unpacked.display()
     ));
+    // Each boot's OS disk: a fresh copy of the OVA's (a copy-on-write overlay).
+    let fresh_os = |name: &str| {
+        let p = env.path(name);
+        sh_ok(&format!(
+            "qemu-img create -q -f qcow2 -b {} -F qcow2 {}",
+            os_base.display(),
+            p.display()
+        ));
+        p
+    };
 
     // The NoCloud volume: the store is Azurite on the host (10.0.2.2 from the guest), the master
     // key an existing one (the host restores with it).
@@ -593,70 +681,14 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
         d = cid.display()
     ));
 
-    // Boot: TCG, 2 vCPUs, virtio disks, the OVF's E1000 NIC, forwarded agent/metrics/download
-    // ports. A port taken between picking and binding makes QEMU fail at once: pick again.
     let serial = env.path("serial.log");
-    let (mut vm, ports) = (0..3)
-        .find_map(|_| {
-            let ports = (free_port(), free_port(), free_port());
-            let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-display", "none"])
-                .args(["-monitor", "none", "-no-reboot", "-serial"])
-                .arg(format!("file:{}", serial.display()))
-                .arg("-drive")
-                .arg(format!("file={},format=qcow2,if=virtio", os.display()))
-                .arg("-drive")
-                .arg(format!("file={},format=qcow2,if=virtio", cache.display()))
-                .arg("-drive")
-                .arg(format!("file={},format=raw,if=virtio,readonly=on", cidata.display()))
-                .args(["-netdev"])
-                .arg(format!(
-                    "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:7443,hostfwd=tcp:127.0.0.1:{}-:9464,hostfwd=tcp:127.0.0.1:{}-:8080",
-                    ports.0, ports.1, ports.2
-                ))
-                .args(["-device", "e1000,netdev=n0"]);
-            let mut p = Proc::spawn(c, &env.path("qemu.log"));
-            std::thread::sleep(Duration::from_secs(2));
-            match p.exited() {
-                None => Some((p, ports)),
-                Some(_) => None,
-            }
-        })
-        .unwrap_or_else(|| panic!("qemu did not start: {}", fs::read_to_string(env.path("qemu.log")).unwrap_or_default()));
+    let os = fresh_os("os1.qcow2");
+    let (mut vm, ports) = boot(&env, &os, &cache, &cidata, &serial);
     let booted = Instant::now();
     let serial_text =
         || ferry_testkit::proc::strip_ansi(&fs::read_to_string(&serial).unwrap_or_default());
-    let metrics = format!("http://127.0.0.1:{}/metrics", ports.1);
-    let healthy = loop {
-        if let Some(m) = http(&metrics) {
-            let m = String::from_utf8_lossy(&m).into_owned();
-            if m.contains("ferry_cache_quota_bytes") {
-                break booted.elapsed().as_secs_f64();
-            }
-        }
-        assert!(vm.exited().is_none(), "QEMU exited: {}", serial_text());
-        assert!(
-            booted.elapsed() < Duration::from_secs(420),
-            "ferry serve in the appliance did not answer within 7 min; serial console:\n{}",
-            serial_text()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    };
-    // The console shows the passphrase (the banner runs after the server started).
-    let pass = loop {
-        let s = serial_text();
-        if let Some(l) = s
-            .lines()
-            .find(|l| l.contains("Registration passphrase:") && l.contains("FERRY1-"))
-        {
-            break l.split_whitespace().last().unwrap().to_string();
-        }
-        assert!(
-            booted.elapsed() < Duration::from_secs(480),
-            "no passphrase on the console:\n{s}"
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    };
+    let healthy = wait_healthy(&mut vm, ports.1, &serial, booted);
+    let pass = console_passphrase(&serial, booted);
     let s = serial_text();
     assert!(s.contains("THE MASTER KEY IS NOT BACKED UP"), "{s}");
     assert!(s.contains("settings from: nocloud"), "{s}");
@@ -804,10 +836,89 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
             "point {id} differs from the disk at its cut"
         );
     }
+    // Power loss, then the upgrade path: a new appliance (a fresh OS disk from the OVA) with the
+    // old cache disk. Nothing is formatted; the identity, the registry, the key and every point
+    // are kept: the registered agent goes on, and its next point restores exactly.
+    vm.kill9();
+    let serial2 = env.path("serial2.log");
+    let os2 = fresh_os("os2.qcow2");
+    let (mut vm, ports) = boot(&env, &os2, &cache, &cidata, &serial2);
+    let booted2 = Instant::now();
+    let healthy2 = wait_healthy(&mut vm, ports.1, &serial2, booted2);
+    assert_eq!(
+        console_passphrase(&serial2, booted2),
+        pass,
+        "the same identity after the upgrade"
+    );
+    let s2 = ferry_testkit::proc::strip_ansi(&fs::read_to_string(&serial2).unwrap());
+    assert!(!s2.contains("formatting the blank disk"), "{s2}");
+    assert!(s2.contains("master key: already in place"), "{s2}");
+    for _ in 0..4 {
+        let off = rng.below(size / 4096 - 16) * 4096;
+        write_random(Path::new(&dev), &mut rng, off, 16 << 10);
+    }
+    let o = Command::new(agent_bin())
+        .env("FERRY_LOG", "info")
+        .args([
+            "--server",
+            &format!("127.0.0.1:{}", ports.0),
+            "--vm",
+            "app01",
+            "--once",
+            "--disk",
+            &dev,
+            "--state-dir",
+        ])
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    ok(&o, "agent run through the upgraded appliance");
+    let copy = env.path("copy2.img");
+    fs::write(&copy, fs::read(&dev).unwrap()).unwrap();
+    let waited = Instant::now();
+    let pts = loop {
+        let o = ferry()
+            .envs(azure_env.iter().cloned())
+            .args(["points", "list", "--json", "--vm", "app01", "--store", &url])
+            .output()
+            .unwrap();
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v.len() == 3 {
+            break v;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(180),
+            "no third point: {v:?}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let id = pts[2]["id"].as_str().unwrap();
+    let restored = env.path("restored-after-upgrade.img");
+    let o = ferry()
+        .envs(azure_env.iter().cloned())
+        .args([
+            "restore",
+            "--store",
+            &url,
+            "--point",
+            id,
+            "--vm",
+            "app01",
+            "--force",
+            "--verify",
+            "--key-file",
+        ])
+        .arg(&key_file)
+        .arg("--out")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    ok(&o, "restore after the upgrade");
+    assert!(same_bytes(&restored, &copy), "the point after the upgrade");
     drop(lo);
     vm.kill9();
     let line = format!(
-        "appliance: OVA {:.0} MiB, build {build_s:.0} s, boot to healthy {healthy:.0} s (TCG)",
+        "appliance: OVA {:.0} MiB, build {build_s:.0} s, boot to healthy {healthy:.0} s, after the upgrade {healthy2:.0} s (TCG)",
         ova_size as f64 / (1 << 20) as f64
     );
     let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
