@@ -153,9 +153,11 @@ fn load(a: &ConfigureArgs) -> Result<(String, Settings), String> {
     Ok(("none".into(), Settings::default()))
 }
 
-/// Writes `text` durably with `mode` (replacing the file).
-fn put(path: &Path, text: &str, mode: u32, written: &mut Vec<String>) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+/// Writes `text` durably with `mode` from its creation (replacing the file), keeping the group
+/// of the file it replaces, or giving it `group`.
+fn put(path: &Path, text: &str, mode: u32, group: Option<u32>) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
     let dir = path.parent().expect("absolute");
     ferry_durable::create_dir_durable(dir).map_err(err)?;
@@ -163,13 +165,29 @@ fn put(path: &Path, text: &str, mode: u32, written: &mut Vec<String>) -> Result<
         ".{}.tmp",
         path.file_name().unwrap_or_default().to_string_lossy()
     ));
-    std::fs::write(&tmp, text).map_err(err)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    let f = std::fs::File::open(&tmp).map_err(err)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    let gid = group.or_else(|| std::fs::metadata(path).ok().map(|m| m.gid()));
+    if let Some(g) = gid {
+        std::os::unix::fs::fchown(&f, None, Some(g)).map_err(err)?;
+    }
     ferry_durable::sync_file(&f).map_err(err)?;
-    ferry_durable::durable_rename(&tmp, path).map_err(err)?;
-    written.push(path.display().to_string());
-    Ok(())
+    ferry_durable::durable_rename(&tmp, path).map_err(err)
+}
+
+/// The gid of `name` in ROOT/etc/group.
+fn group_id(root: &Path, name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(under(root, "/etc/group")).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok())?
+    })
 }
 
 fn default_cache(fs: &Path) -> u64 {
@@ -185,7 +203,8 @@ fn default_cache(fs: &Path) -> u64 {
     (total / 5 * 4).max(1 << 30)
 }
 
-fn set_root_hash(shadow: &Path, hash: &str, written: &mut Vec<String>) -> Result<(), String> {
+/// ROOT/etc/shadow with root's password hash replaced.
+fn shadow_with(shadow: &Path, hash: &str) -> Result<String, String> {
     let text = std::fs::read_to_string(shadow)
         .map_err(|e| format!("cannot read {}: {e}", shadow.display()))?;
     let mut found = false;
@@ -206,52 +225,88 @@ fn set_root_hash(shadow: &Path, hash: &str, written: &mut Vec<String>) -> Result
     if !found {
         return Err(format!("{} has no root entry", shadow.display()));
     }
-    put(shadow, &(out.join("\n") + "\n"), 0o640, written)
+    Ok(out.join("\n") + "\n")
 }
 
-fn import_key(path: &Path, hex: &str) -> Result<bool, String> {
-    match std::fs::read_to_string(path) {
-        Ok(have) if have.trim().eq_ignore_ascii_case(hex) => Ok(false),
-        Ok(_) => Err(format!(
-            "{} holds another master key: refusing to replace it (the points it encrypted would be lost). Move it away first if you mean it",
-            path.display()
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dir = path.parent().expect("absolute");
-            ferry_durable::create_dir_durable(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            ferry_durable::create_private(path, format!("{hex}\n").as_bytes())
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            Ok(true)
-        }
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+/// Whether the key file at `path` holds `hex` (Some(true)), another key (Some(false)), or is
+/// absent (None). A key file that cannot be read or parsed is an error.
+fn key_in_place(path: &Path, hex: &str) -> Result<Option<bool>, String> {
+    if !path.exists() {
+        return Ok(None);
     }
+    let have = ferry_crypto::MasterKey::load(path).map_err(|e| e.to_string())?;
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(hex, &mut secret).map_err(|e| format!("master_key: {e}"))?;
+    Ok(Some(
+        have.id() == ferry_crypto::MasterKey::from_bytes(&secret, path).id(),
+    ))
 }
 
-fn configure_inner(a: &ConfigureArgs) -> Result<serde_json::Value, String> {
-    let (source, s) = load(a)?;
+/// Puts the key at `path` atomically (a complete file or none, never replacing one).
+fn import_key(path: &Path, hex: &str) -> Result<bool, String> {
+    match key_in_place(path, hex)? {
+        Some(true) => return Ok(false),
+        Some(false) => {
+            return Err(format!(
+                "{} holds another master key: refusing to replace it (the points it encrypted would be lost). Move it away first if you mean it",
+                path.display()
+            ))
+        }
+        None => {}
+    }
+    let dir = path.parent().expect("absolute");
+    let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    ferry_durable::create_dir_durable(dir).map_err(err)?;
+    let tmp = dir.join(".master.key.import");
+    let _ = std::fs::remove_file(&tmp);
+    ferry_durable::create_private(&tmp, format!("{hex}\n").as_bytes()).map_err(err)?;
+    // link(2) fails if the name exists: never a replaced key, and never half a key under it.
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return import_key(path, hex);
+        }
+        Err(e) => return Err(err(e)),
+    }
+    ferry_durable::fsync_dir(dir).map_err(err)?;
+    Ok(true)
+}
+
+/// Why configure failed: a setting (nothing changed, exit 2) or the system (exit 1).
+enum Failed {
+    Setting(String),
+    System(String),
+}
+
+fn configure_inner(a: &ConfigureArgs) -> Result<serde_json::Value, Failed> {
+    let (source, s) = load(a).map_err(Failed::Setting)?;
     for (k, v) in [
         ("throttle_ingest", &s.throttle_ingest),
         ("throttle_upload", &s.throttle_upload),
     ] {
         if let Some(v) = v {
-            ferry_serve::throttle::Schedule::parse(v).map_err(|e| format!("setting {k}: {e}"))?;
+            ferry_serve::throttle::Schedule::parse(v)
+                .map_err(|e| Failed::Setting(format!("setting {k}: {e}")))?;
         }
     }
     let root = &a.root;
     let has_source = source != "none";
-    let mut written = Vec::new();
-    // The key first: a different key in place is an error before anything else changes.
-    let mut key = "unchanged";
+    // Everything is decided and rendered first; a setting that cannot apply changes nothing.
+    let key_path = under(root, &format!("{}/master.key", appliance::STATE_ROOT));
     if let Some(hex) = &s.master_key {
-        let p = under(root, &format!("{}/master.key", appliance::STATE_ROOT));
-        if import_key(&p, hex)? {
-            written.push(p.display().to_string());
-            key = "imported";
-        } else {
-            key = "already in place";
+        if key_in_place(&key_path, hex).map_err(Failed::Setting)? == Some(false) {
+            return Err(Failed::Setting(format!(
+                "setting master_key: {} holds another master key: refusing to replace it (the points it encrypted would be lost). Move it away first if you mean it",
+                key_path.display()
+            )));
         }
     }
+    let ferry_gid = group_id(root, "ferry");
+    // (path, text, mode, group)
+    let mut plan: Vec<(PathBuf, String, u32, Option<u32>)> = Vec::new();
+    let mut remove: Vec<PathBuf> = Vec::new();
     let toml_path = under(root, "/etc/ferry/ferry.toml");
     if has_source || !toml_path.exists() {
         let fs = a
@@ -259,57 +314,92 @@ fn configure_inner(a: &ConfigureArgs) -> Result<serde_json::Value, String> {
             .clone()
             .unwrap_or_else(|| under(root, appliance::STATE_ROOT));
         let text = appliance::ferry_toml(&s, default_cache(&fs));
-        ferry_job::serve_config::parse_file_config(&text)
-            .map_err(|e| format!("internal: the generated ferry.toml does not parse: {e}"))?;
-        put(&toml_path, &text, 0o640, &mut written)?;
+        ferry_job::serve_config::parse_file_config(&text).map_err(|e| {
+            Failed::System(format!(
+                "internal: the generated ferry.toml does not parse: {e}"
+            ))
+        })?;
+        plan.push((toml_path, text, 0o640, ferry_gid));
     }
     let env_path = under(root, "/etc/ferry/serve.env");
     match appliance::serve_env(&s) {
-        Some(text) => put(&env_path, &text, 0o600, &mut written)?,
-        None if has_source && env_path.exists() => {
-            ferry_durable::remove_durable(&env_path)
-                .map_err(|e| format!("cannot remove {}: {e}", env_path.display()))?;
-            written.push(format!("{} (removed)", env_path.display()));
-        }
+        Some(text) => plan.push((env_path, text, 0o600, None)),
+        None if has_source && env_path.exists() => remove.push(env_path),
         None => {}
     }
     let netdir = under(root, "/etc/systemd/network");
-    let have_net = std::fs::read_dir(&netdir)
+    let old_net: Vec<PathBuf> = std::fs::read_dir(&netdir)
         .map(|d| {
             d.flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("10-ferry-"))
+                .filter(|e| e.file_name().to_string_lossy().starts_with("10-ferry-"))
+                .map(|e| e.path())
+                .collect()
         })
-        .unwrap_or(false);
-    if has_source || !have_net {
-        if let Ok(d) = std::fs::read_dir(&netdir) {
-            for e in d.flatten() {
-                if e.file_name().to_string_lossy().starts_with("10-ferry-") {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        .unwrap_or_default();
+    if has_source || old_net.is_empty() {
+        let new = appliance::networkd(&s);
+        for p in old_net {
+            if !new.iter().any(|(n, _)| netdir.join(n) == p) {
+                remove.push(p);
             }
         }
-        for (name, text) in appliance::networkd(&s) {
-            put(&netdir.join(name), &text, 0o644, &mut written)?;
+        for (name, text) in new {
+            plan.push((netdir.join(name), text, 0o644, None));
         }
     }
     if let Some(h) = &s.hostname {
-        put(
-            &under(root, "/etc/hostname"),
-            &format!("{h}\n"),
-            0o644,
-            &mut written,
-        )?;
+        plan.push((under(root, "/etc/hostname"), format!("{h}\n"), 0o644, None));
     }
     if let Some(h) = &s.root_password_hash {
-        set_root_hash(&under(root, "/etc/shadow"), h, &mut written)?;
+        let shadow = under(root, "/etc/shadow");
+        plan.push((
+            shadow.clone(),
+            shadow_with(&shadow, h).map_err(Failed::System)?,
+            0o640,
+            None,
+        ));
     }
-    let port = s.downloads_port.unwrap_or(8080);
-    put(
-        &under(root, "/etc/ferry/appliance.env"),
-        &format!("# Written by `ferry appliance configure`.\nFERRY_DOWNLOADS_PORT={port}\nFERRY_LISTEN_PORT={}\n", s.listen_port.unwrap_or(7443)),
+    plan.push((
+        under(root, "/etc/ferry/appliance.env"),
+        format!(
+            "# Written by `ferry appliance configure`.\nFERRY_DOWNLOADS_PORT={}\nFERRY_LISTEN_PORT={}\n",
+            s.downloads_port.unwrap_or(8080),
+            s.listen_port.unwrap_or(7443)
+        ),
         0o644,
-        &mut written,
-    )?;
+        None,
+    ));
+
+    let mut written = Vec::new();
+    for (path, text, mode, group) in plan {
+        put(&path, &text, mode, group).map_err(Failed::System)?;
+        written.push(path.display().to_string());
+    }
+    for p in remove {
+        ferry_durable::remove_durable(&p)
+            .map_err(|e| Failed::System(format!("cannot remove {}: {e}", p.display())))?;
+        written.push(format!("{} (removed)", p.display()));
+    }
+    let mut key = "unchanged";
+    if let Some(hex) = &s.master_key {
+        if import_key(&key_path, hex).map_err(Failed::System)? {
+            written.push(key_path.display().to_string());
+            key = "imported";
+        } else {
+            key = "already in place";
+        }
+        // The key came from outside: a copy exists there, so the console's backup reminder ends.
+        let mut marker = key_path.clone().into_os_string();
+        marker.push(".exported");
+        let marker = PathBuf::from(marker);
+        if !marker.exists() {
+            ferry_durable::durable_write(
+                &marker,
+                b"key imported from the appliance's settings (a copy exists outside)\n",
+            )
+            .map_err(|e| Failed::System(format!("cannot write {}: {e}", marker.display())))?;
+        }
+    }
     Ok(json!({
         "source": source,
         "settings": appliance::summary(&s),
@@ -337,12 +427,16 @@ pub(crate) fn configure(a: ConfigureArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err(Failed::Setting(e)) => {
             eprintln!("error: {e}");
             eprintln!(
-                "nothing was changed by the bad setting: fix it in the OVF properties or the cidata volume and reboot (docs/APPLIANCE.md)"
+                "nothing was changed: fix the setting in the OVF properties or the cidata volume and reboot (docs/APPLIANCE.md)"
             );
             ExitCode::from(2)
+        }
+        Err(Failed::System(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -51,6 +51,7 @@ fn configure_writes_the_appliance_files_and_a_bad_setting_changes_nothing() {
         "root::0:0:99999:7:::\nferry:!:20000::::::\n",
     )
     .unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\nferry:x:4242:\n").unwrap();
     let cid = env.path("cidata");
     fs::create_dir_all(&cid).unwrap();
     fs::write(
@@ -123,12 +124,31 @@ fn configure_writes_the_appliance_files_and_a_bad_setting_changes_nothing() {
     let key = root.join("var/lib/ferry/master.key");
     assert_eq!(fs::read_to_string(&key).unwrap().trim(), KEY_A);
     assert_eq!(mode(&key), 0o600);
+    assert!(
+        root.join("var/lib/ferry/master.key.exported").exists(),
+        "a key from the settings has a copy outside: no backup reminder"
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            fs::metadata(root.join("etc/ferry/ferry.toml"))
+                .unwrap()
+                .gid(),
+            4242,
+            "ferry.toml belongs to the group ferry (ferry serve reads it)"
+        );
+    }
 
     // Every boot again: the same files, the key "already in place".
     let o = configure(&root, &["--nocloud", cid.to_str().unwrap(), "--json"]);
     ok(&o, "configure again");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["master_key"], "already in place");
+    assert_eq!(fs::read_to_string(root.join("etc/ferry/ferry.toml")).unwrap(), toml);
+    assert_eq!(
+        fs::read_to_string(root.join("etc/systemd/network/10-ferry-0.network")).unwrap(),
+        net
+    );
 
     // A bad setting: exit 2 naming it, and no file changes (ferry.toml keeps the good settings).
     let before: Vec<(PathBuf, Vec<u8>)> = [
@@ -170,6 +190,31 @@ fn configure_writes_the_appliance_files_and_a_bad_setting_changes_nothing() {
             );
         }
     }
+    // A failure found while rendering (no root entry in shadow): exit 1, nothing written.
+    let shadow = fs::read(root.join("etc/shadow")).unwrap();
+    fs::write(root.join("etc/shadow"), "daemon:*:1::::::\n").unwrap();
+    fs::write(
+        cid.join("user-data"),
+        ud.replace("retention: 7d", "retention: 9d"),
+    )
+    .unwrap();
+    let o = configure(&root, &["--nocloud", cid.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no root entry"));
+    for (p, b) in &before {
+        assert_eq!(
+            &fs::read(p).unwrap(),
+            b,
+            "{} changed by a failed configure",
+            p.display()
+        );
+    }
+    fs::write(root.join("etc/shadow"), shadow).unwrap();
     // Another key in the cidata while one is in place: refused, the key file unchanged.
     fs::write(cid.join("user-data"), ud.replace(KEY_A, &"e".repeat(64))).unwrap();
     let o = configure(&root, &["--nocloud", cid.to_str().unwrap()]);
@@ -317,34 +362,47 @@ fn key_export_then_import_round_trips_and_never_replaces_another_key() {
 /// registers with it.
 #[test]
 fn racing_first_starts_agree_on_one_identity() {
-    for round in 0..3 {
+    // The shows start 0-15 ms after the server, from another thread: some before it creates the
+    // identity, some while it does, some after.
+    for (round, delay_ms) in [0u64, 2, 5, 15].into_iter().enumerate() {
         let env = Env::new();
         let state = env.path("ps-state");
-        let mut shows: Vec<std::process::Child> = (0..6)
-            .map(|_| {
-                ferry()
-                    .args(["passphrase", "show", "--state-dir"])
-                    .arg(&state)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        let (mut srv, addr) = {
-            let (p, a) = common::spawn_serve(
-                common::serve_cmd(&env, "64MiB"),
-                Some("127.0.0.1:0"),
-                &env.path("serve.log"),
-            );
-            (p, a)
-        };
+        let shows = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let children: Vec<std::process::Child> = (0..6)
+                .map(|_| {
+                    ferry()
+                        .args(["passphrase", "show", "--state-dir"])
+                        .arg(&state)
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            children
+                .into_iter()
+                .map(|c| c.wait_with_output().unwrap())
+                .collect::<Vec<_>>()
+        });
+        let (mut srv, addr) = common::spawn_serve(
+            common::serve_cmd(&env, "64MiB"),
+            Some("127.0.0.1:0"),
+            &env.path("serve.log"),
+        );
         let mut seen = Vec::new();
-        for c in shows.drain(..) {
-            let o = c.wait_with_output().unwrap();
+        for o in shows.join().unwrap() {
             ok(&o, "passphrase show racing the first start");
             seen.push(String::from_utf8(o.stdout).unwrap());
         }
+        // What the server itself serves: the passphrase it loads now is the one printed.
+        let o = ferry()
+            .args(["passphrase", "show", "--state-dir"])
+            .arg(env.path("ps-state"))
+            .output()
+            .unwrap();
+        ok(&o, "passphrase show after the start");
+        seen.push(String::from_utf8(o.stdout).unwrap());
         seen.dedup();
         assert_eq!(
             seen.len(),
@@ -690,7 +748,9 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
     let healthy = wait_healthy(&mut vm, ports.1, &serial, booted);
     let pass = console_passphrase(&serial, booted);
     let s = serial_text();
-    assert!(s.contains("THE MASTER KEY IS NOT BACKED UP"), "{s}");
+    // The key came from the settings: a copy exists outside, so no backup reminder.
+    assert!(!s.contains("THE MASTER KEY IS NOT BACKED UP"), "{s}");
+    assert!(s.contains("master key: imported"), "{s}");
     assert!(s.contains("settings from: nocloud"), "{s}");
     assert!(s.contains("formatting the blank disk"), "{s}");
     assert!(!s.contains("SETUP FAILED"), "{s}");
@@ -713,10 +773,22 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
         fs::read(&deb).unwrap(),
         "the served package is the built one"
     );
-    let install =
-        String::from_utf8(http(&format!("http://127.0.0.1:{}/install.sh", ports.2)).unwrap())
+    let sums =
+        String::from_utf8(http(&format!("http://127.0.0.1:{}/SHA256SUMS", ports.2)).unwrap())
             .unwrap();
-    assert!(install.contains(&format!("{deb_sum}  {deb_name}")) && !install.contains(&pass));
+    assert_eq!(sums, format!("{deb_sum}  {deb_name}\n"));
+    // Nothing but the page and the package: not the state, the settings, the banner.
+    for path in [
+        "ferry.issue",
+        "../ferry.issue",
+        "%2e%2e/ferry.issue",
+        "../../etc/ferry/serve.env",
+    ] {
+        assert!(
+            http(&format!("http://127.0.0.1:{}/{path}", ports.2)).is_none(),
+            "{path} is served"
+        );
+    }
     // The package as downloaded installs into a throwaway root (tests/package.rs checks its
     // maintainer scripts in depth).
     let dl = env.path(deb_name);

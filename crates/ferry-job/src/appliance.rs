@@ -67,6 +67,12 @@ pub struct Interface {
 pub struct Settings {
     pub hostname: Option<String>,
     pub network: Option<Network>,
+    /// The `network`, `address`, `gateway`, `dns` settings as given; [`Settings::check`] turns
+    /// them into `network`.
+    net_mode: Option<String>,
+    net_address: Option<String>,
+    net_gateway: Option<IpAddr>,
+    net_dns: Vec<IpAddr>,
     pub store: Option<String>,
     pub azure_connection_string: Option<String>,
     pub azure_account_key: Option<String>,
@@ -171,29 +177,17 @@ impl Settings {
         match key {
             "hostname" => self.hostname = Some(hostname(v)?),
             "network" => match v {
-                "dhcp" => self.network = Some(Network::Dhcp),
-                "static" => {
-                    if !matches!(self.network, Some(Network::Interfaces(_))) {
-                        self.network = Some(Network::Interfaces(vec![Interface::any()]));
-                    }
-                }
+                "dhcp" | "static" => self.net_mode = Some(v.to_string()),
                 _ => return Err(bad(key, format!("'{v}' is neither dhcp nor static"))),
             },
-            "address" => {
-                let a = cidr(key, v)?;
-                self.static_iface().addresses = vec![a];
-            }
-            "gateway" => {
-                let g = ip(key, v)?;
-                self.static_iface().gateway = Some(g);
-            }
+            "address" => self.net_address = Some(cidr(key, v)?),
+            "gateway" => self.net_gateway = Some(ip(key, v)?),
             "dns" => {
-                let d = v
+                self.net_dns = v
                     .split([',', ' '])
                     .filter(|s| !s.is_empty())
                     .map(|s| ip(key, s))
                     .collect::<Result<Vec<_>, _>>()?;
-                self.static_iface().dns = d;
             }
             "store" => {
                 crate::StoreLocation::parse(v).map_err(|e| bad(key, e))?;
@@ -250,23 +244,45 @@ impl Settings {
         Ok(())
     }
 
-    fn static_iface(&mut self) -> &mut Interface {
-        if !matches!(self.network, Some(Network::Interfaces(_))) {
-            self.network = Some(Network::Interfaces(vec![Interface::any()]));
-        }
-        match &mut self.network {
-            Some(Network::Interfaces(v)) => {
-                if v.is_empty() {
-                    v.push(Interface::any());
+    /// Turns the network settings into [`Network`]: `static` needs an address; `address`,
+    /// `gateway`, `dns` need `static` (DHCP gives them).
+    fn finish_network(&mut self) -> Result<(), String> {
+        let statics =
+            self.net_address.is_some() || self.net_gateway.is_some() || !self.net_dns.is_empty();
+        match self.net_mode.as_deref() {
+            Some("static") => {
+                let Some(a) = self.net_address.clone() else {
+                    return Err("network is static but no address is set (setting address, e.g. 192.0.2.10/24)".into());
+                };
+                if self.network.is_some() {
+                    return Err("network is set both in user-data (ferry: network/address…) and in network-config: keep one".into());
                 }
-                &mut v[0]
+                let mut i = Interface::any();
+                i.addresses = vec![a];
+                i.gateway = self.net_gateway;
+                i.dns = self.net_dns.clone();
+                self.network = Some(Network::Interfaces(vec![i]));
             }
-            _ => unreachable!("set just above"),
+            Some(_) if statics => {
+                return Err("address, gateway and dns are for network static (with DHCP the network gives them): set network to static, or clear them".into())
+            }
+            Some(_) => {
+                if self.network.is_some() {
+                    return Err("network is set both in user-data (ferry: network/address…) and in network-config: keep one".into());
+                }
+                self.network = Some(Network::Dhcp);
+            }
+            None if statics => {
+                return Err("address, gateway or dns is set but network is not: set network to static".into())
+            }
+            None => {}
         }
+        Ok(())
     }
 
     /// Checks what only the whole set can say.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&mut self) -> Result<(), String> {
+        self.finish_network()?;
         if let Some(Network::Interfaces(ifs)) = &self.network {
             for i in ifs {
                 if !i.dhcp4 && i.addresses.is_empty() {
@@ -298,6 +314,34 @@ impl Settings {
         if creds > 1 {
             return Err("give one of azure_connection_string, azure_account_key, azure_sas_token, not several".into());
         }
+        for (k, p) in [
+            ("listen_port", self.listen_port),
+            ("metrics_port", self.metrics_port),
+            ("downloads_port", self.downloads_port),
+        ] {
+            if let Some(p @ 1..=1023) = p {
+                return Err(bad(k, format!("{p} is a privileged port: the appliance's services run without privileges; use 1024 or above")));
+            }
+        }
+        if let Some(st) = self.store.as_deref().filter(|s| !s.starts_with("azure://")) {
+            let rest = st.strip_prefix("/var/lib/ferry/").unwrap_or("");
+            let first = rest.split('/').next().unwrap_or("");
+            if rest.is_empty()
+                || st.contains("/../")
+                || st.ends_with("/..")
+                || [
+                    "server",
+                    "server-cache",
+                    "stage",
+                    "master.key",
+                    "master.key.exported",
+                    "lost+found",
+                ]
+                .contains(&first)
+            {
+                return Err(bad("store", format!("a local store on the appliance is a new directory under /var/lib/ferry (the cache disk), e.g. /var/lib/ferry/store, not '{st}'")));
+            }
+        }
         let ports = [
             self.listen_port.unwrap_or(7443),
             self.metrics_port.unwrap_or(9464),
@@ -318,7 +362,7 @@ impl Settings {
 impl Interface {
     fn any() -> Self {
         Interface {
-            name: Some("en*".into()),
+            name: Some("en* eth*".into()),
             mac: None,
             dhcp4: false,
             addresses: vec![],
@@ -463,29 +507,179 @@ pub fn from_nocloud(
     }
     let net = yaml("network-config", network_config)?;
     if !net.is_null() {
-        if s.network.is_some() {
+        if s.net_mode.is_some() || s.net_address.is_some() {
             return Err("network is set both in user-data (ferry: network/address…) and in network-config: keep one".into());
         }
-        s.network = Some(network_v2(&net)?);
+        s.network = Some(network_config_doc(&net)?);
         s.keys.push("network-config".into());
     }
     s.check()?;
     Ok(s)
 }
 
-fn network_v2(v: &serde_norway::Value) -> Result<Network, String> {
+/// A `network-config` document: version 2 (netplan-like, `ethernets`), or version 1 (a `config`
+/// list of `physical` interfaces with `subnets`, and `nameserver` entries, as Proxmox writes it).
+fn network_config_doc(v: &serde_norway::Value) -> Result<Network, String> {
     use serde_norway::Value;
     // Either the document itself or under `network:`.
     let v = v.get("network").unwrap_or(v);
     match v.get("version") {
-        Some(Value::Number(n)) if n.as_u64() == Some(2) => {}
-        Some(Value::Number(n)) => {
-            return Err(format!(
-                "network-config version {n} is not supported: use version 2 (ethernets), or the ferry settings network/address/gateway/dns"
-            ))
-        }
-        _ => return Err("network-config: no version (expected version: 2)".into()),
+        Some(Value::Number(n)) if n.as_u64() == Some(2) => network_v2(v),
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => network_v1(v),
+        Some(Value::Number(n)) => Err(format!(
+            "network-config version {n} is not supported: use version 1 or 2, or the ferry settings network/address/gateway/dns"
+        )),
+        _ => Err("network-config: no version (expected version: 1 or 2)".into()),
     }
+}
+
+fn prefix_of(mask: &str) -> Option<u8> {
+    let m: std::net::Ipv4Addr = mask.parse().ok()?;
+    let bits = u32::from(m);
+    let n = bits.leading_ones();
+    (bits.checked_shl(n).unwrap_or(0) == 0).then_some(n as u8)
+}
+
+fn network_v1(v: &serde_norway::Value) -> Result<Network, String> {
+    use serde_norway::Value;
+    let Some(Value::Sequence(items)) = v.get("config") else {
+        return Err("network-config version 1: no config list".into());
+    };
+    let mut out: Vec<Interface> = Vec::new();
+    let mut dns = Vec::new();
+    for (n, it) in items.iter().enumerate() {
+        let what = |k: &str| format!("network-config config[{n}].{k}");
+        let kind = it.get("type").map(|t| scalar("type", t)).transpose()?;
+        match kind.as_deref() {
+            Some("nameserver") => match it.get("address") {
+                Some(Value::Sequence(list)) => {
+                    for a in list {
+                        dns.push(ip(&what("address"), &scalar("address", a)?)?);
+                    }
+                }
+                Some(a) => dns.push(ip(&what("address"), &scalar("address", a)?)?),
+                None => {}
+            },
+            Some("physical") => {
+                let mut i = Interface {
+                    name: None,
+                    mac: None,
+                    dhcp4: false,
+                    addresses: vec![],
+                    gateway: None,
+                    dns: vec![],
+                };
+                if let Some(m) = it.get("mac_address") {
+                    i.mac = Some(mac(&what("mac_address"), &scalar("mac_address", m)?)?);
+                } else if let Some(nm) = it.get("name") {
+                    i.name = Some(glob(&what("name"), &scalar("name", nm)?)?);
+                } else {
+                    return Err(format!(
+                        "{}: a physical interface needs name or mac_address",
+                        what("type")
+                    ));
+                }
+                let Some(Value::Sequence(subnets)) = it.get("subnets") else {
+                    return Err(format!("{}: expected a list", what("subnets")));
+                };
+                for sn in subnets {
+                    let t = sn.get("type").map(|t| scalar("type", t)).transpose()?;
+                    match t.as_deref() {
+                        Some("dhcp" | "dhcp4") => i.dhcp4 = true,
+                        Some("static") => {
+                            let a = sn
+                                .get("address")
+                                .map(|a| scalar("address", a))
+                                .transpose()?
+                                .ok_or_else(|| {
+                                    format!("{}: a static subnet needs an address", what("subnets"))
+                                })?;
+                            let a = if a.contains('/') {
+                                cidr(&what("subnets.address"), &a)?
+                            } else {
+                                let mask = sn
+                                    .get("netmask")
+                                    .map(|m| scalar("netmask", m))
+                                    .transpose()?
+                                    .ok_or_else(|| {
+                                        format!(
+                                            "{}: address {a} needs a netmask or a /prefix",
+                                            what("subnets")
+                                        )
+                                    })?;
+                                let p = prefix_of(&mask).ok_or_else(|| {
+                                    format!(
+                                        "{}: '{mask}' is not a netmask",
+                                        what("subnets.netmask")
+                                    )
+                                })?;
+                                cidr(&what("subnets.address"), &format!("{a}/{p}"))?
+                            };
+                            i.addresses.push(a);
+                            if let Some(g) = sn.get("gateway") {
+                                i.gateway =
+                                    Some(ip(&what("subnets.gateway"), &scalar("gateway", g)?)?);
+                            }
+                            if let Some(Value::Sequence(list)) = sn.get("dns_nameservers") {
+                                for a in list {
+                                    i.dns.push(ip(
+                                        &what("subnets.dns_nameservers"),
+                                        &scalar("address", a)?,
+                                    )?);
+                                }
+                            }
+                        }
+                        Some("ipv6_dhcpv6-stateless" | "ipv6_slaac" | "dhcp6") => {}
+                        other => {
+                            return Err(format!(
+                                "{}: subnet type {other:?} is not supported (static, dhcp)",
+                                what("subnets")
+                            ))
+                        }
+                    }
+                }
+                if !i.dhcp4 && i.addresses.is_empty() {
+                    return Err(format!(
+                        "{}: neither dhcp nor a static address",
+                        what("subnets")
+                    ));
+                }
+                out.push(i);
+            }
+            // Bonds, bridges, VLANs, routes: not on an appliance with one NIC.
+            other => {
+                return Err(format!(
+                    "{}: type {other:?} is not supported (physical, nameserver)",
+                    what("type")
+                ))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("network-config version 1: no physical interface".into());
+    }
+    for i in &mut out {
+        if i.dns.is_empty() {
+            i.dns = dns.clone();
+        }
+    }
+    Ok(Network::Interfaces(out))
+}
+
+fn mac(what: &str, v: &str) -> Result<String, String> {
+    let mac = v.to_ascii_lowercase();
+    let ok = mac.len() == 17
+        && mac
+            .split(':')
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if !ok {
+        return Err(format!("{what}: '{mac}' is not a MAC address"));
+    }
+    Ok(mac)
+}
+
+fn network_v2(v: &serde_norway::Value) -> Result<Network, String> {
+    use serde_norway::Value;
     let eth = match v.get("ethernets") {
         Some(Value::Mapping(m)) => m,
         _ => return Err("network-config: no ethernets mapping".into()),
@@ -510,18 +704,7 @@ fn network_v2(v: &serde_norway::Value) -> Result<Network, String> {
                 i.name = Some(glob(&what("match.name"), &scalar("name", n)?)?);
             }
             if let Some(a) = m.get("macaddress") {
-                let mac = scalar("macaddress", a)?.to_ascii_lowercase();
-                let ok = mac.len() == 17
-                    && mac
-                        .split(':')
-                        .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
-                if !ok {
-                    return Err(format!(
-                        "{}: '{mac}' is not a MAC address",
-                        what("match.macaddress")
-                    ));
-                }
-                i.mac = Some(mac);
+                i.mac = Some(mac(&what("match.macaddress"), &scalar("macaddress", a)?)?);
             }
         }
         if i.name.is_none() && i.mac.is_none() {
@@ -680,10 +863,13 @@ pub fn serve_env(s: &Settings) -> Option<String> {
         "# Written by `ferry appliance configure` from the appliance's settings. Mode 0600.\n",
     );
     if let Some((name, v)) = cred {
+        // systemd's EnvironmentFile: inside double quotes, a backslash makes the next \, ", `
+        // or $ literal; nothing is expanded.
         let esc = v
             .replace('\\', "\\\\")
             .replace('"', "\\\"")
-            .replace('$', "$$");
+            .replace('`', "\\`")
+            .replace('$', "\\$");
         let _ = writeln!(t, "{name}=\"{esc}\"");
     }
     if allow {
@@ -829,7 +1015,7 @@ mod tests {
         assert_eq!(ifs[0].dns.len(), 2);
         let env = serve_env(&s).unwrap();
         assert!(
-            env.contains(r#"AZURE_STORAGE_CONNECTION_STRING="DefaultEndpointsProtocol=https;AccountName=ferrydr;AccountKey=a\"b$$c""#),
+            env.contains(r#"AZURE_STORAGE_CONNECTION_STRING="DefaultEndpointsProtocol=https;AccountName=ferrydr;AccountKey=a\"b\$c""#),
             "{env}"
         );
         let toml = ferry_toml(&s, 1 << 30);
@@ -905,6 +1091,77 @@ mod tests {
         assert!(ferry_toml(&s, 1 << 30).contains("store = \"/var/lib/ferry/store\""));
     }
 
+    /// systemd's own reading of the EnvironmentFile quoting (`systemd-run --property
+    /// EnvironmentFile=`) would be the final word; this pins the rules docs/APPLIANCE.md relies
+    /// on: \\, \", \` and \$ escaped inside double quotes, nothing else touched.
+    #[test]
+    fn credentials_with_quotes_dollars_and_backslashes_are_escaped() {
+        let mut s = Settings::default();
+        s.set("store", "azure://a/c").unwrap();
+        s.set("azure_account_key", r#"k$y"with\back`tick"#).unwrap();
+        s.check().unwrap();
+        assert_eq!(
+            serve_env(&s).unwrap().lines().nth(1).unwrap(),
+            r#"AZURE_STORAGE_KEY="k\$y\"with\\back\`tick""#
+        );
+    }
+
+    #[test]
+    fn proxmox_network_config_version_1() {
+        let nc = "version: 1\nconfig:\n    - type: physical\n      name: eth0\n      mac_address: 'BC:24:11:AA:BB:CC'\n      subnets:\n      - type: static\n        address: '10.1.2.3'\n        netmask: '255.255.255.0'\n        gateway: '10.1.2.1'\n    - type: nameserver\n      address:\n      - '10.1.2.53'\n      search:\n      - 'example.com'\n";
+        let s = from_nocloud("", "", nc).unwrap();
+        let net = networkd(&s);
+        assert_eq!(
+            net[0].1.split_once("[Match]\n").unwrap().1,
+            "MACAddress=bc:24:11:aa:bb:cc\n\n[Network]\nAddress=10.1.2.3/24\nGateway=10.1.2.1\nDNS=10.1.2.53\n"
+        );
+        let dhcp =
+            "version: 1\nconfig:\n - type: physical\n   name: eth0\n   subnets:\n   - type: dhcp\n";
+        assert!(networkd(&from_nocloud("", "", dhcp).unwrap())[0]
+            .1
+            .contains("Name=eth0\n\n[Network]\nDHCP=ipv4\n"));
+        let e = from_nocloud("", "", &nc.replace("255.255.255.0", "255.0.255.0")).unwrap_err();
+        assert!(e.contains("not a netmask"), "{e}");
+        let e = from_nocloud(
+            "",
+            "",
+            "version: 1\nconfig:\n - type: bond\n   name: bond0\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("not supported"), "{e}");
+    }
+
+    #[test]
+    fn settings_the_appliance_could_not_run_are_refused() {
+        let cfg = |body: &str| from_nocloud("", &format!("#cloud-config\nferry:\n{body}"), "");
+        let e = cfg("  network: dhcp\n  dns: 10.0.0.1\n").unwrap_err();
+        assert!(e.contains("for network static"), "{e}");
+        let e = cfg("  dns: 10.0.0.1\n").unwrap_err();
+        assert!(e.contains("set network to static"), "{e}");
+        let e = cfg("  network: static\n  gateway: 10.0.0.1\n").unwrap_err();
+        assert!(e.contains("no address"), "{e}");
+        let s = cfg("  dns: 10.0.0.2\n  address: 10.0.0.5/24\n  network: static\n").unwrap();
+        assert!(
+            networkd(&s)[0].1.contains("Name=en* eth*\n"),
+            "any order; every NIC name"
+        );
+        let e = cfg("  listen_port: 443\n").unwrap_err();
+        assert!(e.contains("privileged port"), "{e}");
+        let e = cfg("  downloads_port: 80\n").unwrap_err();
+        assert!(e.contains("downloads_port"), "{e}");
+        assert!(cfg("  downloads_port: 0\n").is_ok());
+        for bad in [
+            "/srv/store",
+            "/var/lib/ferry",
+            "/var/lib/ferry/server",
+            "/var/lib/ferry/x/../server",
+        ] {
+            let e = cfg(&format!("  store: {bad}\n")).unwrap_err();
+            assert!(e.contains("under /var/lib/ferry"), "{bad}: {e}");
+        }
+        assert!(cfg("  store: /var/lib/ferry/store2\n").is_ok());
+    }
+
     #[test]
     fn nocloud_mistakes_are_clear() {
         let e = from_nocloud("", "ferry:\n  store: /x\n", "").unwrap_err();
@@ -913,8 +1170,8 @@ mod tests {
         assert!(e.contains("listen_port"), "{e}");
         let e = from_nocloud("", "#cloud-config\nferry: [1]\n", "").unwrap_err();
         assert!(e.contains("mapping"), "{e}");
-        let e = from_nocloud("", "", "version: 1\nconfig: []\n").unwrap_err();
-        assert!(e.contains("version 1 is not supported"), "{e}");
+        let e = from_nocloud("", "", "version: 3\nconfig: []\n").unwrap_err();
+        assert!(e.contains("version 3 is not supported"), "{e}");
         let e = from_nocloud("", "", "version: 2\nethernets:\n  eth0: {}\n").unwrap_err();
         assert!(e.contains("neither dhcp4"), "{e}");
         let e = from_nocloud("", "#cloud-config\nferry:\n  metrics_port: 7443\n", "").unwrap_err();
