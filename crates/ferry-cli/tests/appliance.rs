@@ -144,7 +144,10 @@ fn configure_writes_the_appliance_files_and_a_bad_setting_changes_nothing() {
     ok(&o, "configure again");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["master_key"], "already in place");
-    assert_eq!(fs::read_to_string(root.join("etc/ferry/ferry.toml")).unwrap(), toml);
+    assert_eq!(
+        fs::read_to_string(root.join("etc/ferry/ferry.toml")).unwrap(),
+        toml
+    );
     assert_eq!(
         fs::read_to_string(root.join("etc/systemd/network/10-ferry-0.network")).unwrap(),
         net
