@@ -758,10 +758,20 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
     assert!(s.contains("formatting the blank disk"), "{s}");
     assert!(!s.contains("SETUP FAILED"), "{s}");
 
-    // The download page and the package it serves: the one built, never the passphrase.
-    let page =
-        String::from_utf8(http(&format!("http://127.0.0.1:{}/", ports.2)).expect("download page"))
-            .unwrap();
+    // The download page and the package it serves: the one built, never the passphrase. (The
+    // server starts after the banner that wrote the page: it may take a moment more.)
+    let asked = Instant::now();
+    let page = loop {
+        if let Some(p) = http(&format!("http://127.0.0.1:{}/", ports.2)) {
+            break String::from_utf8(p).unwrap();
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(120),
+            "no download page after 2 min; console:\n{}",
+            serial_text()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
     let deb_name = deb.file_name().unwrap().to_str().unwrap();
     let deb_sum = sh_ok(&format!("sha256sum {}", deb.display()));
     let deb_sum = deb_sum.split_whitespace().next().unwrap();
