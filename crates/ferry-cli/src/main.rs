@@ -693,7 +693,13 @@ enum PassphraseCmd {
         at: StateDirArg,
     },
     /// Print the passphrase (created with the server's TLS identity on first use).
+    ///
+    /// With --fingerprint: the SHA-256 fingerprint of the server's TLS certificate instead, the
+    /// one the passphrase pins (the appliance's console shows both).
     Show {
+        /// Print the certificate's fingerprint (sha256:HEX) instead of the passphrase.
+        #[arg(long)]
+        fingerprint: bool,
         /// The process server's state directory (as given to `ferry serve`). Default: state_dir of
         /// the config file's [serve] table, else STATE_ROOT/server.
         #[arg(long, env = "FERRY_SERVER_STATE_DIR")]
@@ -872,8 +878,13 @@ fn main() -> ExitCode {
     init_logging(cli.log_json);
     let cli_cmd = match cli.cmd {
         Cmd::Passphrase {
-            cmd: PassphraseCmd::Show { state_dir, config },
-        } => return server::passphrase_show(state_dir, config),
+            cmd:
+                PassphraseCmd::Show {
+                    state_dir,
+                    config,
+                    fingerprint,
+                },
+        } => return server::passphrase_show(state_dir, config, fingerprint),
         Cmd::Appliance {
             cmd: appliance::ApplianceCmd::Configure(a),
         } => return appliance::configure(a),

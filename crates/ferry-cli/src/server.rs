@@ -253,7 +253,11 @@ pub(crate) fn resolve_state_dir(
     }
 }
 
-pub(crate) fn passphrase_show(state_dir: Option<PathBuf>, config: ConfigArg) -> ExitCode {
+pub(crate) fn passphrase_show(
+    state_dir: Option<PathBuf>,
+    config: ConfigArg,
+    fingerprint: bool,
+) -> ExitCode {
     let state_dir = match state_dir {
         Some(d) => d,
         None => match config.load() {
@@ -265,6 +269,10 @@ pub(crate) fn passphrase_show(state_dir: Option<PathBuf>, config: ConfigArg) -> 
         },
     };
     match ferry_serve::passphrase(&state_dir) {
+        Ok(p) if fingerprint => {
+            println!("{}", p.fingerprint);
+            ExitCode::SUCCESS
+        }
         Ok(p) => {
             println!("{p}");
             ExitCode::SUCCESS

@@ -422,6 +422,19 @@ fn racing_first_starts_agree_on_one_identity() {
             .output()
             .unwrap();
         ok(&o, "register with the raced passphrase");
+        let o = ferry()
+            .args(["passphrase", "show", "--fingerprint", "--state-dir"])
+            .arg(env.path("ps-state"))
+            .output()
+            .unwrap();
+        ok(&o, "passphrase show --fingerprint");
+        let pinned: serde_json::Value =
+            serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
+        assert_eq!(
+            String::from_utf8(o.stdout).unwrap().trim(),
+            pinned["fingerprint"].as_str().unwrap(),
+            "the fingerprint shown is the certificate the agent pinned"
+        );
         srv.term();
     }
 }
@@ -556,7 +569,8 @@ fn http(url: &str) -> Option<Vec<u8>> {
 }
 
 /// Boots the appliance: TCG, 2 vCPUs, virtio disks, the OVF's E1000 NIC, the agent, metrics and
-/// download ports forwarded. A port taken between picking and binding makes QEMU fail at once:
+/// download ports forwarded; the settings on a NoCloud volume (a `.img`) or, as VMware gives an
+/// OVF environment, on an ISO in the CD-ROM drive (a `.iso`). A port taken between picking and binding makes QEMU fail at once:
 /// pick again.
 fn boot(
     env: &Env,
@@ -575,8 +589,14 @@ fn boot(
             .arg(format!("file={},format=qcow2,if=virtio", os.display()))
             .arg("-drive")
             .arg(format!("file={},format=qcow2,if=virtio", cache.display()))
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio,readonly=on", cidata.display()))
+            .args(if cidata.extension().is_some_and(|e| e == "iso") {
+                vec!["-cdrom".to_string(), cidata.display().to_string()]
+            } else {
+                vec![
+                    "-drive".to_string(),
+                    format!("file={},format=raw,if=virtio,readonly=on", cidata.display()),
+                ]
+            })
             .arg("-netdev")
             .arg(format!(
                 "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:7443,hostfwd=tcp:127.0.0.1:{}-:9464,hostfwd=tcp:127.0.0.1:{}-:8080",
@@ -647,6 +667,7 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
         Need::Tool("sfdisk"),
         Need::Tool("xmllint"),
         Need::Tool("curl"),
+        Need::Tool("genisoimage"),
     ]);
     if let Some(why) = why {
         ferry_testkit::skip(TEST, &why, REQUIRE);
@@ -834,6 +855,17 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
         .output()
         .unwrap();
     ok(&o, "register through the appliance");
+    // The certificate the agent pinned is the one the console shows.
+    let pinned: serde_json::Value =
+        serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
+    let pinned = pinned["fingerprint"].as_str().unwrap().to_string();
+    assert!(pinned.starts_with("sha256:"), "{pinned}");
+    let s = serial_text();
+    assert!(
+        s.lines()
+            .any(|l| l.contains("Certificate fingerprint:") && l.trim_end().ends_with(&pinned)),
+        "the console's fingerprint is not the pinned {pinned}:\n{s}"
+    );
     let backing = env.path("disk.img");
     let size: u64 = 24 << 20;
     fs::File::create(&backing).unwrap().set_len(size).unwrap();
@@ -927,7 +959,38 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
     vm.kill9();
     let serial2 = env.path("serial2.log");
     let os2 = fresh_os("os2.qcow2");
-    let (mut vm, ports) = boot(&env, &os2, &cache, &cidata, &serial2);
+    // This time the settings come as VMware gives them: OVF properties in an OVF environment on
+    // an ISO labelled "OVF ENV" (the same settings, and the same key).
+    let envdir = env.path("ovfenv");
+    fs::create_dir_all(&envdir).unwrap();
+    let prop = |k: &str, v: &str| {
+        let v = v
+            .replace('&', "&amp;")
+            .replace('"', "&quot;")
+            .replace('<', "&lt;");
+        format!("    <Property oe:key=\"ferry.{k}\" oe:value=\"{v}\"/>\n")
+    };
+    fs::write(
+        envdir.join("ovf-env.xml"),
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Environment xmlns=\"http://schemas.dmtf.org/ovf/environment/1\" xmlns:oe=\"http://schemas.dmtf.org/ovf/environment/1\" oe:id=\"ferry-appliance\">\n  <PropertySection>\n{}{}{}{}{}{}{}  </PropertySection>\n</Environment>\n",
+            prop("hostname", "ps-upgraded"),
+            prop("store", &url),
+            prop("azure_connection_string", &guest_cs),
+            prop("azure_allow_http", "true"),
+            prop("master_key", &key_hex),
+            prop("cache_size", "2GiB"),
+            prop("retention", ""),
+        ),
+    )
+    .unwrap();
+    let iso = env.path("ovfenv.iso");
+    sh_ok(&format!(
+        "genisoimage -quiet -V 'OVF ENV' -r -J -o {} {}",
+        iso.display(),
+        envdir.display()
+    ));
+    let (mut vm, ports) = boot(&env, &os2, &cache, &iso, &serial2);
     let booted2 = Instant::now();
     let healthy2 = wait_healthy(&mut vm, ports.1, &serial2, booted2);
     assert_eq!(
@@ -938,6 +1001,11 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
     let s2 = ferry_testkit::proc::strip_ansi(&fs::read_to_string(&serial2).unwrap());
     assert!(!s2.contains("formatting the blank disk"), "{s2}");
     assert!(s2.contains("master key: already in place"), "{s2}");
+    assert!(s2.contains("settings from: ovf-env"), "{s2}");
+    assert!(
+        s2.contains("ps-upgraded"),
+        "the OVF environment's host name: {s2}"
+    );
     for _ in 0..4 {
         let off = rng.below(size / 4096 - 16) * 4096;
         write_random(Path::new(&dev), &mut rng, off, 16 << 10);
