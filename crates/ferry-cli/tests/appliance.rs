@@ -541,6 +541,10 @@ fn check_ova(ova: &Path, dir: &Path) -> (PathBuf, PathBuf) {
             info["format-specific"]["data"]["create-type"], "streamOptimized",
             "{h}"
         );
+        // A disk of its own, not a child of another (the build fixes the random CID only).
+        let head = fs::read(dir.join(h)).unwrap();
+        let desc = String::from_utf8_lossy(&head[..head.len().min(64 << 10)]).into_owned();
+        assert!(desc.contains("\nparentCID=ffffffff\n"), "{h}: {desc}");
     }
     // The properties: ferry.KEY for every appliance setting, nothing else.
     let mut props: Vec<String> = attrs(&ovf, "Property", "ovf:key")
@@ -705,6 +709,24 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .expect("the agent package next to the OVA");
     let info = fs::read_to_string(ova.with_extension("build.txt")).unwrap();
+    // Reproducible: the same inputs (base, binaries, SOURCE_DATE_EPOCH) give the same bytes.
+    let out2 = env.path("out2");
+    let o = Command::new("bash")
+        .arg(repo().join("appliance-image/build"))
+        .arg("--out")
+        .arg(&out2)
+        .arg("--no-build")
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .output()
+        .unwrap();
+    ok(&o, "the second build");
+    let ova2 = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert!(
+        fs::read(&ova).unwrap() == fs::read(&ova2).unwrap(),
+        "two builds from the same inputs differ"
+    );
+    fs::remove_dir_all(&out2).unwrap();
     assert!(
         info.contains("(BTF: yes)") && info.contains("\n  systemd "),
         "{info}"
