@@ -175,7 +175,12 @@ fn put(path: &Path, text: &str, mode: u32, group: Option<u32>) -> Result<(), Str
     f.write_all(text.as_bytes()).map_err(err)?;
     let gid = group.or_else(|| std::fs::metadata(path).ok().map(|m| m.gid()));
     if let Some(g) = gid {
-        std::os::unix::fs::fchown(&f, None, Some(g)).map_err(err)?;
+        match std::os::unix::fs::fchown(&f, None, Some(g)) {
+            Ok(()) => {}
+            // Not root (checking a cidata directory by hand): the file is ours, group as it comes.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(err(e)),
+        }
     }
     ferry_durable::sync_file(&f).map_err(err)?;
     ferry_durable::durable_rename(&tmp, path).map_err(err)
@@ -231,8 +236,16 @@ fn shadow_with(shadow: &Path, hash: &str) -> Result<String, String> {
 /// Whether the key file at `path` holds `hex` (Some(true)), another key (Some(false)), or is
 /// absent (None). A key file that cannot be read or parsed is an error.
 fn key_in_place(path: &Path, hex: &str) -> Result<Option<bool>, String> {
-    if !path.exists() {
-        return Ok(None);
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Ok(m) if !m.is_file() => {
+            return Err(format!(
+                "{} is not a regular file: move it away, then boot again",
+                path.display()
+            ))
+        }
+        Ok(_) => {}
     }
     let have = ferry_crypto::MasterKey::load(path).map_err(|e| e.to_string())?;
     let mut secret = [0u8; 32];
@@ -244,6 +257,10 @@ fn key_in_place(path: &Path, hex: &str) -> Result<Option<bool>, String> {
 
 /// Puts the key at `path` atomically (a complete file or none, never replacing one).
 fn import_key(path: &Path, hex: &str) -> Result<bool, String> {
+    import_key_once(path, hex, true)
+}
+
+fn import_key_once(path: &Path, hex: &str, retry: bool) -> Result<bool, String> {
     match key_in_place(path, hex)? {
         Some(true) => return Ok(false),
         Some(false) => {
@@ -265,8 +282,9 @@ fn import_key(path: &Path, hex: &str) -> Result<bool, String> {
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return import_key(path, hex);
+        // Made meanwhile: compare with it (once).
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && retry => {
+            return import_key_once(path, hex, false);
         }
         Err(e) => return Err(err(e)),
     }
@@ -296,7 +314,7 @@ fn configure_inner(a: &ConfigureArgs) -> Result<serde_json::Value, Failed> {
     // Everything is decided and rendered first; a setting that cannot apply changes nothing.
     let key_path = under(root, &format!("{}/master.key", appliance::STATE_ROOT));
     if let Some(hex) = &s.master_key {
-        if key_in_place(&key_path, hex).map_err(Failed::Setting)? == Some(false) {
+        if key_in_place(&key_path, hex).map_err(Failed::System)? == Some(false) {
             return Err(Failed::Setting(format!(
                 "setting master_key: {} holds another master key: refusing to replace it (the points it encrypted would be lost). Move it away first if you mean it",
                 key_path.display()
@@ -359,8 +377,10 @@ fn configure_inner(a: &ConfigureArgs) -> Result<serde_json::Value, Failed> {
             None,
         ));
     }
-    plan.push((
-        under(root, "/etc/ferry/appliance.env"),
+    let appliance_env = under(root, "/etc/ferry/appliance.env");
+    if has_source || !appliance_env.exists() {
+        plan.push((
+        appliance_env,
         format!(
             "# Written by `ferry appliance configure`.\nFERRY_DOWNLOADS_PORT={}\nFERRY_LISTEN_PORT={}\n",
             s.downloads_port.unwrap_or(8080),
@@ -369,6 +389,7 @@ fn configure_inner(a: &ConfigureArgs) -> Result<serde_json::Value, Failed> {
         0o644,
         None,
     ));
+    }
 
     let mut written = Vec::new();
     for (path, text, mode, group) in plan {

@@ -73,6 +73,8 @@ pub struct Settings {
     net_address: Option<String>,
     net_gateway: Option<IpAddr>,
     net_dns: Vec<IpAddr>,
+    /// The network from a NoCloud `network-config` (the ferry settings win over it).
+    net_config: Option<Network>,
     pub store: Option<String>,
     pub azure_connection_string: Option<String>,
     pub azure_account_key: Option<String>,
@@ -245,38 +247,31 @@ impl Settings {
     }
 
     /// Turns the network settings into [`Network`]: `static` needs an address; `address`,
-    /// `gateway`, `dns` need `static` (DHCP gives them).
+    /// `gateway`, `dns` need `static` (DHCP gives them). The ferry settings win over a
+    /// `network-config` document (Proxmox writes one whatever the operator chose). Idempotent.
     fn finish_network(&mut self) -> Result<(), String> {
         let statics =
             self.net_address.is_some() || self.net_gateway.is_some() || !self.net_dns.is_empty();
-        match self.net_mode.as_deref() {
+        self.network = match self.net_mode.as_deref() {
             Some("static") => {
                 let Some(a) = self.net_address.clone() else {
                     return Err("network is static but no address is set (setting address, e.g. 192.0.2.10/24)".into());
                 };
-                if self.network.is_some() {
-                    return Err("network is set both in user-data (ferry: network/address…) and in network-config: keep one".into());
-                }
                 let mut i = Interface::any();
                 i.addresses = vec![a];
                 i.gateway = self.net_gateway;
                 i.dns = self.net_dns.clone();
-                self.network = Some(Network::Interfaces(vec![i]));
+                Some(Network::Interfaces(vec![i]))
             }
             Some(_) if statics => {
                 return Err("address, gateway and dns are for network static (with DHCP the network gives them): set network to static, or clear them".into())
             }
-            Some(_) => {
-                if self.network.is_some() {
-                    return Err("network is set both in user-data (ferry: network/address…) and in network-config: keep one".into());
-                }
-                self.network = Some(Network::Dhcp);
-            }
+            Some(_) => Some(Network::Dhcp),
             None if statics => {
                 return Err("address, gateway or dns is set but network is not: set network to static".into())
             }
-            None => {}
-        }
+            None => self.net_config.clone(),
+        };
         Ok(())
     }
 
@@ -324,12 +319,18 @@ impl Settings {
             }
         }
         if let Some(st) = self.store.as_deref().filter(|s| !s.starts_with("azure://")) {
+            // Only plain names below /var/lib/ferry: no '.', '..' or empty parts to hide a
+            // reserved directory behind.
             let rest = st.strip_prefix("/var/lib/ferry/").unwrap_or("");
-            let first = rest.split('/').next().unwrap_or("");
+            let parts: Vec<&str> = rest.split('/').collect();
+            let first = parts[0];
             if rest.is_empty()
-                || st.contains("/../")
-                || st.ends_with("/..")
+                || parts
+                    .iter()
+                    .enumerate()
+                    .any(|(i, p)| *p == "." || *p == ".." || (p.is_empty() && i + 1 < parts.len()))
                 || [
+                    "",
                     "server",
                     "server-cache",
                     "stage",
@@ -507,11 +508,12 @@ pub fn from_nocloud(
     }
     let net = yaml("network-config", network_config)?;
     if !net.is_null() {
-        if s.net_mode.is_some() || s.net_address.is_some() {
-            return Err("network is set both in user-data (ferry: network/address…) and in network-config: keep one".into());
+        // None: a document that configures no interface (Proxmox writes one without any
+        // ipconfig): DHCP, as without it.
+        s.net_config = network_config_doc(&net)?;
+        if s.net_config.is_some() {
+            s.keys.push("network-config".into());
         }
-        s.network = Some(network_config_doc(&net)?);
-        s.keys.push("network-config".into());
     }
     s.check()?;
     Ok(s)
@@ -519,12 +521,12 @@ pub fn from_nocloud(
 
 /// A `network-config` document: version 2 (netplan-like, `ethernets`), or version 1 (a `config`
 /// list of `physical` interfaces with `subnets`, and `nameserver` entries, as Proxmox writes it).
-fn network_config_doc(v: &serde_norway::Value) -> Result<Network, String> {
+fn network_config_doc(v: &serde_norway::Value) -> Result<Option<Network>, String> {
     use serde_norway::Value;
     // Either the document itself or under `network:`.
     let v = v.get("network").unwrap_or(v);
     match v.get("version") {
-        Some(Value::Number(n)) if n.as_u64() == Some(2) => network_v2(v),
+        Some(Value::Number(n)) if n.as_u64() == Some(2) => network_v2(v).map(Some),
         Some(Value::Number(n)) if n.as_u64() == Some(1) => network_v1(v),
         Some(Value::Number(n)) => Err(format!(
             "network-config version {n} is not supported: use version 1 or 2, or the ferry settings network/address/gateway/dns"
@@ -540,10 +542,12 @@ fn prefix_of(mask: &str) -> Option<u8> {
     (bits.checked_shl(n).unwrap_or(0) == 0).then_some(n as u8)
 }
 
-fn network_v1(v: &serde_norway::Value) -> Result<Network, String> {
+fn network_v1(v: &serde_norway::Value) -> Result<Option<Network>, String> {
     use serde_norway::Value;
-    let Some(Value::Sequence(items)) = v.get("config") else {
-        return Err("network-config version 1: no config list".into());
+    let items = match v.get("config") {
+        Some(Value::Sequence(items)) => items,
+        None | Some(Value::Null) => return Ok(None),
+        Some(_) => return Err("network-config version 1: config is not a list".into()),
     };
     let mut out: Vec<Interface> = Vec::new();
     let mut dns = Vec::new();
@@ -579,10 +583,12 @@ fn network_v1(v: &serde_norway::Value) -> Result<Network, String> {
                         what("type")
                     ));
                 }
-                let Some(Value::Sequence(subnets)) = it.get("subnets") else {
-                    return Err(format!("{}: expected a list", what("subnets")));
+                let subnets = match it.get("subnets") {
+                    Some(Value::Sequence(v)) => v.clone(),
+                    None | Some(Value::Null) => vec![],
+                    Some(_) => return Err(format!("{}: expected a list", what("subnets"))),
                 };
-                for sn in subnets {
+                for sn in &subnets {
                     let t = sn.get("type").map(|t| scalar("type", t)).transpose()?;
                     match t.as_deref() {
                         Some("dhcp" | "dhcp4") => i.dhcp4 = true,
@@ -629,7 +635,14 @@ fn network_v1(v: &serde_norway::Value) -> Result<Network, String> {
                                 }
                             }
                         }
-                        Some("ipv6_dhcpv6-stateless" | "ipv6_slaac" | "dhcp6") => {}
+                        // IPv6: the appliance listens on IPv4 (docs/APPLIANCE.md).
+                        Some(
+                            "ipv6_dhcpv6-stateless"
+                            | "ipv6_dhcpv6-stateful"
+                            | "ipv6_slaac"
+                            | "dhcp6"
+                            | "static6",
+                        ) => {}
                         other => {
                             return Err(format!(
                                 "{}: subnet type {other:?} is not supported (static, dhcp)",
@@ -638,13 +651,10 @@ fn network_v1(v: &serde_norway::Value) -> Result<Network, String> {
                         }
                     }
                 }
-                if !i.dhcp4 && i.addresses.is_empty() {
-                    return Err(format!(
-                        "{}: neither dhcp nor a static address",
-                        what("subnets")
-                    ));
+                // A NIC without IPv4 configuration (none given, or IPv6 only) is left alone.
+                if i.dhcp4 || !i.addresses.is_empty() {
+                    out.push(i);
                 }
-                out.push(i);
             }
             // Bonds, bridges, VLANs, routes: not on an appliance with one NIC.
             other => {
@@ -656,14 +666,14 @@ fn network_v1(v: &serde_norway::Value) -> Result<Network, String> {
         }
     }
     if out.is_empty() {
-        return Err("network-config version 1: no physical interface".into());
+        return Ok(None);
     }
     for i in &mut out {
         if i.dns.is_empty() {
             i.dns = dns.clone();
         }
     }
-    Ok(Network::Interfaces(out))
+    Ok(Some(Network::Interfaces(out)))
 }
 
 fn mac(what: &str, v: &str) -> Result<String, String> {
@@ -1122,6 +1132,42 @@ mod tests {
             .contains("Name=eth0\n\n[Network]\nDHCP=ipv4\n"));
         let e = from_nocloud("", "", &nc.replace("255.255.255.0", "255.0.255.0")).unwrap_err();
         assert!(e.contains("not a netmask"), "{e}");
+        // As Proxmox writes them: no ipconfig at all (a nameserver only, or nothing), an
+        // IPv6-only NIC, a static6 subnet next to a static one: DHCP where nothing is said.
+        let only_ns =
+            "version: 1\nconfig:\n    - type: nameserver\n      address:\n      - '10.1.2.53'\n";
+        let s = from_nocloud("", "", only_ns).unwrap();
+        assert_eq!(s.network, None);
+        assert!(networkd(&s)[0].1.contains("DHCP=ipv4"));
+        assert_eq!(
+            from_nocloud("", "", "version: 1\nconfig:\n")
+                .unwrap()
+                .network,
+            None
+        );
+        let v6 = "version: 1\nconfig:\n - type: physical\n   name: eth0\n   subnets:\n   - type: static6\n     address: 'fd00::5/64'\n";
+        assert_eq!(from_nocloud("", "", v6).unwrap().network, None);
+        let both = nc.replace(
+            "      - type: static\n",
+            "      - type: static6\n        address: 'fd00::5/64'\n      - type: static\n",
+        );
+        assert!(networkd(&from_nocloud("", "", &both).unwrap())[0]
+            .1
+            .contains("Address=10.1.2.3/24\n"));
+        // The ferry settings win over the document Proxmox always writes.
+        let ud = "#cloud-config\nferry:\n  network: static\n  address: 192.0.2.9/24\n";
+        let mut s = from_nocloud("", ud, nc).unwrap();
+        assert!(
+            networkd(&s)[0].1.contains("Address=192.0.2.9/24\n"),
+            "{:?}",
+            s.network
+        );
+        s.check().unwrap();
+        s.check().unwrap();
+        assert!(
+            networkd(&s)[0].1.contains("Address=192.0.2.9/24\n"),
+            "check is idempotent"
+        );
         let e = from_nocloud(
             "",
             "",
@@ -1153,8 +1199,13 @@ mod tests {
         for bad in [
             "/srv/store",
             "/var/lib/ferry",
+            "/var/lib/ferry/",
+            "/var/lib/ferry/.",
             "/var/lib/ferry/server",
+            "/var/lib/ferry/./server",
+            "/var/lib/ferry//server",
             "/var/lib/ferry/x/../server",
+            "/var/lib/ferry/x/..",
         ] {
             let e = cfg(&format!("  store: {bad}\n")).unwrap_err();
             assert!(e.contains("under /var/lib/ferry"), "{bad}: {e}");
