@@ -1215,21 +1215,28 @@ mod tests {
 
     #[test]
     fn nocloud_mistakes_are_clear() {
-        let e = from_nocloud("", "ferry:\n  store: /x\n", "").unwrap_err();
-        assert!(e.contains("#cloud-config"), "{e}");
-        let e = from_nocloud("", "#cloud-config\nferry:\n  listen_port: 0\n", "").unwrap_err();
-        assert!(e.contains("listen_port"), "{e}");
-        let e = from_nocloud("", "#cloud-config\nferry: [1]\n", "").unwrap_err();
-        assert!(e.contains("mapping"), "{e}");
-        let e = from_nocloud("", "", "version: 3\nconfig: []\n").unwrap_err();
-        assert!(e.contains("version 3 is not supported"), "{e}");
-        let e = from_nocloud("", "", "version: 2\nethernets:\n  eth0: {}\n").unwrap_err();
-        assert!(e.contains("neither dhcp4"), "{e}");
-        let e = from_nocloud("", "#cloud-config\nferry:\n  metrics_port: 7443\n", "").unwrap_err();
-        assert!(e.contains("port 7443"), "{e}");
-        let e = from_nocloud("", "#cloud-config\nferry:\n  master_key: abc\n", "").unwrap_err();
-        assert!(e.contains("64 hex"), "{e}");
-        let e = from_nocloud("", "#cloud-config\n\tbad: [\n", "").unwrap_err();
-        assert!(e.contains("not valid YAML"), "{e}");
+        // (user-data, network-config, what the error must say)
+        let cases = [
+            ("ferry:\n  store: /x\n", "", "#cloud-config"),
+            (
+                "#cloud-config\nferry:\n  listen_port: 0\n",
+                "",
+                "listen_port",
+            ),
+            ("#cloud-config\nferry: [1]\n", "", "mapping"),
+            ("", "version: 3\nconfig: []\n", "version 3 is not supported"),
+            ("", "version: 2\nethernets:\n  eth0: {}\n", "neither dhcp4"),
+            (
+                "#cloud-config\nferry:\n  metrics_port: 7443\n",
+                "",
+                "port 7443",
+            ),
+            ("#cloud-config\nferry:\n  master_key: abc\n", "", "64 hex"),
+            ("#cloud-config\n\tbad: [\n", "", "not valid YAML"),
+        ];
+        for (ud, nc, says) in cases {
+            let e = from_nocloud("", ud, nc).unwrap_err();
+            assert!(e.contains(says), "{ud:?} {nc:?}: {e}");
+        }
     }
 }
