@@ -70,8 +70,9 @@ pub(crate) enum KeyCmd {
     /// protected disk: keep it like a root password.
     ///
     /// Examples:
-    ///   ferry key export > /media/usb/ferry-master-key.txt
+    ///   ferry key export --out /media/usb/ferry-master-key.txt   # a new file, mode 0600
     ///   ferry key export --key-file /var/lib/ferry/master.key --out /root/key.txt
+    ///   ferry key export | gpg --encrypt -r ops@example.com > key.gpg
     #[command(verbatim_doc_comment)]
     Export {
         #[command(flatten)]
