@@ -360,6 +360,23 @@ fn key_export_then_import_round_trips_and_never_replaces_another_key() {
     assert!(o.stdout.is_empty());
 }
 
+/// Registers the agent in ENV/agent at `addr` with `passphrase`; the fingerprint it pinned.
+fn register(env: &Env, addr: &str, passphrase: &str) -> String {
+    let pass = env.path("pass.txt");
+    fs::write(&pass, format!("{}\n", passphrase.trim())).unwrap();
+    let o = Command::new(agent_bin())
+        .args(["register", "--server", addr, "--passphrase-file"])
+        .arg(&pass)
+        .arg("--state-dir")
+        .arg(env.path("agent"))
+        .output()
+        .unwrap();
+    ok(&o, "register");
+    let id: serde_json::Value =
+        serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
+    id["fingerprint"].as_str().unwrap().to_string()
+}
+
 /// A first `ferry serve` and several `ferry passphrase show` racing on an empty state directory
 /// agree on one identity: every passphrase printed is the one the server uses, and an agent
 /// registers with it.
@@ -412,27 +429,16 @@ fn racing_first_starts_agree_on_one_identity() {
             1,
             "round {round}: different passphrases: {seen:?}"
         );
-        let pass = env.path("pass.txt");
-        fs::write(&pass, &seen[0]).unwrap();
-        let o = Command::new(agent_bin())
-            .args(["register", "--server", &addr, "--passphrase-file"])
-            .arg(&pass)
-            .arg("--state-dir")
-            .arg(env.path("agent"))
-            .output()
-            .unwrap();
-        ok(&o, "register with the raced passphrase");
+        let pinned = register(&env, &addr, &seen[0]);
         let o = ferry()
             .args(["passphrase", "show", "--fingerprint", "--state-dir"])
             .arg(env.path("ps-state"))
             .output()
             .unwrap();
         ok(&o, "passphrase show --fingerprint");
-        let pinned: serde_json::Value =
-            serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
         assert_eq!(
             String::from_utf8(o.stdout).unwrap().trim(),
-            pinned["fingerprint"].as_str().unwrap(),
+            pinned,
             "the fingerprint shown is the certificate the agent pinned"
         );
         srv.term();
@@ -854,21 +860,8 @@ fn the_ova_boots_into_a_process_server_that_replicates_and_restores_exactly() {
     ));
 
     // Register through the forwarded port with the console's passphrase; protect a loop disk.
-    let pass_file = env.path("pass.txt");
-    fs::write(&pass_file, format!("{pass}\n")).unwrap();
-    let agent_addr = format!("127.0.0.1:{}", ports.0);
-    let o = Command::new(agent_bin())
-        .args(["register", "--server", &agent_addr, "--passphrase-file"])
-        .arg(&pass_file)
-        .arg("--state-dir")
-        .arg(env.path("agent"))
-        .output()
-        .unwrap();
-    ok(&o, "register through the appliance");
+    let pinned = register(&env, &format!("127.0.0.1:{}", ports.0), &pass);
     // The certificate the agent pinned is the one the console shows.
-    let pinned: serde_json::Value =
-        serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
-    let pinned = pinned["fingerprint"].as_str().unwrap().to_string();
     assert!(pinned.starts_with("sha256:"), "{pinned}");
     let s = serial_text();
     assert!(
