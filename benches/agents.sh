@@ -217,6 +217,7 @@ cpu_a = (int(cpu_agents) - int(cpu_start)) / tick
 cpu_d = (int(cpu_drained) - int(cpu_agents)) / tick
 rss = [s[1] for s in samples]
 cache = [s[6] for s in samples]
+acked_b = sim["write_bytes_acked"]
 # When each point was committed, in seconds after the agents were done (from the server's log).
 commits = []
 for line in open(log_path, errors="replace"):
@@ -267,6 +268,14 @@ doc = {
              "agents_phase": disk_phase(disk_start, disk_agents, agents_s),
              "drain_tail": disk_phase(disk_agents, disk_drained, drain_s)},
     "agents_phase_seconds": round(agents_s, 2),
+    # The issue-12 figures: bytes acknowledged over the writing time (acked) and over the time
+    # until the last point is committed (sustained), and the drain tail as a share of the writing.
+    "keeps_up": {
+        "acked_mb_per_s": round(acked_b / agents_s / 1e6, 1),
+        "sustained_mb_per_s": round(acked_b / (agents_s + drain_s) / 1e6, 1),
+        "sustained_over_acked": round(agents_s / (agents_s + drain_s), 3),
+        "tail_over_writing": round(drain_s / agents_s, 3),
+    },
     "drain_tail_seconds": round(drain_s, 2),
     "points_committed": int(n_points),
     "point_commits_s_after_agents": {
@@ -290,6 +299,10 @@ print(f"agents: {sim['agents_ok']}/{sim['agents']} ok, {sim['errors']['count']} 
       f"worst agent p99 {lat['per_agent_p99']['max']} ms; server VmHWM {doc['server']['vm_hwm_mib']} MiB, "
       f"CPU {doc['server']['cpu_cores_during_agents']} cores; credit pauses {paused}; "
       f"{n_points} points in +{drain_s:.1f}s; verified: {json.dumps(doc['verified_one_point'])}")
+k = doc["keeps_up"]
+print(f"keeps up: acked {k['acked_mb_per_s']} MB/s over {agents_s:.1f}s of writing, sustained "
+      f"{k['sustained_mb_per_s']} MB/s (x{k['sustained_over_acked']}), drain tail "
+      f"{drain_s:.1f}s ({k['tail_over_writing'] * 100:.1f}% of the writing)")
 print(f"written to {result}")
 EOF
 [[ $rc == 0 ]] || die "ferry-simagents reported errors (exit $rc); see $result"

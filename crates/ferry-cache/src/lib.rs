@@ -18,6 +18,12 @@
 //! - A writer always starts a new file with a fresh salt, so no record is ever sealed under the key
 //!   and nonce of one that a truncation discarded.
 //!
+//! - Memory first: records appended with [`CacheWriter::append_owned`] are also kept in memory, up
+//!   to [`MEMORY_BUDGET`] bytes, from the sync that makes them durable until the reader takes them.
+//!   The reader returns those without reading or decrypting the file (the same bytes were sealed
+//!   into it); it reads the file only for what memory did not keep (a reader behind by more than
+//!   the budget, a restart). Either way it returns exactly the durable records, in order.
+//!
 //! Must not: interpret records. It stores and returns them in order.
 
 use std::collections::VecDeque;
@@ -95,6 +101,9 @@ struct FileInfo {
 
 struct State {
     files: VecDeque<FileInfo>,
+    /// Durable records kept in memory for the reader, ascending seq, not always contiguous.
+    mem: VecDeque<MemRecord>,
+    mem_bytes: u64,
     /// Every record with seq < durable is durable.
     durable: u64,
     /// Every record with seq < consumed has been drained into the store.
@@ -102,7 +111,31 @@ struct State {
     closed: bool,
 }
 
+/// A record kept in memory ([`MEMORY_BUDGET`]): the entry, and where its bytes end in its file.
+struct MemRecord {
+    seq: u64,
+    /// First seq of the file holding it, and the offset just past it there.
+    file_first: u64,
+    end: u64,
+    bytes: u64,
+    entry: CacheEntry,
+}
+
+/// Bytes the reader reads from a file at a time (what memory did not keep).
+const READ_AHEAD: usize = 4 << 20;
+
+/// Bytes of durable records kept in memory for the reader (see the module's invariants).
+pub const MEMORY_BUDGET: u64 = 64 << 20;
+
+fn mem_cost(e: &CacheEntry) -> u64 {
+    match e {
+        CacheEntry::Write { data, .. } => data.len() as u64 + 128,
+        _ => 512,
+    }
+}
+
 struct Shared {
+    memory_budget: std::sync::atomic::AtomicU64,
     cfg: CacheConfig,
     key: MasterKey,
     state: Mutex<State>,
@@ -298,9 +331,12 @@ impl Cache {
         }
         let consumed = consumed.min(next);
         let shared = Arc::new(Shared {
+            memory_budget: std::sync::atomic::AtomicU64::new(MEMORY_BUDGET),
             cfg,
             key,
             state: Mutex::new(State {
+                mem: VecDeque::new(),
+                mem_bytes: 0,
                 files,
                 durable: next,
                 consumed,
@@ -321,6 +357,9 @@ impl Cache {
             buf: Vec::with_capacity(8 << 20),
             next_seq: next,
             file_len: 0,
+            file_first: next,
+            stash: Vec::new(),
+            stash_bytes: 0,
         };
         w.start_file()?;
         Ok(w)
@@ -336,7 +375,18 @@ impl Cache {
             buf: Vec::new(),
             buf_pos: 0,
             file_pos: 0,
+            jump: None,
+            from_memory: 0,
+            decoded: 0,
         }
+    }
+
+    /// Sets how many bytes of durable records are kept in memory for the reader (default
+    /// [`MEMORY_BUDGET`]; 0 reads everything back from the files).
+    pub fn set_memory_budget(&self, bytes: u64) {
+        self.shared
+            .memory_budget
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records that every record with seq < `seq` is safely in the store; frees their files.
@@ -401,6 +451,11 @@ pub struct CacheWriter {
     buf: Vec<u8>,
     next_seq: u64,
     file_len: u64,
+    /// First seq of the file being written.
+    file_first: u64,
+    /// Records appended since the last sync, to be kept in memory once durable.
+    stash: Vec<MemRecord>,
+    stash_bytes: u64,
 }
 
 impl CacheWriter {
@@ -437,6 +492,7 @@ impl CacheWriter {
         durable::fsync_dir(&dir).map_err(io(&dir, "sync"))?;
         self.sealer = Some(self.shared.key.cache_sealer(&salt));
         self.file_len = CACHE_HEADER_LEN as u64;
+        self.file_first = self.next_seq;
         self.file = Some((f, path.clone()));
         let mut st = self.shared.state.lock().expect("poisoned");
         st.files.push_back(FileInfo {
@@ -467,6 +523,28 @@ impl CacheWriter {
         self.next_seq += 1;
         if self.buf.len() >= 8 << 20 {
             self.write_buf()?;
+        }
+        Ok(seq)
+    }
+
+    /// [`Self::append`], taking the entry: once durable, the reader gets it from memory (within
+    /// the budget) instead of reading the file back.
+    pub fn append_owned(&mut self, e: CacheEntry) -> Result<u64, CacheError> {
+        let seq = self.append(&e)?;
+        let bytes = mem_cost(&e);
+        let budget = self
+            .shared
+            .memory_budget
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if self.stash_bytes + bytes <= budget {
+            self.stash_bytes += bytes;
+            self.stash.push(MemRecord {
+                seq,
+                file_first: self.file_first,
+                end: self.file_len + self.buf.len() as u64,
+                bytes,
+                entry: e,
+            });
         }
         Ok(seq)
     }
@@ -522,6 +600,21 @@ impl CacheWriter {
             last.len = self.file_len;
         }
         st.durable = self.next_seq;
+        // Durable now: the reader may take them from memory, as far as the budget allows (the
+        // rest it reads from the file).
+        let budget = self
+            .shared
+            .memory_budget
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.stash_bytes = 0;
+        for m in self.stash.drain(..) {
+            if st.mem_bytes + m.bytes > budget {
+                break;
+            }
+            st.mem_bytes += m.bytes;
+            st.mem.push_back(m);
+        }
+        self.stash.clear();
         self.shared.cond.notify_all();
         Ok(self.next_seq)
     }
@@ -542,6 +635,12 @@ pub struct CacheReader {
     buf_pos: usize,
     /// File offset of buf[0].
     file_pos: u64,
+    /// Where the file of this first seq is to be read from when it is opened (past records
+    /// taken from memory).
+    jump: Option<(u64, u64)>,
+    from_memory: u64,
+    /// Records decrypted from the files (skipped ones included).
+    decoded: u64,
 }
 
 /// What [`CacheReader::next`] found.
@@ -563,12 +662,16 @@ impl CacheReader {
     pub fn next_within(&mut self, timeout: Option<Duration>) -> Result<Next, CacheError> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
+            if let Some(m) = self.from_mem() {
+                return Ok(m);
+            }
             if let Some((_, path, sealer, _)) = &self.cur {
                 if self.buf_pos < self.buf.len() {
                     let at = self.file_pos + self.buf_pos as u64;
                     match decode_record(sealer, &self.buf[self.buf_pos..], at) {
                         Ok(Decoded::Record(seq, e, n)) => {
                             self.buf_pos += n;
+                            self.decoded += 1;
                             if seq < self.next_seq {
                                 continue;
                             }
@@ -626,7 +729,10 @@ impl CacheReader {
                 self.cur = Some((first, path.clone(), self.shared.key.cache_sealer(&salt), f));
                 self.buf.clear();
                 self.buf_pos = 0;
-                self.file_pos = CACHE_HEADER_LEN as u64;
+                self.file_pos = match self.jump.take() {
+                    Some((f, at)) if f == first => at,
+                    _ => CACHE_HEADER_LEN as u64,
+                };
             }
             // Drop decoded bytes, then read more of the durable part.
             self.buf.drain(..self.buf_pos);
@@ -642,7 +748,7 @@ impl CacheReader {
                     },
                 });
             }
-            let want = ((len - start) as usize).min(16 << 20);
+            let want = ((len - start) as usize).min(READ_AHEAD);
             let old = self.buf.len();
             self.buf.resize(old + want, 0);
             let f = &self.cur.as_ref().expect("set above").3;
@@ -654,6 +760,52 @@ impl CacheReader {
     /// Sequence number of the next record this reader returns.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// Records this reader took from memory rather than from the files.
+    pub fn from_memory(&self) -> u64 {
+        self.from_memory
+    }
+
+    /// Records this reader decrypted from the files, including any it passed over.
+    pub fn decoded(&self) -> u64 {
+        self.decoded
+    }
+
+    /// The next record, if memory holds it; the file position then moves past it.
+    fn from_mem(&mut self) -> Option<Next> {
+        let m = {
+            let mut st = self.shared.state.lock().expect("poisoned");
+            while st.mem.front().is_some_and(|m| m.seq < self.next_seq) {
+                let m = st.mem.pop_front().expect("front");
+                st.mem_bytes -= m.bytes;
+            }
+            if st.mem.front()?.seq != self.next_seq {
+                return None;
+            }
+            let m = st.mem.pop_front().expect("front");
+            st.mem_bytes -= m.bytes;
+            m
+        };
+        match &self.cur {
+            Some((first, ..)) if *first == m.file_first => {
+                let buffered = self.file_pos..=self.file_pos + self.buf.len() as u64;
+                if self.buf_pos as u64 + self.file_pos <= m.end && buffered.contains(&m.end) {
+                    self.buf_pos = (m.end - self.file_pos) as usize;
+                } else {
+                    self.buf.clear();
+                    self.buf_pos = 0;
+                    self.file_pos = m.end;
+                }
+            }
+            _ => {
+                self.cur = None;
+                self.jump = Some((m.file_first, m.end));
+            }
+        }
+        self.next_seq += 1;
+        self.from_memory += 1;
+        Some(Next::Record(m.seq, m.entry))
     }
 }
 

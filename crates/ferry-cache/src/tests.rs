@@ -284,3 +284,83 @@ fn every_crash_state_keeps_every_record_sync_returned() {
         }
     }
 }
+
+/// Records kept in memory come back exactly as the files hold them, interleaved with records the
+/// budget left to the files, across file rotations; nothing before its sync.
+#[test]
+fn memory_and_file_records_interleave_exactly_in_order() {
+    let d = tempfile::tempdir().unwrap();
+    let big = CacheConfig {
+        dir: d.path().to_owned(),
+        quota: 64 << 20,
+        file_size: 1 << 20,
+    };
+    let (c, _) = Cache::open(big, key()).unwrap();
+    // Room for about three records: each sync's first few stay in memory, the rest are read back.
+    c.set_memory_budget(3 * (20_000 + 128));
+    let mut w = c.writer().unwrap();
+    let mut r = c.reader();
+    let mut got = Vec::new();
+    let mut next = 0u64;
+    for round in 0..40u64 {
+        for _ in 0..(1 + round % 7) {
+            w.append_owned(write(next)).unwrap();
+            next += 1;
+        }
+        if round == 0 {
+            assert!(
+                matches!(r.next(false).unwrap(), Next::Idle),
+                "an unsynced record must not be returned"
+            );
+        }
+        w.sync().unwrap();
+        // Read part of what is durable (the reader lags and catches up by turns).
+        for _ in 0..(round % 5) {
+            match r.next(false).unwrap() {
+                Next::Record(s, e) => got.push((s, e)),
+                _ => break,
+            }
+        }
+    }
+    while let Next::Record(s, e) = r.next(false).unwrap() {
+        got.push((s, e));
+    }
+    let want: Vec<(u64, CacheEntry)> = (0..next).map(|i| (i + 1, write(i))).collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "records differ from what was appended");
+    assert!(
+        r.from_memory() > 0 && r.from_memory() < next,
+        "both paths taken: {} of {next} from memory",
+        r.from_memory()
+    );
+    // What memory gave is not decrypted from the files as well (the reader moves past it).
+    assert_eq!(
+        r.decoded(),
+        next - r.from_memory(),
+        "records decrypted from files"
+    );
+    assert!(logs(d.path()).len() > 2, "the test crosses cache files");
+    // A fresh reader (a restart) reads everything from the files.
+    let again = read_all(&c);
+    assert!(again == want);
+}
+
+/// With no memory budget, every record is read back from the files (the path after a restart).
+#[test]
+fn without_memory_everything_is_read_back() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    c.set_memory_budget(0);
+    let mut w = c.writer().unwrap();
+    for i in 0..30 {
+        w.append_owned(write(i)).unwrap();
+    }
+    w.sync().unwrap();
+    let mut r = c.reader();
+    let mut n = 0;
+    while let Next::Record(s, e) = r.next(false).unwrap() {
+        assert_eq!((s, e), (n + 1, write(n)));
+        n += 1;
+    }
+    assert_eq!((n, r.from_memory()), (30, 0));
+}

@@ -863,7 +863,20 @@ fn threads(t: Option<usize>) -> usize {
         .max(1)
 }
 
+/// glibc's allocator, tuned for moving 64 KiB records between threads (connections, the
+/// cache's committer, the drain and its workers): a few arenas instead of 8 per core, and a fixed
+/// mmap threshold, so buffers of 256 KiB and more (segments, read-ahead) go back to the system
+/// when freed instead of staying in an arena. See docs/PERFORMANCE.md ("Memory").
+fn tune_allocator() {
+    // SAFETY: mallopt only sets glibc's allocator parameters; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let mut cli = Cli::parse();
     if let Cmd::Serve(a) = cli.cmd {
         // The config file may turn on JSON logs: read it before logging starts.
@@ -1187,13 +1200,15 @@ fn replicate(a: ReplicateArgs) -> Result<(), JobError> {
 fn print_run(o: &ReplicateOptions, r: &ferry_job::RunReport, json: bool) {
     let changed: u64 = r.scans.iter().map(|s| s.1.changed_bytes).sum();
     let read: u64 = r.scans.iter().map(|s| s.1.bytes_read).sum();
+    let holes: u64 = r.scans.iter().map(|s| s.1.hole_bytes).sum();
     if json {
         let v = serde_json::json!({
             "vm": o.vm,
             "point": r.point,
             "committed": r.committed.iter().map(|c| serde_json::json!({"vm": c.vm, "point": c.point})).collect::<Vec<_>>(),
             "disks": r.scans.iter().map(|(d, s)| serde_json::json!({
-                "name": d, "bytes_read": s.bytes_read, "changed_chunks": s.changed_chunks,
+                "name": d, "bytes_read": s.bytes_read, "hole_bytes": s.hole_bytes,
+                "changed_chunks": s.changed_chunks,
                 "changed_bytes": s.changed_bytes, "zeroed_chunks": s.zeroed_chunks,
                 "blake3": s.blake3.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             })).collect::<Vec<_>>(),
@@ -1215,11 +1230,16 @@ fn print_run(o: &ReplicateOptions, r: &ferry_job::RunReport, json: bool) {
     }
     match &r.point {
         Some(p) => println!(
-            "point {} ({}) of VM {}: read {}, changed {}, stored {} in {} segment(s), {:.1}s",
+            "point {} ({}) of VM {}: read {}{}, changed {}, stored {} in {} segment(s), {:.1}s",
             p.id,
             p.kind,
             o.vm,
-            units::human(read),
+            units::human(read - holes),
+            if holes > 0 {
+                format!(" (and {} of holes, not read)", units::human(holes))
+            } else {
+                String::new()
+            },
             units::human(changed),
             units::human(r.pipeline.segment_bytes),
             r.pipeline.segments,

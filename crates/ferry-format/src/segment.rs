@@ -204,8 +204,15 @@ pub struct BlobSealer {
 impl BlobSealer {
     /// Compresses nothing: seals already-encoded `data` as blob number `blob`, returning sealed bytes.
     pub fn seal(&self, blob: u32, mut data: Vec<u8>) -> Vec<u8> {
+        // Room for exactly the tag: a full 64 KiB chunk grown by doubling would hold 128 KiB
+        // while its segment waits (and a compressed one keeps zstd's bound) — twice the
+        // process server's memory for open segments.
+        data.reserve_exact(ferry_crypto::TAG_LEN);
         self.sealer
             .seal(blob as u64 + 1, &blob_aad(&self.prefix, blob), &mut data);
+        if data.capacity() > data.len() + 1024 {
+            data.shrink_to_fit();
+        }
         data
     }
 }
@@ -241,8 +248,9 @@ impl SegmentBuilder {
             sealer: key.segment_sealer(&salt),
             prefix: header.aad(),
         });
-        let mut buf = Vec::with_capacity(1 << 20);
-        buf.resize(SEGMENT_HEADER_LEN, 0);
+        // Just the header: a process server holds one builder per disk being replicated, and
+        // the blobs arrive at [`Self::reserve`]'s size when the segment is finished.
+        let buf = vec![0u8; SEGMENT_HEADER_LEN];
         SegmentBuilder {
             header,
             path,
@@ -288,6 +296,11 @@ impl SegmentBuilder {
         };
         self.buf.extend_from_slice(sealed);
         loc
+    }
+
+    /// Makes room for `bytes` more of blobs (one allocation for a finished segment's data).
+    pub fn reserve(&mut self, bytes: usize) {
+        self.buf.reserve(bytes);
     }
 
     pub fn push_record(&mut self, r: Record) {

@@ -505,7 +505,7 @@ fn scan_all(
                         len,
                     },
                 };
-                let r = writer.append(&e).and_then(|_| {
+                let r = writer.append_owned(e).and_then(|_| {
                     if since_sync >= o.group_commit {
                         since_sync = 0;
                         writer.sync().map(|_| ())
@@ -532,7 +532,8 @@ fn scan_all(
         };
         tracing::info!(
             disk = %disk,
-            read = r.bytes_read,
+            read = r.bytes_read - r.hole_bytes,
+            holes = r.hole_bytes,
             changed_chunks = r.changed_chunks,
             "scan finished"
         );

@@ -203,7 +203,10 @@ impl<'s> Pipeline<'s> {
             .map(|_| {
                 let rx = rx.clone();
                 let level = cfg.zstd_level;
-                std::thread::spawn(move || worker(rx, level))
+                std::thread::Builder::new()
+                    .name("ferry-seal".into())
+                    .spawn(move || worker(rx, level))
+                    .expect("cannot start a pipeline worker")
             })
             .collect();
         Ok(Pipeline {
@@ -284,24 +287,25 @@ impl<'s> Pipeline<'s> {
                 stats: cstats_ref,
                 committed,
             };
-            let committer = s.spawn(move || -> Result<(), PipelineError> {
-                for (batch, through, quarantining) in rx {
-                    for ((vm, disk), seg) in batch {
-                        c.commit(&vm, &disk, seg)?;
-                    }
-                    for (vm, reason) in quarantining {
-                        if let Some(q) = &quarantine {
-                            q.add(&vm, &reason).map_err(|source| StoreError::Io {
-                                path: ferry_apply::quarantine::dir(store.root()),
-                                op: "write the quarantine record in",
-                                source,
-                            })?;
+            let committer = std::thread::Builder::new()
+                .name("ferry-commit".into())
+                .spawn_scoped(s, move || -> Result<(), PipelineError> {
+                    for (batch, through, quarantining) in rx {
+                        c.commit_batch(batch)?;
+                        for (vm, reason) in quarantining {
+                            if let Some(q) = &quarantine {
+                                q.add(&vm, &reason).map_err(|source| StoreError::Io {
+                                    path: ferry_apply::quarantine::dir(store.root()),
+                                    op: "write the quarantine record in",
+                                    source,
+                                })?;
+                            }
                         }
+                        done_ref.store(through, Ordering::Release);
                     }
-                    done_ref.store(through, Ordering::Release);
-                }
-                Ok(())
-            });
+                    Ok(())
+                })
+                .expect("cannot start the pipeline's committer");
             let mut consumed = 0u64;
             let flush = |disp: &mut Dispatch<'_>, through: u64| -> bool {
                 disp.open_bytes = 0;
@@ -621,9 +625,19 @@ struct Committer<'a, 's> {
 }
 
 impl Committer<'_, '_> {
-    /// Stores one sealed segment (split mode: the store's copy first), indexes its new chunks and
-    /// applies it.
-    fn commit(&mut self, vm: &str, disk: &str, seg: OpenSegment) -> Result<(), PipelineError> {
+    /// Stores the sealed segments of one flush, indexes their new chunks and applies them:
+    /// - every segment is finished (its blobs laid out) and, in split mode, handed to the sink, in
+    ///   order;
+    /// - all are stored durably at once, on up to [`STORE_PARALLEL`] threads: the fsyncs of
+    ///   different disks' segments overlap (one journal commit of the file system serves many),
+    ///   where one after the other they bounded the drain with many agents;
+    /// - only once every one is durable are their new chunks indexed, in one transaction (an
+    ///   index entry never names a segment that a crash could lose);
+    /// - then the applier takes them in flush order, so a disk's segments keep their order.
+    fn commit_batch(&mut self, batch: Batch) -> Result<(), PipelineError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let Committer {
             store,
             index,
@@ -632,23 +646,75 @@ impl Committer<'_, '_> {
             stats,
             committed,
         } = self;
-        let seq = seg.builder.seq();
-        let (bytes, records, new) = finish_segment(seg)?;
-        let path = LocalStore::segment_path(vm, disk, seq);
+        let store: &LocalStore = store;
+        let finished = par_map(batch, |((vm, disk), seg)| {
+            let seq = seg.builder.seq();
+            finish_segment(seg).map(|(bytes, records, new)| (vm, disk, seq, bytes, records, new))
+        });
+        let finished = finished.into_iter().collect::<Result<Vec<_>, _>>()?;
         if let Some(sink) = sink.as_mut() {
-            sink(&path, &bytes).map_err(|detail| PipelineError::Upload {
-                path: path.clone(),
-                detail,
-            })?;
+            for (vm, disk, seq, bytes, ..) in &finished {
+                let path = LocalStore::segment_path(vm, disk, *seq);
+                sink(&path, bytes).map_err(|detail| PipelineError::Upload {
+                    path: path.clone(),
+                    detail,
+                })?;
+            }
         }
-        store.put_segment(&path, &bytes)?;
-        stats.segments += 1;
-        stats.segment_bytes += bytes.len() as u64;
-        stats.sealed_bytes += new.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();
+        let refs: Vec<_> = finished.iter().collect();
+        par_map(refs, |(vm, disk, seq, bytes, ..)| {
+            store.put_segment(&LocalStore::segment_path(vm, disk, *seq), bytes)
+        })
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
+        let mut new = Vec::new();
+        for (_, _, _, bytes, _, n) in &finished {
+            stats.segments += 1;
+            stats.segment_bytes += bytes.len() as u64;
+            stats.sealed_bytes += n.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();
+            new.extend_from_slice(n);
+        }
         index.insert_many(&new)?;
-        committed.extend(applier.push_segment(vm, disk, seq, records)?);
+        for (vm, disk, seq, bytes, records, _) in finished {
+            drop(bytes);
+            committed.extend(applier.push_segment(&vm, &disk, seq, records)?);
+        }
         Ok(())
     }
+}
+
+/// Threads that store the segments of one flush at once ([`Committer::commit_batch`]).
+pub const STORE_PARALLEL: usize = 16;
+
+/// `f` over `items` on up to [`STORE_PARALLEL`] scoped threads (the calling one included), results
+/// in the items' order.
+fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let n = items.len();
+    if n <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let width = n.min(STORE_PARALLEL);
+    let mut lanes: Vec<Vec<(usize, T)>> = (0..width).map(|_| Vec::new()).collect();
+    for (i, t) in items.into_iter().enumerate() {
+        lanes[i % width].push((i, t));
+    }
+    let f = &f;
+    let mut out: Vec<(usize, R)> = std::thread::scope(|s| {
+        let mut lanes = lanes.into_iter();
+        let mine = lanes.next().expect("width >= 2");
+        let handles: Vec<_> = lanes
+            .map(|lane| {
+                s.spawn(move || lane.into_iter().map(|(i, t)| (i, f(t))).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut out: Vec<(usize, R)> = mine.into_iter().map(|(i, t)| (i, f(t))).collect();
+        for h in handles {
+            out.extend(h.join().expect("a store thread panicked"));
+        }
+        out
+    });
+    out.sort_unstable_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
 }
 
 impl PipelineStats {
@@ -689,6 +755,8 @@ fn finish_segment(
         let i = d.blob as usize;
         done[i] = Some(d);
     }
+    seg.builder
+        .reserve(done.iter().flatten().map(|d| d.sealed.len()).sum());
     let mut locs: Vec<Option<ChunkLoc>> = vec![None; done.len()];
     for d in done.into_iter().flatten() {
         let loc = seg.builder.push_blob(d.blob, &d.sealed, d.codec, d.raw_len);

@@ -54,8 +54,8 @@ pub fn run(
         };
         match msg {
             Ok(a) => {
-                for e in &a.entries {
-                    writer.append(e)?;
+                for e in a.entries {
+                    writer.append_owned(e)?;
                 }
                 buffered += a.cost;
                 pending.push((a.conn, a.seq, a.cost));

@@ -170,7 +170,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
 
 /// Least credit a connection holds: enough for this agent's records (64 KiB writes) many times
 /// over; a larger record waits until the connection's share grows.
-pub const MIN_SHARE: u64 = 1 << 20;
+pub const MIN_SHARE: u64 = 256 << 10;
 
 /// The credit one connection may hold now: an equal share of [`crate::MAX_INFLIGHT`] among the
 /// connections holding credit, between [`MIN_SHARE`] and the per-connection window. Bytes in flight
@@ -373,8 +373,10 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
             // applies (the VM is not known yet: the writer grants paced credit after the
             // Inventory).
             shared.credit_holders.fetch_add(1, Ordering::Relaxed);
+            let used = shared.cache.used_bytes();
             let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT
-                || shared.cache.used_bytes() >= shared.high_watermark
+                || used >= shared.high_watermark
+                || used >= shared.lag_limit.load(Ordering::Relaxed)
                 || shared.pacer.any();
             let grant = if busy { 0 } else { fair_share(shared) };
             if let Err(e) = w
@@ -1446,7 +1448,9 @@ async fn write_loop<S: AsyncWrite>(
                 "cache above its high watermark: pausing credit (backpressure)"
             );
         }
-        let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT;
+        // The drain behind by more than [`crate::DRAIN_LAG`]: nothing more until it catches up.
+        let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT
+            || used >= shared.lag_limit.load(Ordering::Relaxed);
         let held = granted.saturating_sub(acked.bytes);
         let mut share = fair_share(&shared);
         if vm.is_none() {

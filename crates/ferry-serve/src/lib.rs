@@ -165,6 +165,9 @@ pub(crate) struct Shared {
     /// See [`commit::GroupCommit::inflight`]; no credit is granted while it exceeds
     /// [`MAX_INFLIGHT`].
     pub inflight: Arc<AtomicU64>,
+    /// Cache bytes above which no credit is granted because the drain is behind
+    /// ([`DrainLag`]); `u64::MAX` while it is not measured or the drain is stalled.
+    pub lag_limit: Arc<AtomicU64>,
     /// VM name → the connection replicating it.
     pub vms: Mutex<std::collections::HashMap<String, conn::VmSlot>>,
     pub next_conn: AtomicU64,
@@ -222,7 +225,7 @@ fn rules(
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
 /// granted (memory budget; the committer catches up within one sync).
-pub const MAX_INFLIGHT: u64 = 256 << 20;
+pub const MAX_INFLIGHT: u64 = 128 << 20;
 
 /// The appliance's registration passphrase (created with the TLS identity on first use).
 pub fn passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
@@ -450,6 +453,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         high_watermark: o.cache_size / 10 * 8,
         low_watermark: o.cache_size / 10 * 6,
         inflight: Arc::new(AtomicU64::new(0)),
+        lag_limit: Arc::new(AtomicU64::new(u64::MAX)),
         vms: Mutex::new(Default::default()),
         next_conn: AtomicU64::new(0),
         credit_holders: AtomicU64::new(0),
@@ -487,13 +491,14 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
             retention: o.retention,
             policies: policies.clone(),
             drained: drained.clone(),
+            lag: DrainLag::new(shared.lag_limit.clone()),
             board: &board,
             held: &held,
             quarantine: &quarantine,
             events: recorder.clone(),
             shared: Arc::downgrade(&shared),
         };
-        let pipe = s.spawn(move || drain.run(stop));
+        let pipe = named(s, "ferry-drain", move || drain.run(stop));
         let group = commit::GroupCommit {
             window: Duration::from_millis(3),
             max_bytes: 16 << 20,
@@ -501,7 +506,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         };
         // A failed sync stops the whole server: nothing after it may be acknowledged, and what
         // connections hold in memory must not outlive what the cache holds.
-        let committer = s.spawn(move || {
+        let committer = named(s, "ferry-cache-sync", move || {
             let r = commit::run(writer, rx, group);
             if r.is_err() {
                 stop.store(true, Ordering::Relaxed);
@@ -866,6 +871,8 @@ struct Drain<'a> {
     policies: Arc<Mutex<policy::Policies>>,
     /// Chunk bytes the drain took from the cache (for the health's drain rate).
     drained: Arc<AtomicU64>,
+    /// Keeps what the server acknowledges within a few seconds of what the drain commits.
+    lag: DrainLag,
     board: &'a board::Board,
     held: &'a held::Held,
     quarantine: &'a Quarantines,
@@ -1055,7 +1062,7 @@ impl<'a> Drain<'a> {
     }
 
     /// Drains until the cache is closed.
-    fn run(self, stop: &AtomicBool) -> Result<(), PipelineError> {
+    fn run(mut self, stop: &AtomicBool) -> Result<(), PipelineError> {
         let r = (|| {
             let mut p = self.pipeline()?;
             let mut reader = self.cache.reader();
@@ -1072,6 +1079,7 @@ impl<'a> Drain<'a> {
                     next_metrics = Instant::now() + Duration::from_secs(1);
                     let took = metrics::pipeline(&p.stats, &mut counted);
                     self.drained.fetch_add(took, Ordering::Relaxed);
+                    self.lag.observe(took, self.cache.used_bytes());
                     // A policy change that shortens the retention checks applies now, not after
                     // the longer wait it replaced.
                     next_check = next_check.min(Instant::now() + self.check_every());
@@ -1200,6 +1208,85 @@ impl<'a> Drain<'a> {
             }
             Err(e) => {
                 tracing::error!(error = %e, "retention failed; trying again at the next check")
+            }
+        }
+    }
+}
+
+/// Spawns a scoped thread with a name (profiles and `top -H` tell the server's threads apart).
+fn named<'scope, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn_scoped(s, f)
+        .expect("cannot start a server thread")
+}
+
+/// Seconds of the drain's own rate the cache may hold before credit stops: what the server
+/// acknowledges stays this close to what it commits (the points' lag and the drain tail after
+/// the agents stop), instead of the cache filling at the ingest rate whenever ingest outruns the
+/// drain (on a small appliance they share the CPU and the disk).
+pub const DRAIN_LAG: Duration = Duration::from_secs(1);
+/// The least backlog [`DRAIN_LAG`] allows, whatever the rate: a few cache files.
+pub const DRAIN_LAG_FLOOR: u64 = 256 << 20;
+/// Seconds without any drain progress after which the drain counts as stalled (a store outage):
+/// the cache then absorbs what the agents send, up to its high watermark, as it is meant to.
+const DRAIN_STALL: u32 = 10;
+
+/// The drain's rate (an average over a few seconds) and the backlog limit it implies, published
+/// in [`Shared::lag_limit`] for the connections' credit decisions.
+struct DrainLag {
+    limit: Arc<AtomicU64>,
+    /// Bytes per second, smoothed.
+    rate: f64,
+    /// Consecutive one-second observations without progress while the cache held a backlog.
+    idle: u32,
+    lagging: bool,
+}
+
+impl DrainLag {
+    fn new(limit: Arc<AtomicU64>) -> Self {
+        DrainLag {
+            limit,
+            rate: 0.0,
+            idle: 0,
+            lagging: false,
+        }
+    }
+
+    /// One observation, about a second after the last: `took` bytes drained, `used` cache bytes.
+    fn observe(&mut self, took: u64, used: u64) {
+        if took > 0 {
+            self.idle = 0;
+            self.rate = if self.rate == 0.0 {
+                took as f64
+            } else {
+                0.7 * self.rate + 0.3 * took as f64
+            };
+        } else if used > DRAIN_LAG_FLOOR {
+            self.idle = self.idle.saturating_add(1);
+        }
+        let limit = if self.idle >= DRAIN_STALL || self.rate == 0.0 {
+            u64::MAX
+        } else {
+            ((self.rate * DRAIN_LAG.as_secs_f64()) as u64).max(DRAIN_LAG_FLOOR)
+        };
+        self.limit.store(limit, Ordering::Relaxed);
+        let lagging = used >= limit;
+        if lagging != self.lagging {
+            self.lagging = lagging;
+            if lagging {
+                tracing::info!(
+                    backlog = used,
+                    drain_rate = self.rate as u64,
+                    "the drain is behind by over {}s: holding credit back until it catches up",
+                    DRAIN_LAG.as_secs()
+                );
+            } else {
+                tracing::info!(backlog = used, "the drain caught up: granting credit again");
             }
         }
     }

@@ -198,8 +198,10 @@ impl Replica {
     pub fn reset_pending(&mut self) -> Result<(), StoreError> {
         let p = self.pending_path();
         let f = File::create(&p).map_err(io(&p, "create"))?;
+        // 64 KiB: a process server holds one per disk being replicated (1 MiB each made 200
+        // agents' replicas 200 MiB of the server's memory).
         self.pending = Some(Pending {
-            w: BufWriter::with_capacity(1 << 20, f),
+            w: BufWriter::with_capacity(64 << 10, f),
             count: 0,
             last: None,
             sorted: true,

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# An initial sync of a large sparse disk image: what `ferry replicate --once` reads, and the point's
+# digest against b3sum-equivalent hashing of the whole image (issue 12: a 1 TiB disk holding 10 GiB
+# reads ~10 GiB, not 1 TiB).
+#
+# Makes a SIZE-byte sparse file holding DATA bytes of incompressible data in 64 MiB extents spread
+# evenly over it, runs `ferry replicate --once --json` on it, and reads the process's own I/O
+# counters from the kernel (/proc/PID/io, read after the process exited and before it is reaped):
+# rchar is every byte read(2)/pread(2) returned, holes included. With VERIFY=1, `ferry restore
+# --verify` then restores the point and checks the restored bytes against the digest the point
+# records (crates/ferry-scan/tests/sparse.rs checks that digest against an independent b3sum).
+#
+# Environment: SIZE (1 TiB), DATA (10 GiB), VERIFY (0), WORKDIR (default a new dir under /var/tmp,
+# removed unless KEEP=1), CARGO_TARGET_DIR. Writes benches/results/sparse-DATE.json.
+set -euo pipefail
+
+SIZE=${SIZE:-$((1 << 40))}
+DATA=${DATA:-$((10 << 30))}
+VERIFY=${VERIFY:-0}
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+cargo build --release -p ferry-cli
+target=${CARGO_TARGET_DIR:-target}
+if [[ -n ${WORKDIR:-} ]]; then
+    mkdir -p "$WORKDIR"
+    work=$(realpath "$WORKDIR")
+else
+    work=$(mktemp -d /var/tmp/ferry-sparse.XXXXXX)
+    [[ ${KEEP:-0} == 1 ]] || trap 'rm -rf -- "$work"' EXIT
+fi
+cp "$target/release/ferry" "$work/ferry"
+(umask 077 && rm -f "$work/key" && printf '%064x\n' 7 >"$work/key")
+img=$work/sparse.img
+echo "work dir: $work; making a $SIZE-byte sparse image with $DATA bytes of data..."
+python3 - "$img" "$SIZE" "$DATA" <<'EOF'
+import os, sys
+path, size, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ext = 64 << 20
+n = max(1, data // ext)
+stride = size // n
+with open(path, "wb") as f:
+    f.truncate(size)
+    for i in range(n):
+        f.seek(i * stride + (i * 4096) % stride if stride > ext else i * ext)
+        f.write(os.urandom(min(ext, data - i * ext)))
+EOF
+echo "allocated: $(du -B1 "$img" | cut -f1) bytes"
+python3 - "$work" "$img" "$SIZE" "$DATA" "$VERIFY" "$(git describe --always --dirty 2>/dev/null || echo unknown)" <<'EOF'
+import datetime, json, os, subprocess, sys, time
+work, img, size, data, verify, rev = sys.argv[1:]
+size, data = int(size), int(data)
+def io_of(pid):
+    return {l.split(":")[0]: int(l.split(":")[1]) for l in open(f"/proc/{pid}/io")}
+t0 = time.monotonic()
+p = subprocess.Popen([f"{work}/ferry", "replicate", img, "--vm", "sparse", "--store",
+                      f"{work}/store", "--cache-dir", f"{work}/cache", "--key-file",
+                      f"{work}/key", "--once", "--json"], stdout=subprocess.PIPE,
+                     stderr=open(f"{work}/ferry.log", "w"))
+out = p.stdout.read()
+os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: /proc/PID/io stays
+io = io_of(p.pid)
+wall = time.monotonic() - t0
+ru = os.wait4(p.pid, 0)[2]
+r = json.loads(out)
+d = r["disks"][0]
+res = {"what": "benches/sparse.sh: ferry replicate --once of a sparse image", "source": rev,
+       "size": size, "data": data, "allocated": os.stat(img).st_blocks * 512,
+       "wall_seconds": round(wall, 2), "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 2),
+       "rchar": io["rchar"], "read_bytes_from_disk": io["read_bytes"],
+       "hole_bytes": d["hole_bytes"], "stored": r["stored"], "point": r["point"],
+       "blake3": d["blake3"]}
+if verify == "1":
+    v = subprocess.run([f"{work}/ferry", "restore", "--store", f"{work}/store", "--key-file",
+                        f"{work}/key", "--vm", "sparse", "--point", "latest", "--out",
+                        f"{work}/restored.img", "--verify"], capture_output=True, text=True)
+    res["restore_verified"] = v.returncode == 0
+    if v.returncode != 0:
+        print(v.stderr, file=sys.stderr)
+    os.remove(f"{work}/restored.img") if os.path.exists(f"{work}/restored.img") else None
+os.makedirs("benches/results", exist_ok=True)
+path = "benches/results/sparse-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ") + ".json"
+json.dump(res, open(path, "w"), indent=2)
+print(f"sparse: {size / 2**30:.0f} GiB image holding {data / 2**30:.1f} GiB: read {io['rchar'] / 2**30:.2f} GiB "
+      f"({io['rchar'] / data:.3f}x the data), {d['hole_bytes'] / 2**30:.1f} GiB of holes not read; "
+      f"{wall:.1f} s wall, {res['cpu_seconds']} CPU-s; verified: {res.get('restore_verified')}")
+print(f"written to {path}")
+EOF
