@@ -125,7 +125,7 @@ struct MemRecord {
 const READ_AHEAD: usize = 4 << 20;
 
 /// Bytes of durable records kept in memory for the reader (see the module's invariants).
-pub const MEMORY_BUDGET: u64 = 64 << 20;
+pub const MEMORY_BUDGET: u64 = 32 << 20;
 
 fn mem_cost(e: &CacheEntry) -> u64 {
     match e {

@@ -870,7 +870,7 @@ fn threads(t: Option<usize>) -> usize {
 fn tune_allocator() {
     // SAFETY: mallopt only sets glibc's allocator parameters; called before any other thread.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 4);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
 }

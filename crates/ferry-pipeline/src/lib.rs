@@ -275,7 +275,7 @@ impl<'s> Pipeline<'s> {
         let store = disp.store;
         let done = AtomicU64::new(0);
         let mut cstats = PipelineStats::default();
-        let (tx, rx) = bounded::<(Batch, u64, Vec<(String, String)>)>(2);
+        let (tx, rx) = bounded::<(Batch, u64, Vec<(String, String)>)>(1);
         let quarantine = disp.cfg.quarantine.clone();
         let r = std::thread::scope(|s| {
             let (done_ref, cstats_ref) = (&done, &mut cstats);

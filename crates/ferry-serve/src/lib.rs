@@ -225,7 +225,7 @@ fn rules(
 
 /// Record bytes received but not yet durable, across all connections, above which no credit is
 /// granted (memory budget; the committer catches up within one sync).
-pub const MAX_INFLIGHT: u64 = 128 << 20;
+pub const MAX_INFLIGHT: u64 = 96 << 20;
 
 /// The appliance's registration passphrase (created with the TLS identity on first use).
 pub fn passphrase(state_dir: &Path) -> Result<Passphrase, ServeError> {
