@@ -24,7 +24,8 @@
 # credit allows), ZERO_EVERY (every Nth record a Zero record, 0 = none), CACHE_SIZE (ferry serve
 # --cache-size, 8GiB; credit pauses above 80% of it), THREADS (ferry serve --threads; default all
 # cores), CLIENT_THREADS (ferry-simagents runtime threads; default all cores), VERIFY (1),
-# DRAIN_TIMEOUT (seconds to wait for the points, 900), WORKDIR (default a new mktemp dir under
+# DRAIN_TIMEOUT (seconds to wait for the points, 900), SERVE_CPUS (a taskset CPU list for
+# `ferry serve` only, e.g. 0; the simulated agents stay unpinned), WORKDIR (default a new mktemp dir under
 # /var/tmp, removed at the end unless KEEP=1; a given WORKDIR is never removed), FERRY_BIN (a `ferry`
 # binary to measure instead of building ferry-cli from this tree), CARGO_TARGET_DIR.
 set -euo pipefail
@@ -92,7 +93,9 @@ client_threads_arg=()
 [[ -z $CLIENT_THREADS ]] || client_threads_arg=(--threads "$CLIENT_THREADS")
 
 echo "work dir: $work; kernel $(uname -r), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-NO_COLOR=1 "$ferry" serve --listen "127.0.0.1:$port" --store "$store" --key-file "$work/key" \
+pin=()
+[[ -z ${SERVE_CPUS:-} ]] || pin=(taskset -c "$SERVE_CPUS")
+NO_COLOR=1 "${pin[@]}" "$ferry" serve --listen "127.0.0.1:$port" --store "$store" --key-file "$work/key" \
     --cache-dir "$cache" --state-dir "$state" --cache-size "$CACHE_SIZE" "${threads_arg[@]}" \
     >"$work/serve.log" 2>&1 &
 serve_pid=$!

@@ -17,7 +17,8 @@
 # for the initial copy, / the image size).
 #
 # Part 2, `ferry serve` with AGENTS simulated agents (benches/agents.sh, SERVE_SECONDS of writing),
-# pinned to one core and then to all: acked MB/s, sustained MB/s (acked bytes / time until the last
+# the server pinned to one core and then to all (the simulated agents unpinned, on whatever core is
+# free: on a 2-core machine they share the cores with the 2-core server, not with the 1-core one): acked MB/s, sustained MB/s (acked bytes / time until the last
 # point is committed), drain tail, VmHWM. With SERVE=0 it is skipped.
 #
 # Environment: ROUNDS (3), SIZE (image bytes, 2 GiB), FRACTION (0.05), AGENTS (200),
@@ -113,7 +114,7 @@ print(json.dumps({"tool": tool, "phase": phase, "round": int(rnd), "wall_seconds
                   "stored_per_changed_byte": round(growth / int(changed), 4),
                   "loadavg_1m_before": float(load)}))
 EOF
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(f"  round {r[\"round\"]} {r[\"tool\"]:<9} {r[\"phase\"]:<12} {r[\"wall_seconds\"]:7.2f} s {r[\"mb_per_s\"]:8.1f} MB/s {r[\"cpu_seconds\"]:7.2f} CPU-s  stored/changed {r[\"stored_per_changed_byte\"]}")' "$(tail -n1 "$runs")"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("  round {round} {tool:<9} {phase:<12} {wall_seconds:7.2f} s {mb_per_s:8.1f} MB/s {cpu_seconds:7.2f} CPU-s  stored/changed {stored_per_changed_byte}".format(**r))' "$(tail -n1 "$runs")"
 }
 
 tools=(ferry-1c ferry restic zstd-enc)
@@ -130,8 +131,8 @@ serve_json=()
 if [[ $SERVE == 1 ]]; then
     for cores in 0 "$allcores"; do
         echo "ferry serve, $AGENTS agents, pinned to CPUs $cores..."
-        FERRY_BIN=$ferry AGENTS=$AGENTS DURATION=$SERVE_SECONDS VERIFY=0 \
-            taskset -c "$cores" bash benches/agents.sh >"$work/agents-$cores.log" 2>&1 ||
+        FERRY_BIN=$ferry AGENTS=$AGENTS DURATION=$SERVE_SECONDS VERIFY=0 SERVE_CPUS=$cores \
+            bash benches/agents.sh >"$work/agents-$cores.log" 2>&1 ||
             { tail -n 20 "$work/agents-$cores.log" >&2; die "benches/agents.sh failed"; }
         grep -E "^(agents|keeps up):" "$work/agents-$cores.log" | sed 's/^/  /'
         serve_json+=("$cores=$(sed -n 's/^written to //p' "$work/agents-$cores.log")")

@@ -5,11 +5,16 @@
 # RATE (default 50m) into the filesystem; N cuts (default 40, alternating crash/app, one every
 # GAP seconds); the window (first FIFREEZE → last FITHAW) of each from `ferry-agent cut --json`;
 # agent CPU (utime+stime from /proc) divided by the data bytes it shipped (`ferry-agent status`).
-# Root only. Results: benches/results/cut-window-DATE.json.
+# The window's two parts are recorded when the agent reports them: inside FIFREEZE (the kernel
+# flushing) and held (the agent reading the last writes and making the tag while frozen).
+# AGENT_DIR: a directory with another ferry-agent and ferry-thaw-watchdog to measure (e.g. an
+# older build, for a before/after in one session). Root only. Results:
+# benches/results/cut-window-DATE.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-40} GAP=${GAP:-1} RATE=${RATE:-50m} SIZE=${SIZE:-1G}
 T=${CARGO_TARGET_DIR:-target}/release
+A=${AGENT_DIR:-$T}
 cargo build --release -q -p ferry-cli -p ferry-agent -p ferry-freeze
 W=$(mktemp -d /var/tmp/ferry-cutwin.XXXXXX)
 DEV="" SERVE="" AGENT="" FIO=""
@@ -32,30 +37,30 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 SERVE=$!
 for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
 "$T/ferry" passphrase show --state-dir "$W/ps" > "$W/pass"
-"$T/ferry-agent" register --server 127.0.0.1:$PORT --passphrase-file "$W/pass" --state-dir "$W/as" >/dev/null
-"$T/ferry-agent" --server 127.0.0.1:$PORT --disk "$DEV" --vm bench --state-dir "$W/as" \
+"$A/ferry-agent" register --server 127.0.0.1:$PORT --passphrase-file "$W/pass" --state-dir "$W/as" >/dev/null
+"$A/ferry-agent" --server 127.0.0.1:$PORT --disk "$DEV" --vm bench --state-dir "$W/as" \
     --crash-interval 1h --app-interval off 2>"$W/agent.log" &
 AGENT=$!
 for _ in $(seq 300); do [ -S "$W/as/agent.sock" ] && break; sleep 0.1; done
 # Initial sync done before measuring: a first cut.
-"$T/ferry-agent" cut --state-dir "$W/as" --json > /dev/null
+"$A/ferry-agent" cut --state-dir "$W/as" --json > /dev/null
 fio --name=w --directory="$W/mnt" --rw=randwrite --bs=64k --size=512M --rate="$RATE" \
     --time_based --runtime=3600 --ioengine=psync --fsync=32 >/dev/null 2>&1 &
 FIO=$!
 sleep 2
 cpu0=$(awk '{print $14+$15}' /proc/$AGENT/stat)
-bytes0=$("$T/ferry-agent" status --state-dir "$W/as" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_bytes_sent"])')
+bytes0=$("$A/ferry-agent" status --state-dir "$W/as" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_bytes_sent"])')
 : > "$W/cuts.jsonl"
 fails=0
 for i in $(seq "$N"); do
     app=""; [ $((i % 2)) -eq 0 ] && app="--app"
-    if ! "$T/ferry-agent" cut $app --state-dir "$W/as" --json >> "$W/cuts.jsonl" 2>>"$W/cut-errors.log"; then
+    if ! "$A/ferry-agent" cut $app --state-dir "$W/as" --json >> "$W/cuts.jsonl" 2>>"$W/cut-errors.log"; then
         fails=$((fails + 1))
     fi
     sleep "$GAP"
 done
 cpu1=$(awk '{print $14+$15}' /proc/$AGENT/stat)
-bytes1=$("$T/ferry-agent" status --state-dir "$W/as" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_bytes_sent"])')
+bytes1=$("$A/ferry-agent" status --state-dir "$W/as" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_bytes_sent"])')
 kill "$FIO"; wait "$FIO" 2>/dev/null || true; FIO=""
 TICK=$(getconf CLK_TCK)
 OUT=benches/results/cut-window-$(date -u +%Y-%m-%dT%H%M%SZ).json
@@ -64,14 +69,18 @@ import json, sys, statistics, platform
 path, c0, c1, b0, b1, tick, fails, rate = sys.argv[1:]
 cuts = [json.loads(l) for l in open(path) if l.strip()]
 w = sorted(c["freeze_ms"] for c in cuts if c.get("freeze_ms") is not None)
-def pct(p):
+def pct(p, w=w):
     return w[min(len(w) - 1, int(round(p / 100 * (len(w) - 1))))] if w else None
+def part(k):
+    v = sorted(c[k] for c in cuts if c.get(k) is not None)
+    return {"p50": pct(50, v), "p99": pct(99, v)} if v else None
 cpu = (int(c1) - int(c0)) / int(tick)
 gb = (int(b1) - int(b0)) / 1e9
 print(json.dumps({
     "kernel": platform.release(), "write_rate": rate, "cuts": len(cuts), "failed_cuts": int(fails),
     "app_points": sum(1 for c in cuts if c["kind"] == "app"),
     "freeze_window_ms": {"p50": pct(50), "p99": pct(99), "max": w[-1] if w else None, "all": w},
+    "in_fifreeze_ms": part("freeze_kernel_ms"), "held_ms": part("freeze_held_ms"),
     "agent_cpu_s": cpu, "shipped_gb": gb, "agent_cpu_s_per_gb": cpu / gb if gb else None,
 }, indent=1))
 PY

@@ -39,6 +39,12 @@ pub struct CutReply {
     pub note: Option<String>,
     /// How long writers were blocked (first FIFREEZE to last FITHAW), if anything was frozen.
     pub freeze_ms: Option<f64>,
+    /// Of that window: the time inside FIFREEZE (the kernel flushing each filesystem) ...
+    #[serde(default)]
+    pub freeze_kernel_ms: Option<f64>,
+    /// ... and the time the cut held the filesystems frozen (reading the last writes, the tag).
+    #[serde(default)]
+    pub freeze_held_ms: Option<f64>,
     pub time_ns: u64,
 }
 

@@ -1650,6 +1650,8 @@ impl Engine<'_> {
             point: None,
             note: (!notes.is_empty()).then(|| notes.join("; ")),
             freeze_ms: freeze.map(|f| f.window.as_secs_f64() * 1e3),
+            freeze_kernel_ms: freeze.map(|f| f.freeze_took.as_secs_f64() * 1e3),
+            freeze_held_ms: freeze.map(|f| f.held.as_secs_f64() * 1e3),
             time_ns: tag.time_ns,
         };
         // What this run commits, durably, before its tag can be acknowledged.

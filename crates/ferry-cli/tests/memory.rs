@@ -50,8 +50,12 @@ fn two_hundred_agents_flat_out_stay_under_512_mib() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["agents_ok"], AGENTS, "{report}");
     let acked = report["write_bytes_acked"].as_u64().unwrap();
-    // Enough went through for the buffers to fill: at least 5 MiB per agent.
-    assert!(acked >= u64::from(AGENTS) * (5 << 20), "only {acked} bytes acknowledged");
+    // Data went through (not a rate: the server paces agents to its drain): at least 1 MiB per
+    // agent, a few times the credit each one holds.
+    assert!(
+        acked >= u64::from(AGENTS) << 20,
+        "only {acked} bytes acknowledged"
+    );
     // Every agent's point, committed by the drain.
     serve.wait_log("every point committed", Duration::from_secs(120), |_| {
         let log = std::fs::read_to_string(env.path("serve.log")).unwrap_or_default();

@@ -668,15 +668,17 @@ impl Committer<'_, '_> {
         .into_iter()
         .collect::<Result<Vec<()>, _>>()?;
         let mut new = Vec::new();
-        for (_, _, _, bytes, _, n) in &finished {
+        let mut applying = Vec::with_capacity(finished.len());
+        // The segments' bytes are stored: freed here, not held through the index and the apply.
+        for (vm, disk, seq, bytes, records, n) in finished {
             stats.segments += 1;
             stats.segment_bytes += bytes.len() as u64;
             stats.sealed_bytes += n.iter().map(|(_, l)| l.sealed_len as u64).sum::<u64>();
-            new.extend_from_slice(n);
+            new.extend(n);
+            applying.push((vm, disk, seq, records));
         }
         index.insert_many(&new)?;
-        for (vm, disk, seq, bytes, records, _) in finished {
-            drop(bytes);
+        for (vm, disk, seq, records) in applying {
             committed.extend(applier.push_segment(&vm, &disk, seq, records)?);
         }
         Ok(())

@@ -122,7 +122,20 @@ impl Source {
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(self.size),
+            // Only a hole to the end, or the file shrank under the scan: reading tells which
+            // (a shorter file fails the read, as without holes; zeros are never made up).
+            Some(libc::ENXIO) => {
+                let now = self
+                    .file
+                    .metadata()
+                    .map_err(|source| ScanError::Io {
+                        path: self.path.clone(),
+                        op: "stat",
+                        source,
+                    })?
+                    .len();
+                Ok(if now < self.size { offset } else { self.size })
+            }
             Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(offset),
             _ => Err(ScanError::Io {
                 path: self.path.clone(),
@@ -199,8 +212,6 @@ pub fn scan(
     std::thread::scope(|s| -> Result<(), ScanError> {
         // Reader.
         let reader = s.spawn(move || -> Result<(), ScanError> {
-            // Where the next data starts (SEEK_DATA), found again once the scan passes it.
-            let mut data_at = 0u64;
             for b in 0..blocks {
                 if stop.load(Ordering::Relaxed) {
                     return Err(ScanError::Stopped {
@@ -209,9 +220,9 @@ pub fn scan(
                 }
                 let off = b * BLOCK_SIZE as u64;
                 let len = (src.size - off).min(BLOCK_SIZE as u64) as usize;
-                if data_at < off {
-                    data_at = src.next_data(off)?;
-                }
+                // Asked for each block (one lseek per 4 MiB): data written into a hole while the
+                // scan runs is read when the scan gets there, as a plain read would.
+                let data_at = src.next_data(off)?;
                 let buf = if data_at >= off + len as u64 {
                     // Wholly in a hole: zeros, not read.
                     Buf {

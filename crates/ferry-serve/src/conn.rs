@@ -376,7 +376,7 @@ async fn handshake<R: AsyncRead + Unpin, S: AsyncWrite>(
             let used = shared.cache.used_bytes();
             let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT
                 || used >= shared.high_watermark
-                || used >= shared.lag_limit.load(Ordering::Relaxed)
+                || used >= shared.lag_limit.current()
                 || shared.pacer.any();
             let grant = if busy { 0 } else { fair_share(shared) };
             if let Err(e) = w
@@ -1450,7 +1450,7 @@ async fn write_loop<S: AsyncWrite>(
         }
         // The drain behind by more than [`crate::DRAIN_LAG`]: nothing more until it catches up.
         let busy = shared.inflight.load(Ordering::Relaxed) > crate::MAX_INFLIGHT
-            || used >= shared.lag_limit.load(Ordering::Relaxed);
+            || used >= shared.lag_limit.current();
         let held = granted.saturating_sub(acked.bytes);
         let mut share = fair_share(&shared);
         if vm.is_none() {

@@ -167,7 +167,7 @@ pub(crate) struct Shared {
     pub inflight: Arc<AtomicU64>,
     /// Cache bytes above which no credit is granted because the drain is behind
     /// ([`DrainLag`]); `u64::MAX` while it is not measured or the drain is stalled.
-    pub lag_limit: Arc<AtomicU64>,
+    pub lag_limit: Arc<LagLimit>,
     /// VM name → the connection replicating it.
     pub vms: Mutex<std::collections::HashMap<String, conn::VmSlot>>,
     pub next_conn: AtomicU64,
@@ -453,7 +453,7 @@ pub fn serve(o: &ServeOptions, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         high_watermark: o.cache_size / 10 * 8,
         low_watermark: o.cache_size / 10 * 6,
         inflight: Arc::new(AtomicU64::new(0)),
-        lag_limit: Arc::new(AtomicU64::new(u64::MAX)),
+        lag_limit: Arc::new(LagLimit::default()),
         vms: Mutex::new(Default::default()),
         next_conn: AtomicU64::new(0),
         credit_holders: AtomicU64::new(0),
@@ -1232,49 +1232,98 @@ fn named<'scope, T: Send + 'scope>(
 pub const DRAIN_LAG: Duration = Duration::from_secs(1);
 /// The least backlog [`DRAIN_LAG`] allows, whatever the rate: a few cache files.
 pub const DRAIN_LAG_FLOOR: u64 = 256 << 20;
-/// Seconds without any drain progress after which the drain counts as stalled (a store outage):
-/// the cache then absorbs what the agents send, up to its high watermark, as it is meant to.
-const DRAIN_STALL: u32 = 10;
+/// Seconds without any drain progress (or without the drain renewing its limit at all) after which
+/// the drain counts as stalled (a store outage): the cache then absorbs what the agents send, up
+/// to its high watermark, as it is meant to.
+pub const DRAIN_STALL: u32 = 10;
+
+/// The cache backlog above which credit stops because the drain is behind ([`DrainLag`]), with
+/// when the drain last set it: a limit the drain has not renewed for [`DRAIN_STALL`] seconds
+/// (the drain blocked in a slow or failing store, a long prune) no longer applies, so the cache
+/// absorbs what the agents send, up to its high watermark.
+pub struct LagLimit {
+    limit: AtomicU64,
+    set_at: std::sync::Mutex<Instant>,
+}
+
+impl Default for LagLimit {
+    fn default() -> Self {
+        LagLimit {
+            limit: AtomicU64::new(u64::MAX),
+            set_at: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl LagLimit {
+    fn set(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+        *self.set_at.lock().expect("lag limit lock") = Instant::now();
+    }
+
+    /// The limit in effect: `u64::MAX` when none, or when the drain has not renewed it lately.
+    pub fn current(&self) -> u64 {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit == u64::MAX
+            || self
+                .set_at
+                .lock()
+                .expect("lag limit lock")
+                .elapsed()
+                .as_secs()
+                >= u64::from(DRAIN_STALL)
+        {
+            return u64::MAX;
+        }
+        limit
+    }
+}
 
 /// The drain's rate (an average over a few seconds) and the backlog limit it implies, published
 /// in [`Shared::lag_limit`] for the connections' credit decisions.
 struct DrainLag {
-    limit: Arc<AtomicU64>,
+    limit: Arc<LagLimit>,
     /// Bytes per second, smoothed.
     rate: f64,
-    /// Consecutive one-second observations without progress while the cache held a backlog.
+    /// Consecutive observations without progress while the cache held a backlog.
     idle: u32,
     lagging: bool,
+    last: Instant,
 }
 
 impl DrainLag {
-    fn new(limit: Arc<AtomicU64>) -> Self {
+    fn new(limit: Arc<LagLimit>) -> Self {
         DrainLag {
             limit,
             rate: 0.0,
             idle: 0,
             lagging: false,
+            last: Instant::now(),
         }
     }
 
-    /// One observation, about a second after the last: `took` bytes drained, `used` cache bytes.
+    /// One observation, about a second after the last: `took` bytes drained since, `used` cache
+    /// bytes now.
     fn observe(&mut self, took: u64, used: u64) {
+        let secs = self.last.elapsed().as_secs_f64().max(0.05);
+        self.last = Instant::now();
+        let rate = took as f64 / secs;
         if took > 0 {
             self.idle = 0;
             self.rate = if self.rate == 0.0 {
-                took as f64
+                rate
             } else {
-                0.7 * self.rate + 0.3 * took as f64
+                0.7 * self.rate + 0.3 * rate
             };
         } else if used > DRAIN_LAG_FLOOR {
-            self.idle = self.idle.saturating_add(1);
+            self.idle = self.idle.saturating_add(secs.round().max(1.0) as u32);
         }
         let limit = if self.idle >= DRAIN_STALL || self.rate == 0.0 {
             u64::MAX
         } else {
             ((self.rate * DRAIN_LAG.as_secs_f64()) as u64).max(DRAIN_LAG_FLOOR)
         };
-        self.limit.store(limit, Ordering::Relaxed);
+        self.limit.set(limit);
         let lagging = used >= limit;
         if lagging != self.lagging {
             self.lagging = lagging;
@@ -1382,5 +1431,62 @@ mod first_start {
             let p: ferry_wire::Passphrase = got[0].parse().unwrap();
             assert_eq!(p.fingerprint, id.fingerprint());
         }
+    }
+}
+
+#[cfg(test)]
+mod drain_lag {
+    use super::*;
+
+    /// The drain's limit follows its rate, lifts when the drain makes no progress, and lifts
+    /// when the drain stops renewing it (blocked in a slow store): credit never waits on a
+    /// drain that cannot move.
+    #[test]
+    fn the_lag_limit_follows_the_drain_and_lifts_when_it_stalls() {
+        let limit = Arc::new(LagLimit::default());
+        assert_eq!(
+            limit.current(),
+            u64::MAX,
+            "no limit before the drain measured anything"
+        );
+        let mut lag = DrainLag::new(limit.clone());
+        lag.last = Instant::now() - Duration::from_secs(1);
+        lag.observe(2 << 30, 4 << 30);
+        let l = limit.current();
+        assert!(
+            (DRAIN_LAG_FLOOR..u64::MAX).contains(&l),
+            "a finite limit from the drain's rate: {l}"
+        );
+        assert!(
+            l >= (1 << 30) && l <= (3 << 30),
+            "about DRAIN_LAG ({DRAIN_LAG:?}) of 2 GiB/s: {l}"
+        );
+        // No progress with a backlog, second after second: stalled after DRAIN_STALL.
+        for i in 0..DRAIN_STALL {
+            assert_ne!(
+                limit.current(),
+                u64::MAX,
+                "still limited after {i} idle seconds"
+            );
+            lag.last = Instant::now() - Duration::from_secs(1);
+            lag.observe(0, 4 << 30);
+        }
+        assert_eq!(
+            limit.current(),
+            u64::MAX,
+            "a stalled drain does not hold credit"
+        );
+        // Progress again: limited again.
+        lag.last = Instant::now() - Duration::from_secs(1);
+        lag.observe(1 << 30, 4 << 30);
+        assert_ne!(limit.current(), u64::MAX);
+        // The drain blocked (no observation at all) for DRAIN_STALL seconds: lifted.
+        *limit.set_at.lock().unwrap() =
+            Instant::now() - Duration::from_secs(u64::from(DRAIN_STALL) + 1);
+        assert_eq!(
+            limit.current(),
+            u64::MAX,
+            "a limit the drain stopped renewing"
+        );
     }
 }
