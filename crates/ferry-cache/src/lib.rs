@@ -662,7 +662,7 @@ impl CacheReader {
     pub fn next_within(&mut self, timeout: Option<Duration>) -> Result<Next, CacheError> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            if let Some(m) = self.from_mem() {
+            if let Some(m) = self.take_from_memory() {
                 return Ok(m);
             }
             if let Some((_, path, sealer, _)) = &self.cur {
@@ -773,7 +773,7 @@ impl CacheReader {
     }
 
     /// The next record, if memory holds it; the file position then moves past it.
-    fn from_mem(&mut self) -> Option<Next> {
+    fn take_from_memory(&mut self) -> Option<Next> {
         let m = {
             let mut st = self.shared.state.lock().expect("poisoned");
             while st.mem.front().is_some_and(|m| m.seq < self.next_seq) {

@@ -168,8 +168,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
     shared.credit_holders.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Least credit a connection holds: enough for this agent's records (64 KiB writes) many times
-/// over; a larger record waits until the connection's share grows.
+/// Least credit a connection holds: four of ferry-agent's records (64 KiB writes), so 1,000
+/// agents hold at most 256 MiB; a larger record (the wire allows 4 MiB) waits until the
+/// connection's share grows (fewer connections holding credit).
 pub const MIN_SHARE: u64 = 256 << 10;
 
 /// The credit one connection may hold now: an equal share of [`crate::MAX_INFLIGHT`] among the

@@ -10,11 +10,12 @@
 //! - **Acked means durable.** An `Ack{seq}` is sent only after the committer's `fdatasync` covered
 //!   every record of that connection up to `seq`. A failed sync stops the server; nothing after it
 //!   is acked.
-//! - **Bounded.** Credit comes from one pool (`MAX_INFLIGHT`, 256 MiB): each connection holds an
-//!   equal share of it (between 1 MiB and its 32 MiB window), topped up only as its records become
-//!   durable, and not at all while the cache is above its high watermark (until it drains below
-//!   the low watermark): the bytes in flight stay near the pool whatever the number of agents, and
-//!   a full cache pauses agents, it never drops data.
+//! - **Bounded.** Credit comes from one pool (`MAX_INFLIGHT`, 96 MiB): each connection holds an
+//!   equal share of it (between 256 KiB and its 32 MiB window), topped up only as its records
+//!   become durable, and not at all while the cache is above its high watermark (until it drains
+//!   below the low watermark) or holds more than [`DRAIN_LAG`] of the drain's rate: the bytes in
+//!   flight stay near the pool whatever the number of agents, acknowledged data stays within
+//!   about a second of its points, and a full cache pauses agents, it never drops data.
 //! - **One bad peer hurts only itself.** Any malformed frame, bad version, wrong passphrase or
 //!   credential, or protocol violation gets `Refused` (when the stream still allows it), a warning
 //!   in the log, and the connection closed; the listener keeps serving everyone else.
@@ -1458,7 +1459,7 @@ mod drain_lag {
             "a finite limit from the drain's rate: {l}"
         );
         assert!(
-            l >= (1 << 30) && l <= (3 << 30),
+            ((1 << 30)..=(3 << 30)).contains(&l),
             "about DRAIN_LAG ({DRAIN_LAG:?}) of 2 GiB/s: {l}"
         );
         // No progress with a backlog, second after second: stalled after DRAIN_STALL.
