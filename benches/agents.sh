@@ -41,6 +41,9 @@ THREADS=${THREADS:-}
 CLIENT_THREADS=${CLIENT_THREADS:-}
 VERIFY=${VERIFY:-1}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-900}
+# ferry serve's least credit per connection is 256 KiB (MIN_SHARE): a larger record can wait
+# forever once many connections hold credit.
+((WRITE_SIZE <= 192 << 10)) || echo "agents.sh: warning: WRITE_SIZE $WRITE_SIZE is above 192 KiB; with many agents a record can exceed a connection's credit share (256 KiB) and wait" >&2
 
 die() { echo "agents.sh: $*" >&2; exit 1; }
 command -v python3 >/dev/null || die "python3 not found"
@@ -247,9 +250,14 @@ def disk_phase(a, b, secs):
     (sa, ta), (sb, tb) = map(int, a.split()), map(int, b.split())
     return {"write_mb_per_s": round((sb - sa) * 512 / secs / 1e6, 1) if secs > 0 else None,
             "busy_share": round((tb - ta) / 1e3 / secs, 2) if secs > 0 else None}
+import hashlib
+binary = os.path.join(os.path.dirname(log_path), "ferry")
 doc = {
     "what": "ferry serve on loopback with N simulated agents (ferry-simagents); benches/agents.sh",
     "source": rev,
+    # What ran: FERRY_BIN's path (else this tree's build) and the binary's sha256.
+    "ferry_binary": {"path": os.environ.get("FERRY_BIN") or "built from this tree",
+                     "sha256": hashlib.sha256(open(binary, "rb").read()).hexdigest()},
     "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "kernel": platform.release(),
              "loadavg_1m_before": float(load)},
     "server": {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use ferry_fuzz::take_chunk;
-use ferry_wire::{header_checksum, FrameReader, HEADER_LEN, MAGIC, WIRE_VERSION};
+use ferry_wire::{header_checksum, write_digest, FrameReader, HEADER_LEN, MAGIC, WIRE_VERSION};
 use libfuzzer_sys::fuzz_target;
 
 /// Reads frames until the stream ends or an error stops it. Every message read must re-encode to
@@ -37,6 +37,12 @@ fn read_all(data: &[u8]) {
 }
 
 /// A frame header with a valid checksum around `payload` (type and flags from the input).
+/// The offset field of Write fields (seq `u64`, disk name `u16`-length-prefixed, offset `u64`).
+fn offset_of(fields: &[u8]) -> Option<u64> {
+    let n = u16::from_le_bytes(fields.get(8..10)?.try_into().ok()?) as usize;
+    Some(u64::from_le_bytes(fields.get(10 + n..18 + n)?.try_into().ok()?))
+}
+
 fn frame(ty: u8, flags: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(HEADER_LEN + payload.len());
     f.extend_from_slice(&MAGIC);
@@ -78,12 +84,20 @@ fuzz_target!(|data: &[u8]| {
         let types = [17u8, 20, 16, 6, 8, 35];
         let f = frame(types[pick as usize % types.len()], 0, payload);
         read_all(&f);
-        // And a Write whose digest matches, whatever its data: the fields before it are fuzzed.
+        // And a Write whose digest matches, whatever its data (the plain blake3: the digest for
+        // any offset that is not chunk-aligned): the fields before it are fuzzed.
         let split = (pick as usize).min(payload.len());
         let (fields, body) = payload.split_at(split);
         let mut p = fields.to_vec();
         p.extend_from_slice(blake3::hash(body).as_bytes());
         p.extend_from_slice(body);
         read_all(&frame(17, 0, &p));
+        // And with the digest the fuzzed offset calls for (a chunk-aligned one: its chunk's CV).
+        if let Some(offset) = offset_of(fields) {
+            let mut p = fields.to_vec();
+            p.extend_from_slice(&write_digest(offset, body));
+            p.extend_from_slice(body);
+            read_all(&frame(17, 0, &p));
+        }
     }
 });

@@ -16,6 +16,9 @@ use blake3::hazmat::{
 /// Bytes per chunk.
 pub const CHUNK: u64 = 64 * 1024;
 
+// A chunk's CV is its wire digest (`ferry_wire::write_digest`): the same chunk size.
+const _: () = assert!(CHUNK == ferry_wire::DIGEST_CHUNK);
+
 /// A chunk's chaining value.
 pub type Cv = ChainingValue;
 
@@ -77,6 +80,24 @@ mod tests {
             assert_eq!(
                 root(size, &|i| if i == 1 { UNKNOWN } else { cvs[i as usize] }),
                 None
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunk_cv_is_its_wire_digest() {
+        // The agent sends a changed chunk with the CV it compared (ship.rs, `Rec::Write::cv`):
+        // the process server recomputes it with `write_digest`, so the two must agree, for a
+        // whole chunk and for a disk's shorter last one.
+        let full: Vec<u8> = (0..CHUNK as usize).map(|i| (i % 251) as u8).collect();
+        for i in [0u64, 1, 7, 1 << 20] {
+            assert_eq!(
+                chunk_cv(i, &full),
+                ferry_wire::write_digest(i * CHUNK, &full)
+            );
+            assert_eq!(
+                chunk_cv(i, &full[..1000]),
+                ferry_wire::write_digest(i * CHUNK, &full[..1000])
             );
         }
     }

@@ -1466,6 +1466,7 @@ impl Engine<'_> {
                     disk: i,
                     offset,
                     data: data.to_vec(),
+                    cv,
                 });
             }
             Ok(())

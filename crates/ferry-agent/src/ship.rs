@@ -145,10 +145,13 @@ pub enum Rec {
         time_ns: u64,
         bases: Vec<RunId>,
     },
+    /// `cv`: the chunk's CV as the engine computed it reading `data` (`crate::cv::chunk_cv`),
+    /// which is its wire digest ([`ferry_wire::write_digest`]): not hashed a second time.
     Write {
         disk: usize,
         offset: u64,
         data: Vec<u8>,
+        cv: [u8; 32],
     },
     Zero {
         disk: usize,
@@ -178,9 +181,18 @@ impl Rec {
                     .collect(),
                 bases,
             },
-            Rec::Write { disk, offset, data } => {
-                Message::write(0, replicas[disk].clone(), offset, data)
-            }
+            Rec::Write {
+                disk,
+                offset,
+                data,
+                cv,
+            } => Message::Write {
+                seq: 0,
+                disk: replicas[disk].clone(),
+                offset,
+                digest: cv,
+                data,
+            },
             Rec::Zero { disk, offset, len } => Message::Zero {
                 seq: 0,
                 disk: replicas[disk].clone(),

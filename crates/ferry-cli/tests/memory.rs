@@ -5,7 +5,7 @@
 //! before it stops. Before the budget work the same run reached ~900 MiB within 3 s (a 1 MiB
 //! buffer per replica, sealed chunks at twice their size, glibc's arenas, 1 MiB of credit per
 //! agent). Every agent's point is committed, and one is restored and checked byte for byte.
-//! Costs ~25 s and ~3 GB of disk for a moment.
+//! Costs ~10 s and ~2 GB of disk for a moment.
 
 mod common;
 

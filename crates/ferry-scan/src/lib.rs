@@ -43,6 +43,9 @@ pub enum ScanError {
         op: &'static str,
         source: std::io::Error,
     },
+    /// the source shrank during the scan
+    #[error("source {} shrank during the scan (from {was} to {now} bytes); nothing of this scan is kept — run it again", path.display())]
+    Shrank { path: PathBuf, was: u64, now: u64 },
     /// source is empty
     #[error("source {} is empty (0 bytes); nothing to replicate — check the path", path.display())]
     Empty { path: PathBuf },
@@ -122,19 +125,11 @@ impl Source {
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
-            // Only a hole to the end, or the file shrank under the scan: reading tells which
-            // (a shorter file fails the read, as without holes; zeros are never made up).
+            // Only a hole to the end, or the file shrank under the scan (zeros are never made
+            // up for bytes that are gone).
             Some(libc::ENXIO) => {
-                let now = self
-                    .file
-                    .metadata()
-                    .map_err(|source| ScanError::Io {
-                        path: self.path.clone(),
-                        op: "stat",
-                        source,
-                    })?
-                    .len();
-                Ok(if now < self.size { offset } else { self.size })
+                self.check_size()?;
+                Ok(self.size)
             }
             Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(offset),
             _ => Err(ScanError::Io {
@@ -146,13 +141,38 @@ impl Source {
     }
 
     fn read_block(&self, offset: u64, buf: &mut [u8]) -> Result<(), ScanError> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|source| ScanError::Io {
+        self.file.read_exact_at(buf, offset).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                if let Err(shrank) = self.check_size() {
+                    return shrank;
+                }
+            }
+            ScanError::Io {
                 path: self.path.clone(),
                 op: "read",
                 source,
-            })
+            }
+        })
+    }
+
+    /// [`ScanError::Shrank`] if the source is now shorter than when it was opened.
+    fn check_size(&self) -> Result<(), ScanError> {
+        use std::io::{Seek, SeekFrom};
+        let now = (&self.file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| ScanError::Io {
+                path: self.path.clone(),
+                op: "size",
+                source,
+            })?;
+        if now < self.size {
+            return Err(ScanError::Shrank {
+                path: self.path.clone(),
+                was: self.size,
+                now,
+            });
+        }
+        Ok(())
     }
 }
 

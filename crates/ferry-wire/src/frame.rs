@@ -5,7 +5,7 @@ use crate::WireError;
 /// First 4 bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FWIR";
 /// The wire version this Ferry speaks (the only one it reads).
-pub const WIRE_VERSION: u8 = 4;
+pub const WIRE_VERSION: u8 = 5;
 /// The version of `Hello` and `HelloAck` frames (and of a `Refused` sent before a version is
 /// agreed): always 1, so that any Ferry can read them and say "upgrade".
 pub const HELLO_VERSION: u8 = 1;
@@ -223,9 +223,10 @@ mod tests {
     #[test]
     fn negotiation() {
         assert_eq!(negotiate(1, 3), None);
-        assert_eq!(negotiate(1, 9), Some(4));
-        assert_eq!(negotiate(4, 4), Some(4));
-        assert_eq!(negotiate(5, 9), None);
+        assert_eq!(negotiate(1, 9), Some(5));
+        assert_eq!(negotiate(5, 5), Some(5));
+        assert_eq!(negotiate(4, 4), None);
+        assert_eq!(negotiate(6, 9), None);
         assert_eq!(negotiate(4, 1), None);
         assert_eq!(negotiate(0, 0), None);
     }

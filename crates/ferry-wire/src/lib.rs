@@ -52,8 +52,9 @@ pub use frame::{
     MAX_PAYLOAD, WIRE_VERSION,
 };
 pub use message::{
-    check_id, notice, refuse, HeldDisk, InvDisk, Message, Nonce, Proof, PublicKey, RunId,
-    Signature, MAX_DISKS, MAX_DISK_SIZE, MAX_NAME, MAX_TEXT, NO_RUN, POLICY_OFF, POLICY_OWN,
+    check_id, notice, refuse, write_digest, HeldDisk, InvDisk, Message, Nonce, Proof, PublicKey,
+    RunId, Signature, DIGEST_CHUNK, MAX_DISKS, MAX_DISK_SIZE, MAX_NAME, MAX_TEXT, NO_RUN,
+    POLICY_OFF, POLICY_OWN,
 };
 pub use passphrase::{
     new_nonce, proof_key, prove, prove_with_key, verify, verify_with_key, Passphrase,

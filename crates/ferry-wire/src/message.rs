@@ -203,7 +203,7 @@ pub enum Message {
         disks: Vec<(String, u64)>,
         bases: Vec<RunId>,
     },
-    /// `digest` is the plain blake3 of `data`; the reader checks it.
+    /// `digest` is [`write_digest`] of `offset` and `data`; the reader checks it.
     Write {
         seq: u64,
         disk: String,
@@ -267,14 +267,34 @@ pub enum Message {
     },
 }
 
+/// Bytes of the chunks a [`write_digest`] of one chunk covers (ferry-agent's change-tracking unit).
+pub const DIGEST_CHUNK: u64 = 64 << 10;
+
+/// The digest a `Write` carries for `data` at `offset` (version 5): for one chunk-aligned 64 KiB
+/// chunk (or a shorter one at a chunk's start, a disk's last), the BLAKE3 chaining value of that
+/// chunk as a subtree at its offset — what the agent computes anyway to find changes and to merge
+/// into the whole-disk digest, so it hashes each chunk once; for any other shape the plain
+/// `blake3` of `data`. Either way a receiver recomputes it from the bytes it got.
+pub fn write_digest(offset: u64, data: &[u8]) -> [u8; 32] {
+    use blake3::hazmat::HasherExt;
+    if offset.is_multiple_of(DIGEST_CHUNK) && !data.is_empty() && data.len() as u64 <= DIGEST_CHUNK
+    {
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(offset);
+        h.update(data);
+        return h.finalize_non_root();
+    }
+    *blake3::hash(data).as_bytes()
+}
+
 impl Message {
-    /// A `Write` with its digest computed.
+    /// A `Write` with its digest computed ([`write_digest`]).
     pub fn write(seq: u64, disk: impl Into<String>, offset: u64, data: Vec<u8>) -> Message {
         Message::Write {
             seq,
             disk: disk.into(),
             offset,
-            digest: *blake3::hash(&data).as_bytes(),
+            digest: write_digest(offset, &data),
             data,
         }
     }
@@ -608,7 +628,7 @@ impl Message {
                 }
                 check_range(ty, offset, n as u64).map_err(|d| f.malformed(d))?;
                 let start = payload.len() - n;
-                if blake3::hash(&payload[start..]).as_bytes() != &digest {
+                if write_digest(offset, &payload[start..]) != digest {
                     return Err(malformed(
                         ty,
                         frame,

@@ -1,5 +1,5 @@
 //! Golden vectors: fixed bytes for a few messages, laid out field by field as `docs/WIRE.md` says.
-//! Header checksums were checked independently (`b3sum`; Python's `blake3` for the version-4
+//! Header checksums were checked independently (`b3sum`; Python's `blake3` for the version-5
 //! frames): the first 4 bytes of blake3 of the header's first 12 bytes. A change here is a wire format change: it needs a new version.
 
 use ferry_wire::{
@@ -11,7 +11,7 @@ fn hex_of(parts: &[&str]) -> Vec<u8> {
 }
 
 fn check(m: Message, bytes: Vec<u8>) {
-    // Hello and HelloAck always travel in version-1 frames; everything else in version 4.
+    // Hello and HelloAck always travel in version-1 frames; everything else in version 5.
     let version = match m.ty() {
         MsgType::Hello | MsgType::HelloAck => HELLO_VERSION,
         _ => WIRE_VERSION,
@@ -38,11 +38,11 @@ fn ping() {
         },
         hex_of(&[
             "46574952", // magic "FWIR"
-            "04",       // version 4
+            "05",       // version 5
             "30",       // type 48 = Ping
             "0000",     // flags
             "08000000", // payload length 8
-            "0708f083", // header checksum
+            "9fa6cf7e", // header checksum
             "0807060504030201",
         ]),
     );
@@ -54,11 +54,11 @@ fn ack() {
         Message::Ack { seq: 42 },
         hex_of(&[
             "46574952",
-            "04",
+            "05",
             "20",
             "0000",
             "08000000",
-            "ea6b432b",         // header, type 32
+            "2d146812",         // header, type 32
             "2a00000000000000", // seq 42
         ]),
     );
@@ -93,16 +93,39 @@ fn write() {
         Message::write(7, "sda", 65536, b"hello".to_vec()),
         hex_of(&[
             "46574952",
-            "04",
+            "05",
             "11",
             "0000",
             "3a000000",
-            "c2c8ef88",         // header, type 17, 58 bytes
+            "ac35f8ba",         // header, type 17, 58 bytes
             "0700000000000000", // seq 7
             "0300",
             "736461",           // disk "sda"
-            "0000010000000000", // offset 65536
-            // digest: plain blake3("hello")
+            "0000010000000000", // offset 65536: chunk-aligned, so the digest is the chunk's CV:
+            // BLAKE3's compression of "hello" as the only block of chunk 64 (counter 64, flags
+            // CHUNK_START | CHUNK_END, no ROOT), computed by a from-the-spec Python
+            // implementation that gives blake3("hello") = ea8f163d… with counter 0 and ROOT.
+            "b0fa251fe050726c56a36e80dd2369b17b485bb3965361c6049e235f35091927",
+            "68656c6c6f", // data "hello"
+        ]),
+    );
+}
+
+#[test]
+fn write_unaligned() {
+    check(
+        Message::write(7, "sda", 65537, b"hello".to_vec()),
+        hex_of(&[
+            "46574952",
+            "05",
+            "11",
+            "0000",
+            "3a000000",
+            "ac35f8ba",         // the same header
+            "0700000000000000", // seq 7
+            "0300",
+            "736461",           // disk "sda"
+            "0100010000000000", // offset 65537: not chunk-aligned, so plain blake3("hello")
             "ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f",
             "68656c6c6f", // data "hello"
         ]),
@@ -127,11 +150,11 @@ fn tag() {
         },
         hex_of(&[
             "46574952",
-            "04",
+            "05",
             "14",
             "0000",
             "50000000",
-            "039622e4",                         // header, type 20, 80 bytes
+            "e4b8c06d",                         // header, type 20, 80 bytes
             "0900000000000000",                 // seq 9
             "11111111111111111111111111111111", // run id
             "00ca9a3b00000000",                 // time_ns 1e9
@@ -158,11 +181,11 @@ fn auth() {
         },
         hex_of(&[
             "46574952",
-            "04",
+            "05",
             "05", // type 5 = Auth
             "0000",
             "90000000", // payload length 144
-            "265657c9",
+            "5a1e40b0",
             &"11".repeat(16),
             &"22".repeat(32),
             &"33".repeat(64),
@@ -180,11 +203,11 @@ fn policy() {
         },
         hex_of(&[
             "46574952",
-            "04",
+            "05",
             "25", // type 37 = Policy
             "0000",
             "10000000",
-            "a82f1c34",         // header checksum (Python's blake3)
+            "90d3ee59",         // header checksum (Python's blake3)
             "3075000000000000", // crash every 30000 ms
             "ffffffffffffffff", // app: off
         ]),
@@ -201,11 +224,11 @@ fn notice() {
         },
         hex_of(&[
             "46574952",
-            "04",
+            "05",
             "28", // type 40 = Notice
             "0000",
             "0e000000",
-            "526ba3ac",         // header checksum (Python's blake3)
+            "5477edf5",         // header checksum (Python's blake3)
             "01",               // kind 1 = cut
             "6810000000000000", // freeze 4200 µs
             "0300",             // text length 3 (u16)

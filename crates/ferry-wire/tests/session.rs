@@ -149,10 +149,14 @@ async fn hello(
     .await
     .unwrap();
     w.flush().await.unwrap();
-    let Some(Message::HelloAck { version: 4, nonce }) = r.read().await.unwrap() else {
+    let Some(Message::HelloAck {
+        version: ferry_wire::WIRE_VERSION,
+        nonce,
+    }) = r.read().await.unwrap()
+    else {
         panic!("no HelloAck")
     };
-    assert!(r.set_version(4) && w.set_version(4));
+    assert!(r.set_version(ferry_wire::WIRE_VERSION) && w.set_version(ferry_wire::WIRE_VERSION));
     (r, w, nonce, binding)
 }
 
