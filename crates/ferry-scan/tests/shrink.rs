@@ -1,23 +1,14 @@
 //! A source file cut short while it is scanned fails the scan (its own binary: the sparse test
 //! counts the process's reads).
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 
+use common::pattern;
 use ferry_crypto::{MasterKey, ZERO_DIGEST};
 use ferry_scan::{scan, Source, BLOCK_SIZE};
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A source file cut short while it is scanned fails the scan, naming the shrink: the bytes that
 /// are gone are neither read as zeros (SEEK_DATA past the end answers "no more data") nor kept.

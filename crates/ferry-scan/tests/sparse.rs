@@ -2,9 +2,12 @@
 //! exactly `b3sum`'s. Its own test binary: the read count is the process's (`/proc/self/io`,
 //! counted by the kernel), so no other test may read files beside it.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 
+use common::pattern;
 use ferry_crypto::{Digest, MasterKey, ZERO_DIGEST};
 use ferry_format::CHUNK_SIZE;
 use ferry_scan::{scan, Change, Source, BLOCK_SIZE};
@@ -18,18 +21,6 @@ fn rchar() -> u64 {
         .trim()
         .parse()
         .expect("a number")
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]
