@@ -364,14 +364,7 @@ fn key_export_then_import_round_trips_and_never_replaces_another_key() {
 fn register(env: &Env, addr: &str, passphrase: &str) -> String {
     let pass = env.path("pass.txt");
     fs::write(&pass, format!("{}\n", passphrase.trim())).unwrap();
-    let o = Command::new(agent_bin())
-        .args(["register", "--server", addr, "--passphrase-file"])
-        .arg(&pass)
-        .arg("--state-dir")
-        .arg(env.path("agent"))
-        .output()
-        .unwrap();
-    ok(&o, "register");
+    common::register_with(env, addr, &pass, "agent");
     let id: serde_json::Value =
         serde_json::from_slice(&fs::read(env.path("agent/agent.json")).unwrap()).unwrap();
     id["fingerprint"].as_str().unwrap().to_string()

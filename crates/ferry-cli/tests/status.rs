@@ -88,14 +88,7 @@ fn register(env: &Env, config: &Path, addr: &str) {
     ok(&o, "passphrase show --config");
     let pass = env.path("pass.txt");
     fs::write(&pass, &o.stdout).unwrap();
-    let o = Command::new(agent_bin())
-        .args(["register", "--server", addr, "--passphrase-file"])
-        .arg(&pass)
-        .arg("--state-dir")
-        .arg(env.path("agent"))
-        .output()
-        .unwrap();
-    ok(&o, "register");
+    common::register_with(env, addr, &pass, "agent");
 }
 
 /// One `ferry-agent --once` run of VM web01.

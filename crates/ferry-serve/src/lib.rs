@@ -1474,9 +1474,13 @@ mod drain_lag {
         );
         let mut lag = DrainLag::new(limit.clone());
         let ago = |s: u64| Instant::now() - Duration::from_secs(s);
+        // One observation, `secs` after the last.
+        let step = |lag: &mut DrainLag, secs: u64, took: u64, used: u64| {
+            lag.last = ago(secs);
+            lag.observe(took, used);
+        };
         // 2 GiB drained over 4 s: 512 MiB/s, so about DRAIN_LAG of that.
-        lag.last = ago(4);
-        lag.observe(2 << 30, 4 << 30);
+        step(&mut lag, 4, 2 << 30, 4 << 30);
         let l = limit.current();
         let want = (512u64 << 20) as f64 * DRAIN_LAG.as_secs_f64();
         assert!(
@@ -1484,22 +1488,15 @@ mod drain_lag {
             "{l} for a rate of 512 MiB/s (want ~{want})"
         );
         // A slow drain: the floor.
-        lag.last = ago(1);
-        lag.observe(1 << 20, 4 << 30);
-        lag.last = ago(1);
-        lag.observe(1 << 20, 4 << 30);
-        for _ in 0..10 {
-            lag.last = ago(1);
-            lag.observe(1 << 20, 4 << 30);
+        for _ in 0..12 {
+            step(&mut lag, 1, 1 << 20, 4 << 30);
         }
         assert_eq!(limit.current(), DRAIN_LAG_FLOOR, "at least the floor");
         // No progress with a backlog: a 5 s gap counts 5 idle seconds; stalled at DRAIN_STALL.
-        lag.last = ago(5);
-        lag.observe(0, 4 << 30);
+        step(&mut lag, 5, 0, 4 << 30);
         assert_ne!(limit.current(), u64::MAX, "5 idle seconds");
         for _ in 5..DRAIN_STALL - 1 {
-            lag.last = ago(1);
-            lag.observe(0, 4 << 30);
+            step(&mut lag, 1, 0, 4 << 30);
         }
         assert_ne!(
             limit.current(),
@@ -1507,16 +1504,14 @@ mod drain_lag {
             "{} idle seconds",
             DRAIN_STALL - 1
         );
-        lag.last = ago(1);
-        lag.observe(0, 4 << 30);
+        step(&mut lag, 1, 0, 4 << 30);
         assert_eq!(
             limit.current(),
             u64::MAX,
             "a stalled drain does not hold credit"
         );
         // Progress again: limited again.
-        lag.last = ago(1);
-        lag.observe(1 << 30, 4 << 30);
+        step(&mut lag, 1, 1 << 30, 4 << 30);
         assert_ne!(limit.current(), u64::MAX);
         // The drain blocked (no observation at all) for DRAIN_STALL seconds: lifted ...
         *limit.set_at.lock().unwrap() = ago(u64::from(DRAIN_STALL) + 1);
@@ -1526,8 +1521,7 @@ mod drain_lag {
             "a limit the drain stopped renewing"
         );
         // ... and each observation renews it.
-        lag.last = ago(1);
-        lag.observe(1 << 30, 4 << 30);
+        step(&mut lag, 1, 1 << 30, 4 << 30);
         assert_ne!(limit.current(), u64::MAX, "renewed by the next observation");
     }
 }

@@ -240,10 +240,15 @@ pub fn passphrase_txt(env: &Env) -> PathBuf {
 
 /// Registers an agent with state directory `agent_state` (under `env`) at `addr`.
 pub fn register_agent(env: &Env, addr: &str, agent_state: &str) {
-    let pass = passphrase_txt(env);
+    register_with(env, addr, &passphrase_txt(env), agent_state);
+}
+
+/// Registers an agent with state directory `agent_state` (under `env`) at `addr`, with the
+/// passphrase in the file `pass`.
+pub fn register_with(env: &Env, addr: &str, pass: &Path, agent_state: &str) {
     let o = Command::new(agent_bin())
         .args(["register", "--server", addr, "--passphrase-file"])
-        .arg(&pass)
+        .arg(pass)
         .arg("--state-dir")
         .arg(env.path(agent_state))
         .output()
