@@ -843,14 +843,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             check_record(shared, &vm, &m)?;
             // The keyed digests before the lock: they depend on nothing shared.
-            let entries = to_entries(&shared.key, vm.clone(), &m);
-            let probe = m;
-            let a = Append {
-                conn: conn.clone(),
-                seq,
-                cost,
-                entries,
-            };
+            let prepared = prepare(&shared.key, vm.clone(), &m);
             // Ownership, the run's state and the hand-over to the committer under one lock: once
             // a newer connection claims the VM, nothing of this one reaches the cache.
             let vms = shared.vms.lock().expect("vms lock");
@@ -866,11 +859,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             shared
                 .held
-                .record(&vm, &probe)
+                .record(&vm, &m)
                 .map_err(|(code, why)| refusal(code, why))?;
             if let Some(t) = owner.track.lock().expect("track lock").as_mut() {
-                t.received(&shared.board, seq, &probe);
+                t.received(&shared.board, seq, &m);
             }
+            let a = Append {
+                conn: conn.clone(),
+                seq,
+                cost,
+                entries: prepared.finish(m),
+            };
             shared.inflight.fetch_add(cost, Ordering::Relaxed);
             let sent = shared.commits.send(a);
             drop(vms);
@@ -1277,6 +1276,57 @@ fn check_record(shared: &Shared, vm: &str, m: &Message) -> Result<(), Refusal> {
 
 /// A record as cache entries; Writes split at 64 KiB boundaries, keyed-digested, zero pieces as
 /// zero ranges.
+/// A record's cache entries, built before the VM lock (the keyed digests depend on nothing
+/// shared). A Write that is one piece (inside one chunk, not zero: what ferry-agent sends) gives its
+/// buffer to its entry instead of a copy; [`Prepared::finish`] moves it once the checks under the
+/// lock, which read the message, are done.
+struct Prepared {
+    entries: Vec<CacheEntry>,
+    /// `entries` is one Write whose data is still in the message.
+    moves: bool,
+}
+
+impl Prepared {
+    fn finish(mut self, m: Message) -> Vec<CacheEntry> {
+        if self.moves {
+            if let (
+                [CacheEntry::Write { data, .. }],
+                Message::Write { data: whole, .. },
+            ) = (self.entries.as_mut_slice(), m)
+            {
+                *data = whole;
+            }
+        }
+        self.entries
+    }
+}
+
+fn prepare(key: &MasterKey, vm: String, m: &Message) -> Prepared {
+    if let Message::Write {
+        disk, offset, data, ..
+    } = m
+    {
+        let room = CHUNK_SIZE - (offset % CHUNK_SIZE as u64) as usize;
+        if data.len() <= room && !is_zero(data) {
+            return Prepared {
+                entries: vec![CacheEntry::Write {
+                    vm,
+                    disk: disk.clone(),
+                    offset: *offset,
+                    digest: key.digest(data),
+                    data: Vec::new(),
+                }],
+                moves: true,
+            };
+        }
+    }
+    Prepared {
+        entries: to_entries(key, vm, m),
+        moves: false,
+    }
+}
+
+/// A record's cache entries, each piece of a Write (cut at chunk boundaries) copied.
 fn to_entries(key: &MasterKey, vm: String, m: &Message) -> Vec<CacheEntry> {
     match m {
         Message::Begin {
@@ -1526,5 +1576,34 @@ mod tests {
         assert!(
             matches!(&e[2], CacheEntry::Write { offset, data, .. } if *offset == 2 * c && data.len() == 8192)
         );
+        // Prepared the same way: copied, the message keeps its buffer.
+        let p = prepare(&key, "vm".into(), &m);
+        assert!(!p.moves);
+        assert_eq!(p.finish(m), e);
+    }
+
+    #[test]
+    fn a_one_piece_write_moves_its_buffer_into_its_entry() {
+        let key = MasterKey::from_bytes(&[1; 32], std::path::Path::new("test"));
+        let c = CHUNK_SIZE as u64;
+        for (offset, len) in [(3 * c, CHUNK_SIZE), (3 * c + 512, 4096), (4 * c - 4096, 4096)] {
+            let data = vec![5u8; len];
+            let at = data.as_ptr();
+            let m = Message::write(1, "sda", offset, data);
+            let want = to_entries(&key, "vm".into(), &m);
+            let p = prepare(&key, "vm".into(), &m);
+            assert!(p.moves, "{offset} {len}");
+            let e = p.finish(m);
+            assert_eq!(e, want);
+            match &e[..] {
+                [CacheEntry::Write { data, .. }] => assert_eq!(data.as_ptr(), at, "copied"),
+                x => panic!("{x:?}"),
+            }
+        }
+        // Across a boundary or zero: pieces, as before.
+        for (offset, data) in [(c - 512, vec![5u8; 1024]), (c, vec![0u8; 4096])] {
+            let m = Message::write(1, "sda", offset, data);
+            assert!(!prepare(&key, "vm".into(), &m).moves);
+        }
     }
 }

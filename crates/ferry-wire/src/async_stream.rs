@@ -51,6 +51,7 @@ impl<R: AsyncRead + Unpin> AsyncFrameReader<R> {
             return Ok(None);
         };
         self.state.buf.clear();
+        self.state.reserve(hdr.len);
         let r = (&mut self.inner)
             .take(hdr.len as u64)
             .read_to_end(&mut self.state.buf)

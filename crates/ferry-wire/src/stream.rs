@@ -6,6 +6,10 @@ use crate::frame::{FrameHeader, HEADER_LEN, HELLO_VERSION, WIRE_VERSION};
 use crate::message::{frame_version, header_for, Message};
 use crate::WireError;
 
+/// Payloads up to this size are read into a buffer of exactly their size (a ferry-agent Write is
+/// 64 KiB and its fields).
+pub const EXACT_UP_TO: usize = 128 * 1024 + 4096;
+
 /// Sequence-number order of one direction of a connection: records strictly increase, acks never
 /// go backwards.
 #[derive(Debug, Default)]
@@ -51,6 +55,14 @@ pub(crate) struct ReadState {
 }
 
 impl ReadState {
+    /// Room for a payload of `len` bytes before it is read, exactly, up to [`EXACT_UP_TO`]: a
+    /// Write's buffer moves on into the cache, so it should be the data's size, not the doubling
+    /// growth of `read_to_end` (128 KiB for a 64 KiB Write). A larger announced frame grows as its
+    /// bytes arrive: a peer that announces 4 MiB and sends nothing pins nothing.
+    pub(crate) fn reserve(&mut self, len: u32) {
+        self.buf.reserve_exact((len as usize).min(EXACT_UP_TO));
+    }
+
     pub(crate) fn new() -> Self {
         ReadState {
             version: HELLO_VERSION,
@@ -233,7 +245,8 @@ impl<R: Read> FrameReader<R> {
             return Ok(None);
         };
         self.state.buf.clear();
-        // `take` + `read_to_end` grows the buffer only as bytes arrive.
+        self.state.reserve(hdr.len);
+        // `take` + `read_to_end` grows the buffer (past `reserve`) only as bytes arrive.
         (&mut self.inner)
             .take(hdr.len as u64)
             .read_to_end(&mut self.state.buf)

@@ -467,6 +467,34 @@ fn async_reader_and_writer_match_the_blocking_ones() {
     });
 }
 
+/// A Write's buffer moves on into the process server's cache: it holds the data, not the doubling
+/// growth of reading (128 KiB for 64 KiB).
+#[test]
+fn a_write_read_holds_a_buffer_of_its_size() {
+    for len in [4096usize, 65536, 100_000, 128 * 1024] {
+        let m = Message::write(7, "sda", 1 << 20, vec![3u8; len]);
+        let bytes = encode(std::slice::from_ref(&m));
+        let blocking = FrameReader::new(bytes.as_slice()).read().unwrap().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let async_read = rt.block_on(async {
+            ferry_wire::AsyncFrameReader::new(bytes.as_slice())
+                .read()
+                .await
+                .unwrap()
+                .unwrap()
+        });
+        for got in [blocking, async_read] {
+            let Message::Write { data, .. } = got else {
+                panic!("{got:?}")
+            };
+            assert_eq!(data.len(), len);
+            assert!(data.capacity() < len + 256, "{len}: capacity {}", data.capacity());
+        }
+    }
+}
+
 fn name() -> impl Strategy<Value = String> {
     "[a-zA-Z0-9_.é-]{1,24}".prop_filter("not . or ..", |s| s != "." && s != "..")
 }
