@@ -38,12 +38,14 @@
 mod buf;
 mod buffered;
 mod error;
+pub mod holes;
 mod plan;
 mod sys;
 mod uring;
 
-use std::convert::Infallible;
 use std::fmt;
+
+use holes::DataMap;
 use std::path::Path;
 
 pub use error::ReadError;
@@ -85,6 +87,9 @@ pub struct ReadStats {
     pub ios: u64,
     /// Bytes handed to the sink.
     pub bytes: u64,
+    /// Bytes of those in holes (of an image file, or of a loop device's backing file): known zero,
+    /// handed over as zeros, never read.
+    pub hole_bytes: u64,
 }
 
 enum Engine {
@@ -99,6 +104,8 @@ pub struct ChunkReader {
     engine: Engine,
     disk: Disk,
     mode: ReadMode,
+    /// Where the data lies, where the kernel can say ([`holes`]).
+    map: Option<DataMap>,
 }
 
 /// Why the fast path could not be set up: either a reason to fall back, or a real error.
@@ -157,12 +164,44 @@ impl ChunkReader {
             path: self.disk.path.clone(),
             reason,
         })?;
-        let extents = Extents::new(chunks, self.disk.size);
         let mut sink = |index: u64, data: &[u8]| f(index, data).map_err(|e| e.to_string());
-        match &mut self.engine {
-            Engine::Uring(engine) => engine.run(&self.disk, extents, &mut sink),
-            Engine::Buffered(engine) => engine.run(&self.disk, extents, &mut sink),
+        let ChunkReader {
+            engine, disk, map, ..
+        } = self;
+        let Some(mut holes) = map.as_ref().and_then(|m| Holes::settled(m, disk, chunks)) else {
+            return run(engine, disk, chunks, &mut sink);
+        };
+        // Runs of chunks alike (all data or all hole), in ascending order: data read, holes
+        // handed over as zeros.
+        let mut stats = ReadStats::default();
+        let mut i = 0;
+        while i < chunks.len() {
+            let hole = holes.is_hole(chunks[i]);
+            let mut j = i + 1;
+            while j < chunks.len() && holes.is_hole(chunks[j]) == hole {
+                j += 1;
+            }
+            if hole {
+                for &c in &chunks[i..j] {
+                    let len = (disk.size - c * CHUNK_SIZE).min(CHUNK_SIZE) as usize;
+                    sink(c, &ZEROS[..len]).map_err(ReadError::Sink)?;
+                    stats.bytes += len as u64;
+                    stats.hole_bytes += len as u64;
+                }
+            } else {
+                let s = run(engine, disk, &chunks[i..j], &mut sink)?;
+                stats.ios += s.ios;
+                stats.bytes += s.bytes;
+            }
+            i = j;
         }
+        Ok(stats)
+    }
+
+    /// Whether the kernel says where the source's data lies: a regular file, or a loop device
+    /// over one ([`holes`]).
+    pub fn knows_holes(&self) -> bool {
+        self.map.is_some()
     }
 
     /// The fast path: `O_DIRECT` open, io_uring, and one probe read to prove both work.
@@ -189,12 +228,13 @@ impl ChunkReader {
             .map_err(|e| DirectError::Fallback(format!("io_uring is unavailable ({e})")))?;
         let mut reader = ChunkReader {
             engine: Engine::Uring(Box::new(engine)),
+            map: data_map(&disk),
             disk,
             mode: ReadMode::IoUringDirect,
         };
         if reader.size() > 0 {
-            reader
-                .read_chunks(&[0], |_, _| Ok::<(), Infallible>(()))
+            // Read for real, hole or not: the probe proves the engine.
+            run(&mut reader.engine, &reader.disk, &[0], &mut |_, _| Ok(()))
                 .map_err(|e| {
                     DirectError::Fallback(format!(
                         "a probe read with io_uring + O_DIRECT failed ({e})"
@@ -213,9 +253,114 @@ impl ChunkReader {
         let disk = Disk::new(file, path)?;
         Ok(ChunkReader {
             engine: Engine::Buffered(BufferedEngine::new()),
+            map: data_map(&disk),
             disk,
             mode: ReadMode::Buffered { why },
         })
+    }
+}
+
+/// Zeros for the chunks of holes.
+static ZEROS: [u8; CHUNK_SIZE as usize] = [0; CHUNK_SIZE as usize];
+
+fn data_map(disk: &Disk) -> Option<DataMap> {
+    match DataMap::of(&disk.file, &disk.path) {
+        holes::Found::Map(m) => {
+            if let Some(b) = m.backing() {
+                tracing::info!(path = %disk.path.display(), backing = %b.display(), "a loop device: the holes of its backing file are not read");
+            }
+            Some(m)
+        }
+        holes::Found::Whole(why) => {
+            tracing::debug!(path = %disk.path.display(), %why, "holes unknown: read whole");
+            None
+        }
+    }
+}
+
+/// Classifies ascending chunks as hole or data with as few seeks as the layout allows: one
+/// `SEEK_DATA` and one `SEEK_HOLE` per data extent met. An error from the kernel makes the rest
+/// of the call data (read), with a log line.
+struct Holes<'a> {
+    map: &'a DataMap,
+    file: &'a std::fs::File,
+    size: u64,
+    /// The next data at or after the last chunk asked about, and where it ends (`size` at most).
+    data: Option<(u64, u64)>,
+    broken: bool,
+}
+
+fn run(
+    engine: &mut Engine,
+    disk: &Disk,
+    chunks: &[u64],
+    sink: &mut plan::Sink<'_>,
+) -> Result<ReadStats, ReadError> {
+    let extents = Extents::new(chunks, disk.size);
+    match engine {
+        Engine::Uring(engine) => engine.run(disk, extents, sink),
+        Engine::Buffered(engine) => engine.run(disk, extents, sink),
+    }
+}
+
+impl<'a> Holes<'a> {
+    /// The hole finder for one call, once the map is made true for the range of `chunks`; `None`
+    /// when it cannot be trusted now (everything is read).
+    fn settled(map: &'a DataMap, disk: &'a Disk, chunks: &[u64]) -> Option<Holes<'a>> {
+        let (first, last) = (*chunks.first()?, *chunks.last()?);
+        let start = first * CHUNK_SIZE;
+        let end = ((last + 1) * CHUNK_SIZE).min(disk.size);
+        match map.settle(&disk.file, start, end - start) {
+            Ok(true) => Some(Holes {
+                map,
+                file: &disk.file,
+                size: disk.size,
+                data: None,
+                broken: false,
+            }),
+            Ok(false) => {
+                tracing::warn!(path = %disk.path.display(), "the loop device is no longer attached as when it was opened: read whole");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %disk.path.display(), error = %e, "cannot settle the loop device's page cache: read whole");
+                None
+            }
+        }
+    }
+
+    fn is_hole(&mut self, chunk: u64) -> bool {
+        if self.broken {
+            return false;
+        }
+        let a = chunk * CHUNK_SIZE;
+        let b = (a + CHUNK_SIZE).min(self.size);
+        if self.data.is_none_or(|(_, end)| a >= end) {
+            match self.window(a) {
+                Ok(w) => self.data = Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, offset = a, "cannot find the holes: the rest is read");
+                    self.broken = true;
+                    return false;
+                }
+            }
+        }
+        let (start, _) = self.data.expect("set above");
+        b <= start
+    }
+
+    /// The first data at or after `a`, and its end.
+    fn window(&self, a: u64) -> std::io::Result<(u64, u64)> {
+        let Some(start) = self.map.next_data(self.file, a)? else {
+            return Ok((self.size, self.size));
+        };
+        let start = start.min(self.size);
+        if start >= self.size {
+            return Ok((self.size, self.size));
+        }
+        let end = self.map.next_hole(self.file, start)?.unwrap_or(self.size);
+        // A hole must end after the data starts; anything else is read (never made up).
+        Ok((start, end.clamp(start + 1, self.size)))
     }
 }
 
@@ -257,7 +402,7 @@ mod tests {
                 let start = (i * CHUNK_SIZE) as usize;
                 assert_eq!(d, &data[start..(start + d.len())], "chunk {i}");
                 seen.push((i, d.len()));
-                Ok::<(), Infallible>(())
+                Ok::<(), std::convert::Infallible>(())
             })
             .expect("read");
         let chunk = CHUNK_SIZE as usize;
@@ -266,7 +411,8 @@ mod tests {
             stats,
             ReadStats {
                 ios: 2,
-                bytes: (2 * chunk + 1234) as u64
+                bytes: (2 * chunk + 1234) as u64,
+                hole_bytes: 0,
             }
         );
     }

@@ -12,10 +12,11 @@
 //! - Memory is bounded by `threads * 2 + 4` blocks in flight, whatever the source size.
 //! - Hashing runs on `threads` workers; the whole-source digest on its own thread.
 //!
-//! - Sparse files: a block (4 MiB) that lies wholly in a hole (`SEEK_DATA`) is not read. Its chunks
-//!   are zero by definition and its share of the whole-source digest is hashed from zeros in
-//!   memory, so the digest stays exactly `b3sum`'s while a 1 TiB image holding 10 GiB reads
-//!   about 10 GiB. Block devices are read whole.
+//! - Sparse sources: a block (4 MiB) that lies wholly in a hole (`SEEK_DATA` on an image file, or
+//!   on a loop device's backing file: [`ferry_read::holes`]) is not read. Its chunks are zero by
+//!   definition and its share of the whole-source digest is hashed from zeros in memory, so the
+//!   digest stays exactly `b3sum`'s while a 1 TiB image holding 10 GiB reads about 10 GiB. Other
+//!   block devices are read whole: a disk's allocation is not visible from inside a VM.
 //!
 //! Must not: write anything. It reads the source and reports.
 
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::bounded;
 use ferry_crypto::{is_zero, Digest, MasterKey, ZERO_DIGEST};
 use ferry_format::CHUNK_SIZE;
+use ferry_read::holes::{DataMap, Found};
 
 /// Bytes read per I/O: 64 chunks.
 pub const BLOCK_SIZE: usize = 64 * CHUNK_SIZE;
@@ -68,8 +70,9 @@ pub struct Source {
     pub path: PathBuf,
     file: File,
     pub size: u64,
-    /// A regular file, whose holes `SEEK_DATA` finds (a block device reads whole).
-    sparse: bool,
+    /// Where the data lies, where the kernel can say: a regular file's own holes, a loop
+    /// device's backing file's ([`ferry_read::holes`]); other block devices read whole.
+    map: Option<DataMap>,
 }
 
 impl Source {
@@ -97,47 +100,48 @@ impl Source {
         unsafe {
             libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
+        let map = match DataMap::of(&file, path) {
+            Found::Map(m) => Some(m),
+            Found::Whole(_) => None,
+        };
         Ok(Source {
             path: path.to_owned(),
             file,
             size,
-            sparse: ft.is_file(),
+            map,
         })
     }
 
-    /// The first offset at or after `offset` that holds data, per `SEEK_DATA` (the source's size
-    /// where only a hole follows). A file system without hole reporting answers `offset` itself,
-    /// so everything is read.
-    fn next_data(&self, offset: u64) -> Result<u64, ScanError> {
-        if !self.sparse {
+    /// The first offset at or after `offset` that may hold data, per `SEEK_DATA` on the file or
+    /// a loop device's backing file (the source's size where only a hole follows), made true for
+    /// `[offset, offset + len)` first ([`DataMap::settle`]). Where the kernel cannot tell,
+    /// `offset` itself, so everything is read.
+    fn next_data(&self, offset: u64, len: u64) -> Result<u64, ScanError> {
+        let Some(map) = &self.map else {
+            return Ok(offset);
+        };
+        let err = |source| ScanError::Io {
+            path: self.path.clone(),
+            op: "find the data of",
+            source,
+        };
+        if !map.settle(&self.file, offset, len).map_err(err)? {
             return Ok(offset);
         }
-        // SAFETY: lseek on a valid fd with plain integers; pread ignores the file offset.
-        let r = unsafe {
-            libc::lseek(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                libc::SEEK_DATA,
-            )
-        };
-        if r >= 0 {
-            return Ok(r as u64);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
+        match map.next_data(&self.file, offset).map_err(err)? {
+            Some(at) => Ok(at.min(self.size)),
             // Only a hole to the end, or the file shrank under the scan (zeros are never made
             // up for bytes that are gone).
-            Some(libc::ENXIO) => {
+            None => {
                 self.check_size()?;
                 Ok(self.size)
             }
-            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(offset),
-            _ => Err(ScanError::Io {
-                path: self.path.clone(),
-                op: "find the data of",
-                source: e,
-            }),
         }
+    }
+
+    /// Whether holes are found without reading (a file, a loop device).
+    pub fn knows_holes(&self) -> bool {
+        self.map.is_some()
     }
 
     fn read_block(&self, offset: u64, buf: &mut [u8]) -> Result<(), ScanError> {
@@ -242,7 +246,7 @@ pub fn scan(
                 let len = (src.size - off).min(BLOCK_SIZE as u64) as usize;
                 // Asked for each block (one lseek per 4 MiB): data written into a hole while the
                 // scan runs is read when the scan gets there, as a plain read would.
-                let data_at = src.next_data(off)?;
+                let data_at = src.next_data(off, len as u64)?;
                 let buf = if data_at >= off + len as u64 {
                     // Wholly in a hole: zeros, not read.
                     Buf {

@@ -24,6 +24,8 @@ pub struct LoopOptions {
     pub sector_size: Option<u32>,
     /// The loop driver does direct I/O on its backing file.
     pub direct_io: bool,
+    /// The device starts this many bytes into the file (`--offset`).
+    pub offset: Option<u64>,
 }
 
 /// An attached loop device; detached (after lazily unmounting what was mounted through it) on drop.
@@ -43,6 +45,7 @@ impl Loop {
         let dev = {
             let _one = LOSETUP.lock().unwrap_or_else(|e| e.into_inner());
             let sector = o.sector_size.map(|s| s.to_string());
+            let offset = o.offset.map(|x| x.to_string());
             let mut args = vec!["--find", "--show"];
             if o.partitions > 0 || o.partscan {
                 args.push("--partscan");
@@ -52,6 +55,9 @@ impl Loop {
             }
             if o.direct_io {
                 args.push("--direct-io=on");
+            }
+            if let Some(x) = &offset {
+                args.extend(["--offset", x]);
             }
             let f = file
                 .to_str()

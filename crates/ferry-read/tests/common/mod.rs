@@ -79,7 +79,8 @@ pub fn read_and_check(reader: &mut ChunkReader, data: &[u8], chunks: &[u64]) -> 
         stats,
         ReadStats {
             ios: expected_ios(chunks),
-            bytes
+            bytes,
+            hole_bytes: 0,
         }
     );
     stats
