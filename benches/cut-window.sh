@@ -8,8 +8,11 @@
 # The window's two parts are recorded when the agent reports them: inside FIFREEZE (the kernel
 # flushing) and held (the agent reading the last writes and making the tag while frozen).
 # AGENT_DIR: a directory with another ferry-agent and ferry-thaw-watchdog to measure (e.g. an
-# older build, for a before/after in one session). Root only. Results:
-# benches/results/cut-window-DATE.json.
+# older build, for a before/after in one session). TRACE=1 also records, with perf, the FIFREEZE
+# ioctls, the block requests of the loop device and of the disk under its backing file, and the
+# journal's commits, and says per freeze what the time inside FIFREEZE went to
+# (benches/freeze-trace.py: cache flushes outstanding, FUA writes, journal commits). Root only.
+# Results: benches/results/cut-window-DATE.json (and cut-window-trace-DATE.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-40} GAP=${GAP:-1} RATE=${RATE:-50m} SIZE=${SIZE:-1G}
@@ -17,8 +20,9 @@ T=${CARGO_TARGET_DIR:-target}/release
 A=${AGENT_DIR:-$T}
 cargo build --release -q -p ferry-cli -p ferry-agent -p ferry-freeze
 W=$(mktemp -d /var/tmp/ferry-cutwin.XXXXXX)
-DEV="" SERVE="" AGENT="" FIO=""
+DEV="" SERVE="" AGENT="" FIO="" PERF=""
 cleanup() {
+    [ -n "$PERF" ] && kill -INT "$PERF" 2>/dev/null && wait "$PERF" 2>/dev/null || true
     [ -n "$FIO" ] && kill "$FIO" 2>/dev/null || true
     [ -n "$AGENT" ] && kill "$AGENT" 2>/dev/null && wait "$AGENT" 2>/dev/null || true
     [ -n "$SERVE" ] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null || true
@@ -52,6 +56,13 @@ cpu0=$(awk '{print $14+$15}' /proc/$AGENT/stat)
 bytes0=$("$A/ferry-agent" status --state-dir "$W/as" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_bytes_sent"])')
 : > "$W/cuts.jsonl"
 fails=0
+if [ "${TRACE:-0}" = 1 ]; then
+    perf record -q -o "$W/perf.data" -a -e syscalls:sys_enter_ioctl -e syscalls:sys_exit_ioctl \
+        -e block:block_rq_issue -e block:block_rq_complete -e jbd2:jbd2_start_commit \
+        -e jbd2:jbd2_end_commit 2>"$W/perf.log" &
+    PERF=$!
+    sleep 1
+fi
 for i in $(seq "$N"); do
     app=""; [ $((i % 2)) -eq 0 ] && app="--app"
     if ! "$A/ferry-agent" cut $app --state-dir "$W/as" --json >> "$W/cuts.jsonl" 2>>"$W/cut-errors.log"; then
@@ -62,6 +73,14 @@ done
 cpu1=$(awk '{print $14+$15}' /proc/$AGENT/stat)
 bytes1=$("$A/ferry-agent" status --state-dir "$W/as" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_bytes_sent"])')
 kill "$FIO"; wait "$FIO" 2>/dev/null || true; FIO=""
+if [ -n "$PERF" ]; then
+    kill -INT "$PERF"; wait "$PERF" 2>/dev/null || true; PERF=""
+    perf script -i "$W/perf.data" > "$W/perf.txt" 2>/dev/null
+    TOUT=benches/results/cut-window-trace-$(date -u +%Y-%m-%dT%H%M%SZ).json
+    python3 benches/freeze-trace.py "$W/perf.txt" "$(lsblk -dno MAJ:MIN "$DEV" | tr -d ' ' | tr : ,)" \
+        "$(findmnt -no MAJ:MIN -T "$W" | tr -d ' ' | tr : ,)" > "$TOUT"
+    python3 -c "import json; r=json.load(open('$TOUT')); print('inside FIFREEZE, medians over', r['freezes'], 'freezes:', json.dumps(r['median']))"
+fi
 TICK=$(getconf CLK_TCK)
 OUT=benches/results/cut-window-$(date -u +%Y-%m-%dT%H%M%SZ).json
 python3 - "$W/cuts.jsonl" "$cpu0" "$cpu1" "$bytes0" "$bytes1" "$TICK" "$fails" "$RATE" > "$OUT" <<'PY'

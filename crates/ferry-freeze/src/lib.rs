@@ -38,6 +38,7 @@ mod error;
 mod freeze;
 mod hooks;
 mod mysql;
+pub mod rcu;
 mod sys;
 mod trust;
 pub mod watchdog;
