@@ -24,6 +24,8 @@ pub struct AgentConfig {
     /// A duration, or "off" (app-consistent points only on demand).
     pub app_interval: Option<String>,
     pub freeze_bound: Option<String>,
+    /// Expedite RCU grace periods during FIFREEZE (default true).
+    pub expedite_rcu: Option<bool>,
     /// Most bytes per second this agent sends (`20MiB/s`, `100Mbit/s`, `unlimited`).
     pub max_rate: Option<String>,
     pub hooks_dir: Option<PathBuf>,

@@ -81,6 +81,8 @@ pub struct AgentOptions {
     pub app_interval: Option<Duration>,
     /// Hard bound on a freeze (the watchdog thaws at this point, and the cut is abandoned).
     pub freeze_bound: Duration,
+    /// Expedite RCU grace periods during FIFREEZE ([`ferry_freeze::Freezer::expedite_rcu`]).
+    pub expedite_rcu: bool,
     /// Most bytes per second sent to the server (`max_rate`); `None`: as fast as its credit allows.
     pub max_rate: Option<u64>,
     pub hooks_dir: PathBuf,
@@ -490,7 +492,7 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     };
     let freezer = if ferry_freeze::is_root() {
         match ferry_freeze::Freezer::new() {
-            Ok(f) => Some(f),
+            Ok(f) => Some(f.expedite_rcu(o.expedite_rcu)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot use fsfreeze (no watchdog binary?); points are crash-consistent only while nothing writes");
                 None
@@ -1926,6 +1928,7 @@ mod tests {
             max_rate: None,
             resync_asked: Default::default(),
             freeze_bound: Duration::from_secs(2),
+            expedite_rcu: true,
             hooks_dir: state.join("no-hooks"),
             hook_timeout: Duration::from_secs(1),
             allow_remote_cutover: false,

@@ -165,6 +165,11 @@ struct RunArgs {
     /// Longest a freeze may last; the watchdog thaws then and the cut is abandoned [default: 2s].
     #[arg(long)]
     freeze_bound: Option<String>,
+    /// Do not expedite the kernel's RCU grace periods during FIFREEZE. By default the agent sets
+    /// /sys/kernel/rcu_expedited to 1 for the few milliseconds FIFREEZE runs (if it is 0), which
+    /// shortens the time writers are blocked (docs/AGENT.md) [key expedite_rcu = false].
+    #[arg(long)]
+    no_expedite_rcu: bool,
     /// Most this agent sends, for a guest on a thin uplink: 20MiB/s, 100Mbit/s or unlimited
     /// [default: unlimited; the process server's throttles apply as well].
     #[arg(long)]
@@ -456,6 +461,7 @@ fn options(a: RunArgs) -> Result<(AgentOptions, bool), AgentError> {
         crash_interval,
         app_interval,
         freeze_bound,
+        expedite_rcu: !a.no_expedite_rcu && cfg.expedite_rcu.unwrap_or(true),
         max_rate,
         hooks_dir: a
             .hooks_dir

@@ -447,7 +447,10 @@ pub fn run(args: Vec<OsString>) -> i32 {
                     // with RCU grace periods expedited: put that back too).
                     thaw_all();
                     if let Err(e) = crate::rcu::restore_if_ours() {
-                        eprintln!("{WATCHDOG_NAME}: cannot put {} back to 0: {e}", crate::rcu::KNOB);
+                        eprintln!(
+                            "{WATCHDOG_NAME}: cannot put {} back to 0: {e}",
+                            crate::rcu::KNOB
+                        );
                     }
                     if deadline.is_some() && !done {
                         eprintln!("{WATCHDOG_NAME}: the agent ended during a freeze; thawed");

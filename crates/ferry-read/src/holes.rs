@@ -225,8 +225,12 @@ fn loop_map(dev: &File, rdev: u64) -> Result<DataMap, String> {
         Err(_) => return Err("not a loop device: its allocation is not visible".into()),
     };
     let attached = loop_status(dev).map_err(|e| format!("LOOP_GET_STATUS64: {e}"))?;
-    let backing = File::open(&backing_path)
-        .map_err(|e| format!("cannot open its backing file {} ({e})", backing_path.display()))?;
+    let backing = File::open(&backing_path).map_err(|e| {
+        format!(
+            "cannot open its backing file {} ({e})",
+            backing_path.display()
+        )
+    })?;
     let meta = backing
         .metadata()
         .map_err(|e| format!("cannot stat {} ({e})", backing_path.display()))?;

@@ -234,12 +234,11 @@ impl ChunkReader {
         };
         if reader.size() > 0 {
             // Read for real, hole or not: the probe proves the engine.
-            run(&mut reader.engine, &reader.disk, &[0], &mut |_, _| Ok(()))
-                .map_err(|e| {
-                    DirectError::Fallback(format!(
-                        "a probe read with io_uring + O_DIRECT failed ({e})"
-                    ))
-                })?;
+            run(&mut reader.engine, &reader.disk, &[0], &mut |_, _| Ok(())).map_err(|e| {
+                DirectError::Fallback(format!(
+                    "a probe read with io_uring + O_DIRECT failed ({e})"
+                ))
+            })?;
         }
         Ok(reader)
     }

@@ -80,7 +80,11 @@ impl Image {
 fn read_all(dev: &Path, want: &[u8]) -> (u64, Option<u64>) {
     let mut reader = ChunkReader::open(dev, 16).expect("open");
     assert_eq!(reader.size(), want.len() as u64);
-    assert!(reader.knows_holes(), "{} should know its holes", dev.display());
+    assert!(
+        reader.knows_holes(),
+        "{} should know its holes",
+        dev.display()
+    );
     let all: Vec<u64> = (0..reader.size().div_ceil(CHUNK_SIZE)).collect();
     let before = sectors_read(dev);
     let mut seen = 0u64;

@@ -23,7 +23,11 @@ fn sectors_read(dev: &std::path::Path) -> u64 {
 fn a_sparse_loop_device_reads_its_data_not_its_holes_and_digests_exactly() {
     let test = "a_sparse_loop_device_reads_its_data_not_its_holes_and_digests_exactly";
     if !ferry_testkit::sys::is_root() || !std::path::Path::new("/dev/loop-control").exists() {
-        ferry_testkit::skip(test, "loop devices need root and /dev/loop-control", "FERRY_REQUIRE_EBPF");
+        ferry_testkit::skip(
+            test,
+            "loop devices need root and /dev/loop-control",
+            "FERRY_REQUIRE_EBPF",
+        );
         return;
     }
     // On a real filesystem (not tmpfs), which reports holes.

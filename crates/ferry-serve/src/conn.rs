@@ -1289,10 +1289,8 @@ struct Prepared {
 impl Prepared {
     fn finish(mut self, m: Message) -> Vec<CacheEntry> {
         if self.moves {
-            if let (
-                [CacheEntry::Write { data, .. }],
-                Message::Write { data: whole, .. },
-            ) = (self.entries.as_mut_slice(), m)
+            if let ([CacheEntry::Write { data, .. }], Message::Write { data: whole, .. }) =
+                (self.entries.as_mut_slice(), m)
             {
                 *data = whole;
             }
@@ -1586,7 +1584,11 @@ mod tests {
     fn a_one_piece_write_moves_its_buffer_into_its_entry() {
         let key = MasterKey::from_bytes(&[1; 32], std::path::Path::new("test"));
         let c = CHUNK_SIZE as u64;
-        for (offset, len) in [(3 * c, CHUNK_SIZE), (3 * c + 512, 4096), (4 * c - 4096, 4096)] {
+        for (offset, len) in [
+            (3 * c, CHUNK_SIZE),
+            (3 * c + 512, 4096),
+            (4 * c - 4096, 4096),
+        ] {
             let data = vec![5u8; len];
             let at = data.as_ptr();
             let m = Message::write(1, "sda", offset, data);

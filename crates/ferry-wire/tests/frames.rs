@@ -490,7 +490,11 @@ fn a_write_read_holds_a_buffer_of_its_size() {
                 panic!("{got:?}")
             };
             assert_eq!(data.len(), len);
-            assert!(data.capacity() < len + 256, "{len}: capacity {}", data.capacity());
+            assert!(
+                data.capacity() < len + 256,
+                "{len}: capacity {}",
+                data.capacity()
+            );
         }
     }
 }
