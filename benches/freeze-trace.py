@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """What the time inside FIFREEZE goes to: reads `perf script` output of the events recorded by
 `TRACE=1 benches/cut-window.sh` (FIFREEZE ioctls, block requests, jbd2 commits) and, per freeze,
-prints how long the loop device had a cache flush outstanding, how many flushes and FUA writes it
-and the disk under its backing file got, and the journal commits inside the window.
+prints how long the loop device had a cache flush outstanding, how long no request at all was
+outstanding on the loop device or the disk under its backing file (`io_idle_ms`), how many
+flushes and FUA writes each got, the journal commits inside the window, and a timeline.
+Requests are paired issue to completion by device and sector (flushes, which have none, in
+order).
 
 Usage: freeze-trace.py PERF_SCRIPT_TXT LOOP_MAJ,MIN DISK_MAJ,MIN   (prints JSON)
 """
@@ -24,10 +27,16 @@ def union(intervals, lo, hi):
     return total
 
 
+def jdev(rest):
+    """The journal's device of a jbd2 event, as MAJ,MIN."""
+    m = re.search(r"dev (\d+),(\d+)", rest)
+    return f"{m.group(1)},{m.group(2)}" if m else None
+
+
 def main():
     path, loop, disk = sys.argv[1], sys.argv[2], sys.argv[3]
     freezes, open_ = [], {}
-    issued = {}  # (dev, kind) -> [issue times] in FIFO order
+    issued = {}  # (dev, kind, sector) -> [issue times] in order
     reqs = []  # (dev, kind, issue, complete, bytes)
     commits, open_commit = [], {}
     events = []  # (ts, text) of the loop's and the disk's requests and the journal, for timelines
@@ -51,19 +60,20 @@ def main():
             # A pure flush has no data (sector 0 + 0); FUA is an F after the W.
             kind = "flush" if rwbs.startswith("F") and "W" not in rwbs else (
                 "fua_write" if re.match(r"F?W.*F", rwbs) else ("write" if "W" in rwbs else "other"))
-            size = re.search(r"\+ (\d+)", rest)
-            nbytes = int(size.group(1)) * 512 if size else 0
-            key = (dev, kind)
+            size = re.search(r"(\d+) \+ (\d+)", rest)
+            sector = int(size.group(1)) if size and kind != "flush" else None
+            nbytes = int(size.group(2)) * 512 if size else 0
+            key = (dev, kind, sector)
             events.append((ts, f"{'loop' if dev == loop else 'disk'} {ev.split('_')[-1]} {rwbs} {nbytes}"))
             if ev.endswith("issue"):
                 issued.setdefault(key, []).append((ts, nbytes))
             elif issued.get(key):
                 t0, nb = issued[key].pop(0)
                 reqs.append((dev, kind, t0, ts, nb))
-        elif ev == "jbd2:jbd2_start_commit" and f"dev {loop}" in rest:
+        elif ev == "jbd2:jbd2_start_commit" and jdev(rest) == loop:
             open_commit[loop] = ts
             events.append((ts, "journal commit start"))
-        elif ev == "jbd2:jbd2_end_commit" and f"dev {loop}" in rest and loop in open_commit:
+        elif ev == "jbd2:jbd2_end_commit" and jdev(rest) == loop and loop in open_commit:
             commits.append((open_commit.pop(loop), ts))
             events.append((ts, "journal commit end"))
     rows = []
@@ -77,6 +87,8 @@ def main():
             row[f"{name}_flush_outstanding_ms"] = round(union(fl + fua, a, b) * 1e3, 2)
             row[f"{name}_fua_writes"] = len(fua)
             row[f"{name}_write_bytes"] = sum(wr)
+        every = [(s, e) for d, k, s, e, _ in reqs if e > a and s < b]
+        row["io_idle_ms"] = round(((b - a) - union(every, a, b)) * 1e3, 2)
         row["journal_commits"] = sum(1 for s, e in commits if e > a and s < b)
         row["journal_commit_ms"] = round(union(commits, a, b) * 1e3, 2)
         row["timeline"] = [f"+{(t - a) * 1e3:.2f} ms {what}" for t, what in events if a <= t <= b]

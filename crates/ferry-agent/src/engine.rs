@@ -341,6 +341,18 @@ pub fn run_agent(o: &AgentOptions, stop: &AtomicBool) -> Result<AgentSummary, Ag
     // A frozen filesystem left by an agent that died mid-cut (the watchdog thaws those; this is
     // the belt to its braces).
     if ferry_freeze::is_root() {
+        // And the RCU switch an agent that died inside FIFREEZE left on, whatever this agent's
+        // settings (ferry_freeze::rcu).
+        match ferry_freeze::rcu::restore_if_ours() {
+            Ok(true) => tracing::warn!(
+                "put {} back to 0: an earlier agent died while freezing",
+                ferry_freeze::rcu::KNOB
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot put {} back to 0", ferry_freeze::rcu::KNOB)
+            }
+        }
         match ferry_freeze::discover(&o.disks) {
             Ok(mounts) if !mounts.is_empty() => match ferry_freeze::thaw_all(&mounts) {
                 Ok(thawed) if !thawed.is_empty() => {

@@ -166,8 +166,9 @@ struct RunArgs {
     #[arg(long)]
     freeze_bound: Option<String>,
     /// Do not expedite the kernel's RCU grace periods during FIFREEZE. By default the agent sets
-    /// /sys/kernel/rcu_expedited to 1 for the few milliseconds FIFREEZE runs (if it is 0), which
-    /// shortens the time writers are blocked (docs/AGENT.md) [key expedite_rcu = false].
+    /// /sys/kernel/rcu_expedited to 1 while FIFREEZE runs (if it is 0; milliseconds, longer with
+    /// much dirty data to flush), which shortens the time writers are blocked (docs/AGENT.md)
+    /// [key expedite_rcu = false].
     #[arg(long)]
     no_expedite_rcu: bool,
     /// Most this agent sends, for a guest on a thin uplink: 20MiB/s, 100Mbit/s or unlimited

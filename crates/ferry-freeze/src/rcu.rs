@@ -11,10 +11,12 @@
 //!
 //! The switch is the whole machine's, so [`Expedite`] turns it on only around the FIFREEZE
 //! calls, and only when it is off; a value of 1 someone else set is left alone. Before turning it
-//! on it writes a marker ([`MARKER`], in `/run`, which no freeze touches) saying the 1 is Ferry's.
-//! Whoever ends first puts the switch back to 0 and removes the marker: the agent when FIFREEZE
-//! returns, the thaw watchdog when the agent dies ([`restore_if_ours`]), or the next freeze when
-//! both died (it finds the marker).
+//! on it writes a marker ([`MARKER`], in `/run`, which no freeze touches; the systemd unit's
+//! runtime directory) saying the 1 is Ferry's. Whoever ends first puts the switch back to 0 and
+//! removes the marker: the agent when FIFREEZE returns, the thaw watchdog when the agent dies
+//! ([`restore_if_ours`]), the agent's next start (whatever its settings), or the package's
+//! removal. A switch Ferry cannot write (a sandbox that keeps `/sys` read-only) is said once, as
+//! a warning: the freeze works, only its window is longer.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,16 @@ use std::path::{Path, PathBuf};
 /// The kernel's switch.
 pub const KNOB: &str = "/sys/kernel/rcu_expedited";
 /// Present while the switch is 1 because Ferry set it.
-pub const MARKER: &str = "/run/ferry-rcu-expedited";
+pub const MARKER: &str = "/run/ferry-agent/rcu-expedited";
+
+/// Set once the warning that the switch cannot be written has been logged.
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn warn_once(what: &str, err: &io::Error) {
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(error = %err, "cannot {what}, so RCU grace periods are not expedited during freezes: the freeze window is longer (tens of ms under load); under systemd the unit needs ReadWritePaths={KNOB} and RuntimeDirectory=ferry-agent (systemd/ferry-agent.service has both); or set expedite_rcu = false");
+    }
+}
 
 /// RCU grace periods expedited until [`Expedite::end`] or drop (see the module documentation).
 pub struct Expedite {
@@ -55,14 +66,21 @@ impl Expedite {
             // Someone else's choice, or no such switch (not Linux, an old kernel, no sysfs).
             _ => return e,
         }
+        if let Some(dir) = marker.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
         if let Err(err) = std::fs::write(marker, b"1\n") {
-            tracing::debug!(error = %err, marker = %marker.display(), "cannot write the marker; RCU grace periods not expedited");
+            warn_once(&format!("write {}", marker.display()), &err);
             return e;
         }
         match std::fs::write(knob, b"1") {
             Ok(()) => e.ours = true,
             Err(err) => {
-                tracing::debug!(error = %err, "cannot expedite RCU grace periods");
+                warn_once(&format!("write {}", knob.display()), &err);
                 let _ = std::fs::remove_file(marker);
             }
         }
@@ -91,7 +109,7 @@ impl Drop for Expedite {
 }
 
 /// Puts the switch back to 0 if Ferry's marker says a Ferry process set it (the thaw watchdog,
-/// when the agent died during FIFREEZE).
+/// when the agent died during FIFREEZE; the agent at start).
 pub fn restore_if_ours() -> io::Result<bool> {
     restore_if_ours_at(Path::new(KNOB), Path::new(MARKER))
 }

@@ -13,6 +13,13 @@ use std::time::Duration;
 use common::*;
 use ferry_freeze::rcu::{KNOB, MARKER};
 
+/// The two tests share the machine's switch: one at a time.
+static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one() -> std::sync::MutexGuard<'static, ()> {
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn knob() -> String {
     std::fs::read_to_string(KNOB).unwrap().trim().to_owned()
 }
@@ -74,6 +81,7 @@ fn freeze_watching(expedite: bool) -> bool {
 #[test]
 fn grace_periods_are_expedited_while_fifreeze_runs_and_only_then() {
     let test = "grace_periods_are_expedited_while_fifreeze_runs_and_only_then";
+    let _one = one();
     if let Some(why) = loop_skip_reason(&["mkfs.ext4"]).or_else(knob_skip_reason) {
         skip(test, &why);
         return;
@@ -92,6 +100,7 @@ fn grace_periods_are_expedited_while_fifreeze_runs_and_only_then() {
 #[test]
 fn the_watchdog_puts_the_switch_back_when_the_agent_dies_inside_fifreeze() {
     let test = "the_watchdog_puts_the_switch_back_when_the_agent_dies_inside_fifreeze";
+    let _one = one();
     if let Some(why) = knob_skip_reason() {
         skip(test, &why);
         return;

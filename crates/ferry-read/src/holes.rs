@@ -99,6 +99,11 @@ impl DataMap {
         }
     }
 
+    /// Whether the source is a regular file (its own map).
+    pub fn is_file(&self) -> bool {
+        matches!(self.kind, Kind::File)
+    }
+
     /// What backs the source, for a log line: `None` for a regular file (itself).
     pub fn backing(&self) -> Option<&Path> {
         match &self.kind {
@@ -135,7 +140,9 @@ impl DataMap {
     }
 
     /// The first offset at or after `offset` of the source that may hold data; `None` when only a
-    /// hole follows to the end of what backs it (zeros). Where the kernel cannot tell, `offset`.
+    /// hole follows to the end of what backs it. For a loop device that is zeros (the loop reads
+    /// zeros past its file's end); for a file, the caller checks it did not shrink (bytes that
+    /// are gone are not zeros). Where the kernel cannot tell, `offset`.
     pub fn next_data(&self, source: &File, offset: u64) -> io::Result<Option<u64>> {
         self.seek(source, offset, libc::SEEK_DATA)
     }
@@ -164,8 +171,11 @@ impl DataMap {
         let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
         if r >= 0 {
             let r = r as u64;
-            // A backing file's data before the loop's start cannot be returned: the seek starts
-            // at `at` >= base.
+            // The kernel answers at or after `at` (>= base); anything else is taken for data at
+            // `offset`, never for a hole.
+            if r < at {
+                return Ok(Some(offset));
+            }
             return Ok(Some(r - base));
         }
         let e = io::Error::last_os_error();
@@ -225,12 +235,21 @@ fn loop_map(dev: &File, rdev: u64) -> Result<DataMap, String> {
         Err(_) => return Err("not a loop device: its allocation is not visible".into()),
     };
     let attached = loop_status(dev).map_err(|e| format!("LOOP_GET_STATUS64: {e}"))?;
-    let backing = File::open(&backing_path).map_err(|e| {
-        format!(
-            "cannot open its backing file {} ({e})",
-            backing_path.display()
-        )
-    })?;
+    // Non-blocking and not through a final symlink: the path is only a hint (the identity check
+    // below decides), and a FIFO put in its place must not hang the reader.
+    let backing = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(&backing_path)
+            .map_err(|e| {
+                format!(
+                    "cannot open its backing file {} ({e})",
+                    backing_path.display()
+                )
+            })?
+    };
     let meta = backing
         .metadata()
         .map_err(|e| format!("cannot stat {} ({e})", backing_path.display()))?;

@@ -351,6 +351,11 @@ impl<'a> Holes<'a> {
     /// The first data at or after `a`, and its end.
     fn window(&self, a: u64) -> std::io::Result<(u64, u64)> {
         let Some(start) = self.map.next_data(self.file, a)? else {
+            // Only a hole to the end, or a file that shrank: then the read says so (zeros are
+            // never made up for bytes that are gone).
+            if self.map.is_file() && self.file.metadata()?.len() < self.size {
+                return Err(std::io::Error::other("the file shrank while open"));
+            }
             return Ok((self.size, self.size));
         };
         let start = start.min(self.size);

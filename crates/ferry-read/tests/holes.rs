@@ -229,3 +229,26 @@ fn data_dirty_in_the_device_s_page_cache_is_read_not_taken_for_a_hole() {
     assert_eq!(holes, img.hole_bytes(0, size) - CHUNK_SIZE);
     drop(dev);
 }
+
+/// A file that shrank while open is an error, not zeros for the bytes that are gone (the kernel
+/// reports what follows its new end as "no data" too).
+#[test]
+fn a_file_that_shrank_is_an_error_not_zeros() {
+    let size = 8 * MIB;
+    let img = Image::new(size, vec![(0, random_bytes(MIB as usize, 5))]);
+    let mut reader = ChunkReader::open(img.file.path(), 4).expect("open");
+    img.file.as_file().set_len(2 * MIB).expect("truncate");
+    let all: Vec<u64> = (0..size / CHUNK_SIZE).collect();
+    let mut past_the_end = 0;
+    let r = reader.read_chunks(&all, |i, _| {
+        if i * CHUNK_SIZE >= 2 * MIB {
+            past_the_end += 1;
+        }
+        Ok::<(), String>(())
+    });
+    assert!(
+        r.is_err(),
+        "a read past the new end succeeded: {past_the_end} chunks handed over as zeros"
+    );
+    assert_eq!(past_the_end, 0);
+}

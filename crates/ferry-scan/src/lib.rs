@@ -125,8 +125,14 @@ impl Source {
             op: "find the data of",
             source,
         };
-        if !map.settle(&self.file, offset, len).map_err(err)? {
-            return Ok(offset);
+        match map.settle(&self.file, offset, len) {
+            Ok(true) => {}
+            // Not attached as when opened, or its page cache cannot be written: read it.
+            Ok(false) => return Ok(offset),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot settle the loop device's page cache: reading the block");
+                return Ok(offset);
+            }
         }
         match map.next_data(&self.file, offset).map_err(err)? {
             Some(at) => Ok(at.min(self.size)),

@@ -72,9 +72,11 @@ fn a_sparse_loop_device_reads_its_data_not_its_holes_and_digests_exactly() {
     drop(src);
 
     assert_eq!(r.hole_bytes, size - data_block_bytes);
-    // The data blocks, and at most a udev probe's worth besides.
+    // At most the data blocks, and a udev probe's and readahead's worth besides. (No lower bound:
+    // a probe on attach may have cached some data blocks already. A hole taken for data shows
+    // here; data taken for a hole, in the digest below.)
     assert!(
-        read >= data_block_bytes && read < data_block_bytes + (4 << 20),
+        read < data_block_bytes + (4 << 20),
         "read {read} bytes of {}; the blocks holding data are {data_block_bytes} bytes",
         lo.dev.display()
     );

@@ -1289,10 +1289,12 @@ struct Prepared {
 impl Prepared {
     fn finish(mut self, m: Message) -> Vec<CacheEntry> {
         if self.moves {
-            if let ([CacheEntry::Write { data, .. }], Message::Write { data: whole, .. }) =
-                (self.entries.as_mut_slice(), m)
-            {
-                *data = whole;
+            match (self.entries.as_mut_slice(), m) {
+                ([CacheEntry::Write { data, .. }], Message::Write { data: whole, .. }) => {
+                    *data = whole
+                }
+                // `prepare` made one Write entry from this same Write message.
+                _ => unreachable!("a moving entry prepared from something else than a Write"),
             }
         }
         self.entries

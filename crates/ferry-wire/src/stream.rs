@@ -60,7 +60,13 @@ impl ReadState {
     /// growth of `read_to_end` (128 KiB for a 64 KiB Write). A larger announced frame grows as its
     /// bytes arrive: a peer that announces 4 MiB and sends nothing pins nothing.
     pub(crate) fn reserve(&mut self, len: u32) {
-        self.buf.reserve_exact((len as usize).min(EXACT_UP_TO));
+        let want = (len as usize).min(EXACT_UP_TO);
+        // A buffer grown by an earlier large frame (kept: only Writes take theirs) would move
+        // its whole capacity into the cache with the next Write.
+        if self.buf.capacity() > EXACT_UP_TO {
+            self.buf = Vec::new();
+        }
+        self.buf.reserve_exact(want);
     }
 
     pub(crate) fn new() -> Self {
