@@ -4,8 +4,8 @@
 prints how long the loop device had a cache flush outstanding, how long no request at all was
 outstanding on the loop device or the disk under its backing file (`io_idle_ms`), how many
 flushes and FUA writes each got, the journal commits inside the window, and a timeline.
-Requests are paired issue to completion by device and sector (flushes, which have none, in
-order).
+Requests are paired issue to completion by device and sector (the latest issue; flushes, which
+have none, in order); a pair more than a second apart is dropped as unmatched.
 
 Usage: freeze-trace.py PERF_SCRIPT_TXT LOOP_MAJ,MIN DISK_MAJ,MIN   (prints JSON)
 """
@@ -68,8 +68,12 @@ def main():
             if ev.endswith("issue"):
                 issued.setdefault(key, []).append((ts, nbytes))
             elif issued.get(key):
-                t0, nb = issued[key].pop(0)
-                reqs.append((dev, kind, t0, ts, nb))
+                # Flushes in order; a data request with the latest issue at its sector (an
+                # issue never completed under the same key, e.g. a merged request, must not pair
+                # with a much later completion), and none outstanding for more than a second.
+                t0, nb = issued[key].pop(0 if sector is None else -1)
+                if ts - t0 < 1.0:
+                    reqs.append((dev, kind, t0, ts, nb))
         elif ev == "jbd2:jbd2_start_commit" and jdev(rest) == loop:
             open_commit[loop] = ts
             events.append((ts, "journal commit start"))

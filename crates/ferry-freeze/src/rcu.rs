@@ -4,10 +4,10 @@
 //! per-CPU rw-semaphore whose write side first waits for an RCU grace period
 //! (`percpu_down_write` → `rcu_sync_enter` → `synchronize_rcu`). On a busy machine a normal grace
 //! period lasts several scheduler ticks, and writers are blocked from the first level on.
-//! Measured on a 2-vCPU VM at 50 MB/s of writes (`TRACE=1 benches/cut-window.sh`): of 40 ms
-//! inside FIFREEZE, about 30 ms had no I/O outstanding at all. With `/sys/kernel/rcu_expedited`
-//! set to 1, `synchronize_rcu` is expedited (an IPI to each CPU, microseconds), and the time
-//! inside FIFREEZE fell to 11.5 ms.
+//! Measured on a 2-vCPU VM at 50 MB/s of writes (`TRACE=1 benches/cut-window.sh`): of 42 ms
+//! inside FIFREEZE (median), 33 ms had no block request outstanding at all. With
+//! `/sys/kernel/rcu_expedited` set to 1, `synchronize_rcu` is expedited (an IPI to each CPU,
+//! microseconds), and the time inside FIFREEZE fell to 9 ms, 1.6 ms of it without I/O.
 //!
 //! The switch is the whole machine's, so [`Expedite`] turns it on only around the FIFREEZE
 //! calls, and only when it is off; a value of 1 someone else set is left alone. Before turning it
