@@ -28,19 +28,7 @@ cleanup() {
     rm -rf "$W"
 }
 trap cleanup EXIT
-python3 - "$W/disk.img" "$SIZE" "$DATA" <<'EOF'
-import os, sys
-path, size, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ext = 64 << 20
-n = max(1, data // ext)
-stride = size // n
-with open(path, "wb") as f:
-    f.truncate(size)
-    for i in range(n):
-        f.seek(i * stride + (i * 4096) % stride if stride > ext else i * ext)
-        f.write(os.urandom(min(ext, data - i * ext)))
-    os.fsync(f.fileno())
-EOF
+python3 benches/mksparse.py "$W/disk.img" "$SIZE" "$DATA"
 DEV=$(losetup --find --show "$W/disk.img")
 NAME=$(basename "$DEV")
 echo "$DEV over a $SIZE-byte file holding $(du -B1 "$W/disk.img" | cut -f1) bytes"

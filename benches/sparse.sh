@@ -48,18 +48,7 @@ cp "$target/release/ferry" "$work/ferry"
 (umask 077 && rm -f "$work/key" && printf '%064x\n' 7 >"$work/key")
 img=$work/sparse.img
 echo "work dir: $work; making a $SIZE-byte sparse image with $DATA bytes of data..."
-python3 - "$img" "$SIZE" "$DATA" <<'EOF'
-import os, sys
-path, size, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ext = 64 << 20
-n = max(1, data // ext)
-stride = size // n
-with open(path, "wb") as f:
-    f.truncate(size)
-    for i in range(n):
-        f.seek(i * stride + (i * 4096) % stride if stride > ext else i * ext)
-        f.write(os.urandom(min(ext, data - i * ext)))
-EOF
+python3 benches/mksparse.py "$img" "$SIZE" "$DATA"
 echo "allocated: $(du -B1 "$img" | cut -f1) bytes"
 src=$img
 if [[ $DEVICE == 1 ]]; then

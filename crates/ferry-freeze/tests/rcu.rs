@@ -139,6 +139,7 @@ fn the_watchdog_puts_the_switch_back_when_the_agent_dies_inside_fifreeze() {
     };
     assert_eq!((n, ready[0]), (1, b'R'), "the watchdog's ready message");
     // What an agent leaves when it dies inside FIFREEZE: its marker, the switch on...
+    std::fs::create_dir_all(Path::new(MARKER).parent().unwrap()).unwrap();
     std::fs::write(MARKER, "1\n").unwrap();
     std::fs::write(KNOB, "1").unwrap();
     // ...and its end of the socket closed by the kernel, with no clean end.

@@ -235,13 +235,15 @@ fn loop_map(dev: &File, rdev: u64) -> Result<DataMap, String> {
         Err(_) => return Err("not a loop device: its allocation is not visible".into()),
     };
     let attached = loop_status(dev).map_err(|e| format!("LOOP_GET_STATUS64: {e}"))?;
-    // Non-blocking and not through a final symlink: the path is only a hint (the identity check
-    // below decides), and a FIFO put in its place must not hang the reader.
-    let backing = {
+    // The path is only a hint (a user who set the loop up may have changed what it names). It is
+    // opened with O_PATH first, which opens nothing (no device's open, no FIFO wait), checked to be
+    // the very file the loop is attached to, and only then opened for reading, through that
+    // descriptor.
+    let hint = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
             .open(&backing_path)
             .map_err(|e| {
                 format!(
@@ -250,14 +252,21 @@ fn loop_map(dev: &File, rdev: u64) -> Result<DataMap, String> {
                 )
             })?
     };
-    let meta = backing
-        .metadata()
-        .map_err(|e| format!("cannot stat {} ({e})", backing_path.display()))?;
-    if (meta.dev(), meta.ino()) != (attached.dev, attached.ino) || !meta.file_type().is_file() {
+    let is_it = |f: &File| {
+        f.metadata().is_ok_and(|m| {
+            m.file_type().is_file() && (m.dev(), m.ino()) == (attached.dev, attached.ino)
+        })
+    };
+    if !is_it(&hint) {
         return Err(format!(
             "{} is not the file the loop is attached to (deleted or replaced)",
             backing_path.display()
         ));
+    }
+    let backing = File::open(format!("/proc/self/fd/{}", hint.as_raw_fd()))
+        .map_err(|e| format!("cannot open {} ({e})", backing_path.display()))?;
+    if !is_it(&backing) {
+        return Err(format!("{} changed while opened", backing_path.display()));
     }
     Ok(DataMap {
         kind: Kind::Loop {

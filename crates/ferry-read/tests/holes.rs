@@ -247,8 +247,8 @@ fn a_file_that_shrank_is_an_error_not_zeros() {
         Ok::<(), String>(())
     });
     assert!(
-        r.is_err(),
-        "a read past the new end succeeded: {past_the_end} chunks handed over as zeros"
+        matches!(r, Err(ferry_read::ReadError::Eof { .. })),
+        "not an end-of-file error: {r:?}; {past_the_end} chunks past the new end handed over"
     );
     assert_eq!(past_the_end, 0);
 }

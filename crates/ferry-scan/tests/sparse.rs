@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 
-use common::pattern;
+use common::{data_blocks, pattern};
 use ferry_crypto::{Digest, MasterKey, ZERO_DIGEST};
 use ferry_format::CHUNK_SIZE;
 use ferry_scan::{scan, Change, Source, BLOCK_SIZE};
@@ -44,12 +44,7 @@ fn a_sparse_image_reads_its_data_not_its_holes_and_digests_exactly() {
     f.sync_all().unwrap();
     drop(f);
     // The blocks holding data: what must be read, and no more.
-    let mut data_blocks = std::collections::BTreeSet::new();
-    for (off, data) in &regions {
-        for b in off / BLOCK_SIZE as u64..=(off + data.len() as u64 - 1) / BLOCK_SIZE as u64 {
-            data_blocks.insert(b);
-        }
-    }
+    let data_blocks = data_blocks(&regions);
     let data_block_bytes: u64 = data_blocks
         .iter()
         .map(|b| (size - b * BLOCK_SIZE as u64).min(BLOCK_SIZE as u64))

@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 
-use common::pattern;
+use common::{data_blocks, pattern};
 use ferry_crypto::MasterKey;
 use ferry_scan::{scan, Source, BLOCK_SIZE};
 use ferry_testkit::loopdev::Loop;
@@ -47,12 +47,7 @@ fn a_sparse_loop_device_reads_its_data_not_its_holes_and_digests_exactly() {
     }
     f.sync_all().unwrap();
     drop(f);
-    let mut data_blocks = std::collections::BTreeSet::new();
-    for (off, data) in &regions {
-        for b in off / BLOCK_SIZE as u64..=(off + data.len() as u64 - 1) / BLOCK_SIZE as u64 {
-            data_blocks.insert(b);
-        }
-    }
+    let data_blocks = data_blocks(&regions);
     let data_block_bytes = data_blocks.len() as u64 * BLOCK_SIZE as u64;
 
     let lo = match Loop::attach(&path) {

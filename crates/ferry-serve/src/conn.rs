@@ -1280,28 +1280,39 @@ fn check_record(shared: &Shared, vm: &str, m: &Message) -> Result<(), Refusal> {
 /// shared). A Write that is one piece (inside one chunk, not zero: what ferry-agent sends) gives its
 /// buffer to its entry instead of a copy; [`Prepared::finish`] moves it once the checks under the
 /// lock, which read the message, are done.
-struct Prepared {
+struct Prepared<'a> {
     entries: Vec<CacheEntry>,
     /// `entries` is one Write whose data is still in the message.
     moves: bool,
+    /// For the copying path, should `finish` get another message than `prepare` did.
+    key: &'a MasterKey,
+    vm: String,
 }
 
-impl Prepared {
+impl Prepared<'_> {
+    /// The entries, given the message they were prepared from. Never panics (it runs under the
+    /// VM lock): a message that does not match what was prepared is cut and copied afresh.
     fn finish(mut self, m: Message) -> Vec<CacheEntry> {
-        if self.moves {
-            match (self.entries.as_mut_slice(), m) {
-                ([CacheEntry::Write { data, .. }], Message::Write { data: whole, .. }) => {
-                    *data = whole
-                }
-                // `prepare` made one Write entry from this same Write message.
-                _ => unreachable!("a moving entry prepared from something else than a Write"),
+        if !self.moves {
+            return self.entries;
+        }
+        match (self.entries.as_mut_slice(), m) {
+            ([CacheEntry::Write { data, .. }], Message::Write { data: whole, .. }) => {
+                *data = whole;
+                self.entries
+            }
+            (_, other) => {
+                debug_assert!(
+                    false,
+                    "prepared from a one-piece Write, finished with {other:?}"
+                );
+                to_entries(self.key, self.vm, &other)
             }
         }
-        self.entries
     }
 }
 
-fn prepare(key: &MasterKey, vm: String, m: &Message) -> Prepared {
+fn prepare<'a>(key: &'a MasterKey, vm: String, m: &Message) -> Prepared<'a> {
     if let Message::Write {
         disk, offset, data, ..
     } = m
@@ -1310,19 +1321,23 @@ fn prepare(key: &MasterKey, vm: String, m: &Message) -> Prepared {
         if data.len() <= room && !is_zero(data) {
             return Prepared {
                 entries: vec![CacheEntry::Write {
-                    vm,
+                    vm: vm.clone(),
                     disk: disk.clone(),
                     offset: *offset,
                     digest: key.digest(data),
                     data: Vec::new(),
                 }],
                 moves: true,
+                key,
+                vm,
             };
         }
     }
     Prepared {
-        entries: to_entries(key, vm, m),
+        entries: to_entries(key, vm.clone(), m),
         moves: false,
+        key,
+        vm,
     }
 }
 

@@ -9,6 +9,9 @@ use crate::WireError;
 /// Payloads up to this size are read into a buffer of exactly their size (a ferry-agent Write is
 /// 64 KiB and its fields).
 pub const EXACT_UP_TO: usize = 128 * 1024 + 4096;
+/// How much larger than a frame a kept buffer may be before it is replaced by one of the frame's
+/// size.
+const SLACK: usize = 4096;
 
 /// Sequence-number order of one direction of a connection: records strictly increase, acks never
 /// go backwards.
@@ -61,9 +64,9 @@ impl ReadState {
     /// bytes arrive: a peer that announces 4 MiB and sends nothing pins nothing.
     pub(crate) fn reserve(&mut self, len: u32) {
         let want = (len as usize).min(EXACT_UP_TO);
-        // A buffer grown by an earlier large frame (kept: only Writes take theirs) would move
+        // A buffer grown by an earlier, larger frame (kept: only Writes take theirs) would move
         // its whole capacity into the cache with the next Write.
-        if self.buf.capacity() > EXACT_UP_TO {
+        if self.buf.capacity() > want + SLACK {
             self.buf = Vec::new();
         }
         self.buf.reserve_exact(want);
@@ -335,5 +338,31 @@ impl<W: Write> FrameWriter<W> {
     }
     pub fn into_inner(self) -> W {
         self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer kept from a larger frame is not what a small Write's data moves out in.
+    #[test]
+    fn a_small_frame_after_a_large_one_gets_a_buffer_of_its_size() {
+        let mut st = ReadState::new();
+        for (before, len) in [(4 << 20, 4096u32), (132 * 1024, 4096), (200_000, 65_600)] {
+            st.buf = Vec::with_capacity(before);
+            st.reserve(len);
+            assert!(st.buf.capacity() >= len as usize);
+            assert!(
+                st.buf.capacity() <= len as usize + SLACK,
+                "{before} then {len}: capacity {}",
+                st.buf.capacity()
+            );
+        }
+        // A buffer already about the right size is kept (no allocation per frame).
+        st.buf = Vec::with_capacity(65_600);
+        let at = st.buf.as_ptr();
+        st.reserve(65_000);
+        assert_eq!(st.buf.as_ptr(), at);
     }
 }

@@ -13,3 +13,17 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The scan blocks (`BLOCK_SIZE`) that `regions` (offset, bytes) touch: what a sparse scan must
+/// read, and no more.
+#[allow(dead_code)] // not every test binary uses it
+pub fn data_blocks(regions: &[(u64, Vec<u8>)]) -> std::collections::BTreeSet<u64> {
+    let block = ferry_scan::BLOCK_SIZE as u64;
+    let mut blocks = std::collections::BTreeSet::new();
+    for (off, data) in regions {
+        for b in off / block..=(off + data.len() as u64 - 1) / block {
+            blocks.insert(b);
+        }
+    }
+    blocks
+}
