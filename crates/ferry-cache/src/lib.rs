@@ -706,14 +706,16 @@ impl CacheReader {
                 if st.closed {
                     return Ok(Next::Closed);
                 }
-                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                let now = std::time::Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
                     return Ok(Next::Idle);
                 }
-                let _unused = self
-                    .shared
-                    .cond
-                    .wait_timeout(st, Duration::from_millis(100))
-                    .expect("poisoned");
+                // At most until the deadline: a longer wait would hold an idle caller (the
+                // start-up recovery drain, the flush of a partial segment) past its timeout.
+                let wait = deadline.map_or(Duration::from_millis(100), |d| {
+                    (d - now).min(Duration::from_millis(100))
+                });
+                let _unused = self.shared.cond.wait_timeout(st, wait).expect("poisoned");
                 continue;
             }
             let fi = st

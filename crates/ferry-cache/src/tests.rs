@@ -364,3 +364,28 @@ fn without_memory_everything_is_read_back() {
     }
     assert_eq!((n, r.from_memory()), (30, 0));
 }
+
+/// An idle reader returns when its timeout passes, not at the next 100 ms poll (the start-up
+/// recovery drain of every `ferry replicate` waited 100 ms for nothing).
+#[test]
+fn an_idle_reader_returns_at_its_timeout() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    let mut r = c.reader();
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            r.next_within(Some(Duration::from_millis(10))).unwrap(),
+            Next::Idle
+        ));
+        took.push(t.elapsed());
+    }
+    took.sort();
+    // The median of five: one slow wake-up on a busy machine does not decide.
+    assert!(
+        took[2] < Duration::from_millis(60),
+        "an idle read with a 10 ms timeout took {:?}",
+        took
+    );
+}
