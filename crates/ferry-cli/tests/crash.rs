@@ -24,7 +24,7 @@ fn kill_9_at_random_moments_then_rerun_every_point_exact() {
     fs::File::create(&disk).unwrap().set_len(size).unwrap();
     write_random(&disk, &mut rng, 0, (size / 2) as usize);
     let mut versions: HashMap<String, std::path::PathBuf> = HashMap::new();
-    // How long an undisturbed initial run takes, to aim kills inside runs.
+    // How long a run takes, to aim kills inside runs: adjusted whenever one ends before its kill.
     let mut max_ms = 400;
     let mut killed_mid_run = 0;
     // Points of runs that exited 0: each must still be listed at the end.
@@ -56,7 +56,16 @@ fn kill_9_at_random_moments_then_rerun_every_point_exact() {
         let t0 = Instant::now();
         let mut child = c.spawn().unwrap();
         let wait = Duration::from_millis(rng.below(max_ms));
-        std::thread::sleep(wait);
+        // Until the kill, or until the run ends by itself: then later kills aim within the time
+        // a run takes now (incremental runs are much shorter than the first).
+        let mut ended_in = None;
+        while t0.elapsed() < wait {
+            if child.try_wait().unwrap().is_some() {
+                ended_in = Some(t0.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let finished = child.try_wait().unwrap().is_some();
         child.kill().ok(); // SIGKILL
         let o = child.wait_with_output().unwrap();
@@ -67,8 +76,9 @@ fn kill_9_at_random_moments_then_rerun_every_point_exact() {
         }
         if !finished && !status.success() {
             killed_mid_run += 1;
-        } else if i == 0 {
-            max_ms = (t0.elapsed().as_millis() as u64 * 3 / 2).max(50);
+        }
+        if let Some(d) = ended_in {
+            max_ms = (d.as_millis() as u64).max(20);
         }
         // Sometimes let a whole run finish between kills.
         if rng.below(4) == 0 {
