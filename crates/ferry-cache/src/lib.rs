@@ -7,7 +7,8 @@
 //! new start of the log (`consumed`, written durably) and deletes whole files below it.
 //!
 //! Invariants:
-//! - A record is returned by `sync` as durable only after `fdatasync` of its file.
+//! - A record is returned by `sync` as durable only after `fdatasync` of its file; `sync_behind`
+//!   publishes it as durable (to [`Cache::durable_seq`] and the reader) only after the same.
 //! - Quota: appends block (after syncing, so the drainer can progress) while the files on disk exceed
 //!   the quota. A full cache means backpressure, never dropped data or unbounded memory.
 //! - Recovery ([`Cache::open`]) scans every file from the consumed position. A torn or corrupt
@@ -352,6 +353,7 @@ impl Cache {
         let next = self.shared.state.lock().expect("poisoned").durable;
         let mut w = CacheWriter {
             shared: self.shared.clone(),
+            behind: None,
             file: None,
             sealer: None,
             buf: Vec::with_capacity(8 << 20),
@@ -443,9 +445,11 @@ impl Cache {
     }
 }
 
-/// Appends records; see [`CacheWriter::sync`].
+/// Appends records; see [`CacheWriter::sync`] and [`CacheWriter::sync_behind`].
 pub struct CacheWriter {
     shared: Arc<Shared>,
+    /// The thread of [`Self::sync_behind`], started by its first call.
+    behind: Option<Behind>,
     file: Option<(File, PathBuf)>,
     sealer: Option<Sealer>,
     buf: Vec<u8>,
@@ -456,6 +460,105 @@ pub struct CacheWriter {
     /// Records appended since the last sync, to be kept in memory once durable.
     stash: Vec<MemRecord>,
     stash_bytes: u64,
+}
+
+/// A group commit handed to the background syncer by [`CacheWriter::sync_behind`]: the records
+/// below `next_seq`, all written to `file` below `file_len`.
+struct SyncJob {
+    file: File,
+    path: PathBuf,
+    file_len: u64,
+    next_seq: u64,
+    stash: Vec<MemRecord>,
+    stash_bytes: u64,
+}
+
+#[derive(Default)]
+struct BehindState {
+    job: Option<SyncJob>,
+    /// A job was handed over and is not published yet.
+    busy: bool,
+    /// What the last job's sync returned, for the writer's next call.
+    failed: Option<CacheError>,
+    /// A sync failed once: the file's unsynced writes may be gone (a failed fdatasync is not
+    /// retried), so this writer makes nothing durable any more.
+    poisoned: bool,
+    quit: bool,
+    /// Bytes of the job's records bound for memory, counted against the budget until published.
+    inflight_bytes: u64,
+}
+
+struct Behind {
+    slot: Arc<(Mutex<BehindState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Publishes records below `next_seq`, written to the last file below `file_len`, as durable:
+/// called only after their `fdatasync`.
+fn publish(shared: &Shared, file_len: u64, next_seq: u64, stash: &mut Vec<MemRecord>) {
+    let mut st = shared.state.lock().expect("poisoned");
+    if let Some(last) = st.files.back_mut() {
+        last.len = file_len;
+    }
+    st.durable = next_seq;
+    // Durable now: the reader may take them from memory, as far as the budget allows (the rest
+    // it reads from the file).
+    let budget = shared
+        .memory_budget
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for m in stash.drain(..) {
+        if st.mem_bytes + m.bytes > budget {
+            break;
+        }
+        st.mem_bytes += m.bytes;
+        st.mem.push_back(m);
+    }
+    stash.clear();
+    shared.cond.notify_all();
+}
+
+fn syncer(shared: Arc<Shared>, slot: Arc<(Mutex<BehindState>, Condvar)>) {
+    let (lock, cond) = &*slot;
+    loop {
+        let mut job = {
+            let mut b = lock.lock().expect("poisoned");
+            loop {
+                if let Some(j) = b.job.take() {
+                    break j;
+                }
+                if b.quit {
+                    return;
+                }
+                b = cond.wait(b).expect("poisoned");
+            }
+        };
+        let r = durable::sync_data(&job.file).map_err(io(&job.path, "sync"));
+        if r.is_ok() {
+            publish(&shared, job.file_len, job.next_seq, &mut job.stash);
+        }
+        let mut b = lock.lock().expect("poisoned");
+        b.busy = false;
+        b.inflight_bytes = b.inflight_bytes.saturating_sub(job.stash_bytes);
+        if let Err(e) = r {
+            b.poisoned = true;
+            b.failed = Some(e);
+        }
+        cond.notify_all();
+    }
+}
+
+impl Drop for CacheWriter {
+    /// Lets a job in flight finish (its records become durable and visible), then stops the
+    /// syncer. Records appended after the last sync stay unsynced, as without it.
+    fn drop(&mut self) {
+        if let Some(mut b) = self.behind.take() {
+            b.slot.0.lock().expect("poisoned").quit = true;
+            b.slot.1.notify_all();
+            if let Some(t) = b.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
 }
 
 impl CacheWriter {
@@ -536,7 +639,11 @@ impl CacheWriter {
             .shared
             .memory_budget
             .load(std::sync::atomic::Ordering::Relaxed);
-        if self.stash_bytes + bytes <= budget {
+        let inflight = self
+            .behind
+            .as_ref()
+            .map_or(0, |b| b.slot.0.lock().expect("poisoned").inflight_bytes);
+        if self.stash_bytes + inflight + bytes <= budget {
             self.stash_bytes += bytes;
             self.stash.push(MemRecord {
                 seq,
@@ -593,30 +700,76 @@ impl CacheWriter {
     /// not yet appended.
     pub fn sync(&mut self) -> Result<u64, CacheError> {
         self.write_buf()?;
+        self.wait_behind()?;
         let (f, p) = self.file.as_ref().expect("a file is open");
         durable::sync_data(f).map_err(io(p, "sync"))?;
-        let mut st = self.shared.state.lock().expect("poisoned");
-        if let Some(last) = st.files.back_mut() {
-            last.len = self.file_len;
-        }
-        st.durable = self.next_seq;
-        // Durable now: the reader may take them from memory, as far as the budget allows (the
-        // rest it reads from the file).
-        let budget = self
-            .shared
-            .memory_budget
-            .load(std::sync::atomic::Ordering::Relaxed);
         self.stash_bytes = 0;
-        for m in self.stash.drain(..) {
-            if st.mem_bytes + m.bytes > budget {
-                break;
-            }
-            st.mem_bytes += m.bytes;
-            st.mem.push_back(m);
-        }
-        self.stash.clear();
-        self.shared.cond.notify_all();
+        publish(&self.shared, self.file_len, self.next_seq, &mut self.stash);
         Ok(self.next_seq)
+    }
+
+    /// A group commit that does not wait for the disk: hands every record appended so far to a
+    /// background thread, which syncs them and then makes them durable and visible to readers,
+    /// as [`Self::sync`] does, while the caller goes on appending. Returns once the previous
+    /// one has finished (one is in flight at a time), with its error if it failed; [`Self::sync`]
+    /// waits for it too. A record counts as durable only once [`Cache::durable_seq`] is past it.
+    pub fn sync_behind(&mut self) -> Result<(), CacheError> {
+        self.write_buf()?;
+        self.wait_behind()?;
+        let (f, p) = self.file.as_ref().expect("a file is open");
+        let job = SyncJob {
+            file: f.try_clone().map_err(io(p, "open"))?,
+            path: p.clone(),
+            file_len: self.file_len,
+            next_seq: self.next_seq,
+            stash: std::mem::take(&mut self.stash),
+            stash_bytes: std::mem::take(&mut self.stash_bytes),
+        };
+        if self.behind.is_none() {
+            let slot = Arc::new((Mutex::new(BehindState::default()), Condvar::new()));
+            let (shared, s2) = (self.shared.clone(), slot.clone());
+            let thread = std::thread::Builder::new()
+                .name("ferry-cache-sync".into())
+                .spawn(move || syncer(shared, s2))
+                .map_err(io(p, "start a syncer thread for"))?;
+            self.behind = Some(Behind {
+                slot,
+                thread: Some(thread),
+            });
+        }
+        let b = self.behind.as_ref().expect("just set");
+        let mut st = b.slot.0.lock().expect("poisoned");
+        st.inflight_bytes += job.stash_bytes;
+        st.busy = true;
+        st.job = Some(job);
+        b.slot.1.notify_all();
+        Ok(())
+    }
+
+    /// Waits for the job of [`Self::sync_behind`] in flight; its error, or a later call's once
+    /// one failed.
+    fn wait_behind(&mut self) -> Result<(), CacheError> {
+        let Some(b) = &self.behind else {
+            return Ok(());
+        };
+        let mut st = b.slot.0.lock().expect("poisoned");
+        while st.busy {
+            st = b.slot.1.wait(st).expect("poisoned");
+        }
+        if let Some(e) = st.failed.take() {
+            return Err(e);
+        }
+        if st.poisoned {
+            let p = self.file.as_ref().map(|f| f.1.clone()).unwrap_or_default();
+            return Err(CacheError::Io {
+                path: p,
+                op: "sync",
+                source: std::io::Error::other(
+                    "an earlier group commit of this writer failed; nothing after it is made durable",
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Sequence number the next record will get.

@@ -226,6 +226,9 @@ fn a_torn_tail_is_truncated_and_new_records_go_to_a_new_file_with_a_new_salt() {
     assert_eq!(read_all(&c).len(), 10);
 }
 
+/// The crash-state recorder is process-wide: its tests take turns.
+static CRASHSIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Power-loss proof for the cache: the crash state "nothing unsynced survived"
 /// (`ferry_durable::crashsim`) after every sync of a writer that rotates files, and on each every
 /// record returned by `sync` as durable is recovered, with its content. Catches a missing group
@@ -234,6 +237,7 @@ fn a_torn_tail_is_truncated_and_new_records_go_to_a_new_file_with_a_new_salt() {
 fn every_crash_state_keeps_every_record_sync_returned() {
     use ferry_durable::crashsim;
     use std::sync::{Arc, Mutex};
+    let _one = CRASHSIM.lock().unwrap_or_else(|e| e.into_inner());
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
     let acked = Arc::new(Mutex::new(0u64));
@@ -388,4 +392,140 @@ fn an_idle_reader_returns_at_its_timeout() {
         "an idle read with a 10 ms timeout took {:?}",
         took
     );
+}
+
+/// Polls until every record below `seq` is durable (a background sync publishes it), or panics.
+fn wait_durable(c: &Cache, seq: u64) {
+    let t = std::time::Instant::now();
+    while c.durable_seq() < seq {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "durable_seq stuck at {}, {seq} expected",
+            c.durable_seq()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `sync_behind` makes what was appended before it durable and readable (from memory), in order,
+/// while the writer goes on appending; records appended after it stay invisible until the next
+/// sync; `sync` waits for the one in flight.
+#[test]
+fn sync_behind_publishes_what_came_before_it_and_nothing_after() {
+    let d = tempfile::tempdir().unwrap();
+    let big = CacheConfig {
+        dir: d.path().to_owned(),
+        quota: 64 << 20,
+        file_size: 16 << 20,
+    };
+    let (c, _) = Cache::open(big, key()).unwrap();
+    let mut w = c.writer().unwrap();
+    let mut r = c.reader();
+    for i in 0..10 {
+        w.append_owned(write(i)).unwrap();
+    }
+    w.sync_behind().unwrap();
+    // Appended while the sync is (or may be) in flight: not covered by it.
+    for i in 10..15 {
+        w.append_owned(write(i)).unwrap();
+    }
+    wait_durable(&c, 11);
+    let mut got = Vec::new();
+    while let Next::Record(s, e) = r.next(false).unwrap() {
+        got.push((s, e));
+    }
+    assert_eq!(got.len(), 10, "exactly the records before sync_behind");
+    assert_eq!(
+        c.durable_seq(),
+        11,
+        "nothing after sync_behind became durable"
+    );
+    for (i, (s, e)) in got.iter().enumerate() {
+        assert_eq!((*s, e), (i as u64 + 1, &write(i as u64)));
+    }
+    assert!(
+        r.from_memory() > 0,
+        "records kept in memory are handed over"
+    );
+    w.sync_behind().unwrap();
+    w.append_owned(write(15)).unwrap();
+    assert_eq!(w.sync().unwrap(), 17);
+    assert_eq!(c.durable_seq(), 17);
+    let mut n = 0;
+    while let Next::Record(s, e) = r.next(false).unwrap() {
+        assert_eq!(e, write(s - 1));
+        n += 1;
+    }
+    assert_eq!(n, 6);
+    drop(w);
+    // And from the files, after a reopen.
+    drop(r);
+    drop(c);
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    assert_eq!(read_all(&c).len(), 16);
+}
+
+/// Power-loss proof for `sync_behind`: a crash state is taken after every sync, including one of an
+/// unrelated file made durable once each background sync was published; in every state, each record
+/// [`Cache::durable_seq`] had published is recovered intact. Catches a background sync that
+/// publishes without (or before) its fdatasync.
+#[test]
+fn every_crash_state_keeps_every_record_sync_behind_published() {
+    use ferry_durable::crashsim;
+    use std::sync::{Arc, Mutex};
+    let _one = CRASHSIM.lock().unwrap_or_else(|e| e.into_inner());
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let cache: Arc<Mutex<Option<Cache>>> = Arc::new(Mutex::new(None));
+    let states = {
+        let cache = cache.clone();
+        crashsim::take_states(&root, &d.path().join("crashes"), 2, move || {
+            cache
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or(0, |c| c.durable_seq() - 1)
+        })
+        .unwrap()
+    };
+    let (c, _) = Cache::open(cfg(&root.join("cache")), key()).unwrap();
+    *cache.lock().unwrap() = Some(c.clone());
+    let mut w = c.writer().unwrap();
+    let mut published = 0;
+    for i in 0..120u64 {
+        w.append_owned(write(i)).unwrap();
+        if i % 7 == 6 {
+            let next = w.next_seq();
+            w.sync_behind().unwrap();
+            wait_durable(&c, next);
+            published += 1;
+            // A durable write elsewhere: a crash state with only this background sync behind it.
+            ferry_durable::durable_write(&root.join("marker"), &i.to_le_bytes()).unwrap();
+        }
+    }
+    w.sync().unwrap();
+    drop(w);
+    *cache.lock().unwrap() = None;
+    drop(c);
+    let taken = crashsim::finish(&states);
+    assert!(taken.len() > published, "{} crash states", taken.len());
+    for (state, acked) in taken {
+        let (c, _) = Cache::open(cfg(&state.join("cache")), key()).unwrap_or_else(|e| {
+            panic!(
+                "{}: recovery failed on a legal crash state: {e}",
+                state.display()
+            )
+        });
+        let got = read_all(&c);
+        assert!(
+            got.len() as u64 >= acked,
+            "{}: {} records recovered, {acked} were published as durable",
+            state.display(),
+            got.len()
+        );
+        for (i, (s, e)) in got.iter().enumerate() {
+            assert_eq!(*s, i as u64 + 1);
+            assert_eq!(*e, write(i as u64), "{}: record {s}", state.display());
+        }
+    }
 }

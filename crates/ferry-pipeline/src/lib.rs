@@ -261,6 +261,27 @@ impl<'s> Pipeline<'s> {
         reader: &mut CacheReader,
         until_idle: bool,
     ) -> Result<(), PipelineError> {
+        self.drain_waiting(cache, reader, until_idle, IDLE_WAIT)
+    }
+
+    /// Drains what is durable and unread now, and returns as soon as the reader finds nothing
+    /// more: for a cache no one is writing (what a crashed run left), where waiting for more
+    /// input only delays the start (by 50 ms per `ferry replicate`).
+    pub fn drain_backlog(
+        &mut self,
+        cache: &Cache,
+        reader: &mut CacheReader,
+    ) -> Result<(), PipelineError> {
+        self.drain_waiting(cache, reader, true, Duration::ZERO)
+    }
+
+    fn drain_waiting(
+        &mut self,
+        cache: &Cache,
+        reader: &mut CacheReader,
+        until_idle: bool,
+        idle_wait: Duration,
+    ) -> Result<(), PipelineError> {
         let Pipeline {
             index,
             applier,
@@ -331,7 +352,7 @@ impl<'s> Pipeline<'s> {
                     }
                     // Quarantined by the committer by now: skipped through the quarantine set.
                     disp.skipping.retain(|_, through| *through > d);
-                    match reader.next_within(Some(Duration::from_millis(50)))? {
+                    match reader.next_within(Some(idle_wait))? {
                         Next::Record(_, e) => {
                             let is_tag = matches!(e, CacheEntry::Tag { .. });
                             disp.dispatch(index, e)?;
@@ -375,6 +396,10 @@ impl<'s> Pipeline<'s> {
         r
     }
 }
+
+/// How long [`Pipeline::drain`] waits for input before it seals what is open (and, with
+/// `until_idle`, returns).
+const IDLE_WAIT: Duration = Duration::from_millis(50);
 
 /// The turn `ferry serve` gives its drain ([`Pipeline::set_turn`]).
 pub const DRAIN_TURN: Duration = Duration::from_secs(1);
