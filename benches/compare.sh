@@ -22,8 +22,9 @@
 # point is committed), drain tail, VmHWM. With SERVE=0 it is skipped.
 #
 # Environment: ROUNDS (3), SIZE (image bytes, 2 GiB), FRACTION (0.05), AGENTS (200),
-# SERVE_SECONDS (20), SERVE (1), WORKDIR (default a new dir under /var/tmp, removed unless KEEP=1),
-# CARGO_TARGET_DIR. Needs restic, zstd, openssl, taskset and GNU time (apt install restic zstd
+# SERVE_SECONDS (20), SERVE (1), WORKDIR (default a new dir under /var/tmp, removed unless KEEP=1;
+# the image, stores, caches and the servers' state all go there: WORKDIR=/dev/shm/... measures with
+# everything in RAM, as issue 12's 16-core figures were taken), CARGO_TARGET_DIR. Needs restic, zstd, openssl, taskset and GNU time (apt install restic zstd
 # openssl util-linux time). Writes benches/results/compare-DATE.json.
 set -euo pipefail
 
@@ -131,8 +132,9 @@ serve_json=()
 if [[ $SERVE == 1 ]]; then
     for cores in 0 "$allcores"; do
         echo "ferry serve, $AGENTS agents, pinned to CPUs $cores..."
+        rm -rf -- "$work/serve"
         FERRY_BIN=$ferry AGENTS=$AGENTS DURATION=$SERVE_SECONDS VERIFY=0 SERVE_CPUS=$cores \
-            bash benches/agents.sh >"$work/agents-$cores.log" 2>&1 ||
+            WORKDIR=$work/serve bash benches/agents.sh >"$work/agents-$cores.log" 2>&1 ||
             { tail -n 20 "$work/agents-$cores.log" >&2; die "benches/agents.sh failed"; }
         grep -E "^(agents|keeps up):" "$work/agents-$cores.log" | sed 's/^/  /'
         serve_json+=("$cores=$(sed -n 's/^written to //p' "$work/agents-$cores.log")")
