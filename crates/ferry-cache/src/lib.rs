@@ -362,6 +362,7 @@ impl Cache {
             file_first: next,
             stash: Vec::new(),
             stash_bytes: 0,
+            poisoned: None,
         };
         w.start_file()?;
         Ok(w)
@@ -460,13 +461,19 @@ pub struct CacheWriter {
     /// Records appended since the last sync, to be kept in memory once durable.
     stash: Vec<MemRecord>,
     stash_bytes: u64,
+    /// A sync of this writer failed: what it was. A failed `fdatasync` may have dropped the dirty
+    /// pages it was to write, and a second one would report success over them, so nothing this
+    /// writer appended since its last successful sync is ever published as durable.
+    poisoned: Option<String>,
 }
 
 /// A group commit handed to the background syncer by [`CacheWriter::sync_behind`]: the records
-/// below `next_seq`, all written to `file` below `file_len`.
+/// below `next_seq`, all written to `file` (the one whose first record is `file_first`) below
+/// `file_len`.
 struct SyncJob {
     file: File,
     path: PathBuf,
+    file_first: u64,
     file_len: u64,
     next_seq: u64,
     stash: Vec<MemRecord>,
@@ -476,29 +483,51 @@ struct SyncJob {
 #[derive(Default)]
 struct BehindState {
     job: Option<SyncJob>,
-    /// A job was handed over and is not published yet.
+    /// A job was handed over and is not finished yet.
     busy: bool,
-    /// What the last job's sync returned, for the writer's next call.
+    /// The last job's sync failed (or the thread died): for the writer's next call.
     failed: Option<CacheError>,
-    /// A sync failed once: the file's unsynced writes may be gone (a failed fdatasync is not
-    /// retried), so this writer makes nothing durable any more.
-    poisoned: bool,
     quit: bool,
     /// Bytes of the job's records bound for memory, counted against the budget until published.
     inflight_bytes: u64,
+    /// Tests: the syncer takes no job while set.
+    #[cfg(test)]
+    hold: bool,
+    /// Tests: the next job's sync fails (without syncing).
+    #[cfg(test)]
+    fail_next: bool,
+}
+
+type BehindSlot = Arc<(Mutex<BehindState>, Condvar)>;
+
+fn lock_behind(slot: &BehindSlot) -> std::sync::MutexGuard<'_, BehindState> {
+    slot.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Behind {
-    slot: Arc<(Mutex<BehindState>, Condvar)>,
+    slot: BehindSlot,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Publishes records below `next_seq`, written to the last file below `file_len`, as durable:
-/// called only after their `fdatasync`.
-fn publish(shared: &Shared, file_len: u64, next_seq: u64, stash: &mut Vec<MemRecord>) {
+/// Publishes records below `next_seq`, written to the file whose first record is `file_first`
+/// below `file_len`, as durable: called only after their `fdatasync`.
+fn publish(
+    shared: &Shared,
+    file_first: u64,
+    file_len: u64,
+    next_seq: u64,
+    stash: &mut Vec<MemRecord>,
+) {
     let mut st = shared.state.lock().expect("poisoned");
-    if let Some(last) = st.files.back_mut() {
-        last.len = file_len;
+    // Always the last file: a rotation waits for the job in flight before it starts a new one.
+    debug_assert_eq!(st.files.back().map(|f| f.first_seq), Some(file_first));
+    if let Some(f) = st
+        .files
+        .iter_mut()
+        .rev()
+        .find(|f| f.first_seq == file_first)
+    {
+        f.len = file_len;
     }
     st.durable = next_seq;
     // Durable now: the reader may take them from memory, as far as the budget allows (the rest
@@ -517,33 +546,77 @@ fn publish(shared: &Shared, file_len: u64, next_seq: u64, stash: &mut Vec<MemRec
     shared.cond.notify_all();
 }
 
-fn syncer(shared: Arc<Shared>, slot: Arc<(Mutex<BehindState>, Condvar)>) {
-    let (lock, cond) = &*slot;
+/// Ends the syncer's job however the thread leaves it: a panic (a poisoned lock, a test hook)
+/// fails the job instead of leaving the writer waiting for it forever.
+struct JobGuard<'a> {
+    slot: &'a BehindSlot,
+    stash_bytes: u64,
+    result: Option<Result<(), CacheError>>,
+}
+
+impl Drop for JobGuard<'_> {
+    fn drop(&mut self) {
+        let r = self.result.take().unwrap_or_else(|| {
+            Err(CacheError::Io {
+                path: PathBuf::new(),
+                op: "sync",
+                source: std::io::Error::other("the cache's sync thread panicked"),
+            })
+        });
+        let mut b = lock_behind(self.slot);
+        b.busy = false;
+        b.inflight_bytes = b.inflight_bytes.saturating_sub(self.stash_bytes);
+        if let Err(e) = r {
+            b.failed = Some(e);
+        }
+        self.slot.1.notify_all();
+    }
+}
+
+fn syncer(shared: Arc<Shared>, slot: BehindSlot) {
     loop {
-        let mut job = {
-            let mut b = lock.lock().expect("poisoned");
+        let (mut job, fail) = {
+            let mut b = lock_behind(&slot);
             loop {
+                #[cfg(test)]
+                if b.hold {
+                    b = slot.1.wait(b).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
                 if let Some(j) = b.job.take() {
-                    break j;
+                    #[cfg(test)]
+                    let fail = std::mem::take(&mut b.fail_next);
+                    #[cfg(not(test))]
+                    let fail = false;
+                    break (j, fail);
                 }
                 if b.quit {
                     return;
                 }
-                b = cond.wait(b).expect("poisoned");
+                b = slot.1.wait(b).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let r = durable::sync_data(&job.file).map_err(io(&job.path, "sync"));
+        let mut guard = JobGuard {
+            slot: &slot,
+            stash_bytes: job.stash_bytes,
+            result: None,
+        };
+        let r = if fail {
+            Err(io(&job.path, "sync")(std::io::Error::other("injected")))
+        } else {
+            // Only the job's bytes need to be durable; the writer may be appending past them.
+            durable::sync_data_appended(&job.file, job.file_len).map_err(io(&job.path, "sync"))
+        };
         if r.is_ok() {
-            publish(&shared, job.file_len, job.next_seq, &mut job.stash);
+            publish(
+                &shared,
+                job.file_first,
+                job.file_len,
+                job.next_seq,
+                &mut job.stash,
+            );
         }
-        let mut b = lock.lock().expect("poisoned");
-        b.busy = false;
-        b.inflight_bytes = b.inflight_bytes.saturating_sub(job.stash_bytes);
-        if let Err(e) = r {
-            b.poisoned = true;
-            b.failed = Some(e);
-        }
-        cond.notify_all();
+        guard.result = Some(r);
     }
 }
 
@@ -552,10 +625,12 @@ impl Drop for CacheWriter {
     /// syncer. Records appended after the last sync stay unsynced, as without it.
     fn drop(&mut self) {
         if let Some(mut b) = self.behind.take() {
-            b.slot.0.lock().expect("poisoned").quit = true;
+            lock_behind(&b.slot).quit = true;
             b.slot.1.notify_all();
             if let Some(t) = b.thread.take() {
-                let _ = t.join();
+                if t.join().is_err() {
+                    tracing::error!("the cache's sync thread panicked");
+                }
             }
         }
     }
@@ -591,8 +666,9 @@ impl CacheWriter {
         .encode();
         let mut f = File::create(&path).map_err(io(&path, "create"))?;
         f.write_all(&h).map_err(io(&path, "write"))?;
-        durable::sync_file(&f).map_err(io(&path, "sync"))?;
-        durable::fsync_dir(&dir).map_err(io(&dir, "sync"))?;
+        if let Err(e) = durable::sync_file(&f).and_then(|_| durable::fsync_dir(&dir)) {
+            return Err(self.poison(io(&path, "sync")(e)));
+        }
         self.sealer = Some(self.shared.key.cache_sealer(&salt));
         self.file_len = CACHE_HEADER_LEN as u64;
         self.file_first = self.next_seq;
@@ -607,9 +683,11 @@ impl CacheWriter {
         Ok(())
     }
 
-    /// Appends a record (buffered: durable only after [`Self::sync`]). Returns its sequence number.
+    /// Appends a record (buffered: durable only once a sync covers it, [`Self::sync`] or
+    /// [`Self::sync_behind`]). Returns its sequence number. Fails once a sync has failed.
     /// Waits while the cache is over quota.
     pub fn append(&mut self, e: &CacheEntry) -> Result<u64, CacheError> {
+        self.check()?;
         if self.file_len + self.buf.len() as u64 >= self.shared.cfg.file_size {
             self.sync()?;
             self.file = None;
@@ -642,7 +720,7 @@ impl CacheWriter {
         let inflight = self
             .behind
             .as_ref()
-            .map_or(0, |b| b.slot.0.lock().expect("poisoned").inflight_bytes);
+            .map_or(0, |b| lock_behind(&b.slot).inflight_bytes);
         if self.stash_bytes + inflight + bytes <= budget {
             self.stash_bytes += bytes;
             self.stash.push(MemRecord {
@@ -699,13 +777,43 @@ impl CacheWriter {
     /// Makes every appended record durable and visible to readers. Returns the first sequence number
     /// not yet appended.
     pub fn sync(&mut self) -> Result<u64, CacheError> {
+        self.check()?;
         self.write_buf()?;
         self.wait_behind()?;
         let (f, p) = self.file.as_ref().expect("a file is open");
-        durable::sync_data(f).map_err(io(p, "sync"))?;
+        if let Err(e) = durable::sync_data(f) {
+            let e = io(p, "sync")(e);
+            return Err(self.poison(e));
+        }
         self.stash_bytes = 0;
-        publish(&self.shared, self.file_len, self.next_seq, &mut self.stash);
+        publish(
+            &self.shared,
+            self.file_first,
+            self.file_len,
+            self.next_seq,
+            &mut self.stash,
+        );
         Ok(self.next_seq)
+    }
+
+    /// Records that a sync failed; returns its error.
+    fn poison(&mut self, e: CacheError) -> CacheError {
+        self.poisoned.get_or_insert_with(|| e.to_string());
+        e
+    }
+
+    /// The error of every call after a failed sync.
+    fn check(&self) -> Result<(), CacheError> {
+        match &self.poisoned {
+            None => Ok(()),
+            Some(why) => Err(CacheError::Io {
+                path: self.shared.cfg.dir.clone(),
+                op: "sync",
+                source: std::io::Error::other(format!(
+                    "an earlier sync of this cache writer failed ({why}); nothing appended since is made durable: restart the process (recovery keeps every record that was synced)"
+                )),
+            }),
+        }
     }
 
     /// A group commit that does not wait for the disk: hands every record appended so far to a
@@ -714,36 +822,59 @@ impl CacheWriter {
     /// one has finished (one is in flight at a time), with its error if it failed; [`Self::sync`]
     /// waits for it too. A record counts as durable only once [`Cache::durable_seq`] is past it.
     pub fn sync_behind(&mut self) -> Result<(), CacheError> {
+        self.check()?;
         self.write_buf()?;
         self.wait_behind()?;
+        self.start_behind()?;
         let (f, p) = self.file.as_ref().expect("a file is open");
         let job = SyncJob {
-            file: f.try_clone().map_err(io(p, "open"))?,
+            file: f
+                .try_clone()
+                .map_err(io(p, "duplicate the descriptor of"))?,
             path: p.clone(),
+            file_first: self.file_first,
             file_len: self.file_len,
             next_seq: self.next_seq,
             stash: std::mem::take(&mut self.stash),
             stash_bytes: std::mem::take(&mut self.stash_bytes),
         };
-        if self.behind.is_none() {
-            let slot = Arc::new((Mutex::new(BehindState::default()), Condvar::new()));
-            let (shared, s2) = (self.shared.clone(), slot.clone());
-            let thread = std::thread::Builder::new()
-                .name("ferry-cache-sync".into())
-                .spawn(move || syncer(shared, s2))
-                .map_err(io(p, "start a syncer thread for"))?;
-            self.behind = Some(Behind {
-                slot,
-                thread: Some(thread),
-            });
-        }
-        let b = self.behind.as_ref().expect("just set");
-        let mut st = b.slot.0.lock().expect("poisoned");
+        let b = self.behind.as_ref().expect("started above");
+        let mut st = lock_behind(&b.slot);
         st.inflight_bytes += job.stash_bytes;
         st.busy = true;
         st.job = Some(job);
         b.slot.1.notify_all();
         Ok(())
+    }
+
+    /// Starts the thread of [`Self::sync_behind`] if it is not running yet.
+    fn start_behind(&mut self) -> Result<(), CacheError> {
+        if self.behind.is_some() {
+            return Ok(());
+        }
+        let slot: BehindSlot = Arc::new((Mutex::new(BehindState::default()), Condvar::new()));
+        let (shared, s2) = (self.shared.clone(), slot.clone());
+        let thread = std::thread::Builder::new()
+            .name("ferry-fsync".into())
+            .spawn(move || syncer(shared, s2))
+            .map_err(io(&self.shared.cfg.dir, "start the sync thread of"))?;
+        self.behind = Some(Behind {
+            slot,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    /// Tests: holds the syncer before its next job (`hold`), and makes that job's sync fail
+    /// (`fail`).
+    #[cfg(test)]
+    fn gate_behind(&mut self, hold: bool, fail: bool) {
+        self.start_behind().unwrap();
+        let b = self.behind.as_ref().expect("started");
+        let mut st = lock_behind(&b.slot);
+        st.hold = hold;
+        st.fail_next = fail;
+        b.slot.1.notify_all();
     }
 
     /// Waits for the job of [`Self::sync_behind`] in flight; its error, or a later call's once
@@ -752,24 +883,17 @@ impl CacheWriter {
         let Some(b) = &self.behind else {
             return Ok(());
         };
-        let mut st = b.slot.0.lock().expect("poisoned");
-        while st.busy {
-            st = b.slot.1.wait(st).expect("poisoned");
+        let failed = {
+            let mut st = lock_behind(&b.slot);
+            while st.busy {
+                st = b.slot.1.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.failed.take()
+        };
+        match failed {
+            Some(e) => Err(self.poison(e)),
+            None => Ok(()),
         }
-        if let Some(e) = st.failed.take() {
-            return Err(e);
-        }
-        if st.poisoned {
-            let p = self.file.as_ref().map(|f| f.1.clone()).unwrap_or_default();
-            return Err(CacheError::Io {
-                path: p,
-                op: "sync",
-                source: std::io::Error::other(
-                    "an earlier group commit of this writer failed; nothing after it is made durable",
-                ),
-            });
-        }
-        Ok(())
     }
 
     /// Sequence number the next record will get.

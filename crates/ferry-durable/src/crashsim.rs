@@ -239,7 +239,9 @@ fn take_torn(id: Ident, new: &[u8]) {
     }
 }
 
-pub(crate) fn file_synced(f: &File) {
+/// `upto`: only that many bytes of the file were to be made durable (the rest is being appended
+/// by another thread), so only they are recorded.
+pub(crate) fn file_synced(f: &File, upto: Option<u64>) {
     if !ON.load(Ordering::Relaxed) {
         return;
     }
@@ -258,6 +260,9 @@ pub(crate) fn file_synced(f: &File) {
         .is_ok();
     if !ok {
         return;
+    }
+    if let Some(n) = upto {
+        data.truncate(n as usize);
     }
     take_torn(ident(&m), &data);
     if let Some(r) = REC.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {

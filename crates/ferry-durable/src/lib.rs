@@ -43,14 +43,23 @@ pub fn adopt_owner(f: &File, dir: &Path) -> io::Result<()> {
 /// [`sync_data`]), so the crash-state recorder ([`crashsim`]) sees it.
 pub fn sync_file(f: &File) -> io::Result<()> {
     f.sync_all()?;
-    crashsim::file_synced(f);
+    crashsim::file_synced(f, None);
     Ok(())
 }
 
 /// `fdatasync` of a file (see [`sync_file`]).
 pub fn sync_data(f: &File) -> io::Result<()> {
     f.sync_data()?;
-    crashsim::file_synced(f);
+    crashsim::file_synced(f, None);
+    Ok(())
+}
+
+/// `fdatasync` of an append-only file of which only the first `len` bytes must be durable, while
+/// another thread may be appending past them (a background group commit). The crash-state
+/// recorder keeps only those `len` bytes: what was appended meanwhile counts as not synced.
+pub fn sync_data_appended(f: &File, len: u64) -> io::Result<()> {
+    f.sync_data()?;
+    crashsim::file_synced(f, Some(len));
     Ok(())
 }
 

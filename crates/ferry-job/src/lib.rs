@@ -183,7 +183,8 @@ pub struct ReplicateOptions {
     pub cache_size: u64,
     pub kind: PointKind,
     pub pipeline: PipelineConfig,
-    /// Bytes appended to the cache between group commits.
+    /// Bytes appended to the cache between group commits, at most: the first is 2 MiB and each
+    /// next one doubles up to this (0: a sync after every record).
     pub group_commit: u64,
     /// Points older than this are pruned (the newest never is); None keeps everything.
     pub retention: Option<std::time::Duration>,
@@ -515,8 +516,9 @@ fn scan_all(
                     if since_sync >= sync_at {
                         since_sync = 0;
                         sync_at = (sync_at * 2).min(o.group_commit);
-                        // The scan goes on while the group is synced; the drain takes it when
-                        // it is durable. Only the last sync, after the tag, is waited for.
+                        // The scan goes on while the group is synced (the drain takes it once it
+                        // is durable); this waits only for the previous group's sync. A cache
+                        // file's rotation and the last sync, after the tag, wait for theirs.
                         writer.sync_behind()
                     } else {
                         Ok(())

@@ -39,6 +39,9 @@ fn options(root: &Path, disk: &Path, key: &Path) -> ReplicateOptions {
     );
     // Small cache files: the runs rotate and consume them.
     o.cache_size = 2 << 20;
+    // Group commits every 256 KiB: the scan's background syncs (`sync_behind`) run, several per
+    // run, and their crash states are taken too.
+    o.group_commit = 256 << 10;
     o.pipeline.threads = 2;
     o
 }
