@@ -512,7 +512,8 @@ fn a_failed_background_sync_publishes_nothing_and_stops_the_writer() {
     }
     w.gate_behind(false, true);
     w.sync_behind().unwrap();
-    w.append_owned(write(10)).unwrap_or_else(|_| 0);
+    // Accepted or refused: the failure may or may not be known yet.
+    let _ = w.append_owned(write(10));
     let e = w.sync().unwrap_err();
     assert!(e.to_string().contains("injected"), "{e}");
     assert_eq!(c.durable_seq(), d0, "nothing published");
