@@ -363,6 +363,8 @@ impl Cache {
             stash: Vec::new(),
             stash_bytes: 0,
             poisoned: None,
+            #[cfg(test)]
+            fail_sync: false,
         };
         w.start_file()?;
         Ok(w)
@@ -465,6 +467,9 @@ pub struct CacheWriter {
     /// pages it was to write, and a second one would report success over them, so nothing this
     /// writer appended since its last successful sync is ever published as durable.
     poisoned: Option<String>,
+    /// Tests: the next blocking sync fails (without syncing).
+    #[cfg(test)]
+    fail_sync: bool,
 }
 
 /// A group commit handed to the background syncer by [`CacheWriter::sync_behind`]: the records
@@ -496,6 +501,9 @@ struct BehindState {
     /// Tests: the next job's sync fails (without syncing).
     #[cfg(test)]
     fail_next: bool,
+    /// Tests: the syncer panics on its next job.
+    #[cfg(test)]
+    panic_next: bool,
 }
 
 type BehindSlot = Arc<(Mutex<BehindState>, Condvar)>;
@@ -519,6 +527,7 @@ fn publish(
     stash: &mut Vec<MemRecord>,
 ) {
     let mut st = shared.state.lock().expect("poisoned");
+    debug_assert!(next_seq >= st.durable, "the durable position moves back");
     // Always the last file: a rotation waits for the job in flight before it starts a new one.
     debug_assert_eq!(st.files.back().map(|f| f.first_seq), Some(file_first));
     if let Some(f) = st
@@ -575,11 +584,11 @@ impl Drop for JobGuard<'_> {
 
 fn syncer(shared: Arc<Shared>, slot: BehindSlot) {
     loop {
-        let (mut job, fail) = {
+        let (mut job, fail, panic) = {
             let mut b = lock_behind(&slot);
             loop {
                 #[cfg(test)]
-                if b.hold {
+                if b.hold && !b.quit {
                     b = slot.1.wait(b).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
@@ -588,7 +597,11 @@ fn syncer(shared: Arc<Shared>, slot: BehindSlot) {
                     let fail = std::mem::take(&mut b.fail_next);
                     #[cfg(not(test))]
                     let fail = false;
-                    break (j, fail);
+                    #[cfg(test)]
+                    let panic = std::mem::take(&mut b.panic_next);
+                    #[cfg(not(test))]
+                    let panic = false;
+                    break (j, fail, panic);
                 }
                 if b.quit {
                     return;
@@ -601,6 +614,9 @@ fn syncer(shared: Arc<Shared>, slot: BehindSlot) {
             stash_bytes: job.stash_bytes,
             result: None,
         };
+        if panic {
+            panic!("injected panic");
+        }
         let r = if fail {
             Err(io(&job.path, "sync")(std::io::Error::other("injected")))
         } else {
@@ -637,7 +653,13 @@ impl Drop for CacheWriter {
 }
 
 impl CacheWriter {
+    /// Starts the next file; on any failure the writer is poisoned (it has no file to append to,
+    /// and a failed sync must not be retried).
     fn start_file(&mut self) -> Result<(), CacheError> {
+        self.start_file_inner().map_err(|e| self.poison(e))
+    }
+
+    fn start_file_inner(&mut self) -> Result<(), CacheError> {
         let dir = self.shared.cfg.dir.clone();
         // Always a new file with a fresh salt, never appending to one recovery found: its torn tail
         // may have been sealed under the nonces the next records would get. A last file that holds
@@ -666,9 +688,8 @@ impl CacheWriter {
         .encode();
         let mut f = File::create(&path).map_err(io(&path, "create"))?;
         f.write_all(&h).map_err(io(&path, "write"))?;
-        if let Err(e) = durable::sync_file(&f).and_then(|_| durable::fsync_dir(&dir)) {
-            return Err(self.poison(io(&path, "sync")(e)));
-        }
+        durable::sync_file(&f).map_err(io(&path, "sync"))?;
+        durable::fsync_dir(&dir).map_err(io(&dir, "sync"))?;
         self.sealer = Some(self.shared.key.cache_sealer(&salt));
         self.file_len = CACHE_HEADER_LEN as u64;
         self.file_first = self.next_seq;
@@ -780,8 +801,20 @@ impl CacheWriter {
         self.check()?;
         self.write_buf()?;
         self.wait_behind()?;
-        let (f, p) = self.file.as_ref().expect("a file is open");
-        if let Err(e) = durable::sync_data(f) {
+        #[cfg(test)]
+        let inject = std::mem::take(&mut self.fail_sync);
+        let (f, p) = self
+            .file
+            .as_ref()
+            .expect("a file is open (start_file poisons when it fails)");
+        let r = durable::sync_data(f);
+        #[cfg(test)]
+        let r = if inject {
+            Err(std::io::Error::other("injected"))
+        } else {
+            r
+        };
+        if let Err(e) = r {
             let e = io(p, "sync")(e);
             return Err(self.poison(e));
         }

@@ -267,6 +267,12 @@ fn every_crash_state_keeps_every_record_sync_returned() {
         .filter(|(p, _)| p.to_string_lossy().contains("-torn"))
         .count();
     assert!(torn >= 5, "only {torn} torn states taken");
+    check_states(taken);
+}
+
+/// Every crash state recovers, and holds every record (numbered from 1, `write(i)`) up to what was
+/// durable when it was taken, in order and intact.
+fn check_states(taken: Vec<(PathBuf, u64)>) {
     for (state, acked) in taken {
         let (c, _) = Cache::open(cfg(&state.join("cache")), key()).unwrap_or_else(|e| {
             panic!(
@@ -278,7 +284,7 @@ fn every_crash_state_keeps_every_record_sync_returned() {
         // Records are numbered from 1; every one up to `acked` is there, in order, intact.
         assert!(
             got.len() as u64 >= acked,
-            "{}: {} records recovered, {acked} were acknowledged",
+            "{}: {} records recovered, {acked} were durable",
             state.display(),
             got.len()
         );
@@ -411,8 +417,19 @@ fn wait_durable(c: &Cache, seq: u64) {
 /// while its sync is held back, more than a buffer's worth appended and written to the same file
 /// stays invisible, and nothing is published; released, it publishes exactly its own records;
 /// `sync` waits for the one in flight.
+/// With a memory budget the reader takes them from memory, without one from the file (up to the
+/// length the sync published, not what the file holds by then).
 #[test]
 fn sync_behind_publishes_what_came_before_it_and_nothing_after() {
+    sync_behind_overlap(MEMORY_BUDGET);
+}
+
+#[test]
+fn sync_behind_publishes_only_its_own_bytes_of_the_file() {
+    sync_behind_overlap(0);
+}
+
+fn sync_behind_overlap(budget: u64) {
     let d = tempfile::tempdir().unwrap();
     let big = CacheConfig {
         dir: d.path().to_owned(),
@@ -420,6 +437,7 @@ fn sync_behind_publishes_what_came_before_it_and_nothing_after() {
         file_size: 64 << 20,
     };
     let (c, _) = Cache::open(big.clone(), key()).unwrap();
+    c.set_memory_budget(budget);
     let mut w = c.writer().unwrap();
     let mut r = c.reader();
     let d0 = c.durable_seq();
@@ -452,9 +470,10 @@ fn sync_behind_publishes_what_came_before_it_and_nothing_after() {
     for (i, (s, e)) in got.iter().enumerate() {
         assert_eq!((*s, e), (d0 + i as u64, &write(i as u64)));
     }
+    let from_memory = if budget > 0 { 10 } else { 0 };
     assert_eq!(
         r.from_memory(),
-        10,
+        from_memory,
         "records kept in memory are handed over"
     );
     w.sync_behind().unwrap();
@@ -582,25 +601,7 @@ fn every_crash_state_keeps_every_record_sync_behind_published() {
         "{torn} torn states for {published} background syncs ({} states in all)",
         taken.len()
     );
-    for (state, acked) in taken {
-        let (c, _) = Cache::open(cfg(&state.join("cache")), key()).unwrap_or_else(|e| {
-            panic!(
-                "{}: recovery failed on a legal crash state: {e}",
-                state.display()
-            )
-        });
-        let got = read_all(&c);
-        assert!(
-            got.len() as u64 >= acked,
-            "{}: {} records recovered, {acked} were published as durable",
-            state.display(),
-            got.len()
-        );
-        for (i, (s, e)) in got.iter().enumerate() {
-            assert_eq!(*s, i as u64 + 1);
-            assert_eq!(*e, write(i as u64), "{}: record {s}", state.display());
-        }
-    }
+    check_states(taken);
 }
 
 /// `sync` waits for the background sync in flight: the durable position only ever moves forward
@@ -631,4 +632,79 @@ fn sync_waits_for_the_sync_in_flight() {
     assert_eq!(c.durable_seq(), d0 + 15);
     let got = read_all(&c);
     assert_eq!(got.len(), 15);
+}
+
+/// A failed blocking sync publishes nothing and stops the writer too (the path `ferry serve`'s
+/// committer and every cache file rotation take): a second fdatasync would report success over
+/// the pages the first one lost.
+#[test]
+fn a_failed_sync_publishes_nothing_and_stops_the_writer() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    let mut w = c.writer().unwrap();
+    let d0 = c.durable_seq();
+    for i in 0..10 {
+        w.append_owned(write(i)).unwrap();
+    }
+    w.fail_sync = true;
+    let e = w.sync().unwrap_err();
+    assert!(e.to_string().contains("injected"), "{e}");
+    assert_eq!(c.durable_seq(), d0, "nothing published");
+    for e in [
+        w.sync().map(|_| ()).unwrap_err(),
+        w.sync_behind().unwrap_err(),
+        w.append(&write(11)).map(|_| ()).unwrap_err(),
+    ] {
+        assert!(e.to_string().contains("an earlier sync"), "{e}");
+    }
+    assert_eq!(c.durable_seq(), d0);
+    assert!(matches!(c.reader().next(false).unwrap(), Next::Idle));
+}
+
+/// A sync thread that dies fails its job (and the writer) instead of leaving the writer waiting
+/// for it forever.
+#[test]
+fn a_panicking_sync_thread_fails_the_writer_instead_of_hanging_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    let mut w = c.writer().unwrap();
+    let d0 = c.durable_seq();
+    w.append_owned(write(0)).unwrap();
+    w.gate_behind(false, false);
+    lock_behind(&w.behind.as_ref().unwrap().slot).panic_next = true;
+    w.sync_behind().unwrap();
+    let e = w.sync().unwrap_err();
+    assert!(e.to_string().contains("panicked"), "{e}");
+    assert_eq!(c.durable_seq(), d0);
+    assert!(w.sync().is_err());
+}
+
+/// Two background syncs in a row: the second waits for the first, and each publishes exactly its
+/// own records, in order.
+#[test]
+fn back_to_back_background_syncs_publish_in_order() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
+    let mut w = c.writer().unwrap();
+    let d0 = c.durable_seq();
+    for i in 0..5 {
+        w.append_owned(write(i)).unwrap();
+    }
+    w.gate_behind(true, false);
+    w.sync_behind().unwrap();
+    for i in 5..8 {
+        w.append_owned(write(i)).unwrap();
+    }
+    let slot = w.behind.as_ref().unwrap().slot.clone();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        lock_behind(&slot).hold = false;
+        slot.1.notify_all();
+    });
+    // Returns only once the first has published (it is held for 50 ms).
+    w.sync_behind().unwrap();
+    assert!(c.durable_seq() >= d0 + 5, "the second waited for the first");
+    release.join().unwrap();
+    wait_durable(&c, d0 + 8);
+    assert_eq!(read_all(&c).len(), 8);
 }

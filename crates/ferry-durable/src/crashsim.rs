@@ -2,9 +2,11 @@
 //!
 //! SIGKILL keeps the page cache, so a kill test cannot see a missing fsync, and this kernel has no
 //! dm-flakey / dm-log-writes. Instead, while recording is on ([`start`]), every sync that goes
-//! through [`crate::sync_file`], [`crate::sync_data`] and [`crate::fsync_dir`] is recorded:
-//! - a file sync records the file's whole content at that moment, keyed by inode identity (device,
-//!   inode, birth time), so it follows renames;
+//! through [`crate::sync_file`], [`crate::sync_data`], [`crate::sync_data_appended`] and
+//! [`crate::fsync_dir`] is recorded:
+//! - a file sync records the file's whole content at that moment (`sync_data_appended`: only the
+//!   prefix it was to make durable), keyed by inode identity (device, inode, birth time), so it
+//!   follows renames;
 //! - a directory sync records the directory's entries (name → inode identity) at that moment.
 //!
 //! [`materialize`] then builds the crash state in which **nothing that was not synced survived**:

@@ -40,7 +40,7 @@ pub fn adopt_owner(f: &File, dir: &Path) -> io::Result<()> {
 }
 
 /// `fsync` of a file (data and metadata). Every durable file sync goes through here (or
-/// [`sync_data`]), so the crash-state recorder ([`crashsim`]) sees it.
+/// [`sync_data`], [`sync_data_appended`]), so the crash-state recorder ([`crashsim`]) sees it.
 pub fn sync_file(f: &File) -> io::Result<()> {
     f.sync_all()?;
     crashsim::file_synced(f, None);

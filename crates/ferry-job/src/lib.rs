@@ -183,8 +183,8 @@ pub struct ReplicateOptions {
     pub cache_size: u64,
     pub kind: PointKind,
     pub pipeline: PipelineConfig,
-    /// Bytes appended to the cache between group commits, at most: the first is 2 MiB and each
-    /// next one doubles up to this (0: a sync after every record).
+    /// Group commit size: a sync once this many bytes of data were appended since the last one
+    /// (the first after 2 MiB, each next one doubling up to this; 0: after every record).
     pub group_commit: u64,
     /// Points older than this are pruned (the newest never is); None keeps everything.
     pub retention: Option<std::time::Duration>,
