@@ -498,20 +498,8 @@ fn sync_behind_overlap(budget: u64) {
 #[test]
 fn dropping_the_writer_finishes_the_sync_in_flight() {
     let d = tempfile::tempdir().unwrap();
-    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
-    let mut w = c.writer().unwrap();
-    let d0 = c.durable_seq();
-    for i in 0..10 {
-        w.append_owned(write(i)).unwrap();
-    }
-    w.gate_behind(true, false);
-    w.sync_behind().unwrap();
-    let slot = w.behind.as_ref().unwrap().slot.clone();
-    let release = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
-        lock_behind(&slot).hold = false;
-        slot.1.notify_all();
-    });
+    let (c, w, d0) = held_sync(d.path(), 10, 10);
+    let release = release_in_50ms(&w);
     drop(w);
     release.join().unwrap();
     assert_eq!(c.durable_seq(), d0 + 10);
@@ -523,28 +511,12 @@ fn dropping_the_writer_finishes_the_sync_in_flight() {
 #[test]
 fn a_failed_background_sync_publishes_nothing_and_stops_the_writer() {
     let d = tempfile::tempdir().unwrap();
-    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
-    let mut w = c.writer().unwrap();
-    let d0 = c.durable_seq();
-    for i in 0..10 {
-        w.append_owned(write(i)).unwrap();
-    }
+    let (c, mut w, d0) = appended(d.path(), 10);
     w.gate_behind(false, true);
     w.sync_behind().unwrap();
     // Accepted or refused: the failure may or may not be known yet.
     let _ = w.append_owned(write(10));
-    let e = w.sync().unwrap_err();
-    assert!(e.to_string().contains("injected"), "{e}");
-    assert_eq!(c.durable_seq(), d0, "nothing published");
-    for e in [
-        w.sync().map(|_| ()).unwrap_err(),
-        w.sync_behind().unwrap_err(),
-        w.append(&write(11)).map(|_| ()).unwrap_err(),
-    ] {
-        assert!(e.to_string().contains("an earlier sync"), "{e}");
-    }
-    assert_eq!(c.durable_seq(), d0);
-    assert!(matches!(c.reader().next(false).unwrap(), Next::Idle));
+    assert_stopped(&mut w, &c, d0);
 }
 
 /// Power-loss proof for `sync_behind`: a crash state is taken after every sync, including one of an
@@ -609,23 +581,8 @@ fn every_crash_state_keeps_every_record_sync_behind_published() {
 #[test]
 fn sync_waits_for_the_sync_in_flight() {
     let d = tempfile::tempdir().unwrap();
-    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
-    let mut w = c.writer().unwrap();
-    let d0 = c.durable_seq();
-    for i in 0..10 {
-        w.append_owned(write(i)).unwrap();
-    }
-    w.gate_behind(true, false);
-    w.sync_behind().unwrap();
-    for i in 10..15 {
-        w.append_owned(write(i)).unwrap();
-    }
-    let slot = w.behind.as_ref().unwrap().slot.clone();
-    let release = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
-        lock_behind(&slot).hold = false;
-        slot.1.notify_all();
-    });
+    let (c, mut w, d0) = held_sync(d.path(), 10, 15);
+    let release = release_in_50ms(&w);
     assert_eq!(w.sync().unwrap(), d0 + 15);
     release.join().unwrap();
     std::thread::sleep(Duration::from_millis(20));
@@ -640,25 +597,9 @@ fn sync_waits_for_the_sync_in_flight() {
 #[test]
 fn a_failed_sync_publishes_nothing_and_stops_the_writer() {
     let d = tempfile::tempdir().unwrap();
-    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
-    let mut w = c.writer().unwrap();
-    let d0 = c.durable_seq();
-    for i in 0..10 {
-        w.append_owned(write(i)).unwrap();
-    }
+    let (c, mut w, d0) = appended(d.path(), 10);
     w.fail_sync = true;
-    let e = w.sync().unwrap_err();
-    assert!(e.to_string().contains("injected"), "{e}");
-    assert_eq!(c.durable_seq(), d0, "nothing published");
-    for e in [
-        w.sync().map(|_| ()).unwrap_err(),
-        w.sync_behind().unwrap_err(),
-        w.append(&write(11)).map(|_| ()).unwrap_err(),
-    ] {
-        assert!(e.to_string().contains("an earlier sync"), "{e}");
-    }
-    assert_eq!(c.durable_seq(), d0);
-    assert!(matches!(c.reader().next(false).unwrap(), Next::Idle));
+    assert_stopped(&mut w, &c, d0);
 }
 
 /// A sync thread that dies fails its job (and the writer) instead of leaving the writer waiting
@@ -684,27 +625,63 @@ fn a_panicking_sync_thread_fails_the_writer_instead_of_hanging_it() {
 #[test]
 fn back_to_back_background_syncs_publish_in_order() {
     let d = tempfile::tempdir().unwrap();
-    let (c, _) = Cache::open(cfg(d.path()), key()).unwrap();
-    let mut w = c.writer().unwrap();
-    let d0 = c.durable_seq();
-    for i in 0..5 {
-        w.append_owned(write(i)).unwrap();
-    }
-    w.gate_behind(true, false);
-    w.sync_behind().unwrap();
-    for i in 5..8 {
-        w.append_owned(write(i)).unwrap();
-    }
-    let slot = w.behind.as_ref().unwrap().slot.clone();
-    let release = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
-        lock_behind(&slot).hold = false;
-        slot.1.notify_all();
-    });
+    let (c, mut w, d0) = held_sync(d.path(), 5, 8);
+    let release = release_in_50ms(&w);
     // Returns only once the first has published (it is held for 50 ms).
     w.sync_behind().unwrap();
     assert!(c.durable_seq() >= d0 + 5, "the second waited for the first");
     release.join().unwrap();
     wait_durable(&c, d0 + 8);
     assert_eq!(read_all(&c).len(), 8);
+}
+
+/// After an injected sync failure: the next `sync` returns it, nothing was published, and every
+/// later call of the writer fails.
+fn assert_stopped(w: &mut CacheWriter, c: &Cache, d0: u64) {
+    let e = w.sync().unwrap_err();
+    assert!(e.to_string().contains("injected"), "{e}");
+    assert_eq!(c.durable_seq(), d0, "nothing published");
+    for e in [
+        w.sync().map(|_| ()).unwrap_err(),
+        w.sync_behind().unwrap_err(),
+        w.append(&write(11)).map(|_| ()).unwrap_err(),
+    ] {
+        assert!(e.to_string().contains("an earlier sync"), "{e}");
+    }
+    assert_eq!(c.durable_seq(), d0);
+    assert!(matches!(c.reader().next(false).unwrap(), Next::Idle));
+}
+
+/// A cache in `dir` whose writer appended records 0..`first`, handed them to a background sync
+/// that is held, then appended `first`..`then`. Returns the cache, the writer and the first seq.
+fn held_sync(dir: &Path, first: u64, then: u64) -> (Cache, CacheWriter, u64) {
+    let (c, mut w, d0) = appended(dir, first);
+    w.gate_behind(true, false);
+    w.sync_behind().unwrap();
+    for i in first..then {
+        w.append_owned(write(i)).unwrap();
+    }
+    (c, w, d0)
+}
+
+/// Releases the held background sync of `w` 50 ms from now.
+fn release_in_50ms(w: &CacheWriter) -> std::thread::JoinHandle<()> {
+    let slot = w.behind.as_ref().unwrap().slot.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        lock_behind(&slot).hold = false;
+        slot.1.notify_all();
+    })
+}
+
+/// A cache in `dir` whose writer appended records 0..`n` (unsynced). Returns the cache, the writer
+/// and the first record's seq.
+fn appended(dir: &Path, n: u64) -> (Cache, CacheWriter, u64) {
+    let (c, _) = Cache::open(cfg(dir), key()).unwrap();
+    let mut w = c.writer().unwrap();
+    let d0 = c.durable_seq();
+    for i in 0..n {
+        w.append_owned(write(i)).unwrap();
+    }
+    (c, w, d0)
 }
