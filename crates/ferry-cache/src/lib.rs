@@ -46,7 +46,7 @@ use ferry_format::cache::{
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// cannot {op} {path}: {source}
-    #[error("cache: cannot {op} {}: {source}", path.display())]
+    #[error("cache: cannot {op} {}: {source}{}", path.display(), next_step(source))]
     Io {
         path: PathBuf,
         op: &'static str,
@@ -71,6 +71,19 @@ pub enum CacheError {
     /// quota too small
     #[error("cache quota {quota} bytes is smaller than two cache files ({file_size} bytes each); raise --cache-size")]
     QuotaTooSmall { quota: u64, file_size: u64 },
+}
+
+/// What an operator does about an I/O error of the cache, where there is something to say.
+fn next_step(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            " (the cache's file system is full: free space there, or move the cache directory whole to a larger file system and point --cache-dir at it, or lower --cache-size; then start again: every record already synced is kept and goes into the store first)"
+        }
+        std::io::ErrorKind::QuotaExceeded => {
+            " (the disk quota on the cache's file system is used up: raise it, or lower --cache-size; then start again: every record already synced is kept)"
+        }
+        _ => "",
+    }
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> CacheError + 'a {

@@ -685,3 +685,25 @@ fn appended(dir: &Path, n: u64) -> (Cache, CacheWriter, u64) {
     }
     (c, w, d0)
 }
+
+/// A full file system gets an error that says what to do; other errors are left as they are.
+#[test]
+fn a_full_file_system_says_what_to_do() {
+    let full = io(Path::new("/c/1.log"), "write")(std::io::Error::from_raw_os_error(28));
+    let s = full.to_string();
+    assert!(
+        s.starts_with("cache: cannot write /c/1.log: No space left on device"),
+        "{s}"
+    );
+    assert!(
+        s.contains("free space there") && s.contains("--cache-dir"),
+        "{s}"
+    );
+    let quota = io(Path::new("/c/1.log"), "write")(std::io::Error::from_raw_os_error(122));
+    assert!(quota.to_string().contains("disk quota"), "{quota}");
+    let other = io(Path::new("/c/1.log"), "write")(std::io::Error::from_raw_os_error(5));
+    assert_eq!(
+        other.to_string(),
+        "cache: cannot write /c/1.log: Input/output error (os error 5)"
+    );
+}
