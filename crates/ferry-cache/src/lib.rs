@@ -511,12 +511,27 @@ struct BehindState {
     /// Tests: the syncer takes no job while set.
     #[cfg(test)]
     hold: bool,
-    /// Tests: the next job's sync fails (without syncing).
+    /// Tests: what happens to the next job instead of its sync.
     #[cfg(test)]
-    fail_next: bool,
-    /// Tests: the syncer panics on its next job.
+    inject: Option<Inject>,
+}
+
+/// Tests: a failure put in place of the next background sync (built only by tests).
+#[derive(Clone, Copy)]
+#[cfg_attr(not(test), allow(dead_code))]
+enum Inject {
+    /// The sync fails (without syncing).
+    Fail,
+    /// The sync thread panics.
+    Panic,
+}
+
+/// The failure a test put in place of this job's sync (never outside tests).
+fn take_inject(_b: &mut BehindState) -> Option<Inject> {
     #[cfg(test)]
-    panic_next: bool,
+    return _b.inject.take();
+    #[cfg(not(test))]
+    None
 }
 
 type BehindSlot = Arc<(Mutex<BehindState>, Condvar)>;
@@ -597,7 +612,7 @@ impl Drop for JobGuard<'_> {
 
 fn syncer(shared: Arc<Shared>, slot: BehindSlot) {
     loop {
-        let (mut job, fail, panic) = {
+        let (mut job, inject) = {
             let mut b = lock_behind(&slot);
             loop {
                 #[cfg(test)]
@@ -606,15 +621,7 @@ fn syncer(shared: Arc<Shared>, slot: BehindSlot) {
                     continue;
                 }
                 if let Some(j) = b.job.take() {
-                    #[cfg(test)]
-                    let fail = std::mem::take(&mut b.fail_next);
-                    #[cfg(not(test))]
-                    let fail = false;
-                    #[cfg(test)]
-                    let panic = std::mem::take(&mut b.panic_next);
-                    #[cfg(not(test))]
-                    let panic = false;
-                    break (j, fail, panic);
+                    break (j, take_inject(&mut b));
                 }
                 if b.quit {
                     return;
@@ -627,15 +634,13 @@ fn syncer(shared: Arc<Shared>, slot: BehindSlot) {
             stash_bytes: job.stash_bytes,
             result: None,
         };
-        if panic {
-            panic!("injected panic");
-        }
-        let r = if fail {
-            Err(io(&job.path, "sync")(std::io::Error::other("injected")))
-        } else {
+        let r = match inject {
             // Only the job's bytes need to be durable; the writer may be appending past them.
-            durable::sync_data_appended(&job.file, job.file_len).map_err(io(&job.path, "sync"))
-        };
+            None => durable::sync_data_appended(&job.file, job.file_len),
+            Some(Inject::Fail) => Err(std::io::Error::other("injected")),
+            Some(Inject::Panic) => panic!("injected panic"),
+        }
+        .map_err(io(&job.path, "sync"));
         if r.is_ok() {
             publish(
                 &shared,
@@ -911,15 +916,15 @@ impl CacheWriter {
         Ok(())
     }
 
-    /// Tests: holds the syncer before its next job (`hold`), and makes that job's sync fail
-    /// (`fail`).
+    /// Tests: holds the syncer before its next job (`hold`), and puts `inject` in place of that
+    /// job's sync.
     #[cfg(test)]
-    fn gate_behind(&mut self, hold: bool, fail: bool) {
+    fn gate_behind(&mut self, hold: bool, inject: Option<Inject>) {
         self.start_behind().unwrap();
         let b = self.behind.as_ref().expect("started");
         let mut st = lock_behind(&b.slot);
         st.hold = hold;
-        st.fail_next = fail;
+        st.inject = inject;
         b.slot.1.notify_all();
     }
 

@@ -444,7 +444,7 @@ fn sync_behind_overlap(budget: u64) {
     for i in 0..10 {
         w.append_owned(write(i)).unwrap();
     }
-    w.gate_behind(true, false);
+    w.gate_behind(true, None);
     w.sync_behind().unwrap();
     // 9.2 MB more while the sync is held: past the 8 MiB buffer, so written to the file.
     for i in 10..470 {
@@ -454,7 +454,7 @@ fn sync_behind_overlap(budget: u64) {
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(c.durable_seq(), d0, "nothing published before its sync ran");
     assert!(matches!(r.next(false).unwrap(), Next::Idle));
-    w.gate_behind(false, false);
+    w.gate_behind(false, None);
     wait_durable(&c, d0 + 10);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(
@@ -512,7 +512,7 @@ fn dropping_the_writer_finishes_the_sync_in_flight() {
 fn a_failed_background_sync_publishes_nothing_and_stops_the_writer() {
     let d = tempfile::tempdir().unwrap();
     let (c, mut w, d0) = appended(d.path(), 10);
-    w.gate_behind(false, true);
+    w.gate_behind(false, Some(Inject::Fail));
     w.sync_behind().unwrap();
     // Accepted or refused: the failure may or may not be known yet.
     let _ = w.append_owned(write(10));
@@ -611,8 +611,7 @@ fn a_panicking_sync_thread_fails_the_writer_instead_of_hanging_it() {
     let mut w = c.writer().unwrap();
     let d0 = c.durable_seq();
     w.append_owned(write(0)).unwrap();
-    w.gate_behind(false, false);
-    lock_behind(&w.behind.as_ref().unwrap().slot).panic_next = true;
+    w.gate_behind(false, Some(Inject::Panic));
     w.sync_behind().unwrap();
     let e = w.sync().unwrap_err();
     assert!(e.to_string().contains("panicked"), "{e}");
@@ -656,7 +655,7 @@ fn assert_stopped(w: &mut CacheWriter, c: &Cache, d0: u64) {
 /// that is held, then appended `first`..`then`. Returns the cache, the writer and the first seq.
 fn held_sync(dir: &Path, first: u64, then: u64) -> (Cache, CacheWriter, u64) {
     let (c, mut w, d0) = appended(dir, first);
-    w.gate_behind(true, false);
+    w.gate_behind(true, None);
     w.sync_behind().unwrap();
     for i in first..then {
         w.append_owned(write(i)).unwrap();
